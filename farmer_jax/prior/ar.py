@@ -1,0 +1,86 @@
+"""Causal AR transformer prior with Gaussian-mixture heads over the informative latents.
+
+Shape letters: B batch, M class-prefix length, N tokens, d_I informative dims, d_R redundant dims, C width,
+K_I / K_R mixture components, P_I = K_I(1 + 2 d_I), P_R = K_R(1 + 2 d_R) head outputs, L layers.
+
+Sequence: [c_1 .. c_M, z^I_1 .. z^I_N] (length M + N). The prefix is the class embedding (index ``num_classes`` is the
+learned null class used by label dropout / CFG) repeated M times, plus a learned per-copy embedding so the copies
+are distinguishable. The output at position M-1+i-1 (the one *before* z^I_i) parameterises the GMM of z^I_i; the
+output after z^I_N parameterises ONE shared GMM for every z^R_i (dimred='farmer'). Heads are zero-initialised:
+the prior starts as exactly N(0, I).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from farmer_jax.config import ModelConfig
+from farmer_jax.nn import transformer as tfm
+from farmer_jax.prior import gmm
+
+
+class ARPrior(nn.Module):
+  """__call__(z_i (B, N, d_I), y (B,) int) -> (raw_i (B, N, P_I), raw_r (B, P_R) | None)."""
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    w = c.ar_width
+    emb = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+    self.class_embed = self.param("class_embed", emb(("classes", "embed")), (c.num_classes + 1, w), jnp.float32)
+    self.repeat_embed = self.param("repeat_embed", emb((None, "embed")), (c.class_repeats, w), jnp.float32)
+    self.pos_embed = self.param("pos_embed", emb(("seq", "embed")), (c.class_repeats + c.num_tokens, w),
+                                jnp.float32)
+    self.token_in = nn.Dense(w, dtype=c.jnp_dtype, param_dtype=jnp.float32,
+                             kernel_init=tfm.dense_init(("token", "embed")), bias_init=tfm.zeros_init(("embed",)))
+    self.transformer = tfm.Transformer(c.ar_depth, c.ar_heads, causal=True, mlp_ratio=c.mlp_ratio,
+                                       dtype=c.jnp_dtype, remat=c.remat)
+    self.final_norm = tfm.LayerNormF32(jnp.float32)
+    self.head_i = nn.Dense(gmm.num_outputs(c.mixtures_informative, c.d_i), dtype=jnp.float32,
+                           param_dtype=jnp.float32, kernel_init=tfm.zeros_init(("embed", "head")),
+                           bias_init=tfm.zeros_init(("head",)))
+    if c.dimred == "farmer":
+      self.head_r = nn.Dense(gmm.num_outputs(c.mixtures_redundant, c.d_r), dtype=jnp.float32,
+                             param_dtype=jnp.float32, kernel_init=tfm.zeros_init(("embed", "head")),
+                             bias_init=tfm.zeros_init(("head",)))
+
+  def prefix(self, y):
+    """(B,) labels (null = num_classes) -> (B, M, C)."""
+    e = self.class_embed[y][:, None, :] + self.repeat_embed[None]
+    return e + self.pos_embed[None, :self.cfg.class_repeats]
+
+  def embed_tokens(self, z_i, start):
+    """(B, T, d_I) informative tokens at token positions start.. -> (B, T, C)."""
+    pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, self.cfg.class_repeats + start, z_i.shape[1], axis=0)
+    return self.token_in(z_i.astype(self.cfg.jnp_dtype)) + pos[None].astype(self.cfg.jnp_dtype)
+
+  def gmm_informative(self, h):
+    c = self.cfg
+    return gmm.from_head(self.head_i(h.astype(jnp.float32)), c.mixtures_informative, c.d_i, c.scale_fn,
+                         c.scale_floor)
+
+  def gmm_redundant(self, h):
+    c = self.cfg
+    return gmm.from_head(self.head_r(h.astype(jnp.float32)), c.mixtures_redundant, c.d_r, c.scale_fn,
+                         c.scale_floor)
+
+  def __call__(self, z_i, y):
+    c = self.cfg
+    seq = jnp.concatenate([self.prefix(y).astype(c.jnp_dtype), self.embed_tokens(z_i, 0)], axis=1)
+    seq = nn.with_logical_constraint(seq, ("batch", "seq", "embed"))
+    h, _ = self.transformer(seq)
+    h = self.final_norm(h)[:, c.class_repeats - 1:]           # (B, N + 1, C)
+    g_i = self.gmm_informative(h[:, :c.num_tokens])
+    g_r = self.gmm_redundant(h[:, c.num_tokens]) if c.dimred == "farmer" else None
+    return g_i, g_r
+
+  # --- decoding with a fixed-size KV cache (sampling) ---
+  def prefill(self, y, cache):
+    """Runs the class prefix at cache slots 0..M-1; returns (h (B, C) predicting z^I_1, cache)."""
+    h, cache = self.transformer(self.prefix(y).astype(self.cfg.jnp_dtype), cache, 0)
+    return self.final_norm(h[:, -1]), cache
+
+  def decode_step(self, z_tok, i, cache):
+    """Feeds z^I_{i+1} (0-based token i, (B, 1, d_I)); returns (h (B, C) predicting the next GMM, cache)."""
+    h, cache = self.transformer(self.embed_tokens(z_tok, i), cache, self.cfg.class_repeats + i)
+    return self.final_norm(h[:, -1]), cache

@@ -1,0 +1,238 @@
+"""FARMER training loop (big_vision shape: mesh -> input -> model from shapes -> shard -> one jitted step -> loop).
+
+The train state is a plain dict: {'params', 'opt_state', 'step', 'bad_step'[, 'ema']}. ``bad_step`` records the
+first step whose loss or gradient norm was non-finite (-1 if none); such a step applies no update, and the host
+stops with an error at the next check, before anything is saved.
+"""
+
+import contextlib
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from farmer_jax import conventions, sharding
+from farmer_jax.config import ModelConfig, validate
+from farmer_jax.data.pipeline import ArrayLoader, load_split
+from farmer_jax.eval.likelihood import evaluate_bpd
+from farmer_jax.model import Farmer
+from farmer_jax.sampling.ancestral import sample_images
+from farmer_jax.sampling.images import save_grid
+from farmer_jax.train.metrics import MetricWriter
+from farmer_jax.train.optim import make_optimizer
+
+
+def noise_sigma(t, step):
+  total = t.steps if t.noise_steps is None or t.noise_steps < 0 else t.noise_steps
+  return conventions.cosine_noise_sigma(step, total, t.noise_max, t.noise_min)
+
+
+def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
+  """Returns step(state, batch, rng) -> (state, metrics). Pure; jit it with shardings and donation."""
+  num_dims = mcfg.num_dims
+
+  def loss_fn(params, x, y):
+    out = model.apply({"params": params}, x, y)
+    nll = -out["log_prob"] / num_dims
+    aux = {"ar_nll": -jnp.mean(out["log_prob_i"] + out["log_prob_r"]) / num_dims,
+           "logdet_per_dim": jnp.mean(out["logdet"]) / num_dims}
+    return jnp.mean(nll), aux
+
+  def step(state, batch, rng):
+    s = state["step"]
+    rng = jax.random.fold_in(rng, s)
+    k_noise, k_drop = jax.random.split(rng)
+    sigma = noise_sigma(t, s) if t.noise_kind == "gaussian" else jnp.float32(0.0)
+    x = conventions.dequantize(k_noise, batch["image"], t.noise_kind, sigma)
+    y = batch["label"].astype(jnp.int32)
+    if t.label_drop > 0:
+      y = jnp.where(jax.random.uniform(k_drop, y.shape) < t.label_drop, mcfg.null_class, y)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+           "step": s + 1, "bad_step": jnp.where((state["bad_step"] < 0) & ~ok, s, state["bad_step"])}
+    if "ema" in state:
+      d = t.ema_decay
+      new["ema"] = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params), state["ema"])
+    metrics = {"loss": loss, "bpd": conventions.bits_per_dim(loss), "noise_sigma": sigma, "lr": lr_fn(s),
+               "grad_norm": gnorm, **aux}
+    return new, metrics
+
+  return step
+
+
+class Trainer:
+  """Builds everything from a validated config; ``run()`` trains, evaluates and samples."""
+
+  def __init__(self, config, workdir: str, quiet: bool = False):
+    self.config = config
+    self.mcfg = validate(config)                  # raises before any file is written
+    self.workdir = workdir
+    self.quiet = quiet
+    t = config.train
+    self.t = t
+    # ---- mesh ----
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = tuple(tuple(r) for r in config.sharding_rules)
+    # ---- input pipeline ----
+    images, labels = load_split(config.data, "train")
+    self.loader = ArrayLoader(images, labels, t.batch_size, seed=t.seed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+    # ---- model and optimizer from shapes ----
+    self.model = Farmer(self.mcfg)
+    self.tx, self.lr_fn = make_optimizer(t)
+    c = config.data
+    x0 = jnp.zeros((1, c.image_size, c.image_size, c.channels), jnp.float32)
+    y0 = jnp.zeros((1,), jnp.int32)
+    init_params = lambda rng: self.model.init(rng, x0, y0)["params"]
+    boxed = jax.eval_shape(init_params, jax.random.key(0))
+    self.param_sh = sharding.logical_shardings(boxed, self.mesh, self.rules)
+    rep = sharding.replicated(self.mesh)
+
+    def init_state(rng):
+      params = nn.unbox(init_params(rng))
+      state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.int32(0),
+               "bad_step": jnp.int32(-1)}
+      if t.ema_decay > 0:
+        state["ema"] = params
+      return state
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    self.state_sh = {"params": self.param_sh,
+                     "opt_state": sharding.opt_state_shardings(self.tx, abstract["opt_state"], self.param_sh,
+                                                               self.mesh),
+                     "step": rep, "bad_step": rep}
+    if t.ema_decay > 0:
+      self.state_sh["ema"] = self.param_sh
+    self.abstract_state = abstract
+    # ---- shard and transfer: params are born sharded ----
+    with self._ctx():
+      self.state = jax.jit(init_state, out_shardings=self.state_sh)(jax.random.key(t.seed))
+    self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.state["params"]))
+    # ---- one jitted, donating update step ----
+    step = make_train_step(self.model, self.mcfg, t, self.tx, self.lr_fn)
+    self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
+                              out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+    self.rng = jax.random.key(t.seed + 1)
+
+  @contextlib.contextmanager
+  def _ctx(self):
+    """Mesh + logical-axis rules active while tracing / running jitted code."""
+    with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
+      yield
+
+  def log(self, msg):
+    if not self.quiet and jax.process_index() == 0:
+      tqdm.write(msg)
+
+  def _check_finite(self):
+    bad = int(self.state["bad_step"])
+    if bad >= 0:
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {bad}; stopping before anything is saved. "
+          "Lower train.lr, enable train.grad_clip, or raise train.noise_min.")
+
+  def fit(self):
+    t = self.t
+    os.makedirs(self.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        f.write(self.config.to_json_best_effort(indent=2))
+    writer = MetricWriter(self.workdir)
+    self.log(f"FARMER: {self.num_params / 1e6:.2f}M params, N={self.mcfg.num_tokens} tokens of "
+             f"d={self.mcfg.token_dim}, dimred={self.mcfg.dimred}, mesh={dict(self.mesh.shape)}")
+    start = int(self.state["step"])
+    pending, history = [], []
+    bar = tqdm(total=t.steps, initial=start, disable=self.quiet or jax.process_index() != 0,
+               desc="train", dynamic_ncols=True)
+    tick, tick_step = time.time(), start
+    it = self.loader.iterate(start)
+    with self._ctx():
+      for s in range(start, t.steps):
+        batch = sharding.global_batch(next(it), self.mesh, self.batch_sh)
+        self.state, m = self.train_step(self.state, batch, self.rng)
+        pending.append(m)
+        bar.update(1)
+        if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+          self._check_finite()
+          vals = jax.device_get(pending)
+          avg = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+          now = time.time()
+          avg["steps_per_s"] = (s + 1 - tick_step) / max(now - tick, 1e-9)
+          tick, tick_step = now, s + 1
+          pending = []
+          writer.write(s + 1, avg)
+          history.append({"step": s + 1, **avg})
+          bar.set_postfix(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}", sigma=f"{avg['noise_sigma']:.3f}")
+    bar.close()
+    self._check_finite()
+    self.save_checkpoint()
+    writer.close()
+    return history
+
+  def eval_params(self):
+    return self.state.get("ema", self.state["params"])
+
+  def save_checkpoint(self):
+    self._check_finite()
+    path = os.path.join(os.path.abspath(self.workdir), "checkpoints")
+    with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
+      mngr.save(int(self.state["step"]), args=ocp.args.StandardSave(self.state))
+      mngr.wait_until_finished()
+
+  def evaluate(self, split=None):
+    cfg = self.config
+    images, labels = load_split(cfg.data, split or cfg.eval.split)
+    bar = tqdm(total=len(images), desc="eval bpd", disable=self.quiet or jax.process_index() != 0,
+               dynamic_ncols=True)
+    res = evaluate_bpd(self.model, self.eval_params(), images, labels, self.mcfg.num_dims, cfg.eval.batch_size,
+                       seed=cfg.train.seed, progress=lambda done, n: bar.update(done - bar.n))
+    bar.close()
+    return res
+
+  def sample_grid(self, path):
+    """One row per class (per_class samples each); PNG at ``path``."""
+    s = self.config.sample
+    k = max(self.mcfg.num_classes, 1)
+    y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), s.per_class)
+    if self.mcfg.num_classes == 0:
+      y = jnp.full((s.per_class,), self.mcfg.null_class, jnp.int32)
+    fn = jax.jit(lambda p, r, y: sample_images(self.mcfg, p, r, y, s.temperature))
+    x = fn(self.eval_params(), jax.random.key(s.seed), y)
+    x = np.asarray(x).reshape(k, s.per_class, *x.shape[1:])
+    if jax.process_index() == 0:
+      save_grid(x, path)
+    return x
+
+
+def train_and_report(config, workdir, quiet=False):
+  """The `farmer_jax train` command: train, evaluate test bpd, write samples.png, return a summary dict."""
+  t0 = time.time()
+  tr = Trainer(config, workdir, quiet=quiet)
+  history = tr.fit()
+  train_s = time.time() - t0
+  res = tr.evaluate()
+  grid = os.path.join(workdir, "samples.png")
+  tr.sample_grid(grid)
+  summary = {"steps": int(tr.state["step"]), "train_seconds": train_s, "total_seconds": time.time() - t0,
+             "final_train_loss": history[-1]["loss"] if history else None,
+             "test_bpd": res["bpd"], "test_nats_per_dim": res["nats_per_dim"], "num_params": tr.num_params,
+             "samples": grid}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  tr.log(f"test bpd {res['bpd']:.4f} ({res['count']} images, uniform dequantization); samples -> {grid}; "
+         f"wall {summary['total_seconds']:.0f}s")
+  return summary, tr
