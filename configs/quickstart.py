@@ -18,15 +18,15 @@ def get_config(arg=None):
   c.data = dict(name="mnist5k", image_size=32, channels=1, num_classes=10)
   c.model = dict(
       patch_size=4,
-      flow_blocks=4, flow_layers=2, flow_width=64, flow_heads=2, flow_class_conditional=False,
+      flow_blocks=4, flow_layers=1, flow_width=64, flow_heads=2, flow_class_conditional=False,
       final_flip=True,
-      ar_width=96, ar_depth=3, ar_heads=2, class_repeats=4,
+      ar_width=64, ar_depth=2, ar_heads=2, class_repeats=4,
       dimred="farmer", d_informative=4, mixtures_informative=16, mixtures_redundant=16,
       scale_fn="squareplus", scale_floor=1e-6,
       mlp_ratio=4, dtype="float32", remat=False,
   )
   c.train = common.base_train()
-  c.train.update(steps=2000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,
+  c.train.update(steps=1500, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,
                  ema_decay=0.0, noise_max=0.1, noise_min=0.005, log_every=100)
   c.eval = dict(batch_size=250, split="test")
   c.sample = dict(per_class=8, temperature=1.0, seed=0)

@@ -7,7 +7,7 @@ Commands (this release): train. Later: sample, export, eval, distill, prepare, c
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -15,6 +15,7 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (op
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints and samples.")
 flags.DEFINE_bool("quiet", False, "No progress bars or console logs.")
+flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).")
 
 
 def _train(argv):
@@ -24,6 +25,8 @@ def _train(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/farmer_quickstart")
+  if not FLAGS.verbose:
+    logging.set_verbosity(logging.WARNING)     # keep orbax's per-save INFO lines off the console
   from farmer_jax.config import ConfigError
   from farmer_jax.train.trainer import train_and_report
   try:

@@ -30,8 +30,9 @@ def uint8_to_centre(v):
 
 
 def to_uint8(x):
-  """Model-space values -> uint8 pixels (inverse of the bin mapping; clips out-of-range values)."""
-  v = np.floor((np.asarray(x, np.float64) + 1.0) / BIN_WIDTH)
+  """Model-space values -> uint8 pixels (inverse of the bin mapping; clips out-of-range values, NaN -> 0)."""
+  x = np.nan_to_num(np.asarray(x, np.float64), nan=-1.0, posinf=1.0, neginf=-1.0)
+  v = np.floor((x + 1.0) / BIN_WIDTH)
   return np.clip(v, 0, 255).astype(np.uint8)
 
 

@@ -55,7 +55,7 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
     if t.label_drop > 0:
       y = jnp.where(jax.random.uniform(k_drop, y.shape) < t.label_drop, mcfg.null_class, y)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

@@ -1,0 +1,41 @@
+"""Shared tiny configs and helpers. One tiny model shape is reused across tests to limit jit compiles."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from farmer_jax.config import ModelConfig
+from farmer_jax.model import Farmer
+
+TINY = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, flow_blocks=2, flow_layers=1,
+                   flow_width=32, flow_heads=2, ar_width=32, ar_depth=2, ar_heads=2, class_repeats=2,
+                   dimred="farmer", d_informative=2, mixtures_informative=3, mixtures_redundant=2)
+
+
+def perturb(params, key, scale):
+  """Adds N(0, scale^2) noise to every leaf so zero-initialised heads/projections become non-trivial."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+
+
+def init_farmer(cfg: ModelConfig, seed=0, scale=0.05):
+  model = Farmer(cfg)
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels))
+  params = nn.unbox(model.init(jax.random.key(seed), x, jnp.zeros((1,), jnp.int32)))["params"]
+  if scale:
+    params = perturb(params, jax.random.key(seed + 100), scale)
+  return model, params
+
+
+def variant(**kw):
+  return dataclasses.replace(TINY, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+  model, params = init_farmer(TINY)
+  return TINY, model, params
