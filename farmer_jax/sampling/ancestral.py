@@ -14,8 +14,12 @@ from farmer_jax.prior.ar import ARPrior
 from farmer_jax.reduction.split import merge_channels
 
 
-def sample_latents(cfg: ModelConfig, params, rng, y, temperature: float = 1.0):
-  """Draws z (B, N, d) in AR order from the prior for labels y (B,). ``temperature`` scales every GMM std."""
+def sample_latents(cfg: ModelConfig, params, rng, y, temperature: float = 1.0, redundant_var_scale: float = 1.0):
+  """Draws z (B, N, d) in AR order from the prior for labels y (B,).
+
+  ``temperature`` scales every GMM std; ``redundant_var_scale`` additionally multiplies the variances of the
+  redundant group (shared GMM or N(0, I)) before sampling z^R (paper Fig. 7).
+  """
   prior = ARPrior(cfg)
   pp = {"params": params["prior"]}
   bsz = y.shape[0]
@@ -38,14 +42,14 @@ def sample_latents(cfg: ModelConfig, params, rng, y, temperature: float = 1.0):
   if cfg.dimred == "none":
     return z_i
   if cfg.dimred == "jetformer":
-    z_r = temperature * jax.random.normal(keys[-1], (bsz, cfg.num_tokens, cfg.d_r))
+    z_r = temperature * jnp.sqrt(redundant_var_scale) * jax.random.normal(keys[-1], (bsz, cfg.num_tokens, cfg.d_r))
   else:
-    g = gmm.with_temperature(prior.apply(pp, h, method=ARPrior.gmm_redundant), t_sigma=t_var)
+    g = gmm.with_temperature(prior.apply(pp, h, method=ARPrior.gmm_redundant), t_sigma=t_var * redundant_var_scale)
     z_r = jnp.swapaxes(gmm.sample(keys[-1], g, shape=(cfg.num_tokens,)), 0, 1)   # N i.i.d. draws
   return merge_channels(z_i, z_r)
 
 
-def sample_images(cfg: ModelConfig, params, rng, y, temperature: float = 1.0):
+def sample_images(cfg: ModelConfig, params, rng, y, temperature: float = 1.0, redundant_var_scale: float = 1.0):
   """Images (B, H, W, c) in model space for labels y (B,)."""
-  z = sample_latents(cfg, params, rng, y, temperature)
+  z = sample_latents(cfg, params, rng, y, temperature, redundant_var_scale)
   return decode_latents(cfg, params, z, y)
