@@ -26,7 +26,7 @@ def get_config(arg=None):
       mlp_ratio=4, dtype="float32", remat=False,
   )
   c.train = common.base_train()
-  c.train.update(steps=1500, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,
+  c.train.update(steps=3000, batch_size=32, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,
                  ema_decay=0.0, noise_max=0.1, noise_min=0.005, log_every=100)
   c.eval = dict(batch_size=250, split="test")
   c.sample = dict(per_class=8, temperature=1.0, seed=0)

@@ -65,3 +65,24 @@ def test_loss_is_exact_negative_log_density(dimred):
   np.testing.assert_allclose(np.asarray(out["log_prob"], np.float64), ref, rtol=2e-5, atol=2e-3)
   # and the components are what the loss says they are
   np.testing.assert_allclose(out["log_prob"], out["log_prob_i"] + out["log_prob_r"] + out["logdet"], rtol=1e-6)
+
+
+def test_dtypes_bf16_compute_fp32_params_and_remat():
+  """Params are fp32 whatever the compute dtype; bf16 compute stays close to fp32; remat changes nothing."""
+  cfg = variant()
+  model, params = init_farmer(cfg, seed=1, scale=0.05)
+  x = jax.random.uniform(jax.random.key(0), (2, cfg.image_size, cfg.image_size, cfg.channels), minval=-1, maxval=1)
+  y = jnp.array([0, 2])
+  loss = lambda m, p: -jnp.mean(m.apply({"params": p}, x, y)["log_prob"]) / cfg.num_dims
+  ref, g_ref = jax.value_and_grad(lambda p: loss(model, p))(params)
+
+  bf_model, bf_params = init_farmer(variant(dtype="bfloat16"), seed=1, scale=0.05)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(bf_params))
+  out = bf_model.apply({"params": params}, x, y)
+  assert out["log_prob"].dtype == jnp.float32 and out["logdet"].dtype == jnp.float32
+  np.testing.assert_allclose(loss(bf_model, params), ref, rtol=0.02)
+
+  rm_model, _ = init_farmer(variant(remat=True), seed=1, scale=0.0)
+  val, g = jax.value_and_grad(lambda p: loss(rm_model, p))(params)
+  np.testing.assert_allclose(val, ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)

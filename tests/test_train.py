@@ -43,6 +43,11 @@ def test_quickstart_tiny_trains_and_loss_goes_down(tmp_path):
   assert os.path.getsize(tmp_path / "samples.png") > 0
   assert os.path.isdir(tmp_path / "checkpoints" / "200")
   assert os.path.isdir(tmp_path / "tb")
+  # Re-running on the finished workdir resumes from its checkpoint: no further training, identical test bpd.
+  again, tr2 = train_and_report(c, str(tmp_path), quiet=True)
+  assert tr2.restored_step == 200 and again["steps"] == 200
+  assert again["test_bpd"] == summary["test_bpd"]
+  assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)
 
 
 def test_nonfinite_loss_stops_before_saving(tmp_path):

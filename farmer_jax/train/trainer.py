@@ -126,6 +126,9 @@ class Trainer:
     self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
                               out_shardings=(self.state_sh, rep), donate_argnums=(0,))
     self.rng = jax.random.key(t.seed + 1)
+    # ---- resume from the workdir's latest checkpoint, if any ----
+    self.ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.restored_step = self._restore_latest()
 
   @contextlib.contextmanager
   def _ctx(self):
@@ -178,17 +181,35 @@ class Trainer:
           bar.set_postfix(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}", sigma=f"{avg['noise_sigma']:.3f}")
     bar.close()
     self._check_finite()
-    self.save_checkpoint()
+    if int(self.state["step"]) > start:
+      self.save_checkpoint()
     writer.close()
     return history
+
+  def _restore_latest(self):
+    """Restores the latest checkpoint in the workdir onto this run's shardings; returns its step or None."""
+    if not os.path.isdir(self.ckpt_dir):
+      return None
+    with ocp.CheckpointManager(self.ckpt_dir) as mngr:
+      step = mngr.latest_step()
+      if step is None:
+        return None
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_sh)
+      try:
+        self.state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:   # structure/shape mismatch: a different config wrote this workdir
+        raise ValueError(f"the checkpoint at {self.ckpt_dir}/{step} does not match this config ({e}); "
+                         "use a fresh --workdir or the config that wrote it") from e
+    self.log(f"resumed from {self.ckpt_dir} at step {step}")
+    return step
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])
 
   def save_checkpoint(self):
     self._check_finite()
-    path = os.path.join(os.path.abspath(self.workdir), "checkpoints")
-    with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
+    with ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
       mngr.save(int(self.state["step"]), args=ocp.args.StandardSave(self.state))
       mngr.wait_until_finished()
 
