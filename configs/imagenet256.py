@@ -47,6 +47,7 @@ def get_config(arg=None):
                  warmup_steps=5000, weight_decay=0.03, noise_max=0.1, noise_min=0.005, label_drop=0.1,
                  log_every=100)
   c.eval = dict(batch_size=256, split="validation")
-  c.sample = dict(per_class=4, temperature=1.0, seed=0)
+  c.sample = dict(per_class=4, seed=0, guidance="resampling", cfg=2.5, s_c=5, s_u=5, t_pi=1.0, t_sigma=0.9,
+                  t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, redundant_candidates=256, redundant_var_scale=1.0)
   configlib.base_mesh(c)
   return c

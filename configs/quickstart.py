@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.train.update(steps=3000, batch_size=32, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,
                  ema_decay=0.0, noise_max=0.1, noise_min=0.005, log_every=100)
   c.eval = dict(batch_size=250, split="test")
-  c.sample = dict(per_class=8, temperature=1.0, seed=0)
+  c.sample = dict(per_class=8, seed=0, guidance="none", cfg=0.0, t_pi=1.0, t_sigma=1.0)
   common.base_mesh(c)
   if a.size == "tiny":      # what the test suite trains: same data and code path, toy widths
     c.model.update(flow_blocks=2, flow_layers=1, flow_width=32, ar_width=32, ar_depth=1, class_repeats=2,

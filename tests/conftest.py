@@ -25,7 +25,7 @@ def perturb(params, key, scale):
 def init_farmer(cfg: ModelConfig, seed=0, scale=0.05):
   model = Farmer(cfg)
   x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels))
-  params = nn.unbox(model.init(jax.random.key(seed), x, jnp.zeros((1,), jnp.int32)))["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x, jnp.zeros((1,), jnp.int32)))["params"]
   if scale:
     params = perturb(params, jax.random.key(seed + 100), scale)
   return model, params

@@ -23,7 +23,7 @@ from farmer_jax.config import ModelConfig, validate
 from farmer_jax.data.pipeline import ArrayLoader, load_split
 from farmer_jax.eval.likelihood import evaluate_bpd
 from farmer_jax.model import Farmer
-from farmer_jax.sampling.ancestral import sample_images
+from farmer_jax.sampling.sampler import sample_images, sample_keys, sampler_from_config
 from farmer_jax.sampling.images import save_grid
 from farmer_jax.train.metrics import MetricWriter
 from farmer_jax.train.optim import make_optimizer
@@ -230,8 +230,9 @@ class Trainer:
     y = jnp.repeat(jnp.arange(k, dtype=jnp.int32), s.per_class)
     if self.mcfg.num_classes == 0:
       y = jnp.full((s.per_class,), self.mcfg.null_class, jnp.int32)
-    fn = jax.jit(lambda p, r, y: sample_images(self.mcfg, p, r, y, s.temperature))
-    x = fn(self.eval_params(), jax.random.key(s.seed), y)
+    sampler = sampler_from_config(s)
+    fn = jax.jit(lambda p, keys, y: sample_images(self.mcfg, p, keys, y, sampler))
+    x = fn(self.eval_params(), sample_keys(s.seed, 0, len(y)), y)
     x = np.asarray(x).reshape(k, s.per_class, *x.shape[1:])
     if jax.process_index() == 0:
       save_grid(x, path)
