@@ -27,7 +27,7 @@ def test_patchify_roundtrip_and_feature_order():
 def flow_and_params():
   flow = make_flow(TINY)
   x = jnp.zeros((1, TINY.num_tokens, TINY.token_dim))
-  p = nn.unbox(flow.init(jax.random.key(0), x))["params"]
+  p = nn.unbox(jax.jit(flow.init)(jax.random.key(0), x))["params"]
   p = perturb(p, jax.random.key(1), 0.05)          # non-zero output projections (a, b far from 0)
   return flow, p
 
@@ -56,7 +56,7 @@ def test_logdet_matches_jacobian(flow_and_params):
   shape = (1, TINY.num_tokens, TINY.token_dim)
   x = jax.random.normal(jax.random.key(4), shape)
   f = lambda v: flow.apply({"params": p}, v.reshape(shape))[0].reshape(-1)
-  jac = jax.jacfwd(f)(x.reshape(-1))
+  jac = jax.jit(jax.jacfwd(f))(x.reshape(-1))
   _, brute = jnp.linalg.slogdet(jac.astype(jnp.float64) if jax.config.jax_enable_x64 else jac)
   _, logdet = flow.apply({"params": p}, x)
   rel = abs(float(logdet[0]) - float(brute)) / abs(float(brute))
@@ -90,11 +90,13 @@ def test_class_conditional_af_uses_mean_for_unlabelled():
   flow = AutoregressiveFlow(num_tokens=4, token_dim=2, width=16, num_blocks=2, layers_per_block=1,
                             num_heads=2, num_classes=3)
   x = jax.random.normal(jax.random.key(0), (3, 4, 2))
-  p = perturb(nn.unbox(flow.init(jax.random.key(0), x, jnp.array([0, 1, 2])))["params"], jax.random.key(1), 0.1)
-  z_lab, _ = flow.apply({"params": p}, x, jnp.array([0, 1, 2]))
-  z_unl, _ = flow.apply({"params": p}, x, jnp.array([-1, -1, -1]))
-  z_none, _ = flow.apply({"params": p}, x, None)
+  p = perturb(nn.unbox(jax.jit(flow.init)(jax.random.key(0), x, jnp.array([0, 1, 2])))["params"],
+              jax.random.key(1), 0.1)
+  fwd = jax.jit(lambda p, x, y: flow.apply({"params": p}, x, y))
+  z_lab, _ = fwd(p, x, jnp.array([0, 1, 2]))
+  z_unl, _ = fwd(p, x, jnp.array([-1, -1, -1]))
+  z_none, _ = jax.jit(lambda p, x: flow.apply({"params": p}, x, None))(p, x)
   np.testing.assert_allclose(z_unl, z_none, atol=1e-6)
   assert float(jnp.abs(z_lab - z_unl).max()) > 1e-4
-  xr = flow_inverse(flow, p, z_lab, jnp.array([0, 1, 2]))
+  xr = jax.jit(lambda p, z, y: flow_inverse(flow, p, z, y))(p, z_lab, jnp.array([0, 1, 2]))
   assert float(jnp.abs(xr - x).max()) <= 1e-5

@@ -56,7 +56,7 @@ def test_temperature():
 
 
 def _prior_outputs(cfg, params, z_i, y):
-  g_i, g_r = ARPrior(cfg).apply({"params": params["prior"]}, z_i, y)
+  g_i, g_r = jax.jit(ARPrior(cfg).apply)({"params": params["prior"]}, z_i, y)
   return g_i, g_r
 
 
@@ -85,11 +85,13 @@ def test_kv_cache_decode_equals_full_forward(tiny):
   cache = init_cache(cfg.ar_depth, 2, cfg.class_repeats + cfg.num_tokens, cfg.ar_heads,
                      cfg.ar_width // cfg.ar_heads)
   h, cache = prior.apply(pp, y, cache, method=ARPrior.prefill)
+  head = jax.jit(lambda h: prior.apply(pp, h, method=ARPrior.gmm_informative))
+  decode = jax.jit(lambda t, i, c: prior.apply(pp, t, i, c, method=ARPrior.decode_step))
   for i in range(cfg.num_tokens):
-    g = prior.apply(pp, h, method=ARPrior.gmm_informative)
+    g = head(h)
     np.testing.assert_allclose(g.loc, g_full.loc[:, i], atol=2e-5)
     np.testing.assert_allclose(g.scale, g_full.scale[:, i], atol=2e-5)
-    h, cache = prior.apply(pp, z[:, i:i + 1], i, cache, method=ARPrior.decode_step)
+    h, cache = decode(z[:, i:i + 1], i, cache)
   r = prior.apply(pp, h, method=ARPrior.gmm_redundant)
   np.testing.assert_allclose(r.loc, r_full.loc, atol=2e-5)
   np.testing.assert_allclose(r.logits, r_full.logits, atol=2e-5)
@@ -113,7 +115,7 @@ def test_k1_prior_is_an_affine_af_block_plus_standard_normal():
     g, _ = prior.apply(pp, zz, y)
     return ((zz - g.loc[:, :, 0]) / g.scale[:, :, 0]).reshape(-1)
 
-  jac = jax.jacfwd(u_of)(z.reshape(-1))
+  jac = jax.jit(jax.jacfwd(u_of))(z.reshape(-1))
   np.testing.assert_allclose(np.triu(np.asarray(jac).reshape(n, d, n, d).transpose(0, 2, 1, 3).max((2, 3)), 1),
                              0.0, atol=0)                       # block lower-triangular: token i sees z_<=i
   _, logdet = jnp.linalg.slogdet(jac)
