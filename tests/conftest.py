@@ -39,3 +39,16 @@ def variant(**kw):
 def tiny():
   model, params = init_farmer(TINY)
   return TINY, model, params
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """The reduced quickstart (real MNIST-5k, 200 steps) trained once per session: (workdir, summary, trainer)."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+  import quickstart
+  from farmer_jax.train.trainer import train_and_report
+  workdir = tmp_path_factory.mktemp("quickstart_tiny")
+  summary, tr = train_and_report(quickstart.get_config("tiny"), str(workdir), quiet=True)
+  return workdir, summary, tr

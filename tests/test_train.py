@@ -28,9 +28,9 @@ def test_mnist5k_split_is_fixed_and_disjoint():
   np.testing.assert_array_equal(te, te2)
 
 
-def test_quickstart_tiny_trains_and_loss_goes_down(tmp_path):
+def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
+  tmp_path, summary, _ = trained_run
   c = quickstart.get_config("tiny")
-  summary, tr = train_and_report(c, str(tmp_path), quiet=True)
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [50, 100, 150, 200]
   for k in ("loss", "bpd", "ar_nll", "logdet_per_dim", "noise_sigma", "lr", "grad_norm", "steps_per_s"):
