@@ -80,3 +80,14 @@ def test_patch8_presets_validate():
   for p in ("1.1B/8", "1.9B/8"):
     m = validate(imagenet256.get_config(p))
     assert (m.num_tokens, m.token_dim, m.d_i, m.d_r) == (1024, 192, 128, 64)
+
+
+def test_table6_sampling_presets():
+  from farmer_jax.sampling.sampler import sampler_from_config
+  expect = {"1.1B/16": (2.5, 0.9, 0.2, 0.9), "1.1B/8": (2.0, 1.0, 0.2, 0.9), "1.9B/16": (3.5, 0.9, 0.2, 0.9),
+            "1.9B/8": (1.5, 1.0, 0.1, 1.0)}
+  for preset, (w, t_sigma, t_pi_v, t_sigma_v) in expect.items():
+    s = sampler_from_config(imagenet256.get_config(preset).sample)
+    assert s.guidance == "resampling"
+    assert (s.cfg.w, s.cfg.t_sigma, s.cfg.t_pi_v, s.cfg.t_sigma_v) == (w, t_sigma, t_pi_v, t_sigma_v)
+    assert (s.cfg.t_pi, s.cfg.s_c, s.cfg.s_u, s.cfg.t_s) == (1.0, 5, 5, 1.1)
