@@ -119,7 +119,7 @@ def validate_model(m: ModelConfig):
     raise _err("model.ar_heads", m.ar_heads, f"does not divide model.ar_width={m.ar_width}",
                "pick a head count dividing the width")
   if m.dimred not in DIMRED_MODES:
-    raise _err("model.dimred", m.dimred, f"unknown dimension-reduction mode", f"use one of {DIMRED_MODES}")
+    raise _err("model.dimred", m.dimred, "unknown dimension-reduction mode", f"use one of {DIMRED_MODES}")
   if m.dimred != "none":
     d = m.token_dim
     if not isinstance(m.d_informative, int) or not 1 <= m.d_informative < d:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from farmer_jax.config import ConfigError, ModelConfig, validate
+from farmer_jax.config import ConfigError, validate
 from farmer_jax.model import Farmer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

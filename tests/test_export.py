@@ -1,6 +1,5 @@
 """Export (params only, atomic, refuses overwrite, bf16 cast) and the sample command's engine and CLI."""
 
-import json
 import os
 import subprocess
 import sys

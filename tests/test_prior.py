@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
-from conftest import TINY, init_farmer, variant
+from conftest import init_farmer, variant
 from farmer_jax.nn.transformer import init_cache
 from farmer_jax.prior import gmm
 from farmer_jax.prior.ar import ARPrior

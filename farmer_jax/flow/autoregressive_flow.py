@@ -143,7 +143,7 @@ def flow_inverse(flow: AutoregressiveFlow, flow_params, z, y: Optional[jax.Array
   ``flow_params`` is the flow's param dict (the one containing 'blocks').
   """
   block = AFBlock(**flow.block_kwargs())
-  n, d = flow.num_tokens, flow.token_dim
+  n = flow.num_tokens
   bsz = z.shape[0]
   head_dim = flow.width // flow.num_heads
 

@@ -1,7 +1,6 @@
 """Patchify / unpatchify. Shape letters: B batch, H W image size, c channels, p patch, h = H/p, w = W/p,
 N = h*w tokens (raster order), d = p*p*c token dim with feature order (ph, pw, c)."""
 
-import jax.numpy as jnp
 
 
 def patchify(x, p: int):

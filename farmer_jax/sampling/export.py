@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from farmer_jax.config import ConfigError, ModelConfig, validate
+from farmer_jax.config import ConfigError, validate
 
 FORMAT_VERSION = 1
 PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
