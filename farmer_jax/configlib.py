@@ -54,6 +54,10 @@ def base_train():
 
 
 def base_mesh(config):
-  config.mesh = (("data", -1),)
-  # logical axis -> mesh axis; params are replicated unless a rule maps them (FSDP comes with the sharding issue)
-  config.sharding_rules = (("batch", "data"),)
+  # mesh axes: -1 takes the remaining devices. ('data', 8), ('fsdp', 1) = pure data parallel on 8 devices;
+  # ('data', 1), ('fsdp', 8) = fully sharded params and optimizer state.
+  config.mesh = (("data", -1), ("fsdp", 1))
+  # logical axis -> mesh axes; anything unmapped is replicated. The batch spans both axes.
+  config.sharding_rules = (("batch", ("data", "fsdp")),)
+  # FSDP: params with >= min_params elements are sharded over `axis` on their largest divisible dim.
+  config.fsdp = dict(axis="fsdp", min_params=2 ** 16)

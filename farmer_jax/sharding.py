@@ -2,6 +2,10 @@
 
 Logical axis names used on params/activations: batch, seq, embed, mlp, heads, kv, token, head, classes, layers,
 blocks. ``config.sharding_rules`` maps them to mesh axes; an unmapped name is replicated.
+
+FSDP (``config.fsdp``): after the logical rules, every param with at least ``min_params`` elements is further
+sharded over the ``axis`` mesh axis on its largest dimension that is still unsharded and divisible by the axis
+size (big_vision's strategy). Optimizer moments mirror the params' shardings.
 """
 
 import flax.linen as nn
@@ -31,6 +35,37 @@ def make_mesh(mesh_spec, devices=None):
 def logical_shardings(boxed_tree, mesh, rules):
   """Boxed (LogicallyPartitioned) abstract tree -> NamedSharding tree."""
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def _used_axes(spec):
+  used = set()
+  for e in spec:
+    if e is None:
+      continue
+    used.update(e if isinstance(e, tuple) else (e,))
+  return used
+
+
+def fsdp_spec(shape, spec, axis, axis_size, min_params):
+  """Adds ``axis`` to the largest unsharded dim of ``shape`` divisible by ``axis_size`` (params >= min_params)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if axis_size <= 1 or int(np.prod(shape)) < min_params or axis in _used_axes(entries):
+    return P(*entries)
+  dims = [d for d in range(len(shape)) if entries[d] is None and shape[d] % axis_size == 0]
+  if dims:
+    entries[max(dims, key=lambda d: (shape[d], -d))] = axis
+  return P(*entries)
+
+
+def param_shardings(boxed_tree, mesh, rules, fsdp=None):
+  """Logical-rule shardings, then FSDP on large params (``fsdp = {'axis': 'fsdp', 'min_params': n}``)."""
+  shardings = logical_shardings(boxed_tree, mesh, rules)
+  if not fsdp or fsdp.get("axis") not in mesh.shape:
+    return shardings
+  axis, size, min_params = fsdp["axis"], mesh.shape[fsdp["axis"]], int(fsdp.get("min_params", 0))
+  abstract = nn.unbox(boxed_tree)
+  return jax.tree.map(lambda a, s: NamedSharding(mesh, fsdp_spec(a.shape, s.spec, axis, size, min_params)),
+                      abstract, shardings)
 
 
 def replicated(mesh):

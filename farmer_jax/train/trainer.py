@@ -75,7 +75,7 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
 class Trainer:
   """Builds everything from a validated config; ``run()`` trains, evaluates and samples."""
 
-  def __init__(self, config, workdir: str, quiet: bool = False):
+  def __init__(self, config, workdir: str, quiet: bool = False, devices=None):
     self.config = config
     self.mcfg = validate(config)                  # raises before any file is written
     self.workdir = workdir
@@ -83,7 +83,7 @@ class Trainer:
     t = config.train
     self.t = t
     # ---- mesh ----
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     # ---- input pipeline ----
     images, labels = load_split(config.data, "train")
@@ -98,7 +98,7 @@ class Trainer:
     y0 = jnp.zeros((1,), jnp.int32)
     init_params = lambda rng: self.model.init(rng, x0, y0)["params"]
     boxed = jax.eval_shape(init_params, jax.random.key(0))
-    self.param_sh = sharding.logical_shardings(boxed, self.mesh, self.rules)
+    self.param_sh = sharding.param_shardings(boxed, self.mesh, self.rules, config.get("fsdp"))
     rep = sharding.replicated(self.mesh)
 
     def init_state(rng):
