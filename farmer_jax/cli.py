@@ -51,6 +51,9 @@ def _train(argv):
   except ConfigError as e:
     print(f"farmer_jax train: {e}", file=sys.stderr)
     sys.exit(2)
+  if summary.get("preempted"):
+    print(f"preempted at step {summary['steps']}; checkpoint saved")
+    return
   print(f"test bpd: {summary['test_bpd']:.4f}")
 
 

@@ -50,6 +50,9 @@ def base_train():
       label_drop=0.1,      # probability of replacing the label by the null class (for CFG)
       seed=0,
       log_every=50,
+      ckpt_every=0,        # async checkpoint every k steps (0 = only at the end); always one at the end
+      ckpt_keep=2,         # keep the last n checkpoints ...
+      ckpt_keep_period=0,  # ... plus every m-th step forever (0 = none)
   ))
 
 

@@ -43,11 +43,12 @@ def latest_run_params(workdir):
   ckpt = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt):
     raise ExportError(f"{workdir} has no checkpoints/ directory; train first (farmer_jax train ...)")
-  with ocp.CheckpointManager(ckpt) as mngr:
+  with ocp.CheckpointManager(ckpt, item_names=("state", "meta")) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise ExportError(f"{ckpt} holds no finished checkpoint")
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
+    # No target: the params subtree is plain dicts, restored as-is (host arrays); no optimizer code needed.
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   use_ema = "ema" in state
   return state["ema" if use_ema else "params"], step, use_ema
 

@@ -8,6 +8,8 @@ stops with an error at the next check, before anything is saved.
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import conventions, sharding
@@ -25,6 +27,7 @@ from farmer_jax.eval.likelihood import evaluate_bpd
 from farmer_jax.model import Farmer
 from farmer_jax.sampling.sampler import sample_images, sample_keys, sampler_from_config
 from farmer_jax.sampling.images import save_grid
+from farmer_jax.train.checkpoint import Checkpointer
 from farmer_jax.train.metrics import MetricWriter
 from farmer_jax.train.optim import make_optimizer
 
@@ -126,9 +129,18 @@ class Trainer:
     self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
                               out_shardings=(self.state_sh, rep), donate_argnums=(0,))
     self.rng = jax.random.key(t.seed + 1)
-    # ---- resume from the workdir's latest checkpoint, if any ----
-    self.ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.restored_step = self._restore_latest()
+    # ---- resume from the workdir's newest readable checkpoint, if any ----
+    self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=t.get("ckpt_keep", 2),
+                             keep_period=t.get("ckpt_keep_period", 0))
+    self.restored_step = None
+    restored = self.ckpt.restore_latest(self.abstract_state, self.state_sh, say=self.log)
+    if restored is not None:
+      self.state, meta, self.restored_step = restored
+      if meta.get("seed") != t.seed:
+        raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with train.seed={meta.get('seed')}, "
+                         f"this run has {t.seed}; resume with the same config or use a fresh --workdir")
+      self.log(f"resumed from {self.ckpt.directory} at step {self.restored_step}")
+    self.preempted = False
 
   @contextlib.contextmanager
   def _ctx(self):
@@ -162,12 +174,21 @@ class Trainer:
                desc="train", dynamic_ncols=True)
     tick, tick_step = time.time(), start
     it = self.loader.iterate(start)
+    ckpt_every = t.get("ckpt_every", 0)
+    stop = self._install_sigterm()
     with self._ctx():
       for s in range(start, t.steps):
         batch = sharding.global_batch(next(it), self.mesh, self.batch_sh)
         self.state, m = self.train_step(self.state, batch, self.rng)
         pending.append(m)
         bar.update(1)
+        if self._any_process(stop.is_set()):
+          self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same command to resume")
+          self.save_checkpoint()
+          self.preempted = True
+          break
+        if ckpt_every and (s + 1) % ckpt_every == 0 and s + 1 < t.steps:
+          self.save_checkpoint()
         if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
           self._check_finite()
           vals = jax.device_get(pending)
@@ -180,38 +201,32 @@ class Trainer:
           history.append({"step": s + 1, **avg})
           bar.set_postfix(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}", sigma=f"{avg['noise_sigma']:.3f}")
     bar.close()
-    self._check_finite()
-    if int(self.state["step"]) > start:
+    if not self.preempted and int(self.state["step"]) > start:
       self.save_checkpoint()
+    self.ckpt.close()
     writer.close()
     return history
 
-  def _restore_latest(self):
-    """Restores the latest checkpoint in the workdir onto this run's shardings; returns its step or None."""
-    if not os.path.isdir(self.ckpt_dir):
-      return None
-    with ocp.CheckpointManager(self.ckpt_dir) as mngr:
-      step = mngr.latest_step()
-      if step is None:
-        return None
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state, self.state_sh)
-      try:
-        self.state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-      except Exception as e:   # structure/shape mismatch: a different config wrote this workdir
-        raise ValueError(f"the checkpoint at {self.ckpt_dir}/{step} does not match this config ({e}); "
-                         "use a fresh --workdir or the config that wrote it") from e
-    self.log(f"resumed from {self.ckpt_dir} at step {step}")
-    return step
+  def _install_sigterm(self):
+    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary and exits cleanly."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+  def _any_process(self, flag: bool) -> bool:
+    if jax.process_count() == 1:
+      return flag
+    return bool(multihost_utils.process_allgather(np.array(flag)).any())
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])
 
   def save_checkpoint(self):
+    """Async save of the full train state (never of a state that saw a non-finite step)."""
     self._check_finite()
-    with ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
-      mngr.save(int(self.state["step"]), args=ocp.args.StandardSave(self.state))
-      mngr.wait_until_finished()
+    step = int(self.state["step"])
+    self.ckpt.save(step, self.state, {"step": step, "data_step": step, "seed": int(self.t.seed)})
 
   def evaluate(self, split=None):
     cfg = self.config
@@ -248,6 +263,9 @@ def train_and_report(config, workdir, quiet=False):
   res = tr.evaluate()
   grid = os.path.join(workdir, "samples.png")
   tr.sample_grid(grid)
+  if tr.preempted:
+    tr.log(f"preempted at step {int(tr.state['step'])}: checkpoint saved; re-run the same command to resume")
+    return {"steps": int(tr.state["step"]), "preempted": True}, tr
   summary = {"steps": int(tr.state["step"]), "train_seconds": train_s, "total_seconds": time.time() - t0,
              "final_train_loss": history[-1]["loss"] if history else None,
              "test_bpd": res["bpd"], "test_nats_per_dim": res["nats_per_dim"], "num_params": tr.num_params,

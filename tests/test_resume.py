@@ -1,0 +1,102 @@
+"""Checkpoints: SIGKILL at random points then restart is bit-exact; SIGTERM saves and exits cleanly; an unreadable
+newest checkpoint is skipped in favour of the previous one. Real `farmer_jax train` subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import quickstart  # noqa: E402
+
+STEPS, EVERY = 60, 10
+
+
+def _cmd(workdir, steps=STEPS, extra=()):
+  return [sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
+          f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={EVERY}",
+          "--config.train.log_every=10", "--config.train.warmup_steps=5", "--quiet", *extra]
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if any(s >= step for s in _steps(workdir)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint appeared in time")
+
+
+def _final_state(workdir):
+  step = max(_steps(workdir))
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta")) as m:
+    st = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return step, jax.tree.leaves(st)
+
+
+def _run(cmd):
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
+  ref = tmp_path / "uninterrupted"
+  _run(_cmd(ref))
+  ref_step, ref_leaves = _final_state(str(ref))
+  assert ref_step == STEPS
+  kill_after = np.random.default_rng(int(time.time())).choice(np.arange(EVERY, STEPS, EVERY), 2, replace=False)
+  for k in kill_after:
+    wd = tmp_path / f"killed_after_{k}"
+    p = subprocess.Popen(_cmd(wd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(p, str(wd), int(k))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert max(_steps(str(wd))) < STEPS, "killed too late to test anything"
+    r = _run(_cmd(wd))
+    step, leaves = _final_state(str(wd))
+    assert step == STEPS
+    assert len(leaves) == len(ref_leaves)
+    for a, b in zip(ref_leaves, leaves):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "test bpd" in r.stdout
+
+
+def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
+  wd = tmp_path / "run"
+  p = subprocess.Popen(_cmd(wd, steps=100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(p, str(wd), 2 * EVERY)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 0, err[-3000:]
+  assert "preempted at step" in out
+  steps = _steps(str(wd))
+  assert len(steps) == 2 and steps[-1] >= 2 * EVERY and steps[-1] < 100_000
+  # Corrupt every data file of the newest checkpoint: the next start must fall back to the previous one.
+  newest = os.path.join(wd, "checkpoints", str(steps[-1]), "state")
+  for root, _, files in os.walk(newest):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "r+b") as fh:
+        fh.truncate(max(os.path.getsize(path) // 3, 1))
+  from farmer_jax.train.trainer import Trainer
+  c = quickstart.get_config("tiny")
+  c.train.update(steps=100_000, ckpt_every=EVERY, log_every=10, warmup_steps=5)
+  tr = Trainer(c, str(wd), quiet=True)
+  assert tr.restored_step == steps[-2]
+  assert int(tr.state["step"]) == steps[-2]
