@@ -18,6 +18,13 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (op
 flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints and samples.")
 flags.DEFINE_bool("quiet", False, "No progress bars or console logs.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).")
+# multi-process (multi-host) launch
+flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
+                  "train: 'auto' = jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM); "
+                  "'explicit' = use --coordinator_address/--num_processes/--process_id.")
+flags.DEFINE_string("coordinator_address", None, "train: host:port of process 0 (with --distributed=explicit).")
+flags.DEFINE_integer("num_processes", None, "train: number of processes (with --distributed=explicit).")
+flags.DEFINE_integer("process_id", None, "train: this process's index (with --distributed=explicit).")
 # export
 flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: param dtype to store.")
@@ -44,6 +51,8 @@ def _train(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/farmer_quickstart")
   _quiet_libs()                                # keep orbax's per-save INFO lines off the console
+  from farmer_jax.distributed import initialize
+  initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from farmer_jax.config import ConfigError
   from farmer_jax.train.trainer import train_and_report
   try:

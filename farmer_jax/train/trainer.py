@@ -159,8 +159,10 @@ class Trainer:
           f"non-finite loss or gradient at step {bad}; stopping before anything is saved. "
           "Lower train.lr, enable train.grad_clip, or raise train.noise_min.")
 
-  def fit(self):
+  def fit(self, stop_at=None):
+    """Trains to ``train.steps`` (or only up to step ``stop_at``, e.g. for a staged run), then checkpoints."""
     t = self.t
+    end = t.steps if stop_at is None else min(int(stop_at), t.steps)
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, "config.json"), "w") as f:
@@ -177,7 +179,7 @@ class Trainer:
     ckpt_every = t.get("ckpt_every", 0)
     stop = self._install_sigterm()
     with self._ctx():
-      for s in range(start, t.steps):
+      for s in range(start, end):
         batch = sharding.global_batch(next(it), self.mesh, self.batch_sh)
         self.state, m = self.train_step(self.state, batch, self.rng)
         pending.append(m)
@@ -187,9 +189,9 @@ class Trainer:
           self.save_checkpoint()
           self.preempted = True
           break
-        if ckpt_every and (s + 1) % ckpt_every == 0 and s + 1 < t.steps:
+        if ckpt_every and (s + 1) % ckpt_every == 0 and s + 1 < end:
           self.save_checkpoint()
-        if (s + 1) % t.log_every == 0 or s + 1 == t.steps:
+        if (s + 1) % t.log_every == 0 or s + 1 == end:
           self._check_finite()
           vals = jax.device_get(pending)
           avg = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
