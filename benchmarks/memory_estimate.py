@@ -1,0 +1,72 @@
+"""Per-device train-state memory for the paper presets on a given mesh, from jax.eval_shape (nothing allocated).
+
+  python benchmarks/memory_estimate.py                       # the table in docs/scaling.md
+  python benchmarks/memory_estimate.py --preset=1.9B/8 --devices=64 --fsdp=64
+
+Counts params (fp32), AdamW moments (2x fp32, sharded like the params) and optionally EMA params, sharded with the
+project's own rules (logical rules + FSDP on the largest divisible dim of params >= config.fsdp.min_params).
+Activations are not included: they depend on batch, remat policy and the compiler; measure them with
+``jax.jit(step).lower(...).compile().memory_analysis()`` on the target device.
+"""
+
+import argparse
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+import imagenet256  # noqa: E402
+
+from farmer_jax.config import validate  # noqa: E402
+from farmer_jax.model import Farmer  # noqa: E402
+from farmer_jax.sharding import fsdp_spec  # noqa: E402
+
+GIB = 2 ** 30
+SETUPS = [("8xH100", 8, 8), ("v4-64 or v5p-64 (32 chips)", 32, 8), ("v4-64 or v5p-64, pure FSDP", 32, 32)]
+
+
+def state_bytes_per_device(preset, fsdp, ema=False):
+  c = imagenet256.get_config(preset)
+  m = validate(c)
+  model = Farmer(m)
+  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  y = jax.ShapeDtypeStruct((1,), jnp.int32)
+  # The config's logical rules map only activations (batch); params are sharded by the FSDP pass alone.
+  shapes = jax.eval_shape(lambda r, x, y: nn.unbox(model.init(r, x, y)["params"]), jax.random.key(0), x, y)
+  total = per_dev = 0
+  for a in jax.tree.leaves(shapes):
+    n = int(np.prod(a.shape))
+    spec = fsdp_spec(a.shape, jax.sharding.PartitionSpec(*[None] * len(a.shape)), "fsdp", fsdp,
+                     c.fsdp.min_params)
+    shards = fsdp if "fsdp" in [e for e in spec if e] else 1
+    total += n
+    per_dev += n / shards
+  copies = 3 + (1 if ema else 0)             # params + Adam mu + nu (+ EMA), all fp32
+  return total, per_dev * 4 * copies
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--preset", default=None)
+  ap.add_argument("--devices", type=int, default=None)
+  ap.add_argument("--fsdp", type=int, default=None)
+  ap.add_argument("--ema", action="store_true")
+  a = ap.parse_args()
+  presets = [a.preset] if a.preset else ["1.1B/16", "1.1B/8", "1.9B/16", "1.9B/8"]
+  setups = [(f"{a.devices} devices", a.devices, a.fsdp or a.devices)] if a.devices else SETUPS
+  print("| preset | params | setup | mesh | state/device (params+Adam" + ("+EMA" if a.ema else "") + ", fp32) |")
+  print("|---|---|---|---|---|")
+  for p in presets:
+    for name, ndev, fsdp in setups:
+      total, b = state_bytes_per_device(p, fsdp, a.ema)
+      print(f"| {p} | {total / 1e9:.3f}B | {name} | data={ndev // fsdp} x fsdp={fsdp} | {b / GIB:.2f} GiB |")
+    _, rep = state_bytes_per_device(p, 1, a.ema)
+    print(f"| {p} | | replicated (no FSDP) | data=N | {rep / GIB:.2f} GiB |")
+
+
+if __name__ == "__main__":
+  main()
