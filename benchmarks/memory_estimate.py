@@ -13,16 +13,14 @@ import argparse
 import os
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 import imagenet256  # noqa: E402
 
 from farmer_jax.config import validate  # noqa: E402
-from farmer_jax.model import Farmer  # noqa: E402
+from farmer_jax.model import abstract_params  # noqa: E402
 from farmer_jax.sharding import fsdp_spec  # noqa: E402
 
 GIB = 2 ** 30
@@ -31,12 +29,8 @@ SETUPS = [("8xH100", 8, 8), ("v4-64 or v5p-64 (32 chips)", 32, 8), ("v4-64 or v5
 
 def state_bytes_per_device(preset, fsdp, ema=False):
   c = imagenet256.get_config(preset)
-  m = validate(c)
-  model = Farmer(m)
-  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
-  y = jax.ShapeDtypeStruct((1,), jnp.int32)
   # The config's logical rules map only activations (batch); params are sharded by the FSDP pass alone.
-  shapes = jax.eval_shape(lambda r, x, y: nn.unbox(model.init(r, x, y)["params"]), jax.random.key(0), x, y)
+  shapes = abstract_params(validate(c))
   total = per_dev = 0
   for a in jax.tree.leaves(shapes):
     n = int(np.prod(a.shape))

@@ -7,6 +7,7 @@ Shape letters: B batch, H W image size, c channels, N tokens, d token dim, d_I /
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from farmer_jax.config import ModelConfig
@@ -69,3 +70,11 @@ def decode_latents(cfg: ModelConfig, params, z, y):
     fy = jnp.where(y == cfg.null_class, -1, y)
   tokens = flow_inverse(flow, params["flow"], z, fy)
   return unpatchify(tokens, cfg.patch_size, cfg.image_size, cfg.channels)
+
+
+def abstract_params(cfg: ModelConfig):
+  """Param shapes/dtypes (unboxed ShapeDtypeStructs) from ``jax.eval_shape``: nothing is allocated."""
+  x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+  y = jax.ShapeDtypeStruct((1,), jnp.int32)
+  model = Farmer(cfg)
+  return jax.eval_shape(lambda r, x, y: nn.unbox(model.init(r, x, y)["params"]), jax.random.key(0), x, y)

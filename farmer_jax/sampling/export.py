@@ -14,7 +14,6 @@ import os
 import shutil
 import uuid
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -89,7 +88,7 @@ def export_model(workdir, out, dtype="float32", overwrite=False):
 
 def load_model(model_dir):
   """Loads an export: returns (ModelConfig, params, run config, metadata). Needs no optimizer state."""
-  from farmer_jax.model import Farmer
+  from farmer_jax.model import abstract_params
   model_dir = os.path.abspath(model_dir)
   if not os.path.isdir(model_dir):
     raise ExportError(f"model directory {model_dir} does not exist; create one with `farmer_jax export`")
@@ -108,12 +107,8 @@ def load_model(model_dir):
     mcfg = validate(config)
   except ConfigError as e:
     raise ExportError(f"{model_dir}: its config.json is invalid: {e}") from e
-  model = Farmer(mcfg)
-  x = jax.ShapeDtypeStruct((1, mcfg.image_size, mcfg.image_size, mcfg.channels), jnp.float32)
-  y = jax.ShapeDtypeStruct((1,), jnp.int32)
   dt = PARAM_DTYPES[meta["dtype"]]
-  abstract = jax.eval_shape(lambda r, x, y: nn.unbox(model.init(r, x, y)["params"]), jax.random.key(0), x, y)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(os.path.join(model_dir, "params"), abstract)
