@@ -1,6 +1,6 @@
 """A real 2-process run (jax.distributed on 127.0.0.1, gloo CPU collectives, 4 fake devices each) trains and
-checkpoints; a fresh single process with 8 devices restores it and continues; the losses match an uninterrupted
-8-device run."""
+checkpoints; a fresh single process with 8 devices restores it onto a different mesh and continues; the losses
+match an uninterrupted 8-device run."""
 
 import json
 import os

@@ -248,8 +248,11 @@ class Trainer:
     if self.mcfg.num_classes == 0:
       y = jnp.full((s.per_class,), self.mcfg.null_class, jnp.int32)
     sampler = sampler_from_config(s)
-    fn = jax.jit(lambda p, keys, y: sample_images(self.mcfg, p, keys, y, sampler))
-    x = fn(self.eval_params(), sample_keys(s.seed, 0, len(y)), y)
+    # replicated output: every process can read the images (multi-host safe); process 0 writes them
+    fn = jax.jit(lambda p, keys, y: sample_images(self.mcfg, p, keys, y, sampler),
+                 out_shardings=sharding.replicated(self.mesh))
+    with self._ctx():
+      x = fn(self.eval_params(), sample_keys(s.seed, 0, len(y)), y)
     x = np.asarray(x).reshape(k, s.per_class, *x.shape[1:])
     if jax.process_index() == 0:
       save_grid(x, path)
