@@ -27,7 +27,7 @@ def test_fsdp_spec_picks_largest_divisible_unsharded_dim():
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory):  # ~90 s on 2 cores: the tests using it are marked slow (CI runs them)
   out = tmp_path_factory.mktemp("mesh")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"), str(out), "0"], capture_output=True,
@@ -37,6 +37,7 @@ def report(tmp_path_factory):
   return out, json.loads(line[len("REPORT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data8", "data4_fsdp2", "fsdp8"])
 def test_sharded_step_matches_single_device(report, mesh):
   out, rep = report
@@ -54,6 +55,7 @@ def test_sharded_step_matches_single_device(report, mesh):
     assert np.mean(diff <= 1e-6) >= 0.999, (k, np.mean(diff <= 1e-6))
 
 
+@pytest.mark.slow
 def test_params_really_sharded(report):
   _, rep = report
   fsdp = rep["fsdp8"]["shardings"]
@@ -68,6 +70,7 @@ def test_params_really_sharded(report):
   assert int(np.prod(mixed)) * 2 == int(np.prod(full))
 
 
+@pytest.mark.slow
 def test_fsdp_cuts_per_device_state_memory(report):
   _, rep = report
   repl, fsdp = rep["data8"]["argument_bytes"], rep["fsdp8"]["argument_bytes"]
