@@ -58,8 +58,10 @@ def _train(argv):
   try:
     summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet)
   except ConfigError as e:
+    _fail("train", e)
+  except FloatingPointError as e:      # non-finite loss: nothing was saved
     print(f"farmer_jax train: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(1)
   if summary.get("preempted"):
     print(f"preempted at step {summary['steps']}; checkpoint saved")
     return

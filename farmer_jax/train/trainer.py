@@ -76,7 +76,8 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
 
 
 class Trainer:
-  """Builds everything from a validated config; ``run()`` trains, evaluates and samples."""
+  """Builds everything from a validated config (resuming from the workdir); ``fit()`` trains,
+  ``evaluate()`` gives test bits/dim, ``sample_grid()`` writes a PNG."""
 
   def __init__(self, config, workdir: str, quiet: bool = False, devices=None):
     self.config = config
