@@ -118,12 +118,11 @@ def _sample(argv):
   _quiet_libs()
   from farmer_jax.sampling.export import ExportError, load_model
   from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
-  from farmer_jax.sampling.sampler import sampler_from_config
+  from farmer_jax.sampling.sampler import SAMPLER_KEYS, sampler_from_config
   try:
     mcfg, params, config, _ = load_model(FLAGS.model)
     classes = parse_classes(FLAGS.classes, mcfg.num_classes)
-    allowed = {"cfg", "guidance", "s_c", "s_u", "t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s",
-               "redundant_candidates", "redundant_var_scale", "naive_proposals"}
+    allowed = set(SAMPLER_KEYS)
     over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler)
     unknown = sorted(set(over) - allowed)
     if unknown:

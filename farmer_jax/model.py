@@ -25,6 +25,14 @@ def make_flow(c: ModelConfig) -> AutoregressiveFlow:
                             mlp_ratio=c.mlp_ratio, dtype=c.jnp_dtype, remat=c.remat)
 
 
+def flow_label(cfg: ModelConfig, y):
+  """Labels for the AF: None if it is unconditional; the null class becomes -1 ('no label', mean class
+  embedding; TARFlow's convention)."""
+  if not cfg.flow_class_conditional:
+    return None
+  return jnp.where(y == cfg.null_class, -1, y)
+
+
 class Farmer(nn.Module):
   """__call__(x (B, H, W, c), y (B,) int) -> dict of per-example terms, all (B,) fp32 nats:
 
@@ -38,10 +46,7 @@ class Farmer(nn.Module):
     self.prior = ARPrior(self.cfg)
 
   def flow_label(self, y):
-    """The AF sees the null class as 'no label' (mean class embedding), TARFlow's convention."""
-    if not self.cfg.flow_class_conditional:
-      return None
-    return jnp.where(y == self.cfg.null_class, -1, y)
+    return flow_label(self.cfg, y)
 
   def encode(self, x, y):
     """Images -> (z in AR order (B, N, d), logdet (B,))."""
@@ -65,10 +70,7 @@ def decode_latents(cfg: ModelConfig, params, z, y):
   if cfg.final_flip:
     z = z[:, ::-1]
   flow = make_flow(cfg)
-  fy = None
-  if cfg.flow_class_conditional:
-    fy = jnp.where(y == cfg.null_class, -1, y)
-  tokens = flow_inverse(flow, params["flow"], z, fy)
+  tokens = flow_inverse(flow, params["flow"], z, flow_label(cfg, y))
   return unpatchify(tokens, cfg.patch_size, cfg.image_size, cfg.channels)
 
 

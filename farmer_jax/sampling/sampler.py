@@ -126,17 +126,23 @@ def sample_keys(seed: int, start: int, count: int):
   return jax.vmap(lambda j: jax.random.fold_in(base, j))(jnp.arange(start, start + count))
 
 
+# Keys of ``config.sample`` (and of the CLI's --sampler) that configure sampling; others (per_class, seed) do not.
+SAMPLER_KEYS = ("guidance", "cfg", "s_c", "s_u", "t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s",
+                "redundant_candidates", "redundant_var_scale", "naive_proposals")
+
+
 def sampler_from_config(sc) -> SamplerConfig:
-  """``config.sample`` (ConfigDict or dict) -> SamplerConfig; missing keys take the defaults."""
-  get = lambda k, d: sc.get(k, d) if hasattr(sc, "get") else d
-  d = ResamplingCFG()
-  cfg = ResamplingCFG(w=float(get("cfg", d.w)), s_c=int(get("s_c", d.s_c)), s_u=int(get("s_u", d.s_u)),
-                      t_pi=float(get("t_pi", d.t_pi)), t_sigma=float(get("t_sigma", d.t_sigma)),
-                      t_pi_v=float(get("t_pi_v", d.t_pi_v)), t_sigma_v=float(get("t_sigma_v", d.t_sigma_v)),
-                      t_s=float(get("t_s", d.t_s)))
-  s = SamplerConfig(guidance=get("guidance", "none"), cfg=cfg,
-                    redundant_candidates=int(get("redundant_candidates", 256)),
-                    redundant_var_scale=float(get("redundant_var_scale", 1.0)),
-                    naive_proposals=int(get("naive_proposals", 1000)))
+  """``config.sample`` (ConfigDict or dict) -> SamplerConfig; missing keys take the SamplerConfig defaults."""
+  sc = dict(sc)
+  ds, dc = SamplerConfig(), ResamplingCFG()
+  get = lambda k, default, typ: typ(sc.get(k, default))
+  cfg = ResamplingCFG(w=get("cfg", dc.w, float), s_c=get("s_c", dc.s_c, int), s_u=get("s_u", dc.s_u, int),
+                      t_pi=get("t_pi", dc.t_pi, float), t_sigma=get("t_sigma", dc.t_sigma, float),
+                      t_pi_v=get("t_pi_v", dc.t_pi_v, float), t_sigma_v=get("t_sigma_v", dc.t_sigma_v, float),
+                      t_s=get("t_s", dc.t_s, float))
+  s = SamplerConfig(guidance=get("guidance", ds.guidance, str), cfg=cfg,
+                    redundant_candidates=get("redundant_candidates", ds.redundant_candidates, int),
+                    redundant_var_scale=get("redundant_var_scale", ds.redundant_var_scale, float),
+                    naive_proposals=get("naive_proposals", ds.naive_proposals, int))
   validate_sampler(s)
   return s
