@@ -15,6 +15,14 @@ dequantization sigma 0.1 -> 0.005 (cosine). Not stated by the paper and chosen h
 batch=), head dim 64, MLP ratio 4, label drop 0.1, bf16 compute with fp32 params, remat on. The patch-8 split
 d_I = 128 of d = 192 follows the issue's instruction to keep Table 1's d_I (the paper does not give it).
 Expected results (paper Table 2, FID-50k with resampling CFG): 5.40 / 5.02 / 3.96 / 3.60 for the four presets.
+The AR prior runs opposite to the last AF block (model.ar_order='alternate', the paper's "final permute").
+
+Parameter counts (tests/test_config.py, exact closed form): AF 849M / 828M / 1.424B / 1.400B for the four presets,
+within 3% of Table 1 (828M, 1.4B). AR 296M for 1.1B/16 (Table 1: 295M). The other three ARs cannot match Table 1
+with the linear GMM heads the paper describes, whose redundant head K_R (1 + 2 d_R) (C + 1) dominates: for 1.9B/16
+it alone is 200 * 1281 * 1025 = 263M, and with the 24 x 1024 trunk (302M) the AR is 583M, not 498M (the paper does
+not say what differs). At patch 8, d_R = 64 shrinks that head to 200 * 129 * (C + 1), so the AR is 119M (1.1B/8)
+and 348M (1.9B/8); Table 1 gives one AR count per model size, apparently the patch-16 one.
 The ImageNet input pipeline arrives with the data issue; until then this config is used for shapes/sharding.
 """
 
@@ -47,7 +55,7 @@ def get_config(arg=None):
     raise ValueError(f"model preset {a.model!r} unknown; use one of 1.1B/16, 1.1B/8, 1.9B/16, 1.9B/8")
   c = ml_collections.ConfigDict()
   c.data = dict(name="imagenet2012", image_size=256, channels=3, num_classes=1000)
-  c.model = dict(patch_size=int(patch), flow_class_conditional=False, final_flip=True, class_repeats=64,
+  c.model = dict(patch_size=int(patch), flow_class_conditional=False, ar_order="alternate", class_repeats=64,
                  dimred="farmer", d_informative=128, mixtures_informative=64, mixtures_redundant=200,
                  scale_fn="squareplus", scale_floor=1e-6, mlp_ratio=4, dtype="bfloat16", remat=True,
                  **MODELS[size])
@@ -56,8 +64,9 @@ def get_config(arg=None):
                  warmup_steps=5000, weight_decay=0.03, noise_max=0.1, noise_min=0.005, label_drop=0.1,
                  log_every=100)
   c.eval = dict(batch_size=256, split="validation")
-  # The redundant token's pool size is not given by the paper; 256 per group is our choice.
-  c.sample = dict(per_class=4, seed=0, guidance="resampling", redundant_candidates=256, redundant_var_scale=1.0,
+  # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says the pool is
+  # larger than s_c/s_u, so 16 per group (32 per token) is our choice. See docs/sampling.md (ESS).
+  c.sample = dict(per_class=4, seed=0, guidance="resampling", redundant_candidates=16, redundant_var_scale=1.0,
                   **SAMPLING[a.model])
   configlib.base_mesh(c)
   return c

@@ -54,7 +54,7 @@ def _train(argv):
   from farmer_jax.distributed import initialize
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from farmer_jax.config import ConfigError
-  from farmer_jax.train.trainer import train_and_report
+  from farmer_jax.train.trainer import format_test_bpd, train_and_report
   try:
     summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet)
   except ConfigError as e:
@@ -65,7 +65,7 @@ def _train(argv):
   if summary.get("preempted"):
     print(f"preempted at step {summary['steps']}; checkpoint saved")
     return
-  print(f"test bpd: {summary['test_bpd']:.4f}")
+  print(format_test_bpd(summary))      # class-conditional -log p(x|y) and unconditional -log p(x|null)
 
 
 def _quiet_libs():
@@ -117,7 +117,7 @@ def _sample(argv):
     raise app.UsageError("--model (an export directory) and --out (PNG) or --npz are required")
   _quiet_libs()
   from farmer_jax.sampling.export import ExportError, load_model
-  from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
+  from farmer_jax.sampling.generate import describe_stats, generate, parse_classes, write_outputs
   from farmer_jax.sampling.sampler import SAMPLER_KEYS, sampler_from_config
   try:
     mcfg, params, config, _ = load_model(FLAGS.model)
@@ -130,11 +130,14 @@ def _sample(argv):
     sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in allowed}   # the model's defaults
     sc.update(over)
     sampler = sampler_from_config(sc)
-    images, labels = generate(mcfg, params, classes, FLAGS.num, sampler, FLAGS.seed, FLAGS.batch,
-                              progress=not FLAGS.quiet)
-    write_outputs(images, labels, FLAGS.out, FLAGS.npz)
+    images, labels, stats = generate(mcfg, params, classes, FLAGS.num, sampler, FLAGS.seed, FLAGS.batch,
+                                     progress=not FLAGS.quiet, return_stats=True)
+    write_outputs(images, labels, FLAGS.out, FLAGS.npz, stats)
   except (ExportError, ValueError) as e:
     _fail("sample", e)
+  line = describe_stats(stats, sampler)
+  if line:
+    print(line)
   print(f"{images.shape[0] * images.shape[1]} samples ({sampler.guidance}, w={sampler.cfg.w}) -> "
         f"{', '.join(p for p in (FLAGS.out, FLAGS.npz) if p)}")
 

@@ -11,6 +11,7 @@ DIMRED_MODES = ("farmer", "jetformer", "none")
 SCALE_FNS = ("squareplus", "softplus")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NOISE_KINDS = ("gaussian", "uniform")
+AR_ORDERS = ("alternate", "same")
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ class ModelConfig:
   flow_width: int = 128
   flow_heads: int = 2
   flow_class_conditional: bool = False
-  final_flip: bool = True             # token flip between AF and AR prior (paper "final permute")
+  ar_order: str = "alternate"         # AR prior vs the last AF block: "alternate" (opposite order) | "same"
   # AR prior
   ar_width: int = 128
   ar_depth: int = 2
@@ -68,6 +69,19 @@ class ModelConfig:
     return self.num_tokens * self.token_dim
 
   @property
+  def ar_flip(self):
+    """Whether the AF output (raster token order) is flipped before the AR prior; the one place that decides it.
+
+    AF block t works in flipped order iff t is odd, so the last block (t = flow_blocks - 1) is flipped iff
+    flow_blocks is even. 'alternate' runs the AR prior in the order opposite to the last block (the AR prior is
+    "block n + 1" of the alternation; paper Table 3 "final permute"); 'same' runs it in the last block's order.
+    """
+    if self.ar_order not in AR_ORDERS:
+      raise _err("model.ar_order", self.ar_order, "unknown AR prior direction", f"use one of {AR_ORDERS}")
+    last_block_flipped = self.flow_blocks % 2 == 0
+    return last_block_flipped if self.ar_order == "same" else not last_block_flipped
+
+  @property
   def null_class(self):
     return self.num_classes
 
@@ -78,6 +92,8 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config):
     fields = {f.name for f in dataclasses.fields(cls)}
+    if "final_flip" in config.model:
+      raise removed_final_flip_error(config.model.final_flip, config.model.get("flow_blocks", cls.flow_blocks))
     kw = {k: v for k, v in config.model.items() if k in fields}
     unknown = sorted(set(config.model.keys()) - fields)
     if unknown:
@@ -90,6 +106,52 @@ class ModelConfig:
 
 def _err(field, value, why, fix):
   return ConfigError(f"config.{field}={value!r} is invalid: {why}. Fix: {fix}.")
+
+
+def legacy_ar_order(final_flip, flow_blocks):
+  """The ``model.ar_order`` that reproduces a config written with the removed ``model.final_flip`` flag.
+
+  The old flag flipped the AF output before the AR prior iff final_flip, whatever the block count. The last AF
+  block is flipped iff flow_blocks is even, so final_flip=True is 'same' for an even count and 'alternate' for
+  an odd one; final_flip=False is the opposite.
+  """
+  return "same" if bool(final_flip) == (flow_blocks % 2 == 0) else "alternate"
+
+
+def upgrade_saved_config(config):
+  """A config.json written by an older release -> today's keys, meaning the same model. ``model.final_flip``
+  (removed) becomes the ``model.ar_order`` that reproduces it, so old runs and exports keep their AR direction.
+  (Config FILES with final_flip are refused instead, so a user picks the order on purpose.)"""
+  model = config.get("model")
+  if model is not None and "final_flip" in model:
+    model.ar_order = legacy_ar_order(model.final_flip, model.get("flow_blocks", ModelConfig.flow_blocks))
+    del model["final_flip"]
+  return config
+
+
+def config_changes(saved, current, sections=("data", "model")):
+  """['section.key: saved -> current', ...] for the keys of ``sections`` that differ between two run configs."""
+  out = []
+  for sec in sections:
+    a, b = dict(saved.get(sec, {}) or {}), dict(current.get(sec, {}) or {})
+    for k in sorted(set(a) | set(b)):
+      va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
+      if isinstance(va, (list, tuple)) or isinstance(vb, (list, tuple)):
+        va, vb = list(va) if isinstance(va, (list, tuple)) else va, list(vb) if isinstance(vb, (list, tuple)) else vb
+      if va != vb:
+        out.append(f"{sec}.{k}: {va!r} -> {vb!r}")
+  return out
+
+
+def removed_final_flip_error(final_flip, flow_blocks):
+  order = legacy_ar_order(final_flip, flow_blocks)
+  return _err("model.final_flip", final_flip,
+              "model.final_flip was replaced by model.ar_order ('alternate': the AR prior runs opposite to the "
+              "last AF block; 'same': in its order), whose meaning does not depend on the parity of "
+              "model.flow_blocks",
+              f"delete final_flip and set --config.model.ar_order={order} to reproduce the old behaviour with "
+              f"model.flow_blocks={flow_blocks} (old final_flip=True is 'same' for an even block count and "
+              "'alternate' for an odd one; final_flip=False is the opposite)")
 
 
 def validate_model(m: ModelConfig):
@@ -128,6 +190,9 @@ def validate_model(m: ModelConfig):
                  f"choose d_I below {d}, or set --config.model.dimred=none to model all {d} channels")
   if m.dimred == "farmer":
     pos("model.mixtures_redundant", m.mixtures_redundant)
+  if m.ar_order not in AR_ORDERS:
+    raise _err("model.ar_order", m.ar_order, "unknown AR prior direction",
+               f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final permute)")
   if m.scale_fn not in SCALE_FNS:
     raise _err("model.scale_fn", m.scale_fn, "unknown scale parameterisation", f"use one of {SCALE_FNS}")
   if not m.scale_floor > 0:

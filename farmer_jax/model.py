@@ -2,7 +2,7 @@
 
 Shape letters: B batch, H W image size, c channels, N tokens, d token dim, d_I / d_R informative / redundant dims.
 
-    x (B, H, W, c) in model space --patchify--> (B, N, d) --AF--> z, logdet --[flip]--> split z^I, z^R
+    x (B, H, W, c) in model space --patchify--> (B, N, d) --AF--> z, logdet --[flip if cfg.ar_flip]--> z^I, z^R
     log p(x) = sum_i log p(z^I_i | z^I_<i, y) + sum_i log p(z^R_i | z^I, y) + logdet          (nats)
 """
 
@@ -51,7 +51,7 @@ class Farmer(nn.Module):
   def encode(self, x, y):
     """Images -> (z in AR order (B, N, d), logdet (B,))."""
     z, logdet = self.flow(patchify(x, self.cfg.patch_size), self.flow_label(y))
-    if self.cfg.final_flip:
+    if self.cfg.ar_flip:
       z = z[:, ::-1]
     return z, logdet
 
@@ -67,7 +67,7 @@ class Farmer(nn.Module):
 
 def decode_latents(cfg: ModelConfig, params, z, y):
   """Latents in AR order (B, N, d) -> images (B, H, W, c) via the exact sequential AF inverse."""
-  if cfg.final_flip:
+  if cfg.ar_flip:
     z = z[:, ::-1]
   flow = make_flow(cfg)
   tokens = flow_inverse(flow, params["flow"], z, flow_label(cfg, y))

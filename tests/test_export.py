@@ -73,7 +73,10 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   _, out, _, _ = exported
   mcfg, params, _, _ = load_model(str(out))
   s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=1.0), redundant_candidates=16)
-  a, la = generate(mcfg, params, [3, 7], 3, s, seed=5, batch_size=6, progress=False)
+  a, la, st = generate(mcfg, params, [3, 7], 3, s, seed=5, batch_size=6, progress=False, return_stats=True)
+  assert st["ess_informative"].shape == (6,) and st["ess_redundant"].shape == (6,)
+  assert np.all((st["ess_informative"] >= 1) & (st["ess_informative"] <= 10))        # s_c + s_u = 10
+  assert np.all((st["ess_redundant"] >= 1) & (st["ess_redundant"] <= 32))           # 2 * 16
   b, lb = generate(mcfg, params, [3, 7], 3, s, seed=5, batch_size=4, progress=False)
   assert a.shape == (2, 3, 32, 32, 1) and a.dtype == np.uint8
   np.testing.assert_array_equal(la, [[3, 3, 3], [7, 7, 7]])
@@ -81,9 +84,10 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   assert np.mean(a == b) > 0.999
   c, _ = generate(mcfg, params, [3, 7], 3, s, seed=6, batch_size=6, progress=False)
   assert np.mean(a != c) > 0.01
-  write_outputs(a, la, str(tmp_path / "g.png"), str(tmp_path / "g.npz"))
+  write_outputs(a, la, str(tmp_path / "g.png"), str(tmp_path / "g.npz"), st)
   z = np.load(tmp_path / "g.npz")
   assert z["images"].shape == (6, 32, 32, 1) and list(z["labels"]) == [3, 3, 3, 7, 7, 7]
+  np.testing.assert_array_equal(z["ess_redundant"], st["ess_redundant"])
 
 
 def test_parse_classes():

@@ -32,6 +32,13 @@ def flow_and_params():
   return flow, p
 
 
+@pytest.fixture(scope="module")
+def inverse(flow_and_params):
+  """One jitted exact inverse shared by the tests below (batch 3 everywhere, so it compiles once)."""
+  flow, _ = flow_and_params
+  return jax.jit(lambda p, z: flow_inverse(flow, p, z))
+
+
 def test_zero_init_is_identity():
   flow = make_flow(TINY)
   x = jax.random.normal(jax.random.key(3), (2, TINY.num_tokens, TINY.token_dim))
@@ -41,14 +48,41 @@ def test_zero_init_is_identity():
   np.testing.assert_array_equal(logdet, 0.0)
 
 
-def test_inverse_exact(flow_and_params):
+def test_inverse_exact(flow_and_params, inverse):
   flow, p = flow_and_params
   x = jax.random.normal(jax.random.key(2), (3, TINY.num_tokens, TINY.token_dim))
   z, logdet = flow.apply({"params": p}, x)
   assert float(jnp.abs(z - x).max()) > 0.05, "perturbed flow should not be near identity"
   assert float(jnp.abs(logdet).min()) > 0.1
-  xr = jax.jit(lambda p, z: flow_inverse(flow, p, z))(p, z)
+  xr = inverse(p, z)
   assert float(jnp.abs(xr - x).max()) <= 1e-5
+
+
+def test_flipped_block_flips_position_embedding(flow_and_params, inverse):
+  """A flipped block is the unflipped block run on the reversed tokens with an explicitly reversed position
+  embedding: flipped(x) == reverse(unflipped(reverse(x); pos_embed[::-1])). With the original pos_embed that
+  identity fails, so this sees a forward pass that forgot to flip the embedding. The inverse must flip it the same
+  way: the 2-block flow (block 1 flipped) with this embedding inverts exactly, and does not with it reversed."""
+  flow, p = flow_and_params
+  n, d = TINY.num_tokens, TINY.token_dim
+  pos = np.random.default_rng(0).normal(0.0, 0.5, (n, flow.width)).astype(np.float32)   # strong, asymmetric
+  assert np.abs(pos - pos[::-1]).max() > 0.5
+  rev_pos = np.ascontiguousarray(pos[::-1])
+  block = AFBlock(**flow.block_kwargs())
+  bp = jax.tree.map(lambda a: a[1], p["blocks"])
+  run = jax.jit(lambda q, v, flip: block.apply({"params": q}, (v, jnp.zeros((v.shape[0],))), flip)[0])
+  x = jax.random.normal(jax.random.key(6), (3, n, d))
+  z_flip, ld_flip = run({**bp, "pos_embed": pos}, x, True)
+  z_ref, ld_ref = run({**bp, "pos_embed": rev_pos}, x[:, ::-1], False)
+  np.testing.assert_allclose(z_flip, z_ref[:, ::-1], atol=1e-5)
+  np.testing.assert_allclose(ld_flip, ld_ref, rtol=1e-5)
+  z_orig, _ = run({**bp, "pos_embed": pos}, x[:, ::-1], False)
+  assert float(jnp.abs(z_flip - z_orig[:, ::-1]).max()) > 1e-2, "the test cannot see the embedding's order"
+
+  with_pos = lambda e: {"blocks": {**p["blocks"], "pos_embed": p["blocks"]["pos_embed"].at[1].set(e)}}
+  z, _ = flow.apply({"params": with_pos(pos)}, x)
+  assert float(jnp.abs(inverse(with_pos(pos), z) - x).max()) <= 1e-5
+  assert float(jnp.abs(inverse(with_pos(rev_pos), z) - x).max()) > 1e-2
 
 
 def test_logdet_matches_jacobian(flow_and_params):

@@ -48,11 +48,27 @@ def test_gmm_sampling_moments_1d():
   assert abs((s < -0.75).mean() - 0.2 * stats.norm.cdf(1.25 / 0.5) - 0.5 * stats.norm.cdf(-1.25)) < 0.005
 
 
-def test_temperature():
-  g = gmm.GMM(jnp.array([0.0, 1.0]), jnp.zeros((2, 1)), jnp.ones((2, 1)) * 2.0)
+def test_temperature_convention_and_ancestral_moments():
+  """T_pi multiplies logits (pi_k -> pi_k^T_pi renormalised); T_sigma multiplies the component STD (docs/sampling.md).
+  Checked on the parameters and on the closed-form moments of ancestral draws."""
+  g = gmm.GMM(jnp.log(jnp.array([0.25, 0.75])), jnp.array([[-1.0], [2.0]]), jnp.array([[2.0], [0.5]]))
   t = gmm.with_temperature(g, t_pi=0.5, t_sigma=0.25)
-  np.testing.assert_allclose(t.logits, [0.0, 0.5])
-  np.testing.assert_allclose(t.scale, 1.0)          # variance 4 * 0.25 = 1
+  np.testing.assert_allclose(jax.nn.softmax(t.logits), np.sqrt([0.25, 0.75]) / np.sqrt([0.25, 0.75]).sum(), rtol=1e-6)
+  np.testing.assert_allclose(t.scale, [[0.5], [0.125]])              # std * 0.25 (a variance rule gives 1.0, 0.25)
+  s = np.asarray(gmm.sample(jax.random.key(1), t, shape=(200_000,)))[:, 0]
+  w = np.sqrt([0.25, 0.75]) / np.sqrt([0.25, 0.75]).sum()
+  mu, sd = np.array([-1.0, 2.0]), np.array([0.5, 0.125])
+  mean = (w * mu).sum()
+  var = (w * (sd ** 2 + mu ** 2)).sum() - mean ** 2
+  assert abs(s.mean() - mean) < 0.02 and abs(s.var() - var) < 0.03
+  with pytest.raises(ValueError, match="one mixture"):
+    gmm.sample(jax.random.key(0), gmm.GMM(jnp.zeros((2, 3)), jnp.zeros((2, 3, 1)), jnp.ones((2, 3, 1))))
+
+
+def test_scale_variance_floor():
+  g = gmm.GMM(jnp.zeros((1,)), jnp.zeros((1, 2)), jnp.full((1, 2), 2.0))
+  np.testing.assert_allclose(gmm.scale_variance(g, 0.25).scale, 1.0)
+  np.testing.assert_allclose(gmm.scale_variance(g, 0.0, floor=1e-6).scale, 1e-6)   # density stays finite at 0
 
 
 def _prior_outputs(cfg, params, z_i, y):

@@ -1,5 +1,6 @@
-"""Checkpoints: SIGKILL at random points then restart is bit-exact; SIGTERM saves and exits cleanly; an unreadable
-newest checkpoint is skipped in favour of the previous one. Real `farmer_jax train` subprocesses."""
+"""Checkpoints: SIGKILL at seeded random points (KILL_SEED) then restart is bit-exact; SIGTERM saves and exits
+cleanly; an unreadable newest checkpoint is skipped in favour of the previous one. Real `farmer_jax train`
+subprocesses."""
 
 import os
 import signal
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import quickstart  # noqa: E402
 
 STEPS, EVERY = 60, 10
+KILL_SEED = 1234          # picks the kill points; fixed and printed so that a failure reproduces
 
 
 def _cmd(workdir, steps=STEPS, extra=()):
@@ -60,21 +62,23 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
   _run(_cmd(ref))
   ref_step, ref_leaves = _final_state(str(ref))
   assert ref_step == STEPS
-  kill_after = np.random.default_rng(int(time.time())).choice(np.arange(EVERY, STEPS, EVERY), 2, replace=False)
+  kill_after = np.random.default_rng(KILL_SEED).choice(np.arange(EVERY, STEPS, EVERY), 2, replace=False)
+  print(f"KILL_SEED={KILL_SEED}: SIGKILL after the first checkpoint at or past steps {kill_after.tolist()}")
   for k in kill_after:
+    where = f"KILL_SEED={KILL_SEED}, killed after checkpoint >= {k}"
     wd = tmp_path / f"killed_after_{k}"
     p = subprocess.Popen(_cmd(wd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(p, str(wd), int(k))
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert max(_steps(str(wd))) < STEPS, "killed too late to test anything"
+    assert max(_steps(str(wd))) < STEPS, f"{where}: killed too late to test anything"
     r = _run(_cmd(wd))
     step, leaves = _final_state(str(wd))
-    assert step == STEPS
-    assert len(leaves) == len(ref_leaves)
-    for a, b in zip(ref_leaves, leaves):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert "test bpd" in r.stdout
+    assert step == STEPS, where
+    assert len(leaves) == len(ref_leaves), where
+    for i, (a, b) in enumerate(zip(ref_leaves, leaves)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{where}: state leaf {i} differs")
+    assert "test bpd" in r.stdout, where
 
 
 def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):

@@ -1,4 +1,5 @@
-"""End-to-end training on the real quickstart data (reduced model), non-finite handling, sampling."""
+"""End-to-end training on the real quickstart data (reduced model), test bpd (class-conditional and
+unconditional), non-finite handling, sampling."""
 
 import json
 import os
@@ -12,8 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import quickstart  # noqa: E402
 
+from conftest import init_farmer, variant  # noqa: E402
+from farmer_jax.conventions import bits_per_dim, dequantize  # noqa: E402
 from farmer_jax.data.mnist import load_mnist5k  # noqa: E402
-from farmer_jax.train.trainer import Trainer, train_and_report  # noqa: E402
+from farmer_jax.eval.likelihood import evaluate_bpd, make_eval_step  # noqa: E402
+from farmer_jax.train.trainer import Trainer, format_test_bpd, train_and_report  # noqa: E402
 
 
 def test_mnist5k_split_is_fixed_and_disjoint():
@@ -33,21 +37,73 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   c = quickstart.get_config("tiny")
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [50, 100, 150, 200]
-  for k in ("loss", "bpd", "ar_nll", "logdet_per_dim", "noise_sigma", "lr", "grad_norm", "steps_per_s"):
+  for k in ("loss", "ar_nll", "logdet_per_dim", "noise_sigma", "lr", "grad_norm", "steps_per_s"):
     assert np.isfinite(rows[-1][f"train/{k}"]), k
+  # the training loss is the NLL of Gaussian-noised data in nats/dim, never reported as an 8-bit bpd
+  assert not [k for r in rows for k in r if "bpd" in k], rows[-1]
   first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
   assert last < first - 0.5, (first, last)
   # sigma follows the cosine schedule 0.1 -> 0.005
   assert rows[0]["train/noise_sigma"] > rows[-1]["train/noise_sigma"] >= 0.005
   assert np.isfinite(summary["test_bpd"]) and summary["test_bpd"] < 8.0
+  # test bpd is reported class-conditional (-log p(x|y)) and unconditional (-log p(x|null)), on the same noise
+  on_disk = json.load(open(tmp_path / "summary.json"))
+  for k in ("test_bpd", "test_bpd_uncond", "test_nats_per_dim", "test_nats_per_dim_uncond"):
+    assert np.isfinite(on_disk[k]) and on_disk[k] == summary[k], k
+  assert on_disk["class_conditional"] and on_disk["test_count"] == 500
+  assert summary["test_bpd_uncond"] < 8.0 and abs(summary["test_bpd"] - summary["test_bpd_uncond"]) > 1e-4
+  for sfx in ("", "_uncond"):
+    assert summary[f"test_bpd{sfx}"] == pytest.approx(bits_per_dim(summary[f"test_nats_per_dim{sfx}"]))
+  assert format_test_bpd(summary) == (f"test bpd: {summary['test_bpd']:.4f} (class-conditional), "
+                                      f"{summary['test_bpd_uncond']:.4f} (unconditional)")
   assert os.path.getsize(tmp_path / "samples.png") > 0
   assert os.path.isdir(tmp_path / "checkpoints" / "200")
   assert os.path.isdir(tmp_path / "tb")
   # Re-running on the finished workdir resumes from its checkpoint: no further training, identical test bpd.
   again, tr2 = train_and_report(c, str(tmp_path), quiet=True)
   assert tr2.restored_step == 200 and again["steps"] == 200
-  assert again["test_bpd"] == summary["test_bpd"]
+  assert again["test_bpd"] == summary["test_bpd"] and again["test_bpd_uncond"] == summary["test_bpd_uncond"]
   assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)
+
+
+def test_eval_step_conditional_and_unconditional_share_the_noise(trained_run):
+  """The one jitted eval step equals two separate forward passes (true labels; null label) on the same uniformly
+  dequantized images, and ignores masked (padding) rows."""
+  _, _, tr = trained_run
+  model, params, mcfg = tr.model, tr.eval_params(), tr.mcfg
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
+  labels = np.array([3, 7, 0, 5], np.int32)
+  mask = np.array([True, True, True, False])
+  rng = jax.random.key(11)
+  r = jax.device_get(make_eval_step(model)(params, images, labels, mask, rng))
+  x = dequantize(rng, images, "uniform")
+  apply = jax.jit(lambda x, y: model.apply({"params": params}, x, y)["log_prob"])
+  nll_c = -np.asarray(apply(x, labels)) / mcfg.num_dims
+  nll_u = -np.asarray(apply(x, np.full(4, mcfg.null_class, np.int32))) / mcfg.num_dims
+  assert int(r["count"]) == 3
+  np.testing.assert_allclose(r["nats"], nll_c[:3].sum(), rtol=1e-4)
+  np.testing.assert_allclose(r["nats_uncond"], nll_u[:3].sum(), rtol=1e-4)
+  assert abs(float(r["nats"]) - float(r["nats_uncond"])) > 1e-4
+
+
+def test_unconditional_model_reports_one_bpd_under_both_keys():
+  model, params = init_farmer(variant(num_classes=0, image_size=4, flow_blocks=1), scale=0.0)   # small: compile time
+  images = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+  res = evaluate_bpd(model, params, images, np.zeros(5, np.int32), batch_size=4)    # 2 batches, the last padded
+  assert res["count"] == 5 and np.isfinite(res["bpd"])
+  assert res["bpd"] == res["bpd_uncond"] and res["nats_per_dim"] == res["nats_per_dim_uncond"]
+
+
+def test_resume_refuses_a_changed_model_setting_shapes_cannot_see(trained_run):
+  """The AR order (or the scale function) changes no param shape: resuming the finished run with another value must
+  be refused with the diff, not silently restore params that now mean something else."""
+  from farmer_jax.config import ConfigError
+  workdir, _, _ = trained_run
+  c = quickstart.get_config("tiny")
+  c.model.ar_order = "same"
+  c.model.scale_fn = "softplus"
+  with pytest.raises(ConfigError, match=r"model.ar_order: 'alternate' -> 'same'; model.scale_fn: 'squareplus' -> "):
+    Trainer(c, str(workdir), quiet=True)
 
 
 def test_nonfinite_loss_stops_before_saving(tmp_path):

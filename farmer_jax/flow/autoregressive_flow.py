@@ -11,6 +11,8 @@ the first d are the log-scale a, the last d the shift b:
     x_i = z_i * exp(a_i) + b_i          (inverse, token by token with a fixed-size KV cache)
 
 Blocks run under ``nn.scan`` (params stacked on a leading 'blocks' axis) so compile time does not grow with n.
+The AR prior's order relative to the last block (model.ar_order) is turned into a flip by ``ModelConfig.ar_flip``,
+which relies on the flip rule of ``block_flips`` below.
 """
 
 from typing import Optional

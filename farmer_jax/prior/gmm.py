@@ -62,19 +62,30 @@ def log_prob(g: GMM, x):
 
 
 def with_temperature(g: GMM, t_pi: float = 1.0, t_sigma: float = 1.0) -> GMM:
-  """Temperatures: ``t_pi`` multiplies the mixture logits, ``t_sigma`` multiplies the component variances."""
-  return GMM(g.logits * t_pi, g.loc, g.scale * jnp.sqrt(jnp.asarray(t_sigma, jnp.float32)))
+  """Temperatures (docs/sampling.md): ``t_pi`` multiplies the mixture logits (weights pi_k -> pi_k^t_pi,
+  renormalised); ``t_sigma`` multiplies the component STANDARD DEVIATIONS sigma_k (variances by t_sigma^2)."""
+  return GMM(g.logits * t_pi, g.loc, g.scale * jnp.asarray(t_sigma, jnp.float32))
+
+
+def scale_variance(g: GMM, factor, floor: float = 1e-6) -> GMM:
+  """Multiplies the component variances by ``factor`` >= 0 (std by sqrt(factor)), keeping std >= ``floor`` so a
+  zero factor gives (numerically) the component means instead of a 0/0 density."""
+  return GMM(g.logits, g.loc, jnp.maximum(g.scale * jnp.sqrt(jnp.asarray(factor, jnp.float32)), floor))
 
 
 def sample(rng, g: GMM, shape=()):
-  """Draws ``shape + batch`` samples: returns (*shape, ..., D)."""
+  """Draws from ONE mixture (logits (K,), loc/scale (K, D)); vmap for batches of mixtures. Returns (*shape, D).
+
+  Randomness contract (tests rebuild draws from it): ``rk, rn = split(rng)``; component
+  ``k = argmax(logits + gumbel(rk, (*shape, K)))`` (Gumbel-max); value ``loc_k + scale_k * normal(rn, (*shape, D))``.
+  """
+  if g.logits.ndim != 1:
+    raise ValueError(f"gmm.sample takes one mixture with logits of shape (K,), got {g.logits.shape}; "
+                     "vmap over batched mixtures")
   rk, rn = jax.random.split(rng)
-  batch = g.logits.shape[:-1]
-  idx = jax.random.categorical(rk, g.logits, axis=-1, shape=tuple(shape) + batch)      # (*shape, ...)
-  loc = jnp.take_along_axis(jnp.broadcast_to(g.loc, tuple(shape) + g.loc.shape), idx[..., None, None], -2)[..., 0, :]
-  scale = jnp.take_along_axis(jnp.broadcast_to(g.scale, tuple(shape) + g.scale.shape),
-                              idx[..., None, None], -2)[..., 0, :]
-  return loc + scale * jax.random.normal(rn, loc.shape)
+  shape = tuple(shape)
+  idx = jnp.argmax(g.logits + jax.random.gumbel(rk, shape + g.logits.shape), axis=-1)      # (*shape,)
+  return g.loc[idx] + g.scale[idx] * jax.random.normal(rn, shape + g.loc.shape[-1:])
 
 
 def standard_normal_log_prob(x):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from farmer_jax.config import ConfigError, validate
+from farmer_jax.config import ConfigError, upgrade_saved_config, validate
 
 FORMAT_VERSION = 1
 PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,7 +34,7 @@ def load_run_config(workdir):
   if not os.path.exists(path):
     raise ExportError(f"{workdir} has no config.json; is it a farmer_jax training workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
 
 
 def latest_run_params(workdir):
@@ -98,7 +98,8 @@ def load_model(model_dir):
   try:
     with open(os.path.join(model_dir, "export.json")) as f:
       meta = json.load(f)
-    config = ml_collections.ConfigDict(json.load(open(os.path.join(model_dir, "config.json"))))
+    with open(os.path.join(model_dir, "config.json")) as f:
+      config = upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
   except (json.JSONDecodeError, OSError) as e:
     raise ExportError(f"{model_dir}: corrupt metadata ({e}); re-run `farmer_jax export`") from e
   if meta.get("format_version") != FORMAT_VERSION:

@@ -38,16 +38,17 @@ def parse_classes(spec, num_classes):
   return out
 
 
-def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True):
-  """Returns uint8 images (R, K, H, W, c) and labels (R, K)."""
+def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True, return_stats=False):
+  """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g. the resampling
+  weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see docs/sampling.md)]."""
   if num < 1:
     raise ValueError(f"--num={num} must be >= 1")
   if batch_size < 1:
     raise ValueError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  fn = jax.jit(lambda p, k, y: sample_images(mcfg, p, k, y, sampler))
-  out = []
+  fn = jax.jit(lambda p, k, y: sample_images(mcfg, p, k, y, sampler, return_stats=True))
+  out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
   for start in range(0, total, batch_size):
     y = labels[start:start + batch_size]
@@ -55,19 +56,35 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
     pad = batch_size - m if total > batch_size else 0       # keep one jit shape across batches
     keys = sample_keys(seed, start, m + pad)
     yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
-    x = fn(params, keys, jnp.asarray(yy))
+    x, st = fn(params, keys, jnp.asarray(yy))
     out.append(to_uint8(np.asarray(x)[:m]))
+    for k, v in st.items():
+      stats.setdefault(k, []).append(np.asarray(v)[:m])
     bar.update(m)
   bar.close()
   images = np.concatenate(out).reshape(len(classes), num, *out[0].shape[1:])
+  if return_stats:
+    return images, labels.reshape(len(classes), num), {k: np.concatenate(v) for k, v in stats.items()}
   return images, labels.reshape(len(classes), num)
 
 
-def write_outputs(images, labels, out_png=None, out_npz=None):
-  """PNG grid (rows = classes) and/or .npz with uint8 'images' (n, H, W, c) and 'labels' (n,); atomic writes."""
+def describe_stats(stats, sampler):
+  """One line summarising the resampling weights' effective sample sizes (empty if there are none)."""
+  parts = []
+  for key, name, pool in (("ess_informative", "informative", sampler.cfg.s_c + sampler.cfg.s_u),
+                          ("ess_redundant", "redundant", 2 * sampler.redundant_candidates)):
+    if key in stats:
+      v = stats[key]
+      parts.append(f"{name} mean {v.mean():.2f} (min {v.min():.2f}) of {pool} candidates")
+  return ("resampling-CFG effective sample size per draw: " + "; ".join(parts)) if parts else ""
+
+
+def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
+  """PNG grid (rows = classes) and/or .npz with uint8 'images' (n, H, W, c), 'labels' (n,) and any per-sample
+  ``stats`` arrays (n,); atomic writes."""
   if out_png:
     save_grid(images, out_png)
   if out_npz:
     tmp = out_npz + ".tmp.npz"
-    np.savez(tmp, images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1))
+    np.savez(tmp, images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1), **(stats or {}))
     os.replace(tmp, out_npz)

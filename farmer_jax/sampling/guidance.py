@@ -1,14 +1,25 @@
 """Classifier-free guidance for Gaussian-mixture tokens: FARMER's resampling CFG and JetFormer's naive CFG.
 
-Shape letters: B batch, K components, D event dims, S = s_c + s_u candidates, R draws from one weighted pool.
+Shape letters: R draws (each with its own candidate set), K components, D event dims, S = s_c + s_u candidates.
 
 Target (paper Eq. 15): log p'(z) = log p_c(z) + w (log p_c(z) - log p_u(z)) + const.
 
-Resampling CFG (paper Algorithm 1): draw s_c candidates from p_c and s_u from p_u (proposal temperatures T_pi on
-mixture logits, T_sigma on variances), score every candidate with r = log p_c - log p_u under the evaluation
-temperatures (T_pi_v, T_sigma_v), give conditional candidates log-weight w r and unconditional ones (w + 1) r, and
-draw from softmax(T_s * log-weights). With T_s = 1 and unit evaluation temperatures this is sampling-importance-
-resampling whose limit is exactly p' (each proposal group's weights are p'/proposal up to the same constant).
+Temperature convention (docs/sampling.md, one rule for every temperature):
+  * T_pi, T_pi_v multiply mixture LOGITS (pi_k -> pi_k^T renormalised);
+  * T_sigma, T_sigma_v multiply component STANDARD DEVIATIONS sigma_k (the paper's Eq. 11 sigma_k);
+  * T_s multiplies the resampling LOG-WEIGHTS.
+
+Resampling CFG (paper Algorithm 1), per draw: s_c candidates from p_c and s_u from p_u, both under the proposal
+temperatures (T_pi, T_sigma); every candidate is scored with r = log p_c - log p_u under the evaluation temperatures
+(T_pi_v, T_sigma_v); conditional candidates get log-weight w r, unconditional ones (w + 1) r; one candidate is drawn
+from softmax(T_s * log-weights). As s_c, s_u -> infinity the drawn value has density
+
+    f(z)  proportional to  s_c q_c(z) exp(T_s w r(z)) + s_u q_u(z) exp(T_s (w + 1) r(z)),
+
+q_c, q_u the tempered proposals. Only when ALL five temperatures are 1 is this exactly p' (then both terms equal
+p_c^{1+w} / p_u^w); Table 6 uses T_sigma = 0.9, T_pi_v = 0.2, T_s = 1.1, i.e. a deliberately sharpened target.
+With few candidates the draw is biased by O(1/S) towards the proposals. ``effective_sample_size`` of the weights
+(1 = one candidate takes all the weight, S = uniform) tells how far a draw is from that limit.
 
 Naive CFG (JetFormer): pick a component k from the conditional mixture, then sample every dimension independently
 from N_c^{1+w} / N_u^w of component k by rejection sampling.
@@ -34,30 +45,51 @@ class ResamplingCFG(NamedTuple):
   t_s: float = 1.0
 
 
-def _take(g: gmm.GMM, idx):
-  return gmm.GMM(g.logits[idx], g.loc[idx], g.scale[idx])
+def candidates(key, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int):
+  """One candidate set (S, D) for one draw; ``g_c``/``g_u`` are single mixtures ((K,) logits, (K, D) loc/scale).
 
-
-def resample_draw(rng, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, num_draws: int = 1, s_c=None, s_u=None):
-  """One example (no batch dims in g_c / g_u: logits (K,), loc/scale (K, D)) -> (num_draws, D).
-
-  ``s_c``/``s_u`` override the pool sizes (the redundant token uses a larger pool).
+  Randomness contract: ``k_c, k_u, k_pick = split(key, 3)``; the conditional candidates are
+  ``gmm.sample(k_c, q_c, (s_c,))``, the unconditional ones ``gmm.sample(k_u, q_u, (s_u,))`` (see ``gmm.sample``).
   """
-  s_c = p.s_c if s_c is None else s_c
-  s_u = p.s_u if s_u is None else s_u
-  k_c, k_u, k_pick = jax.random.split(rng, 3)
-  cands = []
+  k_c, k_u, _ = jax.random.split(key, 3)
+  parts = []
   if s_c:
-    cands.append(gmm.sample(k_c, gmm.with_temperature(g_c, p.t_pi, p.t_sigma), shape=(s_c,)))
+    parts.append(gmm.sample(k_c, gmm.with_temperature(g_c, p.t_pi, p.t_sigma), (s_c,)))
   if s_u:
-    cands.append(gmm.sample(k_u, gmm.with_temperature(g_u, p.t_pi, p.t_sigma), shape=(s_u,)))
-  z = jnp.concatenate(cands, 0)                                             # (S, D)
+    parts.append(gmm.sample(k_u, gmm.with_temperature(g_u, p.t_pi, p.t_sigma), (s_u,)))
+  return jnp.concatenate(parts, 0)
+
+
+def log_weights(z, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int):
+  """Tempered resampling log-weights T_s * m * r for candidates z (..., S, D) -> (..., S) (m = w or w + 1)."""
   r = (gmm.log_prob(gmm.with_temperature(g_c, p.t_pi_v, p.t_sigma_v), z)
-       - gmm.log_prob(gmm.with_temperature(g_u, p.t_pi_v, p.t_sigma_v), z))  # (S,)
-  mult = jnp.concatenate([jnp.full((s_c,), p.w), jnp.full((s_u,), p.w + 1.0)])
-  logw = p.t_s * mult * r
-  idx = jax.random.categorical(k_pick, logw, shape=(num_draws,))
-  return z[idx]
+       - gmm.log_prob(gmm.with_temperature(g_u, p.t_pi_v, p.t_sigma_v), z))
+  mult = jnp.concatenate([jnp.full((s_c,), p.w, jnp.float32), jnp.full((s_u,), p.w + 1.0, jnp.float32)])
+  return p.t_s * mult * r
+
+
+def effective_sample_size(logw):
+  """Kish ESS of normalised weights, 1 / sum_j p_j^2: (..., S) -> (...), in [1, S]."""
+  pr = jax.nn.softmax(logw, axis=-1)
+  return 1.0 / jnp.sum(pr * pr, axis=-1)
+
+
+def resample(keys, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c=None, s_u=None, chunk: int = 64):
+  """R independent resampling-CFG draws from one pair of mixtures, each over its OWN fresh candidate set.
+
+  keys (R,) -> (z (R, D), ess (R,)). ``s_c``/``s_u`` override the per-draw candidate counts (the redundant token
+  uses its own). The log-weights of the R x S candidates are evaluated ``chunk`` draws at a time (``lax.map``), so
+  memory stays bounded for the redundant token (R = N draws, K_R x d_R densities) while the op stays vectorised.
+  The pick of draw r is ``argmax(logw_r + gumbel(k_pick_r, (S,)))`` (Gumbel-max, i.e. a categorical draw).
+  """
+  s_c = p.s_c if s_c is None else int(s_c)
+  s_u = p.s_u if s_u is None else int(s_u)
+  z = jax.vmap(lambda k: candidates(k, g_c, g_u, p, s_c, s_u))(keys)                   # (R, S, D)
+  logw = jax.lax.map(lambda zz: log_weights(zz, g_c, g_u, p, s_c, s_u), z,
+                     batch_size=min(chunk, z.shape[0]))                                   # (R, S)
+  k_pick = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
+  idx = jnp.argmax(logw + jax.vmap(lambda k: jax.random.gumbel(k, (s_c + s_u,)))(k_pick), axis=-1)
+  return jnp.take_along_axis(z, idx[:, None, None], 1)[:, 0], effective_sample_size(logw)
 
 
 def naive_cfg_draw(rng, g_c: gmm.GMM, g_u: gmm.GMM, w: float, num_proposals: int = 1000, grid: int = 1001,

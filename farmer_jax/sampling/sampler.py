@@ -3,7 +3,7 @@
 Shape letters: B samples, M prefix length, N tokens, d_I / d_R informative / redundant dims, C AR width.
 
 Guidance modes (``SamplerConfig.guidance``):
-  * ``none``        ancestral sampling from p(z | y) with temperatures (t_pi on mixture logits, t_sigma on variances);
+  * ``none``        ancestral sampling from p(z | y) with temperatures (t_pi on mixture logits, t_sigma on stds);
   * ``resampling``  FARMER's resampling CFG (paper Algorithm 1), see ``guidance.py``;
   * ``naive``       JetFormer's per-dimension rejection-sampled CFG.
 Guided modes run the conditional and unconditional streams as ONE doubled batch [cond; uncond] sharing one KV
@@ -13,6 +13,7 @@ Randomness is per sample: sample b uses ``keys[b]`` only (folded with the token 
 own key, not on the batch it was drawn in.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -24,7 +25,7 @@ from farmer_jax.nn.transformer import init_cache
 from farmer_jax.prior import gmm
 from farmer_jax.prior.ar import ARPrior
 from farmer_jax.reduction.split import merge_channels
-from farmer_jax.sampling.guidance import ResamplingCFG, naive_cfg_draw, resample_draw
+from farmer_jax.sampling.guidance import ResamplingCFG, naive_cfg_draw, resample
 
 GUIDANCE_MODES = ("none", "resampling", "naive")
 
@@ -32,55 +33,89 @@ GUIDANCE_MODES = ("none", "resampling", "naive")
 class SamplerConfig(NamedTuple):
   guidance: str = "none"
   cfg: ResamplingCFG = ResamplingCFG()   # w and temperatures; proposal temps also used by 'none' and 'naive'
-  redundant_candidates: int = 256        # per-group pool size for the shared redundant GMM (resampling CFG)
-  redundant_var_scale: float = 1.0       # paper Fig. 7: scales the redundant group's variances before sampling
+  redundant_candidates: int = 16         # resampling CFG: candidates per group (cond, uncond) for EACH z^R_i
+  redundant_var_scale: float = 1.0       # paper Fig. 7: multiplies the redundant group's variances before sampling
   naive_proposals: int = 1000
-
-
-def _scale_var(g: gmm.GMM, s):
-  return gmm.GMM(g.logits, g.loc, g.scale * jnp.sqrt(jnp.asarray(s, jnp.float32)))
 
 
 def _split(g: gmm.GMM, b):
   return (gmm.GMM(g.logits[:b], g.loc[:b], g.scale[:b]), gmm.GMM(g.logits[b:], g.loc[b:], g.scale[b:]))
 
 
+def _is_int(v):
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
 def validate_sampler(s: SamplerConfig):
   if s.guidance not in GUIDANCE_MODES:
     raise ValueError(f"guidance={s.guidance!r} is unknown; use one of {GUIDANCE_MODES}")
   c = s.cfg
-  if c.w < 0:
-    raise ValueError(f"cfg={c.w} must be >= 0 (0 = no guidance strength)")
+  if not (c.w >= 0 and math.isfinite(c.w)):
+    raise ValueError(f"cfg={c.w} must be a finite number >= 0 (0 = no guidance strength)")
   for name in ("t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s"):
-    if not getattr(c, name) > 0:
-      raise ValueError(f"temperature {name}={getattr(c, name)} must be > 0")
-  if s.guidance == "resampling" and (c.s_c < 0 or c.s_u < 0 or c.s_c + c.s_u < 1):
-    raise ValueError(f"candidate counts s_c={c.s_c}, s_u={c.s_u} must be >= 0 with s_c + s_u >= 1")
-  if s.redundant_var_scale < 0:
-    raise ValueError(f"redundant_var_scale={s.redundant_var_scale} must be >= 0")
+    v = getattr(c, name)
+    if not (v > 0 and math.isfinite(v)):
+      raise ValueError(f"temperature {name}={v} must be a finite number > 0")
+  if s.guidance == "resampling" and (not (_is_int(c.s_c) and _is_int(c.s_u)) or c.s_c < 0 or c.s_u < 0
+                                     or c.s_c + c.s_u < 1):
+    raise ValueError(f"candidate counts s_c={c.s_c}, s_u={c.s_u} must be integers >= 0 with s_c + s_u >= 1")
+  if not _is_int(s.redundant_candidates) or s.redundant_candidates < 1:
+    raise ValueError(f"redundant_candidates={s.redundant_candidates} must be an integer >= 1 (candidates per "
+                     "group for each redundant token)")
+  if not (s.redundant_var_scale >= 0 and math.isfinite(s.redundant_var_scale)):
+    raise ValueError(f"redundant_var_scale={s.redundant_var_scale} must be a finite number >= 0")
+  if not _is_int(s.naive_proposals) or s.naive_proposals < 1:
+    raise ValueError(f"naive_proposals={s.naive_proposals} must be an integer >= 1")
 
 
-def _draw_token(keys, g, b, s: SamplerConfig, num_draws=None, pool=None):
-  """keys (B,), g batched over B (none) or 2B (guided) -> (B, D) or (B, num_draws, D)."""
+def draw_informative(keys, g: gmm.GMM, b: int, s: SamplerConfig):
+  """One informative token per sample. keys (B,); g batched (B,) [none] or (2B,) [cond; uncond] [guided].
+
+  Returns (z (B, D), ess (B,) or None): ESS of the resampling weights (resampling CFG only).
+  """
   c = s.cfg
   if s.guidance == "none":
     gt = gmm.with_temperature(g, c.t_pi, c.t_sigma)
-    shape = () if num_draws is None else (num_draws,)
-    return jax.vmap(lambda k, gl: gmm.sample(k, gl, shape))(keys, gt)
+    return jax.vmap(gmm.sample)(keys, gt), None
   g_c, g_u = _split(g, b)
   if s.guidance == "resampling":
-    nd = 1 if num_draws is None else num_draws
-    out = jax.vmap(lambda k, gc, gu: resample_draw(k, gc, gu, c, nd, pool, pool))(keys, g_c, g_u)
-    return out[:, 0] if num_draws is None else out
+    z, ess = jax.vmap(lambda k, gc, gu: resample(k[None], gc, gu, c))(keys, g_c, g_u)
+    return z[:, 0], ess[:, 0]
   draw = lambda k, gc, gu: naive_cfg_draw(k, gc, gu, c.w, s.naive_proposals, t_pi=c.t_pi, t_sigma=c.t_sigma)
-  if num_draws is None:
-    return jax.vmap(draw)(keys, g_c, g_u)
-  return jax.vmap(lambda k, gc, gu: jax.vmap(lambda kk: draw(kk, gc, gu))(jax.random.split(k, num_draws)))(
-      keys, g_c, g_u)
+  return jax.vmap(draw)(keys, g_c, g_u), None
 
 
-def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig()):
-  """keys (B,) PRNG keys, y (B,) labels -> z (B, N, d) in AR order."""
+def draw_redundant(keys, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
+  """The N redundant tokens of each sample, i.i.d. given the shared GMM (the model's factorisation).
+
+  keys (B, N), one per token; g the shared redundant GMM batched (B,) [none] or (2B,) [cond; uncond] [guided].
+  ``redundant_var_scale`` first multiplies the variances of both mixtures (std floored at ``floor``). Under
+  resampling CFG every token is drawn over its OWN fresh candidate set (``redundant_candidates`` per group).
+  Returns (z_r (B, N, d_R), ess (B,) mean over tokens, or None).
+  """
+  b = keys.shape[0]
+  c = s.cfg
+  g = gmm.scale_variance(g, s.redundant_var_scale, floor)
+  if s.guidance == "none":
+    gt = gmm.with_temperature(g, c.t_pi, c.t_sigma)
+    return jax.vmap(lambda kk, gl: jax.vmap(lambda k: gmm.sample(k, gl))(kk))(keys, gt), None
+  g_c, g_u = _split(g, b)
+  if s.guidance == "resampling":
+    n = s.redundant_candidates
+    z, ess = jax.vmap(lambda kk, gc, gu: resample(kk, gc, gu, c, n, n))(keys, g_c, g_u)
+    return z, jnp.mean(ess, axis=-1)
+  draw = lambda k, gc, gu: naive_cfg_draw(k, gc, gu, c.w, s.naive_proposals, t_pi=c.t_pi, t_sigma=c.t_sigma)
+  return jax.vmap(lambda kk, gc, gu: jax.vmap(lambda k: draw(k, gc, gu))(kk))(keys, g_c, g_u), None
+
+
+def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(), return_stats=False):
+  """keys (B,) PRNG keys, y (B,) labels -> z (B, N, d) in AR order [, stats].
+
+  Keys: token i (0-based) of sample b draws with ``fold_in(keys[b], i)``; the redundant token i with
+  ``fold_in(fold_in(keys[b], N), i)``. ``stats`` (resampling CFG only; empty otherwise): ``ess_informative``
+  (B,) = mean over the N informative draws of the weights' effective sample size (out of s_c + s_u), and
+  ``ess_redundant`` (B,) = the same over the N redundant draws (out of 2 * redundant_candidates).
+  """
   validate_sampler(s)
   prior = ARPrior(cfg)
   pp = {"params": params["prior"]}
@@ -91,33 +126,44 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
   cache = init_cache(cfg.ar_depth, rows, cfg.class_repeats + cfg.num_tokens, cfg.ar_heads,
                      cfg.ar_width // cfg.ar_heads, cfg.jnp_dtype)
   h, cache = prior.apply(pp, y_run, cache, method=ARPrior.prefill)
+  n = cfg.num_tokens
 
   def step(carry, i):
     h, cache = carry
     g = prior.apply(pp, h, method=ARPrior.gmm_informative)
-    tok = _draw_token(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), g, b, s)      # (B, d_I)
+    tok, ess = draw_informative(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), g, b, s)      # (B, d_I)
     feed = jnp.concatenate([tok, tok]) if guided else tok
     h, cache = prior.apply(pp, feed[:, None], i, cache, method=ARPrior.decode_step)
-    return (h, cache), tok
+    return (h, cache), (tok, ess)
 
-  (h, _), z_i = jax.lax.scan(step, (h, cache), jnp.arange(cfg.num_tokens))
+  (h, _), (z_i, ess_i) = jax.lax.scan(step, (h, cache), jnp.arange(n))
   z_i = jnp.swapaxes(z_i, 0, 1)                                                   # (B, N, d_I)
+  stats = {}
+  if ess_i is not None:
+    stats["ess_informative"] = jnp.mean(ess_i, axis=0)
   if cfg.dimred == "none":
-    return z_i
-  rkeys = jax.vmap(lambda k: jax.random.fold_in(k, cfg.num_tokens))(keys)
-  if cfg.dimred == "jetformer":
-    std = jnp.sqrt(s.cfg.t_sigma * s.redundant_var_scale)
-    z_r = std * jax.vmap(lambda k: jax.random.normal(k, (cfg.num_tokens, cfg.d_r)))(rkeys)
+    z = z_i
   else:
-    g = _scale_var(prior.apply(pp, h, method=ARPrior.gmm_redundant), s.redundant_var_scale)
-    z_r = _draw_token(rkeys, g, b, s, num_draws=cfg.num_tokens, pool=s.redundant_candidates)  # N draws, 1 pool
-  return merge_channels(z_i, z_r)
+    rkeys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(k, n), i))(
+        jnp.arange(n)))(keys)                                                     # (B, N)
+    if cfg.dimred == "jetformer":
+      # z^R ~ N(0, I) scaled like any other component: std * t_sigma * sqrt(redundant_var_scale)
+      std = s.cfg.t_sigma * jnp.sqrt(jnp.float32(s.redundant_var_scale))
+      z_r = std * jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (cfg.d_r,))))(rkeys)
+    else:
+      g = prior.apply(pp, h, method=ARPrior.gmm_redundant)
+      z_r, ess_r = draw_redundant(rkeys, g, s, cfg.scale_floor)
+      if ess_r is not None:
+        stats["ess_redundant"] = ess_r
+    z = merge_channels(z_i, z_r)
+  return (z, stats) if return_stats else z
 
 
-def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig()):
-  """Images (B, H, W, c) in model space."""
-  z = sample_latents(cfg, params, keys, y, s)
-  return decode_latents(cfg, params, z, y)
+def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(), return_stats=False):
+  """Images (B, H, W, c) in model space [, stats of ``sample_latents``]."""
+  z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True)
+  x = decode_latents(cfg, params, z, y)
+  return (x, stats) if return_stats else x
 
 
 def sample_keys(seed: int, start: int, count: int):
@@ -135,7 +181,15 @@ def sampler_from_config(sc) -> SamplerConfig:
   """``config.sample`` (ConfigDict or dict) -> SamplerConfig; missing keys take the SamplerConfig defaults."""
   sc = dict(sc)
   ds, dc = SamplerConfig(), ResamplingCFG()
-  get = lambda k, default, typ: typ(sc.get(k, default))
+
+  def get(k, default, typ):
+    v = sc.get(k, default)
+    if typ is int:
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+        raise ValueError(f"{k}={v!r} must be an integer")
+      return int(v)
+    return typ(v)
+
   cfg = ResamplingCFG(w=get("cfg", dc.w, float), s_c=get("s_c", dc.s_c, int), s_u=get("s_u", dc.s_u, int),
                       t_pi=get("t_pi", dc.t_pi, float), t_sigma=get("t_sigma", dc.t_sigma, float),
                       t_pi_v=get("t_pi_v", dc.t_pi_v, float), t_sigma_v=get("t_sigma_v", dc.t_sigma_v, float),

@@ -15,13 +15,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import conventions, sharding
-from farmer_jax.config import ModelConfig, validate
+from farmer_jax.config import ConfigError, ModelConfig, config_changes, upgrade_saved_config, validate
 from farmer_jax.data.pipeline import ArrayLoader, load_split
 from farmer_jax.eval.likelihood import evaluate_bpd
 from farmer_jax.model import Farmer
@@ -38,7 +39,12 @@ def noise_sigma(t, step):
 
 
 def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
-  """Returns step(state, batch, rng) -> (state, metrics). Pure; jit it with shardings and donation."""
+  """Returns step(state, batch, rng) -> (state, metrics). Pure; jit it with shardings and donation.
+
+  ``metrics['loss']`` is -log p(x~ | y)/D in nats/dim of the noise-dequantized batch (Gaussian noise at the
+  scheduled sigma, labels after label dropout). It is not an 8-bit bits/dim, so no 'bpd' is derived from it;
+  bits/dim come only from the uniform-dequantized evaluation (``eval/likelihood.py``).
+  """
   num_dims = mcfg.num_dims
 
   def loss_fn(params, x, y):
@@ -68,8 +74,7 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
     if "ema" in state:
       d = t.ema_decay
       new["ema"] = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params), state["ema"])
-    metrics = {"loss": loss, "bpd": conventions.bits_per_dim(loss), "noise_sigma": sigma, "lr": lr_fn(s),
-               "grad_norm": gnorm, **aux}
+    metrics = {"loss": loss, "noise_sigma": sigma, "lr": lr_fn(s), "grad_norm": gnorm, **aux}
     return new, metrics
 
   return step
@@ -77,7 +82,7 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
 
 class Trainer:
   """Builds everything from a validated config (resuming from the workdir); ``fit()`` trains,
-  ``evaluate()`` gives test bits/dim, ``sample_grid()`` writes a PNG."""
+  ``evaluate()`` gives test bits/dim (class-conditional and unconditional), ``sample_grid()`` writes a PNG."""
 
   def __init__(self, config, workdir: str, quiet: bool = False, devices=None):
     self.config = config
@@ -136,12 +141,27 @@ class Trainer:
     self.restored_step = None
     restored = self.ckpt.restore_latest(self.abstract_state, self.state_sh, say=self.log)
     if restored is not None:
+      self._check_same_model(workdir)
       self.state, meta, self.restored_step = restored
       if meta.get("seed") != t.seed:
         raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with train.seed={meta.get('seed')}, "
                          f"this run has {t.seed}; resume with the same config or use a fresh --workdir")
       self.log(f"resumed from {self.ckpt.directory} at step {self.restored_step}")
     self.preempted = False
+
+  def _check_same_model(self, workdir):
+    """Resuming must not silently change what the checkpoint's params mean: settings that shapes cannot detect (the
+    AR order, the scale function, the data) are compared with the run's saved config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      saved = upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
+    diff = config_changes(saved, self.config)
+    if diff:
+      raise ConfigError(f"the checkpoint in {workdir} was trained with another data/model config: {'; '.join(diff)}. "
+                        "Fix: resume with the run's own settings (e.g. --config.<key>=<saved value>), or use a "
+                        "fresh --workdir")
 
   @contextlib.contextmanager
   def _ctx(self):
@@ -202,7 +222,7 @@ class Trainer:
           pending = []
           writer.write(s + 1, avg)
           history.append({"step": s + 1, **avg})
-          bar.set_postfix(loss=f"{avg['loss']:.3f}", bpd=f"{avg['bpd']:.3f}", sigma=f"{avg['noise_sigma']:.3f}")
+          bar.set_postfix({"loss(nats/dim)": f"{avg['loss']:.3f}", "sigma": f"{avg['noise_sigma']:.3f}"})
     bar.close()
     if not self.preempted and int(self.state["step"]) > start:
       self.save_checkpoint()
@@ -236,8 +256,8 @@ class Trainer:
     images, labels = load_split(cfg.data, split or cfg.eval.split)
     bar = tqdm(total=len(images), desc="eval bpd", disable=self.quiet or jax.process_index() != 0,
                dynamic_ncols=True)
-    res = evaluate_bpd(self.model, self.eval_params(), images, labels, self.mcfg.num_dims, cfg.eval.batch_size,
-                       seed=cfg.train.seed, progress=lambda done, n: bar.update(done - bar.n))
+    res = evaluate_bpd(self.model, self.eval_params(), images, labels, cfg.eval.batch_size, seed=cfg.train.seed,
+                       progress=lambda done, n: bar.update(done - bar.n))
     bar.close()
     return res
 
@@ -261,7 +281,12 @@ class Trainer:
 
 
 def train_and_report(config, workdir, quiet=False):
-  """The `farmer_jax train` command: train, evaluate test bpd, write samples.png, return a summary dict."""
+  """The `farmer_jax train` command: train, evaluate test bpd, write samples.png, return a summary dict.
+
+  The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd`` with the true labels,
+  -log p(x|y), and ``test_bpd_uncond`` with the null label, -log p(x|null) (the literature's ImageNet number); both
+  are equal for an unconditional model (``class_conditional`` False).
+  """
   t0 = time.time()
   tr = Trainer(config, workdir, quiet=quiet)
   history = tr.fit()
@@ -274,11 +299,20 @@ def train_and_report(config, workdir, quiet=False):
     return {"steps": int(tr.state["step"]), "preempted": True}, tr
   summary = {"steps": int(tr.state["step"]), "train_seconds": train_s, "total_seconds": time.time() - t0,
              "final_train_loss": history[-1]["loss"] if history else None,
-             "test_bpd": res["bpd"], "test_nats_per_dim": res["nats_per_dim"], "num_params": tr.num_params,
+             "test_bpd": res["bpd"], "test_bpd_uncond": res["bpd_uncond"],
+             "test_nats_per_dim": res["nats_per_dim"], "test_nats_per_dim_uncond": res["nats_per_dim_uncond"],
+             "test_count": res["count"], "class_conditional": tr.mcfg.num_classes > 0, "num_params": tr.num_params,
              "samples": grid}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
-  tr.log(f"test bpd {res['bpd']:.4f} ({res['count']} images, uniform dequantization); samples -> {grid}; "
+  tr.log(f"{format_test_bpd(summary)}; {res['count']} images, uniform dequantization; samples -> {grid}; "
          f"wall {summary['total_seconds']:.0f}s")
   return summary, tr
+
+
+def format_test_bpd(summary):
+  """'test bpd: 2.4200 (class-conditional), 2.5100 (unconditional)' from a train_and_report summary."""
+  if not summary.get("class_conditional", True):
+    return f"test bpd: {summary['test_bpd']:.4f} (unconditional model)"
+  return f"test bpd: {summary['test_bpd']:.4f} (class-conditional), {summary['test_bpd_uncond']:.4f} (unconditional)"
