@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 import imagenet256  # noqa: E402
 
-from farmer_jax.config import validate  # noqa: E402
+from farmer_jax.config import validate_model_config  # noqa: E402
 from farmer_jax.model import abstract_params  # noqa: E402
 from farmer_jax.sharding import fsdp_spec  # noqa: E402
 
@@ -30,7 +30,7 @@ SETUPS = [("8xH100", 8, 8), ("v4-64 or v5p-64 (32 chips)", 32, 8), ("v4-64 or v5
 def state_bytes_per_device(preset, fsdp, ema=False):
   c = imagenet256.get_config(preset)
   # The config's logical rules map only activations (batch); params are sharded by the FSDP pass alone.
-  shapes = abstract_params(validate(c))
+  shapes = abstract_params(validate_model_config(c))
   total = per_dev = 0
   for a in jax.tree.leaves(shapes):
     n = int(np.prod(a.shape))

@@ -5,9 +5,18 @@ Commands (this release): train, export, sample. Later: eval, distill, prepare, c
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png [--npz=s.npz]
+
+Errors: a bad value (config field, flag, path) is refused before any work or any file is written. Every expected
+failure prints ONE line ``farmer_jax <command>: <message>`` as the last line on stderr and exits 2 (a non-finite
+training loss exits 1); ``--debug`` also prints the traceback. A traceback without ``--debug`` means a bug.
 """
 
+import errno
+import logging as std_logging
+import os
+import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,6 +27,10 @@ config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (op
 flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints and samples.")
 flags.DEFINE_bool("quiet", False, "No progress bars or console logs.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).")
+flags.DEFINE_bool("debug", False, "On an expected failure, also print the full traceback (tracebacks are otherwise "
+                  "shown only for bugs).")
+flags.DEFINE_bool("config_change_ok", False, "train: allow resuming a workdir whose saved config.json differs in "
+                  "data/model settings (refused by default: the checkpoint's params would mean something else).")
 # multi-process (multi-host) launch
 flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
                   "train: 'auto' = jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM); "
@@ -26,7 +39,7 @@ flags.DEFINE_string("coordinator_address", None, "train: host:port of process 0 
 flags.DEFINE_integer("num_processes", None, "train: number of processes (with --distributed=explicit).")
 flags.DEFINE_integer("process_id", None, "train: this process's index (with --distributed=explicit).")
 # export
-flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid.")
+flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid (*.png).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: param dtype to store.")
 flags.DEFINE_bool("overwrite", False, "export: replace an existing --out directory.")
 # sample
@@ -42,58 +55,59 @@ flags.DEFINE_integer("seed", 0, "sample: RNG seed (sample j uses fold_in(seed, j
 flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on it).")
 flags.DEFINE_string("npz", None, "sample: also write uint8 images + labels to this .npz (for FID tools).")
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
+_EXPECTED_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+                    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV}
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
 
 def _train(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/farmer_quickstart")
-  _quiet_libs()                                # keep orbax's per-save INFO lines off the console
   from farmer_jax.distributed import initialize
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from farmer_jax.config import ConfigError
+  from farmer_jax.config import validate
+  validate(FLAGS.config, FLAGS.workdir)          # the whole run config + workdir, before anything is written
   from farmer_jax.train.trainer import format_test_bpd, train_and_report
-  try:
-    summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet)
-  except ConfigError as e:
-    _fail("train", e)
-  except FloatingPointError as e:      # non-finite loss: nothing was saved
-    print(f"farmer_jax train: {e}", file=sys.stderr)
-    sys.exit(1)
-  if summary.get("preempted"):
-    print(f"preempted at step {summary['steps']}; checkpoint saved")
+  summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet,
+                                config_change_ok=FLAGS.config_change_ok)
+  if summary.get("preempted"):        # SIGTERM: exit 0 so a preemptible scheduler re-runs the same command
+    if summary.get("saved"):
+      print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to resume")
+    else:
+      print(f"preempted during start-up (step {summary['steps']}); nothing new to save; re-run the same command")
     return
   print(format_test_bpd(summary))      # class-conditional -log p(x|y) and unconditional -log p(x|null)
 
 
-def _quiet_libs():
-  if not FLAGS.verbose:
-    logging.set_verbosity(logging.WARNING)
-
-
-def _fail(cmd, e):
-  print(f"farmer_jax {cmd}: {e}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _export(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir (a training run) and --out (the export directory) are required")
-  _quiet_libs()
-  from farmer_jax.sampling.export import ExportError, export_model
-  try:
-    meta = export_model(FLAGS.workdir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
-  except (ExportError, ValueError) as e:
-    _fail("export", e)
+  from farmer_jax.sampling.export import export_model      # checks --out before reading any checkpoint
+  meta = export_model(FLAGS.workdir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
   print(f"exported step {meta['step']} ({meta['params']} params, {meta['dtype']}) -> {FLAGS.out}")
 
 
+def _number(text):
+  """'5' -> 5, '2.5' -> 2.5, 'nan' -> nan (validation refuses it with its own message); None if not a number."""
+  text = text.strip()
+  if re.fullmatch(r"[+-]?\d+", text):
+    return int(text)
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
 def sampler_overrides(cfg_w, guidance, extra):
-  """CLI flags -> dict of config.sample overrides."""
+  """CLI flags -> dict of config.sample overrides. Integers stay integers (so ``s_c=2.5`` is refused, ``s_c=5``
+  accepted by sampler_from_config); unknown keys and non-numbers are refused here."""
+  from farmer_jax.sampling.sampler import SAMPLER_KEYS
   out = {}
   if cfg_w is not None:
     out["cfg"] = cfg_w
@@ -104,37 +118,56 @@ def sampler_overrides(cfg_w, guidance, extra):
   if extra:
     for item in extra.split(","):
       if "=" not in item:
-        raise ValueError(f"--sampler entry {item!r} must be key=value")
-      k, v = item.split("=", 1)
-      out[k.strip()] = float(v)
+        raise ValueError(f"--sampler entry {item!r} must be key=value (keys: {', '.join(SAMPLER_KEYS)})")
+      k, v = (p.strip() for p in item.split("=", 1))
+      if k not in SAMPLER_KEYS:
+        raise ValueError(f"--sampler={extra}: unknown setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
+      if k == "guidance":
+        out[k] = v
+        continue
+      num = _number(v)
+      if num is None:
+        raise ValueError(f"--sampler={extra}: {k}={v!r} is not a number")
+      out[k] = num
   return out
 
 
+def _sampler_error(e):
+  return ValueError(f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value (the rest come from "
+                    "the model's config.sample)")
+
+
 def _sample(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.model or not (FLAGS.out or FLAGS.npz):
     raise app.UsageError("--model (an export directory) and --out (PNG) or --npz are required")
-  _quiet_libs()
-  from farmer_jax.sampling.export import ExportError, load_model
-  from farmer_jax.sampling.generate import describe_stats, generate, parse_classes, write_outputs
+  # Everything that does not need the model is checked before it is loaded and before any sampling.
+  if FLAGS.num < 1:
+    raise ValueError(f"--num={FLAGS.num} must be >= 1 (samples per class)")
+  if FLAGS.batch < 1:
+    raise ValueError(f"--batch={FLAGS.batch} must be >= 1")
+  from farmer_jax.sampling.generate import check_output_path
+  for path, flag in ((FLAGS.out, "--out"), (FLAGS.npz, "--npz")):
+    if path:
+      check_output_path(path, flag)
   from farmer_jax.sampling.sampler import SAMPLER_KEYS, sampler_from_config
+  over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler)
   try:
-    mcfg, params, config, _ = load_model(FLAGS.model)
-    classes = parse_classes(FLAGS.classes, mcfg.num_classes)
-    allowed = set(SAMPLER_KEYS)
-    over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler)
-    unknown = sorted(set(over) - allowed)
-    if unknown:
-      raise ValueError(f"unknown --sampler setting(s) {unknown}; known: {sorted(allowed)}")
-    sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in allowed}   # the model's defaults
-    sc.update(over)
+    sampler_from_config(over)        # the overrides alone (defaults elsewhere): bad values fail before loading
+  except ValueError as e:
+    raise _sampler_error(e) from e
+  from farmer_jax.sampling.export import load_model
+  from farmer_jax.sampling.generate import describe_stats, generate, parse_classes, write_outputs
+  mcfg, params, config, _ = load_model(FLAGS.model)
+  classes = parse_classes(FLAGS.classes, mcfg.num_classes)
+  sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}   # the model's defaults
+  sc.update(over)
+  try:
     sampler = sampler_from_config(sc)
-    images, labels, stats = generate(mcfg, params, classes, FLAGS.num, sampler, FLAGS.seed, FLAGS.batch,
-                                     progress=not FLAGS.quiet, return_stats=True)
-    write_outputs(images, labels, FLAGS.out, FLAGS.npz, stats)
-  except (ExportError, ValueError) as e:
-    _fail("sample", e)
+  except ValueError as e:
+    raise _sampler_error(e) from e
+  images, labels, stats = generate(mcfg, params, classes, FLAGS.num, sampler, FLAGS.seed, FLAGS.batch,
+                                   progress=not FLAGS.quiet, return_stats=True)
+  write_outputs(images, labels, FLAGS.out, FLAGS.npz, stats)
   line = describe_stats(stats, sampler)
   if line:
     print(line)
@@ -145,7 +178,184 @@ def _sample(argv):
 COMMANDS = {"train": _train, "export": _export, "sample": _sample}
 USAGE = ("usage: farmer_jax <command> [--flags]\n"
          f"commands: {', '.join(COMMANDS)}\n"
-         "example: farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart")
+         "example: farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart\n"
+         "errors: one line on stderr, exit 2 (--debug: with the traceback)")
+
+
+# -------------------------------------------------------------------------------------------- failure handling
+
+
+def one_line(text):
+  return " ".join(str(text).split())
+
+
+def _quiet_libs(verbose):
+  """Library INFO/WARNING chatter (orbax logs through absl) off the console unless --verbose; our own warnings
+  (Python logging under 'farmer_jax') stay visible."""
+  if verbose:
+    return
+  logging.set_verbosity(logging.WARNING)
+  for name in ("absl", "orbax"):
+    std_logging.getLogger(name).setLevel(std_logging.ERROR)
+
+
+def _fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
+  """Prints ``farmer_jax <cmd>: <message>`` as ONE line, the last on stderr, and exits with ``code``."""
+  if show_traceback:
+    traceback.print_exc()
+  for name in ("absl", "orbax", "jax"):
+    std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  print(f"farmer_jax {cmd}: {one_line(message)}", file=sys.stderr, flush=True)
+  if not keep_stderr and sys.stderr is sys.__stderr__:
+    # Interpreter shutdown (orbax/asyncio finalisers, atexit hooks) must not print below the message: point fd 2 at
+    # /dev/null now that it is written. Not done under --debug/--verbose, nor when stderr is captured (tests).
+    try:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, 2)
+      os.close(devnull)
+    except OSError:
+      pass
+  sys.exit(code)
+
+
+def _raised_in_package(e):
+  """Whether ``e`` was raised by farmer_jax's own code (our validation) rather than inside a library."""
+  tb = e.__traceback__
+  last = None
+  while tb is not None:
+    last = tb.tb_frame.f_code.co_filename
+    tb = tb.tb_next
+  return last is not None and os.path.abspath(last).startswith(_PACKAGE_DIR + os.sep)
+
+
+def failure(e, cmd="train"):
+  """(exit code, one-line message) for an expected failure of ``cmd``, None for a bug (shown as a traceback)."""
+  from farmer_jax.config import ConfigError
+  from farmer_jax.sampling.export import ExportError
+  from farmer_jax.train.lock import WorkdirBusyError
+  expected = (ConfigError, ExportError, WorkdirBusyError)
+  if isinstance(e, FloatingPointError):                 # non-finite training loss: nothing was saved
+    return 1, str(e)
+  if isinstance(e, app.UsageError):
+    return 2, f"{e} (farmer_jax --help lists the commands)"
+  if isinstance(e, expected):
+    return 2, str(e)
+  if isinstance(e, OSError) and e.errno in _EXPECTED_ERRNOS:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      resume = "; training resumes from its last complete checkpoint" if cmd == "train" else ""
+      return 2, f"disk full: {e}. Fix: free space (or choose another location) and re-run the same command{resume}"
+    return 2, f"{e}. Fix: check the path and its permissions"
+  if isinstance(e, ValueError) and _raised_in_package(e):
+    return 2, str(e)
+  return None
+
+
+def _command_main(cmd):
+  def main(argv):
+    debug = FLAGS.debug
+    keep = FLAGS.debug or FLAGS.verbose
+    try:
+      if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+      _quiet_libs(FLAGS.verbose)
+      COMMANDS[cmd](argv)
+    except Exception as e:  # noqa: BLE001 - sorted into expected failures (one line) and bugs (re-raised)
+      hit = failure(e, cmd)
+      if hit is None:
+        raise
+      _fail(cmd, hit[1], hit[0], show_traceback=debug, keep_stderr=keep)
+  return main
+
+
+def _override_paths(argv):
+  """['model.flow_blockz', ...] from --config.<path>=... arguments."""
+  out = []
+  for a in argv:
+    m = re.match(r"^--?(?:no)?config\.([^=]+)", a)
+    if m:
+      out.append(m.group(1))
+  return out
+
+
+def _config_spec(argv):
+  for i, a in enumerate(argv):
+    if a.startswith(("--config=", "-config=")):
+      return a.split("=", 1)[1]
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _innermost_text(e):
+  """The message of an exception whose args wrap another exception (ml_collections' KeyError-in-AttributeError)."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def flag_error_message(e, argv):
+  """One line for an error raised while parsing flags (including loading the --config file and its overrides)."""
+  spec = _config_spec(argv)
+  text = str(e)
+  if "Error whilst parsing config file" in text:      # get_config raised TypeError/ValueError
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (f"--config={spec}: the config file raised {lines[-1]}. Fix: check the file and its ':arg' "
+            "(e.g. configs/quickstart.py:tiny)")
+  if isinstance(e, flags.Error):
+    if re.match(r"flag --config\.", text):
+      return f"{text}. Fix: give the field a value of its type (see {spec})"
+    return f"{text}. Fix: see farmer_jax {argv[0].split()[-1]} --helpfull for the flags"
+  if isinstance(e, (KeyError, AttributeError)):
+    inner = _innermost_text(e)
+    key = inner.splitlines()[0].strip().strip("'\"") if inner.strip() else ""
+    for path in _override_paths(argv):
+      parts = path.split(".")
+      if key in parts:
+        where = ".".join(["config"] + parts[:parts.index(key)])
+        hint = " ".join(inner.splitlines()[1:]).strip()
+        return (f"--config.{path}: {where} has no field {key!r}. {hint + ' ' if hint else ''}"
+                f"Fix: override a field that exists in {spec}")
+  return (f"--config={spec}: loading the config failed: {type(e).__name__}: {_innermost_text(e)}. Fix: correct the "
+          "config file (--debug shows the traceback)")
+
+
+def _flags_parser(cmd, debug):
+  def parse(argv):
+    try:
+      rest = FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - flag and config-file errors become one line
+      _fail(cmd, flag_error_message(e, argv), 2, show_traceback=debug, keep_stderr=debug)
+    if cmd == "train" and FLAGS["config"].present:
+      config = FLAGS.config
+      spec = _config_spec(argv)
+      if config is None:
+        _fail(cmd, f"--config={spec}: get_config() returned None. Fix: return the ConfigDict from get_config",
+              keep_stderr=debug)
+      try:
+        config.keys()                # a config file that failed to load raises here (config_flags defers it)
+      except OSError as e:
+        detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
+        _fail(cmd, f"--config={spec}: cannot load the config file ({detail}). Fix: pass an existing configs/*.py "
+                   "file, e.g. --config=configs/quickstart.py", show_traceback=debug, keep_stderr=debug)
+    return rest
+  return parse
+
+
+def _early_sigterm():
+  """Until the trainer installs its own handler, a SIGTERM (preemption during imports, config parsing or jax
+  start-up) exits cleanly with status 0 and one line, instead of the default kill (status 143)."""
+  import signal
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    return
+
+  def handler(*_):
+    print("farmer_jax train: SIGTERM during start-up; nothing was written; re-run the same command", file=sys.stderr)
+    os._exit(0)
+
+  signal.signal(signal.SIGTERM, handler)
 
 
 def run(argv=None):
@@ -155,6 +365,12 @@ def run(argv=None):
     sys.exit(0 if len(argv) >= 2 else 2)
   cmd = argv[1]
   if cmd not in COMMANDS:
-    print(f"farmer_jax: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    print(f"farmer_jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (farmer_jax --help)",
+          file=sys.stderr)
     sys.exit(2)
-  app.run(COMMANDS[cmd], argv=[f"farmer_jax {cmd}"] + argv[2:])
+  if cmd == "train":
+    _early_sigterm()
+  prog_argv = [f"farmer_jax {cmd}"] + argv[2:]
+  sys.argv = prog_argv                         # config_flags reads the --config.x.y overrides from sys.argv
+  debug = any(a in ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1") for a in prog_argv)
+  app.run(_command_main(cmd), argv=prog_argv, flags_parser=_flags_parser(cmd, debug))

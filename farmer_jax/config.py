@@ -4,8 +4,12 @@ Validation runs before anything touches the disk, and every error names the offe
 """
 
 import dataclasses
+import math
+import os
+import re
 
 import jax.numpy as jnp
+import numpy as np
 
 DIMRED_MODES = ("farmer", "jetformer", "none")
 SCALE_FNS = ("squareplus", "softplus")
@@ -31,6 +35,7 @@ class ModelConfig:
   flow_width: int = 128
   flow_heads: int = 2
   flow_class_conditional: bool = False
+  flow_final_norm: bool = True        # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
   ar_order: str = "alternate"         # AR prior vs the last AF block: "alternate" (opposite order) | "same"
   # AR prior
   ar_width: int = 128
@@ -199,31 +204,266 @@ def validate_model(m: ModelConfig):
     raise _err("model.scale_floor", m.scale_floor, "must be > 0", "use e.g. 1e-6")
   if m.dtype not in DTYPES:
     raise _err("model.dtype", m.dtype, "unknown compute dtype", f"use one of {sorted(DTYPES)}")
+  for f in dataclasses.fields(m):
+    if f.type in (bool, "bool") and not isinstance(getattr(m, f.name), (bool, np.bool_)):
+      raise _err(f"model.{f.name}", getattr(m, f.name), "must be True or False",
+                 f"set --config.model.{f.name}=true or false")
 
 
-def validate(config):
-  """Validates a full run config and returns its ModelConfig. Raises ConfigError before any file is written."""
-  for section in ("data", "model", "train"):
-    if section not in config:
-      raise ConfigError(f"config has no '{section}' section; start from configs/quickstart.py")
+def _is_int(v):
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v):
+  """A finite number (int or float, not a bool)."""
+  return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+          and math.isfinite(v))
+
+
+def _check(ok, field, value, why, fix):
+  if not ok:
+    raise _err(field, value, why, fix)
+
+
+def _int_at_least(field, value, lo, fix, what=None):
+  what = what or f"an integer >= {lo}"
+  _check(_is_int(value) and value >= lo, field, value, f"must be {what}", fix)
+
+
+def _real_in(field, value, lo, hi=None, lo_open=False, fix="", what=None):
+  """A finite real in [lo, hi) (or (lo, hi) with lo_open); hi=None means no upper bound."""
+  ok = _is_real(value) and (value > lo if lo_open else value >= lo) and (hi is None or value < hi)
+  if what is None:
+    left = f"> {lo}" if lo_open else f">= {lo}"
+    what = f"a finite number {left}" if hi is None else f"a number in {'(' if lo_open else '['}{lo}, {hi})"
+  _check(ok, field, value, f"must be {what}", fix)
+
+
+def _section(config, name):
+  if name not in config or config[name] is None:
+    raise ConfigError(f"config has no '{name}' section; start from configs/quickstart.py (a run config needs "
+                      "data, model, train, eval, sample, mesh and sharding_rules)")
+  return config[name]
+
+
+def validate_model_config(config):
+  """Checks only what builds the network (``config.data`` shape fields + ``config.model``) and returns its
+  ModelConfig. For code that rebuilds a model from a saved config (export, load, benchmarks); a training run is
+  checked by ``validate``, which also checks the data, optimizer, sampling, mesh and workdir settings."""
+  for section in ("data", "model"):
+    _section(config, section)
+  for f in ("image_size", "channels", "num_classes"):
+    if f not in config.data:
+      raise ConfigError(f"config.data has no '{f}' field; start from configs/quickstart.py")
   m = ModelConfig.from_config(config)
   validate_model(m)
-  t = config.train
-  for f in ("noise_max", "noise_min"):
-    v = t.get(f, 0.0)
-    if not isinstance(v, (int, float)) or v < 0:
-      raise _err(f"train.{f}", v, "the dequantization noise std must be >= 0", "use e.g. 0.1 / 0.005 (paper)")
-  if t.noise_min > t.noise_max:
-    raise _err("train.noise_min", t.noise_min, f"it exceeds train.noise_max={t.noise_max}",
-               "the cosine schedule anneals from noise_max down to noise_min")
-  if t.noise_kind not in NOISE_KINDS:
-    raise _err("train.noise_kind", t.noise_kind, "unknown dequantization", f"use one of {NOISE_KINDS}")
-  if not 0.0 <= t.label_drop < 1.0:
-    raise _err("train.label_drop", t.label_drop, "must be in [0, 1)", "use e.g. 0.1")
-  for f in ("batch_size", "steps"):
-    v = t[f]
-    if not isinstance(v, int) or v < 1:
-      raise _err(f"train.{f}", v, "must be a positive integer", f"set --config.train.{f}")
-  if not t.lr > 0:
-    raise _err("train.lr", t.lr, "must be > 0", "use e.g. 1e-4")
+  return m
+
+
+def _validate_data(d):
+  from farmer_jax.data.pipeline import DATASETS
+  known = sorted(DATASETS)
+  name = d.get("name")
+  _check(isinstance(name, str) and name in DATASETS, "data.name", name,
+         f"this release has no input pipeline for it (known datasets: {known})",
+         f"use one of {known} (configs/quickstart.py trains on mnist5k); ImageNet arrives with the data issue")
+  info = DATASETS[name]
+  size = d.image_size
+  _check(_is_int(size) and size >= info.min_image_size and (size - info.min_image_size) % 2 == 0,
+         "data.image_size", size,
+         f"{name} images are {info.min_image_size}x{info.min_image_size}, zero-padded evenly on each side to "
+         "data.image_size",
+         f"use {info.min_image_size} or more, with an even difference to {info.min_image_size} (e.g. "
+         f"{info.min_image_size + 4})")
+  _check(_is_int(d.channels) and d.channels == info.channels, "data.channels", d.channels,
+         f"{name} has {info.channels} channel(s)", f"set --config.data.channels={info.channels}")
+  _check(_is_int(d.num_classes) and d.num_classes in (0, info.num_classes), "data.num_classes", d.num_classes,
+         f"{name} has {info.num_classes} classes (labels 0..{info.num_classes - 1}); a different count would "
+         "leave labels outside the class embedding",
+         f"set --config.data.num_classes={info.num_classes} (or 0 for an unconditional model)")
+  return info
+
+
+# config.train: field -> (check(value) -> bool, what it must be, fix). Keys and defaults: configlib.base_train().
+_TRAIN_RULES = {
+    "steps": ("int", 1, "an integer >= 1 (optimizer steps)", "e.g. --config.train.steps=3000"),
+    "batch_size": ("int", 1, "an integer >= 1 (the global batch)", "e.g. --config.train.batch_size=32"),
+    "warmup_steps": ("int", 0, "an integer >= 0", "e.g. --config.train.warmup_steps=100 (0 = no warmup)"),
+    "log_every": ("int", 1, "an integer >= 1 (steps between logs and non-finite checks)",
+                  "e.g. --config.train.log_every=50"),
+    "seed": ("int", 0, "an integer >= 0", "e.g. --config.train.seed=0"),
+    "ckpt_every": ("int", 0, "an integer >= 0 (0 = checkpoint only at the end)", "e.g. --config.train.ckpt_every=500"),
+    "ckpt_keep": ("int", 1, "an integer >= 1 (checkpoints kept; the newest must survive)",
+                  "e.g. --config.train.ckpt_keep=2"),
+    "ckpt_keep_period": ("int", 0, "an integer >= 0 (0 = keep no periodic checkpoints)",
+                         "e.g. --config.train.ckpt_keep_period=0"),
+    "lr": ("real>", 0.0, None, "use e.g. --config.train.lr=1e-4"),
+    "min_lr": ("real", 0.0, None, "use e.g. --config.train.min_lr=1e-6 (<= train.lr)"),
+    "weight_decay": ("real", 0.0, None, "use e.g. --config.train.weight_decay=0.03 (0 = none)"),
+    "grad_clip": ("real", 0.0, None, "use e.g. --config.train.grad_clip=1.0 (0 = off)"),
+    "noise_max": ("real", 0.0, "a finite number >= 0 (the dequantization noise std)",
+                  "use e.g. 0.1 (paper: 0.1 -> 0.005)"),
+    "noise_min": ("real", 0.0, "a finite number >= 0 (the dequantization noise std)",
+                  "use e.g. 0.005 (paper: 0.1 -> 0.005)"),
+    "b1": ("unit", None, "a number in [0, 1) (Adam's first-moment decay)", "use e.g. --config.train.b1=0.9"),
+    "b2": ("unit", None, "a number in [0, 1) (Adam's second-moment decay)", "use e.g. --config.train.b2=0.95"),
+    "ema_decay": ("unit", None, "a number in [0, 1) (0 = no EMA; 1 would freeze the EMA at the init)",
+                  "use e.g. --config.train.ema_decay=0.9999, or 0 to turn EMA off"),
+    "label_drop": ("unit", None, "a number in [0, 1) (probability of the null label)",
+                   "use e.g. --config.train.label_drop=0.1"),
+}
+
+
+def _validate_train(t):
+  from farmer_jax.configlib import base_train
+  known = sorted(base_train().keys())
+  unknown = sorted(set(t.keys()) - set(known))
+  if unknown:
+    raise ConfigError(f"config.train has unknown field(s) {unknown}; known fields: {known}. Fix: remove or rename "
+                      "them (see farmer_jax/configlib.py base_train)")
+  missing = [k for k in known if k not in t]
+  if missing:
+    raise ConfigError(f"config.train lacks field(s) {missing}. Fix: start config.train from "
+                      "farmer_jax.configlib.base_train() and update it")
+  for key, (kind, lo, what, fix) in _TRAIN_RULES.items():
+    field, v = f"train.{key}", t[key]
+    if kind == "int":
+      _int_at_least(field, v, lo, fix, what)
+    elif kind == "real>":
+      _real_in(field, v, lo, lo_open=True, fix=fix, what=what)
+    elif kind == "real":
+      _real_in(field, v, lo, fix=fix, what=what)
+    else:
+      _real_in(field, v, 0.0, 1.0, fix=fix, what=what)
+  _check(t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"it exceeds train.lr={t.lr}",
+         "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
+  _check(t.noise_min <= t.noise_max, "train.noise_min", t.noise_min, f"it exceeds train.noise_max={t.noise_max}",
+         "the cosine schedule anneals from noise_max down to noise_min")
+  _check(t.noise_kind in NOISE_KINDS, "train.noise_kind", t.noise_kind, "unknown dequantization",
+         f"use one of {NOISE_KINDS}")
+  _check(_is_int(t.noise_steps) and (t.noise_steps == -1 or t.noise_steps >= 1), "train.noise_steps", t.noise_steps,
+         "must be an integer >= 1 (steps over which the noise anneals) or -1 (= train.steps)",
+         "use -1 to anneal over the whole run")
+
+
+def _validate_eval(e, info, data_name):
+  splits = [s for s, _ in info.splits]
+  _int_at_least("eval.batch_size", e.get("batch_size"), 1, "e.g. --config.eval.batch_size=250")
+  _check(e.get("split") in splits, "eval.split", e.get("split"), f"{data_name} has the splits {splits}",
+         f"use one of {splits}")
+
+
+def _validate_sample(s):
+  from farmer_jax.sampling.sampler import SAMPLER_KEYS, sampler_from_config
+  extra = ("per_class", "seed")
+  unknown = sorted(set(s.keys()) - set(SAMPLER_KEYS) - set(extra))
+  if unknown:
+    raise ConfigError(f"config.sample has unknown field(s) {unknown}; known fields: {sorted(SAMPLER_KEYS + extra)}. "
+                      "Fix: remove or rename them")
+  _int_at_least("sample.per_class", s.get("per_class"), 1, "e.g. --config.sample.per_class=8")
+  _int_at_least("sample.seed", s.get("seed"), 0, "e.g. --config.sample.seed=0")
+  sampler_settings = {k: v for k, v in s.items() if k in SAMPLER_KEYS}
+  try:
+    sampler_from_config(sampler_settings)
+  except ValueError as e:
+    msg = str(e)
+    # name the key the sampler complained about (the earliest 'key=' in its message)
+    hits = sorted((m.start(), k) for k in SAMPLER_KEYS for m in [re.search(rf"\b{k}=", msg)] if m)
+    key = next((k for _, k in hits if k in sampler_settings), hits[0][1] if hits else None)
+    if key is None:
+      raise ConfigError(f"config.sample is invalid: {msg}. Fix: correct config.sample") from None
+    value = sampler_settings.get(key, "<default>")
+    raise ConfigError(f"config.sample.{key}={value!r} is invalid: {msg}. Fix: set --config.sample.{key} to a valid "
+                      "value (at sampling time: farmer_jax sample --cfg/--guidance/--sampler)") from None
+
+
+def _validate_mesh(config, t, info, num_devices, num_processes):
+  from farmer_jax import sharding
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  if num_processes is None:
+    import jax
+    num_processes = jax.process_count()
+  names, sizes = sharding.mesh_shape(config.mesh, num_devices)
+  shape = dict(zip(names, sizes))
+  rules = config.sharding_rules
+  ok_rules = not isinstance(rules, (str, bytes)) and all(
+      not isinstance(r, (str, bytes)) and len(r) == 2 and isinstance(r[0], str) for r in rules)
+  _check(ok_rules, "sharding_rules", rules, "must be a sequence of (logical axis, mesh axis or axes) pairs",
+         "e.g. (('batch', ('data', 'fsdp')),)")
+  for logical, axes in rules:
+    axes = () if axes is None else tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+    for a in axes:
+      _check(a in shape, "sharding_rules", rules,
+             f"logical axis {logical!r} maps to mesh axis {a!r}, which config.mesh={config.mesh!r} does not have",
+             f"map it to axes of the mesh {list(names)}")
+  batch_axes = sharding.batch_mesh_axes(rules)
+  slots = int(np.prod([shape[a] for a in batch_axes])) if batch_axes else 1
+  b = t.batch_size
+  _check(b % slots == 0, "train.batch_size", b,
+         f"the batch is split over mesh axes {batch_axes} = {slots} data-parallel slots on {num_devices} device(s), "
+         f"and {b} is not a multiple of {slots}",
+         f"use a multiple of {slots}, e.g. --config.train.batch_size={max(slots, b // slots * slots)}")
+  _check(b % num_processes == 0, "train.batch_size", b,
+         f"each of the {num_processes} processes loads batch_size / {num_processes} examples",
+         f"use a multiple of {num_processes}")
+  train_size = dict(info.splits).get("train")
+  if train_size is not None:
+    _check(b <= train_size, "train.batch_size", b,
+           f"it exceeds the {train_size} training images of config.data.name={config.data.name!r}",
+           f"use at most {train_size}")
+  fsdp = config.get("fsdp")
+  if fsdp:
+    _check(fsdp.get("axis") in shape, "fsdp.axis", fsdp.get("axis"),
+           f"it is not an axis of config.mesh={config.mesh!r}", f"use one of {list(names)}")
+    _int_at_least("fsdp.min_params", fsdp.get("min_params", 0), 0, "e.g. --config.fsdp.min_params=65536")
+
+
+def validate_workdir(workdir, flag="--workdir"):
+  """Checks, without creating anything, that the directory ``workdir`` can be written: not an existing file, and it
+  (if it exists) or its nearest existing ancestor is a writable directory. ``flag`` names it in the message.
+  Remote paths (``scheme://...``) are not checked here."""
+  def bad(why, fix):
+    return ConfigError(f"{flag}={workdir} is invalid: {why}. Fix: {fix}.")
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise bad("it must be a directory path", f"e.g. {flag}=/tmp/farmer_run")
+  if "://" in workdir:
+    return
+  path = os.path.abspath(workdir)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise bad("it is an existing file, not a directory", "pass a new directory path (or an existing run directory)")
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise bad("the directory is not writable", f"fix its permissions or choose another {flag}")
+    return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise bad(f"{parent} is a file, so the directory cannot be created under it", "choose a path under a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise bad(f"it does not exist and {parent} is not writable, so it cannot be created",
+              f"choose a {flag} under a writable directory")
+
+
+def validate(config, workdir=None, num_devices=None, num_processes=None):
+  """Validates a full run config (and, if given, the workdir) and returns its ModelConfig.
+
+  Raises ConfigError naming the field, its value and the fix, before anything is written: data (a dataset
+  ``load_split`` knows, shapes and class count consistent with it), model, every config.train field, eval,
+  sample (sampler settings via sampler_from_config), mesh + sharding rules against ``num_devices`` (default
+  jax.device_count()) and the batch against the data-parallel slots and ``num_processes`` (default
+  jax.process_count()), and the workdir (an existing file, or no way to create it, is refused).
+  """
+  for section in ("data", "model", "train", "eval", "sample", "mesh", "sharding_rules"):
+    _section(config, section)
+  info = _validate_data(config.data)
+  m = validate_model_config(config)
+  _validate_train(config.train)
+  _validate_eval(config.eval, info, config.data.name)
+  _validate_sample(config.sample)
+  _validate_mesh(config, config.train, info, num_devices, num_processes)
+  if workdir is not None:
+    validate_workdir(workdir)
   return m

@@ -22,7 +22,7 @@ def make_flow(c: ModelConfig) -> AutoregressiveFlow:
   return AutoregressiveFlow(num_tokens=c.num_tokens, token_dim=c.token_dim, width=c.flow_width,
                             num_blocks=c.flow_blocks, layers_per_block=c.flow_layers, num_heads=c.flow_heads,
                             num_classes=c.num_classes if c.flow_class_conditional else 0,
-                            mlp_ratio=c.mlp_ratio, dtype=c.jnp_dtype, remat=c.remat)
+                            mlp_ratio=c.mlp_ratio, dtype=c.jnp_dtype, remat=c.remat, final_norm=c.flow_final_norm)
 
 
 def flow_label(cfg: ModelConfig, y):

@@ -14,22 +14,62 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from farmer_jax.config import ConfigError
+
+
+def mesh_shape(mesh_spec, num_devices):
+  """``config.mesh`` (a sequence of (name, size); at most one size -1, which takes the remaining devices) ->
+  (names, sizes) for ``num_devices`` devices. Raises ConfigError naming config.mesh and the fix.
+
+  The one place that decides whether a mesh spec fits a device count (make_mesh and config.validate use it).
+  """
+  bad = lambda why, fix: ConfigError(f"config.mesh={mesh_spec!r} is invalid: {why}. Fix: {fix}.")
+  example = "e.g. (('data', -1), ('fsdp', 1))"
+  if isinstance(mesh_spec, (str, bytes)) or not hasattr(mesh_spec, "__len__") or not len(mesh_spec):
+    raise bad("it must be a non-empty sequence of (axis name, size) pairs", f"set config.mesh, {example}")
+  names, sizes = [], []
+  for entry in mesh_spec:
+    if isinstance(entry, (str, bytes)) or not hasattr(entry, "__len__") or len(entry) != 2:
+      raise bad(f"entry {entry!r} is not an (axis name, size) pair", f"write each axis as (name, size), {example}")
+    name, size = entry
+    if not isinstance(name, str) or not name:
+      raise bad(f"axis name {name!r} is not a non-empty string", f"name each axis, {example}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (size >= 1 or size == -1):
+      raise bad(f"axis {name!r} has size {size!r}; a size is an integer >= 1, or -1 for the remaining devices",
+                f"use a positive size or -1, {example}")
+    names.append(name)
+    sizes.append(int(size))
+  if len(set(names)) != len(names):
+    raise bad(f"axis names {names} repeat", "give every mesh axis its own name")
+  if sizes.count(-1) > 1:
+    raise bad("at most one axis may be -1 (the remaining devices)", "give all but one axis an explicit size")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if num_devices % known:
+    raise bad(f"its fixed axis sizes multiply to {known}, which does not divide the {num_devices} devices",
+              f"use axis sizes whose product divides {num_devices}, or -1 on one axis")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != num_devices:
+    raise bad(f"it has {int(np.prod(sizes))} slots for {num_devices} devices",
+              f"make the sizes multiply to {num_devices}, or set one axis to -1")
+  return tuple(names), tuple(sizes)
+
 
 def make_mesh(mesh_spec, devices=None):
   """``(('data', -1), ('fsdp', 1))`` -> an Auto-typed Mesh; -1 takes the remaining devices."""
   devices = jax.devices() if devices is None else devices
-  names = tuple(n for n, _ in mesh_spec)
-  sizes = [int(s) for _, s in mesh_spec]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh={mesh_spec!r}: at most one axis may be -1")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if len(devices) % known:
-    raise ValueError(f"config.mesh={mesh_spec!r} needs a multiple of {known} devices, have {len(devices)}")
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh={mesh_spec!r} has {int(np.prod(sizes))} slots for {len(devices)} devices")
+  names, sizes = mesh_shape(mesh_spec, len(devices))
   return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), names,
                            axis_types=(AxisType.Auto,) * len(names))
+
+
+def batch_mesh_axes(rules):
+  """The mesh axes the logical 'batch' axis maps to under ``config.sharding_rules`` (a tuple; empty if unmapped)."""
+  for logical, axes in rules:
+    if logical == "batch":
+      if axes is None:
+        return ()
+      return tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+  return ()
 
 
 def logical_shardings(boxed_tree, mesh, rules):

@@ -52,3 +52,13 @@ def trained_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("quickstart_tiny")
   summary, tr = train_and_report(quickstart.get_config("tiny"), str(workdir), quiet=True)
   return workdir, summary, tr
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory):
+  """``trained_run`` exported once per session: (workdir, export directory, export metadata, trainer)."""
+  from farmer_jax.sampling.export import export_model
+  workdir, _, tr = trained_run
+  out = tmp_path_factory.mktemp("exports") / "model"
+  meta = export_model(str(workdir), str(out))
+  return workdir, out, meta, tr

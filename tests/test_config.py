@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from farmer_jax.config import ConfigError, validate
+from farmer_jax.config import ConfigError, validate, validate_model_config
 from farmer_jax.model import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,28 +18,191 @@ import imagenet256  # noqa: E402
 import quickstart  # noqa: E402
 
 
-@pytest.mark.parametrize("field,value,pattern", [
-    ("model.patch_size", 5, r"model.patch_size=5.*does not divide data.image_size=32"),
-    ("model.d_informative", 17, r"model.d_informative=17.*d_I must satisfy"),
-    ("model.class_repeats", 0, r"model.class_repeats=0"),
-    ("model.dimred", "pca", r"model.dimred='pca'.*unknown"),
-    ("train.noise_max", -0.1, r"train.noise_max=-0.1.*>= 0"),
-    ("train.noise_min", -1.0, r"train.noise_min=-1.0"),
-    ("model.flow_heads", 3, r"model.flow_heads=3.*does not divide"),
-    ("train.noise_kind", "poisson", r"train.noise_kind='poisson'"),
-    ("model.ar_order", "reversed", r"model.ar_order='reversed'.*unknown AR prior direction.*'alternate'"),
-])
-def test_bad_config_raises_naming_field(tmp_path, field, value, pattern):
-  from farmer_jax.train.trainer import Trainer
-  c = quickstart.get_config("tiny")
-  section, key = field.split(".")
-  c[section][key] = value
+DELETE = object()
+
+
+def config_with(changes, base="tiny"):
+  """The quickstart config with ``{'section.key': value}`` set (or deleted with DELETE), bypassing ConfigDict's type
+  safety so that values a config FILE could hold (a float where an int belongs, a bool, a string) can be tried."""
+  d = quickstart.get_config(base).to_dict()
+  for field, value in changes.items():
+    *path, key = field.split(".")
+    node = d
+    for p in path:
+      node = node[p]
+    if value is DELETE:
+      del node[key]
+    else:
+      node[key] = value
+  return ml_collections.ConfigDict(d)
+
+
+NAN, INF = float("nan"), float("inf")
+# (field, value, pattern the message must match, also check that Trainer(c, workdir) writes nothing)
+BAD_CONFIGS = [
+    # model
+    ("model.patch_size", 5, r"model.patch_size=5.*does not divide data.image_size=32", True),
+    ("model.d_informative", 17, r"model.d_informative=17.*d_I must satisfy", False),
+    ("model.class_repeats", 0, r"model.class_repeats=0", False),
+    ("model.dimred", "pca", r"model.dimred='pca'.*unknown", False),
+    ("model.flow_heads", 3, r"model.flow_heads=3.*does not divide", False),
+    ("model.ar_order", "reversed", r"model.ar_order='reversed'.*unknown AR prior direction.*'alternate'", False),
+    ("model.remat", "yes", r"config.model.remat='yes'.*True or False", False),
+    # data: a dataset load_split knows, with its channels, size and class count
+    ("data.name", "imagenet2012", r"config.data.name='imagenet2012'.*no input pipeline.*\['mnist5k'\]", True),
+    ("data.channels", 3, r"config.data.channels=3.*mnist5k has 1 channel.*channels=1", False),
+    ("data.image_size", 24, r"config.data.image_size=24.*28x28.*Fix: use 28 or more", False),
+    ("data.image_size", 31, r"config.data.image_size=31.*padded evenly", False),
+    ("data.num_classes", 5, r"config.data.num_classes=5.*mnist5k has 10 classes.*num_classes=10", False),
+    # train: every field of configlib.base_train()
+    ("train.steps", 0, r"config.train.steps=0.*integer >= 1", False),
+    ("train.steps", 2.5, r"config.train.steps=2.5.*integer >= 1", False),
+    ("train.steps", 1e4, r"config.train.steps=10000.0.*integer", False),
+    ("train.steps", True, r"config.train.steps=True.*integer", False),
+    ("train.batch_size", 0, r"config.train.batch_size=0.*integer >= 1", False),
+    ("train.batch_size", 5000, r"config.train.batch_size=5000.*exceeds the 4500 training images", False),
+    ("train.warmup_steps", -1, r"config.train.warmup_steps=-1.*integer >= 0", False),
+    ("train.log_every", 0, r"config.train.log_every=0.*integer >= 1", True),
+    ("train.lr", 0.0, r"config.train.lr=0.0.*> 0", False),
+    ("train.lr", NAN, r"config.train.lr=nan.*finite", False),
+    ("train.lr", INF, r"config.train.lr=inf.*finite", False),
+    ("train.min_lr", -1e-6, r"config.train.min_lr=-1e-06.*>= 0", False),
+    ("train.min_lr", 1.0, r"config.train.min_lr=1.0.*exceeds train.lr=0.003", False),
+    ("train.b1", 1.0, r"config.train.b1=1.0.*\[0, 1\)", False),
+    ("train.b2", -0.1, r"config.train.b2=-0.1.*\[0, 1\)", False),
+    ("train.weight_decay", -0.1, r"config.train.weight_decay=-0.1.*>= 0", False),
+    ("train.grad_clip", -1.0, r"config.train.grad_clip=-1.0.*>= 0", False),
+    ("train.ema_decay", 1.0, r"config.train.ema_decay=1.0.*\[0, 1\).*freeze", False),
+    ("train.ema_decay", -0.5, r"config.train.ema_decay=-0.5", False),
+    ("train.noise_kind", "poisson", r"train.noise_kind='poisson'", False),
+    ("train.noise_max", -0.1, r"train.noise_max=-0.1.*>= 0", False),
+    ("train.noise_max", NAN, r"train.noise_max=nan.*finite", False),
+    ("train.noise_min", -1.0, r"train.noise_min=-1.0", False),
+    ("train.noise_min", 0.5, r"train.noise_min=0.5.*exceeds train.noise_max=0.1", False),
+    ("train.noise_steps", 0, r"config.train.noise_steps=0.*-1", False),
+    ("train.noise_steps", 2.5, r"config.train.noise_steps=2.5", False),
+    ("train.label_drop", 1.0, r"config.train.label_drop=1.0.*\[0, 1\)", False),
+    ("train.seed", -1, r"config.train.seed=-1.*>= 0", False),
+    ("train.seed", 0.5, r"config.train.seed=0.5.*integer", False),
+    ("train.ckpt_every", -1, r"config.train.ckpt_every=-1.*>= 0", False),
+    ("train.ckpt_keep", 0, r"config.train.ckpt_keep=0.*integer >= 1", True),
+    ("train.ckpt_keep_period", -1, r"config.train.ckpt_keep_period=-1.*>= 0", False),
+    ("train.stepz", 10, r"config.train has unknown field\(s\) \['stepz'\]; known fields: \[.*'steps'", False),
+    ("train.ckpt_keep", DELETE, r"config.train lacks field\(s\) \['ckpt_keep'\].*base_train", False),
+    # eval
+    ("eval.batch_size", 0, r"config.eval.batch_size=0.*integer >= 1", False),
+    ("eval.split", "validation", r"config.eval.split='validation'.*mnist5k has the splits \['train', 'test'\]", False),
+    # sample: keys, per_class/seed, and the sampler settings (sampler_from_config's errors, naming the key)
+    ("sample.per_class", 0, r"config.sample.per_class=0.*integer >= 1", False),
+    ("sample.seed", 1.5, r"config.sample.seed=1.5.*integer", False),
+    ("sample.cfg", NAN, r"config.sample.cfg=nan.*finite number >= 0", False),
+    ("sample.s_c", 2.5, r"config.sample.s_c=2.5.*must be an integer", False),
+    ("sample.t_sigma", 0.0, r"config.sample.t_sigma=0.0.*temperature t_sigma=0.0 must be a finite number > 0", False),
+    ("sample.guidance", "magic", r"config.sample.guidance='magic'.*unknown", False),
+    ("sample.temperature", 1.0, r"config.sample has unknown field\(s\) \['temperature'\]", False),
+    # mesh and sharding on this machine's devices
+    ("mesh", (("data", -1), ("fsdp", -1)), r"config.mesh=.*at most one axis may be -1", False),
+    ("mesh", (("data", 0), ("fsdp", 1)), r"config.mesh=.*axis 'data' has size 0", False),
+    ("mesh", "data", r"config.mesh='data'.*sequence of \(axis name, size\) pairs", False),
+    ("fsdp.axis", "model", r"config.fsdp.axis='model'.*not an axis of config.mesh", False),
+    ("sharding_rules", (("batch", ("data", "dp")),), r"config.sharding_rules=.*mesh axis 'dp'", False),
+]
+
+
+@pytest.mark.parametrize("field,value,pattern,trainer", BAD_CONFIGS,
+                         ids=[f"{f}={v!r}" if v is not DELETE else f"{f}:deleted" for f, v, _, _ in BAD_CONFIGS])
+def test_bad_config_raises_naming_field(tmp_path, field, value, pattern, trainer):
+  c = config_with({field: value})
   with pytest.raises(ConfigError, match=pattern):
     validate(c)
-  workdir = tmp_path / "run"
-  with pytest.raises(ConfigError):
-    Trainer(c, str(workdir))
-  assert not workdir.exists(), "nothing may be written for an invalid config"
+  if trainer:      # a few representative cases through the Trainer: it refuses before writing anything
+    from farmer_jax.train.trainer import Trainer
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=pattern):
+      Trainer(c, str(workdir))
+    assert not workdir.exists(), "nothing may be written for an invalid config"
+    assert not os.listdir(tmp_path)
+
+
+def test_good_configs_pass():
+  """Controls for the table above: the shipped quickstart configs, an unconditional model, integer-valued floats
+  where floats belong, and the validation functions return the model config without touching anything."""
+  for size in ("tiny", "base"):
+    assert validate(quickstart.get_config(size)).num_classes == 10
+  assert validate(config_with({"data.num_classes": 0, "train.lr": 1, "train.ema_decay": 0.999,
+                               "train.noise_steps": 50, "sample.s_c": 5.0})).num_classes == 0
+  m = validate_model_config(imagenet256.get_config("1.1B/16"))       # model only: no ImageNet pipeline needed
+  assert m.num_classes == 1000
+  with pytest.raises(ConfigError, match="config.data.name='imagenet2012'"):
+    validate(imagenet256.get_config("1.1B/16"))
+
+
+@pytest.mark.parametrize("changes,devices,processes,pattern", [
+    ({"mesh": (("data", 3), ("fsdp", 1))}, 8, 1, r"config.mesh=.*multiply to 3, which does not divide the 8 devices"),
+    ({"mesh": (("data", 2), ("fsdp", 2))}, 8, 1, r"config.mesh=.*has 4 slots for 8 devices"),
+    ({"train.batch_size": 12}, 8, 1, r"config.train.batch_size=12.*\('data', 'fsdp'\) = 8 data-parallel slots.*"
+                                     r"multiple of 8"),
+    ({"mesh": (("data", 4), ("fsdp", 2)), "train.batch_size": 20}, 8, 1, r"batch_size=20.*8 data-parallel slots"),
+    ({"mesh": (("data", 4), ("fsdp", 2)), "sharding_rules": (("batch", "data"),), "train.batch_size": 6}, 8, 1,
+     r"batch_size=6.*\('data',\) = 4 data-parallel slots"),
+    ({"train.batch_size": 30}, 2, 4, r"config.train.batch_size=30.*4 processes"),
+])
+def test_mesh_and_batch_against_devices(changes, devices, processes, pattern):
+  c = config_with(changes)
+  with pytest.raises(ConfigError, match=pattern):
+    validate(c, num_devices=devices, num_processes=processes)
+
+
+def test_mesh_and_batch_controls():
+  """The same checks accept what sharding.make_mesh and the loader accept."""
+  from farmer_jax.sharding import mesh_shape
+  assert mesh_shape((("data", -1), ("fsdp", 1)), 8) == (("data", "fsdp"), (8, 1))
+  assert mesh_shape([["data", 4], ["fsdp", -1]], 8) == (("data", "fsdp"), (4, 2))          # as saved in JSON
+  validate(config_with({"mesh": (("data", 4), ("fsdp", 2)), "train.batch_size": 16}), num_devices=8,
+           num_processes=2)
+  validate(config_with({"sharding_rules": (("batch", "data"),), "mesh": (("data", 2), ("fsdp", 4)),
+                        "train.batch_size": 6}), num_devices=8, num_processes=2)
+
+
+def test_workdir_checks_create_nothing(tmp_path):
+  c = quickstart.get_config("tiny")
+  afile = tmp_path / "file"
+  afile.write_text("x")
+  with pytest.raises(ConfigError, match=rf"--workdir={afile} is invalid: it is an existing file"):
+    validate(c, str(afile))
+  with pytest.raises(ConfigError, match=rf"--workdir={afile}/run is invalid: {afile} is a file"):
+    validate(c, str(afile / "run"))
+  validate(c, str(tmp_path / "new" / "deeper" / "run"))       # creatable: fine, and not created by the check
+  validate(c, str(tmp_path))                                  # an existing directory (a run to resume): fine
+  assert sorted(os.listdir(tmp_path)) == ["file"]
+  if os.geteuid() != 0:                                       # root may write anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+      with pytest.raises(ConfigError, match=rf"--workdir={locked}/run is invalid: .*{locked} is not writable"):
+        validate(c, str(locked / "run"))
+      with pytest.raises(ConfigError, match=rf"--workdir={locked} is invalid: the directory is not writable"):
+        validate(c, str(locked))
+    finally:
+      locked.chmod(0o700)
+
+
+def test_labels_outside_num_classes_are_an_error(monkeypatch):
+  """Out-of-range labels in the data are refused at load time with the count, the range found and
+  config.data.num_classes; never mapped to the null class. num_classes=0 (unconditional) makes every label null."""
+  from farmer_jax.data import pipeline
+  images = np.zeros((6, 32, 32, 1), np.uint8)
+  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to: (images, np.array([0, 3, 9, 10, 12, -1])))
+  data = config_with({}).data
+  with pytest.raises(ConfigError, match=r"3 of 6 labels in mnist5k split 'train' lie outside \[0, 10\) \(labels "
+                                        r"found: -1..12\) with config.data.num_classes=10"):
+    pipeline.load_split(data, "train")
+  data.num_classes = 0
+  _, labels = pipeline.load_split(data, "train")
+  assert labels.dtype == np.int32 and labels.tolist() == [0] * 6
+  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to: (images, np.array([0, 3, 9, 9, 1, 2])))
+  data.num_classes = 10
+  assert pipeline.load_split(data, "test")[1].tolist() == [0, 3, 9, 9, 1, 2]
 
 
 def test_unknown_model_field():
@@ -75,7 +239,9 @@ def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
                       f"--workdir={workdir}", "--config.model.patch_size=3"], capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
-  assert "model.patch_size=3" in r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("farmer_jax train: config.model.patch_size=3 is invalid"), r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
   assert not workdir.exists()
 
 
@@ -96,13 +262,14 @@ def _gmm_head(k, dim, c):
   return k * (1 + 2 * dim) * (c + 1)
 
 
-def closed_form_counts(preset):
+def closed_form_counts(preset, final_norm=False):
   """(AF, AR) parameter counts from Table 1's hyperparameters, written out independently of the model code."""
   size, patch = preset.split("/")
   t, p = TABLE1[size], int(patch)
   n, d = (256 // p) ** 2, p * p * 3
   c = t["af_width"]
   af_block = (d * c + c) + n * c + t["af_layers"] * _layer(c) + (c * 2 * d + 2 * d)   # proj_in, pos, trunk, proj_out
+  af_block += 2 * c if final_norm else 0                  # LayerNorm before proj_out (model.flow_final_norm)
   c = t["ar_width"]
   ar = ((CLASSES + 1) * c + M * c + (M + n) * c + (D_I * c + c)       # class (+null), repeat, pos, token_in
         + t["ar_layers"] * _layer(c) + 2 * c                          # trunk, final LayerNorm
@@ -123,7 +290,7 @@ def test_paper_presets_parameter_count(preset):
   that a change that makes them match must also update this test and configs/imagenet256.py's docstring.
   """
   size, patch = preset.split("/")
-  m = validate(imagenet256.get_config(preset))
+  m = validate_model_config(imagenet256.get_config(preset))
   shapes = abstract_params(m)
   count = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree))
   af, ar = count(shapes["flow"]), count(shapes["prior"])
@@ -131,7 +298,7 @@ def test_paper_presets_parameter_count(preset):
   assert sorted(shapes) == ["flow", "prior"]
   d = int(patch) ** 2 * 3
   assert (m.num_tokens, m.token_dim, m.d_i, m.d_r) == ((256 // int(patch)) ** 2, d, D_I, d - D_I)
-  assert (af, ar) == closed_form_counts(preset)
+  assert (af, ar) == closed_form_counts(preset, getattr(m, "flow_final_norm", False))
   t = TABLE1[size]
   assert abs(af - t["af"]) / t["af"] <= 0.05, f"{preset}: AF {af / 1e6:.1f}M vs Table 1 {t['af'] / 1e6:.0f}M"
   ar_off = abs(ar - t["ar"]) / t["ar"]

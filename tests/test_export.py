@@ -1,25 +1,21 @@
 """Export (params only, atomic, refuses overwrite, bf16 cast) and the sample command's engine and CLI."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from test_checkpoint import copy_run_with_new_step, snapshot, truncate_tree
 
+from farmer_jax.sampling import export as export_lib
 from farmer_jax.sampling.export import ExportError, export_model, load_model
 from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
 from farmer_jax.sampling.guidance import ResamplingCFG
 from farmer_jax.sampling.sampler import SamplerConfig
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-  workdir, _, tr = trained_run
-  out = tmp_path_factory.mktemp("exports") / "model"
-  meta = export_model(str(workdir), str(out))
-  return workdir, out, meta, tr
 
 
 def test_export_roundtrip(exported):
@@ -49,6 +45,106 @@ def test_export_refuses_overwrite_and_casts(exported, tmp_path):
   with pytest.raises(ExportError, match="no checkpoints/ directory"):
     export_model(str(untrained), str(tmp_path / "x"))
   assert not (tmp_path / "x").exists()
+
+
+def _leftovers(parent):
+  return [p for p in os.listdir(parent) if ".tmp-" in p or ".old-" in p]
+
+
+def test_overwrite_never_replaces_the_run_or_foreign_files(trained_run, tmp_path):
+  """--overwrite onto the run itself, a folder holding it, a non-export folder, an export holding a user file, or a
+  file: all refused with the path and the fix, and every byte is still there."""
+  root = tmp_path / "runs"
+  wd = root / "run"
+  shutil.copytree(trained_run[0], wd)
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "todo.txt").write_text("mine")
+  afile = tmp_path / "model.bin"
+  afile.write_bytes(b"not a directory")
+  before = snapshot(tmp_path)
+  cases = [(wd, "is the training run itself"), (root, f"contains the training run {wd}"),
+           (tmp_path, f"contains the training run {wd}"), (notes, "is not a farmer_jax export"),
+           (wd / "checkpoints", "is not a farmer_jax export"), (afile, "exists and is not a directory"),
+           (afile / "sub", f"{afile} is a file, not a directory")]
+  for out, msg in cases:
+    with pytest.raises(ExportError, match="choose another --out") as e:
+      export_model(str(wd), str(out), overwrite=True, say=pytest.fail)
+    assert msg in str(e.value) and str(out) in str(e.value)
+  with pytest.raises(ExportError, match="exists and is not a directory"):    # not "pass --overwrite": that won't help
+    export_model(str(wd), str(afile))
+  # an export that also holds a user's file is not replaced either
+  model = tmp_path / "model"
+  export_model(str(wd), str(model))
+  (model / "samples.png").write_bytes(b"png")
+  before = snapshot(tmp_path)
+  with pytest.raises(ExportError, match=r"also holds files export did not write \(samples.png\)"):
+    export_model(str(wd), str(model), overwrite=True)
+  assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_a_previous_export_safely(trained_run, tmp_path, monkeypatch):
+  wd = trained_run[0]
+  out = tmp_path / "model"
+  m1 = export_model(str(wd), str(out))
+  assert m1["kind"] == "farmer_jax_export" and export_lib.is_export_dir(str(out))
+  m2 = export_model(str(wd), str(out), dtype="bfloat16", overwrite=True)
+  assert load_model(str(out))[3] == m2 and m2["dtype"] == "bfloat16"
+  assert sorted(os.listdir(tmp_path)) == ["model"]
+  # a format-1 export written before the "kind" marker is still recognised
+  meta = json.loads((out / "export.json").read_text())
+  del meta["kind"]
+  (out / "export.json").write_text(json.dumps(meta))
+  assert export_lib.is_export_dir(str(out))
+  assert export_model(str(wd), str(out), overwrite=True)["dtype"] == "float32"
+  assert sorted(os.listdir(tmp_path)) == ["model"]
+  # interrupted between moving the old export aside and renaming the new one in: the old one is put back, no debris
+  before = snapshot(out)
+  real_rename = os.rename
+
+  def rename(src, dst):
+    if ".tmp-" in os.path.basename(src):
+      raise KeyboardInterrupt
+    real_rename(src, dst)
+
+  monkeypatch.setattr(export_lib.os, "rename", rename)
+  with pytest.raises(KeyboardInterrupt):
+    export_model(str(wd), str(out), dtype="bfloat16", overwrite=True)
+  monkeypatch.undo()
+  assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_export_skips_an_unreadable_newest_checkpoint_without_touching_the_run(trained_run, tmp_path):
+  wd, _ = copy_run_with_new_step(trained_run, tmp_path / "run", 400)
+  truncate_tree(wd / "checkpoints" / "400" / "state")
+  before = snapshot(wd)
+  said = []
+  meta = export_model(str(wd), str(tmp_path / "model"), say=said.append)
+  assert meta["step"] == 200
+  assert any(f"{wd / 'checkpoints' / '400'} is unreadable" in m for m in said), said
+  assert any("exporting checkpoint step 200, the newest readable one" in m for m in said), said
+  assert snapshot(wd) == before, "export must not modify the run"
+  jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "model"))[1],
+               jax.device_get(trained_run[2].state["params"]))
+  truncate_tree(wd / "checkpoints" / "200" / "state")
+  with pytest.raises(ExportError, match=f"no checkpoint in {wd / 'checkpoints'} could be read"):
+    export_model(str(wd), str(tmp_path / "model2"), say=said.append)
+  assert not (tmp_path / "model2").exists() and not _leftovers(tmp_path)
+
+
+def test_export_refuses_non_finite_params_and_writes_nothing(trained_run, tmp_path):
+  def poison(state):
+    k = state["params"]["prior"]["head_i"]["kernel"]
+    state["params"]["prior"]["head_i"]["kernel"] = k.at[0, :3].set(np.nan).at[1, 0].set(np.inf)
+    return state
+
+  wd, _ = copy_run_with_new_step(trained_run, tmp_path / "run", 400, mutate=poison)
+  before = snapshot(wd)
+  with pytest.raises(ExportError, match=r"checkpoint step 400 of .* is not finite: 3 NaN and 1 inf values in 1 "
+                                        r"param\(s\): prior/head_i/kernel \(3 NaN, 1 inf\); nothing was exported"):
+    export_model(str(wd), str(tmp_path / "model"))
+  assert not (tmp_path / "model").exists() and not _leftovers(tmp_path)
+  assert snapshot(wd) == before
 
 
 def test_incomplete_or_corrupt_exports_are_rejected(exported, tmp_path):

@@ -2,6 +2,7 @@
 cleanly; an unreadable newest checkpoint is skipped in favour of the previous one. Real `farmer_jax train`
 subprocesses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,8 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
     for i, (a, b) in enumerate(zip(ref_leaves, leaves)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{where}: state leaf {i} differs")
     assert "test bpd" in r.stdout, where
+    logged = [json.loads(l)["step"] for l in open(wd / "metrics.jsonl")]
+    assert logged == list(range(10, STEPS + 1, 10)), f"{where}: metrics.jsonl steps {logged} (resume must trim)"
 
 
 def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
@@ -89,6 +92,8 @@ def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
   out, err = p.communicate(timeout=300)
   assert p.returncode == 0, err[-3000:]
   assert "preempted at step" in out
+  assert not (wd / "samples.png").exists() and not (wd / "summary.json").exists(), "SIGTERM skips eval + sampling"
+  assert not (wd / ".farmer_jax.lock").exists(), "the workdir lock is released on exit"
   steps = _steps(str(wd))
   assert len(steps) == 2 and steps[-1] >= 2 * EVERY and steps[-1] < 100_000
   # Corrupt every data file of the newest checkpoint: the next start must fall back to the previous one.
@@ -102,5 +107,34 @@ def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
   c = quickstart.get_config("tiny")
   c.train.update(steps=100_000, ckpt_every=EVERY, log_every=10, warmup_steps=5)
   tr = Trainer(c, str(wd), quiet=True)
+  tr.close()
   assert tr.restored_step == steps[-2]
   assert int(tr.state["step"]) == steps[-2]
+  assert os.path.isdir(os.path.join(wd, "checkpoints", f"{steps[-1]}.unreadable")), "moved aside, kept"
+  assert _steps(str(wd)) == steps[:-1]
+
+
+def _sigterm_handler_installed(pid):
+  """Linux: bit 15 of /proc/<pid>/status SigCgt says a SIGTERM handler is installed."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      caught = next(int(l.split()[1], 16) for l in f if l.startswith("SigCgt:"))
+  except (OSError, StopIteration):
+    return False
+  return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to see when the handler is in")
+def test_sigterm_during_startup_exits_cleanly(tmp_path):
+  """SIGTERM while the command is still importing / compiling: exit 0 with one line, nothing written."""
+  wd = tmp_path / "run"
+  p = subprocess.Popen(_cmd(wd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  t0 = time.time()
+  while not _sigterm_handler_installed(p.pid) and p.poll() is None and time.time() - t0 < 60:
+    time.sleep(0.01)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 0, err[-3000:]
+  assert "start-up" in (out + err)
+  assert "Traceback" not in err
+  assert not (wd / "checkpoints").exists()

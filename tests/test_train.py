@@ -115,3 +115,60 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tr.state["params"])), \
       "a non-finite step must not be applied"
+
+
+def test_step_with_nonfinite_updated_params_is_not_applied(tiny):
+  """Loss and gradient finite, but the update makes the params non-finite (what lr=inf does): the step must not be
+  applied and bad_step records it, so nothing non-finite can be checkpointed."""
+  import jax.numpy as jnp
+  import optax
+  from farmer_jax.model import Farmer
+  from farmer_jax.train.trainer import make_train_step
+  cfg, _, params = tiny
+  c = quickstart.get_config("tiny")
+  tx = optax.chain(optax.scale_by_adam(), optax.scale(-jnp.inf))
+  step = jax.jit(make_train_step(Farmer(cfg), cfg, c.train, tx, lambda s: 0.0))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (4, cfg.image_size, cfg.image_size, 1), dtype=np.uint8),
+           "label": np.array([0, 1, 2, 0], np.int32)}
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "bad_step": jnp.int32(-1)}
+  new, m = step(state, batch, jax.random.key(0))
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert int(new["bad_step"]) == 0 and int(new["step"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, new["params"], params)
+
+
+def test_workdir_lock(tmp_path):
+  """A live holder (same host, live pid) is refused with its pid and host; a dead holder's lock is stale and taken
+  over; release removes only our own lock."""
+  import socket
+  import subprocess
+  from farmer_jax.train.lock import LOCK_NAME, WorkdirBusyError, WorkdirLock
+  lock_path = tmp_path / LOCK_NAME
+  lock_path.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier"}))
+  with pytest.raises(WorkdirBusyError, match=rf"pid {os.getppid()} on host {socket.gethostname()}"):
+    WorkdirLock(str(tmp_path)).acquire()
+  assert json.loads(lock_path.read_text())["pid"] == os.getppid()          # the holder's lock is untouched
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  lock_path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}))
+  said = []
+  lk = WorkdirLock(str(tmp_path), say=said.append).acquire()
+  assert json.loads(lock_path.read_text())["pid"] == os.getpid() and "stale" in said[0]
+  lk.release()
+  assert not lock_path.exists()
+  # another host's lock is live until its heartbeat is older than stale_after
+  lock_path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "earlier"}))
+  with pytest.raises(WorkdirBusyError, match="host elsewhere"):
+    WorkdirLock(str(tmp_path), stale_after=60).acquire()
+  os.utime(lock_path, (0, 0))
+  WorkdirLock(str(tmp_path), stale_after=60, say=said.append).acquire().release()
+  assert "no heartbeat from elsewhere" in said[-1]
+
+
+def test_trim_metrics_drops_rows_past_the_restored_step(tmp_path):
+  from farmer_jax.train.trainer import trim_metrics
+  p = tmp_path / "metrics.jsonl"
+  p.write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in (10, 20, 30, 40)) + '{"step": 5')
+  trim_metrics(str(p), 20)
+  assert [json.loads(l)["step"] for l in p.read_text().splitlines()] == [10, 20]

@@ -10,6 +10,11 @@ the first d are the log-scale a, the last d the shift b:
     z_i = (x_i - b_i) * exp(-a_i),      log|det dz/dx| = -sum_{i,j} a_ij      (summed, nats)
     x_i = z_i * exp(a_i) + b_i          (inverse, token by token with a fixed-size KV cache)
 
+With ``final_norm`` (default; ``model.flow_final_norm``) the transformer output is layer-normalised before
+``proj_out``, so (a, b) are bounded functions of the input whatever its magnitude: the inverse of an off-manifold
+latent (e.g. a sample from an undertrained prior) cannot feed ever-larger tokens back into the next token's (a, b)
+and overflow fp32. TARFlow has no such norm (``final_norm=False`` reproduces its block exactly).
+
 Blocks run under ``nn.scan`` (params stacked on a leading 'blocks' axis) so compile time does not grow with n.
 The AR prior's order relative to the last block (model.ar_order) is turned into a flip by ``ModelConfig.ar_flip``,
 which relies on the flip rule of ``block_flips`` below.
@@ -40,6 +45,7 @@ class AFBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   keep_intermediates: bool = False
+  final_norm: bool = True            # LayerNorm before proj_out: (a, b) stay bounded for any input magnitude
 
   def setup(self):
     self.proj_in = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -52,6 +58,8 @@ class AFBlock(nn.Module):
           nn.initializers.normal(0.01), ("classes", "embed")), (self.num_classes, self.width), jnp.float32)
     self.transformer = tfm.Transformer(self.depth, self.num_heads, causal=True, mlp_ratio=self.mlp_ratio,
                                        dtype=self.dtype, remat=self.remat)
+    if self.final_norm:
+      self.norm_out = tfm.LayerNormF32(jnp.float32)
     self.proj_out = nn.Dense(2 * self.token_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                              kernel_init=tfm.zeros_init(("embed", "token")),
                              bias_init=tfm.zeros_init(("token",)))
@@ -66,7 +74,10 @@ class AFBlock(nn.Module):
 
   def _params_out(self, h):
     """Hidden states (B, T, C) -> (a, b) each (B, T, d) in fp32."""
-    out = self.proj_out(h.astype(jnp.float32))
+    h = h.astype(jnp.float32)
+    if self.final_norm:
+      h = self.norm_out(h)
+    out = self.proj_out(h)
     return out[..., :self.token_dim], out[..., self.token_dim:]
 
   def _embed(self, x, pos, y):
@@ -117,11 +128,12 @@ class AutoregressiveFlow(nn.Module):
   mlp_ratio: int = 4
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  final_norm: bool = True
 
   def block_kwargs(self):
     return dict(num_tokens=self.num_tokens, token_dim=self.token_dim, width=self.width,
                 depth=self.layers_per_block, num_heads=self.num_heads, num_classes=self.num_classes,
-                mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat)
+                mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, final_norm=self.final_norm)
 
   @nn.compact
   def __call__(self, x, y=None, return_intermediates: bool = False):

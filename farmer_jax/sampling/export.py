@@ -1,15 +1,18 @@
 """Exported models: params only (EMA params if the run kept them) + the resolved config, in Orbax's standard format.
 
 Layout of an export directory:
-  DIR/export.json   format version, source run + step, which params (ema/raw), param dtype
+  DIR/export.json   marker (kind), format version, source run + step, which params (ema/raw), param dtype
   DIR/config.json   the run's resolved config (the model is rebuilt from it; no training code involved)
   DIR/params/       Orbax StandardCheckpointer pytree of the params
 
 The export is written to a temporary sibling directory and renamed into place, so a partially written export
-never looks valid; an existing DIR is refused unless ``overwrite`` is set.
+never looks valid. An existing DIR is refused unless ``overwrite`` is set, and even then only a previous export (and
+never a directory holding the source run, a file, or anything else) is replaced.
 """
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -17,11 +20,14 @@ import uuid
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
-from farmer_jax.config import ConfigError, upgrade_saved_config, validate
+from farmer_jax.config import ConfigError, upgrade_saved_config, validate_model_config
 
 FORMAT_VERSION = 1
+EXPORT_KIND = "farmer_jax_export"           # export.json marker: only a directory carrying it is ever replaced
+EXPORT_ENTRIES = {"export.json", "config.json", "params"}
 PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -37,37 +43,153 @@ def load_run_config(workdir):
     return upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
 
 
-def latest_run_params(workdir):
-  """(params, step, used_ema) from the latest checkpoint of a training workdir (EMA params if present)."""
+def latest_run_params(workdir, say=print):
+  """(params, step, used_ema) from the newest readable checkpoint of a training workdir (EMA params if present).
+
+  An unreadable (truncated/corrupt) newer checkpoint is reported through ``say`` and skipped, never moved or changed:
+  export only reads the run. If no checkpoint can be read, raises ExportError.
+  """
   ckpt = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt):
     raise ExportError(f"{workdir} has no checkpoints/ directory; train first (farmer_jax train ...)")
-  with ocp.CheckpointManager(ckpt, item_names=("state", "meta")) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise ExportError(f"{ckpt} holds no finished checkpoint")
-    # No target: the params subtree is plain dicts, restored as-is (host arrays); no optimizer code needed.
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-  use_ema = "ema" in state
-  return state["ema" if use_ema else "params"], step, use_ema
+  opts = ocp.CheckpointManagerOptions(read_only=True)
+  with _quiet_absl(), ocp.CheckpointManager(ckpt, options=opts, item_names=("state", "meta")) as mngr:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+      raise ExportError(f"{ckpt} holds no finished checkpoint; train first (farmer_jax train ...)")
+    errors = []
+    for step in steps:
+      try:
+        # No target: the params subtree is plain dicts, restored as-is (host arrays); no optimizer code needed.
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        key = "ema" if "ema" in state else "params"
+        params = state[key]
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        say(f"checkpoint {ckpt}/{step} is unreadable ({type(e).__name__}); trying an earlier one")
+        continue
+      if errors:
+        say(f"exporting checkpoint step {step}, the newest readable one (skipped {len(errors)} unreadable newer "
+            "one(s); the run was not modified)")
+      return params, step, key == "ema"
+  raise ExportError(f"no checkpoint in {ckpt} could be read (all {len(steps)} are truncated or corrupt): "
+                    + " | ".join(errors))
 
 
-def export_model(workdir, out, dtype="float32", overwrite=False):
-  """Writes an export of the run in ``workdir`` to ``out``. Returns the metadata dict."""
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax logs a WARNING for each option that read_only overrides; that is expected here, not news to the user."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, logging.ERROR))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _non_finite_report(params):
+  """'' if every value is finite, else 'N NaN and M inf values in K param(s): path (n), ...'."""
+  bad, nan, inf = [], 0, 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.asarray(jax.device_get(leaf)).astype(np.float32)
+    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    if n_nan or n_inf:
+      nan, inf = nan + n_nan, inf + n_inf
+      bad.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({n_nan} NaN, {n_inf} inf)")
+  if not bad:
+    return ""
+  shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+  return f"{nan} NaN and {inf} inf values in {len(bad)} param(s): {shown}"
+
+
+def is_export_dir(path):
+  """True if ``path`` is a directory written by export_model: its export.json carries our marker, or (format 1,
+  before the marker existed) format_version 1 with config.json and params/ beside it."""
+  try:
+    with open(os.path.join(path, "export.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return False
+  if not isinstance(meta, dict):
+    return False
+  if meta.get("kind") == EXPORT_KIND:
+    return True
+  return (meta.get("format_version") == 1 and os.path.isfile(os.path.join(path, "config.json"))
+          and os.path.isdir(os.path.join(path, "params")))
+
+
+def _within(path, parent):
+  """True if ``path`` is ``parent`` or inside it (both real, absolute paths)."""
+  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_export_target(workdir, out, overwrite):
+  """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns abspath(out)."""
+  out = os.path.abspath(out)
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise ExportError(f"--out={out} exists and is not a directory; export writes a directory, so choose another --out "
+                      "(--overwrite only replaces a previous export directory)")
+  if not os.path.exists(out):
+    if os.path.lexists(out):
+      raise ExportError(f"--out={out} is a broken symbolic link; remove it or choose another --out")
+    up = os.path.dirname(out)
+    while not os.path.exists(up):
+      up = os.path.dirname(up)
+    if not os.path.isdir(up):
+      raise ExportError(f"--out={out} cannot be created: {up} is a file, not a directory; choose another --out")
+    return out
+  if not overwrite:
+    raise ExportError(f"{out} already exists; pass --overwrite to replace it (only a previous export can be "
+                      "replaced) or choose another --out")
+  if os.path.islink(out):
+    raise ExportError(f"--out={out} is a symbolic link; --overwrite does not replace links: pass the directory it "
+                      f"points to ({os.path.realpath(out)}) or choose another --out")
+  real_out, real_run = os.path.realpath(out), os.path.realpath(workdir)
+  if _within(real_run, real_out):
+    what = "is the training run itself" if real_run == real_out else f"contains the training run {real_run}"
+    raise ExportError(f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose another --out "
+                      "outside the run (e.g. a sibling directory)")
+  if not is_export_dir(out):
+    raise ExportError(f"--out={out} is not a farmer_jax export (no valid export.json marker), so --overwrite will not "
+                      "replace it; choose another --out, or move that directory away yourself")
+  extra = sorted(set(os.listdir(out)) - EXPORT_ENTRIES)
+  if extra:
+    raise ExportError(f"--out={out} is an export but also holds files export did not write ({', '.join(extra[:5])}"
+                      f"{', ...' if len(extra) > 5 else ''}); --overwrite would delete them. Move them out or choose "
+                      "another --out")
+  return out
+
+
+def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
+  """Writes an export of the run in ``workdir`` to ``out``. Returns the metadata dict.
+
+  Every refusal (unusable target, missing or unreadable run, non-finite params) happens before anything is written.
+  With ``overwrite``, only a previous export is replaced: the new one is built in a temporary sibling, the old one is
+  renamed aside, the new one renamed in, and only then is the old one deleted; an interruption at any point leaves
+  either the old or the new export at ``out`` and no temporary directory.
+  """
   if dtype not in PARAM_DTYPES:
     raise ExportError(f"--dtype={dtype!r} is not supported; use one of {sorted(PARAM_DTYPES)}")
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise ExportError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+  out = check_export_target(workdir, out, overwrite)
   config = load_run_config(workdir)
-  validate(config)
-  params, step, used_ema = latest_run_params(workdir)
+  validate_model_config(config)
+  params, step, used_ema = latest_run_params(workdir, say=say)
+  report = _non_finite_report(params)
+  if report:
+    raise ExportError(f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. Export an "
+                      "earlier checkpoint (move this step out of checkpoints/) or retrain with a lower lr")
   params = jax.tree.map(lambda a: jnp.asarray(a, PARAM_DTYPES[dtype]), params)
-  meta = {"format_version": FORMAT_VERSION, "source_workdir": os.path.abspath(workdir), "step": int(step),
-          "params": "ema" if used_ema else "raw", "dtype": dtype}
-  parent = os.path.dirname(out)
+  report = _non_finite_report(params)
+  if report:
+    raise ExportError(f"casting checkpoint step {step} to {dtype} overflows: {report}; export with --dtype=float32")
+  meta = {"kind": EXPORT_KIND, "format_version": FORMAT_VERSION, "source_workdir": os.path.abspath(workdir),
+          "step": int(step), "params": "ema" if used_ema else "raw", "dtype": dtype}
+  parent, name = os.path.dirname(out), os.path.basename(out)
   os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
+  tag = uuid.uuid4().hex[:8]
+  tmp = os.path.join(parent, f".{name}.tmp-{tag}")
+  aside = None
   try:
     os.makedirs(tmp)
     with ocp.StandardCheckpointer() as ckptr:
@@ -78,9 +200,16 @@ def export_model(workdir, out, dtype="float32", overwrite=False):
     with open(os.path.join(tmp, "export.json"), "w") as f:   # written last: marks the export complete
       json.dump(meta, f, indent=2)
     if os.path.exists(out):
-      shutil.rmtree(out)
+      check_export_target(workdir, out, overwrite)      # re-checked: it may have changed while we were writing
+      aside = os.path.join(parent, f".{name}.old-{tag}")
+      os.rename(out, aside)
     os.rename(tmp, out)
   finally:
+    if aside is not None and os.path.exists(aside):
+      if os.path.exists(out):
+        shutil.rmtree(aside, ignore_errors=True)          # the new export is in place: drop the old one
+      else:
+        os.rename(aside, out)                             # interrupted between the renames: put the old one back
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return meta
@@ -105,7 +234,7 @@ def load_model(model_dir):
   if meta.get("format_version") != FORMAT_VERSION:
     raise ExportError(f"{model_dir}: export format {meta.get('format_version')} is not {FORMAT_VERSION}")
   try:
-    mcfg = validate(config)
+    mcfg = validate_model_config(config)
   except ConfigError as e:
     raise ExportError(f"{model_dir}: its config.json is invalid: {e}") from e
   dt = PARAM_DTYPES[meta["dtype"]]

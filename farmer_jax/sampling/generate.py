@@ -5,6 +5,7 @@ Sample j of the flattened (class-major) grid always uses key fold_in(key(seed), 
 the batch size or on which other samples are drawn with it.
 """
 
+import contextlib
 import os
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax.conventions import to_uint8
-from farmer_jax.sampling.images import save_grid
+from farmer_jax.sampling.images import atomic_path, grid_image
 from farmer_jax.sampling.sampler import sample_images, sample_keys
 
 
@@ -57,7 +58,16 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
     keys = sample_keys(seed, start, m + pad)
     yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
     x, st = fn(params, keys, jnp.asarray(yy))
-    out.append(to_uint8(np.asarray(x)[:m]))
+    x = np.asarray(x)[:m]
+    bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
+    if bad:      # never turn NaN/inf into black pixels: stop before anything is written
+      bar.close()
+      raise ValueError(
+          f"{bad} of {m} samples in batch {start // batch_size} (samples {start}..{start + m - 1} of {total}) are not "
+          "finite (NaN/inf); sampling stopped and nothing was written. Fix: check the run's training loss and the "
+          "export (a diverged or corrupt model), try a bfloat16 export again as float32, or lower the temperatures "
+          "(--sampler=t_sigma=...) / guidance (--cfg)")
+    out.append(to_uint8(x))
     for k, v in st.items():
       stats.setdefault(k, []).append(np.asarray(v)[:m])
     bar.update(m)
@@ -79,12 +89,41 @@ def describe_stats(stats, sampler):
   return ("resampling-CFG effective sample size per draw: " + "; ".join(parts)) if parts else ""
 
 
+OUTPUT_FORMATS = {"--out": (".png",), "--npz": (".npz",)}
+
+
+def check_output_path(path, flag):
+  """Refuses, before any sampling, an output path that cannot be written: unsupported extension (``--out`` writes
+  lossless PNG only, ``--npz`` a .npz), an existing directory, a missing or unwritable parent directory."""
+  exts = OUTPUT_FORMATS[flag]
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in exts:
+    what = "a lossless PNG grid" if flag == "--out" else "uint8 images + labels as .npz"
+    found = repr(ext) if ext else "(no extension)"
+    raise ValueError(f"{flag}={path}: unsupported file type {found}; {flag} writes {what} only. Fix: name it "
+                     f"*{exts[0]}")
+  if os.path.isdir(path):
+    raise ValueError(f"{flag}={path} is a directory. Fix: pass a file path, e.g. {os.path.join(path, 'x' + exts[0])}")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise ValueError(f"{flag}={path}: the directory {parent} does not exist. Fix: create it first (mkdir -p) or "
+                     "choose another path")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag}={path}: the directory {parent} is not writable. Fix: choose a writable directory")
+
+
 def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
   """PNG grid (rows = classes) and/or .npz with uint8 'images' (n, H, W, c), 'labels' (n,) and any per-sample
-  ``stats`` arrays (n,); atomic writes."""
-  if out_png:
-    save_grid(images, out_png)
-  if out_npz:
-    tmp = out_npz + ".tmp.npz"
-    np.savez(tmp, images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1), **(stats or {}))
-    os.replace(tmp, out_npz)
+  ``stats`` arrays (n,). Atomic and all-or-nothing: both files are written to unique temporary names first and
+  renamed into place only once both are complete; a failure leaves no file and no temporary behind."""
+  for path, flag in ((out_png, "--out"), (out_npz, "--npz")):
+    if path:
+      check_output_path(path, flag)
+  with contextlib.ExitStack() as stack:
+    if out_png:
+      tmp_png = stack.enter_context(atomic_path(out_png))
+      grid_image(images).save(tmp_png, format="PNG")
+    if out_npz:
+      tmp_npz = stack.enter_context(atomic_path(out_npz))
+      with open(tmp_npz, "wb") as f:      # a file object: np.savez must not append '.npz' to the temporary name
+        np.savez(f, images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1), **(stats or {}))

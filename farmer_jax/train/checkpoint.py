@@ -4,9 +4,16 @@ fallback past unreadable checkpoints.
 A checkpoint step holds two items: ``state`` (params, optimizer state, EMA, step, bad_step; sharded arrays, written
 by every process) and ``meta`` (JSON: the data-iterator position and the RNG seed; the input pipeline is a pure
 function of (seed, step), so that is its whole state).
+
+An unreadable step (truncated or corrupt files) that is newer than a readable one is moved aside on restore, to
+``<directory>/<step>.unreadable`` (``.unreadable-2``, ... if taken): kept for inspection, but no longer a step, so the
+resumed run can write that step number again. Orbax lists only directories named by the bare step number (and, for
+legacy layouts, ``*_<digits>``), so the ``.unreadable`` suffix is never mistaken for a checkpoint or deleted by
+retention.
 """
 
 import logging
+import numbers
 import os
 
 import jax
@@ -18,8 +25,16 @@ log = logging.getLogger(__name__)
 class Checkpointer:
 
   def __init__(self, directory, keep=2, keep_period=0, async_save=True):
+    # Refused here as well as in config validation: keep=0 would let retention delete every checkpoint (the final one
+    # included) and a negative value only fails at the first save, after the compute is spent.
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1:
+      raise ValueError(f"checkpoint keep={keep!r} is invalid: it must be an integer >= 1 (how many of the newest "
+                       "checkpoints to keep; train.ckpt_keep)")
+    if isinstance(keep_period, bool) or not isinstance(keep_period, numbers.Integral) or keep_period < 0:
+      raise ValueError(f"checkpoint keep_period={keep_period!r} is invalid: it must be an integer >= 0 (0: none; N: "
+                       "also keep every step divisible by N; train.ckpt_keep_period)")
     self.directory = os.path.abspath(directory)
-    self.keep, self.keep_period, self.async_save = keep, keep_period, async_save
+    self.keep, self.keep_period, self.async_save = int(keep), int(keep_period), async_save
     self._mngr = None
 
   def _manager(self, create):
@@ -60,17 +75,46 @@ class Checkpointer:
     if not steps:
       return None
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    errors = []
+    errors, bad = [], []
     for step in reversed(steps):
       try:
         r = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                              meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        bad.append(step)
         say(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}); falling back to an earlier one")
         continue
-      if errors:
-        say(f"restored checkpoint step {step} after skipping {len(errors)} unreadable newer one(s)")
+      if bad:
+        # Only now, with an older step readable under the same target, is "unreadable" known to mean corrupt rather
+        # than "written by another config" (then every step fails, and nothing is touched).
+        self._move_aside(bad, say)
+        say(f"restored checkpoint step {step} after skipping {len(bad)} unreadable newer one(s)")
       return r.state, dict(r.meta), step
-    raise ValueError(f"no checkpoint in {self.directory} could be restored for this config; use a fresh --workdir "
-                     "or the config that wrote it. Errors: " + " | ".join(errors))
+    raise ValueError(f"no checkpoint in {self.directory} could be restored for this config: they were written by a "
+                     "different config (resume with the config that wrote them, or use a fresh --workdir) or are "
+                     "truncated/corrupt (nothing was moved; move them aside or use a fresh --workdir). Errors: "
+                     + " | ".join(errors))
+
+  def _move_aside(self, steps, say):
+    """Renames unreadable step directories out of orbax's view (process 0 only), then re-opens the manager so its
+    step list no longer holds them (a later save at the same step would otherwise raise StepAlreadyExistsError)."""
+    self.close()
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, f"{step}.unreadable")
+        n = 1
+        while os.path.exists(dst):
+          n += 1
+          dst = os.path.join(self.directory, f"{step}.unreadable-{n}")
+        try:
+          os.rename(src, dst)
+        except OSError as e:
+          raise ValueError(f"checkpoint {src} is unreadable and could not be moved aside ({e}); move it out of "
+                           f"{self.directory} yourself, then rerun") from e
+        say(f"moved unreadable checkpoint {src} aside to {dst} (kept for inspection; delete it when done)")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("farmer_jax_checkpoint_move_aside")
+    self._manager(create=False)

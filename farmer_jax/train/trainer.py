@@ -29,6 +29,7 @@ from farmer_jax.model import Farmer
 from farmer_jax.sampling.sampler import sample_images, sample_keys, sampler_from_config
 from farmer_jax.sampling.images import save_grid
 from farmer_jax.train.checkpoint import Checkpointer
+from farmer_jax.train.lock import WorkdirLock
 from farmer_jax.train.metrics import MetricWriter
 from farmer_jax.train.optim import make_optimizer
 
@@ -65,9 +66,12 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t, tx, lr_fn):
       y = jnp.where(jax.random.uniform(k_drop, y.shape) < t.label_drop, mcfg.null_class, y)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y)
     gnorm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    # a step is applied only if the loss, the gradient AND the updated params are finite (lr=inf gives finite
+    # grads but non-finite params)
+    params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(params)]))
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & params_ok
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
            "step": s + 1, "bad_step": jnp.where((state["bad_step"] < 0) & ~ok, s, state["bad_step"])}
@@ -84,9 +88,14 @@ class Trainer:
   """Builds everything from a validated config (resuming from the workdir); ``fit()`` trains,
   ``evaluate()`` gives test bits/dim (class-conditional and unconditional), ``sample_grid()`` writes a PNG."""
 
-  def __init__(self, config, workdir: str, quiet: bool = False, devices=None):
+  def __init__(self, config, workdir: str, quiet: bool = False, devices=None, config_change_ok: bool = False,
+               stop: "threading.Event | None" = None):
     self.config = config
-    self.mcfg = validate(config)                  # raises before any file is written
+    # the whole run config, the workdir and the mesh vs these devices: raises before any file is written
+    self.mcfg = validate(config, workdir, num_devices=len(devices) if devices is not None else None)
+    self.config_change_ok = config_change_ok
+    self.stop = stop if stop is not None else threading.Event()    # set by SIGTERM (see install_sigterm)
+    self.lock = None
     self.workdir = workdir
     self.quiet = quiet
     t = config.train
@@ -135,7 +144,35 @@ class Trainer:
     self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
                               out_shardings=(self.state_sh, rep), donate_argnums=(0,))
     self.rng = jax.random.key(t.seed + 1)
-    # ---- resume from the workdir's newest readable checkpoint, if any ----
+    # ---- one run per workdir; then resume from its newest readable checkpoint, if any ----
+    self._take_lock(workdir)
+    try:
+      self._restore(workdir)
+    except BaseException:
+      self.close()
+      raise
+    self.preempted = self.preempt_saved = False
+
+  def _take_lock(self, workdir):
+    if jax.process_index() != 0:
+      return
+    existed = os.path.exists(workdir)
+    self.lock = WorkdirLock(workdir, say=self.log).acquire()
+    self._created_workdir = not existed
+
+  def close(self):
+    """Releases the workdir lock (and removes a workdir this run created but never wrote to)."""
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None
+      if getattr(self, "_created_workdir", False):
+        try:
+          os.rmdir(self.workdir)          # only succeeds if empty
+        except OSError:
+          pass
+
+  def _restore(self, workdir):
+    t = self.t
     self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=t.get("ckpt_keep", 2),
                              keep_period=t.get("ckpt_keep_period", 0))
     self.restored_step = None
@@ -147,7 +184,6 @@ class Trainer:
         raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with train.seed={meta.get('seed')}, "
                          f"this run has {t.seed}; resume with the same config or use a fresh --workdir")
       self.log(f"resumed from {self.ckpt.directory} at step {self.restored_step}")
-    self.preempted = False
 
   def _check_same_model(self, workdir):
     """Resuming must not silently change what the checkpoint's params mean: settings that shapes cannot detect (the
@@ -158,10 +194,12 @@ class Trainer:
     with open(path) as f:
       saved = upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
     diff = config_changes(saved, self.config)
-    if diff:
+    if diff and self.config_change_ok:
+      self.log(f"resuming with a changed data/model config (--config_change_ok): {'; '.join(diff)}")
+    elif diff:
       raise ConfigError(f"the checkpoint in {workdir} was trained with another data/model config: {'; '.join(diff)}. "
-                        "Fix: resume with the run's own settings (e.g. --config.<key>=<saved value>), or use a "
-                        "fresh --workdir")
+                        "Fix: resume with the run's own settings (e.g. --config.<key>=<saved value>), use a fresh "
+                        "--workdir, or pass --config_change_ok if the change is intended")
 
   @contextlib.contextmanager
   def _ctx(self):
@@ -184,21 +222,28 @@ class Trainer:
     """Trains to ``train.steps`` (or only up to step ``stop_at``, e.g. for a staged run), then checkpoints."""
     t = self.t
     end = t.steps if stop_at is None else min(int(stop_at), t.steps)
+    start = int(self.state["step"])
+    if self.stop.is_set():
+      self.log("SIGTERM before training started: exiting; nothing new to save")
+      self.preempted = True
+      return []
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        f.write(self.config.to_json_best_effort(indent=2))
+      _atomic_write(os.path.join(self.workdir, "config.json"), self.config.to_json_best_effort(indent=2))
+      trim_metrics(os.path.join(self.workdir, "metrics.jsonl"), start)
     writer = MetricWriter(self.workdir)
     self.log(f"FARMER: {self.num_params / 1e6:.2f}M params, N={self.mcfg.num_tokens} tokens of "
              f"d={self.mcfg.token_dim}, dimred={self.mcfg.dimred}, mesh={dict(self.mesh.shape)}")
-    start = int(self.state["step"])
     pending, history = [], []
     bar = tqdm(total=t.steps, initial=start, disable=self.quiet or jax.process_index() != 0,
                desc="train", dynamic_ncols=True)
     tick, tick_step = time.time(), start
     it = self.loader.iterate(start)
     ckpt_every = t.get("ckpt_every", 0)
-    stop = self._install_sigterm()
+    stop = self.stop
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL, None):
+      install_sigterm(stop)
     with self._ctx():
       for s in range(start, end):
         batch = sharding.global_batch(next(it), self.mesh, self.batch_sh)
@@ -208,7 +253,7 @@ class Trainer:
         if self._any_process(stop.is_set()):
           self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same command to resume")
           self.save_checkpoint()
-          self.preempted = True
+          self.preempted = self.preempt_saved = True
           break
         if ckpt_every and (s + 1) % ckpt_every == 0 and s + 1 < end:
           self.save_checkpoint()
@@ -229,13 +274,6 @@ class Trainer:
     self.ckpt.close()
     writer.close()
     return history
-
-  def _install_sigterm(self):
-    """SIGTERM (preemption) sets a flag; the loop saves at the next step boundary and exits cleanly."""
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    return stop
 
   def _any_process(self, flag: bool) -> bool:
     if jax.process_count() == 1:
@@ -275,12 +313,68 @@ class Trainer:
     with self._ctx():
       x = fn(self.eval_params(), sample_keys(s.seed, 0, len(y)), y)
     x = np.asarray(x).reshape(k, s.per_class, *x.shape[1:])
+    bad = int((~np.isfinite(x)).reshape(k * s.per_class, -1).any(-1).sum())
+    if bad:
+      raise FloatingPointError(f"{bad} of {k * s.per_class} samples of the training grid are not finite (NaN/inf); "
+                               f"{path} was not written (the checkpoint is saved). Fix: train longer or inspect "
+                               "the model with `farmer_jax sample`")
     if jax.process_index() == 0:
       save_grid(x, path)
     return x
 
 
-def train_and_report(config, workdir, quiet=False):
+class Preempted(Exception):
+  """SIGTERM arrived before the training loop started (nothing to save)."""
+
+
+_TRAINING_STARTED = threading.Event()
+
+
+def install_sigterm(stop: threading.Event, raise_until_training: bool = False):
+  """SIGTERM (preemption) sets ``stop``; the training loop saves at the next step boundary and exits cleanly. With
+  ``raise_until_training``, a SIGTERM during start-up (before the loop) raises ``Preempted`` instead, so start-up
+  (data loading, compilation, restore) is abandoned at once. Returns a function restoring the previous handler."""
+  if threading.current_thread() is not threading.main_thread():
+    return lambda: None
+
+  def handler(*_):
+    stop.set()
+    if raise_until_training and not _TRAINING_STARTED.is_set():
+      raise Preempted()
+
+  prev = signal.signal(signal.SIGTERM, handler)
+  return lambda: signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+
+
+def _atomic_write(path, text):
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def trim_metrics(path, step):
+  """Drops metrics.jsonl rows past ``step`` (written after the checkpoint a resumed run restarts from) and any
+  partly written last line, so no step appears twice."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if int(row.get("step", 0)) <= step:
+        keep.append(json.dumps(row) + "\n")
+  _atomic_write(path, "".join(keep))
+
+
+def train_and_report(config, workdir, quiet=False, config_change_ok=False):
   """The `farmer_jax train` command: train, evaluate test bpd, write samples.png, return a summary dict.
 
   The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd`` with the true labels,
@@ -288,15 +382,34 @@ def train_and_report(config, workdir, quiet=False):
   are equal for an unconditional model (``class_conditional`` False).
   """
   t0 = time.time()
-  tr = Trainer(config, workdir, quiet=quiet)
-  history = tr.fit()
-  train_s = time.time() - t0
+  stop = threading.Event()
+  restore = install_sigterm(stop, raise_until_training=True)
+  tr = None
+  try:
+    tr = Trainer(config, workdir, quiet=quiet, config_change_ok=config_change_ok, stop=stop)
+    _TRAINING_STARTED.set()
+    history = tr.fit()
+    train_s = time.time() - t0
+    if tr.preempted:          # SIGTERM: the checkpoint (if any step ran) is saved; no eval, no sampling
+      return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
+    summary = _report(tr, workdir, history, train_s, t0)
+  except Preempted:           # SIGTERM during start-up: nothing to save
+    return {"steps": int(tr.state["step"]) if tr is not None else 0, "preempted": True, "saved": False}, tr
+  finally:
+    _TRAINING_STARTED.clear()
+    restore()
+    if tr is not None:
+      tr.close()
+  return summary, tr
+
+
+def _report(tr, workdir, history, train_s, t0):
   res = tr.evaluate()
+  if not (np.isfinite(res["bpd"]) and np.isfinite(res["bpd_uncond"])):
+    raise FloatingPointError(f"test bits/dim is not finite ({res['bpd']}, unconditional {res['bpd_uncond']}); "
+                             "summary.json was not written (the checkpoint is saved)")
   grid = os.path.join(workdir, "samples.png")
   tr.sample_grid(grid)
-  if tr.preempted:
-    tr.log(f"preempted at step {int(tr.state['step'])}: checkpoint saved; re-run the same command to resume")
-    return {"steps": int(tr.state["step"]), "preempted": True}, tr
   summary = {"steps": int(tr.state["step"]), "train_seconds": train_s, "total_seconds": time.time() - t0,
              "final_train_loss": history[-1]["loss"] if history else None,
              "test_bpd": res["bpd"], "test_bpd_uncond": res["bpd_uncond"],
@@ -304,11 +417,10 @@ def train_and_report(config, workdir, quiet=False):
              "test_count": res["count"], "class_conditional": tr.mcfg.num_classes > 0, "num_params": tr.num_params,
              "samples": grid}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   tr.log(f"{format_test_bpd(summary)}; {res['count']} images, uniform dequantization; samples -> {grid}; "
          f"wall {summary['total_seconds']:.0f}s")
-  return summary, tr
+  return summary
 
 
 def format_test_bpd(summary):

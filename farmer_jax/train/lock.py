@@ -1,0 +1,112 @@
+"""A workdir lock: one training run per workdir at a time.
+
+``DIR/.farmer_jax.lock`` holds JSON {pid, host, started}. It is created atomically (O_CREAT | O_EXCL) and its mtime
+is refreshed by a heartbeat thread. A lock is *stale*, and is taken over with a message, when its holder is on this
+host and its pid is gone, or when its heartbeat is older than ``stale_after`` seconds (a holder on another host that
+died). A live holder makes the second run fail with an error naming its pid and host.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+
+LOCK_NAME = ".farmer_jax.lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:      # exists, owned by someone else
+    return True
+  return True
+
+
+class WorkdirLock:
+
+  def __init__(self, workdir: str, heartbeat: float = 30.0, stale_after: float = 600.0, say=print):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    self.heartbeat, self.stale_after, self.say = heartbeat, stale_after, say
+    self._stop = threading.Event()
+    self._thread = None
+    self.held = False
+
+  def _read(self):
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+  def _stale_reason(self, info):
+    """None if the holder looks alive, else why the lock is stale."""
+    if info is None:
+      return "unreadable lock file"
+    host, pid = info.get("host"), int(info.get("pid", -1))
+    if host == socket.gethostname():
+      if pid == os.getpid():
+        return "held by this process"
+      return None if _pid_alive(pid) else f"pid {pid} on this host is gone"
+    try:
+      age = time.time() - os.path.getmtime(self.path)
+    except OSError:
+      return "lock vanished"
+    return f"no heartbeat from {host} for {age:.0f}s" if age > self.stale_after else None
+
+  def acquire(self):
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        info = self._read()
+        why = self._stale_reason(info)
+        if why is None:
+          raise WorkdirBusyError(
+              f"{os.path.dirname(self.path)} is in use by another training run (pid {info.get('pid')} on host "
+              f"{info.get('host')}, started {info.get('started')}). Fix: wait for it to finish, stop it, or use "
+              f"another --workdir; if that run is dead, delete {self.path}")
+        if why != "held by this process":
+          self.say(f"taking over a stale workdir lock ({why})")
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+      self.held = True
+      self._thread = threading.Thread(target=self._beat, daemon=True)
+      self._thread.start()
+      return self
+    raise WorkdirBusyError(f"could not acquire {self.path} (another run keeps re-creating it)")
+
+  def _beat(self):
+    while not self._stop.wait(self.heartbeat):
+      try:
+        os.utime(self.path)
+      except OSError:
+        return
+
+  def release(self):
+    if not self.held:
+      return
+    self._stop.set()
+    if self._thread is not None:       # joined: no thread of ours is alive at interpreter shutdown
+      self._thread.join(timeout=5)
+      self._thread = None
+    info = self._read()
+    if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+    self.held = False
