@@ -55,7 +55,8 @@ def get_config(arg=None):
     raise ValueError(f"model preset {a.model!r} unknown; use one of 1.1B/16, 1.1B/8, 1.9B/16, 1.9B/8")
   c = ml_collections.ConfigDict()
   c.data = dict(name="imagenet2012", image_size=256, channels=3, num_classes=1000)
-  c.model = dict(patch_size=int(patch), flow_class_conditional=False, ar_order="alternate", class_repeats=64,
+  c.model = dict(patch_size=int(patch), flow_class_conditional=False, flow_final_norm=True, ar_order="alternate",
+                 class_repeats=64,
                  dimred="farmer", d_informative=128, mixtures_informative=64, mixtures_redundant=200,
                  scale_fn="squareplus", scale_floor=1e-6, mlp_ratio=4, dtype="bfloat16", remat=True,
                  **MODELS[size])

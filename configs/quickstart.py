@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.model = dict(
       patch_size=4,
       flow_blocks=4, flow_layers=1, flow_width=64, flow_heads=2, flow_class_conditional=False,
-      ar_order="alternate",
+      flow_final_norm=True, ar_order="alternate",
       ar_width=64, ar_depth=2, ar_heads=2, class_repeats=4,
       dimred="farmer", d_informative=4, mixtures_informative=16, mixtures_redundant=16,
       scale_fn="squareplus", scale_floor=1e-6,

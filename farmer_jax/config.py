@@ -125,17 +125,36 @@ def legacy_ar_order(final_flip, flow_blocks):
 
 def upgrade_saved_config(config):
   """A config.json written by an older release -> today's keys, meaning the same model. ``model.final_flip``
-  (removed) becomes the ``model.ar_order`` that reproduces it, so old runs and exports keep their AR direction.
+  (removed) becomes the ``model.ar_order`` that reproduces it, so old runs and exports keep their AR direction; a
+  model saved without ``model.flow_final_norm`` had no AF output norm (False).
   (Config FILES with final_flip are refused instead, so a user picks the order on purpose.)"""
   model = config.get("model")
   if model is not None and "final_flip" in model:
     model.ar_order = legacy_ar_order(model.final_flip, model.get("flow_blocks", ModelConfig.flow_blocks))
     del model["final_flip"]
+  if model is not None and "flow_final_norm" not in model:
+    model.flow_final_norm = False      # saved before the AF output norm existed: those models have none
   return config
 
 
+def resolved_config(config):
+  """An unlocked copy of a run config whose ``model`` section lists EVERY ModelConfig field (defaults filled in).
+  This is what a run saves as config.json, so a saved model means the same thing when a later release changes a
+  default, and what resume compares (a key left at its default equals the same key written out)."""
+  import ml_collections
+  out = ml_collections.ConfigDict(config.to_dict())
+  model = out.get("model")
+  if model is not None:
+    for f in dataclasses.fields(ModelConfig):
+      if f.name not in model and f.name not in ("image_size", "channels", "num_classes"):
+        model[f.name] = f.default
+  return out
+
+
 def config_changes(saved, current, sections=("data", "model")):
-  """['section.key: saved -> current', ...] for the keys of ``sections`` that differ between two run configs."""
+  """['section.key: saved -> current', ...] for the keys of ``sections`` that differ between two run configs
+  (both are resolved first, so a default left implicit equals the same value written out)."""
+  saved, current = resolved_config(saved), resolved_config(current)
   out = []
   for sec in sections:
     a, b = dict(saved.get(sec, {}) or {}), dict(current.get(sec, {}) or {})

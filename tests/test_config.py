@@ -317,3 +317,20 @@ def test_table6_sampling_presets():
     assert s.guidance == "resampling"
     assert (s.cfg.w, s.cfg.t_sigma, s.cfg.t_pi_v, s.cfg.t_sigma_v) == (w, t_sigma, t_pi_v, t_sigma_v)
     assert (s.cfg.t_pi, s.cfg.s_c, s.cfg.s_u, s.cfg.t_s) == (1.0, 5, 5, 1.1)
+
+
+def test_saved_config_is_resolved_and_old_saved_configs_keep_their_meaning():
+  """config.json lists every model field (a later default change cannot change a saved model); a config saved
+  before model.flow_final_norm existed loads as a model without the norm; implicit defaults are no diff."""
+  from farmer_jax.config import ModelConfig, config_changes, resolved_config, upgrade_saved_config
+  import dataclasses
+  import ml_collections
+  c = quickstart.get_config("tiny")
+  del c.model["flow_final_norm"]
+  r = resolved_config(c)
+  assert r.model.flow_final_norm is True and r.model.scale_floor == ModelConfig.scale_floor
+  assert {f.name for f in dataclasses.fields(ModelConfig)} - set(r.model) == {"image_size", "channels", "num_classes"}
+  assert config_changes(r, c) == []
+  old = ml_collections.ConfigDict(c.to_dict())              # as written by the previous release
+  assert validate(upgrade_saved_config(old)).flow_final_norm is False
+  assert config_changes(old, c) == ["model.flow_final_norm: False -> True"]

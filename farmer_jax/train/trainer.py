@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import conventions, sharding
-from farmer_jax.config import ConfigError, ModelConfig, config_changes, upgrade_saved_config, validate
+from farmer_jax.config import (ConfigError, ModelConfig, config_changes, resolved_config, upgrade_saved_config,
+                               validate)
 from farmer_jax.data.pipeline import ArrayLoader, load_split
 from farmer_jax.eval.likelihood import evaluate_bpd
 from farmer_jax.model import Farmer
@@ -176,9 +177,10 @@ class Trainer:
     self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=t.get("ckpt_keep", 2),
                              keep_period=t.get("ckpt_keep_period", 0))
     self.restored_step = None
+    if self.ckpt.steps():            # compare configs first: a clear diff beats an Orbax tree-mismatch error
+      self._check_same_model(workdir)
     restored = self.ckpt.restore_latest(self.abstract_state, self.state_sh, say=self.log)
     if restored is not None:
-      self._check_same_model(workdir)
       self.state, meta, self.restored_step = restored
       if meta.get("seed") != t.seed:
         raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with train.seed={meta.get('seed')}, "
@@ -229,7 +231,8 @@ class Trainer:
       return []
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
-      _atomic_write(os.path.join(self.workdir, "config.json"), self.config.to_json_best_effort(indent=2))
+      _atomic_write(os.path.join(self.workdir, "config.json"),        # every model field, defaults written out
+                    resolved_config(self.config).to_json_best_effort(indent=2))
       trim_metrics(os.path.join(self.workdir, "metrics.jsonl"), start)
     writer = MetricWriter(self.workdir)
     self.log(f"FARMER: {self.num_params / 1e6:.2f}M params, N={self.mcfg.num_tokens} tokens of "
