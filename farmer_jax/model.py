@@ -74,9 +74,16 @@ def decode_latents(cfg: ModelConfig, params, z, y):
   return unpatchify(tokens, cfg.patch_size, cfg.image_size, cfg.channels)
 
 
-def abstract_params(cfg: ModelConfig):
-  """Param shapes/dtypes (unboxed ShapeDtypeStructs) from ``jax.eval_shape``: nothing is allocated."""
-  x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
-  y = jax.ShapeDtypeStruct((1,), jnp.int32)
-  model = Farmer(cfg)
-  return jax.eval_shape(lambda r, x, y: nn.unbox(model.init(r, x, y)["params"]), jax.random.key(0), x, y)
+def init_params(cfg: ModelConfig, rng, boxed: bool = False):
+  """The one place a Farmer is initialised (dummy (1, H, W, c) image and label): params in fp32, unboxed unless
+  ``boxed`` (the LogicallyPartitioned tree sharding rules are read from). Trace it under ``jax.eval_shape`` for
+  shapes only, or under ``jax.jit(out_shardings=...)`` for params born sharded."""
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32)
+  params = Farmer(cfg).init(rng, x, y)["params"]
+  return params if boxed else nn.unbox(params)
+
+
+def abstract_params(cfg: ModelConfig, boxed: bool = False):
+  """Param shapes/dtypes (ShapeDtypeStructs) from ``jax.eval_shape``: nothing is allocated."""
+  return jax.eval_shape(lambda r: init_params(cfg, r, boxed), jax.random.key(0))
