@@ -7,37 +7,30 @@ by side in one process, and the ratio deepest/shallowest (target <= 1.5).
 """
 
 import argparse
-import os
-import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import quickstart  # noqa: E402
-
-from farmer_jax.config import validate  # noqa: E402
-from farmer_jax.model import Farmer  # noqa: E402
-from farmer_jax.train.optim import make_optimizer  # noqa: E402
-from farmer_jax.train.trainer import make_train_step  # noqa: E402
+from farmer_jax import configlib
+from farmer_jax.config import TrainConfig, validate
+from farmer_jax.model import Farmer
+from farmer_jax.train.optim import make_optimizer
+from farmer_jax.train.state import abstract_state
+from farmer_jax.train.step import make_train_step
 
 
 def compile_seconds(blocks, width, batch):
-  c = quickstart.get_config()
+  c = configlib.load("quickstart")
   c.model.update(flow_blocks=blocks, flow_width=width)
   m = validate(c)
-  model = Farmer(m)
-  tx, lr = make_optimizer(c.train)
-  x0 = jnp.zeros((1, m.image_size, m.image_size, m.channels))
-  params = jax.eval_shape(lambda r: nn.unbox(model.init(r, x0, jnp.zeros((1,), jnp.int32))["params"]),
-                          jax.random.key(0))
-  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32), "bad_step": jax.ShapeDtypeStruct((), jnp.int32)}
-  batch_s = {"image": jax.ShapeDtypeStruct((batch, m.image_size, m.image_size, m.channels), jnp.uint8),
+  t = TrainConfig.from_config(c)
+  tx, lr = make_optimizer(t)
+  state = abstract_state(m, tx, ema=t.ema_decay > 0)
+  batch_s = {"image": jax.ShapeDtypeStruct((batch, m.image_size, m.image_size, m.channels),
+                                           jnp.uint8),
              "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  step = jax.jit(make_train_step(model, m, c.train, tx, lr), donate_argnums=(0,))
+  step = jax.jit(make_train_step(Farmer(m), m, t, tx, lr), donate_argnums=(0,))
   t0 = time.perf_counter()
   step.lower(state, batch_s, jax.random.key(0)).compile()
   return time.perf_counter() - t0
@@ -50,12 +43,14 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   a = ap.parse_args()
   depths = [int(b) for b in a.blocks.split(",")]
-  compile_seconds(2, a.width, a.batch)          # warm up jax/XLA once so the first depth is not penalised
+  compile_seconds(2, a.width, a.batch)  # warm up jax/XLA once so the first depth is not penalised
   times = {d: compile_seconds(d, a.width, a.batch) for d in depths}
   for d, t in times.items():
     print(f"AF blocks {d:3d}: train-step compile {t:6.2f} s")
   ratio = times[depths[-1]] / times[depths[0]]
-  print(f"ratio {depths[-1]}/{depths[0]} blocks: {ratio:.2f} (target <= 1.5) -> {'OK' if ratio <= 1.5 else 'FAIL'}")
+  print(
+      f"ratio {depths[-1]}/{depths[0]} blocks: {ratio:.2f} (target <= 1.5) -> {'OK' if ratio <= 1.5 else 'FAIL'}"
+  )
 
 
 if __name__ == "__main__":

@@ -10,25 +10,22 @@ Activations are not included: they depend on batch, remat policy and the compile
 """
 
 import argparse
-import os
-import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import imagenet256  # noqa: E402
-
-from farmer_jax.config import validate_model_config  # noqa: E402
-from farmer_jax.model import abstract_params  # noqa: E402
-from farmer_jax.sharding import fsdp_spec  # noqa: E402
+from farmer_jax import configlib
+from farmer_jax.config import validate_model_config
+from farmer_jax.model import abstract_params
+from farmer_jax.sharding import fsdp_spec
 
 GIB = 2 ** 30
-SETUPS = [("8xH100", 8, 8), ("v4-64 or v5p-64 (32 chips)", 32, 8), ("v4-64 or v5p-64, pure FSDP", 32, 32)]
+SETUPS = [("8xH100", 8, 8), ("v4-64 or v5p-64 (32 chips)", 32, 8),
+          ("v4-64 or v5p-64, pure FSDP", 32, 32)]
 
 
 def state_bytes_per_device(preset, fsdp, ema=False):
-  c = imagenet256.get_config(preset)
+  c = configlib.load("imagenet256:" + preset)
   # The config's logical rules map only activations (batch); params are sharded by the FSDP pass alone.
   shapes = abstract_params(validate_model_config(c))
   total = per_dev = 0
@@ -52,12 +49,15 @@ def main():
   a = ap.parse_args()
   presets = [a.preset] if a.preset else ["1.1B/16", "1.1B/8", "1.9B/16", "1.9B/8"]
   setups = [(f"{a.devices} devices", a.devices, a.fsdp or a.devices)] if a.devices else SETUPS
-  print("| preset | params | setup | mesh | state/device (params+Adam" + ("+EMA" if a.ema else "") + ", fp32) |")
+  print("| preset | params | setup | mesh | state/device (params+Adam" + ("+EMA" if a.ema else "") +
+        ", fp32) |")
   print("|---|---|---|---|---|")
   for p in presets:
     for name, ndev, fsdp in setups:
       total, b = state_bytes_per_device(p, fsdp, a.ema)
-      print(f"| {p} | {total / 1e9:.3f}B | {name} | data={ndev // fsdp} x fsdp={fsdp} | {b / GIB:.2f} GiB |")
+      print(
+          f"| {p} | {total / 1e9:.3f}B | {name} | data={ndev // fsdp} x fsdp={fsdp} | {b / GIB:.2f} GiB |"
+      )
     _, rep = state_bytes_per_device(p, 1, a.ema)
     print(f"| {p} | | replicated (no FSDP) | data=N | {rep / GIB:.2f} GiB |")
 

@@ -8,22 +8,17 @@ Both stages are jit-compiled once, then timed over --repeats runs (median). Weig
 """
 
 import argparse
-import os
-import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import quickstart  # noqa: E402
-
-from farmer_jax.config import validate  # noqa: E402
-from farmer_jax.model import Farmer, decode_latents  # noqa: E402
-from farmer_jax.sampling.guidance import ResamplingCFG  # noqa: E402
-from farmer_jax.sampling.sampler import SamplerConfig, sample_keys, sample_latents  # noqa: E402
+from farmer_jax import configlib
+from farmer_jax.config import validate
+from farmer_jax.model import decode_latents, init_params
+from farmer_jax.config import ResamplingCFG, SamplerConfig
+from farmer_jax.sampling.sampler import sample_keys, sample_latents
 
 
 def timed(fn, *args, repeats=3):
@@ -48,10 +43,10 @@ def main():
     from farmer_jax.sampling.export import load_model
     mcfg, params, _, _ = load_model(a.model)
   else:
-    mcfg = validate(quickstart.get_config())
-    x = jnp.zeros((1, mcfg.image_size, mcfg.image_size, mcfg.channels))
-    params = nn.unbox(jax.jit(Farmer(mcfg).init)(jax.random.key(0), x, jnp.zeros((1,), jnp.int32)))["params"]
-  s = SamplerConfig(guidance=a.guidance, cfg=ResamplingCFG(w=a.cfg if a.guidance != "none" else 0.0))
+    mcfg = validate(configlib.load("quickstart"))
+    params = jax.jit(lambda rng: init_params(mcfg, rng))(jax.random.key(0))
+  s = SamplerConfig(
+      guidance=a.guidance, cfg=ResamplingCFG(w=a.cfg if a.guidance != "none" else 0.0))
   y = jnp.arange(a.batch, dtype=jnp.int32) % max(mcfg.num_classes, 1)
   keys = sample_keys(0, 0, a.batch)
   ar = jax.jit(lambda p, k, y: sample_latents(mcfg, p, k, y, s))
@@ -60,12 +55,15 @@ def main():
   t_ar = timed(ar, params, keys, y, repeats=a.repeats) / a.batch
   t_af = timed(af, params, z, y, repeats=a.repeats) / a.batch
   tot = t_ar + t_af
-  print(f"device: {jax.devices()[0].platform}, batch {a.batch}, N={mcfg.num_tokens} tokens, d={mcfg.token_dim}, "
-        f"AF {mcfg.flow_blocks}x{mcfg.flow_layers}x{mcfg.flow_width}, AR {mcfg.ar_depth}x{mcfg.ar_width}, "
-        f"guidance={a.guidance}")
+  print(
+      f"device: {jax.devices()[0].platform}, batch {a.batch}, N={mcfg.num_tokens} tokens, d={mcfg.token_dim}, "
+      f"AF {mcfg.flow_blocks}x{mcfg.flow_layers}x{mcfg.flow_width}, AR {mcfg.ar_depth}x{mcfg.ar_width}, "
+      f"guidance={a.guidance}")
   print(f"AR decode   {t_ar * 1e3:8.3f} ms/img ({100 * t_ar / tot:5.1f}%)")
   print(f"AF inverse  {t_af * 1e3:8.3f} ms/img ({100 * t_af / tot:5.1f}%)")
-  print(f"total       {tot * 1e3:8.3f} ms/img   (paper Table 5, 1.1B-class on GPU: AR 50.0 ms, AF 168.9 ms)")
+  print(
+      f"total       {tot * 1e3:8.3f} ms/img   (paper Table 5, 1.1B-class on GPU: AR 50.0 ms, AF 168.9 ms)"
+  )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ with the linear GMM heads the paper describes, whose redundant head K_R (1 + 2 d
 it alone is 200 * 1281 * 1025 = 263M, and with the 24 x 1024 trunk (302M) the AR is 583M, not 498M (the paper does
 not say what differs). At patch 8, d_R = 64 shrinks that head to 200 * 129 * (C + 1), so the AR is 119M (1.1B/8)
 and 348M (1.9B/8); Table 1 gives one AR count per model size, apparently the patch-16 one.
-The ImageNet input pipeline arrives with the data issue; until then this config is used for shapes/sharding.
+This release has no ImageNet input pipeline: the presets serve shapes, sharding, memory and parameter counts.
 """
 
 import ml_collections
@@ -31,20 +31,38 @@ import ml_collections
 from farmer_jax import configlib
 
 MODELS = {
-    "1.1B": dict(ar_depth=12, ar_width=768, ar_heads=12, flow_blocks=28, flow_layers=4, flow_width=768,
-                 flow_heads=12),
-    "1.9B": dict(ar_depth=24, ar_width=1024, ar_heads=16, flow_blocks=32, flow_layers=6, flow_width=768,
-                 flow_heads=12),
+    "1.1B":
+        dict(
+            ar_depth=12,
+            ar_width=768,
+            ar_heads=12,
+            flow_blocks=28,
+            flow_layers=4,
+            flow_width=768,
+            flow_heads=12),
+    "1.9B":
+        dict(
+            ar_depth=24,
+            ar_width=1024,
+            ar_heads=16,
+            flow_blocks=32,
+            flow_layers=6,
+            flow_width=768,
+            flow_heads=12),
 }
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 # Paper Table 6: resampling-CFG settings per model (T_pi, T_sigma proposal temps; s_c, s_u candidates;
 # T_pi_v, T_sigma_v evaluation temps; T_s resampling temperature; w guidance scale).
 SAMPLING = {
-    "1.1B/16": dict(t_pi=1.0, t_sigma=0.9, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=2.5),
-    "1.1B/8": dict(t_pi=1.0, t_sigma=1.0, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=2.0),
-    "1.9B/16": dict(t_pi=1.0, t_sigma=0.9, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=3.5),
-    "1.9B/8": dict(t_pi=1.0, t_sigma=1.0, s_c=5, s_u=5, t_pi_v=0.1, t_sigma_v=1.0, t_s=1.1, cfg=1.5),
+    "1.1B/16":
+        dict(t_pi=1.0, t_sigma=0.9, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=2.5),
+    "1.1B/8":
+        dict(t_pi=1.0, t_sigma=1.0, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=2.0),
+    "1.9B/16":
+        dict(t_pi=1.0, t_sigma=0.9, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=3.5),
+    "1.9B/8":
+        dict(t_pi=1.0, t_sigma=1.0, s_c=5, s_u=5, t_pi_v=0.1, t_sigma_v=1.0, t_s=1.1, cfg=1.5),
 }
 
 
@@ -52,22 +70,47 @@ def get_config(arg=None):
   a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320)
   size, _, patch = a.model.partition("/")
   if size not in MODELS or patch not in ("8", "16"):
-    raise ValueError(f"model preset {a.model!r} unknown; use one of 1.1B/16, 1.1B/8, 1.9B/16, 1.9B/8")
+    raise ValueError(
+        f"model preset {a.model!r} unknown; use one of 1.1B/16, 1.1B/8, 1.9B/16, 1.9B/8")
   c = ml_collections.ConfigDict()
   c.data = dict(name="imagenet2012", image_size=256, channels=3, num_classes=1000)
-  c.model = dict(patch_size=int(patch), flow_class_conditional=False, flow_final_norm=True, ar_order="alternate",
-                 class_repeats=64,
-                 dimred="farmer", d_informative=128, mixtures_informative=64, mixtures_redundant=200,
-                 scale_fn="squareplus", scale_floor=1e-6, mlp_ratio=4, dtype="bfloat16", remat=True,
-                 **MODELS[size])
+  c.model = dict(
+      patch_size=int(patch),
+      flow_class_conditional=False,
+      flow_final_norm=True,
+      ar_order="alternate",
+      class_repeats=64,
+      dimred="farmer",
+      d_informative=128,
+      mixtures_informative=64,
+      mixtures_redundant=200,
+      scale_fn="squareplus",
+      scale_floor=1e-6,
+      mlp_ratio=4,
+      dtype="bfloat16",
+      remat=True,
+      **MODELS[size])
   c.train = configlib.base_train()
-  c.train.update(batch_size=a.batch, steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch, lr=1e-4, min_lr=1e-6,
-                 warmup_steps=5000, weight_decay=0.03, noise_max=0.1, noise_min=0.005, label_drop=0.1,
-                 log_every=100)
+  c.train.update(
+      batch_size=a.batch,
+      steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch,
+      lr=1e-4,
+      min_lr=1e-6,
+      warmup_steps=5000,
+      weight_decay=0.03,
+      noise_max=0.1,
+      noise_min=0.005,
+      label_drop=0.1,
+      log_every=100)
   c.eval = dict(batch_size=256, split="validation")
   # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says the pool is
   # larger than s_c/s_u, so 16 per group (32 per token) is our choice. See docs/sampling.md (ESS).
-  c.sample = dict(per_class=4, seed=0, guidance="resampling", redundant_candidates=16, redundant_var_scale=1.0,
-                  **SAMPLING[a.model])
+  c.sample = dict(
+      per_class=4,
+      seed=0,
+      guidance="resampling",
+      redundant_candidates=16,
+      redundant_var_scale=1.0,
+      **SAMPLING[a.model])
   configlib.base_mesh(c)
   return c

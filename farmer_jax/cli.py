@@ -1,6 +1,6 @@
 """The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also ``python -m farmer_jax``.
 
-Commands (this release): train, export, sample. Later: eval, distill, prepare, convert, fid.
+Commands: train, export, sample.
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
@@ -21,45 +21,60 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from farmer_jax.config import (  # config.py does not import jax
+    DTYPE_NAMES, GUIDANCE_MODES, SAMPLER_FIELDS, SAMPLER_KEYS, SamplerConfig)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally ':arg').",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints and samples.")
 flags.DEFINE_bool("quiet", False, "No progress bars or console logs.")
 flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).")
-flags.DEFINE_bool("debug", False, "On an expected failure, also print the full traceback (tracebacks are otherwise "
-                  "shown only for bugs).")
-flags.DEFINE_bool("config_change_ok", False, "train: allow resuming a workdir whose saved config.json differs in "
-                  "data/model settings (refused by default: the checkpoint's params would mean something else).")
+flags.DEFINE_bool(
+    "debug", False,
+    "On an expected failure, also print the full traceback (tracebacks are otherwise "
+    "shown only for bugs).")
+flags.DEFINE_bool(
+    "config_change_ok", False, "train: allow resuming a workdir whose saved config.json differs in "
+    "data/model settings (refused by default: the checkpoint's params would mean something else).")
 # multi-process (multi-host) launch
-flags.DEFINE_enum("distributed", "off", ["off", "auto", "explicit"],
-                  "train: 'auto' = jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM); "
-                  "'explicit' = use --coordinator_address/--num_processes/--process_id.")
-flags.DEFINE_string("coordinator_address", None, "train: host:port of process 0 (with --distributed=explicit).")
-flags.DEFINE_integer("num_processes", None, "train: number of processes (with --distributed=explicit).")
-flags.DEFINE_integer("process_id", None, "train: this process's index (with --distributed=explicit).")
+flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto", "explicit"],
+    "train: 'auto' = jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM); "
+    "'explicit' = use --coordinator_address/--num_processes/--process_id.")
+flags.DEFINE_string("coordinator_address", None,
+                    "train: host:port of process 0 (with --distributed=explicit).")
+flags.DEFINE_integer("num_processes", None,
+                     "train: number of processes (with --distributed=explicit).")
+flags.DEFINE_integer("process_id", None,
+                     "train: this process's index (with --distributed=explicit).")
 # export
 flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid (*.png).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "export: param dtype to store.")
+flags.DEFINE_enum("dtype", "float32", list(DTYPE_NAMES), "export: param dtype to store.")
 flags.DEFINE_bool("overwrite", False, "export: replace an existing --out directory.")
 # sample
 flags.DEFINE_string("model", None, "sample: an exported model directory (farmer_jax export).")
-flags.DEFINE_string("classes", "all", "sample: comma-separated class ids, 'null' for unconditional, or 'all'.")
+flags.DEFINE_string("classes", "all",
+                    "sample: comma-separated class ids, 'null' for unconditional, or 'all'.")
 flags.DEFINE_integer("num", 8, "sample: samples per class.")
-flags.DEFINE_float("cfg", None, "sample: guidance scale w (default: the model config's sample.cfg).")
-flags.DEFINE_enum("guidance", None, ["none", "resampling", "naive"],
+flags.DEFINE_float("cfg", None,
+                   "sample: guidance scale w (default: the model config's sample.cfg).")
+flags.DEFINE_enum("guidance", None, list(GUIDANCE_MODES),
                   "sample: guidance method (default: resampling if cfg > 0 else the config's).")
-flags.DEFINE_string("sampler", None, "sample: extra sampler settings 'k=v,...' (t_pi, t_sigma, t_pi_v, t_sigma_v, "
-                    "t_s, s_c, s_u, redundant_candidates, redundant_var_scale, naive_proposals).")
+# --sampler takes every sampler setting (SAMPLER_KEYS); the help lists those without their own flag
+flags.DEFINE_string("sampler", None, "sample: extra sampler settings 'k=v,...' ("
+                    + ", ".join(k for k in SAMPLER_KEYS if k not in ("guidance", "cfg")) + ").")
 flags.DEFINE_integer("seed", 0, "sample: RNG seed (sample j uses fold_in(seed, j)).")
 flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on it).")
-flags.DEFINE_string("npz", None, "sample: also write uint8 images + labels to this .npz (for FID tools).")
+flags.DEFINE_string("npz", None,
+                    "sample: also write uint8 images + labels to this .npz (for FID tools).")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
-_EXPECTED_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
-                    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV}
-
+_EXPECTED_ERRNOS = {
+    errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV
+}
 
 # ---------------------------------------------------------------------------------------------------- commands
 
@@ -72,23 +87,30 @@ def _train(argv):
   from farmer_jax.distributed import initialize
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from farmer_jax.config import validate
-  validate(FLAGS.config, FLAGS.workdir)          # the whole run config + workdir, before anything is written
-  from farmer_jax.train.trainer import format_test_bpd, train_and_report
+  validate(FLAGS.config,
+           FLAGS.workdir)  # the whole run config + workdir, before anything is written
+  from farmer_jax.train.report import format_test_bpd
+  from farmer_jax.train.trainer import train_and_report
   summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet,
                                 config_change_ok=FLAGS.config_change_ok)
-  if summary.get("preempted"):        # SIGTERM: exit 0 so a preemptible scheduler re-runs the same command
+  if summary.get(
+      "preempted"):  # SIGTERM: exit 0 so a preemptible scheduler re-runs the same command
     if summary.get("saved"):
-      print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to resume")
+      print(
+          f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to resume"
+      )
     else:
-      print(f"preempted during start-up (step {summary['steps']}); nothing new to save; re-run the same command")
+      print(
+          f"preempted during start-up (step {summary['steps']}); nothing new to save; re-run the same command"
+      )
     return
-  print(format_test_bpd(summary))      # class-conditional -log p(x|y) and unconditional -log p(x|null)
+  print(format_test_bpd(summary))  # class-conditional -log p(x|y) and unconditional -log p(x|null)
 
 
 def _export(argv):
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir (a training run) and --out (the export directory) are required")
-  from farmer_jax.sampling.export import export_model      # checks --out before reading any checkpoint
+  from farmer_jax.sampling.export import export_model  # checks --out before reading any checkpoint
   meta = export_model(FLAGS.workdir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
   print(f"exported step {meta['step']} ({meta['params']} params, {meta['dtype']}) -> {FLAGS.out}")
 
@@ -105,9 +127,9 @@ def _number(text):
 
 
 def sampler_overrides(cfg_w, guidance, extra):
-  """CLI flags -> dict of config.sample overrides. Integers stay integers (so ``s_c=2.5`` is refused, ``s_c=5``
-  accepted by sampler_from_config); unknown keys and non-numbers are refused here."""
-  from farmer_jax.sampling.sampler import SAMPLER_KEYS
+  """CLI flags -> dict of config.sample overrides. Integers stay integers (so ``s_c=2.5`` is
+  refused, ``s_c=5`` accepted by SamplerConfig.from_config); unknown keys and non-numbers are
+  refused here. The keys, and which are text (guidance), come from SAMPLER_FIELDS."""
   out = {}
   if cfg_w is not None:
     out["cfg"] = cfg_w
@@ -118,11 +140,13 @@ def sampler_overrides(cfg_w, guidance, extra):
   if extra:
     for item in extra.split(","):
       if "=" not in item:
-        raise ValueError(f"--sampler entry {item!r} must be key=value (keys: {', '.join(SAMPLER_KEYS)})")
+        raise ValueError(
+            f"--sampler entry {item!r} must be key=value (keys: {', '.join(SAMPLER_KEYS)})")
       k, v = (p.strip() for p in item.split("=", 1))
       if k not in SAMPLER_KEYS:
-        raise ValueError(f"--sampler={extra}: unknown setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
-      if k == "guidance":
+        raise ValueError(
+            f"--sampler={extra}: unknown setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
+      if SAMPLER_FIELDS[k][2] is str:
         out[k] = v
         continue
       num = _number(v)
@@ -133,8 +157,9 @@ def sampler_overrides(cfg_w, guidance, extra):
 
 
 def _sampler_error(e):
-  return ValueError(f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value (the rest come from "
-                    "the model's config.sample)")
+  return ValueError(
+      f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value (the rest come from "
+      "the model's config.sample)")
 
 
 def _sample(argv):
@@ -149,24 +174,32 @@ def _sample(argv):
   for path, flag in ((FLAGS.out, "--out"), (FLAGS.npz, "--npz")):
     if path:
       check_output_path(path, flag)
-  from farmer_jax.sampling.sampler import SAMPLER_KEYS, sampler_from_config
   over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler)
   try:
-    sampler_from_config(over)        # the overrides alone (defaults elsewhere): bad values fail before loading
+    SamplerConfig.from_config(over)  # the overrides alone (defaults elsewhere): fail before loading
   except ValueError as e:
     raise _sampler_error(e) from e
   from farmer_jax.sampling.export import load_model
   from farmer_jax.sampling.generate import describe_stats, generate, parse_classes, write_outputs
   mcfg, params, config, _ = load_model(FLAGS.model)
   classes = parse_classes(FLAGS.classes, mcfg.num_classes)
-  sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}   # the model's defaults
+  sample = dict(config.get("sample", {}))
+  sc = {k: v for k, v in sample.items() if k in SAMPLER_KEYS}   # the model's defaults
   sc.update(over)
   try:
-    sampler = sampler_from_config(sc)
+    sampler = SamplerConfig.from_config(sc)
   except ValueError as e:
     raise _sampler_error(e) from e
-  images, labels, stats = generate(mcfg, params, classes, FLAGS.num, sampler, FLAGS.seed, FLAGS.batch,
-                                   progress=not FLAGS.quiet, return_stats=True)
+  images, labels, stats = generate(
+      mcfg,
+      params,
+      classes,
+      FLAGS.num,
+      sampler,
+      FLAGS.seed,
+      FLAGS.batch,
+      progress=not FLAGS.quiet,
+      return_stats=True)
   write_outputs(images, labels, FLAGS.out, FLAGS.npz, stats)
   line = describe_stats(stats, sampler)
   if line:
@@ -176,11 +209,11 @@ def _sample(argv):
 
 
 COMMANDS = {"train": _train, "export": _export, "sample": _sample}
-USAGE = ("usage: farmer_jax <command> [--flags]\n"
-         f"commands: {', '.join(COMMANDS)}\n"
-         "example: farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart\n"
-         "errors: one line on stderr, exit 2 (--debug: with the traceback)")
-
+USAGE = (
+    "usage: farmer_jax <command> [--flags]\n"
+    f"commands: {', '.join(COMMANDS)}\n"
+    "example: farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart\n"
+    "errors: one line on stderr, exit 2 (--debug: with the traceback)")
 
 # -------------------------------------------------------------------------------------------- failure handling
 
@@ -236,7 +269,7 @@ def failure(e, cmd="train"):
   from farmer_jax.sampling.export import ExportError
   from farmer_jax.train.lock import WorkdirBusyError
   expected = (ConfigError, ExportError, WorkdirBusyError)
-  if isinstance(e, FloatingPointError):                 # non-finite training loss: nothing was saved
+  if isinstance(e, FloatingPointError):  # non-finite training loss: nothing was saved
     return 1, str(e)
   if isinstance(e, app.UsageError):
     return 2, f"{e} (farmer_jax --help lists the commands)"
@@ -301,8 +334,9 @@ def flag_error_message(e, argv):
   text = str(e)
   if "Error whilst parsing config file" in text:      # get_config raised TypeError/ValueError
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return (f"--config={spec}: the config file raised {lines[-1]}. Fix: check the file and its ':arg' "
-            "(e.g. configs/quickstart.py:tiny)")
+    return (
+        f"--config={spec}: the config file raised {lines[-1]}. Fix: check the file and its ':arg' "
+        "(e.g. configs/quickstart.py:tiny)")
   if isinstance(e, flags.Error):
     if re.match(r"flag --config\.", text):
       return f"{text}. Fix: give the field a value of its type (see {spec})"
@@ -317,8 +351,9 @@ def flag_error_message(e, argv):
         hint = " ".join(inner.splitlines()[1:]).strip()
         return (f"--config.{path}: {where} has no field {key!r}. {hint + ' ' if hint else ''}"
                 f"Fix: override a field that exists in {spec}")
-  return (f"--config={spec}: loading the config failed: {type(e).__name__}: {_innermost_text(e)}. Fix: correct the "
-          "config file (--debug shows the traceback)")
+  return (
+      f"--config={spec}: loading the config failed: {type(e).__name__}: {_innermost_text(e)}. Fix: correct the "
+      "config file (--debug shows the traceback)")
 
 
 def _flags_parser(cmd, debug):
@@ -331,14 +366,20 @@ def _flags_parser(cmd, debug):
       config = FLAGS.config
       spec = _config_spec(argv)
       if config is None:
-        _fail(cmd, f"--config={spec}: get_config() returned None. Fix: return the ConfigDict from get_config",
-              keep_stderr=debug)
+        _fail(
+            cmd,
+            f"--config={spec}: get_config() returned None. Fix: return the ConfigDict from get_config",
+            keep_stderr=debug)
       try:
-        config.keys()                # a config file that failed to load raises here (config_flags defers it)
+        config.keys()  # a config file that failed to load raises here (config_flags defers it)
       except OSError as e:
         detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
-        _fail(cmd, f"--config={spec}: cannot load the config file ({detail}). Fix: pass an existing configs/*.py "
-                   "file, e.g. --config=configs/quickstart.py", show_traceback=debug, keep_stderr=debug)
+        _fail(
+            cmd,
+            f"--config={spec}: cannot load the config file ({detail}). Fix: pass an existing configs/*.py "
+            "file, e.g. --config=configs/quickstart.py",
+            show_traceback=debug,
+            keep_stderr=debug)
     return rest
   return parse
 
@@ -352,7 +393,9 @@ def _early_sigterm():
     return
 
   def handler(*_):
-    print("farmer_jax train: SIGTERM during start-up; nothing was written; re-run the same command", file=sys.stderr)
+    print(
+        "farmer_jax train: SIGTERM during start-up; nothing was written; re-run the same command",
+        file=sys.stderr)
     os._exit(0)
 
   signal.signal(signal.SIGTERM, handler)
@@ -365,12 +408,14 @@ def run(argv=None):
     sys.exit(0 if len(argv) >= 2 else 2)
   cmd = argv[1]
   if cmd not in COMMANDS:
-    print(f"farmer_jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (farmer_jax --help)",
-          file=sys.stderr)
+    print(
+        f"farmer_jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (farmer_jax --help)",
+        file=sys.stderr)
     sys.exit(2)
   if cmd == "train":
     _early_sigterm()
   prog_argv = [f"farmer_jax {cmd}"] + argv[2:]
-  sys.argv = prog_argv                         # config_flags reads the --config.x.y overrides from sys.argv
-  debug = any(a in ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1") for a in prog_argv)
+  sys.argv = prog_argv  # config_flags reads the --config.x.y overrides from sys.argv
+  debug = any(
+      a in ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1") for a in prog_argv)
   app.run(_command_main(cmd), argv=prog_argv, flags_parser=_flags_parser(cmd, debug))

@@ -1,21 +1,37 @@
-"""Typed model config and validation of a whole run config (``ml_collections.ConfigDict``).
+"""Typed config sections and validation of a whole run config (``ml_collections.ConfigDict``).
 
-Validation runs before anything touches the disk, and every error names the offending field, its value and a fix.
+One dataclass per section holds its fields and their defaults: ``ModelConfig`` (``config.model``
++ the shape fields of ``config.data``), ``TrainConfig`` (``config.train``) and ``SamplerConfig``
+(the sampler settings of ``config.sample``, also set by ``farmer_jax sample --cfg/--guidance/
+--sampler``); each is built by ``from_config``. Validation runs before anything touches the disk,
+and every error names the offending field, its value and a fix. This module does not import jax
+(the CLI reads its tables before jax starts).
 """
 
 import dataclasses
 import math
 import os
 import re
+import typing
+from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 DIMRED_MODES = ("farmer", "jetformer", "none")
 SCALE_FNS = ("squareplus", "softplus")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The dtypes by name: model.dtype (compute) and the export's params (--dtype). jnp_dtype(name).
+DTYPE_NAMES = ("float32", "bfloat16")
 NOISE_KINDS = ("gaussian", "uniform")
 AR_ORDERS = ("alternate", "same")
+GUIDANCE_MODES = ("none", "resampling", "naive")
+
+
+def jnp_dtype(name):
+  """'float32' | 'bfloat16' (``DTYPE_NAMES``) -> the jax.numpy dtype."""
+  if name not in DTYPE_NAMES:
+    raise ValueError(f"dtype {name!r} is not supported; use one of {list(DTYPE_NAMES)}")
+  import jax.numpy as jnp
+  return getattr(jnp, name)
 
 
 class ConfigError(ValueError):
@@ -35,8 +51,8 @@ class ModelConfig:
   flow_width: int = 128
   flow_heads: int = 2
   flow_class_conditional: bool = False
-  flow_final_norm: bool = True        # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
-  ar_order: str = "alternate"         # AR prior vs the last AF block: "alternate" (opposite order) | "same"
+  flow_final_norm: bool = True  # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
+  ar_order: str = "alternate"  # AR prior vs the last AF block: "alternate" (opposite order) | "same"
   # AR prior
   ar_width: int = 128
   ar_depth: int = 2
@@ -82,7 +98,8 @@ class ModelConfig:
     "block n + 1" of the alternation; paper Table 3 "final permute"); 'same' runs it in the last block's order.
     """
     if self.ar_order not in AR_ORDERS:
-      raise _err("model.ar_order", self.ar_order, "unknown AR prior direction", f"use one of {AR_ORDERS}")
+      raise _err("model.ar_order", self.ar_order, "unknown AR prior direction",
+                 f"use one of {AR_ORDERS}")
     last_block_flipped = self.flow_blocks % 2 == 0
     return last_block_flipped if self.ar_order == "same" else not last_block_flipped
 
@@ -92,17 +109,19 @@ class ModelConfig:
 
   @property
   def jnp_dtype(self):
-    return DTYPES[self.dtype]
+    return jnp_dtype(self.dtype)
 
   @classmethod
   def from_config(cls, config):
     fields = {f.name for f in dataclasses.fields(cls)}
     if "final_flip" in config.model:
-      raise removed_final_flip_error(config.model.final_flip, config.model.get("flow_blocks", cls.flow_blocks))
+      raise removed_final_flip_error(config.model.final_flip,
+                                     config.model.get("flow_blocks", cls.flow_blocks))
     kw = {k: v for k, v in config.model.items() if k in fields}
     unknown = sorted(set(config.model.keys()) - fields)
     if unknown:
-      raise ConfigError(f"config.model has unknown field(s) {unknown}; known fields: {sorted(fields)}")
+      raise ConfigError(
+          f"config.model has unknown field(s) {unknown}; known fields: {sorted(fields)}")
     kw["image_size"] = config.data.image_size
     kw["channels"] = config.data.channels
     kw["num_classes"] = config.data.num_classes
@@ -130,10 +149,11 @@ def upgrade_saved_config(config):
   (Config FILES with final_flip are refused instead, so a user picks the order on purpose.)"""
   model = config.get("model")
   if model is not None and "final_flip" in model:
-    model.ar_order = legacy_ar_order(model.final_flip, model.get("flow_blocks", ModelConfig.flow_blocks))
+    model.ar_order = legacy_ar_order(model.final_flip,
+                                     model.get("flow_blocks", ModelConfig.flow_blocks))
     del model["final_flip"]
   if model is not None and "flow_final_norm" not in model:
-    model.flow_final_norm = False      # saved before the AF output norm existed: those models have none
+    model.flow_final_norm = False  # saved before the AF output norm existed: those models have none
   return config
 
 
@@ -161,7 +181,8 @@ def config_changes(saved, current, sections=("data", "model")):
     for k in sorted(set(a) | set(b)):
       va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
       if isinstance(va, (list, tuple)) or isinstance(vb, (list, tuple)):
-        va, vb = list(va) if isinstance(va, (list, tuple)) else va, list(vb) if isinstance(vb, (list, tuple)) else vb
+        va, vb = list(va) if isinstance(va, (list, tuple)) else va, list(vb) if isinstance(
+            vb, (list, tuple)) else vb
       if va != vb:
         out.append(f"{sec}.{k}: {va!r} -> {vb!r}")
   return out
@@ -169,13 +190,14 @@ def config_changes(saved, current, sections=("data", "model")):
 
 def removed_final_flip_error(final_flip, flow_blocks):
   order = legacy_ar_order(final_flip, flow_blocks)
-  return _err("model.final_flip", final_flip,
-              "model.final_flip was replaced by model.ar_order ('alternate': the AR prior runs opposite to the "
-              "last AF block; 'same': in its order), whose meaning does not depend on the parity of "
-              "model.flow_blocks",
-              f"delete final_flip and set --config.model.ar_order={order} to reproduce the old behaviour with "
-              f"model.flow_blocks={flow_blocks} (old final_flip=True is 'same' for an even block count and "
-              "'alternate' for an odd one; final_flip=False is the opposite)")
+  return _err(
+      "model.final_flip", final_flip,
+      "model.final_flip was replaced by model.ar_order ('alternate': the AR prior runs opposite to the "
+      "last AF block; 'same': in its order), whose meaning does not depend on the parity of "
+      "model.flow_blocks",
+      f"delete final_flip and set --config.model.ar_order={order} to reproduce the old behaviour with "
+      f"model.flow_blocks={flow_blocks} (old final_flip=True is 'same' for an even block count and "
+      "'alternate' for an odd one; final_flip=False is the opposite)")
 
 
 def validate_model(m: ModelConfig):
@@ -191,9 +213,10 @@ def validate_model(m: ModelConfig):
                f"it does not divide data.image_size={m.image_size}",
                "choose a patch size that divides the image size")
   if not isinstance(m.num_classes, int) or m.num_classes < 0:
-    raise _err("data.num_classes", m.num_classes, "must be >= 0 (0 = unconditional)", "set it to the number of labels")
-  for f in ("flow_blocks", "flow_layers", "flow_width", "flow_heads", "ar_width", "ar_depth", "ar_heads",
-            "mlp_ratio", "mixtures_informative"):
+    raise _err("data.num_classes", m.num_classes, "must be >= 0 (0 = unconditional)",
+               "set it to the number of labels")
+  for f in ("flow_blocks", "flow_layers", "flow_width", "flow_heads", "ar_width", "ar_depth",
+            "ar_heads", "mlp_ratio", "mixtures_informative"):
     pos("model." + f, getattr(m, f))
   if not isinstance(m.class_repeats, int) or m.class_repeats < 1:
     raise _err("model.class_repeats", m.class_repeats, "the class prefix needs M >= 1 copies",
@@ -205,38 +228,44 @@ def validate_model(m: ModelConfig):
     raise _err("model.ar_heads", m.ar_heads, f"does not divide model.ar_width={m.ar_width}",
                "pick a head count dividing the width")
   if m.dimred not in DIMRED_MODES:
-    raise _err("model.dimred", m.dimred, "unknown dimension-reduction mode", f"use one of {DIMRED_MODES}")
+    raise _err("model.dimred", m.dimred, "unknown dimension-reduction mode",
+               f"use one of {DIMRED_MODES}")
   if m.dimred != "none":
     d = m.token_dim
     if not isinstance(m.d_informative, int) or not 1 <= m.d_informative < d:
-      raise _err("model.d_informative", m.d_informative,
-                 f"d_I must satisfy 1 <= d_I < d = patch_size^2 * channels = {d} for dimred={m.dimred!r}",
-                 f"choose d_I below {d}, or set --config.model.dimred=none to model all {d} channels")
+      raise _err(
+          "model.d_informative", m.d_informative,
+          f"d_I must satisfy 1 <= d_I < d = patch_size^2 * channels = {d} for dimred={m.dimred!r}",
+          f"choose d_I below {d}, or set --config.model.dimred=none to model all {d} channels")
   if m.dimred == "farmer":
     pos("model.mixtures_redundant", m.mixtures_redundant)
   if m.ar_order not in AR_ORDERS:
-    raise _err("model.ar_order", m.ar_order, "unknown AR prior direction",
-               f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final permute)")
+    raise _err(
+        "model.ar_order", m.ar_order, "unknown AR prior direction",
+        f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final permute)"
+    )
   if m.scale_fn not in SCALE_FNS:
-    raise _err("model.scale_fn", m.scale_fn, "unknown scale parameterisation", f"use one of {SCALE_FNS}")
+    raise _err("model.scale_fn", m.scale_fn, "unknown scale parameterisation",
+               f"use one of {SCALE_FNS}")
   if not m.scale_floor > 0:
     raise _err("model.scale_floor", m.scale_floor, "must be > 0", "use e.g. 1e-6")
-  if m.dtype not in DTYPES:
-    raise _err("model.dtype", m.dtype, "unknown compute dtype", f"use one of {sorted(DTYPES)}")
+  if m.dtype not in DTYPE_NAMES:
+    raise _err("model.dtype", m.dtype, "unknown compute dtype", f"use one of {sorted(DTYPE_NAMES)}")
   for f in dataclasses.fields(m):
     if f.type in (bool, "bool") and not isinstance(getattr(m, f.name), (bool, np.bool_)):
       raise _err(f"model.{f.name}", getattr(m, f.name), "must be True or False",
                  f"set --config.model.{f.name}=true or false")
 
 
-def _is_int(v):
+def is_int(v):
+  """An integer (Python or numpy), not a bool."""
   return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_real(v):
   """A finite number (int or float, not a bool)."""
-  return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-          and math.isfinite(v))
+  return (isinstance(v, (int, float, np.integer, np.floating)) and
+          not isinstance(v, (bool, np.bool_)) and math.isfinite(v))
 
 
 def _check(ok, field, value, why, fix):
@@ -246,7 +275,7 @@ def _check(ok, field, value, why, fix):
 
 def _int_at_least(field, value, lo, fix, what=None):
   what = what or f"an integer >= {lo}"
-  _check(_is_int(value) and value >= lo, field, value, f"must be {what}", fix)
+  _check(is_int(value) and value >= lo, field, value, f"must be {what}", fix)
 
 
 def _real_in(field, value, lo, hi=None, lo_open=False, fix="", what=None):
@@ -260,8 +289,9 @@ def _real_in(field, value, lo, hi=None, lo_open=False, fix="", what=None):
 
 def _section(config, name):
   if name not in config or config[name] is None:
-    raise ConfigError(f"config has no '{name}' section; start from configs/quickstart.py (a run config needs "
-                      "data, model, train, eval, sample, mesh and sharding_rules)")
+    raise ConfigError(
+        f"config has no '{name}' section; start from configs/quickstart.py (a run config needs "
+        "data, model, train, eval, sample, mesh and sharding_rules)")
   return config[name]
 
 
@@ -283,69 +313,141 @@ def _validate_data(d):
   from farmer_jax.data.pipeline import DATASETS
   known = sorted(DATASETS)
   name = d.get("name")
-  _check(isinstance(name, str) and name in DATASETS, "data.name", name,
-         f"this release has no input pipeline for it (known datasets: {known})",
-         f"use one of {known} (configs/quickstart.py trains on mnist5k); ImageNet arrives with the data issue")
+  _check(
+      isinstance(name, str) and name in DATASETS, "data.name", name,
+      f"this release has no input pipeline for it (known datasets: {known})",
+      f"use one of {known} (configs/quickstart.py trains on mnist5k)"
+  )
   info = DATASETS[name]
   size = d.image_size
-  _check(_is_int(size) and size >= info.min_image_size and (size - info.min_image_size) % 2 == 0,
-         "data.image_size", size,
-         f"{name} images are {info.min_image_size}x{info.min_image_size}, zero-padded evenly on each side to "
-         "data.image_size",
-         f"use {info.min_image_size} or more, with an even difference to {info.min_image_size} (e.g. "
-         f"{info.min_image_size + 4})")
-  _check(_is_int(d.channels) and d.channels == info.channels, "data.channels", d.channels,
+  _check(
+      is_int(size) and size >= info.min_image_size and (size - info.min_image_size) % 2 == 0,
+      "data.image_size", size,
+      f"{name} images are {info.min_image_size}x{info.min_image_size}, zero-padded evenly on each side to "
+      "data.image_size",
+      f"use {info.min_image_size} or more, with an even difference to {info.min_image_size} (e.g. "
+      f"{info.min_image_size + 4})")
+  _check(is_int(d.channels) and d.channels == info.channels, "data.channels", d.channels,
          f"{name} has {info.channels} channel(s)", f"set --config.data.channels={info.channels}")
-  _check(_is_int(d.num_classes) and d.num_classes in (0, info.num_classes), "data.num_classes", d.num_classes,
-         f"{name} has {info.num_classes} classes (labels 0..{info.num_classes - 1}); a different count would "
-         "leave labels outside the class embedding",
-         f"set --config.data.num_classes={info.num_classes} (or 0 for an unconditional model)")
+  _check(
+      is_int(d.num_classes) and d.num_classes in (0, info.num_classes), "data.num_classes",
+      d.num_classes,
+      f"{name} has {info.num_classes} classes (labels 0..{info.num_classes - 1}); a different count would "
+      "leave labels outside the class embedding",
+      f"set --config.data.num_classes={info.num_classes} (or 0 for an unconditional model)")
   return info
 
 
-# config.train: field -> (check(value) -> bool, what it must be, fix). Keys and defaults: configlib.base_train().
-_TRAIN_RULES = {
-    "steps": ("int", 1, "an integer >= 1 (optimizer steps)", "e.g. --config.train.steps=3000"),
-    "batch_size": ("int", 1, "an integer >= 1 (the global batch)", "e.g. --config.train.batch_size=32"),
-    "warmup_steps": ("int", 0, "an integer >= 0", "e.g. --config.train.warmup_steps=100 (0 = no warmup)"),
-    "log_every": ("int", 1, "an integer >= 1 (steps between logs and non-finite checks)",
-                  "e.g. --config.train.log_every=50"),
-    "seed": ("int", 0, "an integer >= 0", "e.g. --config.train.seed=0"),
-    "ckpt_every": ("int", 0, "an integer >= 0 (0 = checkpoint only at the end)", "e.g. --config.train.ckpt_every=500"),
-    "ckpt_keep": ("int", 1, "an integer >= 1 (checkpoints kept; the newest must survive)",
-                  "e.g. --config.train.ckpt_keep=2"),
-    "ckpt_keep_period": ("int", 0, "an integer >= 0 (0 = keep no periodic checkpoints)",
-                         "e.g. --config.train.ckpt_keep_period=0"),
-    "lr": ("real>", 0.0, None, "use e.g. --config.train.lr=1e-4"),
-    "min_lr": ("real", 0.0, None, "use e.g. --config.train.min_lr=1e-6 (<= train.lr)"),
-    "weight_decay": ("real", 0.0, None, "use e.g. --config.train.weight_decay=0.03 (0 = none)"),
-    "grad_clip": ("real", 0.0, None, "use e.g. --config.train.grad_clip=1.0 (0 = off)"),
-    "noise_max": ("real", 0.0, "a finite number >= 0 (the dequantization noise std)",
-                  "use e.g. 0.1 (paper: 0.1 -> 0.005)"),
-    "noise_min": ("real", 0.0, "a finite number >= 0 (the dequantization noise std)",
-                  "use e.g. 0.005 (paper: 0.1 -> 0.005)"),
-    "b1": ("unit", None, "a number in [0, 1) (Adam's first-moment decay)", "use e.g. --config.train.b1=0.9"),
-    "b2": ("unit", None, "a number in [0, 1) (Adam's second-moment decay)", "use e.g. --config.train.b2=0.95"),
-    "ema_decay": ("unit", None, "a number in [0, 1) (0 = no EMA; 1 would freeze the EMA at the init)",
-                  "use e.g. --config.train.ema_decay=0.9999, or 0 to turn EMA off"),
-    "label_drop": ("unit", None, "a number in [0, 1) (probability of the null label)",
-                   "use e.g. --config.train.label_drop=0.1"),
-}
+def _train_field(default, rule=None):
+  """A TrainConfig field: its default and its rule (kind, bound, what, fix); see TrainConfig."""
+  return dataclasses.field(default=default, metadata={"rule": rule} if rule else {})
 
 
-def _validate_train(t):
-  from farmer_jax.configlib import base_train
-  known = sorted(base_train().keys())
-  unknown = sorted(set(t.keys()) - set(known))
-  if unknown:
-    raise ConfigError(f"config.train has unknown field(s) {unknown}; known fields: {known}. Fix: remove or rename "
-                      "them (see farmer_jax/configlib.py base_train)")
-  missing = [k for k in known if k not in t]
-  if missing:
-    raise ConfigError(f"config.train lacks field(s) {missing}. Fix: start config.train from "
-                      "farmer_jax.configlib.base_train() and update it")
-  for key, (kind, lo, what, fix) in _TRAIN_RULES.items():
-    field, v = f"train.{key}", t[key]
+_NOISE_STD = ("real", 0.0, "a finite number >= 0 (the dequantization noise std)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """``config.train``: optimizer, schedules, dequantization noise, checkpoints (``from_config``).
+
+  The defaults below are THE train defaults: configs start ``config.train`` from
+  ``configlib.base_train()``, a ConfigDict of them, so ``--config.train.x=...`` overrides work and
+  unknown keys are refused. A field's rule (kind, bound, what it must be, fix) is checked by
+  ``validate_train``; kind 'int': an integer >= bound, 'real>': a finite number > bound, 'real':
+  >= bound, 'unit': in [0, 1).
+  """
+  steps: int = _train_field(1000, ("int", 1, "an integer >= 1 (optimizer steps)",
+                                   "e.g. --config.train.steps=3000"))
+  batch_size: int = _train_field(64, ("int", 1, "an integer >= 1 (the global batch)",
+                                      "e.g. --config.train.batch_size=32"))
+  # peak lr (paper: 1e-4 -> 1e-6 cosine, 5000 warmup steps)
+  lr: float = _train_field(1e-4, ("real>", 0.0, None, "use e.g. --config.train.lr=1e-4"))
+  min_lr: float = _train_field(1e-6, ("real", 0.0, None,
+                                      "use e.g. --config.train.min_lr=1e-6 (<= train.lr)"))
+  warmup_steps: int = _train_field(5000, ("int", 0, "an integer >= 0",
+                                          "e.g. --config.train.warmup_steps=100 (0 = no warmup)"))
+  b1: float = _train_field(0.9, ("unit", None, "a number in [0, 1) (Adam's first-moment decay)",
+                                 "use e.g. --config.train.b1=0.9"))
+  b2: float = _train_field(0.95, ("unit", None, "a number in [0, 1) (Adam's second-moment decay)",
+                                  "use e.g. --config.train.b2=0.95"))
+  # applied to kernels only
+  weight_decay: float = _train_field(0.03, ("real", 0.0, None,
+                                            "use e.g. --config.train.weight_decay=0.03 (0 = none)"))
+  # global-norm clip; 0 = off
+  grad_clip: float = _train_field(0.0, ("real", 0.0, None,
+                                        "use e.g. --config.train.grad_clip=1.0 (0 = off)"))
+  # 0 = no EMA params
+  ema_decay: float = _train_field(0.0, (
+      "unit", None, "a number in [0, 1) (0 = no EMA; 1 would freeze the EMA at the init)",
+      "use e.g. --config.train.ema_decay=0.9999, or 0 to turn EMA off"))
+  # gaussian (annealed) | uniform (exact bpd runs); NOISE_KINDS
+  noise_kind: str = _train_field("gaussian")
+  # dequantization noise std in [-1, 1] units, cosine-annealed max -> min
+  noise_max: float = _train_field(0.1, _NOISE_STD + ("use e.g. 0.1 (paper: 0.1 -> 0.005)",))
+  noise_min: float = _train_field(0.005, _NOISE_STD + ("use e.g. 0.005 (paper: 0.1 -> 0.005)",))
+  # steps over which sigma anneals; -1 = train.steps (see noise_anneal_steps)
+  noise_steps: int = _train_field(-1)
+  # probability of replacing the label by the null class (for CFG)
+  label_drop: float = _train_field(0.1, ("unit", None,
+                                         "a number in [0, 1) (probability of the null label)",
+                                         "use e.g. --config.train.label_drop=0.1"))
+  seed: int = _train_field(0, ("int", 0, "an integer >= 0", "e.g. --config.train.seed=0"))
+  log_every: int = _train_field(50, ("int", 1,
+                                     "an integer >= 1 (steps between logs and non-finite checks)",
+                                     "e.g. --config.train.log_every=50"))
+  # async checkpoint every k steps (0 = only at the end); always one at the end
+  ckpt_every: int = _train_field(0, ("int", 0, "an integer >= 0 (0 = checkpoint only at the end)",
+                                     "e.g. --config.train.ckpt_every=500"))
+  # keep the last n checkpoints ...
+  ckpt_keep: int = _train_field(2, ("int", 1,
+                                    "an integer >= 1 (checkpoints kept; the newest must survive)",
+                                    "e.g. --config.train.ckpt_keep=2"))
+  # ... plus every m-th step forever (0 = none)
+  ckpt_keep_period: int = _train_field(0, ("int", 0,
+                                           "an integer >= 0 (0 = keep no periodic checkpoints)",
+                                           "e.g. --config.train.ckpt_keep_period=0"))
+
+  @property
+  def noise_anneal_steps(self):
+    """Steps over which the noise std anneals: ``noise_steps``, or ``steps`` when it is -1."""
+    return self.steps if self.noise_steps < 0 else self.noise_steps
+
+  def get(self, name, default=None):
+    """``t.get('ckpt_keep', 2)`` as on a ConfigDict (every field always has a value)."""
+    return getattr(self, name, default)
+
+  @classmethod
+  def from_config(cls, config):
+    """A run config's ``config.train`` -> TrainConfig, validated (ConfigError naming the field)."""
+    return cls.from_section(_section(config, "train"))
+
+  @classmethod
+  def from_section(cls, t):
+    """``config.train`` (ConfigDict or dict) -> TrainConfig. Unknown and missing keys are refused
+    (a config states every train field; start from configlib.base_train()), then every value is
+    checked. Integer values of float fields become floats."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(t.keys()) - set(known))
+    if unknown:
+      raise ConfigError(f"config.train has unknown field(s) {unknown}; known fields: {known}. "
+                        "Fix: remove or rename them (see farmer_jax/configlib.py base_train)")
+    missing = [k for k in known if k not in t]
+    if missing:
+      raise ConfigError(f"config.train lacks field(s) {missing}. Fix: start config.train from "
+                        "farmer_jax.configlib.base_train() and update it")
+    out = cls(**{k: t[k] for k in known})
+    validate_train(out)
+    floats = {f.name: float(getattr(out, f.name))
+              for f in dataclasses.fields(cls) if f.type is float}
+    return dataclasses.replace(out, **floats)
+
+
+def validate_train(t: TrainConfig):
+  """Checks a TrainConfig's values (each field's rule, then cross-field ones); ConfigError."""
+  for f in dataclasses.fields(t):
+    if "rule" not in f.metadata:
+      continue
+    (kind, lo, what, fix), field, v = f.metadata["rule"], f"train.{f.name}", getattr(t, f.name)
     if kind == "int":
       _int_at_least(field, v, lo, fix, what)
     elif kind == "real>":
@@ -356,11 +458,13 @@ def _validate_train(t):
       _real_in(field, v, 0.0, 1.0, fix=fix, what=what)
   _check(t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"it exceeds train.lr={t.lr}",
          "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
-  _check(t.noise_min <= t.noise_max, "train.noise_min", t.noise_min, f"it exceeds train.noise_max={t.noise_max}",
+  _check(t.noise_min <= t.noise_max, "train.noise_min", t.noise_min,
+         f"it exceeds train.noise_max={t.noise_max}",
          "the cosine schedule anneals from noise_max down to noise_min")
   _check(t.noise_kind in NOISE_KINDS, "train.noise_kind", t.noise_kind, "unknown dequantization",
          f"use one of {NOISE_KINDS}")
-  _check(_is_int(t.noise_steps) and (t.noise_steps == -1 or t.noise_steps >= 1), "train.noise_steps", t.noise_steps,
+  _check(is_int(t.noise_steps) and (t.noise_steps == -1 or t.noise_steps >= 1), "train.noise_steps",
+         t.noise_steps,
          "must be an integer >= 1 (steps over which the noise anneals) or -1 (= train.steps)",
          "use -1 to anneal over the whole run")
 
@@ -368,22 +472,132 @@ def _validate_train(t):
 def _validate_eval(e, info, data_name):
   splits = [s for s, _ in info.splits]
   _int_at_least("eval.batch_size", e.get("batch_size"), 1, "e.g. --config.eval.batch_size=250")
-  _check(e.get("split") in splits, "eval.split", e.get("split"), f"{data_name} has the splits {splits}",
-         f"use one of {splits}")
+  _check(
+      e.get("split") in splits, "eval.split", e.get("split"),
+      f"{data_name} has the splits {splits}", f"use one of {splits}")
+
+
+class ResamplingCFG(NamedTuple):
+  """Hyper-parameters of resampling CFG (paper Table 6 names). ``w``, the guidance scale, is
+  spelled ``cfg`` in config.sample and on the CLI (see SAMPLER_FIELDS)."""
+  w: float = 0.0
+  s_c: int = 5
+  s_u: int = 5
+  t_pi: float = 1.0
+  t_sigma: float = 1.0
+  t_pi_v: float = 1.0
+  t_sigma_v: float = 1.0
+  t_s: float = 1.0
+
+
+class SamplerConfig(NamedTuple):
+  """How to sample: the sampler settings of ``config.sample`` (``from_config``), flat: SAMPLER_KEYS.
+
+  Adding a sampler option = a field here (or in ResamplingCFG) and its check in validate_sampler;
+  the config.sample keys, the CLI's --sampler keys and their help follow from the fields.
+  """
+  guidance: str = "none"                 # GUIDANCE_MODES
+  # w and temperatures; the proposal temperatures are also used by 'none' and 'naive'
+  cfg: ResamplingCFG = ResamplingCFG()
+  # resampling CFG: candidates per group (cond, uncond) for EACH z^R_i
+  redundant_candidates: int = 16
+  redundant_var_scale: float = 1.0       # paper Fig. 7: multiplies the redundant group's variances
+  naive_proposals: int = 1000
+
+  @property
+  def informative_pool(self):
+    """Candidates per informative resampling draw: s_c + s_u."""
+    return self.cfg.s_c + self.cfg.s_u
+
+  @property
+  def redundant_pool(self):
+    """Candidates per redundant resampling draw: redundant_candidates per group (cond, uncond)."""
+    return 2 * self.redundant_candidates
+
+  @classmethod
+  def from_config(cls, sc):
+    """``config.sample`` (ConfigDict or dict) -> validated SamplerConfig. Keys other than
+    SAMPLER_KEYS (per_class, seed) are ignored; missing ones take the defaults. Raises ValueError
+    naming the key."""
+    sc = dict(sc)
+    top, sub = {}, {}
+    for key, (parent, name, typ) in SAMPLER_FIELDS.items():
+      if key in sc:
+        (sub if parent else top)[name] = _sampler_value(key, sc[key], typ)
+    s = cls(cfg=ResamplingCFG(**sub), **top)
+    validate_sampler(s)
+    return s
+
+
+def _sampler_fields():
+  """flat key -> (parent field or None, field name, type): SamplerConfig's fields with ``cfg``
+  replaced by ResamplingCFG's, of which ``w`` keeps the key ``cfg`` (the guidance scale, --cfg)."""
+  out = {}
+  top, sub = typing.get_type_hints(SamplerConfig), typing.get_type_hints(ResamplingCFG)
+  for name in SamplerConfig._fields:
+    if name != "cfg":
+      out[name] = (None, name, top[name])
+      continue
+    for inner in ResamplingCFG._fields:
+      out["cfg" if inner == "w" else inner] = ("cfg", inner, sub[inner])
+  return out
+
+
+# Keys of ``config.sample`` (and of the CLI's --sampler) that configure sampling; the others
+# (per_class, seed) do not. Derived from the fields of SamplerConfig and ResamplingCFG.
+SAMPLER_FIELDS = _sampler_fields()
+SAMPLER_KEYS = tuple(SAMPLER_FIELDS)
+
+
+def _sampler_value(key, v, typ):
+  if typ is int:
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        or v != int(v)):
+      raise ValueError(f"{key}={v!r} must be an integer")
+    return int(v)
+  return typ(v)
+
+
+def sampler_from_config(sc) -> SamplerConfig:
+  """``config.sample`` (ConfigDict or dict) -> SamplerConfig; see SamplerConfig.from_config."""
+  return SamplerConfig.from_config(sc)
+
+
+def validate_sampler(s: SamplerConfig):
+  """Checks a SamplerConfig; raises ValueError naming the setting."""
+  if s.guidance not in GUIDANCE_MODES:
+    raise ValueError(f"guidance={s.guidance!r} is unknown; use one of {GUIDANCE_MODES}")
+  c = s.cfg
+  if not (c.w >= 0 and math.isfinite(c.w)):
+    raise ValueError(f"cfg={c.w} must be a finite number >= 0 (0 = no guidance strength)")
+  for name in ("t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s"):
+    v = getattr(c, name)
+    if not (v > 0 and math.isfinite(v)):
+      raise ValueError(f"temperature {name}={v} must be a finite number > 0")
+  if s.guidance == "resampling" and (not (is_int(c.s_c) and is_int(c.s_u)) or c.s_c < 0 or c.s_u < 0
+                                     or c.s_c + c.s_u < 1):
+    raise ValueError(f"candidate counts s_c={c.s_c}, s_u={c.s_u} must be integers >= 0 with "
+                     "s_c + s_u >= 1")
+  if not is_int(s.redundant_candidates) or s.redundant_candidates < 1:
+    raise ValueError(f"redundant_candidates={s.redundant_candidates} must be an integer >= 1 "
+                     "(candidates per group for each redundant token)")
+  if not (s.redundant_var_scale >= 0 and math.isfinite(s.redundant_var_scale)):
+    raise ValueError(f"redundant_var_scale={s.redundant_var_scale} must be a finite number >= 0")
+  if not is_int(s.naive_proposals) or s.naive_proposals < 1:
+    raise ValueError(f"naive_proposals={s.naive_proposals} must be an integer >= 1")
 
 
 def _validate_sample(s):
-  from farmer_jax.sampling.sampler import SAMPLER_KEYS, sampler_from_config
   extra = ("per_class", "seed")
   unknown = sorted(set(s.keys()) - set(SAMPLER_KEYS) - set(extra))
   if unknown:
-    raise ConfigError(f"config.sample has unknown field(s) {unknown}; known fields: {sorted(SAMPLER_KEYS + extra)}. "
-                      "Fix: remove or rename them")
+    raise ConfigError(f"config.sample has unknown field(s) {unknown}; known fields: "
+                      f"{sorted(SAMPLER_KEYS + extra)}. Fix: remove or rename them")
   _int_at_least("sample.per_class", s.get("per_class"), 1, "e.g. --config.sample.per_class=8")
   _int_at_least("sample.seed", s.get("seed"), 0, "e.g. --config.sample.seed=0")
   sampler_settings = {k: v for k, v in s.items() if k in SAMPLER_KEYS}
   try:
-    sampler_from_config(sampler_settings)
+    SamplerConfig.from_config(sampler_settings)
   except ValueError as e:
     msg = str(e)
     # name the key the sampler complained about (the earliest 'key=' in its message)
@@ -392,8 +606,9 @@ def _validate_sample(s):
     if key is None:
       raise ConfigError(f"config.sample is invalid: {msg}. Fix: correct config.sample") from None
     value = sampler_settings.get(key, "<default>")
-    raise ConfigError(f"config.sample.{key}={value!r} is invalid: {msg}. Fix: set --config.sample.{key} to a valid "
-                      "value (at sampling time: farmer_jax sample --cfg/--guidance/--sampler)") from None
+    raise ConfigError(f"config.sample.{key}={value!r} is invalid: {msg}. Fix: set "
+                      f"--config.sample.{key} to a valid value (at sampling time: farmer_jax "
+                      "sample --cfg/--guidance/--sampler)") from None
 
 
 def _validate_mesh(config, t, info, num_devices, num_processes):
@@ -409,21 +624,24 @@ def _validate_mesh(config, t, info, num_devices, num_processes):
   rules = config.sharding_rules
   ok_rules = not isinstance(rules, (str, bytes)) and all(
       not isinstance(r, (str, bytes)) and len(r) == 2 and isinstance(r[0], str) for r in rules)
-  _check(ok_rules, "sharding_rules", rules, "must be a sequence of (logical axis, mesh axis or axes) pairs",
+  _check(ok_rules, "sharding_rules", rules,
+         "must be a sequence of (logical axis, mesh axis or axes) pairs",
          "e.g. (('batch', ('data', 'fsdp')),)")
   for logical, axes in rules:
     axes = () if axes is None else tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
     for a in axes:
-      _check(a in shape, "sharding_rules", rules,
-             f"logical axis {logical!r} maps to mesh axis {a!r}, which config.mesh={config.mesh!r} does not have",
-             f"map it to axes of the mesh {list(names)}")
+      _check(
+          a in shape, "sharding_rules", rules,
+          f"logical axis {logical!r} maps to mesh axis {a!r}, which config.mesh={config.mesh!r} does not have",
+          f"map it to axes of the mesh {list(names)}")
   batch_axes = sharding.batch_mesh_axes(rules)
   slots = int(np.prod([shape[a] for a in batch_axes])) if batch_axes else 1
   b = t.batch_size
-  _check(b % slots == 0, "train.batch_size", b,
-         f"the batch is split over mesh axes {batch_axes} = {slots} data-parallel slots on {num_devices} device(s), "
-         f"and {b} is not a multiple of {slots}",
-         f"use a multiple of {slots}, e.g. --config.train.batch_size={max(slots, b // slots * slots)}")
+  _check(
+      b % slots == 0, "train.batch_size", b,
+      f"the batch is split over mesh axes {batch_axes} = {slots} data-parallel slots on {num_devices} device(s), "
+      f"and {b} is not a multiple of {slots}",
+      f"use a multiple of {slots}, e.g. --config.train.batch_size={max(slots, b // slots * slots)}")
   _check(b % num_processes == 0, "train.batch_size", b,
          f"each of the {num_processes} processes loads batch_size / {num_processes} examples",
          f"use a multiple of {num_processes}")
@@ -436,7 +654,8 @@ def _validate_mesh(config, t, info, num_devices, num_processes):
   if fsdp:
     _check(fsdp.get("axis") in shape, "fsdp.axis", fsdp.get("axis"),
            f"it is not an axis of config.mesh={config.mesh!r}", f"use one of {list(names)}")
-    _int_at_least("fsdp.min_params", fsdp.get("min_params", 0), 0, "e.g. --config.fsdp.min_params=65536")
+    _int_at_least("fsdp.min_params", fsdp.get("min_params", 0), 0,
+                  "e.g. --config.fsdp.min_params=65536")
 
 
 def validate_workdir(workdir, flag="--workdir"):
@@ -452,7 +671,8 @@ def validate_workdir(workdir, flag="--workdir"):
   path = os.path.abspath(workdir)
   if os.path.exists(path):
     if not os.path.isdir(path):
-      raise bad("it is an existing file, not a directory", "pass a new directory path (or an existing run directory)")
+      raise bad("it is an existing file, not a directory",
+                "pass a new directory path (or an existing run directory)")
     if not os.access(path, os.W_OK | os.X_OK):
       raise bad("the directory is not writable", f"fix its permissions or choose another {flag}")
     return
@@ -460,7 +680,8 @@ def validate_workdir(workdir, flag="--workdir"):
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
-    raise bad(f"{parent} is a file, so the directory cannot be created under it", "choose a path under a directory")
+    raise bad(f"{parent} is a file, so the directory cannot be created under it",
+              "choose a path under a directory")
   if not os.access(parent, os.W_OK | os.X_OK):
     raise bad(f"it does not exist and {parent} is not writable, so it cannot be created",
               f"choose a {flag} under a writable directory")
@@ -479,7 +700,7 @@ def validate(config, workdir=None, num_devices=None, num_processes=None):
     _section(config, section)
   info = _validate_data(config.data)
   m = validate_model_config(config)
-  _validate_train(config.train)
+  TrainConfig.from_config(config)
   _validate_eval(config.eval, info, config.data.name)
   _validate_sample(config.sample)
   _validate_mesh(config, config.train, info, num_devices, num_processes)

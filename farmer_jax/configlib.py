@@ -1,6 +1,50 @@
-"""Helpers for configs/*.py (configs are code: each file has ``get_config(arg)`` returning a ConfigDict)."""
+"""Helpers for configs/*.py (configs are code: each file has ``get_config(arg)`` returning a
+ConfigDict), and ``load('quickstart:tiny')``, a shipped config by name.
+"""
+
+import dataclasses
+import importlib.util
+import os
 
 import ml_collections
+
+from farmer_jax.config import ConfigError, TrainConfig
+
+# configs/ sits next to the package: the repository root is the parent of farmer_jax/.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_MODULES = {}
+
+
+def available():
+  """Names of the shipped configs (configs/<name>.py)."""
+  if not os.path.isdir(CONFIGS_DIR):
+    return []
+  files = os.listdir(CONFIGS_DIR)
+  return sorted(f[:-3] for f in files if f.endswith(".py") and not f.startswith("_"))
+
+
+def module(name):
+  """The module of configs/<name>.py (loaded once), e.g. ``module('imagenet256').SAMPLING``."""
+  if name not in _MODULES:
+    names = available()
+    if name not in names:
+      raise ConfigError(f"unknown config {name!r}; available configs: {names} (the files in "
+                        f"{CONFIGS_DIR}). Fix: use one of them, e.g. "
+                        "configlib.load('quickstart:tiny')")
+    path = os.path.join(CONFIGS_DIR, name + ".py")
+    spec = importlib.util.spec_from_file_location(f"farmer_jax_configs.{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _MODULES[name] = mod
+  return _MODULES[name]
+
+
+def load(spec):
+  """'name' or 'name:arg' -> the ConfigDict of configs/<name>.py's get_config() or get_config(arg),
+  as ``--config=configs/<name>.py[:arg]`` loads it, e.g. ``load('imagenet256:1.1B/16')``."""
+  name, sep, arg = spec.partition(":")
+  get_config = module(name).get_config
+  return get_config(arg) if sep else get_config()
 
 
 def parse_arg(arg, **defaults):
@@ -32,28 +76,10 @@ def parse_arg(arg, **defaults):
 
 
 def base_train():
-  return ml_collections.ConfigDict(dict(
-      steps=1000,
-      batch_size=64,
-      lr=1e-4,             # peak lr (paper: 1e-4 -> 1e-6 cosine, 5000 warmup steps)
-      min_lr=1e-6,
-      warmup_steps=5000,
-      b1=0.9,
-      b2=0.95,
-      weight_decay=0.03,   # applied to kernels only
-      grad_clip=0.0,       # global-norm clip; 0 = off
-      ema_decay=0.0,       # 0 = no EMA params
-      noise_kind="gaussian",   # gaussian (annealed) | uniform (exact bpd runs)
-      noise_max=0.1,       # dequantization noise std in [-1, 1] units, cosine-annealed max -> min
-      noise_min=0.005,
-      noise_steps=-1,      # steps over which sigma anneals; -1 = train.steps
-      label_drop=0.1,      # probability of replacing the label by the null class (for CFG)
-      seed=0,
-      log_every=50,
-      ckpt_every=0,        # async checkpoint every k steps (0 = only at the end); always one at the end
-      ckpt_keep=2,         # keep the last n checkpoints ...
-      ckpt_keep_period=0,  # ... plus every m-th step forever (0 = none)
-  ))
+  """``config.train`` with every field at its default: a ConfigDict of ``TrainConfig()`` (where
+  the train defaults live), so ``--config.train.x=...`` overrides work and unknown keys are
+  refused."""
+  return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
 
 
 def base_mesh(config):

@@ -12,8 +12,10 @@ def initialize(mode="off", coordinator_address=None, num_processes=None, process
   if mode == "off":
     return
   if mode == "explicit":
-    missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
-                              ("process_id", process_id)) if v is None]
+    missing = [
+        n for n, v in (("coordinator_address", coordinator_address),
+                       ("num_processes", num_processes), ("process_id", process_id)) if v is None
+    ]
     if missing:
       raise ValueError(f"--distributed=explicit needs --{', --'.join(missing)}")
   elif mode != "auto":

@@ -1,9 +1,14 @@
 """FARMER: autoregressive flow + AR GMM prior over the flow's latents, trained on the exact NLL.
 
-Shape letters: B batch, H W image size, c channels, N tokens, d token dim, d_I / d_R informative / redundant dims.
+Shape letters: B batch, H W image size, c channels, N tokens, d token dim, d_I / d_R informative /
+redundant dims, C AR width.
 
     x (B, H, W, c) in model space --patchify--> (B, N, d) --AF--> z, logdet --[flip if cfg.ar_flip]--> z^I, z^R
     log p(x) = sum_i log p(z^I_i | z^I_<i, y) + sum_i log p(z^R_i | z^I, y) + logdet          (nats)
+
+Labels: AR labels are 0..num_classes-1 plus ``cfg.null_class`` (no class: the unconditional model,
+CFG's unconditional stream, label drop); ``null_labels`` builds null labels, ``flow_label`` maps AR
+labels to the AF's.
 """
 
 import flax.linen as nn
@@ -11,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from farmer_jax.config import ModelConfig
-from farmer_jax.flow.autoregressive_flow import AutoregressiveFlow, flow_inverse
+from farmer_jax.flow.autoregressive_flow import NO_LABEL, AutoregressiveFlow
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.prior import gmm
 from farmer_jax.prior.ar import ARPrior
@@ -19,18 +24,31 @@ from farmer_jax.reduction.split import redundant_log_prob, split_channels
 
 
 def make_flow(c: ModelConfig) -> AutoregressiveFlow:
-  return AutoregressiveFlow(num_tokens=c.num_tokens, token_dim=c.token_dim, width=c.flow_width,
-                            num_blocks=c.flow_blocks, layers_per_block=c.flow_layers, num_heads=c.flow_heads,
-                            num_classes=c.num_classes if c.flow_class_conditional else 0,
-                            mlp_ratio=c.mlp_ratio, dtype=c.jnp_dtype, remat=c.remat, final_norm=c.flow_final_norm)
+  return AutoregressiveFlow(
+      num_tokens=c.num_tokens,
+      token_dim=c.token_dim,
+      width=c.flow_width,
+      num_blocks=c.flow_blocks,
+      layers_per_block=c.flow_layers,
+      num_heads=c.flow_heads,
+      num_classes=c.num_classes if c.flow_class_conditional else 0,
+      mlp_ratio=c.mlp_ratio,
+      dtype=c.jnp_dtype,
+      remat=c.remat,
+      final_norm=c.flow_final_norm)
+
+
+def null_labels(cfg: ModelConfig, n: int):
+  """(n,) int32 labels of the null class."""
+  return jnp.full((n,), cfg.null_class, jnp.int32)
 
 
 def flow_label(cfg: ModelConfig, y):
-  """Labels for the AF: None if it is unconditional; the null class becomes -1 ('no label', mean class
-  embedding; TARFlow's convention)."""
+  """AR labels (B,) -> labels for the AF: None if it is unconditional; the null class becomes
+  ``NO_LABEL`` (the mean class embedding; TARFlow's convention)."""
   if not cfg.flow_class_conditional:
     return None
-  return jnp.where(y == cfg.null_class, -1, y)
+  return jnp.where(y == cfg.null_class, NO_LABEL, y)
 
 
 class Farmer(nn.Module):
@@ -38,6 +56,12 @@ class Farmer(nn.Module):
 
   log_prob_i (informative AR NLL term), log_prob_r (redundant term), logdet (AF), log_prob (their sum), and z
   (B, N, d), the latents in AR order.
+
+  The reverse path (sampling), each a method for ``apply(..., method=...)``:
+    ar_prefill(y (B,)) -> (h (B, C), cache)          class prefix into a fresh KV cache
+    ar_step(z_tok (B, 1, d_I), i, cache) -> (h, cache)  feeds informative token i (0-based)
+    gmm_informative(h) -> GMM of the next z^I_i;  gmm_redundant(h after z^I_N) -> the shared z^R GMM
+    decode(z (B, N, d) in AR order, y (B,)) -> images (B, H, W, c), the exact AF inverse
   """
   cfg: ModelConfig
 
@@ -45,12 +69,9 @@ class Farmer(nn.Module):
     self.flow = make_flow(self.cfg)
     self.prior = ARPrior(self.cfg)
 
-  def flow_label(self, y):
-    return flow_label(self.cfg, y)
-
   def encode(self, x, y):
     """Images -> (z in AR order (B, N, d), logdet (B,))."""
-    z, logdet = self.flow(patchify(x, self.cfg.patch_size), self.flow_label(y))
+    z, logdet = self.flow(patchify(x, self.cfg.patch_size), flow_label(self.cfg, y))
     if self.cfg.ar_flip:
       z = z[:, ::-1]
     return z, logdet
@@ -64,14 +85,34 @@ class Farmer(nn.Module):
     lp_r = redundant_log_prob(c.dimred, z_r, g_r)
     return dict(z=z, logdet=logdet, log_prob_i=lp_i, log_prob_r=lp_r, log_prob=lp_i + lp_r + logdet)
 
+  def ar_prefill(self, y):
+    """Labels (B,) -> (h (B, C) predicting z^I_1, KV cache with the class prefix written)."""
+    return self.prior.prefill(y)
+
+  def ar_step(self, z_tok, i, cache):
+    """Feeds informative token i (0-based), (B, 1, d_I) -> (h (B, C) predicting i+1, cache)."""
+    return self.prior.decode_step(z_tok, i, cache)
+
+  def gmm_informative(self, h):
+    """h (B, C) -> the GMM of the next informative token (batch (B,))."""
+    return self.prior.gmm_informative(h)
+
+  def gmm_redundant(self, h):
+    """h (B, C) after z^I_N -> the GMM shared by every redundant token (dimred='farmer')."""
+    return self.prior.gmm_redundant(h)
+
+  def decode(self, z, y):
+    """Latents in AR order (B, N, d) -> images (B, H, W, c) via the exact sequential AF inverse."""
+    c = self.cfg
+    if c.ar_flip:
+      z = z[:, ::-1]
+    tokens = self.flow.inverse(z, flow_label(c, y))
+    return unpatchify(tokens, c.patch_size, c.image_size, c.channels)
+
 
 def decode_latents(cfg: ModelConfig, params, z, y):
-  """Latents in AR order (B, N, d) -> images (B, H, W, c) via the exact sequential AF inverse."""
-  if cfg.ar_flip:
-    z = z[:, ::-1]
-  flow = make_flow(cfg)
-  tokens = flow_inverse(flow, params["flow"], z, flow_label(cfg, y))
-  return unpatchify(tokens, cfg.patch_size, cfg.image_size, cfg.channels)
+  """``Farmer.decode`` with the model's params: z (B, N, d) in AR order -> images (B, H, W, c)."""
+  return Farmer(cfg).apply({"params": params}, z, y, method=Farmer.decode)
 
 
 def init_params(cfg: ModelConfig, rng, boxed: bool = False):

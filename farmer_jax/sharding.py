@@ -26,27 +26,33 @@ def mesh_shape(mesh_spec, num_devices):
   bad = lambda why, fix: ConfigError(f"config.mesh={mesh_spec!r} is invalid: {why}. Fix: {fix}.")
   example = "e.g. (('data', -1), ('fsdp', 1))"
   if isinstance(mesh_spec, (str, bytes)) or not hasattr(mesh_spec, "__len__") or not len(mesh_spec):
-    raise bad("it must be a non-empty sequence of (axis name, size) pairs", f"set config.mesh, {example}")
+    raise bad("it must be a non-empty sequence of (axis name, size) pairs",
+              f"set config.mesh, {example}")
   names, sizes = [], []
   for entry in mesh_spec:
     if isinstance(entry, (str, bytes)) or not hasattr(entry, "__len__") or len(entry) != 2:
-      raise bad(f"entry {entry!r} is not an (axis name, size) pair", f"write each axis as (name, size), {example}")
+      raise bad(f"entry {entry!r} is not an (axis name, size) pair",
+                f"write each axis as (name, size), {example}")
     name, size = entry
     if not isinstance(name, str) or not name:
       raise bad(f"axis name {name!r} is not a non-empty string", f"name each axis, {example}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (size >= 1 or size == -1):
-      raise bad(f"axis {name!r} has size {size!r}; a size is an integer >= 1, or -1 for the remaining devices",
-                f"use a positive size or -1, {example}")
+    if isinstance(size, bool) or not isinstance(size,
+                                                (int, np.integer)) or not (size >= 1 or size == -1):
+      raise bad(
+          f"axis {name!r} has size {size!r}; a size is an integer >= 1, or -1 for the remaining devices",
+          f"use a positive size or -1, {example}")
     names.append(name)
     sizes.append(int(size))
   if len(set(names)) != len(names):
     raise bad(f"axis names {names} repeat", "give every mesh axis its own name")
   if sizes.count(-1) > 1:
-    raise bad("at most one axis may be -1 (the remaining devices)", "give all but one axis an explicit size")
+    raise bad("at most one axis may be -1 (the remaining devices)",
+              "give all but one axis an explicit size")
   known = int(np.prod([s for s in sizes if s != -1]))
   if num_devices % known:
-    raise bad(f"its fixed axis sizes multiply to {known}, which does not divide the {num_devices} devices",
-              f"use axis sizes whose product divides {num_devices}, or -1 on one axis")
+    raise bad(
+        f"its fixed axis sizes multiply to {known}, which does not divide the {num_devices} devices",
+        f"use axis sizes whose product divides {num_devices}, or -1 on one axis")
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != num_devices:
     raise bad(f"it has {int(np.prod(sizes))} slots for {num_devices} devices",
@@ -55,11 +61,12 @@ def mesh_shape(mesh_spec, num_devices):
 
 
 def make_mesh(mesh_spec, devices=None):
-  """``(('data', -1), ('fsdp', 1))`` -> an Auto-typed Mesh; -1 takes the remaining devices."""
-  devices = jax.devices() if devices is None else devices
+  """``(('data', -1), ('fsdp', 1))`` -> an Auto-typed Mesh over ``devices`` (default: all); -1
+  takes the remaining devices. ``jax.make_mesh`` orders the devices (TPU: along the physical
+  torus; GPU: by device id; CPU: as given)."""
+  devices = jax.devices() if devices is None else list(devices)
   names, sizes = mesh_shape(mesh_spec, len(devices))
-  return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), names,
-                           axis_types=(AxisType.Auto,) * len(names))
+  return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 def batch_mesh_axes(rules):
@@ -104,8 +111,9 @@ def param_shardings(boxed_tree, mesh, rules, fsdp=None):
     return shardings
   axis, size, min_params = fsdp["axis"], mesh.shape[fsdp["axis"]], int(fsdp.get("min_params", 0))
   abstract = nn.unbox(boxed_tree)
-  return jax.tree.map(lambda a, s: NamedSharding(mesh, fsdp_spec(a.shape, s.spec, axis, size, min_params)),
-                      abstract, shardings)
+  return jax.tree.map(
+      lambda a, s: NamedSharding(mesh, fsdp_spec(a.shape, s.spec, axis, size, min_params)),
+      abstract, shardings)
 
 
 def replicated(mesh):
@@ -121,9 +129,11 @@ def opt_state_shardings(tx, abstract_opt_state, param_sh, mesh):
   """Optimizer-state leaves that mirror params take the params' sharding; the rest are replicated."""
   rep = replicated(mesh)
   base = jax.tree.map(lambda _: rep, abstract_opt_state)
-  return optax.tree_map_params(tx, lambda _, s: s, base, param_sh, transform_non_params=lambda _: rep)
+  return optax.tree_map_params(
+      tx, lambda _, s: s, base, param_sh, transform_non_params=lambda _: rep)
 
 
 def global_batch(local_batch, mesh, sharding):
   """Assembles a global array from this process's slice of the batch (multi-host safe)."""
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_batch)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
+                      local_batch)

@@ -2,30 +2,43 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 from farmer_jax.config import ModelConfig
-from farmer_jax.model import Farmer
+from farmer_jax.model import Farmer, init_params
 
-TINY = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, flow_blocks=2, flow_layers=1,
-                   flow_width=32, flow_heads=2, ar_width=32, ar_depth=2, ar_heads=2, class_repeats=2,
-                   dimred="farmer", d_informative=2, mixtures_informative=3, mixtures_redundant=2)
+TINY = ModelConfig(
+    image_size=8,
+    channels=1,
+    patch_size=2,
+    num_classes=3,
+    flow_blocks=2,
+    flow_layers=1,
+    flow_width=32,
+    flow_heads=2,
+    ar_width=32,
+    ar_depth=2,
+    ar_heads=2,
+    class_repeats=2,
+    dimred="farmer",
+    d_informative=2,
+    mixtures_informative=3,
+    mixtures_redundant=2)
 
 
 def perturb(params, key, scale):
   """Adds N(0, scale^2) noise to every leaf so zero-initialised heads/projections become non-trivial."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+      tree, [l + scale * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])
 
 
 def init_farmer(cfg: ModelConfig, seed=0, scale=0.05):
+  """(Farmer, params): ``model.init_params`` with key(seed), then ``perturb``-ed by ``scale``."""
   model = Farmer(cfg)
-  x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels))
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(seed), x, jnp.zeros((1,), jnp.int32)))["params"]
+  params = jax.jit(lambda rng: init_params(cfg, rng))(jax.random.key(seed))
   if scale:
     params = perturb(params, jax.random.key(seed + 100), scale)
   return model, params
@@ -44,13 +57,10 @@ def tiny():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
   """The reduced quickstart (real MNIST-5k, 200 steps) trained once per session: (workdir, summary, trainer)."""
-  import os
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-  import quickstart
+  from farmer_jax import configlib
   from farmer_jax.train.trainer import train_and_report
   workdir = tmp_path_factory.mktemp("quickstart_tiny")
-  summary, tr = train_and_report(quickstart.get_config("tiny"), str(workdir), quiet=True)
+  summary, tr = train_and_report(configlib.load("quickstart:tiny"), str(workdir), quiet=True)
   return workdir, summary, tr
 
 

@@ -11,9 +11,7 @@ import sys
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import quickstart  # noqa: E402
+from farmer_jax import configlib  # noqa: E402
 
 from farmer_jax import sharding  # noqa: E402
 from farmer_jax.train.trainer import Trainer  # noqa: E402
@@ -28,18 +26,20 @@ MESHES = {
 
 def run(name, out_dir, min_params):
   spec, ndev = MESHES[name]
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   c.mesh = spec
   c.fsdp.min_params = min_params
   c.train.update(batch_size=16, warmup_steps=0)
   tr = Trainer(c, os.path.join(out_dir, "unused_workdir"), quiet=True, devices=jax.devices()[:ndev])
   batch = sharding.global_batch(tr.loader.batch(0), tr.mesh, tr.batch_sh)
-  with tr._ctx():
+  with tr.mesh_context():
     compiled = tr.train_step.lower(tr.state, batch, tr.rng).compile()
     state, m = tr.train_step(tr.state, batch, tr.rng)
   mem = compiled.memory_analysis()
   params = jax.device_get(state["params"])
-  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {
+      jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
   np.savez(os.path.join(out_dir, f"{name}.npz"), **flat)
   shard = {jax.tree_util.keystr(k): [str(a.sharding.spec), list(a.addressable_shards[0].data.shape)]
            for k, a in jax.tree_util.tree_leaves_with_path(state["params"])}

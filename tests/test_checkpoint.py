@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from farmer_jax.runs import CHECKPOINTS, RunDir
 from farmer_jax.train.checkpoint import Checkpointer
 
 
@@ -42,22 +43,31 @@ def copy_run_with_new_step(trained_run, dest, new_step, mutate=None):
   ``mutate(state) -> state`` first). Returns (workdir copy, the state written)."""
   workdir, _, tr = trained_run
   shutil.copytree(workdir, dest)
-  ck = Checkpointer(os.path.join(dest, "checkpoints"))
+  ck = Checkpointer(RunDir(dest).checkpoints)
   state, meta, step = ck.restore_latest(tr.abstract_state, tr.state_sh)
   assert step == 200
   if mutate is not None:
     state = mutate(state)
   ck.save(new_step, state, dict(meta, step=new_step, data_step=new_step))
   ck.close()
-  assert Checkpointer(os.path.join(dest, "checkpoints")).steps() == [200, new_step]
+  assert Checkpointer(RunDir(dest).checkpoints).steps() == [200, new_step]
   return dest, state
 
 
-@pytest.mark.parametrize("kw", [dict(keep=0), dict(keep=-1), dict(keep=None), dict(keep=1.5), dict(keep=True),
-                                dict(keep_period=-1), dict(keep_period=0.5), dict(keep_period=None)])
+@pytest.mark.parametrize("kw", [
+    dict(keep=0),
+    dict(keep=-1),
+    dict(keep=None),
+    dict(keep=1.5),
+    dict(keep=True),
+    dict(keep_period=-1),
+    dict(keep_period=0.5),
+    dict(keep_period=None)
+])
 def test_checkpointer_refuses_settings_that_lose_checkpoints(tmp_path, kw):
   name = next(iter(kw))
-  with pytest.raises(ValueError, match=f"checkpoint {name}={kw[name]!r} is invalid: it must be an integer >= "):
+  with pytest.raises(
+      ValueError, match=f"checkpoint {name}={kw[name]!r} is invalid: it must be an integer >= "):
     Checkpointer(str(tmp_path / "ck"), **kw)
   assert not (tmp_path / "ck").exists()
 
@@ -68,7 +78,8 @@ def _tiny_ckpt_io():
   return abstract, sh
 
 
-@pytest.mark.parametrize("keep,period,saves,kept", [(1, 0, [1, 2, 3], [3]), (2, 2, [1, 2, 3, 4, 5], [2, 4, 5]),
+@pytest.mark.parametrize("keep,period,saves,kept", [(1, 0, [1, 2, 3], [3]),
+                                                    (2, 2, [1, 2, 3, 4, 5], [2, 4, 5]),
                                                     (1, 0, [5, 3], [3])])
 def test_retention_always_keeps_the_newest_checkpoint(tmp_path, keep, period, saves, kept):
   ck = Checkpointer(str(tmp_path / "ck"), keep=keep, keep_period=period)
@@ -86,7 +97,7 @@ def test_retention_always_keeps_the_newest_checkpoint(tmp_path, keep, period, sa
 def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(trained_run, tmp_path):
   _, _, tr = trained_run
   wd, state400 = copy_run_with_new_step(trained_run, tmp_path / "run", 400)
-  ckdir = wd / "checkpoints"
+  ckdir = wd / CHECKPOINTS
   truncate_tree(ckdir / "400" / "state")
   bad = snapshot(ckdir / "400")
   said = []
@@ -97,7 +108,8 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(traine
   assert not (ckdir / "400").exists()
   assert snapshot(ckdir / "400.unreadable") == bad
   assert ck.steps() == [200]
-  assert any(f"{ckdir / '400'}" in m and f"aside to {ckdir / '400.unreadable'}" in m for m in said), said
+  assert any(
+      f"{ckdir / '400'}" in m and f"aside to {ckdir / '400.unreadable'}" in m for m in said), said
   assert any("restored checkpoint step 200" in m for m in said), said
   # the resumed run reaches step 400 again: saving it must work (was: StepAlreadyExistsError)
   ck.save(400, state400, dict(meta, step=400, data_step=400))
@@ -112,7 +124,8 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(traine
   truncate_tree(ckdir / "400" / "state")
   ck = Checkpointer(str(ckdir))
   assert ck.restore_latest(tr.abstract_state, tr.state_sh, say=said.append)[2] == 200
-  assert (ckdir / "400.unreadable").is_dir() and (ckdir / "400.unreadable-2").is_dir() and ck.steps() == [200]
+  assert (ckdir / "400.unreadable").is_dir() and (
+      ckdir / "400.unreadable-2").is_dir() and ck.steps() == [200]
 
 
 def test_checkpoints_of_another_config_are_refused_and_left_alone(trained_run, tmp_path):
@@ -122,7 +135,10 @@ def test_checkpoints_of_another_config_are_refused_and_left_alone(trained_run, t
   shutil.copytree(workdir, wd)
   before = snapshot(wd)
   other = dict(tr.abstract_state)
-  other["params"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape + (2,), a.dtype), other["params"])
-  with pytest.raises(ValueError, match="could be restored for this config: they were written by a different config"):
-    Checkpointer(str(wd / "checkpoints")).restore_latest(other, tr.state_sh, say=lambda m: None)
+  other["params"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape + (2,), a.dtype),
+                                 other["params"])
+  with pytest.raises(
+      ValueError,
+      match="could be restored for this config: they were written by a different config"):
+    Checkpointer(RunDir(wd).checkpoints).restore_latest(other, tr.state_sh, say=lambda m: None)
   assert snapshot(wd) == before

@@ -21,7 +21,7 @@ import pytest
 from farmer_jax import cli
 from farmer_jax.config import ConfigError
 from farmer_jax.sampling import generate as gen
-from farmer_jax.sampling.sampler import SamplerConfig, sampler_from_config
+from farmer_jax.config import SamplerConfig, sampler_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
@@ -77,8 +77,12 @@ def run_cli_cases(cases, tmp):
   spec.write_text(json.dumps(cases))
   logs = tmp / "logs"
   logs.mkdir()
-  r = subprocess.run([sys.executable, "-c", DRIVER, str(spec), str(logs)], capture_output=True, text=True,
-                     timeout=600, cwd=ROOT)
+  r = subprocess.run(
+      [sys.executable, "-c", DRIVER, str(spec), str(logs)],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=ROOT)
   assert r.returncode == 0, r.stderr[-3000:]
   line = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")][-1]
   return json.loads(line[len("REPORT "):])
@@ -89,16 +93,23 @@ def bad_cli(exported, tmp_path_factory):
   """Every case of BAD_CASES run once; returns (results, paths)."""
   _, model, _, _ = exported
   base = tmp_path_factory.mktemp("cli")
-  work = base / "work"                        # everything a case could write lives under here (and the export)
+  work = base / "work"  # everything a case could write lives under here (and the export)
   work.mkdir()
   (work / "a_file").write_text("not a directory")
-  (work / "raises.py").write_text("def get_config(arg=None):\n  raise RuntimeError('no preset called ' + repr(arg))\n")
+  (work / "raises.py"
+  ).write_text("def get_config(arg=None):\n  raise RuntimeError('no preset called ' + repr(arg))\n")
   paths = {"W": str(work), "M": str(model), "Q": QUICKSTART}
   cases = [{"id": cid, "args": [a.format(**paths) for a in args], "watch": [str(work), str(model)]}
            for cid, _, args, _ in BAD_CASES]
-  cases.append({"id": "ok_sample", "watch": [str(work), str(model)],
-                "args": ["sample", f"--model={model}", "--classes=3", "--num=2", "--batch=2", "--cfg=0",
-                         "--sampler=s_c=5,t_sigma=0.9", f"--out={work}/ok.png", f"--npz={work}/ok.npz", "--quiet"]})
+  cases.append({
+      "id":
+          "ok_sample",
+      "watch": [str(work), str(model)],
+      "args": [
+          "sample", f"--model={model}", "--classes=3", "--num=2", "--batch=2", "--cfg=0",
+          "--sampler=s_c=5,t_sigma=0.9", f"--out={work}/ok.png", f"--npz={work}/ok.npz", "--quiet"
+      ]
+  })
   return run_cli_cases(cases, base), paths
 
 
@@ -111,14 +122,18 @@ BAD_CASES = [
      ["--config={W}/raises.py:big", "RuntimeError: no preset called 'big'"]),
     ("bad_config_arg", "train", ["train", "--config={Q}:bogus=1", "--workdir={W}/run"],
      ["--config={Q}:bogus=1", "unknown config arg 'bogus'", "Fix:"]),
-    ("unknown_model_key", "train", TRAIN + ["--config.model.flow_blockz=3"],
-     ["--config.model.flow_blockz", "config.model has no field 'flow_blockz'",
-      'Did you mean "flow_blocks" instead of "flow_blockz"?']),
-    ("untyped_override", "train", TRAIN + ["--config.train.steps=abc"], ["--config.train.steps=abc"]),
-    ("ckpt_keep", "train", TRAIN + ["--config.train.ckpt_keep=0"], ["config.train.ckpt_keep=0 is invalid", "Fix:"]),
-    ("log_every", "train", TRAIN + ["--config.train.log_every=0"], ["config.train.log_every=0 is invalid", "Fix:"]),
-    ("ema_decay", "train", TRAIN + ["--config.train.ema_decay=1.0"], ["config.train.ema_decay=1.0 is invalid",
-                                                                     "[0, 1)"]),
+    ("unknown_model_key", "train", TRAIN + ["--config.model.flow_blockz=3"], [
+        "--config.model.flow_blockz", "config.model has no field 'flow_blockz'",
+        'Did you mean "flow_blocks" instead of "flow_blockz"?'
+    ]),
+    ("untyped_override", "train", TRAIN + ["--config.train.steps=abc"],
+     ["--config.train.steps=abc"]),
+    ("ckpt_keep", "train", TRAIN + ["--config.train.ckpt_keep=0"],
+     ["config.train.ckpt_keep=0 is invalid", "Fix:"]),
+    ("log_every", "train", TRAIN + ["--config.train.log_every=0"],
+     ["config.train.log_every=0 is invalid", "Fix:"]),
+    ("ema_decay", "train", TRAIN + ["--config.train.ema_decay=1.0"],
+     ["config.train.ema_decay=1.0 is invalid", "[0, 1)"]),
     ("workdir_is_file", "train", ["train", "--config={Q}:tiny", "--workdir={W}/a_file"],
      ["--workdir={W}/a_file is invalid: it is an existing file"]),
     ("no_workdir", "train", ["train", "--config={Q}:tiny"], ["--workdir is required"]),
@@ -127,21 +142,24 @@ BAD_CASES = [
      ["--out={W}/x.gif: unsupported file type '.gif'", "*.png"]),
     ("sample_npz_no_dir", "sample", ["sample", "--model={M}", "--npz={W}/missing/s.npz"],
      ["--npz={W}/missing/s.npz: the directory {W}/missing does not exist"]),
-    ("sample_s_c_fraction", "sample", ["sample", "--model={M}", "--sampler=s_c=2.5", "--out={W}/x.png"],
-     ["s_c=2.5 must be an integer"]),
-    ("sample_cfg_nan", "sample", ["sample", "--model={M}", "--cfg=nan", "--out={W}/x.png"],
-     ["cfg=nan must be a finite number"]),
-    ("sample_num_zero", "sample", ["sample", "--model={M}", "--num=0", "--out={W}/x.png"], ["--num=0 must be >= 1"]),
+    ("sample_s_c_fraction", "sample",
+     ["sample", "--model={M}", "--sampler=s_c=2.5",
+      "--out={W}/x.png"], ["s_c=2.5 must be an integer"]),
+    ("sample_cfg_nan", "sample", ["sample", "--model={M}", "--cfg=nan",
+                                  "--out={W}/x.png"], ["cfg=nan must be a finite number"]),
+    ("sample_num_zero", "sample", ["sample", "--model={M}", "--num=0",
+                                   "--out={W}/x.png"], ["--num=0 must be >= 1"]),
     # checked before the model is even looked at: a missing model is not what is reported
     ("sample_out_before_load", "sample", ["sample", "--model={W}/no_model", "--out={W}/x.jpg"],
      ["--out={W}/x.jpg: unsupported file type '.jpg'"]),
     # after loading (orbax ran): the message is still the one last line
-    ("sample_class_after_load", "sample", ["sample", "--model={M}", "--classes=12", "--out={W}/x.png"],
-     ["class id 12 is out of range"]),
+    ("sample_class_after_load", "sample",
+     ["sample", "--model={M}", "--classes=12", "--out={W}/x.png"], ["class id 12 is out of range"]),
 ]
 
 
-@pytest.mark.parametrize("cid,cmd,expect", [(c, cmd, e) for c, cmd, _, e in BAD_CASES], ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize(
+    "cid,cmd,expect", [(c, cmd, e) for c, cmd, _, e in BAD_CASES], ids=[c[0] for c in BAD_CASES])
 def test_bad_cli_input_one_line_exit_2_nothing_written(bad_cli, cid, cmd, expect):
   results, paths = bad_cli
   r = results[cid]
@@ -149,7 +167,8 @@ def test_bad_cli_input_one_line_exit_2_nothing_written(bad_cli, cid, cmd, expect
   lines = [ln for ln in err.splitlines() if ln.strip()]
   assert r["rc"] == 2, err[-3000:]
   assert lines and lines[-1].startswith(f"farmer_jax {cmd}: "), err[-3000:]
-  assert len([ln for ln in lines if ln.startswith("farmer_jax")]) == 1 and "Traceback" not in err, err[-3000:]
+  assert len([ln for ln in lines if ln.startswith("farmer_jax")
+             ]) == 1 and "Traceback" not in err, err[-3000:]
   for text in expect:
     assert text.format(**paths) in lines[-1], (text.format(**paths), lines[-1])
   assert r["changed"] == [], f"the filesystem changed: {r['changed']}"
@@ -164,9 +183,11 @@ def test_cli_control_sample_succeeds(bad_cli):
   assert r["rc"] == 0, r["stderr"][-3000:]
   assert "2 samples (none, w=0.0)" in r["stdout"]
   work = paths["W"]
-  assert sorted(p for p in os.listdir(work) if p.startswith("ok") or ".tmp-" in p) == ["ok.npz", "ok.png"]
+  assert sorted(
+      p for p in os.listdir(work) if p.startswith("ok") or ".tmp-" in p) == ["ok.npz", "ok.png"]
   assert np.load(os.path.join(work, "ok.npz"))["images"].shape == (2, 32, 32, 1)
-  assert all(p.startswith(work) for p in r["changed"]), "the export must not be modified by sampling"
+  assert all(
+      p.startswith(work) for p in r["changed"]), "the export must not be modified by sampling"
 
 
 # ------------------------------------------------------------------------------------------------- in-process
@@ -178,7 +199,8 @@ def test_sampler_flag_values_keep_integers():
   assert isinstance(over["s_c"], int)
   s = sampler_from_config({**over, "guidance": "resampling"})
   assert (s.cfg.s_c, s.cfg.s_u) == (5, 3)
-  for bad, msg in [("s_c=2.5", "s_c=2.5 must be an integer"), ("redundant_candidates=16.5", "must be an integer"),
+  for bad, msg in [("s_c=2.5", "s_c=2.5 must be an integer"),
+                   ("redundant_candidates=16.5", "must be an integer"),
                    ("redundant_candidates=true", "is not a number")]:
     with pytest.raises(ValueError, match=msg):
       sampler_from_config(cli.sampler_overrides(None, None, bad))
@@ -191,7 +213,8 @@ def test_sampler_flag_values_keep_integers():
   with pytest.raises(ValueError, match="cfg=inf must be a finite number"):
     sampler_from_config(cli.sampler_overrides(float("inf"), None, None))
   assert cli.sampler_overrides(2.0, None, "guidance=naive")["guidance"] == "naive"
-  assert sampler_from_config(cli.sampler_overrides(None, None, "naive_proposals=1e3")).naive_proposals == 1000
+  assert sampler_from_config(cli.sampler_overrides(None, None,
+                                                   "naive_proposals=1e3")).naive_proposals == 1000
 
 
 def test_output_paths_checked_before_sampling(tmp_path):
@@ -199,7 +222,8 @@ def test_output_paths_checked_before_sampling(tmp_path):
   ok = [("--out", "a.png"), ("--out", "A.PNG"), ("--npz", "s.npz")]
   for flag, name in ok:
     gen.check_output_path(str(tmp_path / name), flag)
-  bad = [("--out", "x.gif", r"file type '.gif'; --out writes a lossless PNG grid only. Fix: name it \*.png"),
+  bad = [("--out", "x.gif",
+          r"file type '.gif'; --out writes a lossless PNG grid only. Fix: name it \*.png"),
          ("--out", "x.jpg", r"'.jpg'"), ("--out", "noext", r"\(no extension\)"),
          ("--npz", "s.npy", r"--npz=.*s.npy: unsupported file type '.npy'.*\*.npz"),
          ("--out", "dir.png", r"dir.png is a directory"),
@@ -221,12 +245,14 @@ def test_writes_are_atomic_and_leave_no_temporaries(tmp_path, monkeypatch):
   monkeypatch.setattr(gen.np, "savez", disk_full)
   with pytest.raises(OSError, match="No space left"):
     gen.write_outputs(images, labels, png, npz)
-  assert os.listdir(tmp_path) == [], "all or nothing: no PNG without its .npz, and no temporary file"
+  assert os.listdir(
+      tmp_path) == [], "all or nothing: no PNG without its .npz, and no temporary file"
   monkeypatch.undo()
   gen.write_outputs(images, labels, png, npz, {"ess": np.ones(6)})
   assert sorted(os.listdir(tmp_path)) == ["g.npz", "g.png"]
   assert np.load(npz)["images"].shape == (6, 4, 4, 1)
-  with pytest.raises(ValueError, match="unsupported file type"):      # refused before the PNG is replaced
+  with pytest.raises(
+      ValueError, match="unsupported file type"):  # refused before the PNG is replaced
     gen.write_outputs(images + 1, labels, png, str(tmp_path / "g.txt"))
   assert sorted(os.listdir(tmp_path)) == ["g.npz", "g.png"]
 
@@ -236,8 +262,10 @@ def test_non_finite_samples_are_an_error_not_black_pixels(tiny, tmp_path, monkey
   cfg, _, params = tiny
   monkeypatch.chdir(tmp_path)
   nan_params = jax.tree.map(lambda a: a * np.nan, params)
-  with pytest.raises(ValueError, match=r"2 of 2 samples in batch 0 \(samples 0..1 of 4\) are not finite \(NaN/inf\); "
-                                       r"sampling stopped and nothing was written"):
+  with pytest.raises(
+      ValueError,
+      match=r"2 of 2 samples in batch 0 \(samples 0..1 of 4\) are not finite \(NaN/inf\); "
+      r"sampling stopped and nothing was written"):
     gen.generate(cfg, nan_params, [0, 1], 2, SamplerConfig(), seed=0, batch_size=2, progress=False)
   assert os.listdir(tmp_path) == []
 
@@ -256,10 +284,11 @@ def test_failure_classification():
   except ConfigError as e:
     assert cli.failure(e) == (2, str(e))
   try:
-    gen.check_output_path("x.gif", "--out")                      # a ValueError raised by our own validation
+    gen.check_output_path("x.gif", "--out")  # a ValueError raised by our own validation
   except ValueError as e:
     assert cli.failure(e)[0] == 2
-  assert cli.failure(raised_here(ValueError("inside a library"))) is None   # not raised by farmer_jax: a bug
+  assert cli.failure(raised_here(
+      ValueError("inside a library"))) is None  # not raised by farmer_jax: a bug
   assert cli.failure(raised_here(RuntimeError("bug"))) is None
   assert cli.failure(raised_here(KeyError("k"))) is None
   code, msg = cli.failure(raised_here(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt")))
@@ -269,18 +298,22 @@ def test_failure_classification():
   assert cli.failure(raised_here(FloatingPointError("non-finite loss at step 3")))[0] == 1
   from farmer_jax.sampling.export import ExportError
   from farmer_jax.train.lock import WorkdirBusyError
-  assert cli.failure(raised_here(ExportError("/m is not a complete export"))) == (2, "/m is not a complete export")
+  assert cli.failure(raised_here(
+      ExportError("/m is not a complete export"))) == (2, "/m is not a complete export")
   assert cli.failure(raised_here(WorkdirBusyError("held by pid 7")))[0] == 2
   assert cli.one_line("a\n  b\tc\n") == "a b c"
 
 
 def test_flag_error_messages_keep_the_suggestion():
   argv = ["farmer_jax train", f"--config={QUICKSTART}:tiny", "--config.model.flow_blockz=3"]
-  e = AttributeError(KeyError("'flow_blockz'\nDid you mean \"flow_blocks\" instead of \"flow_blockz\"?"))
+  e = AttributeError(
+      KeyError("'flow_blockz'\nDid you mean \"flow_blocks\" instead of \"flow_blockz\"?"))
   msg = cli.flag_error_message(e, argv)
-  assert msg.startswith("--config.model.flow_blockz: config.model has no field 'flow_blockz'. Did you mean "
-                        "\"flow_blocks\" instead of \"flow_blockz\"?"), msg
-  e = ValueError("flag --config=x.py: Error whilst parsing config file:\n\nTraceback ...\n  File ...\n"
-                 "ValueError: quickstart size must be 'base' or 'tiny', got 'huge'\n")
-  assert "the config file raised ValueError: quickstart size must be 'base' or 'tiny'" in cli.flag_error_message(e,
-                                                                                                                argv)
+  assert msg.startswith(
+      "--config.model.flow_blockz: config.model has no field 'flow_blockz'. Did you mean "
+      "\"flow_blocks\" instead of \"flow_blockz\"?"), msg
+  e = ValueError(
+      "flag --config=x.py: Error whilst parsing config file:\n\nTraceback ...\n  File ...\n"
+      "ValueError: quickstart size must be 'base' or 'tiny', got 'huge'\n")
+  assert "the config file raised ValueError: quickstart size must be 'base' or 'tiny'" in cli.flag_error_message(
+      e, argv)

@@ -9,13 +9,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from farmer_jax import configlib
 from farmer_jax.config import ConfigError, validate, validate_model_config
 from farmer_jax.model import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import imagenet256  # noqa: E402
-import quickstart  # noqa: E402
 
 
 DELETE = object()
@@ -24,7 +22,7 @@ DELETE = object()
 def config_with(changes, base="tiny"):
   """The quickstart config with ``{'section.key': value}`` set (or deleted with DELETE), bypassing ConfigDict's type
   safety so that values a config FILE could hold (a float where an int belongs, a bool, a string) can be tried."""
-  d = quickstart.get_config(base).to_dict()
+  d = configlib.load("quickstart:" + base).to_dict()
   for field, value in changes.items():
     *path, key = field.split(".")
     node = d
@@ -46,21 +44,25 @@ BAD_CONFIGS = [
     ("model.class_repeats", 0, r"model.class_repeats=0", False),
     ("model.dimred", "pca", r"model.dimred='pca'.*unknown", False),
     ("model.flow_heads", 3, r"model.flow_heads=3.*does not divide", False),
-    ("model.ar_order", "reversed", r"model.ar_order='reversed'.*unknown AR prior direction.*'alternate'", False),
+    ("model.ar_order", "reversed",
+     r"model.ar_order='reversed'.*unknown AR prior direction.*'alternate'", False),
     ("model.remat", "yes", r"config.model.remat='yes'.*True or False", False),
     # data: a dataset load_split knows, with its channels, size and class count
-    ("data.name", "imagenet2012", r"config.data.name='imagenet2012'.*no input pipeline.*\['mnist5k'\]", True),
+    ("data.name", "imagenet2012",
+     r"config.data.name='imagenet2012'.*no input pipeline.*\['mnist5k'\]", True),
     ("data.channels", 3, r"config.data.channels=3.*mnist5k has 1 channel.*channels=1", False),
     ("data.image_size", 24, r"config.data.image_size=24.*28x28.*Fix: use 28 or more", False),
     ("data.image_size", 31, r"config.data.image_size=31.*padded evenly", False),
-    ("data.num_classes", 5, r"config.data.num_classes=5.*mnist5k has 10 classes.*num_classes=10", False),
+    ("data.num_classes", 5, r"config.data.num_classes=5.*mnist5k has 10 classes.*num_classes=10",
+     False),
     # train: every field of configlib.base_train()
     ("train.steps", 0, r"config.train.steps=0.*integer >= 1", False),
     ("train.steps", 2.5, r"config.train.steps=2.5.*integer >= 1", False),
     ("train.steps", 1e4, r"config.train.steps=10000.0.*integer", False),
     ("train.steps", True, r"config.train.steps=True.*integer", False),
     ("train.batch_size", 0, r"config.train.batch_size=0.*integer >= 1", False),
-    ("train.batch_size", 5000, r"config.train.batch_size=5000.*exceeds the 4500 training images", False),
+    ("train.batch_size", 5000, r"config.train.batch_size=5000.*exceeds the 4500 training images",
+     False),
     ("train.warmup_steps", -1, r"config.train.warmup_steps=-1.*integer >= 0", False),
     ("train.log_every", 0, r"config.train.log_every=0.*integer >= 1", True),
     ("train.lr", 0.0, r"config.train.lr=0.0.*> 0", False),
@@ -87,17 +89,21 @@ BAD_CONFIGS = [
     ("train.ckpt_every", -1, r"config.train.ckpt_every=-1.*>= 0", False),
     ("train.ckpt_keep", 0, r"config.train.ckpt_keep=0.*integer >= 1", True),
     ("train.ckpt_keep_period", -1, r"config.train.ckpt_keep_period=-1.*>= 0", False),
-    ("train.stepz", 10, r"config.train has unknown field\(s\) \['stepz'\]; known fields: \[.*'steps'", False),
-    ("train.ckpt_keep", DELETE, r"config.train lacks field\(s\) \['ckpt_keep'\].*base_train", False),
+    ("train.stepz", 10,
+     r"config.train has unknown field\(s\) \['stepz'\]; known fields: \[.*'steps'", False),
+    ("train.ckpt_keep", DELETE, r"config.train lacks field\(s\) \['ckpt_keep'\].*base_train",
+     False),
     # eval
     ("eval.batch_size", 0, r"config.eval.batch_size=0.*integer >= 1", False),
-    ("eval.split", "validation", r"config.eval.split='validation'.*mnist5k has the splits \['train', 'test'\]", False),
+    ("eval.split", "validation",
+     r"config.eval.split='validation'.*mnist5k has the splits \['train', 'test'\]", False),
     # sample: keys, per_class/seed, and the sampler settings (sampler_from_config's errors, naming the key)
     ("sample.per_class", 0, r"config.sample.per_class=0.*integer >= 1", False),
     ("sample.seed", 1.5, r"config.sample.seed=1.5.*integer", False),
     ("sample.cfg", NAN, r"config.sample.cfg=nan.*finite number >= 0", False),
     ("sample.s_c", 2.5, r"config.sample.s_c=2.5.*must be an integer", False),
-    ("sample.t_sigma", 0.0, r"config.sample.t_sigma=0.0.*temperature t_sigma=0.0 must be a finite number > 0", False),
+    ("sample.t_sigma", 0.0,
+     r"config.sample.t_sigma=0.0.*temperature t_sigma=0.0 must be a finite number > 0", False),
     ("sample.guidance", "magic", r"config.sample.guidance='magic'.*unknown", False),
     ("sample.temperature", 1.0, r"config.sample has unknown field\(s\) \['temperature'\]", False),
     # mesh and sharding on this machine's devices
@@ -105,17 +111,20 @@ BAD_CONFIGS = [
     ("mesh", (("data", 0), ("fsdp", 1)), r"config.mesh=.*axis 'data' has size 0", False),
     ("mesh", "data", r"config.mesh='data'.*sequence of \(axis name, size\) pairs", False),
     ("fsdp.axis", "model", r"config.fsdp.axis='model'.*not an axis of config.mesh", False),
-    ("sharding_rules", (("batch", ("data", "dp")),), r"config.sharding_rules=.*mesh axis 'dp'", False),
+    ("sharding_rules", (("batch", ("data", "dp")),), r"config.sharding_rules=.*mesh axis 'dp'",
+     False),
 ]
 
 
-@pytest.mark.parametrize("field,value,pattern,trainer", BAD_CONFIGS,
-                         ids=[f"{f}={v!r}" if v is not DELETE else f"{f}:deleted" for f, v, _, _ in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    "field,value,pattern,trainer",
+    BAD_CONFIGS,
+    ids=[f"{f}={v!r}" if v is not DELETE else f"{f}:deleted" for f, v, _, _ in BAD_CONFIGS])
 def test_bad_config_raises_naming_field(tmp_path, field, value, pattern, trainer):
   c = config_with({field: value})
   with pytest.raises(ConfigError, match=pattern):
     validate(c)
-  if trainer:      # a few representative cases through the Trainer: it refuses before writing anything
+  if trainer:  # a few representative cases through the Trainer: it refuses before writing anything
     from farmer_jax.train.trainer import Trainer
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=pattern):
@@ -128,24 +137,38 @@ def test_good_configs_pass():
   """Controls for the table above: the shipped quickstart configs, an unconditional model, integer-valued floats
   where floats belong, and the validation functions return the model config without touching anything."""
   for size in ("tiny", "base"):
-    assert validate(quickstart.get_config(size)).num_classes == 10
+    assert validate(configlib.load("quickstart:" + size)).num_classes == 10
   assert validate(config_with({"data.num_classes": 0, "train.lr": 1, "train.ema_decay": 0.999,
                                "train.noise_steps": 50, "sample.s_c": 5.0})).num_classes == 0
-  m = validate_model_config(imagenet256.get_config("1.1B/16"))       # model only: no ImageNet pipeline needed
+  m = validate_model_config(configlib.load("imagenet256:1.1B/16"))   # model only: no data needed
   assert m.num_classes == 1000
   with pytest.raises(ConfigError, match="config.data.name='imagenet2012'"):
-    validate(imagenet256.get_config("1.1B/16"))
+    validate(configlib.load("imagenet256:1.1B/16"))
 
 
 @pytest.mark.parametrize("changes,devices,processes,pattern", [
-    ({"mesh": (("data", 3), ("fsdp", 1))}, 8, 1, r"config.mesh=.*multiply to 3, which does not divide the 8 devices"),
-    ({"mesh": (("data", 2), ("fsdp", 2))}, 8, 1, r"config.mesh=.*has 4 slots for 8 devices"),
-    ({"train.batch_size": 12}, 8, 1, r"config.train.batch_size=12.*\('data', 'fsdp'\) = 8 data-parallel slots.*"
-                                     r"multiple of 8"),
-    ({"mesh": (("data", 4), ("fsdp", 2)), "train.batch_size": 20}, 8, 1, r"batch_size=20.*8 data-parallel slots"),
-    ({"mesh": (("data", 4), ("fsdp", 2)), "sharding_rules": (("batch", "data"),), "train.batch_size": 6}, 8, 1,
-     r"batch_size=6.*\('data',\) = 4 data-parallel slots"),
-    ({"train.batch_size": 30}, 2, 4, r"config.train.batch_size=30.*4 processes"),
+    ({
+        "mesh": (("data", 3), ("fsdp", 1))
+    }, 8, 1, r"config.mesh=.*multiply to 3, which does not divide the 8 devices"),
+    ({
+        "mesh": (("data", 2), ("fsdp", 2))
+    }, 8, 1, r"config.mesh=.*has 4 slots for 8 devices"),
+    ({
+        "train.batch_size": 12
+    }, 8, 1, r"config.train.batch_size=12.*\('data', 'fsdp'\) = 8 data-parallel slots.*"
+     r"multiple of 8"),
+    ({
+        "mesh": (("data", 4), ("fsdp", 2)),
+        "train.batch_size": 20
+    }, 8, 1, r"batch_size=20.*8 data-parallel slots"),
+    ({
+        "mesh": (("data", 4), ("fsdp", 2)),
+        "sharding_rules": (("batch", "data"),),
+        "train.batch_size": 6
+    }, 8, 1, r"batch_size=6.*\('data',\) = 4 data-parallel slots"),
+    ({
+        "train.batch_size": 30
+    }, 2, 4, r"config.train.batch_size=30.*4 processes"),
 ])
 def test_mesh_and_batch_against_devices(changes, devices, processes, pattern):
   c = config_with(changes)
@@ -157,7 +180,8 @@ def test_mesh_and_batch_controls():
   """The same checks accept what sharding.make_mesh and the loader accept."""
   from farmer_jax.sharding import mesh_shape
   assert mesh_shape((("data", -1), ("fsdp", 1)), 8) == (("data", "fsdp"), (8, 1))
-  assert mesh_shape([["data", 4], ["fsdp", -1]], 8) == (("data", "fsdp"), (4, 2))          # as saved in JSON
+  assert mesh_shape([["data", 4], ["fsdp", -1]],
+                    8) == (("data", "fsdp"), (4, 2))  # as saved in JSON
   validate(config_with({"mesh": (("data", 4), ("fsdp", 2)), "train.batch_size": 16}), num_devices=8,
            num_processes=2)
   validate(config_with({"sharding_rules": (("batch", "data"),), "mesh": (("data", 2), ("fsdp", 4)),
@@ -165,23 +189,26 @@ def test_mesh_and_batch_controls():
 
 
 def test_workdir_checks_create_nothing(tmp_path):
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   afile = tmp_path / "file"
   afile.write_text("x")
   with pytest.raises(ConfigError, match=rf"--workdir={afile} is invalid: it is an existing file"):
     validate(c, str(afile))
   with pytest.raises(ConfigError, match=rf"--workdir={afile}/run is invalid: {afile} is a file"):
     validate(c, str(afile / "run"))
-  validate(c, str(tmp_path / "new" / "deeper" / "run"))       # creatable: fine, and not created by the check
-  validate(c, str(tmp_path))                                  # an existing directory (a run to resume): fine
+  validate(c, str(tmp_path / "new" / "deeper" /
+                  "run"))  # creatable: fine, and not created by the check
+  validate(c, str(tmp_path))  # an existing directory (a run to resume): fine
   assert sorted(os.listdir(tmp_path)) == ["file"]
   if os.geteuid() != 0:                                       # root may write anywhere
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-      with pytest.raises(ConfigError, match=rf"--workdir={locked}/run is invalid: .*{locked} is not writable"):
+      with pytest.raises(
+          ConfigError, match=rf"--workdir={locked}/run is invalid: .*{locked} is not writable"):
         validate(c, str(locked / "run"))
-      with pytest.raises(ConfigError, match=rf"--workdir={locked} is invalid: the directory is not writable"):
+      with pytest.raises(
+          ConfigError, match=rf"--workdir={locked} is invalid: the directory is not writable"):
         validate(c, str(locked))
     finally:
       locked.chmod(0o700)
@@ -192,21 +219,25 @@ def test_labels_outside_num_classes_are_an_error(monkeypatch):
   config.data.num_classes; never mapped to the null class. num_classes=0 (unconditional) makes every label null."""
   from farmer_jax.data import pipeline
   images = np.zeros((6, 32, 32, 1), np.uint8)
-  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to: (images, np.array([0, 3, 9, 10, 12, -1])))
+  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to:
+                      (images, np.array([0, 3, 9, 10, 12, -1])))
   data = config_with({}).data
-  with pytest.raises(ConfigError, match=r"3 of 6 labels in mnist5k split 'train' lie outside \[0, 10\) \(labels "
-                                        r"found: -1..12\) with config.data.num_classes=10"):
+  with pytest.raises(
+      ConfigError,
+      match=r"3 of 6 labels in mnist5k split 'train' lie outside \[0, 10\) \(labels "
+      r"found: -1..12\) with config.data.num_classes=10"):
     pipeline.load_split(data, "train")
   data.num_classes = 0
   _, labels = pipeline.load_split(data, "train")
   assert labels.dtype == np.int32 and labels.tolist() == [0] * 6
-  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to: (images, np.array([0, 3, 9, 9, 1, 2])))
+  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to:
+                      (images, np.array([0, 3, 9, 9, 1, 2])))
   data.num_classes = 10
   assert pipeline.load_split(data, "test")[1].tolist() == [0, 3, 9, 9, 1, 2]
 
 
 def test_unknown_model_field():
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   c.model.unlock() if hasattr(c.model, "unlock") else None
   c.model["flow_depth"] = 3
   with pytest.raises(ConfigError, match="flow_depth"):
@@ -219,11 +250,13 @@ def test_removed_final_flip_names_its_replacement(final_flip, blocks, order):
   """An old config with model.final_flip fails with the value of model.ar_order that reproduces it, and that value
   does reproduce it: the old flag flipped the AF output before the AR prior iff final_flip."""
   from farmer_jax.config import ModelConfig, legacy_ar_order
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   c.model["flow_blocks"] = blocks
   c.model["final_flip"] = final_flip
-  with pytest.raises(ConfigError, match=rf"model.final_flip={final_flip}.*replaced by model.ar_order.*"
-                                        rf"ar_order={order} .*flow_blocks={blocks}"):
+  with pytest.raises(
+      ConfigError,
+      match=rf"model.final_flip={final_flip}.*replaced by model.ar_order.*"
+      rf"ar_order={order} .*flow_blocks={blocks}"):
     validate(c)
   assert legacy_ar_order(final_flip, blocks) == order
   assert ModelConfig(flow_blocks=blocks, ar_order=order).ar_flip == final_flip
@@ -235,8 +268,12 @@ def test_removed_final_flip_names_its_replacement(final_flip, blocks, order):
 
 def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
-  r = subprocess.run([sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
-                      f"--workdir={workdir}", "--config.model.patch_size=3"], capture_output=True, text=True,
+  r = subprocess.run([
+      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
+      f"--workdir={workdir}", "--config.model.patch_size=3"
+  ],
+                     capture_output=True,
+                     text=True,
                      timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
   last = r.stderr.strip().splitlines()[-1]
@@ -246,10 +283,24 @@ def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
 
 
 # Paper Table 1 per model size, and the hyperparameters every preset shares (§3; mlp ratio 4 is our choice).
-TABLE1 = {"1.1B": dict(af=828e6, ar=295e6, ar_layers=12, ar_width=768, af_blocks=28, af_layers=4, af_width=768),
-          "1.9B": dict(af=1.4e9, ar=498e6, ar_layers=24, ar_width=1024, af_blocks=32, af_layers=6, af_width=768)}
+TABLE1 = {
+    "1.1B":
+        dict(
+            af=828e6, ar=295e6, ar_layers=12, ar_width=768, af_blocks=28, af_layers=4,
+            af_width=768),
+    "1.9B":
+        dict(
+            af=1.4e9,
+            ar=498e6,
+            ar_layers=24,
+            ar_width=1024,
+            af_blocks=32,
+            af_layers=6,
+            af_width=768)
+}
 CLASSES, M, D_I, K_I, K_R = 1000, 64, 128, 64, 200
-AR_MATCHES_TABLE1 = {"1.1B/16"}        # see test_paper_presets_parameter_count's docstring for the other three
+AR_MATCHES_TABLE1 = {"1.1B/16"
+                    }  # see test_paper_presets_parameter_count's docstring for the other three
 
 
 def _layer(c):
@@ -268,12 +319,15 @@ def closed_form_counts(preset, final_norm=False):
   t, p = TABLE1[size], int(patch)
   n, d = (256 // p) ** 2, p * p * 3
   c = t["af_width"]
-  af_block = (d * c + c) + n * c + t["af_layers"] * _layer(c) + (c * 2 * d + 2 * d)   # proj_in, pos, trunk, proj_out
-  af_block += 2 * c if final_norm else 0                  # LayerNorm before proj_out (model.flow_final_norm)
+  af_block = (d * c + c) + n * c + t["af_layers"] * _layer(c) + (c * 2 * d + 2 * d
+                                                                )  # proj_in, pos, trunk, proj_out
+  af_block += 2 * c if final_norm else 0  # LayerNorm before proj_out (model.flow_final_norm)
   c = t["ar_width"]
-  ar = ((CLASSES + 1) * c + M * c + (M + n) * c + (D_I * c + c)       # class (+null), repeat, pos, token_in
-        + t["ar_layers"] * _layer(c) + 2 * c                          # trunk, final LayerNorm
-        + _gmm_head(K_I, D_I, c) + _gmm_head(K_R, d - D_I, c))        # informative and shared redundant heads
+  ar = ((CLASSES + 1) * c + M * c + (M + n) * c +
+        (D_I * c + c)  # class (+null), repeat, pos, token_in
+        + t["ar_layers"] * _layer(c) + 2 * c  # trunk, final LayerNorm
+        + _gmm_head(K_I, D_I, c) + _gmm_head(K_R, d - D_I, c)
+       )  # informative and shared redundant heads
   return t["af_blocks"] * af_block, ar
 
 
@@ -290,7 +344,7 @@ def test_paper_presets_parameter_count(preset):
   that a change that makes them match must also update this test and configs/imagenet256.py's docstring.
   """
   size, patch = preset.split("/")
-  m = validate_model_config(imagenet256.get_config(preset))
+  m = validate_model_config(configlib.load("imagenet256:" + preset))
   shapes = abstract_params(m)
   count = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree))
   af, ar = count(shapes["flow"]), count(shapes["prior"])
@@ -300,7 +354,8 @@ def test_paper_presets_parameter_count(preset):
   assert (m.num_tokens, m.token_dim, m.d_i, m.d_r) == ((256 // int(patch)) ** 2, d, D_I, d - D_I)
   assert (af, ar) == closed_form_counts(preset, getattr(m, "flow_final_norm", False))
   t = TABLE1[size]
-  assert abs(af - t["af"]) / t["af"] <= 0.05, f"{preset}: AF {af / 1e6:.1f}M vs Table 1 {t['af'] / 1e6:.0f}M"
+  assert abs(af - t["af"]
+            ) / t["af"] <= 0.05, f"{preset}: AF {af / 1e6:.1f}M vs Table 1 {t['af'] / 1e6:.0f}M"
   ar_off = abs(ar - t["ar"]) / t["ar"]
   if preset in AR_MATCHES_TABLE1:
     assert ar_off <= 0.05, f"{preset}: AR {ar / 1e6:.1f}M vs Table 1 {t['ar'] / 1e6:.0f}M"
@@ -309,13 +364,18 @@ def test_paper_presets_parameter_count(preset):
 
 
 def test_table6_sampling_presets():
-  from farmer_jax.sampling.sampler import sampler_from_config
-  expect = {"1.1B/16": (2.5, 0.9, 0.2, 0.9), "1.1B/8": (2.0, 1.0, 0.2, 0.9), "1.9B/16": (3.5, 0.9, 0.2, 0.9),
-            "1.9B/8": (1.5, 1.0, 0.1, 1.0)}
+  from farmer_jax.config import sampler_from_config
+  expect = {
+      "1.1B/16": (2.5, 0.9, 0.2, 0.9),
+      "1.1B/8": (2.0, 1.0, 0.2, 0.9),
+      "1.9B/16": (3.5, 0.9, 0.2, 0.9),
+      "1.9B/8": (1.5, 1.0, 0.1, 1.0)
+  }
   for preset, (w, t_sigma, t_pi_v, t_sigma_v) in expect.items():
-    s = sampler_from_config(imagenet256.get_config(preset).sample)
+    s = sampler_from_config(configlib.load("imagenet256:" + preset).sample)
     assert s.guidance == "resampling"
-    assert (s.cfg.w, s.cfg.t_sigma, s.cfg.t_pi_v, s.cfg.t_sigma_v) == (w, t_sigma, t_pi_v, t_sigma_v)
+    assert (s.cfg.w, s.cfg.t_sigma, s.cfg.t_pi_v, s.cfg.t_sigma_v) == (w, t_sigma, t_pi_v,
+                                                                       t_sigma_v)
     assert (s.cfg.t_pi, s.cfg.s_c, s.cfg.s_u, s.cfg.t_s) == (1.0, 5, 5, 1.1)
 
 
@@ -325,12 +385,37 @@ def test_saved_config_is_resolved_and_old_saved_configs_keep_their_meaning():
   from farmer_jax.config import ModelConfig, config_changes, resolved_config, upgrade_saved_config
   import dataclasses
   import ml_collections
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   del c.model["flow_final_norm"]
   r = resolved_config(c)
   assert r.model.flow_final_norm is True and r.model.scale_floor == ModelConfig.scale_floor
-  assert {f.name for f in dataclasses.fields(ModelConfig)} - set(r.model) == {"image_size", "channels", "num_classes"}
+  assert {f.name for f in dataclasses.fields(ModelConfig)} - set(r.model) == {
+      "image_size", "channels", "num_classes"
+  }
   assert config_changes(r, c) == []
   old = ml_collections.ConfigDict(c.to_dict())              # as written by the previous release
   assert validate(upgrade_saved_config(old)).flow_final_norm is False
   assert config_changes(old, c) == ["model.flow_final_norm: False -> True"]
+
+
+def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
+  """TrainConfig / SamplerConfig are the one place for their section's fields and defaults:
+  base_train() is TrainConfig's defaults, the sampler keys (config.sample, --sampler) are the
+  sampler fields, and configlib.load gives a config by name (an unknown name lists the others)."""
+  import dataclasses
+  from farmer_jax.config import ResamplingCFG, SAMPLER_KEYS, SamplerConfig, TrainConfig
+  assert configlib.base_train().to_dict() == dataclasses.asdict(TrainConfig())
+  c = configlib.load("quickstart:tiny")
+  t = TrainConfig.from_config(c)
+  assert (t.steps, t.lr, t.get("ckpt_keep", 99), t.noise_anneal_steps) == (200, 3e-3, 2, 200)
+  flat = ([f for f in SamplerConfig._fields if f != "cfg"]
+          + ["cfg" if f == "w" else f for f in ResamplingCFG._fields])
+  assert sorted(SAMPLER_KEYS) == sorted(flat)
+  assert SamplerConfig.from_config({}) == SamplerConfig()
+  s = SamplerConfig.from_config(configlib.load("imagenet256:1.9B/8").sample)
+  assert (s.cfg.w, s.informative_pool, s.redundant_pool) == (1.5, 10, 32)
+  assert configlib.module("imagenet256").SAMPLING["1.9B/8"]["cfg"] == 1.5
+  assert configlib.load("quickstart").train.steps == 3000
+  with pytest.raises(ConfigError, match=r"unknown config 'quickstar'; available configs: "
+                                        r"\['imagenet256', 'quickstart'\]"):
+    configlib.load("quickstar:tiny")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from test_checkpoint import copy_run_with_new_step, snapshot, truncate_tree
 
+from farmer_jax.runs import CHECKPOINTS
 from farmer_jax.sampling import export as export_lib
 from farmer_jax.sampling.export import ExportError, export_model, load_model
 from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
-from farmer_jax.sampling.guidance import ResamplingCFG
-from farmer_jax.sampling.sampler import SamplerConfig
+from farmer_jax.config import ResamplingCFG, SamplerConfig
 
 
 def test_export_roundtrip(exported):
@@ -36,7 +36,8 @@ def test_export_refuses_overwrite_and_casts(exported, tmp_path):
   _, params, _, meta = load_model(str(bf))
   assert meta["dtype"] == "bfloat16"
   assert all(a.dtype == np.dtype("bfloat16") for a in jax.tree.leaves(params))
-  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p], "no temporary directory may be left behind"
+  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p
+             ], "no temporary directory may be left behind"
   untrained = tmp_path / "untrained"
   untrained.mkdir()
   with pytest.raises(ExportError, match="has no config.json"):
@@ -65,13 +66,16 @@ def test_overwrite_never_replaces_the_run_or_foreign_files(trained_run, tmp_path
   before = snapshot(tmp_path)
   cases = [(wd, "is the training run itself"), (root, f"contains the training run {wd}"),
            (tmp_path, f"contains the training run {wd}"), (notes, "is not a farmer_jax export"),
-           (wd / "checkpoints", "is not a farmer_jax export"), (afile, "exists and is not a directory"),
+           (wd / CHECKPOINTS, "is not a farmer_jax export"),
+           (afile, "exists and is not a directory"),
            (afile / "sub", f"{afile} is a file, not a directory")]
   for out, msg in cases:
     with pytest.raises(ExportError, match="choose another --out") as e:
       export_model(str(wd), str(out), overwrite=True, say=pytest.fail)
     assert msg in str(e.value) and str(out) in str(e.value)
-  with pytest.raises(ExportError, match="exists and is not a directory"):    # not "pass --overwrite": that won't help
+  with pytest.raises(
+      ExportError,
+      match="exists and is not a directory"):  # not "pass --overwrite": that won't help
     export_model(str(wd), str(afile))
   # an export that also holds a user's file is not replaced either
   model = tmp_path / "model"
@@ -114,20 +118,21 @@ def test_overwrite_replaces_a_previous_export_safely(trained_run, tmp_path, monk
   assert snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["model"]
 
 
-def test_export_skips_an_unreadable_newest_checkpoint_without_touching_the_run(trained_run, tmp_path):
+def test_export_skips_an_unreadable_newest_checkpoint_without_touching_the_run(
+    trained_run, tmp_path):
   wd, _ = copy_run_with_new_step(trained_run, tmp_path / "run", 400)
-  truncate_tree(wd / "checkpoints" / "400" / "state")
+  truncate_tree(wd / CHECKPOINTS / "400" / "state")
   before = snapshot(wd)
   said = []
   meta = export_model(str(wd), str(tmp_path / "model"), say=said.append)
   assert meta["step"] == 200
-  assert any(f"{wd / 'checkpoints' / '400'} is unreadable" in m for m in said), said
+  assert any(f"{wd / CHECKPOINTS / '400'} is unreadable" in m for m in said), said
   assert any("exporting checkpoint step 200, the newest readable one" in m for m in said), said
   assert snapshot(wd) == before, "export must not modify the run"
   jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "model"))[1],
                jax.device_get(trained_run[2].state["params"]))
-  truncate_tree(wd / "checkpoints" / "200" / "state")
-  with pytest.raises(ExportError, match=f"no checkpoint in {wd / 'checkpoints'} could be read"):
+  truncate_tree(wd / CHECKPOINTS / "200" / "state")
+  with pytest.raises(ExportError, match=f"no checkpoint in {wd / CHECKPOINTS} could be read"):
     export_model(str(wd), str(tmp_path / "model2"), say=said.append)
   assert not (tmp_path / "model2").exists() and not _leftovers(tmp_path)
 
@@ -140,8 +145,10 @@ def test_export_refuses_non_finite_params_and_writes_nothing(trained_run, tmp_pa
 
   wd, _ = copy_run_with_new_step(trained_run, tmp_path / "run", 400, mutate=poison)
   before = snapshot(wd)
-  with pytest.raises(ExportError, match=r"checkpoint step 400 of .* is not finite: 3 NaN and 1 inf values in 1 "
-                                        r"param\(s\): prior/head_i/kernel \(3 NaN, 1 inf\); nothing was exported"):
+  with pytest.raises(
+      ExportError,
+      match=r"checkpoint step 400 of .* is not finite: 3 NaN and 1 inf values in 1 "
+      r"param\(s\): prior/head_i/kernel \(3 NaN, 1 inf\); nothing was exported"):
     export_model(str(wd), str(tmp_path / "model"))
   assert not (tmp_path / "model").exists() and not _leftovers(tmp_path)
   assert snapshot(wd) == before
@@ -169,9 +176,10 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   _, out, _, _ = exported
   mcfg, params, _, _ = load_model(str(out))
   s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=1.0), redundant_candidates=16)
-  a, la, st = generate(mcfg, params, [3, 7], 3, s, seed=5, batch_size=6, progress=False, return_stats=True)
+  a, la, st = generate(
+      mcfg, params, [3, 7], 3, s, seed=5, batch_size=6, progress=False, return_stats=True)
   assert st["ess_informative"].shape == (6,) and st["ess_redundant"].shape == (6,)
-  assert np.all((st["ess_informative"] >= 1) & (st["ess_informative"] <= 10))        # s_c + s_u = 10
+  assert np.all((st["ess_informative"] >= 1) & (st["ess_informative"] <= 10))  # s_c + s_u = 10
   assert np.all((st["ess_redundant"] >= 1) & (st["ess_redundant"] <= 32))           # 2 * 16
   b, lb = generate(mcfg, params, [3, 7], 3, s, seed=5, batch_size=4, progress=False)
   assert a.shape == (2, 3, 32, 32, 1) and a.dtype == np.uint8
@@ -197,8 +205,10 @@ def test_parse_classes():
 
 def test_sample_cli_errors(exported, tmp_path):
   _, out, _, _ = exported
-  run = lambda *a: subprocess.run([sys.executable, "-m", "farmer_jax", "sample", *a], capture_output=True,
-                                  text=True, timeout=300)
+  run = lambda *a: subprocess.run([sys.executable, "-m", "farmer_jax", "sample", *a],
+                                  capture_output=True,
+                                  text=True,
+                                  timeout=300)
   r = run(f"--model={out}", "--classes=11", f"--out={tmp_path}/x.png")
   assert r.returncode == 2 and "class id 11 is out of range" in r.stderr
   r = run(f"--model={out}", "--cfg=-1", f"--out={tmp_path}/x.png")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, perturb
-from farmer_jax.flow.autoregressive_flow import AFBlock, AutoregressiveFlow, flow_inverse
+from farmer_jax.flow.autoregressive_flow import AFBlock, AutoregressiveFlow
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.model import make_flow
 
@@ -36,7 +36,7 @@ def flow_and_params():
 def inverse(flow_and_params):
   """One jitted exact inverse shared by the tests below (batch 3 everywhere, so it compiles once)."""
   flow, _ = flow_and_params
-  return jax.jit(lambda p, z: flow_inverse(flow, p, z))
+  return jax.jit(lambda p, z: flow.apply({"params": p}, z, method=AutoregressiveFlow.inverse))
 
 
 def test_zero_init_is_identity():
@@ -65,21 +65,28 @@ def test_flipped_block_flips_position_embedding(flow_and_params, inverse):
   way: the 2-block flow (block 1 flipped) with this embedding inverts exactly, and does not with it reversed."""
   flow, p = flow_and_params
   n, d = TINY.num_tokens, TINY.token_dim
-  pos = np.random.default_rng(0).normal(0.0, 0.5, (n, flow.width)).astype(np.float32)   # strong, asymmetric
+  pos = np.random.default_rng(0).normal(0.0, 0.5,
+                                        (n, flow.width)).astype(np.float32)  # strong, asymmetric
   assert np.abs(pos - pos[::-1]).max() > 0.5
   rev_pos = np.ascontiguousarray(pos[::-1])
   block = AFBlock(**flow.block_kwargs())
   bp = jax.tree.map(lambda a: a[1], p["blocks"])
-  run = jax.jit(lambda q, v, flip: block.apply({"params": q}, (v, jnp.zeros((v.shape[0],))), flip)[0])
+  run = jax.jit(lambda q, v, flip: block.apply({"params": q}, (v, jnp.zeros(
+      (v.shape[0],))), flip)[0])
   x = jax.random.normal(jax.random.key(6), (3, n, d))
   z_flip, ld_flip = run({**bp, "pos_embed": pos}, x, True)
   z_ref, ld_ref = run({**bp, "pos_embed": rev_pos}, x[:, ::-1], False)
   np.testing.assert_allclose(z_flip, z_ref[:, ::-1], atol=1e-5)
   np.testing.assert_allclose(ld_flip, ld_ref, rtol=1e-5)
   z_orig, _ = run({**bp, "pos_embed": pos}, x[:, ::-1], False)
-  assert float(jnp.abs(z_flip - z_orig[:, ::-1]).max()) > 1e-2, "the test cannot see the embedding's order"
+  assert float(jnp.abs(z_flip -
+                       z_orig[:, ::-1]).max()) > 1e-2, "the test cannot see the embedding's order"
 
-  with_pos = lambda e: {"blocks": {**p["blocks"], "pos_embed": p["blocks"]["pos_embed"].at[1].set(e)}}
+  with_pos = lambda e: {
+      "blocks": {
+          **p["blocks"], "pos_embed": p["blocks"]["pos_embed"].at[1].set(e)
+      }
+  }
   z, _ = flow.apply({"params": with_pos(pos)}, x)
   assert float(jnp.abs(inverse(with_pos(pos), z) - x).max()) <= 1e-5
   assert float(jnp.abs(inverse(with_pos(rev_pos), z) - x).max()) > 1e-2
@@ -114,7 +121,7 @@ def test_block_causality(flow_and_params, flip):
     expect = np.zeros(n, bool)
     expect[j] = True                    # the token itself always moves (z_j = (x_j - b) e^{-a})
     if flip:
-      expect[:j] = True                 # flipped order: later-processed tokens are the ones before j
+      expect[:j] = True  # flipped order: later-processed tokens are the ones before j
     else:
       expect[j + 1:] = True
     np.testing.assert_array_equal(moved, expect)
@@ -132,5 +139,6 @@ def test_class_conditional_af_uses_mean_for_unlabelled():
   z_none, _ = jax.jit(lambda p, x: flow.apply({"params": p}, x, None))(p, x)
   np.testing.assert_allclose(z_unl, z_none, atol=1e-6)
   assert float(jnp.abs(z_lab - z_unl).max()) > 1e-4
-  xr = jax.jit(lambda p, z, y: flow_inverse(flow, p, z, y))(p, z_lab, jnp.array([0, 1, 2]))
+  inv = jax.jit(lambda p, z, y: flow.apply({"params": p}, z, y, method=AutoregressiveFlow.inverse))
+  xr = inv(p, z_lab, jnp.array([0, 1, 2]))
   assert float(jnp.abs(xr - x).max()) <= 1e-5

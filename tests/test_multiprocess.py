@@ -10,16 +10,24 @@ import sys
 
 import pytest
 
+from farmer_jax.runs import RunDir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiprocess_worker.py")
 
 
 def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu")
 
 
 def _losses(out):
-  return {int(k): v for k, v in json.loads([l for l in out.splitlines() if l.startswith("LOSSES ")][-1][7:]).items()}
+  return {
+      int(k): v for k, v in json.loads([l for l in out.splitlines()
+                                        if l.startswith("LOSSES ")][-1][7:]).items()
+  }
 
 
 def _free_port():
@@ -33,21 +41,39 @@ def test_two_process_train_checkpoint_then_single_process_resume(tmp_path):
   first, total = 10, 20
   wd = tmp_path / "mp"
   addr = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, WORKER, "proc", str(wd), str(total), str(first), addr, str(i)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(4)) for i in (0, 1)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, WORKER, "proc",
+           str(wd), str(total),
+           str(first), addr,
+           str(i)],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          env=_env(4)) for i in (0, 1)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-3000:]
   mp_losses = _losses(outs[0][0])
-  assert os.path.isdir(wd / "checkpoints" / str(first))
-  r = subprocess.run([sys.executable, WORKER, "single", str(wd), str(total), str(total)], capture_output=True,
-                     text=True,
-                     env=_env(8), timeout=600)
+  assert os.path.isdir(os.path.join(RunDir(wd).checkpoints, str(first)))
+  r = subprocess.run(
+      [sys.executable, WORKER, "single",
+       str(wd), str(total), str(total)],
+      capture_output=True,
+      text=True,
+      env=_env(8),
+      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   resumed = _losses(r.stdout)
-  ref = subprocess.run([sys.executable, WORKER, "single", str(tmp_path / "ref"), str(total), str(total)],
-                       capture_output=True,
-                       text=True, env=_env(8), timeout=600)
+  ref = subprocess.run(
+      [sys.executable, WORKER, "single",
+       str(tmp_path / "ref"),
+       str(total), str(total)],
+      capture_output=True,
+      text=True,
+      env=_env(8),
+      timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   ref_losses = _losses(ref.stdout)
   assert sorted(mp_losses) == [5, 10] and sorted(resumed) == [15, 20]
@@ -55,4 +81,5 @@ def test_two_process_train_checkpoint_then_single_process_resume(tmp_path):
   # fp32 round-off amplified by a few steps of training (measured <= 3e-7 relative at step 5 with the worker's
   # gentle lr). A broken restore (fresh params, lost optimizer state, wrong data position) is off by >> 1e-4.
   for step, loss in {**mp_losses, **resumed}.items():
-    assert abs(loss - ref_losses[step]) <= 1e-4 * abs(ref_losses[step]) + 1e-5, (step, loss, ref_losses[step])
+    assert abs(loss - ref_losses[step]) <= 1e-4 * abs(ref_losses[step]) + 1e-5, (step, loss,
+                                                                                 ref_losses[step])

@@ -14,22 +14,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from farmer_jax.runs import RunDir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import quickstart  # noqa: E402
+from farmer_jax import configlib  # noqa: E402
 
 STEPS, EVERY = 60, 10
 KILL_SEED = 1234          # picks the kill points; fixed and printed so that a failure reproduces
 
 
 def _cmd(workdir, steps=STEPS, extra=()):
-  return [sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
-          f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={EVERY}",
-          "--config.train.log_every=10", "--config.train.warmup_steps=5", "--quiet", *extra]
+  return [
+      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
+      f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={EVERY}",
+      "--config.train.log_every=10", "--config.train.warmup_steps=5", "--quiet", *extra
+  ]
 
 
 def _steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
+  d = RunDir(workdir).checkpoints
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
@@ -46,7 +49,7 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=300):
 
 def _final_state(workdir):
   step = max(_steps(workdir))
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta")) as m:
+  with ocp.CheckpointManager(RunDir(workdir).checkpoints, item_names=("state", "meta")) as m:
     st = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   return step, jax.tree.leaves(st)
 
@@ -63,8 +66,11 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
   _run(_cmd(ref))
   ref_step, ref_leaves = _final_state(str(ref))
   assert ref_step == STEPS
-  kill_after = np.random.default_rng(KILL_SEED).choice(np.arange(EVERY, STEPS, EVERY), 2, replace=False)
-  print(f"KILL_SEED={KILL_SEED}: SIGKILL after the first checkpoint at or past steps {kill_after.tolist()}")
+  kill_after = np.random.default_rng(KILL_SEED).choice(
+      np.arange(EVERY, STEPS, EVERY), 2, replace=False)
+  print(
+      f"KILL_SEED={KILL_SEED}: SIGKILL after the first checkpoint at or past steps {kill_after.tolist()}"
+  )
   for k in kill_after:
     where = f"KILL_SEED={KILL_SEED}, killed after checkpoint >= {k}"
     wd = tmp_path / f"killed_after_{k}"
@@ -78,39 +84,45 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
     assert step == STEPS, where
     assert len(leaves) == len(ref_leaves), where
     for i, (a, b) in enumerate(zip(ref_leaves, leaves)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{where}: state leaf {i} differs")
+      np.testing.assert_array_equal(
+          np.asarray(a), np.asarray(b), err_msg=f"{where}: state leaf {i} differs")
     assert "test bpd" in r.stdout, where
-    logged = [json.loads(l)["step"] for l in open(wd / "metrics.jsonl")]
-    assert logged == list(range(10, STEPS + 1, 10)), f"{where}: metrics.jsonl steps {logged} (resume must trim)"
+    logged = [json.loads(l)["step"] for l in open(RunDir(wd).metrics)]
+    assert logged == list(range(10, STEPS + 1,
+                                10)), f"{where}: metrics.jsonl steps {logged} (resume must trim)"
 
 
 def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
   wd = tmp_path / "run"
-  p = subprocess.Popen(_cmd(wd, steps=100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  p = subprocess.Popen(
+      _cmd(wd, steps=100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _wait_for_checkpoint(p, str(wd), 2 * EVERY)
   p.send_signal(signal.SIGTERM)
   out, err = p.communicate(timeout=300)
   assert p.returncode == 0, err[-3000:]
   assert "preempted at step" in out
-  assert not (wd / "samples.png").exists() and not (wd / "summary.json").exists(), "SIGTERM skips eval + sampling"
-  assert not (wd / ".farmer_jax.lock").exists(), "the workdir lock is released on exit"
+  run = RunDir(wd)
+  assert not os.path.exists(run.samples) and not os.path.exists(run.summary), \
+      "SIGTERM skips eval + sampling"
+  assert not os.path.exists(run.lock), "the workdir lock is released on exit"
   steps = _steps(str(wd))
   assert len(steps) == 2 and steps[-1] >= 2 * EVERY and steps[-1] < 100_000
   # Corrupt every data file of the newest checkpoint: the next start must fall back to the previous one.
-  newest = os.path.join(wd, "checkpoints", str(steps[-1]), "state")
+  newest = os.path.join(run.checkpoints, str(steps[-1]), "state")
   for root, _, files in os.walk(newest):
     for f in files:
       path = os.path.join(root, f)
       with open(path, "r+b") as fh:
         fh.truncate(max(os.path.getsize(path) // 3, 1))
   from farmer_jax.train.trainer import Trainer
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   c.train.update(steps=100_000, ckpt_every=EVERY, log_every=10, warmup_steps=5)
   tr = Trainer(c, str(wd), quiet=True)
   tr.close()
   assert tr.restored_step == steps[-2]
   assert int(tr.state["step"]) == steps[-2]
-  assert os.path.isdir(os.path.join(wd, "checkpoints", f"{steps[-1]}.unreadable")), "moved aside, kept"
+  moved = os.path.join(run.checkpoints, f"{steps[-1]}.unreadable")
+  assert os.path.isdir(moved), "moved aside, kept"
   assert _steps(str(wd)) == steps[:-1]
 
 
@@ -124,7 +136,8 @@ def _sigterm_handler_installed(pid):
   return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to see when the handler is in")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="needs /proc to see when the handler is in")
 def test_sigterm_during_startup_exits_cleanly(tmp_path):
   """SIGTERM while the command is still importing / compiling: exit 0 with one line, nothing written."""
   wd = tmp_path / "run"
@@ -137,4 +150,4 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path):
   assert p.returncode == 0, err[-3000:]
   assert "start-up" in (out + err)
   assert "Traceback" not in err
-  assert not (wd / "checkpoints").exists()
+  assert not os.path.exists(RunDir(wd).checkpoints)

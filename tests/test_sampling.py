@@ -10,17 +10,18 @@ from scipy import stats
 from scipy.special import logsumexp, log_softmax
 
 from conftest import init_farmer, variant
-from farmer_jax.model import Farmer, decode_latents
-from farmer_jax.nn.transformer import init_cache
+from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
-from farmer_jax.prior.ar import ARPrior
-from farmer_jax.sampling.guidance import ResamplingCFG, naive_cfg_draw, resample
-from farmer_jax.sampling.sampler import (SamplerConfig, draw_informative, draw_redundant, sample_images, sample_keys,
-                                         sample_latents)
+from farmer_jax.config import ResamplingCFG
+from farmer_jax.sampling.guidance import naive_cfg_draw, resample
+from farmer_jax.config import SamplerConfig
+from farmer_jax.sampling.sampler import (draw_informative, draw_redundant, sample_images,
+                                         sample_keys, sample_latents)
 
 
 def _gauss(mu, sd):
-  mu, sd = jnp.atleast_1d(jnp.asarray(mu, jnp.float32)), jnp.atleast_1d(jnp.asarray(sd, jnp.float32))
+  mu, sd = jnp.atleast_1d(jnp.asarray(mu,
+                                      jnp.float32)), jnp.atleast_1d(jnp.asarray(sd, jnp.float32))
   return gmm.GMM(jnp.zeros((1,)), mu[None], sd[None])
 
 
@@ -31,7 +32,9 @@ def _draws(g_c, g_u, p, n, seed=0):
 
 
 def _mix(logits, loc, scale):
-  return gmm.GMM(jnp.asarray(logits, jnp.float32), jnp.asarray(loc, jnp.float32), jnp.asarray(scale, jnp.float32))
+  return gmm.GMM(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(loc, jnp.float32),
+      jnp.asarray(scale, jnp.float32))
 
 
 def test_resampling_w0_samples_the_conditional_mixture():
@@ -68,8 +71,11 @@ def _np_mix_logpdf(logits, loc, scale, t_pi, t_sigma, x):
   """Tempered mixture log-density in float64 numpy, written out independently of gmm.py:
   weights softmax(t_pi * logits), component stds t_sigma * scale. x (..., D) -> (...)."""
   lw = log_softmax(t_pi * np.asarray(logits, np.float64))
-  comp = [lw[k] + stats.norm.logpdf(x, np.asarray(loc[k], np.float64), t_sigma * np.asarray(scale[k], np.float64)
-                                    ).sum(-1) for k in range(len(lw))]
+  comp = [
+      lw[k] + stats.norm.logpdf(x, np.asarray(loc[k], np.float64),
+                                t_sigma * np.asarray(scale[k], np.float64)).sum(-1)
+      for k in range(len(lw))
+  ]
   return logsumexp(np.stack(comp, -1), axis=-1)
 
 
@@ -80,8 +86,11 @@ def _sir_limit_moments(gc, gu, p, s_c, s_u, axes):
   mesh = np.stack(np.meshgrid(*axes, indexing="ij"), -1)            # (G, ..., G, D)
   lq_c = _np_mix_logpdf(*gc, p.t_pi, p.t_sigma, mesh)
   lq_u = _np_mix_logpdf(*gu, p.t_pi, p.t_sigma, mesh)
-  r = _np_mix_logpdf(*gc, p.t_pi_v, p.t_sigma_v, mesh) - _np_mix_logpdf(*gu, p.t_pi_v, p.t_sigma_v, mesh)
-  lf = np.logaddexp(np.log(s_c) + lq_c + p.t_s * p.w * r, np.log(s_u) + lq_u + p.t_s * (p.w + 1) * r)
+  r = _np_mix_logpdf(*gc, p.t_pi_v, p.t_sigma_v, mesh) - _np_mix_logpdf(
+      *gu, p.t_pi_v, p.t_sigma_v, mesh)
+  lf = np.logaddexp(
+      np.log(s_c) + lq_c + p.t_s * p.w * r,
+      np.log(s_u) + lq_u + p.t_s * (p.w + 1) * r)
   f = np.exp(lf - lf.max())
   f /= f.sum()
   d = mesh.shape[-1]
@@ -95,10 +104,14 @@ def _sir_limit_moments(gc, gu, p, s_c, s_u, axes):
 # (O(1/ESS)) is below the Monte-Carlo error; s_c != s_u pins the proposal-count weighting of the limit.
 _GC1 = (np.log([0.6, 0.4]), [[0.8], [-1.2]], [[0.5], [0.7]])
 _GU1 = (np.log([0.5, 0.5]), [[0.2], [-0.6]], [[0.9], [0.8]])
-_P1 = ResamplingCFG(w=1.5, s_c=256, s_u=128, t_pi=0.7, t_sigma=0.8, t_pi_v=0.5, t_sigma_v=1.2, t_s=0.8)
-_GC2 = (np.log([0.5, 0.3, 0.2]), [[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], [[0.6, 0.8], [0.5, 0.5], [0.7, 0.4]])
-_GU2 = (np.log([0.6, 0.3, 0.1]), [[0.2, 0.1], [-0.4, -0.3], [0.5, -0.5]], [[1.0, 0.9], [0.8, 1.1], [0.6, 0.7]])
-_P2 = ResamplingCFG(w=1.0, s_c=128, s_u=128, t_pi=1.2, t_sigma=0.9, t_pi_v=0.5, t_sigma_v=1.1, t_s=1.2)
+_P1 = ResamplingCFG(
+    w=1.5, s_c=256, s_u=128, t_pi=0.7, t_sigma=0.8, t_pi_v=0.5, t_sigma_v=1.2, t_s=0.8)
+_GC2 = (np.log([0.5, 0.3, 0.2]), [[1.0, 0.0], [-1.0, 0.5], [0.0, -1.0]], [[0.6, 0.8], [0.5, 0.5],
+                                                                          [0.7, 0.4]])
+_GU2 = (np.log([0.6, 0.3, 0.1]), [[0.2, 0.1], [-0.4, -0.3], [0.5, -0.5]], [[1.0, 0.9], [0.8, 1.1],
+                                                                           [0.6, 0.7]])
+_P2 = ResamplingCFG(
+    w=1.0, s_c=128, s_u=128, t_pi=1.2, t_sigma=0.9, t_pi_v=0.5, t_sigma_v=1.1, t_s=1.2)
 
 
 def _check_moments(z, mean, cov, alt_mean, alt_cov):
@@ -108,8 +121,10 @@ def _check_moments(z, mean, cov, alt_mean, alt_cov):
   n = len(z)
   se = np.sqrt(np.diag(cov) / n)
   np.testing.assert_array_less(np.abs(z.mean(0) - mean), 5 * se + 1e-3)
-  np.testing.assert_allclose(np.diag(np.cov(z.T).reshape(len(mean), len(mean))), np.diag(cov), rtol=0.05)
-  err = np.abs(np.diag(np.cov(z.T).reshape(len(mean), -1)) - np.diag(cov)).sum() + np.abs(z.mean(0) - mean).sum()
+  np.testing.assert_allclose(
+      np.diag(np.cov(z.T).reshape(len(mean), len(mean))), np.diag(cov), rtol=0.05)
+  err = np.abs(np.diag(np.cov(z.T).reshape(len(mean), -1)) -
+               np.diag(cov)).sum() + np.abs(z.mean(0) - mean).sum()
   alt = np.abs(np.diag(np.cov(z.T).reshape(len(mean), -1)) - np.diag(alt_cov)).sum() + np.abs(
       z.mean(0) - alt_mean).sum()
   print(f"error vs reference {err:.4f}, vs the variance-convention reference {alt:.4f}")
@@ -128,7 +143,8 @@ def test_informative_resampling_matches_numerical_integration_1d():
   g = jax.tree.map(lambda a, b: jnp.concatenate([jnp.broadcast_to(a, (n,) + a.shape),
                                                  jnp.broadcast_to(b, (n,) + b.shape)]), gc, gu)
   s = SamplerConfig(guidance="resampling", cfg=_P1)
-  z, ess = jax.jit(lambda k, g: draw_informative(k, g, n, s))(jax.random.split(jax.random.key(0), n), g)
+  z, ess = jax.jit(lambda k, g: draw_informative(k, g, n, s))(jax.random.split(
+      jax.random.key(0), n), g)
   axes = [np.linspace(-7, 7, 4001)]
   mean, cov = _sir_limit_moments(_GC1, _GU1, _P1, 256, 128, axes)
   alt_mean, alt_cov = _sir_limit_moments(_GC1, _GU1, _variance_convention(_P1), 256, 128, axes)
@@ -143,13 +159,15 @@ def test_redundant_resampling_with_var_scale_matches_numerical_integration_2d():
   gc, gu = _mix(*_GC2), _mix(*_GU2)
   g = jax.tree.map(lambda a, c: jnp.concatenate([jnp.broadcast_to(a, (b,) + a.shape),
                                                  jnp.broadcast_to(c, (b,) + c.shape)]), gc, gu)
-  s = SamplerConfig(guidance="resampling", cfg=_P2, redundant_candidates=128, redundant_var_scale=vs)
+  s = SamplerConfig(
+      guidance="resampling", cfg=_P2, redundant_candidates=128, redundant_var_scale=vs)
   keys = jax.random.split(jax.random.key(1), b * n).reshape(b, n)
   z, _ = jax.jit(lambda k, g: draw_redundant(k, g, s))(keys, g)
   scaled = lambda m: (m[0], m[1], np.sqrt(vs) * np.asarray(m[2]))
   axes = [np.linspace(-5, 5, 401)] * 2
   mean, cov = _sir_limit_moments(scaled(_GC2), scaled(_GU2), _P2, 128, 128, axes)
-  alt_mean, alt_cov = _sir_limit_moments(scaled(_GC2), scaled(_GU2), _variance_convention(_P2), 128, 128, axes)
+  alt_mean, alt_cov = _sir_limit_moments(
+      scaled(_GC2), scaled(_GU2), _variance_convention(_P2), 128, 128, axes)
   _check_moments(np.asarray(z).reshape(-1, 2), mean, cov, alt_mean, alt_cov)
 
 
@@ -174,7 +192,8 @@ def test_redundant_tokens_are_distinct_under_table6_cfg():
   p = ResamplingCFG(w=2.5, s_c=5, s_u=5, t_pi=1.0, t_sigma=0.9, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1)
   s = SamplerConfig(guidance="resampling", cfg=p, redundant_candidates=16)
   b, n = 2, 256
-  z, ess = jax.jit(lambda k, g: draw_redundant(k, g, s))(_token_keys(b, n), _guided_640(np.full(640, 0.1), 1.0, b))
+  z, ess = jax.jit(lambda k, g: draw_redundant(k, g, s))(_token_keys(b, n),
+                                                         _guided_640(np.full(640, 0.1), 1.0, b))
   z = np.asarray(z)
   assert z.shape == (b, n, 640)
   for i in range(b):
@@ -193,7 +212,8 @@ def test_redundant_tokens_match_closed_form_guided_gaussian_640d():
   w, su, b, n, d = 2.5, 1.01, 8, 256, 640
   delta = np.where(np.arange(d) % 3 == 0, 0.02, -0.02)
   s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=w), redundant_candidates=64)
-  z, ess = jax.jit(lambda k, g: draw_redundant(k, g, s))(_token_keys(b, n, seed=10), _guided_640(delta, su, b))
+  z, ess = jax.jit(lambda k, g: draw_redundant(k, g, s))(_token_keys(b, n, seed=10),
+                                                         _guided_640(delta, su, b))
   z = np.asarray(z).reshape(-1, d)
   lam = (1 + w) - w / su ** 2
   m, v = (1 + w) * delta / lam, 1 / lam
@@ -202,7 +222,7 @@ def test_redundant_tokens_match_closed_form_guided_gaussian_640d():
   assert abs(slope - 1) < 0.08, slope
   np.testing.assert_array_less(np.abs(em - m), 4.5 * np.sqrt(v / len(z)) + 0.08 * np.abs(m))
   assert abs(ev.mean() - v) < 0.012, ev.mean()
-  assert float(np.mean(ess)) > 5          # the weights have not degenerated at this guidance strength
+  assert float(np.mean(ess)) > 5  # the weights have not degenerated at this guidance strength
 
 
 def test_naive_cfg_matches_closed_form():
@@ -236,10 +256,12 @@ def _np_sample(key, logits, loc, scale, t_pi, t_sigma, count):
 def _np_resample(key, gc, gu, p, s_c, s_u):
   """One resampling-CFG draw written out per candidate in numpy (Algorithm 1)."""
   k_c, k_u, k_pick = jax.random.split(key, 3)
-  cands = _np_sample(k_c, *gc, p.t_pi, p.t_sigma, s_c) + _np_sample(k_u, *gu, p.t_pi, p.t_sigma, s_u)
+  cands = _np_sample(k_c, *gc, p.t_pi, p.t_sigma, s_c) + _np_sample(k_u, *gu, p.t_pi, p.t_sigma,
+                                                                    s_u)
   logw = []
   for j, z in enumerate(cands):
-    r = _np_mix_logpdf(*gc, p.t_pi_v, p.t_sigma_v, z) - _np_mix_logpdf(*gu, p.t_pi_v, p.t_sigma_v, z)
+    r = _np_mix_logpdf(*gc, p.t_pi_v, p.t_sigma_v, z) - _np_mix_logpdf(
+        *gu, p.t_pi_v, p.t_sigma_v, z)
     logw.append(p.t_s * (p.w if j < s_c else p.w + 1.0) * r)
   gum = np.asarray(jax.random.gumbel(k_pick, (s_c + s_u,)), np.float64)
   return cands[int(np.argmax(np.array(logw) + gum))]
@@ -249,19 +271,17 @@ def _reference_guided_decode(cfg, params, keys, y, s):
   """Slow reference: per sample, separate batch-1 conditional and unconditional streams with their own caches, a
   Python loop over tokens and over candidates, numpy densities; shares only the raw random numbers (the documented
   key schedule: token i uses fold_in(key, i), redundant token i fold_in(fold_in(key, N), i))."""
-  prior = ARPrior(cfg)
-  pp = {"params": params["prior"]}
-  prefill = jax.jit(lambda lab, c: prior.apply(pp, lab, c, method=ARPrior.prefill))
-  head = jax.jit(lambda h: prior.apply(pp, h, method=ARPrior.gmm_informative))
-  head_r = jax.jit(lambda h: prior.apply(pp, h, method=ARPrior.gmm_redundant))
-  decode = jax.jit(lambda tok, i, c: prior.apply(pp, tok, i, c, method=ARPrior.decode_step))
+  run = lambda method, *args: Farmer(cfg).apply({"params": params}, *args, method=method)
+  prefill = jax.jit(lambda lab: run(Farmer.ar_prefill, lab))
+  head = jax.jit(lambda h: run(Farmer.gmm_informative, h))
+  head_r = jax.jit(lambda h: run(Farmer.gmm_redundant, h))
+  decode = jax.jit(lambda tok, i, c: run(Farmer.ar_step, tok, i, c))
   n, p = cfg.num_tokens, s.cfg
   out = []
   for b in range(y.shape[0]):
     caches, hs = [], []
-    for lab in (y[b:b + 1], jnp.array([cfg.null_class])):
-      c = init_cache(cfg.ar_depth, 1, cfg.class_repeats + n, cfg.ar_heads, cfg.ar_width // cfg.ar_heads)
-      h, c = prefill(lab, c)
+    for lab in (y[b:b + 1], null_labels(cfg, 1)):
+      h, c = prefill(lab)
       hs.append(h)
       caches.append(c)
     toks = []
@@ -272,10 +292,15 @@ def _reference_guided_decode(cfg, params, keys, y, s):
       for j in range(2):
         hs[j], caches[j] = decode(jnp.asarray(tok, jnp.float32)[None, None], i, caches[j])
     gc, gu = [_np_gmm(jax.tree.map(lambda a: a[0], head_r(h))) for h in hs]
-    gc[2], gu[2] = [np.maximum(g[2] * np.sqrt(s.redundant_var_scale), cfg.scale_floor) for g in (gc, gu)]
+    gc[2], gu[2] = [
+        np.maximum(g[2] * np.sqrt(s.redundant_var_scale), cfg.scale_floor) for g in (gc, gu)
+    ]
     rkey = jax.random.fold_in(keys[b], n)
-    red = [_np_resample(jax.random.fold_in(rkey, i), gc, gu, p, s.redundant_candidates, s.redundant_candidates)
-           for i in range(n)]
+    red = [
+        _np_resample(
+            jax.random.fold_in(rkey, i), gc, gu, p, s.redundant_candidates, s.redundant_candidates)
+        for i in range(n)
+    ]
     out.append(np.concatenate([np.stack(toks), np.stack(red)], -1))
   return np.stack(out)
 
@@ -284,8 +309,12 @@ def test_doubled_batch_decode_equals_slow_reference(tiny):
   """Whole tokens (informative and redundant channels) of the vectorised doubled-batch sampler equal a plain-loop
   reference that draws per token and per candidate with numpy densities."""
   cfg, _, params = tiny
-  s = SamplerConfig(guidance="resampling", redundant_candidates=3, redundant_var_scale=0.7,
-                    cfg=ResamplingCFG(w=2.0, s_c=3, s_u=2, t_pi=0.9, t_sigma=0.9, t_pi_v=0.5, t_sigma_v=1.1, t_s=1.1))
+  s = SamplerConfig(
+      guidance="resampling",
+      redundant_candidates=3,
+      redundant_var_scale=0.7,
+      cfg=ResamplingCFG(
+          w=2.0, s_c=3, s_u=2, t_pi=0.9, t_sigma=0.9, t_pi_v=0.5, t_sigma_v=1.1, t_s=1.1))
   y = jnp.array([0, 2])
   keys = sample_keys(7, 0, 2)
   z = jax.jit(lambda p, k, y: sample_latents(cfg, p, k, y, s))(params, keys, y)
@@ -308,15 +337,18 @@ def test_jetformer_redundant_std_obeys_the_temperature_convention():
 @pytest.mark.parametrize("guidance", ["none", "resampling", "naive"])
 def test_sampling_deterministic_and_batch_independent(tiny, guidance):
   cfg, _, params = tiny
-  s = SamplerConfig(guidance=guidance, cfg=ResamplingCFG(w=1.5), redundant_candidates=16, naive_proposals=64)
+  s = SamplerConfig(
+      guidance=guidance, cfg=ResamplingCFG(w=1.5), redundant_candidates=16, naive_proposals=64)
   f = jax.jit(lambda p, k, y: sample_images(cfg, p, k, y, s))
   y = jnp.array([0, 2, 1])
   keys = sample_keys(0, 0, 3)
   a = f(params, keys, y)
-  assert a.shape == (3, cfg.image_size, cfg.image_size, cfg.channels) and bool(jnp.isfinite(a).all())
+  assert a.shape == (3, cfg.image_size, cfg.image_size, cfg.channels) and bool(
+      jnp.isfinite(a).all())
   np.testing.assert_array_equal(a, f(params, keys, y))
   single = jax.jit(lambda p, k, y: sample_images(cfg, p, k, y, s))(params, keys[1:2], y[1:2])
-  np.testing.assert_allclose(single[0], a[1], atol=1e-4)        # same key -> same sample, whatever the batch
+  np.testing.assert_allclose(
+      single[0], a[1], atol=1e-4)  # same key -> same sample, whatever the batch
   other = f(params, sample_keys(1, 0, 3), y)
   assert float(jnp.abs(other - a).max()) > 0
 
@@ -332,7 +364,7 @@ def test_sampled_latents_decode_and_reencode(tiny):
 
 
 def test_bad_sampler_settings_raise():
-  from farmer_jax.sampling.sampler import sampler_from_config, validate_sampler
+  from farmer_jax.config import sampler_from_config, validate_sampler
   with pytest.raises(ValueError, match="cfg=-1"):
     validate_sampler(SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=-1.0)))
   with pytest.raises(ValueError, match="t_sigma=0"):

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_fsdp_spec_picks_largest_divisible_unsharded_dim():
   assert fsdp_spec((4, 64, 48), P(None, None, None), "fsdp", 8, 0) == P(None, "fsdp", None)
   assert fsdp_spec((4, 64, 48), P(None, "data", None), "fsdp", 8, 0) == P(None, "data", "fsdp")
-  assert fsdp_spec((3, 5), P(), "fsdp", 8, 0) == P(None, None)              # nothing divisible: replicated
+  assert fsdp_spec((3, 5), P(), "fsdp", 8, 0) == P(None, None)  # nothing divisible: replicated
   assert fsdp_spec((64, 64), P(), "fsdp", 8, 10_000) == P(None, None)       # below min_params
   assert fsdp_spec((64,), P("fsdp"), "fsdp", 8, 0) == P("fsdp")             # axis already used
 
@@ -30,8 +30,13 @@ def test_fsdp_spec_picks_largest_divisible_unsharded_dim():
 def report(tmp_path_factory):  # ~90 s on 2 cores: the tests using it are marked slow (CI runs them)
   out = tmp_path_factory.mktemp("mesh")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.join(HERE, "mesh_worker.py"), str(out), "0"], capture_output=True,
-                     text=True, env=env, timeout=900)
+  r = subprocess.run(
+      [sys.executable, os.path.join(HERE, "mesh_worker.py"),
+       str(out), "0"],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=900)
   assert r.returncode == 0, r.stderr[-4000:]
   line = [l for l in r.stdout.splitlines() if l.startswith("REPORT ")][-1]
   return out, json.loads(line[len("REPORT "):])
@@ -75,6 +80,7 @@ def test_fsdp_cuts_per_device_state_memory(report):
   _, rep = report
   repl, fsdp = rep["data8"]["argument_bytes"], rep["fsdp8"]["argument_bytes"]
   ratio = fsdp / repl
-  print(f"per-device train-step argument bytes: replicated {repl}, fsdp=8 {fsdp}, ratio {ratio:.4f} "
-        f"(target <= {1.15 / 8:.4f})")
+  print(
+      f"per-device train-step argument bytes: replicated {repl}, fsdp=8 {fsdp}, ratio {ratio:.4f} "
+      f"(target <= {1.15 / 8:.4f})")
   assert ratio <= 1.15 / 8

@@ -9,15 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import quickstart  # noqa: E402
+from farmer_jax import configlib  # noqa: E402
 
 from conftest import init_farmer, variant  # noqa: E402
 from farmer_jax.conventions import bits_per_dim, dequantize  # noqa: E402
 from farmer_jax.data.mnist import load_mnist5k  # noqa: E402
 from farmer_jax.eval.likelihood import evaluate_bpd, make_eval_step  # noqa: E402
-from farmer_jax.train.trainer import Trainer, format_test_bpd, train_and_report  # noqa: E402
+from farmer_jax.runs import RunDir  # noqa: E402
+from farmer_jax.train.report import format_test_bpd  # noqa: E402
+from farmer_jax.train.trainer import Trainer, train_and_report  # noqa: E402
 
 
 def test_mnist5k_split_is_fixed_and_disjoint():
@@ -25,17 +25,19 @@ def test_mnist5k_split_is_fixed_and_disjoint():
   te, lte = load_mnist5k("test")
   assert tr.shape == (4500, 32, 32, 1) and te.shape == (500, 32, 32, 1) and tr.dtype == np.uint8
   np.testing.assert_array_equal(np.bincount(lte), 50)
-  assert tr[:, :2].max() == 0 and tr[:, 2:30, 2:30].max() == 255     # 2-pixel zero padding around 28x28
+  assert tr[:, :2].max() == 0 and tr[:, 2:30,
+                                     2:30].max() == 255  # 2-pixel zero padding around 28x28
   flat = {x.tobytes() for x in tr}
-  assert sum(x.tobytes() in flat for x in te) <= 2                       # MNIST has a few exact duplicates
+  assert sum(x.tobytes() in flat for x in te) <= 2  # MNIST has a few exact duplicates
   te2, _ = load_mnist5k("test")
   np.testing.assert_array_equal(te, te2)
 
 
 def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   tmp_path, summary, _ = trained_run
-  c = quickstart.get_config("tiny")
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  run = RunDir(tmp_path)
+  c = configlib.load("quickstart:tiny")
+  rows = [json.loads(l) for l in open(run.metrics)]
   assert [r["step"] for r in rows] == [50, 100, 150, 200]
   for k in ("loss", "ar_nll", "logdet_per_dim", "noise_sigma", "lr", "grad_norm", "steps_per_s"):
     assert np.isfinite(rows[-1][f"train/{k}"]), k
@@ -47,23 +49,36 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   assert rows[0]["train/noise_sigma"] > rows[-1]["train/noise_sigma"] >= 0.005
   assert np.isfinite(summary["test_bpd"]) and summary["test_bpd"] < 8.0
   # test bpd is reported class-conditional (-log p(x|y)) and unconditional (-log p(x|null)), on the same noise
-  on_disk = json.load(open(tmp_path / "summary.json"))
+  on_disk = json.load(open(run.summary))
   for k in ("test_bpd", "test_bpd_uncond", "test_nats_per_dim", "test_nats_per_dim_uncond"):
     assert np.isfinite(on_disk[k]) and on_disk[k] == summary[k], k
   assert on_disk["class_conditional"] and on_disk["test_count"] == 500
-  assert summary["test_bpd_uncond"] < 8.0 and abs(summary["test_bpd"] - summary["test_bpd_uncond"]) > 1e-4
+  assert summary["test_bpd_uncond"] < 8.0 and abs(summary["test_bpd"] -
+                                                  summary["test_bpd_uncond"]) > 1e-4
   for sfx in ("", "_uncond"):
-    assert summary[f"test_bpd{sfx}"] == pytest.approx(bits_per_dim(summary[f"test_nats_per_dim{sfx}"]))
+    assert summary[f"test_bpd{sfx}"] == pytest.approx(
+        bits_per_dim(summary[f"test_nats_per_dim{sfx}"]))
   assert format_test_bpd(summary) == (f"test bpd: {summary['test_bpd']:.4f} (class-conditional), "
                                       f"{summary['test_bpd_uncond']:.4f} (unconditional)")
-  assert os.path.getsize(tmp_path / "samples.png") > 0
-  assert os.path.isdir(tmp_path / "checkpoints" / "200")
-  assert os.path.isdir(tmp_path / "tb")
+  assert os.path.getsize(run.samples) > 0 and summary["samples"] == run.samples
+  assert os.path.isdir(os.path.join(run.checkpoints, "200"))
+  assert os.path.isdir(run.tensorboard)
   # Re-running on the finished workdir resumes from its checkpoint: no further training, identical test bpd.
   again, tr2 = train_and_report(c, str(tmp_path), quiet=True)
   assert tr2.restored_step == 200 and again["steps"] == 200
-  assert again["test_bpd"] == summary["test_bpd"] and again["test_bpd_uncond"] == summary["test_bpd_uncond"]
-  assert len(open(tmp_path / "metrics.jsonl").readlines()) == len(rows)
+  assert again["test_bpd"] == summary["test_bpd"] and again["test_bpd_uncond"] == summary[
+      "test_bpd_uncond"]
+  assert len(open(run.metrics).readlines()) == len(rows)
+
+
+def test_run_and_export_folder_names_are_a_file_format():
+  """Runs and exports written by earlier releases must stay loadable: the names runs.py spells."""
+  from farmer_jax import runs
+  assert (runs.CONFIG, runs.CHECKPOINTS, runs.METRICS, runs.TENSORBOARD, runs.SAMPLES, runs.SUMMARY,
+          runs.LOCK) == ("config.json", "checkpoints", "metrics.jsonl", "tb", "samples.png",
+                         "summary.json", ".farmer_jax.lock")
+  assert sorted(runs.EXPORT_ENTRIES) == ["config.json", "export.json", "params"]
+  assert (runs.EXPORT_META, runs.EXPORT_PARAMS) == ("export.json", "params")
 
 
 def test_eval_step_conditional_and_unconditional_share_the_noise(trained_run):
@@ -87,9 +102,11 @@ def test_eval_step_conditional_and_unconditional_share_the_noise(trained_run):
 
 
 def test_unconditional_model_reports_one_bpd_under_both_keys():
-  model, params = init_farmer(variant(num_classes=0, image_size=4, flow_blocks=1), scale=0.0)   # small: compile time
+  model, params = init_farmer(
+      variant(num_classes=0, image_size=4, flow_blocks=1), scale=0.0)  # small: compile time
   images = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
-  res = evaluate_bpd(model, params, images, np.zeros(5, np.int32), batch_size=4)    # 2 batches, the last padded
+  res = evaluate_bpd(
+      model, params, images, np.zeros(5, np.int32), batch_size=4)  # 2 batches, the last padded
   assert res["count"] == 5 and np.isfinite(res["bpd"])
   assert res["bpd"] == res["bpd_uncond"] and res["nats_per_dim"] == res["nats_per_dim_uncond"]
 
@@ -99,15 +116,17 @@ def test_resume_refuses_a_changed_model_setting_shapes_cannot_see(trained_run):
   be refused with the diff, not silently restore params that now mean something else."""
   from farmer_jax.config import ConfigError
   workdir, _, _ = trained_run
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   c.model.ar_order = "same"
   c.model.scale_fn = "softplus"
-  with pytest.raises(ConfigError, match=r"model.ar_order: 'alternate' -> 'same'; model.scale_fn: 'squareplus' -> "):
+  with pytest.raises(
+      ConfigError,
+      match=r"model.ar_order: 'alternate' -> 'same'; model.scale_fn: 'squareplus' -> "):
     Trainer(c, str(workdir), quiet=True)
 
 
 def test_nonfinite_loss_stops_before_saving(tmp_path):
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   c.train.update(lr=1e30, min_lr=1e29, warmup_steps=0, grad_clip=0.0, steps=4, log_every=2)
   tr = Trainer(c, str(tmp_path), quiet=True)
   with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
@@ -122,20 +141,51 @@ def test_step_with_nonfinite_updated_params_is_not_applied(tiny):
   applied and bad_step records it, so nothing non-finite can be checkpointed."""
   import jax.numpy as jnp
   import optax
+  from farmer_jax.config import TrainConfig
   from farmer_jax.model import Farmer
-  from farmer_jax.train.trainer import make_train_step
+  from farmer_jax.train.state import new_state
+  from farmer_jax.train.step import make_train_step
   cfg, _, params = tiny
-  c = quickstart.get_config("tiny")
+  c = configlib.load("quickstart:tiny")
   tx = optax.chain(optax.scale_by_adam(), optax.scale(-jnp.inf))
-  step = jax.jit(make_train_step(Farmer(cfg), cfg, c.train, tx, lambda s: 0.0))
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (4, cfg.image_size, cfg.image_size, 1), dtype=np.uint8),
-           "label": np.array([0, 1, 2, 0], np.int32)}
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "bad_step": jnp.int32(-1)}
-  new, m = step(state, batch, jax.random.key(0))
+  t = TrainConfig.from_config(c)
+  step = jax.jit(make_train_step(Farmer(cfg), cfg, t, tx, lambda s: 0.0))
+  new, m = step(new_state(params, tx), _tiny_batch(cfg), jax.random.key(0))
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert int(new["bad_step"]) == 0 and int(new["step"]) == 1
   jax.tree.map(np.testing.assert_array_equal, new["params"], params)
+
+
+def _tiny_batch(cfg):
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (4, cfg.image_size, cfg.image_size, 1), dtype=np.uint8),
+          "label": np.array([0, 1, 2, 0], np.int32)}
+
+
+def test_ema_follows_the_applied_params(tiny):
+  """With train.ema_decay = d the step keeps ema <- d * ema + (1 - d) * params (the new params)."""
+  import dataclasses
+  import optax
+  from farmer_jax.config import TrainConfig
+  from farmer_jax.model import Farmer
+  from farmer_jax.train.state import new_state
+  from farmer_jax.train.step import make_train_step
+  cfg, _, params = tiny
+  d = 0.9
+  t = dataclasses.replace(TrainConfig.from_config(configlib.load("quickstart:tiny")), ema_decay=d)
+  tx = optax.sgd(0.1)
+  step = jax.jit(make_train_step(Farmer(cfg), cfg, t, tx, lambda s: 0.1))
+  state = new_state(params, tx, ema=True)
+  state["ema"] = jax.tree.map(lambda a: a + 1.0, params)         # an EMA that is not the params
+  new, _ = step(state, _tiny_batch(cfg), jax.random.key(0))
+  assert int(new["bad_step"]) == -1
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       new["params"], params)
+  assert max(jax.tree.leaves(moved)) > 1e-4                        # the params did move
+  expect = jax.tree.map(lambda e, p: d * np.asarray(e) + (1 - d) * np.asarray(p), state["ema"],
+                        new["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new["ema"],
+               expect)
 
 
 def test_workdir_lock(tmp_path):
@@ -143,15 +193,26 @@ def test_workdir_lock(tmp_path):
   over; release removes only our own lock."""
   import socket
   import subprocess
-  from farmer_jax.train.lock import LOCK_NAME, WorkdirBusyError, WorkdirLock
-  lock_path = tmp_path / LOCK_NAME
-  lock_path.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier"}))
+  from farmer_jax.runs import LOCK
+  from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock
+  lock_path = tmp_path / LOCK
+  lock_path.write_text(
+      json.dumps({
+          "pid": os.getppid(),
+          "host": socket.gethostname(),
+          "started": "earlier"
+      }))
   with pytest.raises(WorkdirBusyError, match=rf"pid {os.getppid()} on host {socket.gethostname()}"):
     WorkdirLock(str(tmp_path)).acquire()
-  assert json.loads(lock_path.read_text())["pid"] == os.getppid()          # the holder's lock is untouched
+  assert json.loads(lock_path.read_text())["pid"] == os.getppid()  # the holder's lock is untouched
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
-  lock_path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}))
+  lock_path.write_text(
+      json.dumps({
+          "pid": dead.pid,
+          "host": socket.gethostname(),
+          "started": "earlier"
+      }))
   said = []
   lk = WorkdirLock(str(tmp_path), say=said.append).acquire()
   assert json.loads(lock_path.read_text())["pid"] == os.getpid() and "stale" in said[0]
@@ -167,8 +228,11 @@ def test_workdir_lock(tmp_path):
 
 
 def test_trim_metrics_drops_rows_past_the_restored_step(tmp_path):
-  from farmer_jax.train.trainer import trim_metrics
+  from farmer_jax.train.metrics import trim_metrics
   p = tmp_path / "metrics.jsonl"
-  p.write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in (10, 20, 30, 40)) + '{"step": 5')
+  p.write_text("".join(json.dumps({
+      "step": s,
+      "train/loss": 1.0
+  }) + "\n" for s in (10, 20, 30, 40)) + '{"step": 5')
   trim_metrics(str(p), 20)
   assert [json.loads(l)["step"] for l in p.read_text().splitlines()] == [10, 20]

@@ -17,8 +17,8 @@ from farmer_jax.data.mnist import load_mnist5k
 class DatasetInfo:
   """What ``config.data`` must agree with for one dataset ``load_split`` can load (checked by config.validate)."""
   channels: int
-  num_classes: int          # labels in the data are 0 .. num_classes - 1; config.data.num_classes may also be 0
-  min_image_size: int       # images are zero-padded (evenly on each side) from this size to config.data.image_size
+  num_classes: int  # labels in the data are 0 .. num_classes - 1; config.data.num_classes may also be 0
+  min_image_size: int  # images are zero-padded (evenly on each side) from this size to config.data.image_size
   splits: tuple             # ((split name, number of images), ...)
 
 
@@ -33,9 +33,12 @@ class ArrayLoader:
   def __init__(self, images, labels, global_batch: int, seed: int = 0, process_index: int = 0,
                process_count: int = 1, shuffle: bool = True, drop_remainder: bool = True):
     if global_batch % process_count:
-      raise ValueError(f"global batch {global_batch} is not divisible by the process count {process_count}")
+      raise ValueError(
+          f"global batch {global_batch} is not divisible by the process count {process_count}")
     if drop_remainder and global_batch > len(images):
-      raise ValueError(f"batch size {global_batch} exceeds the dataset size {len(images)}; lower train.batch_size")
+      raise ValueError(
+          f"batch size {global_batch} exceeds the dataset size {len(images)}; lower train.batch_size"
+      )
     self.images, self.labels = images, labels
     self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
     self.pi, self.pc = process_index, process_count
@@ -70,8 +73,8 @@ def load_split(data_cfg, split: str):
   if data_cfg.name == "mnist5k":
     images, labels = load_mnist5k(split, pad_to=data_cfg.image_size)
   else:
-    raise ConfigError(f"config.data.name={data_cfg.name!r} is unknown; available: {sorted(DATASETS)} "
-                      "(ImageNet via tfds/grain comes with the data issue)")
+    raise ConfigError(
+        f"config.data.name={data_cfg.name!r} is unknown; available: {sorted(DATASETS)}")
   return images, check_labels(labels, data_cfg.num_classes, f"{data_cfg.name} split {split!r}")
 
 
@@ -82,8 +85,9 @@ def check_labels(labels, num_classes, what="the data"):
     return np.zeros(labels.shape, np.int32)
   bad = (labels < 0) | (labels >= num_classes)
   if bad.any():
-    raise ConfigError(f"{int(bad.sum())} of {labels.size} labels in {what} lie outside [0, {num_classes}) (labels "
-                      f"found: {int(labels.min())}..{int(labels.max())}) with config.data.num_classes={num_classes}. "
-                      "Fix: set --config.data.num_classes to the dataset's class count (labels 0..n-1), or 0 for an "
-                      "unconditional model; out-of-range labels are never mapped to the null class")
+    raise ConfigError(
+        f"{int(bad.sum())} of {labels.size} labels in {what} lie outside [0, {num_classes}) (labels "
+        f"found: {int(labels.min())}..{int(labels.max())}) with config.data.num_classes={num_classes}. "
+        "Fix: set --config.data.num_classes to the dataset's class count (labels 0..n-1), or 0 for an "
+        "unconditional model; out-of-range labels are never mapped to the null class")
   return labels.astype(np.int32)

@@ -37,7 +37,8 @@ def make_eval_step(model):
     b = x.shape[0]
     masked_sum = lambda nll: jnp.sum(jnp.where(mask, nll, 0.0))
     if conditional:
-      out = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([y, jnp.full_like(y, null)]))
+      out = model.apply({"params": params}, jnp.concatenate([x, x]),
+                        jnp.concatenate([y, jnp.full_like(y, null)]))
       nll = conventions.nats_per_dim(out["log_prob"], num_dims)
       cond, uncond = masked_sum(nll[:b]), masked_sum(nll[b:])
     else:
@@ -69,5 +70,10 @@ def evaluate_bpd(model, params, images, labels, batch_size, seed=0, progress=Non
     if progress:
       progress(count, n)
   nats, nats_u = total / count, total_u / count
-  return {"nats_per_dim": nats, "bpd": conventions.bits_per_dim(nats), "nats_per_dim_uncond": nats_u,
-          "bpd_uncond": conventions.bits_per_dim(nats_u), "count": count}
+  return {
+      "nats_per_dim": nats,
+      "bpd": conventions.bits_per_dim(nats),
+      "nats_per_dim_uncond": nats_u,
+      "bpd_uncond": conventions.bits_per_dim(nats_u),
+      "count": count
+  }

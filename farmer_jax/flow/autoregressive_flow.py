@@ -18,9 +18,10 @@ and overflow fp32. TARFlow has no such norm (``final_norm=False`` reproduces its
 Blocks run under ``nn.scan`` (params stacked on a leading 'blocks' axis) so compile time does not grow with n.
 The AR prior's order relative to the last block (model.ar_order) is turned into a flip by ``ModelConfig.ar_flip``,
 which relies on the flip rule of ``block_flips`` below.
-"""
 
-from typing import Optional
+Labels: with ``num_classes`` > 0 a class embedding is added to every token; the label
+``NO_LABEL`` (any label < 0) gets the mean class embedding (TARFlow's unconditional rule).
+"""
 
 import flax.linen as nn
 import jax
@@ -28,12 +29,14 @@ import jax.numpy as jnp
 
 from farmer_jax.nn import transformer as tfm
 
+NO_LABEL = -1     # the AF label meaning 'no class' (model.flow_label maps the AR null class to it)
+
 
 class AFBlock(nn.Module):
   """One affine autoregressive flow block.
 
-  Scan body: __call__((x (B, N, d), logdet (B,)), flip (), y (B,) | None) -> ((z, logdet'), z | None).
-  ``decode_step`` is the single-token inverse step used by ``flow_inverse``.
+  Scan body: __call__((x (B, N, d), logdet (B,)), flip (), y (B,) | None) -> ((z, logdet'), None).
+  ``decode_step`` is the single-token inverse step used by ``AutoregressiveFlow.inverse``.
   """
   num_tokens: int
   token_dim: int
@@ -44,8 +47,7 @@ class AFBlock(nn.Module):
   mlp_ratio: int = 4
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
-  keep_intermediates: bool = False
-  final_norm: bool = True            # LayerNorm before proj_out: (a, b) stay bounded for any input magnitude
+  final_norm: bool = True  # LayerNorm before proj_out: (a, b) stay bounded for any input magnitude
 
   def setup(self):
     self.proj_in = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -54,9 +56,11 @@ class AFBlock(nn.Module):
     self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), ("seq", "embed")), (self.num_tokens, self.width), jnp.float32)
     if self.num_classes:
-      self.class_embed = self.param("class_embed", nn.with_logical_partitioning(
-          nn.initializers.normal(0.01), ("classes", "embed")), (self.num_classes, self.width), jnp.float32)
-    self.transformer = tfm.Transformer(self.depth, self.num_heads, causal=True, mlp_ratio=self.mlp_ratio,
+      self.class_embed = self.param(
+          "class_embed",
+          nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed")),
+          (self.num_classes, self.width), jnp.float32)
+    self.transformer = tfm.Transformer(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio,
                                        dtype=self.dtype, remat=self.remat)
     if self.final_norm:
       self.norm_out = tfm.LayerNormF32(jnp.float32)
@@ -65,7 +69,7 @@ class AFBlock(nn.Module):
                              bias_init=tfm.zeros_init(("token",)))
 
   def _class(self, y):
-    """(B, 1, C) class embedding; y None or y < 0 -> mean embedding (TARFlow's unconditional rule)."""
+    """(B, 1, C) class embedding; y None or y < 0 (``NO_LABEL``) -> the mean embedding."""
     mean = jnp.mean(self.class_embed, axis=0)
     if y is None:
       return mean[None, None]
@@ -98,7 +102,7 @@ class AFBlock(nn.Module):
     zp = (xp - b) * jnp.exp(-a)
     z = jnp.where(flip, zp[:, ::-1], zp)
     logdet = logdet - jnp.sum(a, axis=(1, 2))
-    return (z, logdet), (z if self.keep_intermediates else None)
+    return (z, logdet), None
 
   def decode_step(self, x_tok, i, flip, y, cache):
     """Feeds permuted-order token i (B, 1, d) at cache slot i; returns (a, b) for token i+1, each (B, 1, d)."""
@@ -116,7 +120,8 @@ def block_flips(num_blocks):
 class AutoregressiveFlow(nn.Module):
   """n AF blocks under ``nn.scan``.
 
-  __call__(x (B, N, d), y (B,) | None) -> (z (B, N, d), logdet (B,) summed in nats[, per-block z (n, B, N, d)])
+  __call__(x (B, N, d), y (B,) | None) -> (z (B, N, d), logdet (B,) summed in nats)
+  inverse(z (B, N, d), y (B,) | None) -> x (B, N, d), the exact inverse (fp32)
   """
   num_tokens: int
   token_dim: int
@@ -131,53 +136,59 @@ class AutoregressiveFlow(nn.Module):
   final_norm: bool = True
 
   def block_kwargs(self):
-    return dict(num_tokens=self.num_tokens, token_dim=self.token_dim, width=self.width,
-                depth=self.layers_per_block, num_heads=self.num_heads, num_classes=self.num_classes,
-                mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, final_norm=self.final_norm)
+    return dict(
+        num_tokens=self.num_tokens,
+        token_dim=self.token_dim,
+        width=self.width,
+        depth=self.layers_per_block,
+        num_heads=self.num_heads,
+        num_classes=self.num_classes,
+        mlp_ratio=self.mlp_ratio,
+        dtype=self.dtype,
+        remat=self.remat,
+        final_norm=self.final_norm)
 
   @nn.compact
-  def __call__(self, x, y=None, return_intermediates: bool = False):
+  def __call__(self, x, y=None):
     scanned = nn.scan(AFBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast), length=self.num_blocks,
                       metadata_params={nn.PARTITION_NAME: "blocks"})
-    blocks = scanned(**self.block_kwargs(), keep_intermediates=return_intermediates, name="blocks")
+    blocks = scanned(**self.block_kwargs(), name="blocks")
     logdet0 = jnp.zeros((x.shape[0],), jnp.float32)
-    (z, logdet), inter = blocks((x.astype(jnp.float32), logdet0), block_flips(self.num_blocks), y)
-    if return_intermediates:
-      return z, logdet, inter
+    (z, logdet), _ = blocks((x.astype(jnp.float32), logdet0), block_flips(self.num_blocks), y)
     return z, logdet
 
+  def inverse(self, z, y=None):
+    """Exact inverse x = F^{-1}(z): z (B, N, d) -> x (B, N, d), fp32; ``y`` as in ``__call__``.
 
-def flow_inverse(flow: AutoregressiveFlow, flow_params, z, y: Optional[jax.Array] = None):
-  """Exact inverse x = F^{-1}(z). z: (B, N, d) -> x: (B, N, d), fp32.
+    Blocks are visited in reverse order by ``lax.scan`` over this flow's stacked block params;
+    inside each block, tokens are recovered one at a time by a ``lax.scan`` that feeds the last
+    recovered token through the block's transformer with a fixed-size KV cache (no Python loop
+    over tokens or blocks).
+    """
+    block = AFBlock(**self.block_kwargs(), parent=None)
+    n, bsz = self.num_tokens, z.shape[0]
+    head_dim = self.width // self.num_heads
 
-  Blocks are visited in reverse order by ``lax.scan`` over the stacked block params; inside each block, tokens are
-  recovered one at a time by a ``lax.scan`` that feeds the last recovered token through the block's transformer with
-  a fixed-size KV cache (no Python loop over tokens or blocks; jit-friendly).
-  ``flow_params`` is the flow's param dict (the one containing 'blocks').
-  """
-  block = AFBlock(**flow.block_kwargs())
-  n = flow.num_tokens
-  bsz = z.shape[0]
-  head_dim = flow.width // flow.num_heads
+    def invert_block(zc, xs):
+      bp, flip = xs
+      zp = jnp.where(flip, zc[:, ::-1], zc)
+      cache = tfm.init_cache(self.layers_per_block, bsz, n, self.num_heads, head_dim, self.dtype)
 
-  def invert_block(zc, xs):
-    bp, flip = xs
-    zp = jnp.where(flip, zc[:, ::-1], zc)
-    cache = tfm.init_cache(flow.layers_per_block, bsz, n, flow.num_heads, head_dim, flow.dtype)
+      def token_step(carry, i):
+        xr, cache = carry
+        x_tok = jax.lax.dynamic_slice_in_dim(xr, i, 1, axis=1)
+        (a, b), cache = block.apply({"params": bp}, x_tok, i, flip, y, cache,
+                                    method=AFBlock.decode_step)
+        z_next = jax.lax.dynamic_slice_in_dim(zp, i + 1, 1, axis=1)
+        x_next = z_next * jnp.exp(a) + b
+        xr = jax.lax.dynamic_update_slice_in_dim(xr, x_next, i + 1, axis=1)
+        return (xr, cache), None
 
-    def token_step(carry, i):
-      xr, cache = carry
-      x_tok = jax.lax.dynamic_slice_in_dim(xr, i, 1, axis=1)
-      (a, b), cache = block.apply({"params": bp}, x_tok, i, flip, y, cache, method=AFBlock.decode_step)
-      z_next = jax.lax.dynamic_slice_in_dim(zp, i + 1, 1, axis=1)
-      x_next = z_next * jnp.exp(a) + b
-      xr = jax.lax.dynamic_update_slice_in_dim(xr, x_next, i + 1, axis=1)
-      return (xr, cache), None
+      (xp, _), _ = jax.lax.scan(token_step, (zp, cache), jnp.arange(n - 1))
+      return jnp.where(flip, xp[:, ::-1], xp), None
 
-    (xp, _), _ = jax.lax.scan(token_step, (zp, cache), jnp.arange(n - 1))
-    return jnp.where(flip, xp[:, ::-1], xp), None
-
-  x, _ = jax.lax.scan(invert_block, z.astype(jnp.float32),
-                      (flow_params["blocks"], block_flips(flow.num_blocks)), reverse=True)
-  return x
+    stacked = nn.unbox(self.variables["params"]["blocks"])
+    x, _ = jax.lax.scan(invert_block, z.astype(jnp.float32),
+                        (stacked, block_flips(self.num_blocks)), reverse=True)
+    return x

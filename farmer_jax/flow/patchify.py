@@ -2,7 +2,6 @@
 N = h*w tokens (raster order), d = p*p*c token dim with feature order (ph, pw, c)."""
 
 
-
 def patchify(x, p: int):
   """(B, H, W, c) -> (B, N, d)."""
   b, hh, ww, c = x.shape

@@ -1,4 +1,4 @@
-"""The one transformer layer shared by the AF blocks, the AR prior and (later) the distilled student.
+"""The one transformer layer shared by the AF blocks and the AR prior.
 
 Shape letters:
   B batch, T query tokens in this call, S cache length (max sequence length), C width,
@@ -7,11 +7,11 @@ Shape letters:
 Semantics follow TARFlow's blocks (pre-LayerNorm, eps 1e-5, fused q|k|v projection laid out head-major,
 exact-erf GELU MLP, no final norm) so that TARFlow checkpoints map onto these params one to one.
 
-Attention is ``jax.nn.dot_product_attention`` (logits and softmax in fp32). Three call modes:
-  * full sequence, causal or bidirectional (training / likelihood);
-  * with a fixed-size KV cache ``{'k','v': (B, S, H, Dh)}`` and a write ``index``: the T new tokens are written at
-    positions index..index+T-1 and attend causally to every cached position <= their own (decoding; T may be > 1
-    to prefill a prefix).
+Attention is causal ``jax.nn.dot_product_attention`` (logits and softmax in fp32). Two call modes:
+  * full sequence (training / likelihood);
+  * with a fixed-size KV cache ``{'k','v': (B, S, H, Dh)}`` and a write ``index``: the T new
+    tokens are written at positions index..index+T-1 and attend to every cached position <= their
+    own (decoding; T may be > 1 to prefill a prefix).
 LayerNorms run in fp32; matmuls in ``dtype`` (bf16 on accelerators); params are stored in fp32.
 """
 
@@ -25,8 +25,8 @@ Dtype = Any
 Cache = Optional[dict]
 
 
-def dense_init(axes, init=nn.initializers.xavier_uniform()):
-  return nn.with_logical_partitioning(init, axes)
+def dense_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
 
 
 def zeros_init(axes):
@@ -39,16 +39,23 @@ class LayerNormF32(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                     bias_init=zeros_init(("embed",)), name="ln")(x.astype(jnp.float32))
+    y = nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=zeros_init(("embed",)),
+        name="ln")(
+            x.astype(jnp.float32))
     return y.astype(self.dtype)
 
 
 class Projection(nn.Module):
-  """Multi-axis linear map (kernel stored unflattened so logical axis names apply to every dim).
+  """Multi-axis linear map contracting the last ``n_in`` input dims; output dims ``features``.
 
-  Contracts the last ``n_in`` input dims with kernel dims [:n_in]; output dims are ``features``.
+  Not ``nn.DenseGeneral``: that one initialises (and attaches logical-axis metadata to) a kernel
+  flattened to 2-D, so per-dim logical names such as ("embed", None, "heads", "kv") fail under a
+  mesh. Here the kernel is created unflattened, (*in_dims, *features), and every dim is named.
   """
   features: tuple
   axes: tuple                     # logical names, len = n_in + len(features)
@@ -57,22 +64,23 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    in_shape = x.shape[-self.n_in:]
-    shape = tuple(in_shape) + tuple(self.features)
+    shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
     in_axis = tuple(range(self.n_in))
     out_axis = tuple(range(self.n_in, len(shape)))
-    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
-    bias = self.param("bias", zeros_init(self.axes[self.n_in:]), tuple(self.features), jnp.float32)
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis,
+                                            out_axis=out_axis)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
+                        jnp.float32)
+    bias = self.param("bias", zeros_init(self.axes[self.n_in:]), tuple(self.features),
+                      jnp.float32)
     y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
                       axes=(tuple(range(x.ndim - self.n_in, x.ndim)), in_axis))
     return y + bias.astype(self.dtype)
 
 
 class Attention(nn.Module):
-  """Pre-LN multi-head self-attention. x: (B, T, C) -> (B, T, C)."""
+  """Pre-LN causal multi-head self-attention. x: (B, T, C) -> (B, T, C)."""
   num_heads: int
-  causal: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -84,17 +92,18 @@ class Attention(nn.Module):
     qkv = Projection((3, h_, dh), ("embed", None, "heads", "kv"), 1, self.dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, T, H, Dh)
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
       new_cache = None
     else:
-      if not self.causal:
-        raise ValueError("a KV cache is only meaningful for causal attention")
-      ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+      ck = jax.lax.dynamic_update_slice_in_dim(
+          cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+      cv = jax.lax.dynamic_update_slice_in_dim(
+          cache["v"], v.astype(cache["v"].dtype), index, axis=1)
       s = ck.shape[1]
       q_pos = index + jnp.arange(t)
-      mask = jnp.arange(s)[None, :] <= q_pos[:, None]           # (T, S): cached keys up to own position
-      out = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None])
+      mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # (T, S): cached keys up to own position
+      out = jax.nn.dot_product_attention(
+          q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None])
       new_cache = {"k": ck, "v": cv}
     out = Projection((c,), ("heads", "kv", "embed"), 2, self.dtype, name="proj")(out)
     return out, new_cache
@@ -109,23 +118,34 @@ class Mlp(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     h = LayerNormF32(self.dtype, name="norm")(x)
-    h = nn.Dense(self.mlp_ratio * c, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=dense_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)), name="fc1")(h)
+    h = nn.Dense(
+        self.mlp_ratio * c,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=dense_init(("embed", "mlp")),
+        bias_init=zeros_init(("mlp",)),
+        name="fc1")(
+            h)
     h = nn.gelu(h, approximate=False)
-    return nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=dense_init(("mlp", "embed")), bias_init=zeros_init(("embed",)), name="fc2")(h)
+    return nn.Dense(
+        c,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=dense_init(("mlp", "embed")),
+        bias_init=zeros_init(("embed",)),
+        name="fc2")(
+            h)
 
 
 class Layer(nn.Module):
   """One residual layer: x + attn(x); x + mlp(x). Written as an ``nn.scan`` body: (carry=x, xs=cache)."""
   num_heads: int
-  causal: bool = True
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, cache: Cache, index):
-    a, new_cache = Attention(self.num_heads, self.causal, self.dtype, name="attn")(x, cache, index)
+    a, new_cache = Attention(self.num_heads, self.dtype, name="attn")(x, cache, index)
     x = x + a
     x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(x)
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -133,13 +153,12 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """L layers under ``nn.scan`` (params stacked on a leading 'layers' axis), optional ``nn.remat``.
+  """L causal layers under ``nn.scan`` (params stacked on a leading 'layers' axis), optional remat.
 
   __call__(x (B, T, C), cache=None | {'k','v': (L, B, S, H, Dh)}, index=None) -> (x, new_cache)
   """
   depth: int
   num_heads: int
-  causal: bool = True
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   remat: bool = False
@@ -153,8 +172,8 @@ class Transformer(nn.Module):
                       in_axes=(0, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x = x.astype(self.dtype)
-    x, new_cache = scanned(self.num_heads, self.causal, self.mlp_ratio, self.dtype, name="layers")(
-        x, cache, index)
+    layers = scanned(self.num_heads, self.mlp_ratio, self.dtype, name="layers")
+    x, new_cache = layers(x, cache, index)
     return x, new_cache
 
 

@@ -3,11 +3,12 @@
 Shape letters: B batch, M class-prefix length, N tokens, d_I informative dims, d_R redundant dims, C width,
 K_I / K_R mixture components, P_I = K_I(1 + 2 d_I), P_R = K_R(1 + 2 d_R) head outputs, L layers.
 
-Sequence: [c_1 .. c_M, z^I_1 .. z^I_N] (length M + N). The prefix is the class embedding (index ``num_classes`` is the
-learned null class used by label dropout / CFG) repeated M times, plus a learned per-copy embedding so the copies
-are distinguishable. The output at position M-1+i-1 (the one *before* z^I_i) parameterises the GMM of z^I_i; the
-output after z^I_N parameterises ONE shared GMM for every z^R_i (dimred='farmer'). Heads are zero-initialised:
-the prior starts as exactly N(0, I).
+Sequence: [c_1 .. c_M, z^I_1 .. z^I_N] (length M + N). The prefix is the class embedding (row
+``cfg.null_class`` is the learned null class used by label dropout / CFG) repeated M times, plus a
+learned per-copy embedding so the copies are distinguishable. The output at position M-1+i-1 (the
+one *before* z^I_i) parameterises the GMM of z^I_i; the output after z^I_N parameterises ONE shared
+GMM for every z^R_i (dimred='farmer'). Heads are zero-initialised: the prior starts as exactly
+N(0, I).
 """
 
 import flax.linen as nn
@@ -27,13 +28,19 @@ class ARPrior(nn.Module):
     c = self.cfg
     w = c.ar_width
     emb = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
-    self.class_embed = self.param("class_embed", emb(("classes", "embed")), (c.num_classes + 1, w), jnp.float32)
-    self.repeat_embed = self.param("repeat_embed", emb((None, "embed")), (c.class_repeats, w), jnp.float32)
-    self.pos_embed = self.param("pos_embed", emb(("seq", "embed")), (c.class_repeats + c.num_tokens, w),
-                                jnp.float32)
-    self.token_in = nn.Dense(w, dtype=c.jnp_dtype, param_dtype=jnp.float32,
-                             kernel_init=tfm.dense_init(("token", "embed")), bias_init=tfm.zeros_init(("embed",)))
-    self.transformer = tfm.Transformer(c.ar_depth, c.ar_heads, causal=True, mlp_ratio=c.mlp_ratio,
+    self.class_embed = self.param("class_embed", emb(("classes", "embed")), (c.null_class + 1, w),
+                                  jnp.float32)
+    self.repeat_embed = self.param("repeat_embed", emb((None, "embed")), (c.class_repeats, w),
+                                   jnp.float32)
+    self.pos_embed = self.param("pos_embed", emb(("seq", "embed")),
+                                (c.class_repeats + c.num_tokens, w), jnp.float32)
+    self.token_in = nn.Dense(
+        w,
+        dtype=c.jnp_dtype,
+        param_dtype=jnp.float32,
+        kernel_init=tfm.dense_init(("token", "embed")),
+        bias_init=tfm.zeros_init(("embed",)))
+    self.transformer = tfm.Transformer(c.ar_depth, c.ar_heads, mlp_ratio=c.mlp_ratio,
                                        dtype=c.jnp_dtype, remat=c.remat)
     self.final_norm = tfm.LayerNormF32(jnp.float32)
     self.head_i = nn.Dense(gmm.num_outputs(c.mixtures_informative, c.d_i), dtype=jnp.float32,
@@ -45,24 +52,26 @@ class ARPrior(nn.Module):
                              bias_init=tfm.zeros_init(("head",)))
 
   def prefix(self, y):
-    """(B,) labels (null = num_classes) -> (B, M, C)."""
+    """(B,) labels (``cfg.null_class`` = no class) -> (B, M, C)."""
     e = self.class_embed[y][:, None, :] + self.repeat_embed[None]
     return e + self.pos_embed[None, :self.cfg.class_repeats]
 
   def embed_tokens(self, z_i, start):
     """(B, T, d_I) informative tokens at token positions start.. -> (B, T, C)."""
-    pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, self.cfg.class_repeats + start, z_i.shape[1], axis=0)
+    pos = jax.lax.dynamic_slice_in_dim(
+        self.pos_embed, self.cfg.class_repeats + start, z_i.shape[1], axis=0)
     return self.token_in(z_i.astype(self.cfg.jnp_dtype)) + pos[None].astype(self.cfg.jnp_dtype)
 
   def gmm_informative(self, h):
     c = self.cfg
-    return gmm.from_head(self.head_i(h.astype(jnp.float32)), c.mixtures_informative, c.d_i, c.scale_fn,
-                         c.scale_floor)
+    return gmm.from_head(
+        self.head_i(h.astype(jnp.float32)), c.mixtures_informative, c.d_i, c.scale_fn,
+        c.scale_floor)
 
   def gmm_redundant(self, h):
     c = self.cfg
-    return gmm.from_head(self.head_r(h.astype(jnp.float32)), c.mixtures_redundant, c.d_r, c.scale_fn,
-                         c.scale_floor)
+    return gmm.from_head(
+        self.head_r(h.astype(jnp.float32)), c.mixtures_redundant, c.d_r, c.scale_fn, c.scale_floor)
 
   def __call__(self, z_i, y):
     c = self.cfg
@@ -75,9 +84,13 @@ class ARPrior(nn.Module):
     return g_i, g_r
 
   # --- decoding with a fixed-size KV cache (sampling) ---
-  def prefill(self, y, cache):
-    """Runs the class prefix at cache slots 0..M-1; returns (h (B, C) predicting z^I_1, cache)."""
-    h, cache = self.transformer(self.prefix(y).astype(self.cfg.jnp_dtype), cache, 0)
+  def prefill(self, y):
+    """Runs the class prefix of labels y (B,) at slots 0..M-1 of a fresh KV cache with room for the
+    whole sequence (M + N); returns (h (B, C) predicting z^I_1, cache)."""
+    c = self.cfg
+    cache = tfm.init_cache(c.ar_depth, y.shape[0], c.class_repeats + c.num_tokens, c.ar_heads,
+                           c.ar_width // c.ar_heads, c.jnp_dtype)
+    h, cache = self.transformer(self.prefix(y).astype(c.jnp_dtype), cache, 0)
     return self.final_norm(h[:, -1]), cache
 
   def decode_step(self, z_tok, i, cache):

@@ -31,6 +31,8 @@ def num_outputs(k: int, d: int) -> int:
 def scale_transform(raw, kind: str, floor: float):
   raw = raw.astype(jnp.float32)
   if kind == "squareplus":
+    # Not jax.nn.squareplus(raw, 4): same values under jit, but its gradient rounds differently
+    # (up to 128 ulp for raw < 0), so training steps would change; outside jit values differ too.
     s = 0.5 * (raw + jnp.sqrt(raw * raw + 4.0))
   elif kind == "softplus":
     s = jax.nn.softplus(raw + _SOFTPLUS_ONE)
@@ -43,7 +45,8 @@ def from_head(raw, k: int, d: int, scale_fn: str = "squareplus", floor: float = 
   """Raw head output (..., K + 2KD) -> GMM in fp32."""
   raw = raw.astype(jnp.float32)
   if raw.shape[-1] != num_outputs(k, d):
-    raise ValueError(f"head output has {raw.shape[-1]} values, expected K + 2KD = {num_outputs(k, d)}")
+    raise ValueError(
+        f"head output has {raw.shape[-1]} values, expected K + 2KD = {num_outputs(k, d)}")
   logits = raw[..., :k]
   rest = raw[..., k:].reshape(raw.shape[:-1] + (k, 2, d))
   return GMM(logits, rest[..., 0, :], scale_transform(rest[..., 1, :], scale_fn, floor))
@@ -58,7 +61,8 @@ def component_log_prob(g: GMM, x):
 
 def log_prob(g: GMM, x):
   """Mixture log-density in nats: x (..., D) -> (...)."""
-  return jax.scipy.special.logsumexp(jax.nn.log_softmax(g.logits, -1) + component_log_prob(g, x), axis=-1)
+  return jax.scipy.special.logsumexp(
+      jax.nn.log_softmax(g.logits, -1) + component_log_prob(g, x), axis=-1)
 
 
 def with_temperature(g: GMM, t_pi: float = 1.0, t_sigma: float = 1.0) -> GMM:
@@ -70,7 +74,8 @@ def with_temperature(g: GMM, t_pi: float = 1.0, t_sigma: float = 1.0) -> GMM:
 def scale_variance(g: GMM, factor, floor: float = 1e-6) -> GMM:
   """Multiplies the component variances by ``factor`` >= 0 (std by sqrt(factor)), keeping std >= ``floor`` so a
   zero factor gives (numerically) the component means instead of a 0/0 density."""
-  return GMM(g.logits, g.loc, jnp.maximum(g.scale * jnp.sqrt(jnp.asarray(factor, jnp.float32)), floor))
+  return GMM(g.logits, g.loc,
+             jnp.maximum(g.scale * jnp.sqrt(jnp.asarray(factor, jnp.float32)), floor))
 
 
 def sample(rng, g: GMM, shape=()):
@@ -80,11 +85,12 @@ def sample(rng, g: GMM, shape=()):
   ``k = argmax(logits + gumbel(rk, (*shape, K)))`` (Gumbel-max); value ``loc_k + scale_k * normal(rn, (*shape, D))``.
   """
   if g.logits.ndim != 1:
-    raise ValueError(f"gmm.sample takes one mixture with logits of shape (K,), got {g.logits.shape}; "
-                     "vmap over batched mixtures")
+    raise ValueError(
+        f"gmm.sample takes one mixture with logits of shape (K,), got {g.logits.shape}; "
+        "vmap over batched mixtures")
   rk, rn = jax.random.split(rng)
   shape = tuple(shape)
-  idx = jnp.argmax(g.logits + jax.random.gumbel(rk, shape + g.logits.shape), axis=-1)      # (*shape,)
+  idx = jnp.argmax(g.logits + jax.random.gumbel(rk, shape + g.logits.shape), axis=-1)  # (*shape,)
   return g.loc[idx] + g.scale[idx] * jax.random.normal(rn, shape + g.loc.shape[-1:])
 
 

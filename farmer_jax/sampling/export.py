@@ -1,34 +1,30 @@
-"""Exported models: params only (EMA params if the run kept them) + the resolved config, in Orbax's standard format.
+"""Exported models: params only (EMA params if the run kept them) + the resolved config, in Orbax's
+standard format. The layout of an export directory is ``runs.ExportDir``'s.
 
-Layout of an export directory:
-  DIR/export.json   marker (kind), format version, source run + step, which params (ema/raw), param dtype
-  DIR/config.json   the run's resolved config (the model is rebuilt from it; no training code involved)
-  DIR/params/       Orbax StandardCheckpointer pytree of the params
-
-The export is written to a temporary sibling directory and renamed into place, so a partially written export
-never looks valid. An existing DIR is refused unless ``overwrite`` is set, and even then only a previous export (and
-never a directory holding the source run, a file, or anything else) is replaced.
+The export is written to a temporary sibling directory and renamed into place, so a partially
+written export never looks valid. An existing DIR is refused unless ``overwrite`` is set, and even
+then only a previous export (and never a directory holding the source run, a file, or anything
+else) is replaced.
 """
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import uuid
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from farmer_jax.config import ConfigError, upgrade_saved_config, validate_model_config
+from farmer_jax import runs
+from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
+from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints
 
 FORMAT_VERSION = 1
-EXPORT_KIND = "farmer_jax_export"           # export.json marker: only a directory carrying it is ever replaced
-EXPORT_ENTRIES = {"export.json", "config.json", "params"}
-PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# the export.json marker: only a directory carrying it is ever replaced
+EXPORT_KIND = "farmer_jax_export"
+PARAM_DTYPES = {name: jnp_dtype(name) for name in DTYPE_NAMES}
 
 
 class ExportError(ValueError):
@@ -36,56 +32,43 @@ class ExportError(ValueError):
 
 
 def load_run_config(workdir):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ExportError(f"{workdir} has no config.json; is it a farmer_jax training workdir?")
-  with open(path) as f:
-    return upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
+  config = runs.read_saved_config(workdir)
+  if config is None:
+    raise ExportError(f"{workdir} has no {runs.CONFIG}; is it a farmer_jax training workdir?")
+  return config
 
 
 def latest_run_params(workdir, say=print):
-  """(params, step, used_ema) from the newest readable checkpoint of a training workdir (EMA params if present).
+  """(params, step, used_ema) from the newest readable checkpoint of a training workdir (EMA params
+  if present).
 
-  An unreadable (truncated/corrupt) newer checkpoint is reported through ``say`` and skipped, never moved or changed:
-  export only reads the run. If no checkpoint can be read, raises ExportError.
+  The run's checkpoints are opened read-only: an unreadable (truncated/corrupt) newer checkpoint
+  is reported through ``say`` and skipped, never moved or changed. If no checkpoint can be read,
+  raises ExportError.
   """
-  ckpt = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(ckpt):
-    raise ExportError(f"{workdir} has no checkpoints/ directory; train first (farmer_jax train ...)")
-  opts = ocp.CheckpointManagerOptions(read_only=True)
-  with _quiet_absl(), ocp.CheckpointManager(ckpt, options=opts, item_names=("state", "meta")) as mngr:
-    steps = sorted(mngr.all_steps(), reverse=True)
-    if not steps:
-      raise ExportError(f"{ckpt} holds no finished checkpoint; train first (farmer_jax train ...)")
-    errors = []
-    for step in steps:
-      try:
-        # No target: the params subtree is plain dicts, restored as-is (host arrays); no optimizer code needed.
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-        key = "ema" if "ema" in state else "params"
-        params = state[key]
-      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
-        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-        say(f"checkpoint {ckpt}/{step} is unreadable ({type(e).__name__}); trying an earlier one")
-        continue
-      if errors:
-        say(f"exporting checkpoint step {step}, the newest readable one (skipped {len(errors)} unreadable newer "
-            "one(s); the run was not modified)")
-      return params, step, key == "ema"
-  raise ExportError(f"no checkpoint in {ckpt} could be read (all {len(steps)} are truncated or corrupt): "
-                    + " | ".join(errors))
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-  """Orbax logs a WARNING for each option that read_only overrides; that is expected here, not news to the user."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(max(level, logging.ERROR))
+  ckpt = Checkpointer(runs.RunDir(workdir).checkpoints, read_only=True)
+  if not os.path.isdir(ckpt.directory):
+    raise ExportError(f"{workdir} has no {runs.CHECKPOINTS}/ directory; train first "
+                      "(farmer_jax train ...)")
   try:
-    yield
+    # No target: the params subtree is plain dicts, restored as saved; no optimizer code needed.
+    restored = ckpt.restore_latest(say=say)
+    steps = ckpt.steps()
+  except UnreadableCheckpoints as e:
+    raise ExportError(f"no checkpoint in {e.directory} could be read (all {len(e.errors)} are "
+                      "truncated or corrupt): " + " | ".join(e.errors)) from None
   finally:
-    logger.setLevel(level)
+    ckpt.close()
+  if restored is None:
+    raise ExportError(f"{ckpt.directory} holds no finished checkpoint; train first "
+                      "(farmer_jax train ...)")
+  state, _, step = restored
+  skipped = [s for s in steps if s > step]
+  if skipped:
+    say(f"exporting checkpoint step {step}, the newest readable one (skipped {len(skipped)} "
+        "unreadable newer one(s); the run was not modified)")
+  key = "ema" if "ema" in state else "params"
+  return state[key], step, key == "ema"
 
 
 def _non_finite_report(params):
@@ -96,7 +79,8 @@ def _non_finite_report(params):
     n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
     if n_nan or n_inf:
       nan, inf = nan + n_nan, inf + n_inf
-      bad.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({n_nan} NaN, {n_inf} inf)")
+      bad.append(
+          f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({n_nan} NaN, {n_inf} inf)")
   if not bad:
     return ""
   shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
@@ -104,10 +88,12 @@ def _non_finite_report(params):
 
 
 def is_export_dir(path):
-  """True if ``path`` is a directory written by export_model: its export.json carries our marker, or (format 1,
-  before the marker existed) format_version 1 with config.json and params/ beside it."""
+  """True if ``path`` is a directory written by export_model: its export.json carries our marker,
+  or (format 1, before the marker existed) format_version 1 with config.json and params/ beside
+  it."""
+  d = runs.ExportDir(path)
   try:
-    with open(os.path.join(path, "export.json")) as f:
+    with open(d.meta) as f:
       meta = json.load(f)
   except (OSError, ValueError):
     return False
@@ -115,8 +101,8 @@ def is_export_dir(path):
     return False
   if meta.get("kind") == EXPORT_KIND:
     return True
-  return (meta.get("format_version") == 1 and os.path.isfile(os.path.join(path, "config.json"))
-          and os.path.isdir(os.path.join(path, "params")))
+  return (meta.get("format_version") == 1 and os.path.isfile(d.config)
+          and os.path.isdir(d.params))
 
 
 def _within(path, parent):
@@ -128,8 +114,9 @@ def check_export_target(workdir, out, overwrite):
   """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns abspath(out)."""
   out = os.path.abspath(out)
   if os.path.lexists(out) and not os.path.isdir(out):
-    raise ExportError(f"--out={out} exists and is not a directory; export writes a directory, so choose another --out "
-                      "(--overwrite only replaces a previous export directory)")
+    raise ExportError(
+        f"--out={out} exists and is not a directory; export writes a directory, so choose another --out "
+        "(--overwrite only replaces a previous export directory)")
   if not os.path.exists(out):
     if os.path.lexists(out):
       raise ExportError(f"--out={out} is a broken symbolic link; remove it or choose another --out")
@@ -137,27 +124,33 @@ def check_export_target(workdir, out, overwrite):
     while not os.path.exists(up):
       up = os.path.dirname(up)
     if not os.path.isdir(up):
-      raise ExportError(f"--out={out} cannot be created: {up} is a file, not a directory; choose another --out")
+      raise ExportError(
+          f"--out={out} cannot be created: {up} is a file, not a directory; choose another --out")
     return out
   if not overwrite:
-    raise ExportError(f"{out} already exists; pass --overwrite to replace it (only a previous export can be "
-                      "replaced) or choose another --out")
+    raise ExportError(
+        f"{out} already exists; pass --overwrite to replace it (only a previous export can be "
+        "replaced) or choose another --out")
   if os.path.islink(out):
-    raise ExportError(f"--out={out} is a symbolic link; --overwrite does not replace links: pass the directory it "
-                      f"points to ({os.path.realpath(out)}) or choose another --out")
+    raise ExportError(
+        f"--out={out} is a symbolic link; --overwrite does not replace links: pass the directory it "
+        f"points to ({os.path.realpath(out)}) or choose another --out")
   real_out, real_run = os.path.realpath(out), os.path.realpath(workdir)
   if _within(real_run, real_out):
     what = "is the training run itself" if real_run == real_out else f"contains the training run {real_run}"
-    raise ExportError(f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose another --out "
-                      "outside the run (e.g. a sibling directory)")
+    raise ExportError(
+        f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose another --out "
+        "outside the run (e.g. a sibling directory)")
   if not is_export_dir(out):
-    raise ExportError(f"--out={out} is not a farmer_jax export (no valid export.json marker), so --overwrite will not "
-                      "replace it; choose another --out, or move that directory away yourself")
-  extra = sorted(set(os.listdir(out)) - EXPORT_ENTRIES)
+    raise ExportError(f"--out={out} is not a farmer_jax export (no valid {runs.EXPORT_META} "
+                      "marker), so --overwrite will not replace it; choose another --out, or move "
+                      "that directory away yourself")
+  extra = sorted(set(os.listdir(out)) - runs.EXPORT_ENTRIES)
   if extra:
-    raise ExportError(f"--out={out} is an export but also holds files export did not write ({', '.join(extra[:5])}"
-                      f"{', ...' if len(extra) > 5 else ''}); --overwrite would delete them. Move them out or choose "
-                      "another --out")
+    raise ExportError(
+        f"--out={out} is an export but also holds files export did not write ({', '.join(extra[:5])}"
+        f"{', ...' if len(extra) > 5 else ''}); --overwrite would delete them. Move them out or choose "
+        "another --out")
   return out
 
 
@@ -177,14 +170,23 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
   params, step, used_ema = latest_run_params(workdir, say=say)
   report = _non_finite_report(params)
   if report:
-    raise ExportError(f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. Export an "
-                      "earlier checkpoint (move this step out of checkpoints/) or retrain with a lower lr")
+    raise ExportError(
+        f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. Export an "
+        "earlier checkpoint (move this step out of checkpoints/) or retrain with a lower lr")
   params = jax.tree.map(lambda a: jnp.asarray(a, PARAM_DTYPES[dtype]), params)
   report = _non_finite_report(params)
   if report:
-    raise ExportError(f"casting checkpoint step {step} to {dtype} overflows: {report}; export with --dtype=float32")
-  meta = {"kind": EXPORT_KIND, "format_version": FORMAT_VERSION, "source_workdir": os.path.abspath(workdir),
-          "step": int(step), "params": "ema" if used_ema else "raw", "dtype": dtype}
+    raise ExportError(
+        f"casting checkpoint step {step} to {dtype} overflows: {report}; export with --dtype=float32"
+    )
+  meta = {
+      "kind": EXPORT_KIND,
+      "format_version": FORMAT_VERSION,
+      "source_workdir": os.path.abspath(workdir),
+      "step": int(step),
+      "params": "ema" if used_ema else "raw",
+      "dtype": dtype
+  }
   parent, name = os.path.dirname(out), os.path.basename(out)
   os.makedirs(parent, exist_ok=True)
   tag = uuid.uuid4().hex[:8]
@@ -192,24 +194,25 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
   aside = None
   try:
     os.makedirs(tmp)
+    new = runs.ExportDir(tmp)
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, "params"), params)
+      ckptr.save(new.params, params)
       ckptr.wait_until_finished()
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(tmp, "export.json"), "w") as f:   # written last: marks the export complete
+    runs.write_saved_config(tmp, config)
+    with open(new.meta, "w") as f:   # written last: marks the export complete
       json.dump(meta, f, indent=2)
     if os.path.exists(out):
-      check_export_target(workdir, out, overwrite)      # re-checked: it may have changed while we were writing
+      check_export_target(workdir, out,
+                          overwrite)  # re-checked: it may have changed while we were writing
       aside = os.path.join(parent, f".{name}.old-{tag}")
       os.rename(out, aside)
     os.rename(tmp, out)
   finally:
     if aside is not None and os.path.exists(aside):
       if os.path.exists(out):
-        shutil.rmtree(aside, ignore_errors=True)          # the new export is in place: drop the old one
+        shutil.rmtree(aside, ignore_errors=True)  # the new export is in place: drop the old one
       else:
-        os.rename(aside, out)                             # interrupted between the renames: put the old one back
+        os.rename(aside, out)  # interrupted between the renames: put the old one back
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return meta
@@ -220,28 +223,31 @@ def load_model(model_dir):
   from farmer_jax.model import abstract_params
   model_dir = os.path.abspath(model_dir)
   if not os.path.isdir(model_dir):
-    raise ExportError(f"model directory {model_dir} does not exist; create one with `farmer_jax export`")
-  for name in ("export.json", "config.json", "params"):
+    raise ExportError(
+        f"model directory {model_dir} does not exist; create one with `farmer_jax export`")
+  d = runs.ExportDir(model_dir)
+  for name in (runs.EXPORT_META, runs.CONFIG, runs.EXPORT_PARAMS):
     if not os.path.exists(os.path.join(model_dir, name)):
-      raise ExportError(f"{model_dir} is not a complete export (missing {name}); re-run `farmer_jax export`")
+      raise ExportError(f"{model_dir} is not a complete export (missing {name}); re-run "
+                        "`farmer_jax export`")
   try:
-    with open(os.path.join(model_dir, "export.json")) as f:
+    with open(d.meta) as f:
       meta = json.load(f)
-    with open(os.path.join(model_dir, "config.json")) as f:
-      config = upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
+    config = runs.read_saved_config(model_dir)
   except (json.JSONDecodeError, OSError) as e:
     raise ExportError(f"{model_dir}: corrupt metadata ({e}); re-run `farmer_jax export`") from e
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ExportError(f"{model_dir}: export format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    raise ExportError(
+        f"{model_dir}: export format {meta.get('format_version')} is not {FORMAT_VERSION}")
   try:
     mcfg = validate_model_config(config)
   except ConfigError as e:
-    raise ExportError(f"{model_dir}: its config.json is invalid: {e}") from e
+    raise ExportError(f"{model_dir}: its {runs.CONFIG} is invalid: {e}") from e
   dt = PARAM_DTYPES[meta["dtype"]]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(model_dir, "params"), abstract)
+      params = ckptr.restore(d.params, abstract)
   except Exception as e:
     raise ExportError(f"{model_dir}: params could not be restored ({type(e).__name__}: {e}); "
                       "the export is corrupt or from another config") from e

@@ -31,24 +31,31 @@ def parse_classes(spec, num_classes):
     try:
       c = int(tok)
     except ValueError:
-      raise ValueError(f"--classes entry {tok!r} is not an integer class id (or 'null'/'all')") from None
+      raise ValueError(
+          f"--classes entry {tok!r} is not an integer class id (or 'null'/'all')") from None
     if not 0 <= c < num_classes:
-      raise ValueError(f"class id {c} is out of range: this model has {num_classes} classes (0..{num_classes - 1});"
-                       " use 'null' for unconditional samples")
+      raise ValueError(
+          f"class id {c} is out of range: this model has {num_classes} classes (0..{num_classes - 1});"
+          " use 'null' for unconditional samples")
     out.append(c)
   return out
 
 
-def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True, return_stats=False):
+def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
+             return_stats=False, out_sharding=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g. the resampling
-  weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see docs/sampling.md)]."""
+  weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see docs/sampling.md)].
+
+  ``out_sharding``: where the jitted sampler puts its outputs; a training run passes its mesh's
+  replicated sharding, so that every process of a multi-host run can read the images."""
   if num < 1:
     raise ValueError(f"--num={num} must be >= 1")
   if batch_size < 1:
     raise ValueError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  fn = jax.jit(lambda p, k, y: sample_images(mcfg, p, k, y, sampler, return_stats=True))
+  jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
+  fn = jax.jit(lambda p, k, y: sample_images(mcfg, p, k, y, sampler, return_stats=True), **jit_kw)
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
   for start in range(0, total, batch_size):
@@ -74,15 +81,17 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
   bar.close()
   images = np.concatenate(out).reshape(len(classes), num, *out[0].shape[1:])
   if return_stats:
-    return images, labels.reshape(len(classes), num), {k: np.concatenate(v) for k, v in stats.items()}
+    return images, labels.reshape(len(classes), num), {
+        k: np.concatenate(v) for k, v in stats.items()
+    }
   return images, labels.reshape(len(classes), num)
 
 
 def describe_stats(stats, sampler):
   """One line summarising the resampling weights' effective sample sizes (empty if there are none)."""
   parts = []
-  for key, name, pool in (("ess_informative", "informative", sampler.cfg.s_c + sampler.cfg.s_u),
-                          ("ess_redundant", "redundant", 2 * sampler.redundant_candidates)):
+  for key, name, pool in (("ess_informative", "informative", sampler.informative_pool),
+                          ("ess_redundant", "redundant", sampler.redundant_pool)):
     if key in stats:
       v = stats[key]
       parts.append(f"{name} mean {v.mean():.2f} (min {v.min():.2f}) of {pool} candidates")
@@ -100,16 +109,21 @@ def check_output_path(path, flag):
   if ext not in exts:
     what = "a lossless PNG grid" if flag == "--out" else "uint8 images + labels as .npz"
     found = repr(ext) if ext else "(no extension)"
-    raise ValueError(f"{flag}={path}: unsupported file type {found}; {flag} writes {what} only. Fix: name it "
-                     f"*{exts[0]}")
+    raise ValueError(
+        f"{flag}={path}: unsupported file type {found}; {flag} writes {what} only. Fix: name it "
+        f"*{exts[0]}")
   if os.path.isdir(path):
-    raise ValueError(f"{flag}={path} is a directory. Fix: pass a file path, e.g. {os.path.join(path, 'x' + exts[0])}")
+    raise ValueError(
+        f"{flag}={path} is a directory. Fix: pass a file path, e.g. {os.path.join(path, 'x' + exts[0])}"
+    )
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
-    raise ValueError(f"{flag}={path}: the directory {parent} does not exist. Fix: create it first (mkdir -p) or "
-                     "choose another path")
+    raise ValueError(
+        f"{flag}={path}: the directory {parent} does not exist. Fix: create it first (mkdir -p) or "
+        "choose another path")
   if not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f"{flag}={path}: the directory {parent} is not writable. Fix: choose a writable directory")
+    raise ValueError(
+        f"{flag}={path}: the directory {parent} is not writable. Fix: choose a writable directory")
 
 
 def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
@@ -125,5 +139,10 @@ def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
       grid_image(images).save(tmp_png, format="PNG")
     if out_npz:
       tmp_npz = stack.enter_context(atomic_path(out_npz))
-      with open(tmp_npz, "wb") as f:      # a file object: np.savez must not append '.npz' to the temporary name
-        np.savez(f, images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1), **(stats or {}))
+      with open(tmp_npz,
+                "wb") as f:  # a file object: np.savez must not append '.npz' to the temporary name
+        np.savez(
+            f,
+            images=images.reshape(-1, *images.shape[2:]),
+            labels=labels.reshape(-1),
+            **(stats or {}))

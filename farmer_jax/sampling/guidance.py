@@ -25,24 +25,11 @@ Naive CFG (JetFormer): pick a component k from the conditional mixture, then sam
 from N_c^{1+w} / N_u^w of component k by rejection sampling.
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
+from farmer_jax.config import ResamplingCFG
 from farmer_jax.prior import gmm
-
-
-class ResamplingCFG(NamedTuple):
-  """Hyper-parameters of resampling CFG (paper Table 6 names)."""
-  w: float = 0.0
-  s_c: int = 5
-  s_u: int = 5
-  t_pi: float = 1.0
-  t_sigma: float = 1.0
-  t_pi_v: float = 1.0
-  t_sigma_v: float = 1.0
-  t_s: float = 1.0
 
 
 def candidates(key, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int):
@@ -64,7 +51,9 @@ def log_weights(z, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: 
   """Tempered resampling log-weights T_s * m * r for candidates z (..., S, D) -> (..., S) (m = w or w + 1)."""
   r = (gmm.log_prob(gmm.with_temperature(g_c, p.t_pi_v, p.t_sigma_v), z)
        - gmm.log_prob(gmm.with_temperature(g_u, p.t_pi_v, p.t_sigma_v), z))
-  mult = jnp.concatenate([jnp.full((s_c,), p.w, jnp.float32), jnp.full((s_u,), p.w + 1.0, jnp.float32)])
+  mult = jnp.concatenate(
+      [jnp.full((s_c,), p.w, jnp.float32),
+       jnp.full((s_u,), p.w + 1.0, jnp.float32)])
   return p.t_s * mult * r
 
 
@@ -74,7 +63,13 @@ def effective_sample_size(logw):
   return 1.0 / jnp.sum(pr * pr, axis=-1)
 
 
-def resample(keys, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c=None, s_u=None, chunk: int = 64):
+def resample(keys,
+             g_c: gmm.GMM,
+             g_u: gmm.GMM,
+             p: ResamplingCFG,
+             s_c=None,
+             s_u=None,
+             chunk: int = 64):
   """R independent resampling-CFG draws from one pair of mixtures, each over its OWN fresh candidate set.
 
   keys (R,) -> (z (R, D), ess (R,)). ``s_c``/``s_u`` override the per-draw candidate counts (the redundant token
@@ -92,8 +87,14 @@ def resample(keys, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c=None, s_u=N
   return jnp.take_along_axis(z, idx[:, None, None], 1)[:, 0], effective_sample_size(logw)
 
 
-def naive_cfg_draw(rng, g_c: gmm.GMM, g_u: gmm.GMM, w: float, num_proposals: int = 1000, grid: int = 1001,
-                   t_pi: float = 1.0, t_sigma: float = 1.0):
+def naive_cfg_draw(rng,
+                   g_c: gmm.GMM,
+                   g_u: gmm.GMM,
+                   w: float,
+                   num_proposals: int = 1000,
+                   grid: int = 1001,
+                   t_pi: float = 1.0,
+                   t_sigma: float = 1.0):
   """JetFormer-style CFG for one example: (K,) / (K, D) mixtures -> (D,).
 
   The component is drawn from the conditional weights and shared with the unconditional mixture; each dimension
@@ -117,8 +118,9 @@ def naive_cfg_draw(rng, g_c: gmm.GMM, g_u: gmm.GMM, w: float, num_proposals: int
   xs = mu_c + s_q * jnp.linspace(-10.0, 10.0, grid)[:, None]                    # (G, D)
   log_m = jnp.max(log_target(xs) - log_q(xs), axis=0)                           # envelope per dim
   props = mu_c + s_q * jax.random.normal(k_prop, (num_proposals,) + mu_c.shape)  # (P, D)
-  accept = jnp.log(jax.random.uniform(k_acc, props.shape)) < log_target(props) - log_q(props) - log_m
-  first = jnp.argmax(accept, axis=0)                                            # first accepted per dim
+  accept = jnp.log(jax.random.uniform(k_acc,
+                                      props.shape)) < log_target(props) - log_q(props) - log_m
+  first = jnp.argmax(accept, axis=0)  # first accepted per dim
   chosen = jnp.take_along_axis(props, first[None], 0)[0]
   fallback = mu_c + s_c * jax.random.normal(k_fb, mu_c.shape)
   return jnp.where(accept.any(0), chosen, fallback)

@@ -1,17 +1,19 @@
-"""Orbax checkpoints of the train state: async saves, keep-last-n (+ periodic keepers), restore onto any mesh,
-fallback past unreadable checkpoints.
+"""Orbax checkpoints of the train state: async saves, keep-last-n (+ periodic keepers), restore onto
+any mesh, fallback past unreadable checkpoints.
 
-A checkpoint step holds two items: ``state`` (params, optimizer state, EMA, step, bad_step; sharded arrays, written
-by every process) and ``meta`` (JSON: the data-iterator position and the RNG seed; the input pipeline is a pure
-function of (seed, step), so that is its whole state).
+A checkpoint step holds two items: ``state`` (params, optimizer state, EMA, step, bad_step; sharded
+arrays, written by every process) and ``meta`` (JSON: the data-iterator position and the RNG seed;
+the input pipeline is a pure function of (seed, step), so that is its whole state).
 
-An unreadable step (truncated or corrupt files) that is newer than a readable one is moved aside on restore, to
-``<directory>/<step>.unreadable`` (``.unreadable-2``, ... if taken): kept for inspection, but no longer a step, so the
-resumed run can write that step number again. Orbax lists only directories named by the bare step number (and, for
-legacy layouts, ``*_<digits>``), so the ``.unreadable`` suffix is never mistaken for a checkpoint or deleted by
-retention.
+An unreadable step (truncated or corrupt files) newer than a readable one is skipped on restore. The
+trainer's Checkpointer moves it aside, to ``<directory>/<step>.unreadable`` (``.unreadable-2``, ...
+if taken): kept for inspection, but no longer a step, so the resumed run can write that step number
+again. Orbax lists only directories named by the bare step number (and, for legacy layouts,
+``*_<digits>``), so the ``.unreadable`` suffix is never mistaken for a checkpoint or deleted by
+retention. A ``read_only`` Checkpointer (export) skips and reports such steps and changes nothing.
 """
 
+import contextlib
 import logging
 import numbers
 import os
@@ -19,35 +21,73 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-log = logging.getLogger(__name__)
+ITEMS = ("state", "meta")
+
+
+class UnreadableCheckpoints(ValueError):
+  """No checkpoint of a directory could be restored; ``errors`` has one line per step tried."""
+
+  def __init__(self, directory, errors):
+    self.directory, self.errors = directory, errors
+    super().__init__(
+        f"no checkpoint in {directory} could be restored for this config: they were written by a "
+        "different config (resume with the config that wrote them, or use a fresh --workdir) or "
+        "are truncated/corrupt (nothing was moved; move them aside or use a fresh --workdir). "
+        "Errors: " + " | ".join(errors))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """A read-only manager logs an absl WARNING for each option read_only overrides: expected."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, logging.ERROR))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _check_count(name, value, lo, what):
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+    raise ValueError(f"checkpoint {name}={value!r} is invalid: it must be an integer >= {lo} "
+                     f"({what})")
 
 
 class Checkpointer:
+  """The checkpoints of one run. ``read_only``: restore only; unreadable steps are skipped and
+  reported but never moved (export must not modify the run)."""
 
-  def __init__(self, directory, keep=2, keep_period=0, async_save=True):
-    # Refused here as well as in config validation: keep=0 would let retention delete every checkpoint (the final one
-    # included) and a negative value only fails at the first save, after the compute is spent.
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1:
-      raise ValueError(f"checkpoint keep={keep!r} is invalid: it must be an integer >= 1 (how many of the newest "
-                       "checkpoints to keep; train.ckpt_keep)")
-    if isinstance(keep_period, bool) or not isinstance(keep_period, numbers.Integral) or keep_period < 0:
-      raise ValueError(f"checkpoint keep_period={keep_period!r} is invalid: it must be an integer >= 0 (0: none; N: "
-                       "also keep every step divisible by N; train.ckpt_keep_period)")
+  def __init__(self, directory, keep=2, keep_period=0, read_only=False):
+    # Refused here as well as in config validation: keep=0 would let retention delete every
+    # checkpoint (the final one included) and a negative value only fails at the first save, after
+    # the compute is spent.
+    _check_count("keep", keep, 1, "how many of the newest checkpoints to keep; train.ckpt_keep")
+    _check_count("keep_period", keep_period, 0,
+                 "0: none; N: also keep every step divisible by N; train.ckpt_keep_period")
     self.directory = os.path.abspath(directory)
-    self.keep, self.keep_period, self.async_save = int(keep), int(keep_period), async_save
+    self.keep, self.keep_period = int(keep), int(keep_period)
+    self.read_only = read_only
     self._mngr = None
 
   def _manager(self, create):
     if self._mngr is None:
       if not create and not os.path.isdir(self.directory):
         return None
-      opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep, keep_period=self.keep_period or None,
-                                          enable_async_checkpointing=self.async_save, create=create)
-      self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+      if self.read_only:
+        opts = ocp.CheckpointManagerOptions(read_only=True)
+      else:
+        opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep,
+                                            keep_period=self.keep_period or None, create=create)
+      with _quiet_absl() if self.read_only else contextlib.nullcontext():
+        self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
     return self._mngr
 
   def save(self, step, state, meta):
-    """Starts an (async) save of ``state`` at ``step``; the device->host copy finishes before this returns."""
+    """Starts an (async) save of ``state`` at ``step``; the device->host copy finishes before this
+    returns."""
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only; nothing may be saved there")
     self._manager(create=True).save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -65,40 +105,47 @@ class Checkpointer:
     m = self._manager(create=False)
     return sorted(m.all_steps()) if m is not None else []
 
-  def restore_latest(self, abstract_state, shardings, say=print):
-    """Restores the newest readable checkpoint onto ``shardings``. Returns (state, meta, step) or None.
+  def restore_latest(self, abstract_state=None, shardings=None, say=print):
+    """Restores the newest readable checkpoint. Returns (state, meta, step) or None if there is
+    none. ``abstract_state`` + ``shardings``: restored onto that mesh; None: as saved (host arrays
+    where the saving devices are gone).
 
-    An unreadable (truncated/corrupt) newest checkpoint is reported and skipped in favour of the previous one. If
-    none can be read, raises ValueError (usually: the workdir was written by a different config).
+    An unreadable (truncated/corrupt) newer checkpoint is reported through ``say`` and skipped in
+    favour of the previous one (and moved aside unless read-only). If none can be read, raises
+    UnreadableCheckpoints (usually: the workdir was written by a different config).
     """
     steps = self.steps()
     if not steps:
       return None
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    target = None
+    if abstract_state is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state, shardings)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     errors, bad = [], []
     for step in reversed(steps):
       try:
-        r = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             meta=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous checkpoint
+        with _quiet_absl() if self.read_only else contextlib.nullcontext():
+          r = self._mngr.restore(step, args=args)
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
         bad.append(step)
-        say(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}); falling back to an earlier one")
+        say(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}); falling back "
+            "to an earlier one")
         continue
-      if bad:
-        # Only now, with an older step readable under the same target, is "unreadable" known to mean corrupt rather
-        # than "written by another config" (then every step fails, and nothing is touched).
+      if bad and not self.read_only:
+        # Only now, with an older step readable under the same target, is "unreadable" known to
+        # mean corrupt rather than "written by another config" (then every step fails, and
+        # nothing is touched).
         self._move_aside(bad, say)
         say(f"restored checkpoint step {step} after skipping {len(bad)} unreadable newer one(s)")
       return r.state, dict(r.meta), step
-    raise ValueError(f"no checkpoint in {self.directory} could be restored for this config: they were written by a "
-                     "different config (resume with the config that wrote them, or use a fresh --workdir) or are "
-                     "truncated/corrupt (nothing was moved; move them aside or use a fresh --workdir). Errors: "
-                     + " | ".join(errors))
+    raise UnreadableCheckpoints(self.directory, errors)
 
   def _move_aside(self, steps, say):
-    """Renames unreadable step directories out of orbax's view (process 0 only), then re-opens the manager so its
-    step list no longer holds them (a later save at the same step would otherwise raise StepAlreadyExistsError)."""
+    """Renames unreadable step directories out of orbax's view (process 0 only), then re-opens the
+    manager so its step list no longer holds them (a later save at the same step would otherwise
+    raise StepAlreadyExistsError)."""
     self.close()
     if jax.process_index() == 0:
       for step in steps:
@@ -111,9 +158,10 @@ class Checkpointer:
         try:
           os.rename(src, dst)
         except OSError as e:
-          raise ValueError(f"checkpoint {src} is unreadable and could not be moved aside ({e}); move it out of "
-                           f"{self.directory} yourself, then rerun") from e
-        say(f"moved unreadable checkpoint {src} aside to {dst} (kept for inspection; delete it when done)")
+          raise ValueError(f"checkpoint {src} is unreadable and could not be moved aside ({e}); "
+                           f"move it out of {self.directory} yourself, then rerun") from e
+        say(f"moved unreadable checkpoint {src} aside to {dst} (kept for inspection; delete it "
+            "when done)")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("farmer_jax_checkpoint_move_aside")

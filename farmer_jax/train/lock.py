@@ -1,9 +1,10 @@
 """A workdir lock: one training run per workdir at a time.
 
-``DIR/.farmer_jax.lock`` holds JSON {pid, host, started}. It is created atomically (O_CREAT | O_EXCL) and its mtime
-is refreshed by a heartbeat thread. A lock is *stale*, and is taken over with a message, when its holder is on this
-host and its pid is gone, or when its heartbeat is older than ``stale_after`` seconds (a holder on another host that
-died). A live holder makes the second run fail with an error naming its pid and host.
+The lock file (``runs.LOCK`` in the run folder) holds JSON {pid, host, started}. It is created
+atomically (O_CREAT | O_EXCL) and its mtime is refreshed by a heartbeat thread. A lock is *stale*,
+and is taken over with a message, when its holder is on this host and its pid is gone, or when its
+heartbeat is older than ``stale_after`` seconds (a holder on another host that died). A live holder
+makes the second run fail with an error naming its pid and host.
 """
 
 import json
@@ -12,7 +13,7 @@ import socket
 import threading
 import time
 
-LOCK_NAME = ".farmer_jax.lock"
+from farmer_jax.runs import RunDir
 
 
 class WorkdirBusyError(RuntimeError):
@@ -32,7 +33,7 @@ def _pid_alive(pid: int) -> bool:
 class WorkdirLock:
 
   def __init__(self, workdir: str, heartbeat: float = 30.0, stale_after: float = 600.0, say=print):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    self.path = RunDir(workdir).lock
     self.heartbeat, self.stale_after, self.say = heartbeat, stale_after, say
     self._stop = threading.Event()
     self._thread = None
@@ -62,7 +63,11 @@ class WorkdirLock:
 
   def acquire(self):
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S")
+    }
     for _ in range(3):
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -71,9 +76,10 @@ class WorkdirLock:
         why = self._stale_reason(info)
         if why is None:
           raise WorkdirBusyError(
-              f"{os.path.dirname(self.path)} is in use by another training run (pid {info.get('pid')} on host "
-              f"{info.get('host')}, started {info.get('started')}). Fix: wait for it to finish, stop it, or use "
-              f"another --workdir; if that run is dead, delete {self.path}")
+              f"{os.path.dirname(self.path)} is in use by another training run "
+              f"(pid {info.get('pid')} on host {info.get('host')}, started "
+              f"{info.get('started')}). Fix: wait for it to finish, stop it, or use another "
+              f"--workdir; if that run is dead, delete {self.path}")
         if why != "held by this process":
           self.say(f"taking over a stale workdir lock ({why})")
         try:

@@ -1,9 +1,11 @@
-"""Metric sinks: JSONL file + TensorBoard events (tensorboardX) + console. Only process 0 writes."""
+"""Metric sinks: JSONL file + TensorBoard events (tensorboardX). Only process 0 writes."""
 
 import json
 import os
 
 import jax
+
+from farmer_jax.runs import RunDir, write_text
 
 
 class MetricWriter:
@@ -13,22 +15,41 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      run = RunDir(workdir)
+      os.makedirs(run.path, exist_ok=True)
+      self._jsonl = open(run.metrics, "a")
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = SummaryWriter(run.tensorboard)
 
-  def write(self, step: int, metrics: dict, prefix: str = "train"):
+  def write(self, step: int, metrics: dict):
+    """One row ``{'step', 'train/<name>': value, ...}``; the same scalars to TensorBoard."""
     if not self.active:
       return
-    row = {"step": int(step), **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
+    row = {"step": int(step), **{f"train/{k}": float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
     for k, v in metrics.items():
-      self._tb.add_scalar(f"{prefix}/{k}", float(v), int(step))
+      self._tb.add_scalar(f"train/{k}", float(v), int(step))
     self._tb.flush()
 
   def close(self):
     if self.active:
       self._jsonl.close()
       self._tb.close()
+
+
+def trim_metrics(path, step):
+  """Drops metrics.jsonl rows past ``step`` (written after the checkpoint a resumed run restarts
+  from) and any partly written last line, so no step appears twice."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if int(row.get("step", 0)) <= step:
+        keep.append(json.dumps(row) + "\n")
+  write_text(path, "".join(keep))

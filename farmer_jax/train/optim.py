@@ -1,10 +1,17 @@
-"""Optimizer and schedules: AdamW (kernels decayed), linear warmup + cosine decay, optional global-norm clip."""
+"""Optimizer and schedules: AdamW (kernels decayed), linear warmup + cosine decay, optional
+global-norm clip.
+
+``t`` is the run's ``config.train`` section: a ``farmer_jax.config.TrainConfig`` (or anything
+with its attribute names, e.g. the validated ConfigDict).
+"""
 
 import jax
 import optax
 
+from farmer_jax.config import TrainConfig
 
-def lr_schedule(t):
+
+def lr_schedule(t: TrainConfig):
   """Linear warmup 0 -> lr over warmup_steps, then cosine to min_lr at train.steps."""
   warm = max(int(t.warmup_steps), 0)
   total = max(int(t.steps), warm + 1)
@@ -12,10 +19,11 @@ def lr_schedule(t):
 
 
 def decay_mask(params):
-  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(t):
+def make_optimizer(t: TrainConfig):
   lr = lr_schedule(t)
   parts = []
   if t.grad_clip and t.grad_clip > 0:

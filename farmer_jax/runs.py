@@ -1,0 +1,91 @@
+"""The on-disk layouts: a training run's folder (``--workdir``) and an export folder (``--out``).
+
+Every file name of both layouts is spelled here and nowhere else.
+
+A run folder (``RunDir``)::
+
+  WORKDIR/config.json        the resolved run config (every model field written out)
+  WORKDIR/checkpoints/       Orbax checkpoints (train/checkpoint.py), one sub-folder per step
+  WORKDIR/metrics.jsonl      one JSON row per logged step (train/metrics.py)
+  WORKDIR/tb/                TensorBoard events
+  WORKDIR/samples.png        the class grid sampled after training
+  WORKDIR/summary.json       test bits/dim and timings (train/report.py)
+  WORKDIR/.farmer_jax.lock   held while a run trains (train/lock.py)
+
+An export folder (``ExportDir``; sampling/export.py)::
+
+  OUT/export.json            marker, format version, source run + step, params kind, dtype
+  OUT/config.json            the run's config (the model is rebuilt from it)
+  OUT/params/                Orbax StandardCheckpointer pytree of the params
+"""
+
+import json
+import os
+
+import ml_collections
+
+from farmer_jax.config import upgrade_saved_config
+from farmer_jax.sampling.images import atomic_path
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+SAMPLES = "samples.png"
+SUMMARY = "summary.json"
+LOCK = ".farmer_jax.lock"
+
+EXPORT_META = "export.json"
+EXPORT_PARAMS = "params"
+EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS})
+
+
+class _Layout:
+  """Paths of a folder laid out as ``_FILES`` says: ``attribute -> (file name, absolute?)``.
+  ``path`` is kept as given (messages show it so); absolute entries are for Orbax and the lock."""
+  _FILES = {}
+
+  def __init__(self, path):
+    self.path = os.fspath(path)
+
+  def __getattr__(self, name):
+    if name not in self._FILES:
+      raise AttributeError(f"{type(self).__name__} has no entry {name!r}")
+    fname, absolute = self._FILES[name]
+    return os.path.join(os.path.abspath(self.path) if absolute else self.path, fname)
+
+
+class RunDir(_Layout):
+  """Paths of a training run's folder: .config .checkpoints .metrics .tensorboard .samples
+  .summary .lock"""
+  _FILES = {"config": (CONFIG, False), "checkpoints": (CHECKPOINTS, True),
+            "metrics": (METRICS, False), "tensorboard": (TENSORBOARD, False),
+            "samples": (SAMPLES, False), "summary": (SUMMARY, False), "lock": (LOCK, True)}
+
+
+class ExportDir(_Layout):
+  """Paths of an export folder: .meta .config .params"""
+  _FILES = {"meta": (EXPORT_META, False), "config": (CONFIG, False),
+            "params": (EXPORT_PARAMS, False)}
+
+
+def read_saved_config(directory):
+  """The config.json of a run or export folder, upgraded to today's keys (``upgrade_saved_config``);
+  None if the folder has none. A corrupt file raises (json.JSONDecodeError, OSError)."""
+  path = os.path.join(os.fspath(directory), CONFIG)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
+
+
+def write_saved_config(directory, config):
+  """Writes ``config`` (a ConfigDict) as the folder's config.json, atomically."""
+  write_text(os.path.join(os.fspath(directory), CONFIG), config.to_json_best_effort(indent=2))
+
+
+def write_text(path, text):
+  """Writes ``text`` to ``path`` atomically: a reader sees the old file or the complete new one."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
