@@ -31,24 +31,10 @@ import ml_collections
 from farmer_jax import configlib
 
 MODELS = {
-    "1.1B":
-        dict(
-            ar_depth=12,
-            ar_width=768,
-            ar_heads=12,
-            flow_blocks=28,
-            flow_layers=4,
-            flow_width=768,
-            flow_heads=12),
-    "1.9B":
-        dict(
-            ar_depth=24,
-            ar_width=1024,
-            ar_heads=16,
-            flow_blocks=32,
-            flow_layers=6,
-            flow_width=768,
-            flow_heads=12),
+    "1.1B": dict(ar_depth=12, ar_width=768, ar_heads=12, flow_blocks=28, flow_layers=4,
+                 flow_width=768, flow_heads=12),
+    "1.9B": dict(ar_depth=24, ar_width=1024, ar_heads=16, flow_blocks=32, flow_layers=6,
+                 flow_width=768, flow_heads=12),
 }
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -91,17 +77,9 @@ def get_config(arg=None):
       remat=True,
       **MODELS[size])
   c.train = configlib.base_train()
-  c.train.update(
-      batch_size=a.batch,
-      steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch,
-      lr=1e-4,
-      min_lr=1e-6,
-      warmup_steps=5000,
-      weight_decay=0.03,
-      noise_max=0.1,
-      noise_min=0.005,
-      label_drop=0.1,
-      log_every=100)
+  c.train.update(batch_size=a.batch, steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch, lr=1e-4,
+                 min_lr=1e-6, warmup_steps=5000, weight_decay=0.03, noise_max=0.1, noise_min=0.005,
+                 label_drop=0.1, log_every=100)
   c.eval = dict(batch_size=256, split="validation")
   # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says the pool is
   # larger than s_c/s_u, so 16 per group (32 per token) is our choice. See docs/sampling.md (ESS).

@@ -33,14 +33,8 @@ def get_config(arg=None):
   common.base_mesh(c)
   if a.size == "tiny":      # what the test suite trains: same data and code path, toy widths
     c.model.update(
-        flow_blocks=2,
-        flow_layers=1,
-        flow_width=32,
-        ar_width=32,
-        ar_depth=1,
-        class_repeats=2,
-        mixtures_informative=4,
-        mixtures_redundant=4)
+        flow_blocks=2, flow_layers=1, flow_width=32, ar_width=32, ar_depth=1,
+        class_repeats=2, mixtures_informative=4, mixtures_redundant=4)
     c.train.update(steps=200, batch_size=32, lr=3e-3, warmup_steps=20, log_every=50)
     c.eval.update(batch_size=100)
     c.sample.update(per_class=2)

@@ -25,17 +25,10 @@ from farmer_jax.reduction.split import redundant_log_prob, split_channels
 
 def make_flow(c: ModelConfig) -> AutoregressiveFlow:
   return AutoregressiveFlow(
-      num_tokens=c.num_tokens,
-      token_dim=c.token_dim,
-      width=c.flow_width,
-      num_blocks=c.flow_blocks,
-      layers_per_block=c.flow_layers,
-      num_heads=c.flow_heads,
-      num_classes=c.num_classes if c.flow_class_conditional else 0,
-      mlp_ratio=c.mlp_ratio,
-      dtype=c.jnp_dtype,
-      remat=c.remat,
-      final_norm=c.flow_final_norm)
+      num_tokens=c.num_tokens, token_dim=c.token_dim, width=c.flow_width,
+      num_blocks=c.flow_blocks, layers_per_block=c.flow_layers, num_heads=c.flow_heads,
+      num_classes=c.num_classes if c.flow_class_conditional else 0, mlp_ratio=c.mlp_ratio,
+      dtype=c.jnp_dtype, remat=c.remat, final_norm=c.flow_final_norm)
 
 
 def null_labels(cfg: ModelConfig, n: int):

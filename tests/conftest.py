@@ -8,23 +8,10 @@ import pytest
 from farmer_jax.config import ModelConfig
 from farmer_jax.model import Farmer, init_params
 
-TINY = ModelConfig(
-    image_size=8,
-    channels=1,
-    patch_size=2,
-    num_classes=3,
-    flow_blocks=2,
-    flow_layers=1,
-    flow_width=32,
-    flow_heads=2,
-    ar_width=32,
-    ar_depth=2,
-    ar_heads=2,
-    class_repeats=2,
-    dimred="farmer",
-    d_informative=2,
-    mixtures_informative=3,
-    mixtures_redundant=2)
+TINY = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, flow_blocks=2,
+                   flow_layers=1, flow_width=32, flow_heads=2, ar_width=32, ar_depth=2, ar_heads=2,
+                   class_repeats=2, dimred="farmer", d_informative=2, mixtures_informative=3,
+                   mixtures_redundant=2)
 
 
 def perturb(params, key, scale):

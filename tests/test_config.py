@@ -284,19 +284,10 @@ def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
 
 # Paper Table 1 per model size, and the hyperparameters every preset shares (§3; mlp ratio 4 is our choice).
 TABLE1 = {
-    "1.1B":
-        dict(
-            af=828e6, ar=295e6, ar_layers=12, ar_width=768, af_blocks=28, af_layers=4,
-            af_width=768),
-    "1.9B":
-        dict(
-            af=1.4e9,
-            ar=498e6,
-            ar_layers=24,
-            ar_width=1024,
-            af_blocks=32,
-            af_layers=6,
-            af_width=768)
+    "1.1B": dict(af=828e6, ar=295e6, ar_layers=12, ar_width=768, af_blocks=28, af_layers=4,
+                 af_width=768),
+    "1.9B": dict(af=1.4e9, ar=498e6, ar_layers=24, ar_width=1024, af_blocks=32, af_layers=6,
+                 af_width=768),
 }
 CLASSES, M, D_I, K_I, K_R = 1000, 64, 128, 64, 200
 AR_MATCHES_TABLE1 = {"1.1B/16"

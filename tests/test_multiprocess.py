@@ -58,22 +58,13 @@ def test_two_process_train_checkpoint_then_single_process_resume(tmp_path):
   mp_losses = _losses(outs[0][0])
   assert os.path.isdir(os.path.join(RunDir(wd).checkpoints, str(first)))
   r = subprocess.run(
-      [sys.executable, WORKER, "single",
-       str(wd), str(total), str(total)],
-      capture_output=True,
-      text=True,
-      env=_env(8),
-      timeout=600)
+      [sys.executable, WORKER, "single", str(wd), str(total), str(total)],
+      capture_output=True, text=True, env=_env(8), timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   resumed = _losses(r.stdout)
   ref = subprocess.run(
-      [sys.executable, WORKER, "single",
-       str(tmp_path / "ref"),
-       str(total), str(total)],
-      capture_output=True,
-      text=True,
-      env=_env(8),
-      timeout=600)
+      [sys.executable, WORKER, "single", str(tmp_path / "ref"),
+       str(total), str(total)], capture_output=True, text=True, env=_env(8), timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   ref_losses = _losses(ref.stdout)
   assert sorted(mp_losses) == [5, 10] and sorted(resumed) == [15, 20]

@@ -137,16 +137,9 @@ class AutoregressiveFlow(nn.Module):
 
   def block_kwargs(self):
     return dict(
-        num_tokens=self.num_tokens,
-        token_dim=self.token_dim,
-        width=self.width,
-        depth=self.layers_per_block,
-        num_heads=self.num_heads,
-        num_classes=self.num_classes,
-        mlp_ratio=self.mlp_ratio,
-        dtype=self.dtype,
-        remat=self.remat,
-        final_norm=self.final_norm)
+        num_tokens=self.num_tokens, token_dim=self.token_dim, width=self.width,
+        depth=self.layers_per_block, num_heads=self.num_heads, num_classes=self.num_classes,
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, final_norm=self.final_norm)
 
   @nn.compact
   def __call__(self, x, y=None):
