@@ -551,8 +551,7 @@ SAMPLER_KEYS = tuple(SAMPLER_FIELDS)
 
 def _sampler_value(key, v, typ):
   if typ is int:
-    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-        or v != int(v)):
+    if not (_is_real(v) and v == int(v)):
       raise ValueError(f"{key}={v!r} must be an integer")
     return int(v)
   return typ(v)
@@ -570,7 +569,7 @@ def validate_sampler(s: SamplerConfig):
   c = s.cfg
   if not (c.w >= 0 and math.isfinite(c.w)):
     raise ValueError(f"cfg={c.w} must be a finite number >= 0 (0 = no guidance strength)")
-  for name in ("t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s"):
+  for name in (f for f in ResamplingCFG._fields if f.startswith("t_")):
     v = getattr(c, name)
     if not (v > 0 and math.isfinite(v)):
       raise ValueError(f"temperature {name}={v} must be a finite number > 0")

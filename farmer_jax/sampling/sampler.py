@@ -24,8 +24,15 @@ from farmer_jax.sampling.guidance import naive_cfg_draw, resample
 
 
 def _split(g: gmm.GMM, b):
-  return (gmm.GMM(g.logits[:b], g.loc[:b],
-                  g.scale[:b]), gmm.GMM(g.logits[b:], g.loc[b:], g.scale[b:]))
+  """[cond; uncond] mixtures batched (2B,) -> (cond (B,), uncond (B,))."""
+  return jax.tree.map(lambda a: a[:b], g), jax.tree.map(lambda a: a[b:], g)
+
+
+def _naive(s: SamplerConfig):
+  """JetFormer's CFG draw for one token under ``s``: (key, g_c, g_u) -> (D,)."""
+  c = s.cfg
+  return lambda k, gc, gu: naive_cfg_draw(k, gc, gu, c.w, s.naive_proposals, t_pi=c.t_pi,
+                                          t_sigma=c.t_sigma)
 
 
 def draw_informative(keys, g: gmm.GMM, b: int, s: SamplerConfig):
@@ -41,9 +48,7 @@ def draw_informative(keys, g: gmm.GMM, b: int, s: SamplerConfig):
   if s.guidance == "resampling":
     z, ess = jax.vmap(lambda k, gc, gu: resample(k[None], gc, gu, c))(keys, g_c, g_u)
     return z[:, 0], ess[:, 0]
-  draw = lambda k, gc, gu: naive_cfg_draw(
-      k, gc, gu, c.w, s.naive_proposals, t_pi=c.t_pi, t_sigma=c.t_sigma)
-  return jax.vmap(draw)(keys, g_c, g_u), None
+  return jax.vmap(_naive(s))(keys, g_c, g_u), None
 
 
 def draw_redundant(keys, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
@@ -65,16 +70,11 @@ def draw_redundant(keys, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
     n = s.redundant_candidates
     z, ess = jax.vmap(lambda kk, gc, gu: resample(kk, gc, gu, c, n, n))(keys, g_c, g_u)
     return z, jnp.mean(ess, axis=-1)
-  draw = lambda k, gc, gu: naive_cfg_draw(
-      k, gc, gu, c.w, s.naive_proposals, t_pi=c.t_pi, t_sigma=c.t_sigma)
+  draw = _naive(s)
   return jax.vmap(lambda kk, gc, gu: jax.vmap(lambda k: draw(k, gc, gu))(kk))(keys, g_c, g_u), None
 
 
-def sample_latents(cfg: ModelConfig,
-                   params,
-                   keys,
-                   y,
-                   s: SamplerConfig = SamplerConfig(),
+def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
                    return_stats=False):
   """keys (B,) PRNG keys, y (B,) labels -> z (B, N, d) in AR order [, stats].
 
@@ -95,8 +95,8 @@ def sample_latents(cfg: ModelConfig,
   def step(carry, i):
     h, cache = carry
     g = run(Farmer.gmm_informative, h)
-    tok, ess = draw_informative(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), g, b,
-                                s)  # (B, d_I)
+    keys_i = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+    tok, ess = draw_informative(keys_i, g, b, s)                                # (B, d_I)
     feed = jnp.concatenate([tok, tok]) if guided else tok
     h, cache = run(Farmer.ar_step, feed[:, None], i, cache)
     return (h, cache), (tok, ess)
@@ -124,11 +124,7 @@ def sample_latents(cfg: ModelConfig,
   return (z, stats) if return_stats else z
 
 
-def sample_images(cfg: ModelConfig,
-                  params,
-                  keys,
-                  y,
-                  s: SamplerConfig = SamplerConfig(),
+def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
                   return_stats=False):
   """Images (B, H, W, c) in model space [, stats of ``sample_latents``]."""
   z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True)

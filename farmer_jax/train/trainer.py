@@ -41,6 +41,7 @@ class Trainer:
     # set by SIGTERM (see install_sigterm)
     self.stop = stop if stop is not None else threading.Event()
     self.lock = None
+    self._created_workdir = False
     self.workdir = workdir
     self.rundir = runs.RunDir(workdir)
     self.quiet = quiet
@@ -94,7 +95,7 @@ class Trainer:
     if self.lock is not None:
       self.lock.release()
       self.lock = None
-      if getattr(self, "_created_workdir", False):
+      if self._created_workdir:
         try:
           os.rmdir(self.workdir)          # only succeeds if empty
         except OSError:
