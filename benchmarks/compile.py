@@ -2,8 +2,8 @@
 
   python benchmarks/compile.py [--width 64] [--blocks 4,28]
 
-Prints lower+compile seconds of the full jitted train step (forward, backward, AdamW) at each depth, measured side
-by side in one process, and the ratio deepest/shallowest (target <= 1.5).
+Prints lower+compile seconds of the full jitted train step (forward, backward, AdamW) at each depth,
+measured side by side in one process, and the ratio deepest/shallowest (target <= 1.5).
 """
 
 import argparse
@@ -49,7 +49,8 @@ def main():
     print(f"AF blocks {d:3d}: train-step compile {t:6.2f} s")
   ratio = times[depths[-1]] / times[depths[0]]
   print(
-      f"ratio {depths[-1]}/{depths[0]} blocks: {ratio:.2f} (target <= 1.5) -> {'OK' if ratio <= 1.5 else 'FAIL'}"
+      f"ratio {depths[-1]}/{depths[0]} blocks: {ratio:.2f} (target <= 1.5) -> "
+      f"{'OK' if ratio <= 1.5 else 'FAIL'}"
   )
 
 

@@ -1,12 +1,14 @@
-"""Per-device train-state memory for the paper presets on a given mesh, from jax.eval_shape (nothing allocated).
+"""Per-device train-state memory for the paper presets on a given mesh, from jax.eval_shape (nothing
+allocated).
 
   python benchmarks/memory_estimate.py                       # the table in docs/scaling.md
   python benchmarks/memory_estimate.py --preset=1.9B/8 --devices=64 --fsdp=64
 
-Counts params (fp32), AdamW moments (2x fp32, sharded like the params) and optionally EMA params, sharded with the
-project's own rules (logical rules + FSDP on the largest divisible dim of params >= config.fsdp.min_params).
-Activations are not included: they depend on batch, remat policy and the compiler; measure them with
-``jax.jit(step).lower(...).compile().memory_analysis()`` on the target device.
+Counts params (fp32), AdamW moments (2x fp32, sharded like the params) and optionally EMA params,
+sharded with the project's own rules (logical rules + FSDP on the largest divisible dim of
+params >= config.fsdp.min_params). Activations are not included: they depend on batch, remat policy
+and the compiler; measure them with ``jax.jit(step).lower(...).compile().memory_analysis()`` on the
+target device.
 """
 
 import argparse
@@ -26,7 +28,8 @@ SETUPS = [("8xH100", 8, 8), ("v4-64 or v5p-64 (32 chips)", 32, 8),
 
 def state_bytes_per_device(preset, fsdp, ema=False):
   c = configlib.load("imagenet256:" + preset)
-  # The config's logical rules map only activations (batch); params are sharded by the FSDP pass alone.
+  # The config's logical rules map only activations (batch); params are sharded by the FSDP pass
+  # alone.
   shapes = abstract_params(validate_model_config(c))
   total = per_dev = 0
   for a in jax.tree.leaves(shapes):
@@ -56,7 +59,8 @@ def main():
     for name, ndev, fsdp in setups:
       total, b = state_bytes_per_device(p, fsdp, a.ema)
       print(
-          f"| {p} | {total / 1e9:.3f}B | {name} | data={ndev // fsdp} x fsdp={fsdp} | {b / GIB:.2f} GiB |"
+          f"| {p} | {total / 1e9:.3f}B | {name} | data={ndev // fsdp} x fsdp={fsdp} | "
+          f"{b / GIB:.2f} GiB |"
       )
     _, rep = state_bytes_per_device(p, 1, a.ema)
     print(f"| {p} | | replicated (no FSDP) | data=N | {rep / GIB:.2f} GiB |")

@@ -1,10 +1,13 @@
-"""Sampling cost split as the paper's Table 5: AR decode time vs AF inverse time per image, side by side.
+"""Sampling cost split as the paper's Table 5: AR decode time vs AF inverse time per image, side by
+side.
 
-  python benchmarks/sampling.py                      # quickstart model shape, random weights, batch 64
+  python benchmarks/sampling.py                      # quickstart model shape, random weights,
+                                                     # batch 64
   python benchmarks/sampling.py --model=/tmp/model   # an exported model (farmer_jax export)
   python benchmarks/sampling.py --guidance=none
 
-Both stages are jit-compiled once, then timed over --repeats runs (median). Weights do not change the cost.
+Both stages are jit-compiled once, then timed over --repeats runs (median). Weights do not change
+the cost.
 """
 
 import argparse
@@ -56,13 +59,14 @@ def main():
   t_af = timed(af, params, z, y, repeats=a.repeats) / a.batch
   tot = t_ar + t_af
   print(
-      f"device: {jax.devices()[0].platform}, batch {a.batch}, N={mcfg.num_tokens} tokens, d={mcfg.token_dim}, "
-      f"AF {mcfg.flow_blocks}x{mcfg.flow_layers}x{mcfg.flow_width}, AR {mcfg.ar_depth}x{mcfg.ar_width}, "
-      f"guidance={a.guidance}")
+      f"device: {jax.devices()[0].platform}, batch {a.batch}, N={mcfg.num_tokens} tokens, "
+      f"d={mcfg.token_dim}, AF {mcfg.flow_blocks}x{mcfg.flow_layers}x{mcfg.flow_width}, "
+      f"AR {mcfg.ar_depth}x{mcfg.ar_width}, guidance={a.guidance}")
   print(f"AR decode   {t_ar * 1e3:8.3f} ms/img ({100 * t_ar / tot:5.1f}%)")
   print(f"AF inverse  {t_af * 1e3:8.3f} ms/img ({100 * t_af / tot:5.1f}%)")
   print(
-      f"total       {tot * 1e3:8.3f} ms/img   (paper Table 5, 1.1B-class on GPU: AR 50.0 ms, AF 168.9 ms)"
+      f"total       {tot * 1e3:8.3f} ms/img   "
+      "(paper Table 5, 1.1B-class on GPU: AR 50.0 ms, AF 168.9 ms)"
   )
 
 

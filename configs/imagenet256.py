@@ -1,29 +1,36 @@
 """FARMER on ImageNet 256x256, class-conditional, presets exactly as the paper's Table 1.
 
-  farmer_jax train --config=configs/imagenet256.py:1.1B/16 --workdir=gs://bucket/farmer_1.1b_p16
-  farmer_jax train --config=configs/imagenet256.py:model=1.9B/8,batch=1024 --workdir=...
+  farmer_jax train --config=configs/imagenet256.py:1.1B/16,data_dir=gs://bucket/tfds \
+      --workdir=gs://bucket/farmer_1.1b_p16
+  farmer_jax train --config=configs/imagenet256.py:model=1.9B/8,batch=1024,data_dir=... ...
+  # a dataset written by `farmer_jax prepare` (already 256x256): data=tfds:NAME,resize=none
 
-| preset  | AR layers x width | AF blocks x layers x width | patch | N    | d   | d_I | K_I | K_R | M  |
-|---------|-------------------|----------------------------|-------|------|-----|-----|-----|-----|----|
-| 1.1B/16 | 12 x 768          | 28 x 4 x 768               | 16    | 256  | 768 | 128 | 64  | 200 | 64 |
-| 1.1B/8  | 12 x 768          | 28 x 4 x 768               | 8     | 1024 | 192 | 128 | 64  | 200 | 64 |
-| 1.9B/16 | 24 x 1024         | 32 x 6 x 768               | 16    | 256  | 768 | 128 | 64  | 200 | 64 |
-| 1.9B/8  | 24 x 1024         | 32 x 6 x 768               | 8     | 1024 | 192 | 128 | 64  | 200 | 64 |
+Data (docs/data.md): config.data.name=tfds:imagenet2012 from an ArrayRecord data_dir, images
+center-cropped per image with the ADM recipe (resize=center_crop), random horizontal flips (not
+stated by the paper; as DiT).
 
-Paper recipe: AdamW (0.9, 0.95), wd 0.03, lr 1e-4 -> 1e-6 cosine with 5000 warmup steps, 320 epochs, Gaussian
-dequantization sigma 0.1 -> 0.005 (cosine). Not stated by the paper and chosen here: batch 256 (override with
-batch=), head dim 64, MLP ratio 4, label drop 0.1, bf16 compute with fp32 params, remat on. The patch-8 split
-d_I = 128 of d = 192 follows the issue's instruction to keep Table 1's d_I (the paper does not give it).
-Expected results (paper Table 2, FID-50k with resampling CFG): 5.40 / 5.02 / 3.96 / 3.60 for the four presets.
-The AR prior runs opposite to the last AF block (model.ar_order='alternate', the paper's "final permute").
+preset  | AR layers x width | AF blocks x layers x width | patch | N    | d   | d_I | K_I | K_R | M
+--------|-------------------|----------------------------|-------|------|-----|-----|-----|-----|---
+1.1B/16 | 12 x 768          | 28 x 4 x 768               | 16    | 256  | 768 | 128 | 64  | 200 | 64
+1.1B/8  | 12 x 768          | 28 x 4 x 768               | 8     | 1024 | 192 | 128 | 64  | 200 | 64
+1.9B/16 | 24 x 1024         | 32 x 6 x 768               | 16    | 256  | 768 | 128 | 64  | 200 | 64
+1.9B/8  | 24 x 1024         | 32 x 6 x 768               | 8     | 1024 | 192 | 128 | 64  | 200 | 64
 
-Parameter counts (tests/test_config.py, exact closed form): AF 849M / 828M / 1.424B / 1.400B for the four presets,
-within 3% of Table 1 (828M, 1.4B). AR 296M for 1.1B/16 (Table 1: 295M). The other three ARs cannot match Table 1
-with the linear GMM heads the paper describes, whose redundant head K_R (1 + 2 d_R) (C + 1) dominates: for 1.9B/16
-it alone is 200 * 1281 * 1025 = 263M, and with the 24 x 1024 trunk (302M) the AR is 583M, not 498M (the paper does
-not say what differs). At patch 8, d_R = 64 shrinks that head to 200 * 129 * (C + 1), so the AR is 119M (1.1B/8)
-and 348M (1.9B/8); Table 1 gives one AR count per model size, apparently the patch-16 one.
-This release has no ImageNet input pipeline: the presets serve shapes, sharding, memory and parameter counts.
+Paper recipe: AdamW (0.9, 0.95), wd 0.03, lr 1e-4 -> 1e-6 cosine with 5000 warmup steps, 320 epochs,
+Gaussian dequantization sigma 0.1 -> 0.005 (cosine). Not stated by the paper and chosen here: batch
+256 (override with batch=), head dim 64, MLP ratio 4, label drop 0.1, bf16 compute with fp32 params,
+remat on. The patch-8 split d_I = 128 of d = 192 follows the issue's instruction to keep Table 1's
+d_I (the paper does not give it). Expected results (paper Table 2, FID-50k with resampling CFG):
+5.40 / 5.02 / 3.96 / 3.60 for the four presets. The AR prior runs opposite to the last AF block
+(model.ar_order='alternate', the paper's "final permute").
+
+Parameter counts (tests/test_config.py, exact closed form): AF 849M / 828M / 1.424B / 1.400B for the
+four presets, within 3% of Table 1 (828M, 1.4B). AR 296M for 1.1B/16 (Table 1: 295M). The other
+three ARs cannot match Table 1 with the linear GMM heads the paper describes, whose redundant head
+K_R (1 + 2 d_R) (C + 1) dominates: for 1.9B/16 it alone is 200 * 1281 * 1025 = 263M, and with the
+24 x 1024 trunk (302M) the AR is 583M, not 498M (the paper does not say what differs). At patch 8,
+d_R = 64 shrinks that head to 200 * 129 * (C + 1), so the AR is 119M (1.1B/8) and 348M (1.9B/8);
+Table 1 gives one AR count per model size, apparently the patch-16 one.
 """
 
 import ml_collections
@@ -38,8 +45,8 @@ MODELS = {
 }
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
-# Paper Table 6: resampling-CFG settings per model (T_pi, T_sigma proposal temps; s_c, s_u candidates;
-# T_pi_v, T_sigma_v evaluation temps; T_s resampling temperature; w guidance scale).
+# Paper Table 6: resampling-CFG settings per model (T_pi, T_sigma proposal temps; s_c, s_u
+# candidates; T_pi_v, T_sigma_v evaluation temps; T_s resampling temperature; w guidance scale).
 SAMPLING = {
     "1.1B/16":
         dict(t_pi=1.0, t_sigma=0.9, s_c=5, s_u=5, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1, cfg=2.5),
@@ -53,13 +60,18 @@ SAMPLING = {
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320)
+  a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320, data="tfds:imagenet2012",
+                         data_dir="", resize="center_crop")
   size, _, patch = a.model.partition("/")
   if size not in MODELS or patch not in ("8", "16"):
     raise ValueError(
         f"model preset {a.model!r} unknown; use one of 1.1B/16, 1.1B/8, 1.9B/16, 1.9B/8")
   c = ml_collections.ConfigDict()
-  c.data = dict(name="imagenet2012", image_size=256, channels=3, num_classes=1000)
+  # tfds:imagenet2012 stores the original JPEGs (sizes vary): center-cropped per image on the fly.
+  # A dataset written by `farmer_jax prepare` is already 256x256 (resize=none reads it faster).
+  c.data = configlib.base_data(name=a.data, data_dir=a.data_dir, image_size=256, channels=3,
+                               num_classes=1000, resize=a.resize, random_flip=True,
+                               read_threads=16, prefetch=4)
   c.model = dict(
       patch_size=int(patch),
       flow_class_conditional=False,
@@ -80,10 +92,11 @@ def get_config(arg=None):
   c.train.update(batch_size=a.batch, steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch, lr=1e-4,
                  min_lr=1e-6, warmup_steps=5000, weight_decay=0.03, noise_max=0.1, noise_min=0.005,
                  label_drop=0.1, log_every=100)
-  c.eval = dict(batch_size=256, split="validation")
-  # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says the pool is
-  # larger than s_c/s_u, so 16 per group (32 per token) is our choice. See docs/sampling.md (ESS).
-  c.sample = dict(
+  c.eval = configlib.base_eval(batch_size=256, split="validation")
+  # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says
+  # the pool is larger than s_c/s_u, so 16 per group (32 per token) is our choice. See
+  # docs/sampling.md (ESS).
+  c.sample = configlib.base_sample(
       per_class=4,
       seed=0,
       guidance="resampling",

@@ -2,9 +2,9 @@
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart
 
-Trains in under 10 minutes on 2 CPU cores, then prints the test bits/dim (uniform dequantization, 500 test
-images) and writes samples.png (one row per class). ``--config=configs/quickstart.py:tiny`` is the reduced
-variant the test suite trains.
+Trains in under 10 minutes on 2 CPU cores, then prints the test bits/dim (uniform dequantization,
+500 test images) and writes samples.png (one row per class). ``--config=configs/quickstart.py:tiny``
+is the reduced variant the test suite trains.
 """
 
 import ml_collections
@@ -15,7 +15,7 @@ from farmer_jax import configlib as common
 def get_config(arg=None):
   a = common.parse_arg(arg, size="base")
   c = ml_collections.ConfigDict()
-  c.data = dict(name="mnist5k", image_size=32, channels=1, num_classes=10)
+  c.data = common.base_data(name="mnist5k", image_size=32, channels=1, num_classes=10)
   c.model = dict(
       patch_size=4,
       flow_blocks=4, flow_layers=1, flow_width=64, flow_heads=2, flow_class_conditional=False,
@@ -28,8 +28,8 @@ def get_config(arg=None):
   c.train = common.base_train()
   c.train.update(steps=3000, batch_size=32, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,
                  ema_decay=0.0, noise_max=0.1, noise_min=0.005, log_every=100)
-  c.eval = dict(batch_size=250, split="test")
-  c.sample = dict(per_class=8, seed=0, guidance="none", cfg=0.0, t_pi=1.0, t_sigma=1.0)
+  c.eval = common.base_eval(batch_size=250, split="test")
+  c.sample = common.base_sample(per_class=8, seed=0, guidance="none", cfg=0.0)
   common.base_mesh(c)
   if a.size == "tiny":      # what the test suite trains: same data and code path, toy widths
     c.model.update(

@@ -1,14 +1,18 @@
-"""The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also ``python -m farmer_jax``.
+"""The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also
+``python -m farmer_jax``.
 
-Commands: train, export, sample.
+Commands: train, export, sample, prepare.
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
-  farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png [--npz=s.npz]
+  farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
+      [--npz=s.npz]
+  farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos [--image_size=256]
 
-Errors: a bad value (config field, flag, path) is refused before any work or any file is written. Every expected
-failure prints ONE line ``farmer_jax <command>: <message>`` as the last line on stderr and exits 2 (a non-finite
-training loss exits 1); ``--debug`` also prints the traceback. A traceback without ``--debug`` means a bug.
+Errors: a bad value (config field, flag, path) is refused before any work or any file is
+written. Every expected failure prints ONE line ``farmer_jax <command>: <message>`` as the last
+line on stderr and exits 2 (a non-finite training loss exits 1); ``--debug`` also prints the
+traceback. A traceback without ``--debug`` means a bug.
 """
 
 import errno
@@ -40,7 +44,8 @@ flags.DEFINE_bool(
 # multi-process (multi-host) launch
 flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
-    "train: 'auto' = jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM); "
+    "train: 'auto' = jax.distributed.initialize() with cluster auto-detection "
+    "(Cloud TPU pods, SLURM); "
     "'explicit' = use --coordinator_address/--num_processes/--process_id.")
 flags.DEFINE_string("coordinator_address", None,
                     "train: host:port of process 0 (with --distributed=explicit).")
@@ -51,7 +56,8 @@ flags.DEFINE_integer("process_id", None,
 # export
 flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid (*.png).")
 flags.DEFINE_enum("dtype", "float32", list(DTYPE_NAMES), "export: param dtype to store.")
-flags.DEFINE_bool("overwrite", False, "export: replace an existing --out directory.")
+flags.DEFINE_bool("overwrite", False,
+                  "export: replace an existing --out directory; prepare: an existing dataset.")
 # sample
 flags.DEFINE_string("model", None, "sample: an exported model directory (farmer_jax export).")
 flags.DEFINE_string("classes", "all",
@@ -69,6 +75,21 @@ flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on 
 flags.DEFINE_string("npz", None,
                     "sample: also write uint8 images + labels to this .npz (for FID tools).")
 
+# prepare
+flags.DEFINE_string("folder", None, "prepare: image folder, one subfolder per class.")
+flags.DEFINE_string("data_dir", None, "prepare: where the dataset is written (DIR/NAME/1.0.0).")
+flags.DEFINE_string("name", None, "prepare: dataset name; train with data.name=tfds:NAME.")
+flags.DEFINE_integer("image_size", 256, "prepare: side of the square images (ADM center crop).")
+flags.DEFINE_float("val_fraction", 0.0,
+                   "prepare: fraction of each class in the 'validation' split (by path hash).")
+flags.DEFINE_string("val_folder", None,
+                    "prepare: a second folder (same class names) for the 'validation' split.")
+flags.DEFINE_integer("channels", 3, "prepare: 3 (RGB) or 1 (grayscale).")
+flags.DEFINE_enum("encoding", "jpeg", ["jpeg", "png"], "prepare: how images are stored.")
+flags.DEFINE_integer("quality", 95, "prepare: JPEG quality.")
+flags.DEFINE_integer("workers", None,
+                     "prepare: decoding processes (default: the CPU count, at most 16; 0 = none).")
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
 _EXPECTED_ERRNOS = {
@@ -76,7 +97,7 @@ _EXPECTED_ERRNOS = {
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV
 }
 
-# ---------------------------------------------------------------------------------------------------- commands
+# ----------------------------------------------------------------------------------------- commands
 
 
 def _train(argv):
@@ -97,26 +118,32 @@ def _train(argv):
       "preempted"):  # SIGTERM: exit 0 so a preemptible scheduler re-runs the same command
     if summary.get("saved"):
       print(
-          f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to resume"
+          f"preempted at step {summary['steps']}; checkpoint saved; "
+          "re-run the same command to resume"
       )
     else:
       print(
-          f"preempted during start-up (step {summary['steps']}); nothing new to save; re-run the same command"
+          f"preempted during start-up (step {summary['steps']}); nothing new to save; "
+          "re-run the same command"
       )
     return
-  print(format_test_bpd(summary))  # class-conditional -log p(x|y) and unconditional -log p(x|null)
+  # class-conditional -log p(x|y) and unconditional -log p(x|null)
+  print(format_test_bpd(summary))
 
 
 def _export(argv):
   if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir (a training run) and --out (the export directory) are required")
-  from farmer_jax.sampling.export import export_model  # checks --out before reading any checkpoint
+    raise app.UsageError(
+        "--workdir (a training run) and --out (the export directory) are required")
+  # checks --out before reading any checkpoint
+  from farmer_jax.sampling.export import export_model
   meta = export_model(FLAGS.workdir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
   print(f"exported step {meta['step']} ({meta['params']} params, {meta['dtype']}) -> {FLAGS.out}")
 
 
 def _number(text):
-  """'5' -> 5, '2.5' -> 2.5, 'nan' -> nan (validation refuses it with its own message); None if not a number."""
+  """'5' -> 5, '2.5' -> 2.5, 'nan' -> nan (validation refuses it with its own message); None if not
+  a number."""
   text = text.strip()
   if re.fullmatch(r"[+-]?\d+", text):
     return int(text)
@@ -158,14 +185,17 @@ def sampler_overrides(cfg_w, guidance, extra):
 
 def _sampler_error(e):
   return ValueError(
-      f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value (the rest come from "
+      f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value "
+      "(the rest come from "
       "the model's config.sample)")
 
 
 def _sample(argv):
   if not FLAGS.model or not (FLAGS.out or FLAGS.npz):
-    raise app.UsageError("--model (an export directory) and --out (PNG) or --npz are required")
-  # Everything that does not need the model is checked before it is loaded and before any sampling.
+    raise app.UsageError(
+        "--model (an export directory) and --out (PNG) or --npz are required")
+  # Everything that does not need the model is checked before it is loaded and before any
+  # sampling.
   if FLAGS.num < 1:
     raise ValueError(f"--num={FLAGS.num} must be >= 1 (samples per class)")
   if FLAGS.batch < 1:
@@ -176,11 +206,13 @@ def _sample(argv):
       check_output_path(path, flag)
   over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler)
   try:
-    SamplerConfig.from_config(over)  # the overrides alone (defaults elsewhere): fail before loading
+    # the overrides alone (defaults elsewhere): fail before loading
+    SamplerConfig.from_config(over)
   except ValueError as e:
     raise _sampler_error(e) from e
   from farmer_jax.sampling.export import load_model
-  from farmer_jax.sampling.generate import describe_stats, generate, parse_classes, write_outputs
+  from farmer_jax.sampling.generate import (
+      describe_stats, generate, parse_classes, write_outputs)
   mcfg, params, config, _ = load_model(FLAGS.model)
   classes = parse_classes(FLAGS.classes, mcfg.num_classes)
   sample = dict(config.get("sample", {}))
@@ -208,14 +240,26 @@ def _sample(argv):
         f"{', '.join(p for p in (FLAGS.out, FLAGS.npz) if p)}")
 
 
-COMMANDS = {"train": _train, "export": _export, "sample": _sample}
+def _prepare(argv):
+  if not FLAGS.folder or not FLAGS.data_dir or not FLAGS.name:
+    raise app.UsageError("--folder (one subfolder per class), --data_dir and --name are required")
+  from farmer_jax.data.prepare import Options, prepare
+  workers = FLAGS.workers if FLAGS.workers is not None else min(16, os.cpu_count() or 1)
+  prepare(Options(folder=FLAGS.folder, data_dir=FLAGS.data_dir, name=FLAGS.name,
+                  image_size=FLAGS.image_size, val_fraction=FLAGS.val_fraction,
+                  channels=FLAGS.channels, encoding=FLAGS.encoding, quality=FLAGS.quality,
+                  workers=workers, overwrite=FLAGS.overwrite, val_folder=FLAGS.val_folder or ""),
+          say=(lambda _: None) if FLAGS.quiet else print)
+
+
+COMMANDS = {"train": _train, "export": _export, "sample": _sample, "prepare": _prepare}
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"
     f"commands: {', '.join(COMMANDS)}\n"
     "example: farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart\n"
     "errors: one line on stderr, exit 2 (--debug: with the traceback)")
 
-# -------------------------------------------------------------------------------------------- failure handling
+# --------------------------------------------------------------------------------- failure handling
 
 
 def one_line(text):
@@ -223,8 +267,8 @@ def one_line(text):
 
 
 def _quiet_libs(verbose):
-  """Library INFO/WARNING chatter (orbax logs through absl) off the console unless --verbose; our own warnings
-  (Python logging under 'farmer_jax') stay visible."""
+  """Library INFO/WARNING chatter (orbax logs through absl) off the console unless --verbose; our
+  own warnings (Python logging under 'farmer_jax') stay visible."""
   if verbose:
     return
   logging.set_verbosity(logging.WARNING)
@@ -233,7 +277,8 @@ def _quiet_libs(verbose):
 
 
 def _fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
-  """Prints ``farmer_jax <cmd>: <message>`` as ONE line, the last on stderr, and exits with ``code``."""
+  """Prints ``farmer_jax <cmd>: <message>`` as ONE line, the last on stderr, and exits with
+  ``code``."""
   if show_traceback:
     traceback.print_exc()
   for name in ("absl", "orbax", "jax"):
@@ -242,8 +287,9 @@ def _fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
   sys.stderr.flush()
   print(f"farmer_jax {cmd}: {one_line(message)}", file=sys.stderr, flush=True)
   if not keep_stderr and sys.stderr is sys.__stderr__:
-    # Interpreter shutdown (orbax/asyncio finalisers, atexit hooks) must not print below the message: point fd 2 at
-    # /dev/null now that it is written. Not done under --debug/--verbose, nor when stderr is captured (tests).
+    # Interpreter shutdown (orbax/asyncio finalisers, atexit hooks) must not print below the
+    # message: point fd 2 at /dev/null now that it is written. Not done under --debug/--verbose,
+    # nor when stderr is captured (tests).
     try:
       devnull = os.open(os.devnull, os.O_WRONLY)
       os.dup2(devnull, 2)
@@ -254,7 +300,8 @@ def _fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
 
 
 def _raised_in_package(e):
-  """Whether ``e`` was raised by farmer_jax's own code (our validation) rather than inside a library."""
+  """Whether ``e`` was raised by farmer_jax's own code (our validation) rather than inside a
+  library."""
   tb = e.__traceback__
   last = None
   while tb is not None:
@@ -264,11 +311,13 @@ def _raised_in_package(e):
 
 
 def failure(e, cmd="train"):
-  """(exit code, one-line message) for an expected failure of ``cmd``, None for a bug (shown as a traceback)."""
+  """(exit code, one-line message) for an expected failure of ``cmd``, None for a bug (shown as a
+  traceback)."""
   from farmer_jax.config import ConfigError
   from farmer_jax.sampling.export import ExportError
+  from farmer_jax.data.prepare import PrepareError
   from farmer_jax.train.lock import WorkdirBusyError
-  expected = (ConfigError, ExportError, WorkdirBusyError)
+  expected = (ConfigError, ExportError, WorkdirBusyError, PrepareError)
   if isinstance(e, FloatingPointError):  # non-finite training loss: nothing was saved
     return 1, str(e)
   if isinstance(e, app.UsageError):
@@ -278,7 +327,8 @@ def failure(e, cmd="train"):
   if isinstance(e, OSError) and e.errno in _EXPECTED_ERRNOS:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       resume = "; training resumes from its last complete checkpoint" if cmd == "train" else ""
-      return 2, f"disk full: {e}. Fix: free space (or choose another location) and re-run the same command{resume}"
+      return 2, (f"disk full: {e}. Fix: free space (or choose another location) and re-run the "
+                 f"same command{resume}")
     return 2, f"{e}. Fix: check the path and its permissions"
   if isinstance(e, ValueError) and _raised_in_package(e):
     return 2, str(e)
@@ -294,7 +344,8 @@ def _command_main(cmd):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are written --name=value")
       _quiet_libs(FLAGS.verbose)
       COMMANDS[cmd](argv)
-    except Exception as e:  # noqa: BLE001 - sorted into expected failures (one line) and bugs (re-raised)
+    # sorted into expected failures (one line) and bugs (re-raised)
+    except Exception as e:  # noqa: BLE001
       hit = failure(e, cmd)
       if hit is None:
         raise
@@ -322,14 +373,16 @@ def _config_spec(argv):
 
 
 def _innermost_text(e):
-  """The message of an exception whose args wrap another exception (ml_collections' KeyError-in-AttributeError)."""
+  """The message of an exception whose args wrap another exception (ml_collections'
+  KeyError-in-AttributeError)."""
   while e.args and isinstance(e.args[0], BaseException):
     e = e.args[0]
   return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 def flag_error_message(e, argv):
-  """One line for an error raised while parsing flags (including loading the --config file and its overrides)."""
+  """One line for an error raised while parsing flags (including loading the --config file and its
+  overrides)."""
   spec = _config_spec(argv)
   text = str(e)
   if "Error whilst parsing config file" in text:      # get_config raised TypeError/ValueError
@@ -352,7 +405,8 @@ def flag_error_message(e, argv):
         return (f"--config.{path}: {where} has no field {key!r}. {hint + ' ' if hint else ''}"
                 f"Fix: override a field that exists in {spec}")
   return (
-      f"--config={spec}: loading the config failed: {type(e).__name__}: {_innermost_text(e)}. Fix: correct the "
+      f"--config={spec}: loading the config failed: {type(e).__name__}: {_innermost_text(e)}. "
+      "Fix: correct the "
       "config file (--debug shows the traceback)")
 
 
@@ -368,7 +422,8 @@ def _flags_parser(cmd, debug):
       if config is None:
         _fail(
             cmd,
-            f"--config={spec}: get_config() returned None. Fix: return the ConfigDict from get_config",
+            f"--config={spec}: get_config() returned None. "
+            "Fix: return the ConfigDict from get_config",
             keep_stderr=debug)
       try:
         config.keys()  # a config file that failed to load raises here (config_flags defers it)
@@ -376,7 +431,8 @@ def _flags_parser(cmd, debug):
         detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
         _fail(
             cmd,
-            f"--config={spec}: cannot load the config file ({detail}). Fix: pass an existing configs/*.py "
+            f"--config={spec}: cannot load the config file ({detail}). "
+            "Fix: pass an existing configs/*.py "
             "file, e.g. --config=configs/quickstart.py",
             show_traceback=debug,
             keep_stderr=debug)
@@ -385,8 +441,9 @@ def _flags_parser(cmd, debug):
 
 
 def _early_sigterm():
-  """Until the trainer installs its own handler, a SIGTERM (preemption during imports, config parsing or jax
-  start-up) exits cleanly with status 0 and one line, instead of the default kill (status 143)."""
+  """Until the trainer installs its own handler, a SIGTERM (preemption during imports, config
+  parsing or jax start-up) exits cleanly with status 0 and one line, instead of the default kill
+  (status 143)."""
   import signal
   import threading
   if threading.current_thread() is not threading.main_thread():

@@ -24,6 +24,7 @@ DTYPE_NAMES = ("float32", "bfloat16")
 NOISE_KINDS = ("gaussian", "uniform")
 AR_ORDERS = ("alternate", "same")
 GUIDANCE_MODES = ("none", "resampling", "naive")
+RESIZE_MODES = ("none", "center_crop")
 
 
 def jnp_dtype(name):
@@ -40,7 +41,10 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Everything the FARMER network needs. Built from ``config.model`` + ``config.data`` by ``from_config``."""
+  """Everything the FARMER network needs.
+
+  Built from ``config.model`` + ``config.data`` by ``from_config``.
+  """
   image_size: int = 32
   channels: int = 1
   patch_size: int = 4
@@ -51,8 +55,10 @@ class ModelConfig:
   flow_width: int = 128
   flow_heads: int = 2
   flow_class_conditional: bool = False
-  flow_final_norm: bool = True  # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
-  ar_order: str = "alternate"  # AR prior vs the last AF block: "alternate" (opposite order) | "same"
+  # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
+  flow_final_norm: bool = True
+  # AR prior vs the last AF block: "alternate" (opposite order) | "same"
+  ar_order: str = "alternate"
   # AR prior
   ar_width: int = 128
   ar_depth: int = 2
@@ -91,11 +97,13 @@ class ModelConfig:
 
   @property
   def ar_flip(self):
-    """Whether the AF output (raster token order) is flipped before the AR prior; the one place that decides it.
+    """Whether the AF output (raster token order) is flipped before the AR prior; the one place that
+    decides it.
 
-    AF block t works in flipped order iff t is odd, so the last block (t = flow_blocks - 1) is flipped iff
-    flow_blocks is even. 'alternate' runs the AR prior in the order opposite to the last block (the AR prior is
-    "block n + 1" of the alternation; paper Table 3 "final permute"); 'same' runs it in the last block's order.
+    AF block t works in flipped order iff t is odd, so the last block (t = flow_blocks - 1) is
+    flipped iff flow_blocks is even. 'alternate' runs the AR prior in the order opposite to the last
+    block (the AR prior is "block n + 1" of the alternation; paper Table 3 "final permute"); 'same'
+    runs it in the last block's order.
     """
     if self.ar_order not in AR_ORDERS:
       raise _err("model.ar_order", self.ar_order, "unknown AR prior direction",
@@ -133,20 +141,23 @@ def _err(field, value, why, fix):
 
 
 def legacy_ar_order(final_flip, flow_blocks):
-  """The ``model.ar_order`` that reproduces a config written with the removed ``model.final_flip`` flag.
+  """The ``model.ar_order`` that reproduces a config written with the removed ``model.final_flip``
+  flag.
 
-  The old flag flipped the AF output before the AR prior iff final_flip, whatever the block count. The last AF
-  block is flipped iff flow_blocks is even, so final_flip=True is 'same' for an even count and 'alternate' for
-  an odd one; final_flip=False is the opposite.
+  The old flag flipped the AF output before the AR prior iff final_flip, whatever the block count.
+  The last AF block is flipped iff flow_blocks is even, so final_flip=True is 'same' for an even
+  count and 'alternate' for an odd one; final_flip=False is the opposite.
   """
   return "same" if bool(final_flip) == (flow_blocks % 2 == 0) else "alternate"
 
 
 def upgrade_saved_config(config):
-  """A config.json written by an older release -> today's keys, meaning the same model. ``model.final_flip``
-  (removed) becomes the ``model.ar_order`` that reproduces it, so old runs and exports keep their AR direction; a
-  model saved without ``model.flow_final_norm`` had no AF output norm (False).
-  (Config FILES with final_flip are refused instead, so a user picks the order on purpose.)"""
+  """A config.json written by an older release -> today's keys, meaning the same model.
+
+  ``model.final_flip`` (removed) becomes the ``model.ar_order`` that reproduces it, so old runs and
+  exports keep their AR direction; a model saved without ``model.flow_final_norm`` had no AF output
+  norm (False). (Config FILES with final_flip are refused instead, so a user picks the order on
+  purpose.)"""
   model = config.get("model")
   if model is not None and "final_flip" in model:
     model.ar_order = legacy_ar_order(model.final_flip,
@@ -158,9 +169,10 @@ def upgrade_saved_config(config):
 
 
 def resolved_config(config):
-  """An unlocked copy of a run config whose ``model`` section lists EVERY ModelConfig field (defaults filled in).
-  This is what a run saves as config.json, so a saved model means the same thing when a later release changes a
-  default, and what resume compares (a key left at its default equals the same key written out)."""
+  """An unlocked copy of a run config whose ``model`` section lists EVERY ModelConfig field
+  (defaults filled in). This is what a run saves as config.json, so a saved model means the same
+  thing when a later release changes a default, and what resume compares (a key left at its default
+  equals the same key written out)."""
   import ml_collections
   out = ml_collections.ConfigDict(config.to_dict())
   model = out.get("model")
@@ -168,17 +180,25 @@ def resolved_config(config):
     for f in dataclasses.fields(ModelConfig):
       if f.name not in model and f.name not in ("image_size", "channels", "num_classes"):
         model[f.name] = f.default
+  data = out.get("data")
+  if data is not None:  # a config.json written before these data fields existed
+    for f in dataclasses.fields(DataConfig):
+      if f.name not in data:
+        data[f.name] = f.default
   return out
 
 
 def config_changes(saved, current, sections=("data", "model")):
-  """['section.key: saved -> current', ...] for the keys of ``sections`` that differ between two run configs
-  (both are resolved first, so a default left implicit equals the same value written out)."""
+  """['section.key: saved -> current', ...] for the keys of ``sections`` that differ between two run
+  configs (both are resolved first, so a default left implicit equals the same value written
+  out)."""
   saved, current = resolved_config(saved), resolved_config(current)
   out = []
   for sec in sections:
     a, b = dict(saved.get(sec, {}) or {}), dict(current.get(sec, {}) or {})
     for k in sorted(set(a) | set(b)):
+      if f"{sec}.{k}" in RESUME_NEUTRAL:  # where/how fast the same batches are read
+        continue
       va, vb = a.get(k, "<unset>"), b.get(k, "<unset>")
       if isinstance(va, (list, tuple)) or isinstance(vb, (list, tuple)):
         va, vb = list(va) if isinstance(va, (list, tuple)) else va, list(vb) if isinstance(
@@ -192,12 +212,12 @@ def removed_final_flip_error(final_flip, flow_blocks):
   order = legacy_ar_order(final_flip, flow_blocks)
   return _err(
       "model.final_flip", final_flip,
-      "model.final_flip was replaced by model.ar_order ('alternate': the AR prior runs opposite to the "
-      "last AF block; 'same': in its order), whose meaning does not depend on the parity of "
+      "model.final_flip was replaced by model.ar_order ('alternate': the AR prior runs opposite to "
+      "the last AF block; 'same': in its order), whose meaning does not depend on the parity of "
       "model.flow_blocks",
-      f"delete final_flip and set --config.model.ar_order={order} to reproduce the old behaviour with "
-      f"model.flow_blocks={flow_blocks} (old final_flip=True is 'same' for an even block count and "
-      "'alternate' for an odd one; final_flip=False is the opposite)")
+      f"delete final_flip and set --config.model.ar_order={order} to reproduce the old behaviour "
+      f"with model.flow_blocks={flow_blocks} (old final_flip=True is 'same' for an even block "
+      "count and 'alternate' for an odd one; final_flip=False is the opposite)")
 
 
 def validate_model(m: ModelConfig):
@@ -242,7 +262,8 @@ def validate_model(m: ModelConfig):
   if m.ar_order not in AR_ORDERS:
     raise _err(
         "model.ar_order", m.ar_order, "unknown AR prior direction",
-        f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final permute)"
+        f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
+        "permute)"
     )
   if m.scale_fn not in SCALE_FNS:
     raise _err("model.scale_fn", m.scale_fn, "unknown scale parameterisation",
@@ -283,7 +304,8 @@ def _real_in(field, value, lo, hi=None, lo_open=False, fix="", what=None):
   ok = _is_real(value) and (value > lo if lo_open else value >= lo) and (hi is None or value < hi)
   if what is None:
     left = f"> {lo}" if lo_open else f">= {lo}"
-    what = f"a finite number {left}" if hi is None else f"a number in {'(' if lo_open else '['}{lo}, {hi})"
+    what = (f"a finite number {left}" if hi is None
+            else f"a number in {'(' if lo_open else '['}{lo}, {hi})")
   _check(ok, field, value, f"must be {what}", fix)
 
 
@@ -296,9 +318,10 @@ def _section(config, name):
 
 
 def validate_model_config(config):
-  """Checks only what builds the network (``config.data`` shape fields + ``config.model``) and returns its
-  ModelConfig. For code that rebuilds a model from a saved config (export, load, benchmarks); a training run is
-  checked by ``validate``, which also checks the data, optimizer, sampling, mesh and workdir settings."""
+  """Checks only what builds the network (``config.data`` shape fields + ``config.model``) and
+  returns its ModelConfig. For code that rebuilds a model from a saved config (export, load,
+  benchmarks); a training run is checked by ``validate``, which also checks the data, optimizer,
+  sampling, mesh and workdir settings."""
   for section in ("data", "model"):
     _section(config, section)
   for f in ("image_size", "channels", "num_classes"):
@@ -309,101 +332,144 @@ def validate_model_config(config):
   return m
 
 
-def _validate_data(d):
-  from farmer_jax.data.pipeline import DATASETS
-  known = sorted(DATASETS)
-  name = d.get("name")
-  _check(
-      isinstance(name, str) and name in DATASETS, "data.name", name,
-      f"this release has no input pipeline for it (known datasets: {known})",
-      f"use one of {known} (configs/quickstart.py trains on mnist5k)"
-  )
-  info = DATASETS[name]
-  size = d.image_size
-  _check(
-      is_int(size) and size >= info.min_image_size and (size - info.min_image_size) % 2 == 0,
-      "data.image_size", size,
-      f"{name} images are {info.min_image_size}x{info.min_image_size}, zero-padded evenly on each side to "
-      "data.image_size",
-      f"use {info.min_image_size} or more, with an even difference to {info.min_image_size} (e.g. "
-      f"{info.min_image_size + 4})")
-  _check(is_int(d.channels) and d.channels == info.channels, "data.channels", d.channels,
-         f"{name} has {info.channels} channel(s)", f"set --config.data.channels={info.channels}")
-  _check(
-      is_int(d.num_classes) and d.num_classes in (0, info.num_classes), "data.num_classes",
-      d.num_classes,
-      f"{name} has {info.num_classes} classes (labels 0..{info.num_classes - 1}); a different count would "
-      "leave labels outside the class embedding",
-      f"set --config.data.num_classes={info.num_classes} (or 0 for an unconditional model)")
-  return info
+def _field(default, rule=None, **metadata):
+  """A section field: its default and its rule (kind, bound, what it must be, fix); see _Section."""
+  return dataclasses.field(default=default, metadata=dict(metadata, **({"rule": rule} if rule
+                                                                       else {})))
 
 
-def _train_field(default, rule=None):
-  """A TrainConfig field: its default and its rule (kind, bound, what, fix); see TrainConfig."""
-  return dataclasses.field(default=default, metadata={"rule": rule} if rule else {})
+class _Section:
+  """A typed config section (a frozen dataclass): ``config.<SECTION>`` -> fields, validated once.
+
+  The dataclass defaults are THE section defaults: configs start the section from
+  ``configlib.base(<Section>)``, a ConfigDict of them, so ``--config.<section>.x=...`` overrides
+  work and unknown keys are refused. A field's rule (kind, bound, what it must be, fix) is checked
+  by ``_check_rules``; kind 'int': an integer >= bound, 'real>': a finite number > bound, 'real':
+  >= bound, 'unit': in [0, 1), 'bool': True or False, 'choice': one of bound. Cross-field checks
+  live in the section's ``check``.
+  """
+  SECTION = ""
+
+  def get(self, name, default=None):
+    """``t.get('ckpt_keep', 2)`` as on a ConfigDict (every field always has a value)."""
+    return getattr(self, name, default)
+
+  def check(self):
+    """Cross-field checks (after every field passed its rule); ConfigError."""
+
+  @classmethod
+  def from_config(cls, config):
+    """A run config's ``config.<SECTION>`` -> the section, validated (ConfigError naming the
+    field)."""
+    return cls.from_section(_section(config, cls.SECTION))
+
+  @classmethod
+  def from_section(cls, t, extra=()):
+    """``config.<SECTION>`` (ConfigDict or dict) -> the section. Unknown and missing keys are
+    refused (a config states every field; start from configlib.base(cls)), keys in ``extra`` are
+    skipped, then every value is checked. Integer values of float fields become floats."""
+    known = sorted(f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived"))
+    unknown = sorted(set(t.keys()) - set(known) - set(extra))
+    if unknown:
+      raise ConfigError(
+          f"config.{cls.SECTION} has unknown field(s) {unknown}; known fields: "
+          f"{sorted(known + list(extra))}. Fix: remove or rename them (see farmer_jax/config.py "
+          f"{cls.__name__})")
+    missing = [k for k in known if k not in t]
+    if missing:
+      raise ConfigError(
+          f"config.{cls.SECTION} lacks field(s) {missing}. Fix: start config.{cls.SECTION} from "
+          f"farmer_jax.configlib.base({cls.__name__}) (base_{cls.SECTION}()) and update it")
+    out = cls(**{k: t[k] for k in known})  # derived fields keep their defaults here
+    _check_rules(out)
+    out.check()
+    floats = {f.name: float(getattr(out, f.name))
+              for f in dataclasses.fields(cls) if f.type in (float, "float")}
+    return dataclasses.replace(out, **floats)
+
+
+def _check_rules(sec):
+  """Each field's rule (see _Section); ConfigError naming ``config.<section>.<field>``."""
+  for f in dataclasses.fields(sec):
+    if "rule" not in f.metadata:
+      continue
+    (kind, lo, what, fix), field = f.metadata["rule"], f"{sec.SECTION}.{f.name}"
+    v = getattr(sec, f.name)
+    if kind == "int":
+      _int_at_least(field, v, lo, fix, what)
+    elif kind == "real>":
+      _real_in(field, v, lo, lo_open=True, fix=fix, what=what)
+    elif kind == "real":
+      _real_in(field, v, lo, fix=fix, what=what)
+    elif kind == "unit":
+      _real_in(field, v, 0.0, 1.0, fix=fix, what=what)
+    elif kind == "bool":
+      _check(isinstance(v, (bool, np.bool_)), field, v, what or "must be True or False", fix)
+    elif kind == "str":
+      _check(isinstance(v, str), field, v, what or "must be a string", fix)
+    elif kind == "choice":
+      _check(v in lo, field, v, what or f"must be one of {list(lo)}", fix)
+    else:
+      raise AssertionError(f"unknown rule kind {kind!r} for {field}")
 
 
 _NOISE_STD = ("real", 0.0, "a finite number >= 0 (the dequantization noise std)")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
   """``config.train``: optimizer, schedules, dequantization noise, checkpoints (``from_config``).
-
-  The defaults below are THE train defaults: configs start ``config.train`` from
-  ``configlib.base_train()``, a ConfigDict of them, so ``--config.train.x=...`` overrides work and
-  unknown keys are refused. A field's rule (kind, bound, what it must be, fix) is checked by
-  ``validate_train``; kind 'int': an integer >= bound, 'real>': a finite number > bound, 'real':
-  >= bound, 'unit': in [0, 1).
-  """
-  steps: int = _train_field(1000, ("int", 1, "an integer >= 1 (optimizer steps)",
+  The defaults below are THE train defaults (``configlib.base_train()``); see _Section."""
+  SECTION = "train"
+  steps: int = _field(1000, ("int", 1, "an integer >= 1 (optimizer steps)",
                                    "e.g. --config.train.steps=3000"))
-  batch_size: int = _train_field(64, ("int", 1, "an integer >= 1 (the global batch)",
+  batch_size: int = _field(64, ("int", 1, "an integer >= 1 (the global batch)",
                                       "e.g. --config.train.batch_size=32"))
   # peak lr (paper: 1e-4 -> 1e-6 cosine, 5000 warmup steps)
-  lr: float = _train_field(1e-4, ("real>", 0.0, None, "use e.g. --config.train.lr=1e-4"))
-  min_lr: float = _train_field(1e-6, ("real", 0.0, None,
+  lr: float = _field(1e-4, ("real>", 0.0, None, "use e.g. --config.train.lr=1e-4"))
+  min_lr: float = _field(1e-6, ("real", 0.0, None,
                                       "use e.g. --config.train.min_lr=1e-6 (<= train.lr)"))
-  warmup_steps: int = _train_field(5000, ("int", 0, "an integer >= 0",
+  warmup_steps: int = _field(5000, ("int", 0, "an integer >= 0",
                                           "e.g. --config.train.warmup_steps=100 (0 = no warmup)"))
-  b1: float = _train_field(0.9, ("unit", None, "a number in [0, 1) (Adam's first-moment decay)",
+  b1: float = _field(0.9, ("unit", None, "a number in [0, 1) (Adam's first-moment decay)",
                                  "use e.g. --config.train.b1=0.9"))
-  b2: float = _train_field(0.95, ("unit", None, "a number in [0, 1) (Adam's second-moment decay)",
+  b2: float = _field(0.95, ("unit", None, "a number in [0, 1) (Adam's second-moment decay)",
                                   "use e.g. --config.train.b2=0.95"))
   # applied to kernels only
-  weight_decay: float = _train_field(0.03, ("real", 0.0, None,
+  weight_decay: float = _field(0.03, ("real", 0.0, None,
                                             "use e.g. --config.train.weight_decay=0.03 (0 = none)"))
   # global-norm clip; 0 = off
-  grad_clip: float = _train_field(0.0, ("real", 0.0, None,
+  grad_clip: float = _field(0.0, ("real", 0.0, None,
                                         "use e.g. --config.train.grad_clip=1.0 (0 = off)"))
   # 0 = no EMA params
-  ema_decay: float = _train_field(0.0, (
+  ema_decay: float = _field(0.0, (
       "unit", None, "a number in [0, 1) (0 = no EMA; 1 would freeze the EMA at the init)",
       "use e.g. --config.train.ema_decay=0.9999, or 0 to turn EMA off"))
   # gaussian (annealed) | uniform (exact bpd runs); NOISE_KINDS
-  noise_kind: str = _train_field("gaussian")
+  noise_kind: str = _field("gaussian", ("choice", NOISE_KINDS, "unknown dequantization",
+                                          f"use one of {NOISE_KINDS}"))
   # dequantization noise std in [-1, 1] units, cosine-annealed max -> min
-  noise_max: float = _train_field(0.1, _NOISE_STD + ("use e.g. 0.1 (paper: 0.1 -> 0.005)",))
-  noise_min: float = _train_field(0.005, _NOISE_STD + ("use e.g. 0.005 (paper: 0.1 -> 0.005)",))
+  noise_max: float = _field(0.1, _NOISE_STD + ("use e.g. 0.1 (paper: 0.1 -> 0.005)",))
+  noise_min: float = _field(0.005, _NOISE_STD + ("use e.g. 0.005 (paper: 0.1 -> 0.005)",))
   # steps over which sigma anneals; -1 = train.steps (see noise_anneal_steps)
-  noise_steps: int = _train_field(-1)
+  noise_steps: int = _field(-1)
   # probability of replacing the label by the null class (for CFG)
-  label_drop: float = _train_field(0.1, ("unit", None,
+  label_drop: float = _field(0.1, ("unit", None,
                                          "a number in [0, 1) (probability of the null label)",
                                          "use e.g. --config.train.label_drop=0.1"))
-  seed: int = _train_field(0, ("int", 0, "an integer >= 0", "e.g. --config.train.seed=0"))
-  log_every: int = _train_field(50, ("int", 1,
+  seed: int = _field(0, ("int", 0, "an integer >= 0", "e.g. --config.train.seed=0"))
+  log_every: int = _field(50, ("int", 1,
                                      "an integer >= 1 (steps between logs and non-finite checks)",
                                      "e.g. --config.train.log_every=50"))
   # async checkpoint every k steps (0 = only at the end); always one at the end
-  ckpt_every: int = _train_field(0, ("int", 0, "an integer >= 0 (0 = checkpoint only at the end)",
+  ckpt_every: int = _field(0, ("int", 0, "an integer >= 0 (0 = checkpoint only at the end)",
                                      "e.g. --config.train.ckpt_every=500"))
   # keep the last n checkpoints ...
-  ckpt_keep: int = _train_field(2, ("int", 1,
+  ckpt_keep: int = _field(2, ("int", 1,
                                     "an integer >= 1 (checkpoints kept; the newest must survive)",
                                     "e.g. --config.train.ckpt_keep=2"))
   # ... plus every m-th step forever (0 = none)
-  ckpt_keep_period: int = _train_field(0, ("int", 0,
+  ckpt_keep_period: int = _field(0, ("int", 0,
                                            "an integer >= 0 (0 = keep no periodic checkpoints)",
                                            "e.g. --config.train.ckpt_keep_period=0"))
 
@@ -412,69 +478,63 @@ class TrainConfig:
     """Steps over which the noise std anneals: ``noise_steps``, or ``steps`` when it is -1."""
     return self.steps if self.noise_steps < 0 else self.noise_steps
 
-  def get(self, name, default=None):
-    """``t.get('ckpt_keep', 2)`` as on a ConfigDict (every field always has a value)."""
-    return getattr(self, name, default)
-
-  @classmethod
-  def from_config(cls, config):
-    """A run config's ``config.train`` -> TrainConfig, validated (ConfigError naming the field)."""
-    return cls.from_section(_section(config, "train"))
-
-  @classmethod
-  def from_section(cls, t):
-    """``config.train`` (ConfigDict or dict) -> TrainConfig. Unknown and missing keys are refused
-    (a config states every train field; start from configlib.base_train()), then every value is
-    checked. Integer values of float fields become floats."""
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(t.keys()) - set(known))
-    if unknown:
-      raise ConfigError(f"config.train has unknown field(s) {unknown}; known fields: {known}. "
-                        "Fix: remove or rename them (see farmer_jax/configlib.py base_train)")
-    missing = [k for k in known if k not in t]
-    if missing:
-      raise ConfigError(f"config.train lacks field(s) {missing}. Fix: start config.train from "
-                        "farmer_jax.configlib.base_train() and update it")
-    out = cls(**{k: t[k] for k in known})
-    validate_train(out)
-    floats = {f.name: float(getattr(out, f.name))
-              for f in dataclasses.fields(cls) if f.type is float}
-    return dataclasses.replace(out, **floats)
+  def check(self):
+    """Cross-field checks of config.train (each field already passed its rule)."""
+    _check(self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"it exceeds train.lr={self.lr}",
+           "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
+    _check(self.noise_min <= self.noise_max, "train.noise_min", self.noise_min,
+           f"it exceeds train.noise_max={self.noise_max}",
+           "the cosine schedule anneals from noise_max down to noise_min")
+    _check(is_int(self.noise_steps) and (self.noise_steps == -1 or self.noise_steps >= 1),
+           "train.noise_steps", self.noise_steps,
+           "must be an integer >= 1 (steps over which the noise anneals) or -1 (= train.steps)",
+           "use -1 to anneal over the whole run")
 
 
-def validate_train(t: TrainConfig):
-  """Checks a TrainConfig's values (each field's rule, then cross-field ones); ConfigError."""
-  for f in dataclasses.fields(t):
-    if "rule" not in f.metadata:
-      continue
-    (kind, lo, what, fix), field, v = f.metadata["rule"], f"train.{f.name}", getattr(t, f.name)
-    if kind == "int":
-      _int_at_least(field, v, lo, fix, what)
-    elif kind == "real>":
-      _real_in(field, v, lo, lo_open=True, fix=fix, what=what)
-    elif kind == "real":
-      _real_in(field, v, lo, fix=fix, what=what)
-    else:
-      _real_in(field, v, 0.0, 1.0, fix=fix, what=what)
-  _check(t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"it exceeds train.lr={t.lr}",
-         "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
-  _check(t.noise_min <= t.noise_max, "train.noise_min", t.noise_min,
-         f"it exceeds train.noise_max={t.noise_max}",
-         "the cosine schedule anneals from noise_max down to noise_min")
-  _check(t.noise_kind in NOISE_KINDS, "train.noise_kind", t.noise_kind, "unknown dequantization",
-         f"use one of {NOISE_KINDS}")
-  _check(is_int(t.noise_steps) and (t.noise_steps == -1 or t.noise_steps >= 1), "train.noise_steps",
-         t.noise_steps,
-         "must be an integer >= 1 (steps over which the noise anneals) or -1 (= train.steps)",
-         "use -1 to anneal over the whole run")
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Section):
+  """``config.data``: which dataset (data/sources.py), the image shape the model is built for, and
+  how the grain pipeline reads it (data/pipeline.py). Fields marked ``resume_neutral`` change
+  nothing but where or how fast the same batches are read, so resuming with a new value is
+  allowed (see config_changes)."""
+  SECTION = "data"
+  # mnist5k | tfds:NAME | folder:PATH (refused with the prepare command); see data/sources.py
+  name: str = _field("mnist5k", ("str", None, None, "e.g. --config.data.name=tfds:imagenet2012"))
+  # tfds:NAME only: the TFDS data_dir (local path or gs://...); "" = ~/tensorflow_datasets
+  data_dir: str = _field("", ("str", None, None, "e.g. --config.data.data_dir=gs://bucket/tfds"),
+                         resume_neutral=True)
+  image_size: int = _field(32, ("int", 1, None, "e.g. --config.data.image_size=32"))
+  channels: int = _field(1, ("int", 1, None, "e.g. --config.data.channels=3"))
+  # 0 = unconditional (every label is the null class)
+  num_classes: int = _field(10, ("int", 0, "an integer >= 0 (0 = unconditional)",
+                                 "set it to the dataset's class count"))
+  train_split: str = _field("train", ("str", None, None, "e.g. --config.data.train_split=train"))
+  # none: stored images must be image_size^2 | center_crop: the ADM recipe, per image
+  resize: str = _field("none", ("choice", RESIZE_MODES, None,
+                                f"use one of {list(RESIZE_MODES)}"))
+  # random horizontal flip of training images (not baked into the files)
+  random_flip: bool = _field(False, ("bool", None, None, "use true or false"))
+  # grain worker processes (0: read in this process, with read_threads threads)
+  worker_count: int = _field(0, ("int", 0, None, "e.g. --config.data.worker_count=8 (0 = none)"),
+                             resume_neutral=True)
+  read_threads: int = _field(2, ("int", 1, None, "e.g. --config.data.read_threads=16"),
+                             resume_neutral=True)
+  # batches read ahead (per worker)
+  prefetch: int = _field(4, ("int", 1, None, "e.g. --config.data.prefetch=4"),
+                         resume_neutral=True)
 
 
-def _validate_eval(e, info, data_name):
-  splits = [s for s, _ in info.splits]
-  _int_at_least("eval.batch_size", e.get("batch_size"), 1, "e.g. --config.eval.batch_size=250")
-  _check(
-      e.get("split") in splits, "eval.split", e.get("split"),
-      f"{data_name} has the splits {splits}", f"use one of {splits}")
+RESUME_NEUTRAL = tuple(f"data.{f.name}" for f in dataclasses.fields(DataConfig)
+                       if f.metadata.get("resume_neutral"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(_Section):
+  """``config.eval``: the split the end-of-training bits/dim is measured on (checked against the
+  dataset's splits by ``validate``) and the eval batch (a multiple of the process count)."""
+  SECTION = "eval"
+  batch_size: int = _field(250, ("int", 1, None, "e.g. --config.eval.batch_size=250"))
+  split: str = _field("test", ("str", None, None, "e.g. --config.eval.split=test"))
 
 
 class ResamplingCFG(NamedTuple):
@@ -586,31 +646,47 @@ def validate_sampler(s: SamplerConfig):
     raise ValueError(f"naive_proposals={s.naive_proposals} must be an integer >= 1")
 
 
-def _validate_sample(s):
-  extra = ("per_class", "seed")
-  unknown = sorted(set(s.keys()) - set(SAMPLER_KEYS) - set(extra))
-  if unknown:
-    raise ConfigError(f"config.sample has unknown field(s) {unknown}; known fields: "
-                      f"{sorted(SAMPLER_KEYS + extra)}. Fix: remove or rename them")
-  _int_at_least("sample.per_class", s.get("per_class"), 1, "e.g. --config.sample.per_class=8")
-  _int_at_least("sample.seed", s.get("seed"), 0, "e.g. --config.sample.seed=0")
-  sampler_settings = {k: v for k, v in s.items() if k in SAMPLER_KEYS}
+def sampler_defaults():
+  """{key: default} for every SAMPLER_KEYS key (flat, as in config.sample)."""
+  d = SamplerConfig()
+  return {k: getattr(d.cfg if parent else d, name)
+          for k, (parent, name, _) in SAMPLER_FIELDS.items()}
+
+
+def _sampler_of_section(s):
+  """The SamplerConfig of a ``config.sample`` section; its errors as ConfigError naming the key."""
+  settings = {k: v for k, v in s.items() if k in SAMPLER_KEYS}
   try:
-    SamplerConfig.from_config(sampler_settings)
+    return SamplerConfig.from_config(settings)
   except ValueError as e:
     msg = str(e)
     # name the key the sampler complained about (the earliest 'key=' in its message)
     hits = sorted((m.start(), k) for k in SAMPLER_KEYS for m in [re.search(rf"\b{k}=", msg)] if m)
-    key = next((k for _, k in hits if k in sampler_settings), hits[0][1] if hits else None)
+    key = next((k for _, k in hits if k in settings), hits[0][1] if hits else None)
     if key is None:
       raise ConfigError(f"config.sample is invalid: {msg}. Fix: correct config.sample") from None
-    value = sampler_settings.get(key, "<default>")
+    value = settings.get(key, "<default>")
     raise ConfigError(f"config.sample.{key}={value!r} is invalid: {msg}. Fix: set "
                       f"--config.sample.{key} to a valid value (at sampling time: farmer_jax "
                       "sample --cfg/--guidance/--sampler)") from None
 
 
-def _validate_mesh(config, t, info, num_devices, num_processes):
+@dataclasses.dataclass(frozen=True)
+class SampleConfig(_Section):
+  """``config.sample``: the sample grid a training run writes (``per_class`` samples of every
+  class, ``seed``) and how to sample it: the SAMPLER_KEYS, flat, parsed into ``sampler``."""
+  SECTION = "sample"
+  per_class: int = _field(8, ("int", 1, None, "e.g. --config.sample.per_class=8"))
+  seed: int = _field(0, ("int", 0, None, "e.g. --config.sample.seed=0"))
+  sampler: SamplerConfig = dataclasses.field(default=SamplerConfig(), metadata={"derived": True})
+
+  @classmethod
+  def from_section(cls, s, extra=()):
+    out = super().from_section(s, extra=tuple(extra) + SAMPLER_KEYS)
+    return dataclasses.replace(out, sampler=_sampler_of_section(s))
+
+
+def _validate_mesh(config, t, train_size, num_devices, num_processes):
   from farmer_jax import sharding
   if num_devices is None:
     import jax
@@ -631,20 +707,21 @@ def _validate_mesh(config, t, info, num_devices, num_processes):
     for a in axes:
       _check(
           a in shape, "sharding_rules", rules,
-          f"logical axis {logical!r} maps to mesh axis {a!r}, which config.mesh={config.mesh!r} does not have",
+          f"logical axis {logical!r} maps to mesh axis {a!r}, which config.mesh={config.mesh!r} "
+          "does not have",
           f"map it to axes of the mesh {list(names)}")
   batch_axes = sharding.batch_mesh_axes(rules)
   slots = int(np.prod([shape[a] for a in batch_axes])) if batch_axes else 1
   b = t.batch_size
   _check(
       b % slots == 0, "train.batch_size", b,
-      f"the batch is split over mesh axes {batch_axes} = {slots} data-parallel slots on {num_devices} device(s), "
+      f"the batch is split over mesh axes {batch_axes} = {slots} data-parallel slots on "
+      f"{num_devices} device(s), "
       f"and {b} is not a multiple of {slots}",
       f"use a multiple of {slots}, e.g. --config.train.batch_size={max(slots, b // slots * slots)}")
   _check(b % num_processes == 0, "train.batch_size", b,
          f"each of the {num_processes} processes loads batch_size / {num_processes} examples",
          f"use a multiple of {num_processes}")
-  train_size = dict(info.splits).get("train")
   if train_size is not None:
     _check(b <= train_size, "train.batch_size", b,
            f"it exceeds the {train_size} training images of config.data.name={config.data.name!r}",
@@ -658,9 +735,9 @@ def _validate_mesh(config, t, info, num_devices, num_processes):
 
 
 def validate_workdir(workdir, flag="--workdir"):
-  """Checks, without creating anything, that the directory ``workdir`` can be written: not an existing file, and it
-  (if it exists) or its nearest existing ancestor is a writable directory. ``flag`` names it in the message.
-  Remote paths (``scheme://...``) are not checked here."""
+  """Checks, without creating anything, that the directory ``workdir`` can be written: not an
+  existing file, and it (if it exists) or its nearest existing ancestor is a writable directory.
+  ``flag`` names it in the message. Remote paths (``scheme://...``) are not checked here."""
   def bad(why, fix):
     return ConfigError(f"{flag}={workdir} is invalid: {why}. Fix: {fix}.")
   if not isinstance(workdir, str) or not workdir.strip():
@@ -689,20 +766,25 @@ def validate_workdir(workdir, flag="--workdir"):
 def validate(config, workdir=None, num_devices=None, num_processes=None):
   """Validates a full run config (and, if given, the workdir) and returns its ModelConfig.
 
-  Raises ConfigError naming the field, its value and the fix, before anything is written: data (a dataset
-  ``load_split`` knows, shapes and class count consistent with it), model, every config.train field, eval,
-  sample (sampler settings via sampler_from_config), mesh + sharding rules against ``num_devices`` (default
-  jax.device_count()) and the batch against the data-parallel slots and ``num_processes`` (default
-  jax.process_count()), and the workdir (an existing file, or no way to create it, is refused).
+  Raises ConfigError naming the field, its value and the fix, before anything is written: data (a
+  dataset ``load_split`` knows, shapes and class count consistent with it), model, every
+  config.train field, eval, sample (sampler settings via sampler_from_config), mesh + sharding rules
+  against ``num_devices`` (default jax.device_count()) and the batch against the data-parallel slots
+  and ``num_processes`` (default jax.process_count()), and the workdir (an existing file, or no way
+  to create it, is refused).
   """
   for section in ("data", "model", "train", "eval", "sample", "mesh", "sharding_rules"):
     _section(config, section)
-  info = _validate_data(config.data)
+  from farmer_jax.data import sources
+  d = DataConfig.from_config(config)
+  info = sources.describe(d)
+  e = EvalConfig.from_config(config)
+  sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
   m = validate_model_config(config)
   TrainConfig.from_config(config)
-  _validate_eval(config.eval, info, config.data.name)
-  _validate_sample(config.sample)
-  _validate_mesh(config, config.train, info, num_devices, num_processes)
+  SampleConfig.from_config(config)
+  _validate_mesh(config, config.train, info.splits.get(d.train_split), num_devices,
+                 num_processes)
   if workdir is not None:
     validate_workdir(workdir)
   return m

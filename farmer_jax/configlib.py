@@ -8,7 +8,8 @@ import os
 
 import ml_collections
 
-from farmer_jax.config import ConfigError, TrainConfig
+from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, SampleConfig, TrainConfig,
+                               sampler_defaults)
 
 # configs/ sits next to the package: the repository root is the parent of farmer_jax/.
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -48,7 +49,8 @@ def load(spec):
 
 
 def parse_arg(arg, **defaults):
-  """Parses 'k1=v1,k2=v2' (or a bare preset name for the first key) into a ConfigDict over ``defaults``.
+  """Parses 'k1=v1,k2=v2' (or a bare preset name for the first key) into a ConfigDict over
+  ``defaults``.
 
   Values are converted to the type of the default; bools accept true/false/1/0.
   """
@@ -75,16 +77,42 @@ def parse_arg(arg, **defaults):
   return out
 
 
-def base_train():
-  """``config.train`` with every field at its default: a ConfigDict of ``TrainConfig()`` (where
-  the train defaults live), so ``--config.train.x=...`` overrides work and unknown keys are
-  refused."""
-  return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
+def base(section_cls, **updates):
+  """A config section with every field at its default (the section dataclass's defaults, where
+  they live), updated with ``updates``: a ConfigDict, so ``--config.<section>.x=...`` overrides
+  work and unknown keys are refused."""
+  d = {f.name: f.default for f in dataclasses.fields(section_cls)
+       if not f.metadata.get("derived")}
+  if section_cls is SampleConfig:
+    d.update(sampler_defaults())
+  out = ml_collections.ConfigDict(d)
+  out.update(updates)
+  return out
+
+
+def base_data(**updates):
+  """``config.data`` at DataConfig's defaults (see ``base``)."""
+  return base(DataConfig, **updates)
+
+
+def base_train(**updates):
+  """``config.train`` at TrainConfig's defaults (see ``base``)."""
+  return base(TrainConfig, **updates)
+
+
+def base_eval(**updates):
+  """``config.eval`` at EvalConfig's defaults (see ``base``)."""
+  return base(EvalConfig, **updates)
+
+
+def base_sample(**updates):
+  """``config.sample``: SampleConfig's grid fields and every sampler key at its default."""
+  return base(SampleConfig, **updates)
 
 
 def base_mesh(config):
-  # mesh axes: -1 takes the remaining devices. ('data', 8), ('fsdp', 1) = pure data parallel on 8 devices;
-  # ('data', 1), ('fsdp', 8) = fully sharded params and optimizer state.
+  # mesh axes: -1 takes the remaining devices. ('data', 8), ('fsdp', 1) = pure data parallel on 8
+  # devices; ('data', 1), ('fsdp', 8) = fully sharded params and optimizer state.
   config.mesh = (("data", -1), ("fsdp", 1))
   # logical axis -> mesh axes; anything unmapped is replicated. The batch spans both axes.
   config.sharding_rules = (("batch", ("data", "fsdp")),)

@@ -1,16 +1,18 @@
 """Math conventions shared by training and evaluation (see docs/math.md).
 
-Everything that turns pixels into model space, or a model log-density into a reported number, lives here and
-nowhere else:
+Everything that turns pixels into model space, or a model log-density into a reported number, lives
+here and nowhere else:
 
 * pixel range: uint8 value v in {0..255} maps to the bin [v/128 - 1, (v+1)/128 - 1) of width
   ``BIN_WIDTH = 1/128`` in model space [-1, 1); the bin centre is ``(v + 0.5)/128 - 1``.
 * dequantization: ``uniform`` puts x uniformly inside the bin (exact discrete-likelihood bound);
   ``gaussian`` adds N(0, sigma^2) noise around the bin centre (sigma in [-1, 1] units).
-* log-det: the flow returns log|det dZ/dX| SUMMED over tokens and channels (never a per-dim mean), in nats.
+* log-det: the flow returns log|det dZ/dX| SUMMED over tokens and channels (never a per-dim mean),
+  in nats.
 * loss: nats per dimension, ``-(log p_prior(z) + logdet) / D`` with D = N*d = H*W*C.
-* bits/dim: of the discrete image, ``(nats_per_dim - log(BIN_WIDTH)) / ln 2``; with uniform dequantization this
-  is an upper bound on the true discrete NLL, with Gaussian noise it is the NLL of the noisy data.
+* bits/dim: of the discrete image, ``(nats_per_dim - log(BIN_WIDTH)) / ln 2``; with uniform
+  dequantization this is an upper bound on the true discrete NLL, with Gaussian noise it is the NLL
+  of the noisy data.
 """
 
 import math
@@ -30,7 +32,8 @@ def uint8_to_centre(v):
 
 
 def to_uint8(x):
-  """Model-space values -> uint8 pixels (inverse of the bin mapping; clips out-of-range values, NaN -> 0)."""
+  """Model-space values -> uint8 pixels (inverse of the bin mapping; clips out-of-range values,
+  NaN -> 0)."""
   x = np.nan_to_num(np.asarray(x, np.float64), nan=-1.0, posinf=1.0, neginf=-1.0)
   v = np.floor((x + 1.0) / BIN_WIDTH)
   return np.clip(v, 0, 255).astype(np.uint8)

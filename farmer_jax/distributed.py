@@ -1,13 +1,15 @@
-"""Multi-process start-up: one process per host (TPU VM worker, GPU node) or per local CPU group in tests."""
+"""Multi-process start-up: one process per host (TPU VM worker, GPU node) or per local CPU group in
+tests."""
 
 import jax
 
 
 def initialize(mode="off", coordinator_address=None, num_processes=None, process_id=None):
-  """Calls ``jax.distributed.initialize`` for multi-process runs; must run before any other JAX call.
+  """Calls ``jax.distributed.initialize`` for multi-process runs; must run before any other JAX
+  call.
 
-  mode: 'off' (single process), 'auto' (cluster auto-detection: Cloud TPU, SLURM, ...), or 'explicit'.
-  On CPU, cross-process collectives use gloo.
+  mode: 'off' (single process), 'auto' (cluster auto-detection: Cloud TPU, SLURM, ...), or
+  'explicit'. On CPU, cross-process collectives use gloo.
   """
   if mode == "off":
     return

@@ -3,7 +3,8 @@
 Shape letters: B batch, H W image size, c channels, N tokens, d token dim, d_I / d_R informative /
 redundant dims, C AR width.
 
-    x (B, H, W, c) in model space --patchify--> (B, N, d) --AF--> z, logdet --[flip if cfg.ar_flip]--> z^I, z^R
+    x (B, H, W, c) in model space --patchify--> (B, N, d) --AF--> z, logdet
+      --[flip if cfg.ar_flip]--> z^I, z^R
     log p(x) = sum_i log p(z^I_i | z^I_<i, y) + sum_i log p(z^R_i | z^I, y) + logdet          (nats)
 
 Labels: AR labels are 0..num_classes-1 plus ``cfg.null_class`` (no class: the unconditional model,
@@ -47,8 +48,8 @@ def flow_label(cfg: ModelConfig, y):
 class Farmer(nn.Module):
   """__call__(x (B, H, W, c), y (B,) int) -> dict of per-example terms, all (B,) fp32 nats:
 
-  log_prob_i (informative AR NLL term), log_prob_r (redundant term), logdet (AF), log_prob (their sum), and z
-  (B, N, d), the latents in AR order.
+  log_prob_i (informative AR NLL term), log_prob_r (redundant term), logdet (AF), log_prob (their
+  sum), and z (B, N, d), the latents in AR order.
 
   The reverse path (sampling), each a method for ``apply(..., method=...)``:
     ar_prefill(y (B,)) -> (h (B, C), cache)          class prefix into a fresh KV cache
@@ -109,9 +110,10 @@ def decode_latents(cfg: ModelConfig, params, z, y):
 
 
 def init_params(cfg: ModelConfig, rng, boxed: bool = False):
-  """The one place a Farmer is initialised (dummy (1, H, W, c) image and label): params in fp32, unboxed unless
-  ``boxed`` (the LogicallyPartitioned tree sharding rules are read from). Trace it under ``jax.eval_shape`` for
-  shapes only, or under ``jax.jit(out_shardings=...)`` for params born sharded."""
+  """The one place a Farmer is initialised (dummy (1, H, W, c) image and label): params in fp32,
+  unboxed unless ``boxed`` (the LogicallyPartitioned tree sharding rules are read from). Trace it
+  under ``jax.eval_shape`` for shapes only, or under ``jax.jit(out_shardings=...)`` for params born
+  sharded."""
   x = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
   y = jnp.zeros((1,), jnp.int32)
   params = Farmer(cfg).init(rng, x, y)["params"]

@@ -1,11 +1,12 @@
 """Mesh from config and logical-axis sharding (the same code path on 1 CPU and on a pod).
 
-Logical axis names used on params/activations: batch, seq, embed, mlp, heads, kv, token, head, classes, layers,
-blocks. ``config.sharding_rules`` maps them to mesh axes; an unmapped name is replicated.
+Logical axis names used on params/activations: batch, seq, embed, mlp, heads, kv, token, head,
+classes, layers, blocks. ``config.sharding_rules`` maps them to mesh axes; an unmapped name is
+replicated.
 
-FSDP (``config.fsdp``): after the logical rules, every param with at least ``min_params`` elements is further
-sharded over the ``axis`` mesh axis on its largest dimension that is still unsharded and divisible by the axis
-size (big_vision's strategy). Optimizer moments mirror the params' shardings.
+FSDP (``config.fsdp``): after the logical rules, every param with at least ``min_params`` elements
+is further sharded over the ``axis`` mesh axis on its largest dimension that is still unsharded and
+divisible by the axis size (big_vision's strategy). Optimizer moments mirror the params' shardings.
 """
 
 import flax.linen as nn
@@ -18,10 +19,12 @@ from farmer_jax.config import ConfigError
 
 
 def mesh_shape(mesh_spec, num_devices):
-  """``config.mesh`` (a sequence of (name, size); at most one size -1, which takes the remaining devices) ->
-  (names, sizes) for ``num_devices`` devices. Raises ConfigError naming config.mesh and the fix.
+  """``config.mesh`` (a sequence of (name, size); at most one size -1, which takes the remaining
+  devices) -> (names, sizes) for ``num_devices`` devices. Raises ConfigError naming config.mesh and
+  the fix.
 
-  The one place that decides whether a mesh spec fits a device count (make_mesh and config.validate use it).
+  The one place that decides whether a mesh spec fits a device count (make_mesh and config.validate
+  use it).
   """
   bad = lambda why, fix: ConfigError(f"config.mesh={mesh_spec!r} is invalid: {why}. Fix: {fix}.")
   example = "e.g. (('data', -1), ('fsdp', 1))"
@@ -39,7 +42,8 @@ def mesh_shape(mesh_spec, num_devices):
     if isinstance(size, bool) or not isinstance(size,
                                                 (int, np.integer)) or not (size >= 1 or size == -1):
       raise bad(
-          f"axis {name!r} has size {size!r}; a size is an integer >= 1, or -1 for the remaining devices",
+          f"axis {name!r} has size {size!r}; a size is an integer >= 1, or -1 for the remaining "
+          "devices",
           f"use a positive size or -1, {example}")
     names.append(name)
     sizes.append(int(size))
@@ -51,7 +55,8 @@ def mesh_shape(mesh_spec, num_devices):
   known = int(np.prod([s for s in sizes if s != -1]))
   if num_devices % known:
     raise bad(
-        f"its fixed axis sizes multiply to {known}, which does not divide the {num_devices} devices",
+        f"its fixed axis sizes multiply to {known}, which does not divide the "
+        f"{num_devices} devices",
         f"use axis sizes whose product divides {num_devices}, or -1 on one axis")
   sizes = [num_devices // known if s == -1 else s for s in sizes]
   if int(np.prod(sizes)) != num_devices:
@@ -70,13 +75,19 @@ def make_mesh(mesh_spec, devices=None):
 
 
 def batch_mesh_axes(rules):
-  """The mesh axes the logical 'batch' axis maps to under ``config.sharding_rules`` (a tuple; empty if unmapped)."""
+  """The mesh axes the logical 'batch' axis maps to under ``config.sharding_rules`` (a tuple; empty
+  if unmapped)."""
   for logical, axes in rules:
     if logical == "batch":
       if axes is None:
         return ()
       return tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
   return ()
+
+
+def batch_slots(mesh, rules):
+  """How many ways the batch is split on ``mesh``: the product of its batch mesh axes' sizes."""
+  return int(np.prod([mesh.shape[a] for a in batch_mesh_axes(rules)], dtype=np.int64))
 
 
 def logical_shardings(boxed_tree, mesh, rules):
@@ -94,7 +105,8 @@ def _used_axes(spec):
 
 
 def fsdp_spec(shape, spec, axis, axis_size, min_params):
-  """Adds ``axis`` to the largest unsharded dim of ``shape`` divisible by ``axis_size`` (params >= min_params)."""
+  """Adds ``axis`` to the largest unsharded dim of ``shape`` divisible by ``axis_size``
+  (params >= min_params)."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
   if axis_size <= 1 or int(np.prod(shape)) < min_params or axis in _used_axes(entries):
     return P(*entries)
@@ -105,7 +117,8 @@ def fsdp_spec(shape, spec, axis, axis_size, min_params):
 
 
 def param_shardings(boxed_tree, mesh, rules, fsdp=None):
-  """Logical-rule shardings, then FSDP on large params (``fsdp = {'axis': 'fsdp', 'min_params': n}``)."""
+  """Logical-rule shardings, then FSDP on large params
+  (``fsdp = {'axis': 'fsdp', 'min_params': n}``)."""
   shardings = logical_shardings(boxed_tree, mesh, rules)
   if not fsdp or fsdp.get("axis") not in mesh.shape:
     return shardings
@@ -126,7 +139,8 @@ def batch_sharding(mesh, rules):
 
 
 def opt_state_shardings(tx, abstract_opt_state, param_sh, mesh):
-  """Optimizer-state leaves that mirror params take the params' sharding; the rest are replicated."""
+  """Optimizer-state leaves that mirror params take the params' sharding; the rest are
+  replicated."""
   rep = replicated(mesh)
   base = jax.tree.map(lambda _: rep, abstract_opt_state)
   return optax.tree_map_params(

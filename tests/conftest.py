@@ -1,4 +1,5 @@
-"""Shared tiny configs and helpers. One tiny model shape is reused across tests to limit jit compiles."""
+"""Shared tiny configs and helpers. One tiny model shape is reused across tests to limit jit
+compiles."""
 
 import dataclasses
 
@@ -15,7 +16,8 @@ TINY = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, flow_b
 
 
 def perturb(params, key, scale):
-  """Adds N(0, scale^2) noise to every leaf so zero-initialised heads/projections become non-trivial."""
+  """Adds N(0, scale^2) noise to every leaf so zero-initialised heads/projections become
+  non-trivial."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(
@@ -43,7 +45,8 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-  """The reduced quickstart (real MNIST-5k, 200 steps) trained once per session: (workdir, summary, trainer)."""
+  """The reduced quickstart (real MNIST-5k, 200 steps) trained once per session: (workdir, summary,
+  trainer)."""
   from farmer_jax import configlib
   from farmer_jax.train.trainer import train_and_report
   workdir = tmp_path_factory.mktemp("quickstart_tiny")
@@ -53,7 +56,8 @@ def trained_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(trained_run, tmp_path_factory):
-  """``trained_run`` exported once per session: (workdir, export directory, export metadata, trainer)."""
+  """``trained_run`` exported once per session: (workdir, export directory, export metadata,
+  trainer)."""
   from farmer_jax.sampling.export import export_model
   workdir, _, tr = trained_run
   out = tmp_path_factory.mktemp("exports") / "model"

@@ -1,7 +1,9 @@
-"""Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices (never imported by pytest directly).
+"""Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices (never imported by pytest
+directly).
 
-For each mesh it builds the real Trainer on the reduced quickstart, takes ONE train step on the same global batch,
-and prints a JSON report: loss, grad norm, params (as npz path), param shardings and compiled memory.
+For each mesh it builds the real Trainer on the reduced quickstart, takes ONE train step on the same
+global batch, and prints a JSON report: loss, grad norm, params (as npz path), param shardings and
+compiled memory.
 """
 
 import json
@@ -12,8 +14,6 @@ import jax
 import numpy as np
 
 from farmer_jax import configlib  # noqa: E402
-
-from farmer_jax import sharding  # noqa: E402
 from farmer_jax.train.trainer import Trainer  # noqa: E402
 
 MESHES = {
@@ -31,7 +31,7 @@ def run(name, out_dir, min_params):
   c.fsdp.min_params = min_params
   c.train.update(batch_size=16, warmup_steps=0)
   tr = Trainer(c, os.path.join(out_dir, "unused_workdir"), quiet=True, devices=jax.devices()[:ndev])
-  batch = sharding.global_batch(tr.loader.batch(0), tr.mesh, tr.batch_sh)
+  batch = next(tr.input)   # global batch 0, already a global array on the mesh
   with tr.mesh_context():
     compiled = tr.train_step.lower(tr.state, batch, tr.rng).compile()
     state, m = tr.train_step(tr.state, batch, tr.rng)

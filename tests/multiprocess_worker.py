@@ -1,5 +1,6 @@
-"""Run by tests/test_multiprocess.py (never imported by pytest): one process of a 2-process CPU training run, or
-a single 8-device process that resumes / trains uninterrupted. Prints 'LOSSES {json}' from process 0."""
+"""Run by tests/test_multiprocess.py (never imported by pytest): one process of a 2-process CPU
+training run, or a single 8-device process that resumes / trains uninterrupted. Prints 'LOSSES
+{json}' from process 0."""
 
 import json
 import os
@@ -16,11 +17,13 @@ def main():
   from farmer_jax.train.trainer import Trainer
   assert jax.device_count() == 8, jax.device_count()
   c = configlib.load("quickstart:tiny")
-  # A gentle lr keeps the dynamics non-chaotic: at lr 3e-3 fp32 round-off from the different (gloo vs in-process)
-  # reduction order grows from 1e-7 (step 5) to 1e-2 (step 15); at 1e-4 it stays at round-off level.
+  # A gentle lr keeps the dynamics non-chaotic: at lr 3e-3 fp32 round-off from the different (gloo
+  # vs in-process) reduction order grows from 1e-7 (step 5) to 1e-2 (step 15); at 1e-4 it stays at
+  # round-off level.
   c.train.update(steps=steps, batch_size=16, log_every=5, lr=1e-4, warmup_steps=5, ckpt_every=0)
-  # The 2-process run trains on data=4 x fsdp=2; the resuming single process restores onto data=2 x fsdp=4
-  # (another mesh and process count), the uninterrupted reference uses data=4 x fsdp=2.
+  # The 2-process run trains on data=4 x fsdp=2; the resuming single process restores onto
+  # data=2 x fsdp=4 (another mesh and process count), the uninterrupted reference uses
+  # data=4 x fsdp=2.
   c.mesh = (("data", 2), ("fsdp", 4)) if os.environ.get("RESUME_MESH") else (("data", 4), ("fsdp",
                                                                                            2))
   tr = Trainer(c, workdir, quiet=True)

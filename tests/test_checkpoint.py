@@ -1,5 +1,6 @@
-"""Checkpointer: refuses retention settings that would lose checkpoints, never deletes the newest one, and moves an
-unreadable newest checkpoint aside (kept) so the resumed run can write that step again."""
+"""Checkpointer: refuses retention settings that would lose checkpoints, never deletes the newest
+one, and moves an unreadable newest checkpoint aside (kept) so the resumed run can write that step
+again."""
 
 import os
 import shutil
@@ -14,7 +15,8 @@ from farmer_jax.train.checkpoint import Checkpointer
 
 
 def snapshot(root):
-  """{relative path: bytes} of every file under ``root`` (directories as None): a byte-for-byte picture of a tree."""
+  """{relative path: bytes} of every file under ``root`` (directories as None): a byte-for-byte
+  picture of a tree."""
   out = {}
   for d, dirs, files in os.walk(root):
     for name in dirs:
@@ -27,7 +29,8 @@ def snapshot(root):
 
 
 def truncate_tree(path):
-  """Truncates every file under ``path`` to a third of its size, as a crash mid-write or a bad disk would."""
+  """Truncates every file under ``path`` to a third of its size, as a crash mid-write or a bad disk
+  would."""
   n = 0
   for d, _, files in os.walk(path):
     for name in files:
@@ -39,8 +42,9 @@ def truncate_tree(path):
 
 
 def copy_run_with_new_step(trained_run, dest, new_step, mutate=None):
-  """Copies the trained run to ``dest`` and adds a checkpoint at ``new_step`` holding its final state (passed through
-  ``mutate(state) -> state`` first). Returns (workdir copy, the state written)."""
+  """Copies the trained run to ``dest`` and adds a checkpoint at ``new_step`` holding its final
+  state (passed through ``mutate(state) -> state`` first). Returns (workdir copy, the state
+  written)."""
   workdir, _, tr = trained_run
   shutil.copytree(workdir, dest)
   ck = Checkpointer(RunDir(dest).checkpoints)

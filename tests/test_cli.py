@@ -1,11 +1,11 @@
-"""The CLI's failure contract: a bad value is refused before any work or file is written, with ONE line
-``farmer_jax <cmd>: <message naming the value>`` as the last line on stderr and exit code 2.
+"""The CLI's failure contract: a bad value is refused before any work or file is written, with ONE
+line ``farmer_jax <cmd>: <message naming the value>`` as the last line on stderr and exit code 2.
 
-The table of bad invocations runs the real CLI (``farmer_jax.cli.run``, the console script's entry) in ONE
-subprocess: it imports the package once, then forks a fresh child per case (absl flags are process-global), with the
-child's stdout/stderr in files and a snapshot of the watched directories before and after each case. The pure
-pieces (sampler flag parsing, output-path checks, atomic writes, non-finite samples, failure classification) are
-tested in-process below.
+The table of bad invocations runs the real CLI (``farmer_jax.cli.run``, the console script's entry)
+in ONE subprocess: it imports the package once, then forks a fresh child per case (absl flags are
+process-global), with the child's stdout/stderr in files and a snapshot of the watched directories
+before and after each case. The pure pieces (sampler flag parsing, output-path checks, atomic
+writes, non-finite samples, failure classification) are tested in-process below.
 """
 
 import errno
@@ -28,7 +28,7 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 
 DRIVER = r'''
 import json, os, sys, traceback
-import jax, orbax.checkpoint                                  # the expensive imports, once, before forking
+import jax, orbax.checkpoint  # the expensive imports, once, before forking
 import farmer_jax.cli, farmer_jax.config, farmer_jax.sampling.export, farmer_jax.sampling.generate
 import farmer_jax.train.trainer
 
@@ -72,7 +72,8 @@ print("REPORT " + json.dumps(report))
 
 
 def run_cli_cases(cases, tmp):
-  """cases: [{'id', 'args', 'watch': [dirs]}] -> {id: {'rc', 'stderr', 'stdout', 'changed'}} (one subprocess)."""
+  """cases: [{'id', 'args', 'watch': [dirs]}] -> {id: {'rc', 'stderr', 'stdout', 'changed'}} (one
+  subprocess)."""
   spec = tmp / "cases.json"
   spec.write_text(json.dumps(cases))
   logs = tmp / "logs"
@@ -176,8 +177,8 @@ def test_bad_cli_input_one_line_exit_2_nothing_written(bad_cli, cid, cmd, expect
 
 
 def test_cli_control_sample_succeeds(bad_cli):
-  """The same harness runs a good command: integer sampler counts from --sampler are accepted (s_c=5), both outputs
-  appear and no temporary file is left."""
+  """The same harness runs a good command: integer sampler counts from --sampler are accepted
+  (s_c=5), both outputs appear and no temporary file is left."""
   results, paths = bad_cli
   r = results["ok_sample"]
   assert r["rc"] == 0, r["stderr"][-3000:]
@@ -190,7 +191,7 @@ def test_cli_control_sample_succeeds(bad_cli):
       p.startswith(work) for p in r["changed"]), "the export must not be modified by sampling"
 
 
-# ------------------------------------------------------------------------------------------------- in-process
+# --------------------------------------------------------------------------------------- in-process
 
 
 def test_sampler_flag_values_keep_integers():
@@ -271,7 +272,8 @@ def test_non_finite_samples_are_an_error_not_black_pixels(tiny, tmp_path, monkey
 
 
 def test_failure_classification():
-  """Expected failures -> (exit code, one line); anything else is a bug (None: re-raised with its traceback)."""
+  """Expected failures -> (exit code, one line); anything else is a bug (None: re-raised with its
+  traceback)."""
   def raised_here(e):
     try:
       raise e
@@ -315,5 +317,5 @@ def test_flag_error_messages_keep_the_suggestion():
   e = ValueError(
       "flag --config=x.py: Error whilst parsing config file:\n\nTraceback ...\n  File ...\n"
       "ValueError: quickstart size must be 'base' or 'tiny', got 'huge'\n")
-  assert "the config file raised ValueError: quickstart size must be 'base' or 'tiny'" in cli.flag_error_message(
-      e, argv)
+  assert ("the config file raised ValueError: quickstart size must be 'base' or 'tiny'"
+          in cli.flag_error_message(e, argv))

@@ -1,4 +1,5 @@
-"""Config validation (clear errors naming the field, before any file is written) and paper-size presets."""
+"""Config validation (clear errors naming the field, before any file is written) and paper-size
+presets."""
 
 import os
 import subprocess
@@ -20,8 +21,9 @@ DELETE = object()
 
 
 def config_with(changes, base="tiny"):
-  """The quickstart config with ``{'section.key': value}`` set (or deleted with DELETE), bypassing ConfigDict's type
-  safety so that values a config FILE could hold (a float where an int belongs, a bool, a string) can be tried."""
+  """The quickstart config with ``{'section.key': value}`` set (or deleted with DELETE), bypassing
+  ConfigDict's type safety so that values a config FILE could hold (a float where an int belongs, a
+  bool, a string) can be tried."""
   d = configlib.load("quickstart:" + base).to_dict()
   for field, value in changes.items():
     *path, key = field.split(".")
@@ -49,7 +51,21 @@ BAD_CONFIGS = [
     ("model.remat", "yes", r"config.model.remat='yes'.*True or False", False),
     # data: a dataset load_split knows, with its channels, size and class count
     ("data.name", "imagenet2012",
-     r"config.data.name='imagenet2012'.*no input pipeline.*\['mnist5k'\]", True),
+     r"config.data.name='imagenet2012'.*unknown dataset \(did you mean tfds:imagenet2012\?\)",
+     True),
+    ("data.name", "folder:/photos",
+     r"config.data.name='folder:/photos'.*farmer_jax prepare --folder=/photos --data_dir=DIR",
+     False),
+    ("data.name", 7, r"config.data.name=7.*must be a string", False),
+    ("data.train_split", "val",
+     r"config.data.train_split='val'.*mnist5k has the splits \['train', 'test'\]",
+     False),
+    ("data.resize", "crop", r"config.data.resize='crop'.*must be one of \['none', 'center_crop'\]",
+     False),
+    ("data.random_flip", "yes", r"config.data.random_flip='yes'.*True or False", False),
+    ("data.worker_count", -1, r"config.data.worker_count=-1.*integer >= 0", False),
+    ("data.prefetch", 0, r"config.data.prefetch=0.*integer >= 1", False),
+    ("data.shuffle", True, r"config.data has unknown field\(s\) \['shuffle'\]", False),
     ("data.channels", 3, r"config.data.channels=3.*mnist5k has 1 channel.*channels=1", False),
     ("data.image_size", 24, r"config.data.image_size=24.*28x28.*Fix: use 28 or more", False),
     ("data.image_size", 31, r"config.data.image_size=31.*padded evenly", False),
@@ -97,7 +113,8 @@ BAD_CONFIGS = [
     ("eval.batch_size", 0, r"config.eval.batch_size=0.*integer >= 1", False),
     ("eval.split", "validation",
      r"config.eval.split='validation'.*mnist5k has the splits \['train', 'test'\]", False),
-    # sample: keys, per_class/seed, and the sampler settings (sampler_from_config's errors, naming the key)
+    # sample: keys, per_class/seed, and the sampler settings (sampler_from_config's errors, naming
+    # the key)
     ("sample.per_class", 0, r"config.sample.per_class=0.*integer >= 1", False),
     ("sample.seed", 1.5, r"config.sample.seed=1.5.*integer", False),
     ("sample.cfg", NAN, r"config.sample.cfg=nan.*finite number >= 0", False),
@@ -134,15 +151,16 @@ def test_bad_config_raises_naming_field(tmp_path, field, value, pattern, trainer
 
 
 def test_good_configs_pass():
-  """Controls for the table above: the shipped quickstart configs, an unconditional model, integer-valued floats
-  where floats belong, and the validation functions return the model config without touching anything."""
+  """Controls for the table above: the shipped quickstart configs, an unconditional model,
+  integer-valued floats where floats belong, and the validation functions return the model config
+  without touching anything."""
   for size in ("tiny", "base"):
     assert validate(configlib.load("quickstart:" + size)).num_classes == 10
   assert validate(config_with({"data.num_classes": 0, "train.lr": 1, "train.ema_decay": 0.999,
                                "train.noise_steps": 50, "sample.s_c": 5.0})).num_classes == 0
   m = validate_model_config(configlib.load("imagenet256:1.1B/16"))   # model only: no data needed
   assert m.num_classes == 1000
-  with pytest.raises(ConfigError, match="config.data.name='imagenet2012'"):
+  with pytest.raises(ConfigError, match="config.data.name='tfds:imagenet2012'.*not prepared"):
     validate(configlib.load("imagenet256:1.1B/16"))
 
 
@@ -216,24 +234,25 @@ def test_workdir_checks_create_nothing(tmp_path):
 
 def test_labels_outside_num_classes_are_an_error(monkeypatch):
   """Out-of-range labels in the data are refused at load time with the count, the range found and
-  config.data.num_classes; never mapped to the null class. num_classes=0 (unconditional) makes every label null."""
-  from farmer_jax.data import pipeline
+  config.data.num_classes; never mapped to the null class. num_classes=0 (unconditional) makes every
+  label null."""
+  import dataclasses
+  from farmer_jax.config import DataConfig
+  from farmer_jax.data import mnist, sources
   images = np.zeros((6, 32, 32, 1), np.uint8)
-  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to:
+  monkeypatch.setattr(mnist, "load_mnist5k", lambda split, pad_to:
                       (images, np.array([0, 3, 9, 10, 12, -1])))
-  data = config_with({}).data
+  data = DataConfig.from_config(config_with({}))
   with pytest.raises(
       ConfigError,
       match=r"3 of 6 labels in mnist5k split 'train' lie outside \[0, 10\) \(labels "
       r"found: -1..12\) with config.data.num_classes=10"):
-    pipeline.load_split(data, "train")
-  data.num_classes = 0
-  _, labels = pipeline.load_split(data, "train")
+    sources.open_split(data, "train")
+  labels = sources.open_split(dataclasses.replace(data, num_classes=0), "train").labels
   assert labels.dtype == np.int32 and labels.tolist() == [0] * 6
-  monkeypatch.setattr(pipeline, "load_mnist5k", lambda split, pad_to:
+  monkeypatch.setattr(mnist, "load_mnist5k", lambda split, pad_to:
                       (images, np.array([0, 3, 9, 9, 1, 2])))
-  data.num_classes = 10
-  assert pipeline.load_split(data, "test")[1].tolist() == [0, 3, 9, 9, 1, 2]
+  assert sources.open_split(data, "test").labels.tolist() == [0, 3, 9, 9, 1, 2]
 
 
 def test_unknown_model_field():
@@ -247,8 +266,9 @@ def test_unknown_model_field():
 @pytest.mark.parametrize("final_flip,blocks,order", [(True, 4, "same"), (True, 3, "alternate"),
                                                      (False, 4, "alternate"), (False, 3, "same")])
 def test_removed_final_flip_names_its_replacement(final_flip, blocks, order):
-  """An old config with model.final_flip fails with the value of model.ar_order that reproduces it, and that value
-  does reproduce it: the old flag flipped the AF output before the AR prior iff final_flip."""
+  """An old config with model.final_flip fails with the value of model.ar_order that reproduces it,
+  and that value does reproduce it: the old flag flipped the AF output before the AR prior iff
+  final_flip."""
   from farmer_jax.config import ModelConfig, legacy_ar_order
   c = configlib.load("quickstart:tiny")
   c.model["flow_blocks"] = blocks
@@ -260,7 +280,8 @@ def test_removed_final_flip_names_its_replacement(final_flip, blocks, order):
     validate(c)
   assert legacy_ar_order(final_flip, blocks) == order
   assert ModelConfig(flow_blocks=blocks, ar_order=order).ar_flip == final_flip
-  # a config.json SAVED by an older release (run workdir, export) is upgraded to the order it was trained with
+  # a config.json SAVED by an older release (run workdir, export) is upgraded to the order it was
+  # trained with
   from farmer_jax.config import upgrade_saved_config
   m = validate(upgrade_saved_config(c))
   assert m.ar_order == order and m.ar_flip == final_flip and "final_flip" not in c.model
@@ -282,7 +303,8 @@ def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
-# Paper Table 1 per model size, and the hyperparameters every preset shares (§3; mlp ratio 4 is our choice).
+# Paper Table 1 per model size, and the hyperparameters every preset shares (§3; mlp ratio 4 is our
+# choice).
 TABLE1 = {
     "1.1B": dict(af=828e6, ar=295e6, ar_layers=12, ar_width=768, af_blocks=28, af_layers=4,
                  af_width=768),
@@ -295,7 +317,8 @@ AR_MATCHES_TABLE1 = {"1.1B/16"
 
 
 def _layer(c):
-  """One pre-LN transformer layer of width c: 2 LayerNorms, fused q|k|v, out proj, MLP c -> 4c -> c; all biased."""
+  """One pre-LN transformer layer of width c: 2 LayerNorms, fused q|k|v, out proj, MLP c -> 4c -> c;
+  all biased."""
   return 2 * (2 * c) + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c)
 
 
@@ -305,7 +328,8 @@ def _gmm_head(k, dim, c):
 
 
 def closed_form_counts(preset, final_norm=False):
-  """(AF, AR) parameter counts from Table 1's hyperparameters, written out independently of the model code."""
+  """(AF, AR) parameter counts from Table 1's hyperparameters, written out independently of the
+  model code."""
   size, patch = preset.split("/")
   t, p = TABLE1[size], int(patch)
   n, d = (256 // p) ** 2, p * p * 3
@@ -324,15 +348,17 @@ def closed_form_counts(preset, final_norm=False):
 
 @pytest.mark.parametrize("preset", ["1.1B/16", "1.1B/8", "1.9B/16", "1.9B/8"])
 def test_paper_presets_parameter_count(preset):
-  """AF and AR parameter counts of each preset, separately, against Table 1 (AF 828M / AR 295M for 1.1B, AF 1.4B /
-  AR 498M for 1.9B) within 5%, and always exactly against an independent closed-form count.
+  """AF and AR parameter counts of each preset, separately, against Table 1 (AF 828M / AR 295M for
+  1.1B, AF 1.4B / AR 498M for 1.9B) within 5%, and always exactly against an independent closed-form
+  count.
 
-  All four AFs match Table 1. Only the 1.1B/16 AR can: the AR count is dominated by the linear redundant GMM head
-  K_R(1 + 2 d_R)(C + 1). For 1.9B/16 that head alone is 200 * 1281 * 1025 = 263M, which with the 24 x 1024 trunk
-  (302M) gives 583M, not 498M; the paper does not say what differs. At patch 8, d_R = 192 - 128 = 64 makes the
-  head small (200 * 129 * (C + 1)), so the AR is 119M (1.1B/8) and 348M (1.9B/8), while Table 1 gives one AR count
-  per model size (295M / 498M), apparently the patch-16 model's. These three are asserted to stay off Table 1 so
-  that a change that makes them match must also update this test and configs/imagenet256.py's docstring.
+  All four AFs match Table 1. Only the 1.1B/16 AR can: the AR count is dominated by the linear
+  redundant GMM head K_R(1 + 2 d_R)(C + 1). For 1.9B/16 that head alone is 200 * 1281 * 1025 =
+  263M, which with the 24 x 1024 trunk (302M) gives 583M, not 498M; the paper does not say what
+  differs. At patch 8, d_R = 192 - 128 = 64 makes the head small (200 * 129 * (C + 1)), so the AR is
+  119M (1.1B/8) and 348M (1.9B/8), while Table 1 gives one AR count per model size (295M / 498M),
+  apparently the patch-16 model's. These three are asserted to stay off Table 1 so that a change
+  that makes them match must also update this test and configs/imagenet256.py's docstring.
   """
   size, patch = preset.split("/")
   m = validate_model_config(configlib.load("imagenet256:" + preset))
@@ -351,7 +377,8 @@ def test_paper_presets_parameter_count(preset):
   if preset in AR_MATCHES_TABLE1:
     assert ar_off <= 0.05, f"{preset}: AR {ar / 1e6:.1f}M vs Table 1 {t['ar'] / 1e6:.0f}M"
   else:
-    assert ar_off > 0.05, f"{preset}: AR {ar / 1e6:.1f}M now matches Table 1; update AR_MATCHES_TABLE1 and the docs"
+    assert ar_off > 0.05, (f"{preset}: AR {ar / 1e6:.1f}M now matches Table 1; "
+                           "update AR_MATCHES_TABLE1 and the docs")
 
 
 def test_table6_sampling_presets():
@@ -371,8 +398,9 @@ def test_table6_sampling_presets():
 
 
 def test_saved_config_is_resolved_and_old_saved_configs_keep_their_meaning():
-  """config.json lists every model field (a later default change cannot change a saved model); a config saved
-  before model.flow_final_norm existed loads as a model without the norm; implicit defaults are no diff."""
+  """config.json lists every model field (a later default change cannot change a saved model); a
+  config saved before model.flow_final_norm existed loads as a model without the norm; implicit
+  defaults are no diff."""
   from farmer_jax.config import ModelConfig, config_changes, resolved_config, upgrade_saved_config
   import dataclasses
   import ml_collections
@@ -390,12 +418,24 @@ def test_saved_config_is_resolved_and_old_saved_configs_keep_their_meaning():
 
 
 def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
-  """TrainConfig / SamplerConfig are the one place for their section's fields and defaults:
-  base_train() is TrainConfig's defaults, the sampler keys (config.sample, --sampler) are the
-  sampler fields, and configlib.load gives a config by name (an unknown name lists the others)."""
+  """TrainConfig / EvalConfig / SampleConfig / SamplerConfig are the one place for their section's
+  fields and defaults: configlib.base_*() are their defaults, the sampler keys (config.sample,
+  --sampler) are the sampler fields, and configlib.load gives a config by name (an unknown name
+  lists the others)."""
   import dataclasses
-  from farmer_jax.config import ResamplingCFG, SAMPLER_KEYS, SamplerConfig, TrainConfig
+  from farmer_jax.config import (EvalConfig, ResamplingCFG, SAMPLER_KEYS, SampleConfig,
+                                 SamplerConfig, TrainConfig)
   assert configlib.base_train().to_dict() == dataclasses.asdict(TrainConfig())
+  assert configlib.base_eval().to_dict() == dataclasses.asdict(EvalConfig())
+  assert EvalConfig.from_section(configlib.base_eval()) == EvalConfig()
+  base_sample = configlib.base_sample()
+  assert sorted(base_sample) == sorted(SAMPLER_KEYS + ("per_class", "seed"))
+  assert SampleConfig.from_section(base_sample) == SampleConfig()
+  assert SampleConfig.from_section(base_sample).sampler == SamplerConfig()
+  grid = SampleConfig.from_config(configlib.load("imagenet256:1.1B/16"))
+  assert (grid.per_class, grid.sampler.cfg.w, grid.sampler.guidance) == (4, 2.5, "resampling")
+  with pytest.raises(ConfigError, match=r"config.eval lacks field\(s\) \['split'\].*base_eval"):
+    EvalConfig.from_section({"batch_size": 8})
   c = configlib.load("quickstart:tiny")
   t = TrainConfig.from_config(c)
   assert (t.steps, t.lr, t.get("ckpt_keep", 99), t.noise_anneal_steps) == (200, 3e-3, 2, 200)

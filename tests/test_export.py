@@ -1,4 +1,5 @@
-"""Export (params only, atomic, refuses overwrite, bf16 cast) and the sample command's engine and CLI."""
+"""Export (params only, atomic, refuses overwrite, bf16 cast) and the sample command's engine and
+CLI."""
 
 import json
 import os
@@ -53,8 +54,8 @@ def _leftovers(parent):
 
 
 def test_overwrite_never_replaces_the_run_or_foreign_files(trained_run, tmp_path):
-  """--overwrite onto the run itself, a folder holding it, a non-export folder, an export holding a user file, or a
-  file: all refused with the path and the fix, and every byte is still there."""
+  """--overwrite onto the run itself, a folder holding it, a non-export folder, an export holding a
+  user file, or a file: all refused with the path and the fix, and every byte is still there."""
   root = tmp_path / "runs"
   wd = root / "run"
   shutil.copytree(trained_run[0], wd)
@@ -102,7 +103,8 @@ def test_overwrite_replaces_a_previous_export_safely(trained_run, tmp_path, monk
   assert export_lib.is_export_dir(str(out))
   assert export_model(str(wd), str(out), overwrite=True)["dtype"] == "float32"
   assert sorted(os.listdir(tmp_path)) == ["model"]
-  # interrupted between moving the old export aside and renaming the new one in: the old one is put back, no debris
+  # interrupted between moving the old export aside and renaming the new one in: the old one is put
+  # back, no debris
   before = snapshot(out)
   real_rename = os.rename
 

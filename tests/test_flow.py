@@ -1,4 +1,5 @@
-"""Autoregressive flow: patchify, exact inverse, log-det vs brute-force Jacobian, per-block causality."""
+"""Autoregressive flow: patchify, exact inverse, log-det vs brute-force Jacobian, per-block
+causality."""
 
 import flax.linen as nn
 import jax
@@ -34,7 +35,8 @@ def flow_and_params():
 
 @pytest.fixture(scope="module")
 def inverse(flow_and_params):
-  """One jitted exact inverse shared by the tests below (batch 3 everywhere, so it compiles once)."""
+  """One jitted exact inverse shared by the tests below (batch 3 everywhere, so it compiles
+  once)."""
   flow, _ = flow_and_params
   return jax.jit(lambda p, z: flow.apply({"params": p}, z, method=AutoregressiveFlow.inverse))
 
@@ -59,10 +61,11 @@ def test_inverse_exact(flow_and_params, inverse):
 
 
 def test_flipped_block_flips_position_embedding(flow_and_params, inverse):
-  """A flipped block is the unflipped block run on the reversed tokens with an explicitly reversed position
-  embedding: flipped(x) == reverse(unflipped(reverse(x); pos_embed[::-1])). With the original pos_embed that
-  identity fails, so this sees a forward pass that forgot to flip the embedding. The inverse must flip it the same
-  way: the 2-block flow (block 1 flipped) with this embedding inverts exactly, and does not with it reversed."""
+  """A flipped block is the unflipped block run on the reversed tokens with an explicitly reversed
+  position embedding: flipped(x) == reverse(unflipped(reverse(x); pos_embed[::-1])). With the
+  original pos_embed that identity fails, so this sees a forward pass that forgot to flip the
+  embedding. The inverse must flip it the same way: the 2-block flow (block 1 flipped) with this
+  embedding inverts exactly, and does not with it reversed."""
   flow, p = flow_and_params
   n, d = TINY.num_tokens, TINY.token_dim
   pos = np.random.default_rng(0).normal(0.0, 0.5,
@@ -106,8 +109,9 @@ def test_logdet_matches_jacobian(flow_and_params):
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_block_causality(flow_and_params, flip):
-  """In a block's own order, the (a, b) of token i depend only on tokens < i: perturbing token j moves only
-  outputs i > j (natural order for even blocks; reversed order for odd, flipped blocks)."""
+  """In a block's own order, the (a, b) of token i depend only on tokens < i: perturbing token j
+  moves only outputs i > j (natural order for even blocks; reversed order for odd, flipped
+  blocks)."""
   flow, p = flow_and_params
   block = AFBlock(**flow.block_kwargs())
   bp = jax.tree.map(lambda a: a[int(flip)], p["blocks"])

@@ -1,7 +1,7 @@
-"""The training loss is exactly the negative log-density, checked against a separate slow reference path:
-brute-force Jacobian log-det of the AF, token-by-token KV-cache decoding of the AR prior, and scipy densities.
-Also: a fresh model is an identity flow under an N(0, I) prior; the AR prior's token order relative to the last AF
-block (model.ar_order), found on spatial positions."""
+"""The training loss is exactly the negative log-density, checked against a separate slow reference
+path: brute-force Jacobian log-det of the AF, token-by-token KV-cache decoding of the AR prior, and
+scipy densities. Also: a fresh model is an identity flow under an N(0, I) prior; the AR prior's
+token order relative to the last AF block (model.ar_order), found on spatial positions."""
 
 import functools
 
@@ -63,7 +63,8 @@ def reference_log_prob(cfg, model, params, x, y):
 
 @functools.lru_cache(maxsize=None)
 def _built(dimred):
-  """(cfg, model, fresh params, jitted apply) per dimred mode, shared by the tests below so each compiles once."""
+  """(cfg, model, fresh params, jitted apply) per dimred mode, shared by the tests below so each
+  compiles once."""
   cfg = variant(dimred=dimred, flow_class_conditional=(dimred == "farmer"))
   model, params = init_farmer(cfg, seed=7, scale=0.0)
   return cfg, model, params, jax.jit(model.apply)
@@ -85,7 +86,8 @@ def test_loss_is_exact_negative_log_density(dimred):
 
 
 def test_dtypes_bf16_compute_fp32_params_and_remat():
-  """Params are fp32 whatever the compute dtype; bf16 compute stays close to fp32; remat changes nothing."""
+  """Params are fp32 whatever the compute dtype; bf16 compute stays close to fp32; remat changes
+  nothing."""
   cfg = variant()
   model, params = init_farmer(cfg, seed=1, scale=0.05)
   x = jax.random.uniform(
@@ -107,8 +109,9 @@ def test_dtypes_bf16_compute_fp32_params_and_remat():
 
 
 def _flow_params(cfg, flow, random_blocks, seed):
-  """AF params: every leaf random, except that ``proj_out`` (kernel and bias) is zero in the blocks not listed in
-  ``random_blocks``, which makes those blocks the identity. Built from shapes only, so nothing is compiled."""
+  """AF params: every leaf random, except that ``proj_out`` (kernel and bias) is zero in the blocks
+  not listed in ``random_blocks``, which makes those blocks the identity. Built from shapes only, so
+  nothing is compiled."""
   shapes = nn.unbox(
       jax.eval_shape(flow.init, jax.random.key(0), jnp.zeros((1, cfg.num_tokens, cfg.token_dim))))
   rng = np.random.default_rng(seed)
@@ -121,10 +124,12 @@ def _flow_params(cfg, flow, random_blocks, seed):
 
 
 def _last_block_order(cfg, flow):
-  """Raster positions in the order the LAST AF block processes them, found by probing, not from the flip code.
+  """Raster positions in the order the LAST AF block processes them, found by probing, not from the
+  flip code.
 
-  All blocks but the last are the identity. Output token i moves with input token j iff the last block processes
-  j no later than i, so the number of outputs that perturbing input j moves is j's rank counted from the end.
+  All blocks but the last are the identity. Output token i moves with input token j iff the last
+  block processes j no later than i, so the number of outputs that perturbing input j moves is j's
+  rank counted from the end.
   """
   n, d = cfg.num_tokens, cfg.token_dim
   probe = _flow_params(cfg, flow, random_blocks=[cfg.flow_blocks - 1], seed=cfg.flow_blocks)
@@ -142,13 +147,15 @@ def _last_block_order(cfg, flow):
 
 @pytest.mark.parametrize("blocks", [3, 2])
 def test_ar_order_relative_to_last_af_block(blocks):
-  """model.ar_order, checked on spatial positions for an odd and an even block count: the AR prior's first token is
-  the one the last AF block processes last ('alternate': the AR prior continues the alternation as block n + 1) or
-  first ('same'); in fact the whole AR order is the last block's order reversed ('alternate') or unchanged."""
+  """model.ar_order, checked on spatial positions for an odd and an even block count: the AR prior's
+  first token is the one the last AF block processes last ('alternate': the AR prior continues the
+  alternation as block n + 1) or first ('same'); in fact the whole AR order is the last block's
+  order reversed ('alternate') or unchanged."""
   cfg = variant(flow_blocks=blocks)
   flow = make_flow(cfg)
   block_order = _last_block_order(cfg, flow)
-  # an image whose patch at raster position p (row-major over the (H/P, W/P) patch grid) holds the value p
+  # an image whose patch at raster position p (row-major over the (H/P, W/P) patch grid) holds the
+  # value p
   g, pz = cfg.image_size // cfg.patch_size, cfg.patch_size
   img = np.kron(np.arange(g * g, dtype=np.float32).reshape(g, g), np.ones((pz, pz), np.float32))
   img = np.repeat(img[None, :, :, None], cfg.channels, axis=-1)
@@ -168,9 +175,9 @@ def test_ar_order_relative_to_last_af_block(blocks):
 
 @pytest.mark.parametrize("dimred", ["farmer", "jetformer", "none"])
 def test_fresh_model_is_identity_flow_with_standard_normal_prior(dimred):
-  """Zero-init AF and GMM heads: log_prob_i + log_prob_r is the N(0, I) log-density of all N * d latent dims
-  (computed here in float64 from the pixels, since the identity flow only permutes tokens), the log-det is
-  exactly 0, and so log_prob equals that density too."""
+  """Zero-init AF and GMM heads: log_prob_i + log_prob_r is the N(0, I) log-density of all N * d
+  latent dims (computed here in float64 from the pixels, since the identity flow only permutes
+  tokens), the log-det is exactly 0, and so log_prob equals that density too."""
   cfg, _, params, apply = _built(dimred)
   x = jax.random.uniform(
       jax.random.key(6), (2, cfg.image_size, cfg.image_size, cfg.channels), minval=-1, maxval=1)

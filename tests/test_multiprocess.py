@@ -1,6 +1,6 @@
-"""A real 2-process run (jax.distributed on 127.0.0.1, gloo CPU collectives, 4 fake devices each) trains and
-checkpoints; a fresh single process with 8 devices restores it onto a different mesh and continues; the losses
-match an uninterrupted 8-device run."""
+"""A real 2-process run (jax.distributed on 127.0.0.1, gloo CPU collectives, 4 fake devices each)
+trains and checkpoints; a fresh single process with 8 devices restores it onto a different mesh and
+continues; the losses match an uninterrupted 8-device run."""
 
 import json
 import os
@@ -68,9 +68,10 @@ def test_two_process_train_checkpoint_then_single_process_resume(tmp_path):
   assert ref.returncode == 0, ref.stderr[-3000:]
   ref_losses = _losses(ref.stdout)
   assert sorted(mp_losses) == [5, 10] and sorted(resumed) == [15, 20]
-  # Same config, mesh shape and data; only the cross-process (gloo) reduction order differs, so the losses agree to
-  # fp32 round-off amplified by a few steps of training (measured <= 3e-7 relative at step 5 with the worker's
-  # gentle lr). A broken restore (fresh params, lost optimizer state, wrong data position) is off by >> 1e-4.
+  # Same config, mesh shape and data; only the cross-process (gloo) reduction order differs, so the
+  # losses agree to fp32 round-off amplified by a few steps of training (measured <= 3e-7 relative
+  # at step 5 with the worker's gentle lr). A broken restore (fresh params, lost optimizer state,
+  # wrong data position) is off by >> 1e-4.
   for step, loss in {**mp_losses, **resumed}.items():
     assert abs(loss - ref_losses[step]) <= 1e-4 * abs(ref_losses[step]) + 1e-5, (step, loss,
                                                                                  ref_losses[step])

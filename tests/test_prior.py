@@ -1,4 +1,5 @@
-"""GMM maths against scipy, AR prior causality, KV-cache decoding == full forward, K=1 <=> affine AF block."""
+"""GMM maths against scipy, AR prior causality, KV-cache decoding == full forward, K=1 <=> affine AF
+block."""
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,9 @@ def test_gmm_sampling_moments_1d():
 
 
 def test_temperature_convention_and_ancestral_moments():
-  """T_pi multiplies logits (pi_k -> pi_k^T_pi renormalised); T_sigma multiplies the component STD (docs/sampling.md).
-  Checked on the parameters and on the closed-form moments of ancestral draws."""
+  """T_pi multiplies logits (pi_k -> pi_k^T_pi renormalised); T_sigma multiplies the component STD
+  (docs/sampling.md). Checked on the parameters and on the closed-form moments of ancestral
+  draws."""
   g = gmm.GMM(
       jnp.log(jnp.array([0.25, 0.75])), jnp.array([[-1.0], [2.0]]), jnp.array([[2.0], [0.5]]))
   t = gmm.with_temperature(g, t_pi=0.5, t_sigma=0.25)
@@ -121,10 +123,10 @@ def test_kv_cache_decode_equals_full_forward(tiny):
 
 
 def test_k1_prior_is_an_affine_af_block_plus_standard_normal():
-  """Paper appendix A.1: with K_I = 1 and no dimension reduction the AR prior is one more affine autoregressive
-  flow block u_i = (z_i - mu(z_<i)) / sigma(z_<i) followed by N(0, I). We check the prior's log-density against
-  log N(u(z); 0, I) + log|det du/dz| with the determinant taken by brute force (jacfwd), and that the map is
-  triangular (autoregressive)."""
+  """Paper appendix A.1: with K_I = 1 and no dimension reduction the AR prior is one more affine
+  autoregressive flow block u_i = (z_i - mu(z_<i)) / sigma(z_<i) followed by N(0, I). We check the
+  prior's log-density against log N(u(z); 0, I) + log|det du/dz| with the determinant taken by brute
+  force (jacfwd), and that the map is triangular (autoregressive)."""
   cfg = variant(dimred="none", mixtures_informative=1)
   _, params = init_farmer(cfg, seed=3, scale=0.2)
   prior = ARPrior(cfg)

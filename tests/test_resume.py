@@ -1,6 +1,6 @@
-"""Checkpoints: SIGKILL at seeded random points (KILL_SEED) then restart is bit-exact; SIGTERM saves and exits
-cleanly; an unreadable newest checkpoint is skipped in favour of the previous one. Real `farmer_jax train`
-subprocesses."""
+"""Checkpoints: SIGKILL at seeded random points (KILL_SEED) then restart is bit-exact; SIGTERM saves
+and exits cleanly; an unreadable newest checkpoint is skipped in favour of the previous one. Real
+`farmer_jax train` subprocesses."""
 
 import json
 import os
@@ -69,7 +69,8 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
   kill_after = np.random.default_rng(KILL_SEED).choice(
       np.arange(EVERY, STEPS, EVERY), 2, replace=False)
   print(
-      f"KILL_SEED={KILL_SEED}: SIGKILL after the first checkpoint at or past steps {kill_after.tolist()}"
+      f"KILL_SEED={KILL_SEED}: SIGKILL after the first checkpoint at or past steps "
+      f"{kill_after.tolist()}"
   )
   for k in kill_after:
     where = f"KILL_SEED={KILL_SEED}, killed after checkpoint >= {k}"
@@ -107,7 +108,8 @@ def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
   assert not os.path.exists(run.lock), "the workdir lock is released on exit"
   steps = _steps(str(wd))
   assert len(steps) == 2 and steps[-1] >= 2 * EVERY and steps[-1] < 100_000
-  # Corrupt every data file of the newest checkpoint: the next start must fall back to the previous one.
+  # Corrupt every data file of the newest checkpoint: the next start must fall back to the previous
+  # one.
   newest = os.path.join(run.checkpoints, str(steps[-1]), "state")
   for root, _, files in os.walk(newest):
     for f in files:
@@ -139,7 +141,8 @@ def _sigterm_handler_installed(pid):
 @pytest.mark.skipif(
     not os.path.exists("/proc/self/status"), reason="needs /proc to see when the handler is in")
 def test_sigterm_during_startup_exits_cleanly(tmp_path):
-  """SIGTERM while the command is still importing / compiling: exit 0 with one line, nothing written."""
+  """SIGTERM while the command is still importing / compiling: exit 0 with one line, nothing
+  written."""
   wd = tmp_path / "run"
   p = subprocess.Popen(_cmd(wd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   t0 = time.time()

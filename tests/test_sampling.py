@@ -1,6 +1,6 @@
-"""Sampling: guidance maths against independent answers (closed forms, brute-force numerical integration on a
-grid), whole-token decode == a plain-loop numpy reference, per-sample determinism independent of the batch, and
-sampled latents re-encode through the AF."""
+"""Sampling: guidance maths against independent answers (closed forms, brute-force numerical
+integration on a grid), whole-token decode == a plain-loop numpy reference, per-sample determinism
+independent of the batch, and sampled latents re-encode through the AF."""
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ def _mix(logits, loc, scale):
 
 
 def test_resampling_w0_samples_the_conditional_mixture():
-  """w = 0: conditional candidates get weight 1, unconditional ones p_c/p_u, so the resampled law is p_c."""
+  """w = 0: conditional candidates get weight 1, unconditional ones p_c/p_u, so the resampled law is
+  p_c."""
   g_c = _mix(np.log([0.3, 0.7]), [[-1.0, 2.0], [1.5, -0.5]], [[0.4, 0.6], [0.5, 0.3]])
   g_u = _mix([0.0], [[0.0, 0.0]], [[2.0, 2.0]])
   z = _draws(g_c, g_u, ResamplingCFG(w=0.0, s_c=256, s_u=256), 50_000)
@@ -47,17 +48,18 @@ def test_resampling_w0_samples_the_conditional_mixture():
   sd = np.array([[0.4, 0.6], [0.5, 0.3]])
   mean = (w[:, None] * loc).sum(0)
   var = (w[:, None] * (sd ** 2 + loc ** 2)).sum(0) - mean ** 2
-  # The pool is an exact sample of p_c only as s -> inf (sampling-importance-resampling is biased by O(1/s); at
-  # s_c = s_u = 8 the mean is off by ~0.07, at 256 by ~0.005). Sampling std of the mean at 5e4 draws: ~0.006.
-  # Tolerances: 0.03 on the mean (~2.5% of the std), 5% on the variance.
+  # The pool is an exact sample of p_c only as s -> inf (sampling-importance-resampling is biased by
+  # O(1/s); at s_c = s_u = 8 the mean is off by ~0.07, at 256 by ~0.005). Sampling std of the mean
+  # at 5e4 draws: ~0.006. Tolerances: 0.03 on the mean (~2.5% of the std), 5% on the variance.
   np.testing.assert_allclose(z.mean(0), mean, atol=0.03)
   np.testing.assert_allclose(z.var(0), var, rtol=0.05)
 
 
 @pytest.mark.parametrize("w", [1.0, 3.0])
 def test_resampling_cfg_approaches_guided_target(w):
-  """p_c = N(1, 1), p_u = N(0, 1.5^2): p_c^{1+w} / p_u^w is Gaussian with precision (1+w) - w/2.25 and mean
-  (1+w)/precision. With 64 + 64 candidates per draw, SIR bias is small; 60k draws give sampling std ~0.005."""
+  """p_c = N(1, 1), p_u = N(0, 1.5^2): p_c^{1+w} / p_u^w is Gaussian with precision (1+w) - w/2.25
+  and mean (1+w)/precision. With 64 + 64 candidates per draw, SIR bias is small; 60k draws give
+  sampling std ~0.005."""
   g_c, g_u = _gauss(1.0, 1.0), _gauss(0.0, 1.5)
   lam = (1 + w) - w / 2.25
   mean, var = (1 + w) / lam, 1 / lam
@@ -81,8 +83,9 @@ def _np_mix_logpdf(logits, loc, scale, t_pi, t_sigma, x):
 
 def _sir_limit_moments(gc, gu, p, s_c, s_u, axes):
   """Brute-force numerical integration on a grid of the many-candidate limit of resampling CFG:
-  f(z) ~ s_c q_c(z) e^{T_s w r(z)} + s_u q_u(z) e^{T_s (w+1) r(z)}, q = proposals tempered by (T_pi, T_sigma),
-  r = log p_c - log p_u under (T_pi_v, T_sigma_v). Returns (mean (D,), covariance (D, D))."""
+  f(z) ~ s_c q_c(z) e^{T_s w r(z)} + s_u q_u(z) e^{T_s (w+1) r(z)}, q = proposals tempered by (T_pi,
+  T_sigma), r = log p_c - log p_u under (T_pi_v, T_sigma_v). Returns (mean (D,), covariance (D,
+  D))."""
   mesh = np.stack(np.meshgrid(*axes, indexing="ij"), -1)            # (G, ..., G, D)
   lq_c = _np_mix_logpdf(*gc, p.t_pi, p.t_sigma, mesh)
   lq_u = _np_mix_logpdf(*gu, p.t_pi, p.t_sigma, mesh)
@@ -100,8 +103,9 @@ def _sir_limit_moments(gc, gu, p, s_c, s_u, axes):
   return mean, cov
 
 
-# Two test cases with every temperature away from 1. Candidate counts are large so the finite-pool SIR bias
-# (O(1/ESS)) is below the Monte-Carlo error; s_c != s_u pins the proposal-count weighting of the limit.
+# Two test cases with every temperature away from 1. Candidate counts are large so the finite-pool
+# SIR bias (O(1/ESS)) is below the Monte-Carlo error; s_c != s_u pins the proposal-count weighting
+# of the limit.
 _GC1 = (np.log([0.6, 0.4]), [[0.8], [-1.2]], [[0.5], [0.7]])
 _GU1 = (np.log([0.5, 0.5]), [[0.2], [-0.6]], [[0.9], [0.8]])
 _P1 = ResamplingCFG(
@@ -115,9 +119,10 @@ _P2 = ResamplingCFG(
 
 
 def _check_moments(z, mean, cov, alt_mean, alt_cov):
-  """Monte-Carlo check against the grid reference: means within 5 standard errors, variances within 5% (the SE
-  of a variance at n = 2e4 is ~1%), and the draws are closer to our reference than to the reference built with
-  the other T_sigma convention (variance instead of std), so the test sees the convention."""
+  """Monte-Carlo check against the grid reference: means within 5 standard errors, variances within
+  5% (the SE of a variance at n = 2e4 is ~1%), and the draws are closer to our reference than to the
+  reference built with the other T_sigma convention (variance instead of std), so the test sees the
+  convention."""
   n = len(z)
   se = np.sqrt(np.diag(cov) / n)
   np.testing.assert_array_less(np.abs(z.mean(0) - mean), 5 * se + 1e-3)
@@ -136,8 +141,9 @@ def _variance_convention(p):
 
 
 def test_informative_resampling_matches_numerical_integration_1d():
-  """The sampler's informative path (draw_informative, guided doubled batch) with T_pi, T_sigma, T_pi_v, T_sigma_v
-  and T_s all != 1 draws from the SIR limit density computed by brute-force integration."""
+  """The sampler's informative path (draw_informative, guided doubled batch) with T_pi, T_sigma,
+  T_pi_v, T_sigma_v and T_s all != 1 draws from the SIR limit density computed by brute-force
+  integration."""
   n = 20_000
   gc, gu = _mix(*_GC1), _mix(*_GU1)
   g = jax.tree.map(lambda a, b: jnp.concatenate([jnp.broadcast_to(a, (n,) + a.shape),
@@ -153,8 +159,9 @@ def test_informative_resampling_matches_numerical_integration_1d():
 
 
 def test_redundant_resampling_with_var_scale_matches_numerical_integration_2d():
-  """The redundant path (draw_redundant: redundant_var_scale, then per-token resampling over fresh candidates)
-  on 2-D mixtures draws from the SIR limit of the variance-scaled mixtures (std * sqrt(0.5))."""
+  """The redundant path (draw_redundant: redundant_var_scale, then per-token resampling over fresh
+  candidates) on 2-D mixtures draws from the SIR limit of the variance-scaled mixtures
+  (std * sqrt(0.5))."""
   b, n, vs = 4, 5000, 0.5
   gc, gu = _mix(*_GC2), _mix(*_GU2)
   g = jax.tree.map(lambda a, c: jnp.concatenate([jnp.broadcast_to(a, (b,) + a.shape),
@@ -172,7 +179,8 @@ def test_redundant_resampling_with_var_scale_matches_numerical_integration_2d():
 
 
 def _guided_640(delta, s_u_std, b):
-  """Shared redundant GMMs of b samples as the sampler sees them ([cond; uncond], K = 1, d_R = 640)."""
+  """Shared redundant GMMs of b samples as the sampler sees them ([cond; uncond], K = 1,
+  d_R = 640)."""
   d = delta.shape[-1]
   return gmm.GMM(jnp.zeros((2 * b, 1)),
                  jnp.concatenate([jnp.broadcast_to(jnp.asarray(delta, jnp.float32), (b, 1, d)),
@@ -186,9 +194,10 @@ def _token_keys(b, n, seed=0):
 
 
 def test_redundant_tokens_are_distinct_under_table6_cfg():
-  """Paper preset (d_R = 640, Table 6 temperatures, w = 2.5), conditional and unconditional means 0.1 sigma apart
-  per dimension: the old single shared pool gave 2-17 distinct z^R among an image's 256 tokens; with a fresh
-  candidate set per token all 256 are distinct, and the weights' ESS is reported."""
+  """Paper preset (d_R = 640, Table 6 temperatures, w = 2.5), conditional and unconditional means
+  0.1 sigma apart per dimension: the old single shared pool gave 2-17 distinct z^R among an image's
+  256 tokens; with a fresh candidate set per token all 256 are distinct, and the weights' ESS is
+  reported."""
   p = ResamplingCFG(w=2.5, s_c=5, s_u=5, t_pi=1.0, t_sigma=0.9, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1)
   s = SamplerConfig(guidance="resampling", cfg=p, redundant_candidates=16)
   b, n = 2, 256
@@ -202,12 +211,13 @@ def test_redundant_tokens_are_distinct_under_table6_cfg():
 
 
 def test_redundant_tokens_match_closed_form_guided_gaussian_640d():
-  """All temperatures 1, w = 2.5, d_R = 640: p_c = N(delta, I), p_u = N(0, 1.01^2 I) with delta_j = +-0.02. The
-  guided target p_c^{1+w}/p_u^w is N(m, v I) with precision lam = (1+w) - w/1.01^2, m = (1+w) delta/lam, v = 1/lam
-  (0.953, against 1 unguided). 8 samples x 256 tokens = 2048 draws per dimension.
-  Justified tolerances: per dimension |mean - m_j| < 4.5 SE (SE = sqrt(v/2048) = 0.022; the largest of 640 normal
-  deviates is ~3.3) plus the SIR bias; the regression slope of the empirical means on m is 1 up to the SIR bias
-  (measured 0.95 at 64+64 candidates, ESS ~18; 0.966 at 256+256): |slope - 1| < 0.08; the dimension-averaged
+  """All temperatures 1, w = 2.5, d_R = 640: p_c = N(delta, I), p_u = N(0, 1.01^2 I) with
+  delta_j = +-0.02. The guided target p_c^{1+w}/p_u^w is N(m, v I) with precision
+  lam = (1+w) - w/1.01^2, m = (1+w) delta/lam, v = 1/lam (0.953, against 1 unguided). 8
+  samples x 256 tokens = 2048 draws per dimension. Justified tolerances: per dimension
+  |mean - m_j| < 4.5 SE (SE = sqrt(v/2048) = 0.022; the largest of 640 normal deviates is ~3.3) plus
+  the SIR bias; the regression slope of the empirical means on m is 1 up to the SIR bias (measured
+  0.95 at 64+64 candidates, ESS ~18; 0.966 at 256+256): |slope - 1| < 0.08; the dimension-averaged
   variance has SE 0.0012 and SIR bias ~0.006: |v_hat - v| < 0.012."""
   w, su, b, n, d = 2.5, 1.01, 8, 256, 640
   delta = np.where(np.arange(d) % 3 == 0, 0.02, -0.02)
@@ -242,7 +252,8 @@ def _np_gmm(g):
 
 
 def _np_sample(key, logits, loc, scale, t_pi, t_sigma, count):
-  """gmm.sample's randomness contract, with the maths in numpy: Gumbel-max component, then loc + std * eps."""
+  """gmm.sample's randomness contract, with the maths in numpy: Gumbel-max component, then
+  loc + std * eps."""
   rk, rn = jax.random.split(key)
   gum = np.asarray(jax.random.gumbel(rk, (count, len(logits))), np.float64)
   eps = np.asarray(jax.random.normal(rn, (count, loc.shape[-1])), np.float64)
@@ -268,9 +279,10 @@ def _np_resample(key, gc, gu, p, s_c, s_u):
 
 
 def _reference_guided_decode(cfg, params, keys, y, s):
-  """Slow reference: per sample, separate batch-1 conditional and unconditional streams with their own caches, a
-  Python loop over tokens and over candidates, numpy densities; shares only the raw random numbers (the documented
-  key schedule: token i uses fold_in(key, i), redundant token i fold_in(fold_in(key, N), i))."""
+  """Slow reference: per sample, separate batch-1 conditional and unconditional streams with their
+  own caches, a Python loop over tokens and over candidates, numpy densities; shares only the raw
+  random numbers (the documented key schedule: token i uses fold_in(key, i), redundant token i
+  fold_in(fold_in(key, N), i))."""
   run = lambda method, *args: Farmer(cfg).apply({"params": params}, *args, method=method)
   prefill = jax.jit(lambda lab: run(Farmer.ar_prefill, lab))
   head = jax.jit(lambda h: run(Farmer.gmm_informative, h))
@@ -306,8 +318,8 @@ def _reference_guided_decode(cfg, params, keys, y, s):
 
 
 def test_doubled_batch_decode_equals_slow_reference(tiny):
-  """Whole tokens (informative and redundant channels) of the vectorised doubled-batch sampler equal a plain-loop
-  reference that draws per token and per candidate with numpy densities."""
+  """Whole tokens (informative and redundant channels) of the vectorised doubled-batch sampler equal
+  a plain-loop reference that draws per token and per candidate with numpy densities."""
   cfg, _, params = tiny
   s = SamplerConfig(
       guidance="resampling",
@@ -324,8 +336,9 @@ def test_doubled_batch_decode_equals_slow_reference(tiny):
 
 
 def test_jetformer_redundant_std_obeys_the_temperature_convention():
-  """dimred='jetformer': z^R ~ N(0, I) with std t_sigma * sqrt(redundant_var_scale) = 0.8 * sqrt(0.5) = 0.566
-  (the variance reading would give sqrt(0.4) = 0.632). 64 samples x 16 tokens x 2 dims: SE of the std ~1.6%."""
+  """dimred='jetformer': z^R ~ N(0, I) with std t_sigma * sqrt(redundant_var_scale) = 0.8 *
+  sqrt(0.5) = 0.566 (the variance reading would give sqrt(0.4) = 0.632). 64 samples x 16 tokens x 2
+  dims: SE of the std ~1.6%."""
   cfg = variant(dimred="jetformer")
   _, params = init_farmer(cfg, seed=2)
   s = SamplerConfig(cfg=ResamplingCFG(t_sigma=0.8), redundant_var_scale=0.5)

@@ -1,7 +1,8 @@
-"""Sharded training on 8 fake CPU devices (subprocess, so the device-count flag never leaks into other tests).
+"""Sharded training on 8 fake CPU devices (subprocess, so the device-count flag never leaks into
+other tests).
 
-One train step on meshes data=8, data=4 x fsdp=2 and fsdp=8 must match the single-device step; params must really
-be sharded; and FSDP must cut the per-device state memory by ~8x.
+One train step on meshes data=8, data=4 x fsdp=2 and fsdp=8 must match the single-device step;
+params must really be sharded; and FSDP must cut the per-device state memory by ~8x.
 """
 
 import json
@@ -54,8 +55,9 @@ def test_sharded_step_matches_single_device(report, mesh):
   lr = ref["lr"]
   for k in a.files:
     diff = np.abs(a[k] - b[k])
-    # Adam's first step moves each weight by ~lr * sign(g): an entry whose gradient is ~0 can flip sign under a
-    # different summation order (|diff| <= 2 lr); every other entry must agree to fp32 round-off.
+    # Adam's first step moves each weight by ~lr * sign(g): an entry whose gradient is ~0 can flip
+    # sign under a different summation order (|diff| <= 2 lr); every other entry must agree to fp32
+    # round-off.
     assert diff.max() <= 2 * lr + 1e-6, k
     assert np.mean(diff <= 1e-6) >= 0.999, (k, np.mean(diff <= 1e-6))
 

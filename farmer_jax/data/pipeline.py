@@ -1,93 +1,271 @@
-"""Deterministic in-memory input pipeline.
+"""The input pipeline (grain): one code path for the bundled quickstart data and a TPU pod.
 
-Batch k is a pure function of (seed, k): epoch e = k // steps_per_epoch is a seeded permutation of the data, so the
-iterator state is just the step, and a resumed run sees exactly the same batches. Each process reads only its own
-slice of every global batch (``process_index`` / ``process_count``).
+Training. The split is a random-access source (data/sources.py). Its records form one infinite
+stream, reshuffled every epoch (``shuffle(seed).repeat()``; epoch e uses seed + e), optionally
+flipped (seeded by the record's position in the stream). Global batch k is the records
+[k B, (k + 1) B) of that stream, in order; process p of P reads only its contiguous block
+[k B + p b, k B + (p + 1) b) of it (b = B / P), so the global array assembled from the P blocks
+is the same, element for element, for any process count, and no process reads another's
+records. Batching happens before any worker split, so ``data.worker_count`` changes nothing but
+speed. Images stay uint8 until the jitted step (``conventions.dequantize`` maps them to the model
+range; 4x less host->device traffic).
+
+Resume. The iterator's grain state goes into every checkpoint (``TrainInput.checkpoint``, saved
+per process through ``grain.checkpoint.CheckpointSave``) and is restored on resume, so a resumed
+run reads exactly the batches an uninterrupted one would. If the number of processes or of
+workers changed since the save, the saved per-process states do not apply; the iterator then
+starts at global batch ``step`` (one batch per train step), which, the stream being a pure
+function of the position, is again exactly the global batch the uninterrupted run would read.
+See docs/data.md.
+
+Evaluation (``eval_batches``) visits every example of a split exactly once: the split is padded to
+a multiple of the global batch with copies of record 0 whose ``mask`` is False, and every process
+runs the same number of batches, whatever the split size and process count.
+
+Shape letters: b = B / P per-process batch, H W c image.
 """
 
 import dataclasses
+import json
+import math
 
+import grain
 import numpy as np
 
 from farmer_jax.config import ConfigError
-from farmer_jax.data.mnist import load_mnist5k
+from farmer_jax.data import preprocess, sources
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What ``config.data`` must agree with for one dataset ``load_split`` can load (checked by config.validate)."""
-  channels: int
-  num_classes: int  # labels in the data are 0 .. num_classes - 1; config.data.num_classes may also be 0
-  min_image_size: int  # images are zero-padded (evenly on each side) from this size to config.data.image_size
-  splits: tuple             # ((split name, number of images), ...)
+class Preprocess(grain.transforms.Map):
+  """A source record -> {'image': uint8 (S, S, c), 'label': int32}: center crop (data.resize =
+  'center_crop') or a shape check, and the label checked against data.num_classes (0 =
+  unconditional: every label is the null class, 0)."""
+
+  def __init__(self, data):
+    self.name, self.size, self.channels = data.name, data.image_size, data.channels
+    self.num_classes, self.resize = data.num_classes, data.resize
+
+  def map(self, record):
+    image = np.asarray(record["image"])
+    if image.ndim == 2:
+      image = image[..., None]
+    if self.resize == "center_crop" and image.shape[:2] != (self.size, self.size):
+      image = preprocess.center_crop_array(image, self.size)
+    if image.shape != (self.size, self.size, self.channels) or image.dtype != np.uint8:
+      raise ConfigError(
+          f"an image of {self.name} has shape {image.shape} ({image.dtype}), config.data wants "
+          f"({self.size}, {self.size}, {self.channels}) uint8. Fix: set --config.data.image_size /"
+          " channels to the dataset's, or --config.data.resize=center_crop")
+    label = int(record["label"])
+    if self.num_classes == 0:
+      label = 0
+    elif not 0 <= label < self.num_classes:
+      raise ConfigError(
+          f"a label of {self.name} is {label}, outside [0, {self.num_classes}) with "
+          f"config.data.num_classes={self.num_classes}. Fix: set --config.data.num_classes to "
+          "the dataset's class count; out-of-range labels are never mapped to the null class")
+    return {"image": image, "label": np.int32(label)}
 
 
-# The datasets ``load_split`` can load, by ``config.data.name``.
-DATASETS = {"mnist5k": DatasetInfo(channels=1, num_classes=10, min_image_size=28,
-                                   splits=(("train", 4500), ("test", 500)))}
+class RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip with probability 1/2 (data.random_flip), drawn from the record's rng."""
+
+  def random_map(self, record, rng):
+    if rng.random() < 0.5:
+      record = dict(record, image=record["image"][:, ::-1])
+    return record
 
 
-class ArrayLoader:
-  """Yields {'image': (b, H, W, c) uint8, 'label': (b,) int32} with b = global_batch / process_count."""
-
-  def __init__(self, images, labels, global_batch: int, seed: int = 0, process_index: int = 0,
-               process_count: int = 1, shuffle: bool = True, drop_remainder: bool = True):
-    if global_batch % process_count:
-      raise ValueError(
-          f"global batch {global_batch} is not divisible by the process count {process_count}")
-    if drop_remainder and global_batch > len(images):
-      raise ValueError(
-          f"batch size {global_batch} exceeds the dataset size {len(images)}; lower train.batch_size"
-      )
-    self.images, self.labels = images, labels
-    self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
-    self.pi, self.pc = process_index, process_count
-    n = len(images)
-    self.steps_per_epoch = n // global_batch if drop_remainder else -(-n // global_batch)
-
-  def _order(self, epoch):
-    if not self.shuffle:
-      return np.arange(len(self.images))
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-
-  def batch(self, step: int):
-    epoch, k = divmod(step, self.steps_per_epoch)
-    idx = self._order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
-    local = len(idx) // self.pc
-    idx = idx[self.pi * local:(self.pi + 1) * local]
-    return {"image": self.images[idx], "label": self.labels[idx]}
-
-  def iterate(self, start_step: int = 0):
-    step = start_step
-    while True:
-      yield self.batch(step)
-      step += 1
+def _local_batch(global_batch, process_count):
+  if global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not divisible by the process count "
+                     f"{process_count}; use a multiple of {process_count}")
+  return global_batch // process_count
 
 
-def load_split(data_cfg, split: str):
-  """Dispatches on ``config.data.name``. Returns (images uint8 NHWC, labels int32).
-
-  Labels must lie in [0, config.data.num_classes): a label outside that range is an error, never mapped to the null
-  class. With ``num_classes == 0`` (an unconditional model) every label is the null class, 0, on purpose.
-  """
-  if data_cfg.name == "mnist5k":
-    images, labels = load_mnist5k(split, pad_to=data_cfg.image_size)
-  else:
-    raise ConfigError(
-        f"config.data.name={data_cfg.name!r} is unknown; available: {sorted(DATASETS)}")
-  return images, check_labels(labels, data_cfg.num_classes, f"{data_cfg.name} split {split!r}")
+def train_dataset(data, source, global_batch, seed, process_index=0, process_count=1):
+  """grain.MapDataset whose element k is this process's share of global batch k (infinite)."""
+  b = _local_batch(global_batch, process_count)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None).map(Preprocess(data))
+  if data.random_flip:
+    ds = ds.random_map(RandomFlip(), seed=seed)
+  # blocks of b records; global batch k = blocks k P .. k P + P - 1, process p takes block k P + p
+  return ds.batch(b, drop_remainder=True).slice(slice(process_index, None, process_count))
 
 
-def check_labels(labels, num_classes, what="the data"):
-  """labels (n,) int -> int32 labels, checked against config.data.num_classes (0 = unconditional: all null)."""
-  labels = np.asarray(labels)
-  if num_classes == 0:
-    return np.zeros(labels.shape, np.int32)
-  bad = (labels < 0) | (labels >= num_classes)
-  if bad.any():
-    raise ConfigError(
-        f"{int(bad.sum())} of {labels.size} labels in {what} lie outside [0, {num_classes}) (labels "
-        f"found: {int(labels.min())}..{int(labels.max())}) with config.data.num_classes={num_classes}. "
-        "Fix: set --config.data.num_classes to the dataset's class count (labels 0..n-1), or 0 for an "
-        "unconditional model; out-of-range labels are never mapped to the null class")
-  return labels.astype(np.int32)
+def _iter_dataset(ds, data, put=None):
+  """MapDataset -> IterDataset read by ``data.read_threads`` threads (in each of
+  ``data.worker_count`` worker processes, if any); ``put`` (e.g. local batch -> global device
+  array) runs in a background thread two batches ahead."""
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                            prefetch_buffer_size=data.prefetch))
+  if data.worker_count:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count,
+                                                     per_worker_buffer_size=data.prefetch))
+  if put is not None:
+    it = grain.experimental.ThreadPrefetchIterDataset(it.map(put), prefetch_buffer_size=2)
+  return it
+
+
+class _FrozenState:
+  """A snapshot of an iterator's state for grain's checkpoint handler (an async checkpoint must
+  not see the live iterator move on)."""
+
+  def __init__(self, state):
+    self._text = json.dumps(state, indent=2)
+
+  def get_state(self):
+    return self._text.encode()
+
+
+class _StateHolder:
+  """Receives a saved iterator state from grain's checkpoint handler (``set_state``)."""
+  state = None
+
+  def set_state(self, state):
+    self.state = json.loads(state.decode() if isinstance(state, bytes) else state)
+
+  def start_prefetch(self):
+    pass
+
+
+@dataclasses.dataclass
+class TrainInput:
+  """The training input of one process (see module doc): ``next(inp)`` -> the local batch
+  {'image': uint8 (b, S, S, c), 'label': int32 (b,)}; ``start``, ``checkpoint`` for resume."""
+  data: object                 # DataConfig
+  global_batch: int
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+  put: object = None           # local batch -> what the train step takes (e.g. a global array)
+
+  def __post_init__(self):
+    self.source = sources.open_split(self.data, self.data.train_split)
+    self.num_examples = len(self.source)
+    if self.num_examples < self.global_batch:
+      raise ConfigError(
+          f"config.train.batch_size={self.global_batch} exceeds the {self.num_examples} examples "
+          f"of {self.data.name} split {self.data.train_split!r}. Fix: lower train.batch_size")
+    self.dataset = train_dataset(self.data, self.source, self.global_batch, self.seed,
+                                 self.process_index, self.process_count)
+    self.origin, self._it = 0, None
+
+  @property
+  def layout(self):
+    """What a saved per-process iterator state depends on."""
+    return {"process_count": self.process_count, "worker_count": self.data.worker_count,
+            "global_batch": self.global_batch, "seed": self.seed,
+            "num_examples": self.num_examples, "random_flip": bool(self.data.random_flip)}
+
+  def start(self, step=0, saved=None):
+    """Positions the iterator at global batch ``step``: from ``saved`` (meta, grain state) as
+    written by ``checkpoint`` when it applies, else directly. Returns a line saying which."""
+    self.close()
+    meta, state = saved if saved is not None else (None, None)
+    how = f"input: starting at global batch {step}"
+    # without workers the state is {'next_index': batches read since origin}: it must match step
+    consistent = (not isinstance(state, dict) or "next_index" not in state or
+                  int(meta.get("origin", 0)) + int(state["next_index"]) == step)
+    if meta is not None and state is not None and meta.get("layout") == self.layout:
+      if consistent:
+        self.origin = int(meta["origin"])
+        self._it = iter(self._iter_dataset())
+        self._it.set_state(state)
+        return f"input: restored the iterator state saved at step {step}"
+    if meta is not None:
+      saved_layout = meta.get("layout") or {}
+      changed = {k: f"{saved_layout.get(k)} -> {v}" for k, v in self.layout.items()
+                 if saved_layout.get(k) != v}
+      same = "the global batches are the same as in an uninterrupted run"
+      if not saved_layout:
+        why = f"the checkpoint holds no input state (an older release); {same}"
+      elif not set(changed) <= {"process_count", "worker_count"}:
+        why = (f"the input itself changed: {changed}; batches from here on follow the new "
+               "setting")
+      elif changed:
+        why = f"the saved states are per process/worker and the layout changed: {changed}; {same}"
+      elif state is None:
+        why = f"no saved state for this process; {same}"
+      else:
+        why = f"the saved state is not at step {step}; {same}"
+      how += f" ({why})"
+    self.origin = int(step)
+    self._it = iter(self._iter_dataset())
+    return how
+
+  def _iter_dataset(self):
+    return _iter_dataset(self.dataset.slice(slice(self.origin, None)), self.data, self.put)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      self.start(0)
+    return next(self._it)
+
+  def checkpoint(self):
+    """(meta dict, grain-handler item) for the checkpoint: meta is JSON-able, the item a frozen
+    copy of the iterator's state for ``grain.checkpoint.CheckpointSave``."""
+    if self._it is None:
+      self.start(0)
+    return {"origin": self.origin, "layout": self.layout}, _FrozenState(self._it.get_state())
+
+  def close(self):
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
+def state_holder():
+  """An item for ``grain.checkpoint.CheckpointRestore`` that keeps the restored state."""
+  return _StateHolder()
+
+
+class _Padded:
+  """A source padded to ``n`` records with copies of record 0 (``mask`` False)."""
+
+  def __init__(self, source, n):
+    self.source, self.n, self.real = source, n, len(source)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    real = i < self.real
+    return dict(self.source[i if real else 0], mask=real)
+
+
+class _KeepMask(grain.transforms.Map):
+  """Preprocess (if given) keeping the record's ``mask``."""
+
+  def __init__(self, prep=None):
+    self.prep = prep
+
+  def map(self, record):
+    out = self.prep.map(record) if self.prep is not None else {
+        "image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+    return dict(out, mask=np.bool_(record["mask"]))
+
+
+def padded_batches(source, global_batch, process_index=0, process_count=1, prep=None,
+                   read_threads=1, prefetch=2):
+  """(iterable of this process's local batches {'image', 'label', 'mask'}, number of batches)
+  covering every record of ``source`` once: global batch k holds records [k B, (k + 1) B), the
+  last one padded with masked-out copies of record 0 (see module doc)."""
+  b = _local_batch(global_batch, process_count)
+  steps = math.ceil(len(source) / global_batch)
+  ds = grain.MapDataset.source(_Padded(source, steps * global_batch)).map(_KeepMask(prep))
+  ds = ds.batch(b, drop_remainder=True).slice(slice(process_index, None, process_count))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=prefetch)), steps
+
+
+def eval_batches(data, split, global_batch, process_index=0, process_count=1):
+  """(local batches, number of batches, number of examples) of ``split`` of ``config.data``,
+  preprocessed as for training (no flip), covering every example once (``padded_batches``)."""
+  source = sources.open_split(data, split)
+  batches, steps = padded_batches(source, global_batch, process_index, process_count,
+                                  Preprocess(data), data.read_threads, data.prefetch)
+  return batches, steps, len(source)

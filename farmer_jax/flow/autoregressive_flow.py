@@ -1,23 +1,26 @@
-"""TARFlow-style autoregressive flow (AF) with an exact log-det and an exact, jit-compiled sequential inverse.
+"""TARFlow-style autoregressive flow (AF) with an exact log-det and an exact, jit-compiled
+sequential inverse.
 
-Shape letters: B batch, N tokens, d token dim, C width, L layers per block, n blocks, H heads, Dh head dim.
+Shape letters: B batch, N tokens, d token dim, C width, L layers per block, n blocks, H heads, Dh
+head dim.
 
-Block t (0-based) works in a permuted token order: identity for even t, flip for odd t (the learned position
-embedding is permuted with the tokens). In that order a causal transformer reads tokens x_{<i}; its zero-initialised
-output projection gives 2d values per token, shifted right by one token (token 0 gets zeros and passes unchanged);
-the first d are the log-scale a, the last d the shift b:
+Block t (0-based) works in a permuted token order: identity for even t, flip for odd t (the learned
+position embedding is permuted with the tokens). In that order a causal transformer reads tokens
+x_{<i}; its zero-initialised output projection gives 2d values per token, shifted right by one token
+(token 0 gets zeros and passes unchanged); the first d are the log-scale a, the last d the shift b:
 
     z_i = (x_i - b_i) * exp(-a_i),      log|det dz/dx| = -sum_{i,j} a_ij      (summed, nats)
     x_i = z_i * exp(a_i) + b_i          (inverse, token by token with a fixed-size KV cache)
 
-With ``final_norm`` (default; ``model.flow_final_norm``) the transformer output is layer-normalised before
-``proj_out``, so (a, b) are bounded functions of the input whatever its magnitude: the inverse of an off-manifold
-latent (e.g. a sample from an undertrained prior) cannot feed ever-larger tokens back into the next token's (a, b)
-and overflow fp32. TARFlow has no such norm (``final_norm=False`` reproduces its block exactly).
+With ``final_norm`` (default; ``model.flow_final_norm``) the transformer output is layer-normalised
+before ``proj_out``, so (a, b) are bounded functions of the input whatever its magnitude: the
+inverse of an off-manifold latent (e.g. a sample from an undertrained prior) cannot feed ever-larger
+tokens back into the next token's (a, b) and overflow fp32. TARFlow has no such norm
+(``final_norm=False`` reproduces its block exactly).
 
-Blocks run under ``nn.scan`` (params stacked on a leading 'blocks' axis) so compile time does not grow with n.
-The AR prior's order relative to the last block (model.ar_order) is turned into a flip by ``ModelConfig.ar_flip``,
-which relies on the flip rule of ``block_flips`` below.
+Blocks run under ``nn.scan`` (params stacked on a leading 'blocks' axis) so compile time does not
+grow with n. The AR prior's order relative to the last block (model.ar_order) is turned into a flip
+by ``ModelConfig.ar_flip``, which relies on the flip rule of ``block_flips`` below.
 
 Labels: with ``num_classes`` > 0 a class embedding is added to every token; the label
 ``NO_LABEL`` (any label < 0) gets the mean class embedding (TARFlow's unconditional rule).
@@ -105,7 +108,8 @@ class AFBlock(nn.Module):
     return (z, logdet), None
 
   def decode_step(self, x_tok, i, flip, y, cache):
-    """Feeds permuted-order token i (B, 1, d) at cache slot i; returns (a, b) for token i+1, each (B, 1, d)."""
+    """Feeds permuted-order token i (B, 1, d) at cache slot i; returns (a, b) for token i+1, each
+    (B, 1, d)."""
     pos_idx = jnp.where(flip, self.num_tokens - 1 - i, i)
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, pos_idx, 1, axis=0)
     h, cache = self.transformer(self._embed(x_tok.astype(jnp.float32), pos[None], y), cache, i)

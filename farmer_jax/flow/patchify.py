@@ -1,5 +1,5 @@
-"""Patchify / unpatchify. Shape letters: B batch, H W image size, c channels, p patch, h = H/p, w = W/p,
-N = h*w tokens (raster order), d = p*p*c token dim with feature order (ph, pw, c)."""
+"""Patchify / unpatchify. Shape letters: B batch, H W image size, c channels, p patch, h = H/p,
+w = W/p, N = h*w tokens (raster order), d = p*p*c token dim with feature order (ph, pw, c)."""
 
 
 def patchify(x, p: int):

@@ -4,8 +4,9 @@ Shape letters:
   B batch, T query tokens in this call, S cache length (max sequence length), C width,
   H heads, Dh head dim (C = H * Dh), F MLP hidden width, L layers.
 
-Semantics follow TARFlow's blocks (pre-LayerNorm, eps 1e-5, fused q|k|v projection laid out head-major,
-exact-erf GELU MLP, no final norm) so that TARFlow checkpoints map onto these params one to one.
+Semantics follow TARFlow's blocks (pre-LayerNorm, eps 1e-5, fused q|k|v projection laid out
+head-major, exact-erf GELU MLP, no final norm) so that TARFlow checkpoints map onto these params one
+to one.
 
 Attention is causal ``jax.nn.dot_product_attention`` (logits and softmax in fp32). Two call modes:
   * full sequence (training / likelihood);
@@ -138,7 +139,8 @@ class Mlp(nn.Module):
 
 
 class Layer(nn.Module):
-  """One residual layer: x + attn(x); x + mlp(x). Written as an ``nn.scan`` body: (carry=x, xs=cache)."""
+  """One residual layer: x + attn(x); x + mlp(x). Written as an ``nn.scan`` body: (carry=x,
+  xs=cache)."""
   num_heads: int
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32

@@ -1,7 +1,8 @@
 """Causal AR transformer prior with Gaussian-mixture heads over the informative latents.
 
-Shape letters: B batch, M class-prefix length, N tokens, d_I informative dims, d_R redundant dims, C width,
-K_I / K_R mixture components, P_I = K_I(1 + 2 d_I), P_R = K_R(1 + 2 d_R) head outputs, L layers.
+Shape letters: B batch, M class-prefix length, N tokens, d_I informative dims, d_R redundant dims, C
+width, K_I / K_R mixture components, P_I = K_I(1 + 2 d_I), P_R = K_R(1 + 2 d_R) head outputs, L
+layers.
 
 Sequence: [c_1 .. c_M, z^I_1 .. z^I_N] (length M + N). The prefix is the class embedding (row
 ``cfg.null_class`` is the learned null class used by label dropout / CFG) repeated M times, plus a
@@ -94,6 +95,7 @@ class ARPrior(nn.Module):
     return self.final_norm(h[:, -1]), cache
 
   def decode_step(self, z_tok, i, cache):
-    """Feeds z^I_{i+1} (0-based token i, (B, 1, d_I)); returns (h (B, C) predicting the next GMM, cache)."""
+    """Feeds z^I_{i+1} (0-based token i, (B, 1, d_I)); returns (h (B, C) predicting the next GMM,
+    cache)."""
     h, cache = self.transformer(self.embed_tokens(z_tok, i), cache, self.cfg.class_repeats + i)
     return self.final_norm(h[:, -1]), cache

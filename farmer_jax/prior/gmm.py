@@ -2,10 +2,10 @@
 
 Shape letters: ... leading batch dims, K mixture components, D event dims.
 
-A head emits ``K + 2*K*D`` raw values per position, laid out as [K mixture logits | (K, 2, D) with loc at [:, 0]
-and raw scale at [:, 1]] (JetFormer's layout). The scale is ``max(f(raw), floor)`` with f = squareplus
-((r + sqrt(r^2 + 4))/2) or softplus shifted so f(0) = 1; a zero-initialised head therefore gives K equal-weight
-N(0, I) components, i.e. exactly N(0, I).
+A head emits ``K + 2*K*D`` raw values per position, laid out as [K mixture logits | (K, 2, D) with
+loc at [:, 0] and raw scale at [:, 1]] (JetFormer's layout). The scale is ``max(f(raw), floor)``
+with f = squareplus ((r + sqrt(r^2 + 4))/2) or softplus shifted so f(0) = 1; a zero-initialised head
+therefore gives K equal-weight N(0, I) components, i.e. exactly N(0, I).
 """
 
 import math
@@ -66,23 +66,27 @@ def log_prob(g: GMM, x):
 
 
 def with_temperature(g: GMM, t_pi: float = 1.0, t_sigma: float = 1.0) -> GMM:
-  """Temperatures (docs/sampling.md): ``t_pi`` multiplies the mixture logits (weights pi_k -> pi_k^t_pi,
-  renormalised); ``t_sigma`` multiplies the component STANDARD DEVIATIONS sigma_k (variances by t_sigma^2)."""
+  """Temperatures (docs/sampling.md): ``t_pi`` multiplies the mixture logits (weights
+  pi_k -> pi_k^t_pi, renormalised); ``t_sigma`` multiplies the component STANDARD DEVIATIONS sigma_k
+  (variances by t_sigma^2)."""
   return GMM(g.logits * t_pi, g.loc, g.scale * jnp.asarray(t_sigma, jnp.float32))
 
 
 def scale_variance(g: GMM, factor, floor: float = 1e-6) -> GMM:
-  """Multiplies the component variances by ``factor`` >= 0 (std by sqrt(factor)), keeping std >= ``floor`` so a
-  zero factor gives (numerically) the component means instead of a 0/0 density."""
+  """Multiplies the component variances by ``factor`` >= 0 (std by sqrt(factor)), keeping
+  std >= ``floor`` so a zero factor gives (numerically) the component means instead of a 0/0
+  density."""
   return GMM(g.logits, g.loc,
              jnp.maximum(g.scale * jnp.sqrt(jnp.asarray(factor, jnp.float32)), floor))
 
 
 def sample(rng, g: GMM, shape=()):
-  """Draws from ONE mixture (logits (K,), loc/scale (K, D)); vmap for batches of mixtures. Returns (*shape, D).
+  """Draws from ONE mixture (logits (K,), loc/scale (K, D)); vmap for batches of mixtures. Returns
+  (*shape, D).
 
   Randomness contract (tests rebuild draws from it): ``rk, rn = split(rng)``; component
-  ``k = argmax(logits + gumbel(rk, (*shape, K)))`` (Gumbel-max); value ``loc_k + scale_k * normal(rn, (*shape, D))``.
+  ``k = argmax(logits + gumbel(rk, (*shape, K)))`` (Gumbel-max); value
+  ``loc_k + scale_k * normal(rn, (*shape, D))``.
   """
   if g.logits.ndim != 1:
     raise ValueError(

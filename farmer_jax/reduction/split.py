@@ -1,10 +1,12 @@
-"""Self-supervised dimension reduction: channel split of latent tokens and the redundant-group log-density.
+"""Self-supervised dimension reduction: channel split of latent tokens and the redundant-group
+log-density.
 
-Shape letters: B batch, N tokens, d token dim, d_I informative channels (first d_I of each token), d_R = d - d_I.
+Shape letters: B batch, N tokens, d token dim, d_I informative channels (first d_I of each token),
+d_R = d - d_I.
 
 Modes (config ``model.dimred``):
-  * ``farmer``    z^R_i ~ one shared GMM (K_R components over d_R dims) predicted after all of z^I and the class;
-                  the N redundant tokens are i.i.d. given that GMM.
+  * ``farmer``    z^R_i ~ one shared GMM (K_R components over d_R dims) predicted after all of z^I
+                  and the class; the N redundant tokens are i.i.d. given that GMM.
   * ``jetformer`` z^R ~ N(0, I), independent of everything (JetFormer's factored-out dims).
   * ``none``      d_I = d; no redundant group.
 """
@@ -25,7 +27,8 @@ def merge_channels(z_i, z_r):
 
 
 def redundant_log_prob(mode: str, z_r, shared: "gmm.GMM | None"):
-  """Sum over tokens of log p(z^R_i | ...): z_r (B, N, d_R), shared GMM with batch shape (B,) -> (B,)."""
+  """Sum over tokens of log p(z^R_i | ...): z_r (B, N, d_R), shared GMM with batch shape
+  (B,) -> (B,)."""
   if mode == "none":
     return jnp.zeros(z_r.shape[:1], jnp.float32)
   if mode == "jetformer":

@@ -111,12 +111,13 @@ def _within(path, parent):
 
 
 def check_export_target(workdir, out, overwrite):
-  """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns abspath(out)."""
+  """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns
+  abspath(out)."""
   out = os.path.abspath(out)
   if os.path.lexists(out) and not os.path.isdir(out):
     raise ExportError(
-        f"--out={out} exists and is not a directory; export writes a directory, so choose another --out "
-        "(--overwrite only replaces a previous export directory)")
+        f"--out={out} exists and is not a directory; export writes a directory, so choose "
+        "another --out (--overwrite only replaces a previous export directory)")
   if not os.path.exists(out):
     if os.path.lexists(out):
       raise ExportError(f"--out={out} is a broken symbolic link; remove it or choose another --out")
@@ -133,14 +134,15 @@ def check_export_target(workdir, out, overwrite):
         "replaced) or choose another --out")
   if os.path.islink(out):
     raise ExportError(
-        f"--out={out} is a symbolic link; --overwrite does not replace links: pass the directory it "
-        f"points to ({os.path.realpath(out)}) or choose another --out")
+        f"--out={out} is a symbolic link; --overwrite does not replace links: pass the "
+        f"directory it points to ({os.path.realpath(out)}) or choose another --out")
   real_out, real_run = os.path.realpath(out), os.path.realpath(workdir)
   if _within(real_run, real_out):
-    what = "is the training run itself" if real_run == real_out else f"contains the training run {real_run}"
+    what = ("is the training run itself" if real_run == real_out
+            else f"contains the training run {real_run}")
     raise ExportError(
-        f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose another --out "
-        "outside the run (e.g. a sibling directory)")
+        f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose "
+        "another --out outside the run (e.g. a sibling directory)")
   if not is_export_dir(out):
     raise ExportError(f"--out={out} is not a farmer_jax export (no valid {runs.EXPORT_META} "
                       "marker), so --overwrite will not replace it; choose another --out, or move "
@@ -148,19 +150,20 @@ def check_export_target(workdir, out, overwrite):
   extra = sorted(set(os.listdir(out)) - runs.EXPORT_ENTRIES)
   if extra:
     raise ExportError(
-        f"--out={out} is an export but also holds files export did not write ({', '.join(extra[:5])}"
-        f"{', ...' if len(extra) > 5 else ''}); --overwrite would delete them. Move them out or choose "
-        "another --out")
+        f"--out={out} is an export but also holds files export did not write "
+        f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); --overwrite would delete "
+        "them. Move them out or choose another --out")
   return out
 
 
 def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
   """Writes an export of the run in ``workdir`` to ``out``. Returns the metadata dict.
 
-  Every refusal (unusable target, missing or unreadable run, non-finite params) happens before anything is written.
-  With ``overwrite``, only a previous export is replaced: the new one is built in a temporary sibling, the old one is
-  renamed aside, the new one renamed in, and only then is the old one deleted; an interruption at any point leaves
-  either the old or the new export at ``out`` and no temporary directory.
+  Every refusal (unusable target, missing or unreadable run, non-finite params) happens before
+  anything is written. With ``overwrite``, only a previous export is replaced: the new one is built
+  in a temporary sibling, the old one is renamed aside, the new one renamed in, and only then is the
+  old one deleted; an interruption at any point leaves either the old or the new export at ``out``
+  and no temporary directory.
   """
   if dtype not in PARAM_DTYPES:
     raise ExportError(f"--dtype={dtype!r} is not supported; use one of {sorted(PARAM_DTYPES)}")
@@ -171,13 +174,15 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
   report = _non_finite_report(params)
   if report:
     raise ExportError(
-        f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. Export an "
-        "earlier checkpoint (move this step out of checkpoints/) or retrain with a lower lr")
+        f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. "
+        "Export an earlier checkpoint (move this step out of checkpoints/) or retrain with a "
+        "lower lr")
   params = jax.tree.map(lambda a: jnp.asarray(a, PARAM_DTYPES[dtype]), params)
   report = _non_finite_report(params)
   if report:
     raise ExportError(
-        f"casting checkpoint step {step} to {dtype} overflows: {report}; export with --dtype=float32"
+        f"casting checkpoint step {step} to {dtype} overflows: {report}; export with "
+        "--dtype=float32"
     )
   meta = {
       "kind": EXPORT_KIND,
@@ -219,7 +224,8 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
 
 
 def load_model(model_dir):
-  """Loads an export: returns (ModelConfig, params, run config, metadata). Needs no optimizer state."""
+  """Loads an export: returns (ModelConfig, params, run config, metadata). Needs no optimizer
+  state."""
   from farmer_jax.model import abstract_params
   model_dir = os.path.abspath(model_dir)
   if not os.path.isdir(model_dir):

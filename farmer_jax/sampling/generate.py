@@ -1,8 +1,9 @@
-"""The `farmer_jax sample` command's engine: batched, seeded, batch-size-independent generation from an export.
+"""The `farmer_jax sample` command's engine: batched, seeded, batch-size-independent generation from
+an export.
 
 Shape letters: R requested classes, K samples per class, H W c image.
-Sample j of the flattened (class-major) grid always uses key fold_in(key(seed), j), so a sample does not depend on
-the batch size or on which other samples are drawn with it.
+Sample j of the flattened (class-major) grid always uses key fold_in(key(seed), j), so a sample does
+not depend on the batch size or on which other samples are drawn with it.
 """
 
 import contextlib
@@ -35,16 +36,17 @@ def parse_classes(spec, num_classes):
           f"--classes entry {tok!r} is not an integer class id (or 'null'/'all')") from None
     if not 0 <= c < num_classes:
       raise ValueError(
-          f"class id {c} is out of range: this model has {num_classes} classes (0..{num_classes - 1});"
-          " use 'null' for unconditional samples")
+          f"class id {c} is out of range: this model has {num_classes} classes "
+          f"(0..{num_classes - 1}); use 'null' for unconditional samples")
     out.append(c)
   return out
 
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
              return_stats=False, out_sharding=None):
-  """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g. the resampling
-  weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see docs/sampling.md)].
+  """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
+  the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
+  docs/sampling.md)].
 
   ``out_sharding``: where the jitted sampler puts its outputs; a training run passes its mesh's
   replicated sharding, so that every process of a multi-host run can read the images."""
@@ -70,10 +72,11 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
     if bad:      # never turn NaN/inf into black pixels: stop before anything is written
       bar.close()
       raise ValueError(
-          f"{bad} of {m} samples in batch {start // batch_size} (samples {start}..{start + m - 1} of {total}) are not "
-          "finite (NaN/inf); sampling stopped and nothing was written. Fix: check the run's training loss and the "
-          "export (a diverged or corrupt model), try a bfloat16 export again as float32, or lower the temperatures "
-          "(--sampler=t_sigma=...) / guidance (--cfg)")
+          f"{bad} of {m} samples in batch {start // batch_size} "
+          f"(samples {start}..{start + m - 1} of {total}) are not finite (NaN/inf); sampling "
+          "stopped and nothing was written. Fix: check the run's training loss and the export (a "
+          "diverged or corrupt model), try a bfloat16 export again as float32, or lower the "
+          "temperatures (--sampler=t_sigma=...) / guidance (--cfg)")
     out.append(to_uint8(x))
     for k, v in st.items():
       stats.setdefault(k, []).append(np.asarray(v)[:m])
@@ -88,7 +91,8 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
 
 
 def describe_stats(stats, sampler):
-  """One line summarising the resampling weights' effective sample sizes (empty if there are none)."""
+  """One line summarising the resampling weights' effective sample sizes (empty if there are
+  none)."""
   parts = []
   for key, name, pool in (("ess_informative", "informative", sampler.informative_pool),
                           ("ess_redundant", "redundant", sampler.redundant_pool)):
@@ -102,8 +106,9 @@ OUTPUT_FORMATS = {"--out": (".png",), "--npz": (".npz",)}
 
 
 def check_output_path(path, flag):
-  """Refuses, before any sampling, an output path that cannot be written: unsupported extension (``--out`` writes
-  lossless PNG only, ``--npz`` a .npz), an existing directory, a missing or unwritable parent directory."""
+  """Refuses, before any sampling, an output path that cannot be written: unsupported extension
+  (``--out`` writes lossless PNG only, ``--npz`` a .npz), an existing directory, a missing or
+  unwritable parent directory."""
   exts = OUTPUT_FORMATS[flag]
   ext = os.path.splitext(path)[1].lower()
   if ext not in exts:
@@ -114,7 +119,8 @@ def check_output_path(path, flag):
         f"*{exts[0]}")
   if os.path.isdir(path):
     raise ValueError(
-        f"{flag}={path} is a directory. Fix: pass a file path, e.g. {os.path.join(path, 'x' + exts[0])}"
+        f"{flag}={path} is a directory. Fix: pass a file path, e.g. "
+        f"{os.path.join(path, 'x' + exts[0])}"
     )
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
@@ -127,9 +133,10 @@ def check_output_path(path, flag):
 
 
 def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
-  """PNG grid (rows = classes) and/or .npz with uint8 'images' (n, H, W, c), 'labels' (n,) and any per-sample
-  ``stats`` arrays (n,). Atomic and all-or-nothing: both files are written to unique temporary names first and
-  renamed into place only once both are complete; a failure leaves no file and no temporary behind."""
+  """PNG grid (rows = classes) and/or .npz with uint8 'images' (n, H, W, c), 'labels' (n,) and any
+  per-sample ``stats`` arrays (n,). Atomic and all-or-nothing: both files are written to unique
+  temporary names first and renamed into place only once both are complete; a failure leaves no file
+  and no temporary behind."""
   for path, flag in ((out_png, "--out"), (out_npz, "--npz")):
     if path:
       check_output_path(path, flag)

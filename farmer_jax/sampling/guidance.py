@@ -1,6 +1,8 @@
-"""Classifier-free guidance for Gaussian-mixture tokens: FARMER's resampling CFG and JetFormer's naive CFG.
+"""Classifier-free guidance for Gaussian-mixture tokens: FARMER's resampling CFG and JetFormer's
+naive CFG.
 
-Shape letters: R draws (each with its own candidate set), K components, D event dims, S = s_c + s_u candidates.
+Shape letters: R draws (each with its own candidate set), K components, D event dims, S = s_c + s_u
+candidates.
 
 Target (paper Eq. 15): log p'(z) = log p_c(z) + w (log p_c(z) - log p_u(z)) + const.
 
@@ -9,20 +11,22 @@ Temperature convention (docs/sampling.md, one rule for every temperature):
   * T_sigma, T_sigma_v multiply component STANDARD DEVIATIONS sigma_k (the paper's Eq. 11 sigma_k);
   * T_s multiplies the resampling LOG-WEIGHTS.
 
-Resampling CFG (paper Algorithm 1), per draw: s_c candidates from p_c and s_u from p_u, both under the proposal
-temperatures (T_pi, T_sigma); every candidate is scored with r = log p_c - log p_u under the evaluation temperatures
-(T_pi_v, T_sigma_v); conditional candidates get log-weight w r, unconditional ones (w + 1) r; one candidate is drawn
-from softmax(T_s * log-weights). As s_c, s_u -> infinity the drawn value has density
+Resampling CFG (paper Algorithm 1), per draw: s_c candidates from p_c and s_u from p_u, both under
+the proposal temperatures (T_pi, T_sigma); every candidate is scored with r = log p_c - log p_u
+under the evaluation temperatures (T_pi_v, T_sigma_v); conditional candidates get log-weight w r,
+unconditional ones (w + 1) r; one candidate is drawn from softmax(T_s * log-weights). As s_c,
+s_u -> infinity the drawn value has density
 
     f(z)  proportional to  s_c q_c(z) exp(T_s w r(z)) + s_u q_u(z) exp(T_s (w + 1) r(z)),
 
-q_c, q_u the tempered proposals. Only when ALL five temperatures are 1 is this exactly p' (then both terms equal
-p_c^{1+w} / p_u^w); Table 6 uses T_sigma = 0.9, T_pi_v = 0.2, T_s = 1.1, i.e. a deliberately sharpened target.
-With few candidates the draw is biased by O(1/S) towards the proposals. ``effective_sample_size`` of the weights
-(1 = one candidate takes all the weight, S = uniform) tells how far a draw is from that limit.
+q_c, q_u the tempered proposals. Only when ALL five temperatures are 1 is this exactly p' (then both
+terms equal p_c^{1+w} / p_u^w); Table 6 uses T_sigma = 0.9, T_pi_v = 0.2, T_s = 1.1, i.e. a
+deliberately sharpened target. With few candidates the draw is biased by O(1/S) towards the
+proposals. ``effective_sample_size`` of the weights (1 = one candidate takes all the weight,
+S = uniform) tells how far a draw is from that limit.
 
-Naive CFG (JetFormer): pick a component k from the conditional mixture, then sample every dimension independently
-from N_c^{1+w} / N_u^w of component k by rejection sampling.
+Naive CFG (JetFormer): pick a component k from the conditional mixture, then sample every dimension
+independently from N_c^{1+w} / N_u^w of component k by rejection sampling.
 """
 
 import jax
@@ -33,10 +37,12 @@ from farmer_jax.prior import gmm
 
 
 def candidates(key, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int):
-  """One candidate set (S, D) for one draw; ``g_c``/``g_u`` are single mixtures ((K,) logits, (K, D) loc/scale).
+  """One candidate set (S, D) for one draw; ``g_c``/``g_u`` are single mixtures ((K,) logits, (K, D)
+  loc/scale).
 
   Randomness contract: ``k_c, k_u, k_pick = split(key, 3)``; the conditional candidates are
-  ``gmm.sample(k_c, q_c, (s_c,))``, the unconditional ones ``gmm.sample(k_u, q_u, (s_u,))`` (see ``gmm.sample``).
+  ``gmm.sample(k_c, q_c, (s_c,))``, the unconditional ones ``gmm.sample(k_u, q_u, (s_u,))`` (see
+  ``gmm.sample``).
   """
   k_c, k_u, _ = jax.random.split(key, 3)
   parts = []
@@ -48,7 +54,8 @@ def candidates(key, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u:
 
 
 def log_weights(z, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int):
-  """Tempered resampling log-weights T_s * m * r for candidates z (..., S, D) -> (..., S) (m = w or w + 1)."""
+  """Tempered resampling log-weights T_s * m * r for candidates z (..., S, D) -> (..., S) (m = w or
+  w + 1)."""
   r = (gmm.log_prob(gmm.with_temperature(g_c, p.t_pi_v, p.t_sigma_v), z)
        - gmm.log_prob(gmm.with_temperature(g_u, p.t_pi_v, p.t_sigma_v), z))
   mult = jnp.concatenate(
@@ -70,12 +77,14 @@ def resample(keys,
              s_c=None,
              s_u=None,
              chunk: int = 64):
-  """R independent resampling-CFG draws from one pair of mixtures, each over its OWN fresh candidate set.
+  """R independent resampling-CFG draws from one pair of mixtures, each over its OWN fresh candidate
+  set.
 
-  keys (R,) -> (z (R, D), ess (R,)). ``s_c``/``s_u`` override the per-draw candidate counts (the redundant token
-  uses its own). The log-weights of the R x S candidates are evaluated ``chunk`` draws at a time (``lax.map``), so
-  memory stays bounded for the redundant token (R = N draws, K_R x d_R densities) while the op stays vectorised.
-  The pick of draw r is ``argmax(logw_r + gumbel(k_pick_r, (S,)))`` (Gumbel-max, i.e. a categorical draw).
+  keys (R,) -> (z (R, D), ess (R,)). ``s_c``/``s_u`` override the per-draw candidate counts (the
+  redundant token uses its own). The log-weights of the R x S candidates are evaluated ``chunk``
+  draws at a time (``lax.map``), so memory stays bounded for the redundant token (R = N draws,
+  K_R x d_R densities) while the op stays vectorised. The pick of draw r is
+  ``argmax(logw_r + gumbel(k_pick_r, (S,)))`` (Gumbel-max, i.e. a categorical draw).
   """
   s_c = p.s_c if s_c is None else int(s_c)
   s_u = p.s_u if s_u is None else int(s_u)
@@ -97,10 +106,10 @@ def naive_cfg_draw(rng,
                    t_sigma: float = 1.0):
   """JetFormer-style CFG for one example: (K,) / (K, D) mixtures -> (D,).
 
-  The component is drawn from the conditional weights and shared with the unconditional mixture; each dimension
-  is then drawn from q(x) ~ N(x; mu_c, s_c)^{1+w} / N(x; mu_u, s_u)^w by rejection sampling from the proposal
-  N(mu_c, (2 max(s_c, s_u))^2) with an envelope constant taken on a grid of +-10 proposal stds. Dimensions where no
-  proposal is accepted fall back to a conditional draw.
+  The component is drawn from the conditional weights and shared with the unconditional mixture;
+  each dimension is then drawn from q(x) ~ N(x; mu_c, s_c)^{1+w} / N(x; mu_u, s_u)^w by rejection
+  sampling from the proposal N(mu_c, (2 max(s_c, s_u))^2) with an envelope constant taken on a grid
+  of +-10 proposal stds. Dimensions where no proposal is accepted fall back to a conditional draw.
   """
   g_c = gmm.with_temperature(g_c, t_pi, t_sigma)
   g_u = gmm.with_temperature(g_u, t_pi, t_sigma)

@@ -12,8 +12,9 @@ from farmer_jax.conventions import to_uint8
 
 @contextlib.contextmanager
 def atomic_path(path: str):
-  """Yields a unique temporary path next to ``path``; on success it replaces ``path`` (os.replace), on any failure
-  it is removed, so ``path`` is either the complete new file or untouched and no temporary file is left."""
+  """Yields a unique temporary path next to ``path``; on success it replaces ``path`` (os.replace),
+  on any failure it is removed, so ``path`` is either the complete new file or untouched and no
+  temporary file is left."""
   d, base = os.path.split(os.path.abspath(path))
   tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
   try:
@@ -25,7 +26,8 @@ def atomic_path(path: str):
 
 
 def grid_image(images, pad: int = 2):
-  """images: (R, K, H, W, c) in model space [-1, 1) or uint8 -> a PIL image of the grid (rows = R)."""
+  """images: (R, K, H, W, c) in model space [-1, 1) or uint8 -> a PIL image of the grid
+  (rows = R)."""
   images = np.asarray(images)
   if images.dtype != np.uint8:
     images = to_uint8(images)
@@ -39,7 +41,8 @@ def grid_image(images, pad: int = 2):
 
 
 def save_grid(images, path: str, pad: int = 2):
-  """images: (R, K, H, W, c) in model space [-1, 1) or uint8 -> PNG grid at ``path`` (written atomically)."""
+  """images: (R, K, H, W, c) in model space [-1, 1) or uint8 -> PNG grid at ``path`` (written
+  atomically)."""
   img = grid_image(images, pad)
   with atomic_path(path) as tmp:
     img.save(tmp, format="PNG")

@@ -1,16 +1,18 @@
-"""Sampling: AR decode with a KV cache under one ``lax.scan`` (optionally guided), then the exact AF inverse.
+"""Sampling: AR decode with a KV cache under one ``lax.scan`` (optionally guided), then the exact AF
+inverse.
 
 Shape letters: B samples, N tokens, d_I / d_R informative / redundant dims.
 
 Guidance modes (``SamplerConfig.guidance``):
-  * ``none``        ancestral sampling from p(z | y) with temperatures (t_pi on mixture logits, t_sigma on stds);
+  * ``none``        ancestral sampling from p(z | y) with temperatures (t_pi on mixture logits,
+                    t_sigma on stds);
   * ``resampling``  FARMER's resampling CFG (paper Algorithm 1), see ``guidance.py``;
   * ``naive``       JetFormer's per-dimension rejection-sampled CFG.
-Guided modes run the conditional and unconditional streams as ONE doubled batch [cond; uncond] sharing one KV
-cache; the chosen token is written into both halves so the streams stay aligned.
+Guided modes run the conditional and unconditional streams as ONE doubled batch [cond; uncond]
+sharing one KV cache; the chosen token is written into both halves so the streams stay aligned.
 
-Randomness is per sample: sample b uses ``keys[b]`` only (folded with the token index), so a sample depends on its
-own key, not on the batch it was drawn in.
+Randomness is per sample: sample b uses ``keys[b]`` only (folded with the token index), so a sample
+depends on its own key, not on the batch it was drawn in.
 """
 
 import jax
@@ -36,7 +38,8 @@ def _naive(s: SamplerConfig):
 
 
 def draw_informative(keys, g: gmm.GMM, b: int, s: SamplerConfig):
-  """One informative token per sample. keys (B,); g batched (B,) [none] or (2B,) [cond; uncond] [guided].
+  """One informative token per sample. keys (B,); g batched (B,) [none] or (2B,) [cond; uncond]
+  [guided].
 
   Returns (z (B, D), ess (B,) or None): ESS of the resampling weights (resampling CFG only).
   """
@@ -54,10 +57,11 @@ def draw_informative(keys, g: gmm.GMM, b: int, s: SamplerConfig):
 def draw_redundant(keys, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
   """The N redundant tokens of each sample, i.i.d. given the shared GMM (the model's factorisation).
 
-  keys (B, N), one per token; g the shared redundant GMM batched (B,) [none] or (2B,) [cond; uncond] [guided].
-  ``redundant_var_scale`` first multiplies the variances of both mixtures (std floored at ``floor``). Under
-  resampling CFG every token is drawn over its OWN fresh candidate set (``redundant_candidates`` per group).
-  Returns (z_r (B, N, d_R), ess (B,) mean over tokens, or None).
+  keys (B, N), one per token; g the shared redundant GMM batched (B,) [none] or (2B,) [cond; uncond]
+  [guided]. ``redundant_var_scale`` first multiplies the variances of both mixtures (std floored at
+  ``floor``). Under resampling CFG every token is drawn over its OWN fresh candidate set
+  (``redundant_candidates`` per group). Returns (z_r (B, N, d_R), ess (B,) mean over tokens, or
+  None).
   """
   b = keys.shape[0]
   c = s.cfg
@@ -79,9 +83,10 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
   """keys (B,) PRNG keys, y (B,) labels -> z (B, N, d) in AR order [, stats].
 
   Keys: token i (0-based) of sample b draws with ``fold_in(keys[b], i)``; the redundant token i with
-  ``fold_in(fold_in(keys[b], N), i)``. ``stats`` (resampling CFG only; empty otherwise): ``ess_informative``
-  (B,) = mean over the N informative draws of the weights' effective sample size (out of s_c + s_u), and
-  ``ess_redundant`` (B,) = the same over the N redundant draws (out of 2 * redundant_candidates).
+  ``fold_in(fold_in(keys[b], N), i)``. ``stats`` (resampling CFG only; empty otherwise):
+  ``ess_informative`` (B,) = mean over the N informative draws of the weights' effective sample size
+  (out of s_c + s_u), and ``ess_redundant`` (B,) = the same over the N redundant draws (out of
+  2 * redundant_candidates).
   """
   validate_sampler(s)
   model = Farmer(cfg)

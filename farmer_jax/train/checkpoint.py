@@ -1,9 +1,10 @@
 """Orbax checkpoints of the train state: async saves, keep-last-n (+ periodic keepers), restore onto
 any mesh, fallback past unreadable checkpoints.
 
-A checkpoint step holds two items: ``state`` (params, optimizer state, EMA, step, bad_step; sharded
-arrays, written by every process) and ``meta`` (JSON: the data-iterator position and the RNG seed;
-the input pipeline is a pure function of (seed, step), so that is its whole state).
+A checkpoint step holds three items: ``state`` (params, optimizer state, EMA, step, bad_step;
+sharded arrays, written by every process), ``meta`` (JSON: step, seed and the input's layout, see
+data/pipeline.py) and ``data`` (the grain iterator state of every process, one JSON file each,
+written by grain's Orbax handler ``grain.checkpoint.CheckpointSave``).
 
 An unreadable step (truncated or corrupt files) newer than a readable one is skipped on restore. The
 trainer's Checkpointer moves it aside, to ``<directory>/<step>.unreadable`` (``.unreadable-2``, ...
@@ -18,10 +19,11 @@ import logging
 import numbers
 import os
 
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "meta")
+ITEMS = ("state", "meta", "data")
 
 
 class UnreadableCheckpoints(ValueError):
@@ -83,13 +85,27 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
     return self._mngr
 
-  def save(self, step, state, meta):
-    """Starts an (async) save of ``state`` at ``step``; the device->host copy finishes before this
-    returns."""
+  def save(self, step, state, meta, data=None):
+    """Starts an (async) save of ``state`` at ``step`` (and of ``data``, an iterator state item for
+    grain's handler, if given); the device->host copy finishes before this returns."""
     if self.read_only:
       raise ValueError(f"{self.directory} was opened read-only; nothing may be saved there")
-    self._manager(create=True).save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data)
+    self._manager(create=True).save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def restore_data(self, step, holder):
+    """Restores this process's saved iterator state of ``step`` into ``holder`` (an object with
+    ``set_state``) through grain's handler; returns False if there is none for this process (a
+    checkpoint without input state, or written with another process count)."""
+    try:
+      with _quiet_absl() if self.read_only else contextlib.nullcontext():
+        self._manager(create=False).restore(
+            int(step), args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(holder)))
+    except (ValueError, KeyError, FileNotFoundError):
+      return False
+    return True
 
   def wait(self):
     if self._mngr is not None:

@@ -2,6 +2,7 @@
 summary.json, from a Trainer (train/trainer.py)."""
 
 import json
+import math
 import time
 
 import jax
@@ -9,9 +10,9 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding
-from farmer_jax.config import SamplerConfig
-from farmer_jax.data.pipeline import load_split
-from farmer_jax.eval.likelihood import evaluate_bpd
+from farmer_jax.config import DataConfig, EvalConfig, SampleConfig
+from farmer_jax.data.pipeline import eval_batches
+from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
 
 
@@ -20,12 +21,19 @@ def _progress(tr):
 
 
 def evaluate(tr):
-  """Test bits/dim of the trainer's eval params (see ``eval.likelihood.evaluate_bpd``)."""
-  cfg = tr.config
-  images, labels = load_split(cfg.data, cfg.eval.split)
-  bar = tqdm(total=len(images), desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True)
-  res = evaluate_bpd(tr.model, tr.eval_params(), images, labels, cfg.eval.batch_size,
-                     seed=tr.t.seed, progress=lambda done, n: bar.update(done - bar.n))
+  """Test bits/dim of the trainer's eval params over every example of ``config.eval.split``
+  (see ``eval.likelihood.evaluate_batches``), sharded over the training mesh. The eval batch is
+  rounded up to a multiple of the data-parallel slots and processes (padding is masked out)."""
+  cfg, e = tr.config, EvalConfig.from_config(tr.config)
+  unit = math.lcm(sharding.batch_slots(tr.mesh, tr.rules), jax.process_count())
+  global_batch = -(-e.batch_size // unit) * unit
+  batches, steps, n = eval_batches(DataConfig.from_config(cfg), e.split, global_batch,
+                                   jax.process_index(), jax.process_count())
+  bar = tqdm(total=n, desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True)
+  with tr.mesh_context():
+    res = evaluate_batches(tr.model, tr.eval_params(), batches, steps,
+                           put=lambda b: sharding.global_batch(b, tr.mesh, tr.batch_sh),
+                           seed=tr.t.seed, progress=lambda done: bar.update(done - bar.n))
   bar.close()
   return res
 
@@ -38,11 +46,11 @@ def sample_grid(tr, path):
   replicated outputs: every process gets the images, process 0 writes them. Non-finite samples
   raise (ValueError from ``generate``) before anything is written.
   """
-  s = tr.config.sample
+  s = SampleConfig.from_config(tr.config)
   classes = parse_classes("all", tr.mcfg.num_classes)
   with tr.mesh_context():
     images, labels = generate(tr.mcfg, tr.eval_params(), classes, s.per_class,
-                              SamplerConfig.from_config(s), seed=s.seed,
+                              s.sampler, seed=s.seed,
                               batch_size=len(classes) * s.per_class, progress=_progress(tr),
                               out_sharding=sharding.replicated(tr.mesh))
   if jax.process_index() == 0:

@@ -15,8 +15,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding
-from farmer_jax.config import ConfigError, TrainConfig, config_changes, resolved_config, validate
-from farmer_jax.data.pipeline import ArrayLoader, load_split
+from farmer_jax.config import (ConfigError, DataConfig, TrainConfig, config_changes,
+                               resolved_config, validate)
+from farmer_jax.data.pipeline import TrainInput, state_holder
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.checkpoint import Checkpointer
 from farmer_jax.train.lock import WorkdirLock
@@ -50,11 +51,10 @@ class Trainer:
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     # ---- input pipeline ----
-    images, labels = load_split(config.data, "train")
-    self.loader = ArrayLoader(images, labels, t.batch_size, seed=t.seed,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
     self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+    self.input = TrainInput(DataConfig.from_config(config), t.batch_size, t.seed,
+                            jax.process_index(), jax.process_count(),
+                            put=lambda b: sharding.global_batch(b, self.mesh, self.batch_sh))
     # ---- model and optimizer from shapes ----
     self.model = Farmer(self.mcfg)
     self.tx, self.lr_fn = make_optimizer(t)
@@ -91,7 +91,10 @@ class Trainer:
     self._created_workdir = not existed
 
   def close(self):
-    """Releases the workdir lock (and removes a workdir this run created but never wrote to)."""
+    """Stops the input's threads/workers, releases the workdir lock (and removes a workdir this run
+    created but never wrote to)."""
+    if getattr(self, "input", None) is not None:
+      self.input.close()
     if self.lock is not None:
       self.lock.release()
       self.lock = None
@@ -109,13 +112,19 @@ class Trainer:
     if self.ckpt.steps():   # compare configs first: a clear diff beats an Orbax tree-mismatch error
       self._check_same_model()
     restored = self.ckpt.restore_latest(self.abstract_state, self.state_sh, say=self.log)
-    if restored is not None:
-      self.state, meta, self.restored_step = restored
-      if meta.get("seed") != t.seed:
-        raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with "
-                         f"train.seed={meta.get('seed')}, this run has {t.seed}; resume with the "
-                         "same config or use a fresh --workdir")
-      self.log(f"resumed from {self.ckpt.directory} at step {self.restored_step}")
+    if restored is None:
+      self.input.start(0)
+      return
+    self.state, meta, self.restored_step = restored
+    if meta.get("seed") != t.seed:
+      raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with "
+                       f"train.seed={meta.get('seed')}, this run has {t.seed}; resume with the "
+                       "same config or use a fresh --workdir")
+    holder = state_holder()
+    has_state = self.ckpt.restore_data(self.restored_step, holder)
+    how = self.input.start(int(self.state["step"]), (meta.get("data", {}),
+                                                      holder.state if has_state else None))
+    self.log(f"resumed from {self.ckpt.directory} at step {self.restored_step}; {how}")
 
   def _check_same_model(self):
     """Resuming must not silently change what the checkpoint's params mean: settings that shapes
@@ -174,14 +183,13 @@ class Trainer:
     bar = tqdm(total=t.steps, initial=start, disable=self.quiet or jax.process_index() != 0,
                desc="train", dynamic_ncols=True)
     tick, tick_step = time.time(), start
-    it = self.loader.iterate(start)
     stop = self.stop
     if threading.current_thread() is threading.main_thread() and signal.getsignal(
         signal.SIGTERM) in (signal.SIG_DFL, None):
       install_sigterm(stop)
     with self.mesh_context():
       for s in range(start, end):
-        batch = sharding.global_batch(next(it), self.mesh, self.batch_sh)
+        batch = next(self.input)
         self.state, m = self.train_step(self.state, batch, self.rng)
         pending.append(m)
         bar.update(1)
@@ -224,7 +232,9 @@ class Trainer:
     """Async save of the full train state (never of a state that saw a non-finite step)."""
     self._check_finite()
     step = int(self.state["step"])
-    self.ckpt.save(step, self.state, {"step": step, "data_step": step, "seed": int(self.t.seed)})
+    data_meta, data_state = self.input.checkpoint()
+    self.ckpt.save(step, self.state, {"step": step, "seed": int(self.t.seed), "data": data_meta},
+                   data=data_state)
 
 
 class Preempted(Exception):
