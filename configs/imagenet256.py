@@ -91,7 +91,9 @@ def get_config(arg=None):
   c.train = configlib.base_train()
   c.train.update(batch_size=a.batch, steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch, lr=1e-4,
                  min_lr=1e-6, warmup_steps=5000, weight_decay=0.03, noise_max=0.1, noise_min=0.005,
-                 label_drop=0.1, log_every=100)
+                 label_drop=0.1, log_every=100,
+                 # a lost node or preemption costs at most 1000 steps; keep 3 + every 50k-th
+                 ckpt_every=1000, ckpt_keep=3, ckpt_keep_period=50_000)
   c.eval = configlib.base_eval(batch_size=256, split="validation")
   # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says
   # the pool is larger than s_c/s_u, so 16 per group (32 per token) is our choice. See

@@ -1,13 +1,15 @@
 """The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also
 ``python -m farmer_jax``.
 
-Commands: train, export, sample, prepare.
+Commands: train, export, sample, prepare, check.
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
       [--npz=s.npz]
   farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos [--image_size=256]
+  farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run --devices=64 \
+      --processes=16
 
 Errors: a bad value (config field, flag, path) is refused before any work or any file is
 written. Every expected failure prints ONE line ``farmer_jax <command>: <message>`` as the last
@@ -75,6 +77,11 @@ flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on 
 flags.DEFINE_string("npz", None,
                     "sample: also write uint8 images + labels to this .npz (for FID tools).")
 
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "train: persistent XLA compilation cache (local or gs://), shared by restarts.")
+# check
+flags.DEFINE_integer("devices", None, "check: devices of the target machine(s) (default: these).")
+flags.DEFINE_integer("processes", None, "check: processes (hosts) of the target (default: 1).")
 # prepare
 flags.DEFINE_string("folder", None, "prepare: image folder, one subfolder per class.")
 flags.DEFINE_string("data_dir", None, "prepare: where the dataset is written (DIR/NAME/1.0.0).")
@@ -107,6 +114,9 @@ def _train(argv):
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/farmer_quickstart")
   from farmer_jax.distributed import initialize
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
   from farmer_jax.config import validate
   validate(FLAGS.config,
            FLAGS.workdir)  # the whole run config + workdir, before anything is written
@@ -252,7 +262,33 @@ def _prepare(argv):
           say=(lambda _: None) if FLAGS.quiet else print)
 
 
-COMMANDS = {"train": _train, "export": _export, "sample": _sample, "prepare": _prepare}
+def _check(argv):
+  """Validates a run config (data included) for a target of --devices / --processes without
+  starting anything: what a launcher runs before it pays for machines."""
+  if FLAGS.config is None or not FLAGS.workdir:
+    raise app.UsageError("--config and --workdir are required")
+  for name in ("devices", "processes"):
+    v = getattr(FLAGS, name)
+    if v is not None and v < 1:
+      raise ValueError(f"--{name}={v} must be >= 1")
+  processes = FLAGS.processes or 1
+  if FLAGS.devices is not None and FLAGS.devices % processes:
+    raise ValueError(f"--devices={FLAGS.devices} is not a multiple of --processes={processes}")
+  from farmer_jax.config import DataConfig, TrainConfig, validate
+  m = validate(FLAGS.config, FLAGS.workdir, num_devices=FLAGS.devices, num_processes=processes)
+  d, t = DataConfig.from_config(FLAGS.config), TrainConfig.from_config(FLAGS.config)
+  from farmer_jax import storage
+  where = "a bucket" if storage.is_url(FLAGS.workdir) else "a local path"
+  print(f"config OK: {m.num_tokens} tokens of d={m.token_dim}, data {d.name}, global batch "
+        f"{t.batch_size} on {FLAGS.devices or 'the local'} device(s) / {processes} process(es), "
+        f"workdir {FLAGS.workdir} ({where})")
+  if processes > 1 and not storage.is_url(FLAGS.workdir):
+    print(f"note: {processes} processes with a local --workdir: it must be one filesystem shared by "
+          "every host (e.g. NFS), or each host checkpoints to its own disk")
+
+
+COMMANDS = {"train": _train, "export": _export, "sample": _sample, "prepare": _prepare,
+            "check": _check}
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"
     f"commands: {', '.join(COMMANDS)}\n"

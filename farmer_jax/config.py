@@ -472,6 +472,15 @@ class TrainConfig(_Section):
   ckpt_keep_period: int = _field(0, ("int", 0,
                                            "an integer >= 0 (0 = keep no periodic checkpoints)",
                                            "e.g. --config.train.ckpt_keep_period=0"))
+  # multi-process runs: steps between the all-process SIGTERM checks (a host sync); 1 process
+  # checks every step at no cost
+  preempt_check_every: int = _field(10, ("int", 1, None,
+                                         "e.g. --config.train.preempt_check_every=10"))
+  # profiler trace of steps [profile_start, profile_start + profile_steps) to WORKDIR/profile
+  # (TensorBoard's profile tab); 0 steps = off
+  profile_start: int = _field(10, ("int", 0, None, "e.g. --config.train.profile_start=100"))
+  profile_steps: int = _field(0, ("int", 0, "an integer >= 0 (0 = no trace)",
+                                  "e.g. --config.train.profile_steps=5"))
 
   @property
   def noise_anneal_steps(self):

@@ -11,6 +11,7 @@ A run folder (``RunDir``)::
   WORKDIR/samples.png        the class grid sampled after training
   WORKDIR/summary.json       test bits/dim and timings (train/report.py)
   WORKDIR/.farmer_jax.lock   held while a run trains (train/lock.py)
+  WORKDIR/profile/           profiler traces (train.profile_steps > 0)
 
 An export folder (``ExportDir``; sampling/export.py)::
 
@@ -24,8 +25,8 @@ import os
 
 import ml_collections
 
+from farmer_jax import storage
 from farmer_jax.config import upgrade_saved_config
-from farmer_jax.sampling.images import atomic_path
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -34,6 +35,7 @@ TENSORBOARD = "tb"
 SAMPLES = "samples.png"
 SUMMARY = "summary.json"
 LOCK = ".farmer_jax.lock"
+PROFILE = "profile"
 
 EXPORT_META = "export.json"
 EXPORT_PARAMS = "params"
@@ -42,7 +44,8 @@ EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS})
 
 class _Layout:
   """Paths of a folder laid out as ``_FILES`` says: ``attribute -> (file name, absolute?)``.
-  ``path`` is kept as given (messages show it so); absolute entries are for Orbax and the lock."""
+  ``path`` is kept as given (messages show it so); absolute entries are for Orbax and the lock. A
+  URL (``gs://bucket/run``) stays a URL (storage.py)."""
   _FILES = {}
 
   def __init__(self, path):
@@ -52,7 +55,7 @@ class _Layout:
     if name not in self._FILES:
       raise AttributeError(f"{type(self).__name__} has no entry {name!r}")
     fname, absolute = self._FILES[name]
-    return os.path.join(os.path.abspath(self.path) if absolute else self.path, fname)
+    return storage.join(storage.absolute(self.path) if absolute else self.path, fname)
 
 
 class RunDir(_Layout):
@@ -72,20 +75,12 @@ class ExportDir(_Layout):
 def read_saved_config(directory):
   """The config.json of a run or export folder, upgraded to today's keys (``upgrade_saved_config``);
   None if the folder has none. A corrupt file raises (json.JSONDecodeError, OSError)."""
-  path = os.path.join(os.fspath(directory), CONFIG)
-  if not os.path.exists(path):
+  path = storage.join(directory, CONFIG)
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
+  return upgrade_saved_config(ml_collections.ConfigDict(json.loads(storage.read_text(path))))
 
 
 def write_saved_config(directory, config):
   """Writes ``config`` (a ConfigDict) as the folder's config.json, atomically."""
-  write_text(os.path.join(os.fspath(directory), CONFIG), config.to_json_best_effort(indent=2))
-
-
-def write_text(path, text):
-  """Writes ``text`` to ``path`` atomically: a reader sees the old file or the complete new one."""
-  with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      f.write(text)
+  storage.write_text(storage.join(directory, CONFIG), config.to_json_best_effort(indent=2))

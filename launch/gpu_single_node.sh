@@ -1,8 +1,44 @@
 #!/usr/bin/env bash
-# One node, N GPUs, ONE process (JAX drives all local GPUs): the mesh in the config spans every visible device.
-#   CONFIG=configs/imagenet256.py:1.1B/16 WORKDIR=/ckpt/farmer launch/gpu_single_node.sh [--config.x=y ...]
-# Install once: pip install -e . 'jax[cuda12]'
+# One node, all its GPUs, ONE process: JAX drives every visible GPU and the mesh spans them
+# (default MESH: FSDP over all local GPUs). Several nodes: launch/slurm_multinode.sbatch (one
+# process per GPU there).
+#   CONFIG=configs/imagenet256.py:1.1B/16 WORKDIR=/ckpt/farmer launch/gpu_single_node.sh \
+#     [--config.x=y ...]
+# Install once, from the repository root:
+#   pip install -e . && pip install -U "jax[cuda12]" -c launch/constraints.txt
+# Re-running the same command resumes from the newest checkpoint in WORKDIR. Optional: MESH, CACHE
+# (XLA compilation cache directory), PYTHON. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
-: "${CONFIG:?}" "${WORKDIR:?}"
-exec python -m farmer_jax train --config="$CONFIG" --workdir="$WORKDIR" \
-  --config.mesh="(('data', 1), ('fsdp', -1))" "$@"
+
+: "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:1.1B/16}"
+: "${WORKDIR:?set WORKDIR, the run directory}"
+MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
+
+# Words joined into one line that bash reads back as the same words.
+shell_join() {
+  local out="" w q
+  for w in "$@"; do
+    if [[ $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      q=$w
+    elif [[ $w != *[\"\$\`\\!]* ]]; then
+      q="\"$w\""
+    else
+      q="'${w//\'/\'\\\'\'}'"
+    fi
+    out+="${out:+ }$q"
+  done
+  printf '%s' "$out"
+}
+
+# Prints `+ CMD`, then replaces this shell with it (DRY_RUN=1: only prints).
+run_cmd() {
+  printf '+ %s\n' "$(shell_join "$@")"
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    exit 0
+  fi
+  exec "$@"
+}
+
+args=(--config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH")
+if [[ -n ${CACHE:-} ]]; then args+=(--compilation_cache_dir="$CACHE"); fi
+run_cmd "${PYTHON:-python}" -m farmer_jax train "${args[@]}" "$@"

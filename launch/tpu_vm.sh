@@ -1,32 +1,431 @@
 #!/usr/bin/env bash
-# Cloud TPU VM pod slice: create, install on every worker, run the SAME command on every worker, fetch logs, delete.
+# Cloud TPU VM slices (v4, v5e, v5p): request the slice as a queued resource, ship this commit to
+# every worker, install, run the same `farmer_jax train` on every worker, read logs, resume after a
+# preemption, delete. Walkthrough, defaults and costs: docs/launch.md.
 #
-#   PROJECT=my-proj ZONE=us-central2-b TPU=farmer-v4 TYPE=v4-32 VERSION=tpu-ubuntu2204-base \
-#   WORKDIR=gs://my-bucket/farmer_1.1b_p16 CONFIG=configs/imagenet256.py:1.1B/16 launch/tpu_vm.sh all
+#   PROJECT=my-proj TPU=farmer-v4 TYPE=v4-32 WORKDIR=gs://my-bucket/farmer_1.1b_p16 \
+#   CONFIG=configs/imagenet256.py:1.1B/16,data_dir=gs://my-bucket/tfds \
+#   launch/tpu_vm.sh up [--config.x=y ...]
 #
-# Steps: create | install | run | logs | delete | all. Every worker runs the same `farmer_jax train`
-# with --distributed=auto (jax.distributed.initialize() auto-detects the TPU pod); each host reads its own data
-# shard, process 0 writes logs/images, all hosts write checkpoints. Re-running `run` after a preemption resumes
-# from the newest checkpoint in $WORKDIR. v5e/v5p: set TYPE=v5litepod-16 / v5p-64 and a matching VERSION.
+# Nothing is created unless an action is named. DRY_RUN=1 prints every command (`+ ...`) instead
+# of running it. Arguments after the action are forwarded to `farmer_jax train`.
 set -euo pipefail
-: "${PROJECT:?}" "${ZONE:?}" "${TPU:?}" "${TYPE:=v4-32}" "${VERSION:=tpu-ubuntu2204-base}"
-: "${CONFIG:=configs/imagenet256.py:1.1B/16}" "${WORKDIR:?set WORKDIR (a gs:// path shared by all hosts)}"
-REPO=${REPO:-$(git remote get-url origin 2>/dev/null || echo "")}
-ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU" --project="$PROJECT" --zone="$ZONE" --worker=all --command="$1"; }
 
-create()  { gcloud compute tpus tpu-vm create "$TPU" --project="$PROJECT" --zone="$ZONE" --accelerator-type="$TYPE" \
-              --version="$VERSION"; }
-install() { ssh_all "set -e; [ -d farmer_jax ] || git clone $REPO farmer_jax; cd farmer_jax && git pull --ff-only;
-                     python3 -m venv .venv && . .venv/bin/activate && pip install -U pip &&
-                     pip install -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"; }
-run()     { ssh_all "cd farmer_jax && . .venv/bin/activate && nohup farmer_jax train --config=$CONFIG \
-                     --workdir=$WORKDIR --distributed=auto ${EXTRA_FLAGS:-} > train.log 2>&1 &"; }
-logs()    { gcloud compute tpus tpu-vm ssh "$TPU" --project="$PROJECT" --zone="$ZONE" --worker=0 \
-              --command="tail -n 50 farmer_jax/train.log"; }
-delete()  { gcloud compute tpus tpu-vm delete "$TPU" --project="$PROJECT" --zone="$ZONE" --quiet; }
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"                                   # CONFIG paths are relative to the repository root
+exec 3>&1                                    # `+ command` lines go here, even from $(...)
+DRY_RUN=${DRY_RUN:-0}
+PROG=launch/tpu_vm.sh
+QR_ID=${QR_ID:-${TPU:+$TPU-qr}}
+MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
+SMOKE_MESH="(('data', -1), ('fsdp', 1))"
+SCOPES=https://www.googleapis.com/auth/cloud-platform
 
-case "${1:-all}" in
-  create|install|run|logs|delete) "$1" ;;
-  all) create; install; run; echo "started; follow with: $0 logs; stop with: $0 delete" ;;
-  *) echo "usage: $0 create|install|run|logs|delete|all" >&2; exit 2 ;;
+usage() {
+  cat >&2 <<EOF
+usage: $PROG ACTION [--config.x=y ...]     (arguments after ACTION go to farmer_jax train)
+
+actions ("\$" = creates or keeps paying for a TPU slice):
+  up          \$ check, create, install, train: the first launch (alias: all)
+  check         farmer_jax check locally for the slice's devices/processes (no cloud call)
+  create      \$ request the slice as a queued resource and wait until it is ACTIVE
+  install       ship the local commit (git archive HEAD) to every worker and install it
+  train         start training in the background on every worker (alias: run)
+  smoke         print the devices seen on every worker, then 50 quickstart steps on the slice
+  logs          tail of a worker's log: WORKER=0 TAIL=50; from the bucket if WORKDIR is set
+  status        queued resource and TPU state; with WORKDIR, whether the run has finished
+  stop          SIGTERM the training on every worker (it checkpoints and exits 0)
+  resume      \$ after a preemption: recreate the slice if it is gone, reinstall, train again
+  delete        delete the queued resource and its TPU (the bucket is kept)
+
+settings (environment):
+  PROJECT, TPU             always; ZONE defaults from TYPE
+  TYPE                     v4-N, v5litepod-N (v5e) or v5p-N, e.g. v4-32, v5litepod-16, v5p-64
+  WORKDIR                  gs://BUCKET/PATH (checkpoints, metrics, logs/worker-I.log)
+  CONFIG                   e.g. configs/imagenet256.py:1.1B/16,data_dir=gs://BUCKET/tfds
+  VERSION                  TPU runtime (default from TYPE);  SPOT=1: Spot capacity
+  MESH                     default "(('data', 1), ('fsdp', -1))" (FSDP over the whole slice)
+  CACHE                    XLA compilation cache, default gs://BUCKET/xla_cache
+  QR_ID                    queued resource name, default TPU-qr;  SERVICE_ACCOUNT (optional)
+  SKIP_CHECK=1             skip the local farmer_jax check;  ALLOW_DIRTY=1: ship HEAD anyway
+  DRY_RUN=1                print the commands instead of running them
+EOF
+}
+
+die() {
+  echo "$PROG: $*" >&2
+  exit 2
+}
+
+# Words joined into one line that bash reads back as the same words.
+shell_join() {
+  local out="" w q
+  for w in "$@"; do
+    if [[ $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      q=$w
+    elif [[ $w != *[\"\$\`\\!]* ]]; then
+      q="\"$w\""
+    else
+      q="'${w//\'/\'\\\'\'}'"
+    fi
+    out+="${out:+ }$q"
+  done
+  printf '%s' "$out"
+}
+
+# The one wrapper for external commands: prints `+ CMD`, then runs it (DRY_RUN=1: only prints).
+#   -q  do not print when really running (polling)   -a  run even when DRY_RUN=1 (local, no cost)
+run_cmd() {
+  local quiet=0 always=0
+  while [[ ${1:-} == -[qa] ]]; do
+    [[ $1 == -q ]] && quiet=1
+    [[ $1 == -a ]] && always=1
+    shift
+  done
+  if [[ $DRY_RUN == 1 || $quiet == 0 ]]; then
+    printf '+ %s\n' "$(shell_join "$@")" >&3
+  fi
+  if [[ $DRY_RUN == 1 && $always == 0 ]]; then
+    return 0
+  fi
+  "$@"
+}
+
+# The stdout of a read-only gcloud query ("" on error); DRY_RUN=1: prints it, answers $1.
+query() {
+  local assumed=$1
+  shift
+  if [[ $DRY_RUN == 1 ]]; then
+    run_cmd "$@"
+    printf '%s\n' "$assumed"
+  else
+    run_cmd -q "$@" 2>/dev/null || true
+  fi
+}
+
+pause() {
+  if [[ $DRY_RUN != 1 ]]; then
+    sleep "$1"
+  fi
+}
+
+need() {
+  local v
+  for v in "$@"; do
+    if [[ -z ${!v:-} ]]; then
+      die "set $v (see '$PROG' without arguments for every setting)"
+    fi
+  done
+}
+
+# TYPE -> GEN, CHIPS, DEVICES (one JAX device per chip), PROCESSES (one per host), default VERSION
+# and ZONE. v4-N / v5p-N count TensorCores (2 per chip), 4 chips per host; v5litepod-N counts
+# chips, one host up to 8 chips, 4 chips per host beyond.
+parse_type() {
+  need TYPE
+  local n=${TYPE#*-} version zone
+  case $TYPE in
+    v4-*) GEN=v4 version=tpu-ubuntu2204-base zone=us-central2-b ;;
+    v5litepod-*) GEN=v5e version=v2-alpha-tpuv5-lite zone=us-west4-a ;;
+    v5p-*) GEN=v5p version=v2-alpha-tpuv5 zone=us-east5-a ;;
+    *) die "TYPE=$TYPE is not supported; use one of: v4-N (e.g. v4-32), v5litepod-N (v5e, e.g." \
+         "v5litepod-16), v5p-N (e.g. v5p-64)" ;;
+  esac
+  [[ $n =~ ^[1-9][0-9]*$ ]] || die "TYPE=$TYPE: the part after '-' must be a number, e.g. v4-32"
+  if [[ $GEN == v5e ]]; then
+    CHIPS=$n
+    if ((n <= 8)); then PROCESSES=1; else PROCESSES=$((n / 4)); fi
+    ((n == 1 || n == 4 || n == 8 || (n > 8 && n % 4 == 0))) ||
+      die "TYPE=$TYPE: v5litepod-N needs N = 1, 4, 8 or a multiple of 4 above 8, e.g. v5litepod-16"
+  else
+    CHIPS=$((n / 2))
+    PROCESSES=$((CHIPS / 4))
+    ((n % 8 == 0)) || die "TYPE=$TYPE: $GEN-N needs N (TensorCores) a multiple of 8, e.g. $GEN-32"
+  fi
+  DEVICES=$CHIPS
+  VERSION=${VERSION:-$version}
+  ZONE=${ZONE:-$zone}
+}
+
+# ZONE for the actions that do not need TYPE (delete, logs, stop, status).
+need_zone() {
+  if [[ -z ${ZONE:-} && -n ${TYPE:-} ]]; then
+    parse_type
+  fi
+  need PROJECT ZONE TPU
+}
+
+parse_workdir() {
+  need WORKDIR
+  WORKDIR=${WORKDIR%/}
+  [[ $WORKDIR =~ ^gs://([a-z0-9][-a-z0-9_.]*)/[^/].*$ ]] ||
+    die "WORKDIR=$WORKDIR must be gs://BUCKET/PATH: a TPU VM's local disk is per host and lost" \
+      "on preemption, so checkpoints, metrics and logs go to a bucket"
+  BUCKET=gs://${BASH_REMATCH[1]}
+  CACHE=${CACHE:-$BUCKET/xla_cache}
+}
+
+train_args() {
+  TRAIN_ARGS=(--config="$CONFIG" --workdir="$WORKDIR" --distributed=auto
+    --compilation_cache_dir="$CACHE" --config.mesh="$MESH" "$@")
+}
+
+# Refuses to ship a commit that is not what the user is looking at.
+git_head() {
+  if [[ -n ${SHA:-} ]]; then return 0; fi
+  SHA=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit to ship"
+  if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no) ]]; then
+    [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
+      die "the working tree has uncommitted changes to tracked files, and workers get the" \
+        "commit (git archive HEAD), not your edits. Commit them, or set ALLOW_DIRTY=1 to ship" \
+        "HEAD ${SHA:0:12} without them"
+    echo "$PROG: ALLOW_DIRTY=1: shipping HEAD ${SHA:0:12}; uncommitted changes stay here" >&2
+  fi
+}
+
+need_gcloud() {
+  if [[ $DRY_RUN != 1 ]] && ! command -v gcloud >/dev/null; then
+    die "gcloud not found: install the Google Cloud CLI and run 'gcloud auth login'"
+  fi
+}
+
+# farmer_jax check CONFIG on this machine for the slice's devices/processes, before paying.
+check_local() {
+  if [[ ${SKIP_CHECK:-0} == 1 ]]; then
+    echo "SKIP_CHECK=1: not checking the config locally"
+    return 0
+  fi
+  command -v farmer_jax >/dev/null ||
+    die "farmer_jax is not installed here, so the config cannot be checked before the slice is" \
+      "created. Install it (pip install -e . in $ROOT) or set SKIP_CHECK=1 to skip the check"
+  run_cmd -a farmer_jax check "$@" --devices="$DEVICES" --processes="$PROCESSES" ||
+    die "farmer_jax check failed (above); nothing was created. SKIP_CHECK=1 skips the check"
+}
+
+ssh_to() {
+  local worker=$1 remote=$2
+  echo "# on worker(s) $worker: $remote"
+  run_cmd gcloud compute tpus tpu-vm ssh "$TPU" --project="$PROJECT" --zone="$ZONE" \
+    --worker="$worker" --command="$remote"
+}
+
+qr_state() {
+  query "$1" gcloud compute tpus queued-resources describe "$QR_ID" --project="$PROJECT" \
+    --zone="$ZONE" --format='value(state.state)'
+}
+
+tpu_state() {
+  query "$1" gcloud compute tpus tpu-vm describe "$TPU" --project="$PROJECT" --zone="$ZONE" \
+    --format='value(state)'
+}
+
+wait_active() {
+  local state last=none misses=0
+  while :; do
+    state=$(qr_state ACTIVE)
+    if [[ -z $state ]] && ((++misses < 5)); then   # tolerate a few failed queries
+      pause "${POLL_S:-30}"
+      continue
+    fi
+    misses=0
+    if [[ $state != "$last" ]]; then
+      echo "$(date -u +%H:%M:%SZ) queued resource $QR_ID: ${state:-not found}"
+      [[ $state != WAITING_FOR_RESOURCES ]] ||
+        echo "  (waiting for capacity can take hours; Ctrl-C stops waiting, the request stays" \
+          "queued and is billed from ACTIVE on, until '$PROG delete')"
+      last=$state
+    fi
+    case $state in
+      ACTIVE) return 0 ;;
+      FAILED | SUSPENDING | SUSPENDED | DELETING | "")
+        die "queued resource $QR_ID is ${state:-not found}; see 'gcloud compute tpus" \
+          "queued-resources describe $QR_ID --zone=$ZONE', then '$PROG delete' and try again" ;;
+    esac
+    pause "${POLL_S:-30}"
+  done
+}
+
+create() {
+  local state args
+  state=$(qr_state "")
+  case $state in
+    "")
+      args=(--node-id="$TPU" --project="$PROJECT" --zone="$ZONE" --accelerator-type="$TYPE"
+        --runtime-version="$VERSION" --scopes="$SCOPES")
+      if [[ -n ${SERVICE_ACCOUNT:-} ]]; then args+=(--service-account="$SERVICE_ACCOUNT"); fi
+      if [[ ${SPOT:-0} == 1 ]]; then args+=(--spot); fi
+      run_cmd gcloud compute tpus queued-resources create "$QR_ID" "${args[@]}" ;;
+    ACTIVE) echo "queued resource $QR_ID is already ACTIVE; not creating it again" ;;
+    ACCEPTED | PROVISIONING | WAITING_FOR_RESOURCES | CREATING)
+      echo "queued resource $QR_ID was already requested ($state)" ;;
+    *) die "queued resource $QR_ID exists and is $state: '$PROG resume' recreates it," \
+         "'$PROG delete' removes it" ;;
+  esac
+  wait_active
+}
+
+# The commit, a Python 3.11 venv (uv; the TPU images ship 3.10 and jax >= 0.10 needs 3.11), jax[tpu]
+# at the constraints' jax version, and the package, on every worker.
+install() {
+  git_head
+  local tarball=/tmp/farmer_jax-$SHA.tar.gz try jax_version remote
+  jax_version=$(sed -n 's/^jax==//p' "$ROOT/launch/constraints.txt")
+  [[ -n $jax_version ]] || die "launch/constraints.txt pins no jax version"
+  run_cmd git -C "$ROOT" archive --format=tar.gz -o "$tarball" HEAD
+  for try in 1 2 3 4 5; do                    # a fresh slice may refuse ssh for a minute
+    run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$ROOT/launch/tpu_worker.sh" \
+      "$ROOT/launch/constraints.txt" "$TPU:/tmp/" --worker=all --project="$PROJECT" \
+      --zone="$ZONE" && break
+    ((try < 5)) || die "could not copy to the workers of $TPU"
+    echo "copy failed (attempt $try of 5); retrying in 30 s" >&2
+    pause 30
+  done
+  if [[ $DRY_RUN != 1 ]]; then rm -f "$tarball"; fi
+  remote="set -eu; bash /tmp/tpu_worker.sh unpack $(shell_join "$tarball" "$SHA"); cd ~/farmer_jax"
+  remote+="; python3 -m pip --version >/dev/null 2>&1 || { sudo apt-get update -q &&"
+  remote+=" sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pip; }"
+  remote+="; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user -q -U uv"
+  remote+="; .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'"
+  remote+=" 2>/dev/null || { rm -rf .venv && ~/.local/bin/uv venv --python 3.11 .venv; }"
+  remote+="; ~/.local/bin/uv pip install --python .venv/bin/python -c launch/constraints.txt"
+  remote+=" $(shell_join "jax[tpu]==$jax_version") ."
+  remote+="; .venv/bin/python -c 'import jax, farmer_jax; print(\"jax\", jax.__version__)'"
+  remote+="; echo \"installed commit \$(cat COMMIT)\""
+  ssh_to all "$remote"
+}
+
+# $1: start (refuses if training runs) or ensure (leaves running training alone); then train args.
+train() {
+  local mode=$1
+  shift
+  train_args "$@"
+  ssh_to all "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh "$mode" train \
+    "$WORKDIR/logs" .venv/bin/farmer_jax train "${TRAIN_ARGS[@]}")"
+  cat <<EOF
+training runs on every worker of $TPU; each copies its log to $WORKDIR/logs/ every 60 s
+  follow:  PROJECT=$PROJECT ZONE=$ZONE TPU=$TPU WORKDIR=$WORKDIR $PROG logs
+  after a preemption: the same settings and arguments with '$PROG resume'
+  when done: PROJECT=$PROJECT ZONE=$ZONE TPU=$TPU $PROG delete   (the TPU is paid until then)
+EOF
+}
+
+finished() {
+  if [[ $DRY_RUN == 1 ]]; then
+    run_cmd gcloud storage ls "$WORKDIR/summary.json"
+    return 1
+  fi
+  run_cmd -q gcloud storage ls "$WORKDIR/summary.json" >/dev/null 2>&1
+}
+
+smoke() {
+  local dir batch probe
+  dir=$WORKDIR/smoke-$(date -u +%Y%m%d-%H%M%S)
+  batch=$(((32 + DEVICES - 1) / DEVICES * DEVICES))  # quickstart's 32, a multiple of DEVICES
+  local args=(--config=configs/quickstart.py --workdir="$dir" --config.train.steps=50
+    --config.train.log_every=10 --config.train.batch_size="$batch" --config.mesh="$SMOKE_MESH"
+    "$@")
+  check_local "${args[@]}"
+  probe="import jax; jax.distributed.initialize(); d, p = jax.device_count(), jax.process_count()"
+  probe+="; print('process', jax.process_index(), 'of', p, '-', d, 'devices',"
+  probe+=" jax.devices()[0].device_kind)"
+  probe+="; assert (d, p) == ($DEVICES, $PROCESSES), 'expected $DEVICES devices, $PROCESSES"
+  probe+=" processes for $TYPE'"
+  ssh_to all "cd ~/farmer_jax && $(shell_join .venv/bin/python -c "$probe")"
+  ssh_to all "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg smoke "$dir/logs" \
+    .venv/bin/farmer_jax train "${args[@]:0:2}" --distributed=auto "${args[@]:2}")"
+  echo "smoke run done: $dir (summary.json, logs/)"
+}
+
+logs() {
+  local k=${WORKER:-0} n=${TAIL:-50}
+  [[ $k =~ ^[0-9]+$ && $n =~ ^[0-9]+$ ]] || die "WORKER and TAIL must be numbers"
+  if [[ -n ${WORKDIR:-} ]]; then
+    parse_workdir
+    run_cmd gcloud storage cat "$WORKDIR/logs/worker-$k.log" | tail -n "$n"
+  else
+    need_zone
+    echo "# WORKDIR is not set: reading the live log on the worker (the bucket copy needs WORKDIR)"
+    ssh_to "$k" "tail -n $n ~/farmer_jax/train.log"
+  fi
+}
+
+status() {
+  local qr tpu
+  qr=$(qr_state ACTIVE)
+  tpu=$(tpu_state READY)
+  echo "queued resource $QR_ID: ${qr:-not found}"
+  echo "TPU $TPU: ${tpu:-not found}"
+  if [[ -n ${WORKDIR:-} ]]; then
+    parse_workdir
+    if finished; then echo "run finished: $WORKDIR/summary.json"; else echo "run not finished"; fi
+  fi
+}
+
+delete() {
+  run_cmd gcloud compute tpus queued-resources delete "$QR_ID" --project="$PROJECT" \
+    --zone="$ZONE" --force --quiet
+  echo "deleted $QR_ID and its TPU $TPU; the bucket (checkpoints, logs) is untouched"
+}
+
+# Settings every paid action checks before its first command; $1: ship (also check git) or no.
+preflight() {
+  local ship=$1
+  shift
+  parse_type
+  parse_workdir
+  need PROJECT TPU CONFIG
+  if [[ $ship == ship ]]; then git_head; fi
+  need_gcloud
+  check_local --config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH" "$@"
+}
+
+resume() {
+  preflight ship "$@"
+  if finished; then
+    echo "$WORKDIR/summary.json exists: the run has finished, nothing to resume"
+    return 0
+  fi
+  local qr tpu
+  [[ $DRY_RUN != 1 ]] || echo "# dry run: assuming the TPU was preempted"
+  qr=$(qr_state SUSPENDED)
+  tpu=$(tpu_state PREEMPTED)
+  echo "queued resource $QR_ID: ${qr:-not found}; TPU $TPU: ${tpu:-not found}"
+  case $tpu in
+    READY) train ensure "$@"; return 0 ;;
+    CREATING | STARTING | RESTARTING | REPAIRING)
+      die "TPU $TPU is $tpu; run resume again once it is READY" ;;
+  esac
+  case $qr in
+    ACCEPTED | PROVISIONING | WAITING_FOR_RESOURCES | CREATING) wait_active ;;
+    "") create ;;
+    *)
+      run_cmd gcloud compute tpus queued-resources delete "$QR_ID" --project="$PROJECT" \
+        --zone="$ZONE" --force --quiet
+      create ;;
+  esac
+  install
+  train ensure "$@"
+}
+
+action=${1:-}
+if [[ $# -gt 0 ]]; then shift; fi
+case $action in
+  up | all)
+    preflight ship "$@"
+    create
+    install
+    train start "$@" ;;
+  check) parse_type; parse_workdir; need CONFIG
+    check_local --config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH" "$@" ;;
+  create) preflight no "$@"; create ;;
+  install) need_zone; need_gcloud; install ;;
+  train | run) need_zone; parse_workdir; need CONFIG; need_gcloud; train start "$@" ;;
+  smoke) parse_type; parse_workdir; need PROJECT TPU; need_gcloud; smoke "$@" ;;
+  logs) logs ;;
+  status) need_zone; status ;;
+  stop) need_zone; ssh_to all "cd ~/farmer_jax && bash launch/tpu_worker.sh stop train" ;;
+  resume) resume "$@" ;;
+  delete) need_zone; need_gcloud; delete ;;
+  "" | -h | --help | help) usage; exit 2 ;;
+  *) usage; die "unknown action '$action'" ;;
 esac

@@ -1,6 +1,6 @@
 """Run by tests/test_multiprocess.py (never imported by pytest): one process of a 2-process CPU
 training run, or a single 8-device process that resumes / trains uninterrupted. Prints 'LOSSES
-{json}' from process 0."""
+{json}' from process 0. With FAKE_GCS_ROOT set, gs:// workdirs live there (tests/fake_gcs.py)."""
 
 import json
 import os
@@ -33,4 +33,9 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if os.environ.get("FAKE_GCS_ROOT"):
+    from fake_gcs import fake_gcs
+    with fake_gcs(os.environ["FAKE_GCS_ROOT"]):
+      main()
+  else:
+    main()

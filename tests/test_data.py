@@ -302,7 +302,8 @@ def test_train_and_report_on_a_prepared_dataset(prepared, tmp_path):
   c.data.update(name=f"tfds:{o.name}", data_dir=o.data_dir, image_size=16, channels=3,
                 num_classes=3, random_flip=True)
   c.model.update(patch_size=4, d_informative=8)
-  c.train.update(steps=4, batch_size=4, warmup_steps=1, log_every=2)
+  c.train.update(steps=4, batch_size=4, warmup_steps=1, log_every=2, profile_start=1,
+                 profile_steps=1)
   c.eval.update(split="validation", batch_size=4)
   c.sample.update(per_class=1)
   wd = str(tmp_path / "run")
@@ -314,4 +315,6 @@ def test_train_and_report_on_a_prepared_dataset(prepared, tmp_path):
   tr.close()
   summary, _ = train_and_report(c, wd, quiet=True)
   assert summary["steps"] == 4 and np.isfinite(summary["test_bpd"])
+  traces = [f for _, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces   # train.profile_steps
   assert summary["test_count"] == sum(report["counts"]["validation"].values())

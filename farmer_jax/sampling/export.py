@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from farmer_jax import runs
+from farmer_jax import runs, storage
 from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints
 
@@ -47,7 +47,7 @@ def latest_run_params(workdir, say=print):
   raises ExportError.
   """
   ckpt = Checkpointer(runs.RunDir(workdir).checkpoints, read_only=True)
-  if not os.path.isdir(ckpt.directory):
+  if not storage.isdir(ckpt.directory):
     raise ExportError(f"{workdir} has no {runs.CHECKPOINTS}/ directory; train first "
                       "(farmer_jax train ...)")
   try:
@@ -112,7 +112,12 @@ def _within(path, parent):
 
 def check_export_target(workdir, out, overwrite):
   """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns
-  abspath(out)."""
+  abspath(out). The run may be in a bucket (gs://...); --out is local (the export is assembled in
+  a temporary directory and renamed into place, which object stores cannot do)."""
+  if storage.is_url(out):
+    raise ExportError(f"--out={out}: export writes a local directory (it is assembled and renamed "
+                      "into place atomically). Fix: export to a local path, then copy it (e.g. "
+                      "gcloud storage cp -r OUT gs://...)")
   out = os.path.abspath(out)
   if os.path.lexists(out) and not os.path.isdir(out):
     raise ExportError(
@@ -136,7 +141,8 @@ def check_export_target(workdir, out, overwrite):
     raise ExportError(
         f"--out={out} is a symbolic link; --overwrite does not replace links: pass the "
         f"directory it points to ({os.path.realpath(out)}) or choose another --out")
-  real_out, real_run = os.path.realpath(out), os.path.realpath(workdir)
+  real_out = os.path.realpath(out)
+  real_run = workdir if storage.is_url(workdir) else os.path.realpath(workdir)
   if _within(real_run, real_out):
     what = ("is the training run itself" if real_run == real_out
             else f"contains the training run {real_run}")
@@ -187,7 +193,7 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
   meta = {
       "kind": EXPORT_KIND,
       "format_version": FORMAT_VERSION,
-      "source_workdir": os.path.abspath(workdir),
+      "source_workdir": storage.absolute(workdir),
       "step": int(step),
       "params": "ema" if used_ema else "raw",
       "dtype": dtype

@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax.conventions import to_uint8
-from farmer_jax.sampling.images import atomic_path, grid_image
+from farmer_jax.sampling.images import grid_image
+from farmer_jax.storage import atomic_path
 from farmer_jax.sampling.sampler import sample_images, sample_keys
 
 

@@ -1,28 +1,12 @@
-"""Image grids as PNG, and atomic file writes. Shape letters: R rows, K columns, H W c image."""
+"""Image grids as PNG. Shape letters: R rows, K columns, H W c image."""
 
-import contextlib
-import os
-import uuid
+import io
 
 import numpy as np
 from PIL import Image
 
+from farmer_jax import storage
 from farmer_jax.conventions import to_uint8
-
-
-@contextlib.contextmanager
-def atomic_path(path: str):
-  """Yields a unique temporary path next to ``path``; on success it replaces ``path`` (os.replace),
-  on any failure it is removed, so ``path`` is either the complete new file or untouched and no
-  temporary file is left."""
-  d, base = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def grid_image(images, pad: int = 2):
@@ -41,9 +25,9 @@ def grid_image(images, pad: int = 2):
 
 
 def save_grid(images, path: str, pad: int = 2):
-  """images: (R, K, H, W, c) in model space [-1, 1) or uint8 -> PNG grid at ``path`` (written
-  atomically)."""
-  img = grid_image(images, pad)
-  with atomic_path(path) as tmp:
-    img.save(tmp, format="PNG")
+  """images: (R, K, H, W, c) in model space [-1, 1) or uint8 -> PNG grid at ``path``, a local path
+  or URL (written atomically, storage.write_bytes)."""
+  buf = io.BytesIO()
+  grid_image(images, pad).save(buf, format="PNG")
+  storage.write_bytes(path, buf.getvalue())
   return path

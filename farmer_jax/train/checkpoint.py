@@ -17,11 +17,12 @@ retention. A ``read_only`` Checkpointer (export) skips and reports such steps an
 import contextlib
 import logging
 import numbers
-import os
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+
+from farmer_jax import storage
 
 ITEMS = ("state", "meta", "data")
 
@@ -67,14 +68,14 @@ class Checkpointer:
     _check_count("keep", keep, 1, "how many of the newest checkpoints to keep; train.ckpt_keep")
     _check_count("keep_period", keep_period, 0,
                  "0: none; N: also keep every step divisible by N; train.ckpt_keep_period")
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # a URL (gs://...) is kept as given
     self.keep, self.keep_period = int(keep), int(keep_period)
     self.read_only = read_only
     self._mngr = None
 
   def _manager(self, create):
     if self._mngr is None:
-      if not create and not os.path.isdir(self.directory):
+      if not create and not storage.isdir(self.directory):
         return None
       if self.read_only:
         opts = ocp.CheckpointManagerOptions(read_only=True)
@@ -165,14 +166,14 @@ class Checkpointer:
     self.close()
     if jax.process_index() == 0:
       for step in steps:
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.directory, f"{step}.unreadable")
+        src = storage.join(self.directory, str(step))
+        dst = storage.join(self.directory, f"{step}.unreadable")
         n = 1
-        while os.path.exists(dst):
+        while storage.exists(dst):
           n += 1
-          dst = os.path.join(self.directory, f"{step}.unreadable-{n}")
+          dst = storage.join(self.directory, f"{step}.unreadable-{n}")
         try:
-          os.rename(src, dst)
+          storage.rename(src, dst)
         except OSError as e:
           raise ValueError(f"checkpoint {src} is unreadable and could not be moved aside ({e}); "
                            f"move it out of {self.directory} yourself, then rerun") from e

@@ -9,11 +9,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from farmer_jax import runs, sharding
+from farmer_jax import runs, sharding, storage
 from farmer_jax.config import DataConfig, EvalConfig, SampleConfig
 from farmer_jax.data.pipeline import eval_batches
 from farmer_jax.eval.likelihood import evaluate_batches
-from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
+from farmer_jax.sampling.generate import generate, parse_classes
+from farmer_jax.sampling.images import save_grid
 
 
 def _progress(tr):
@@ -54,7 +55,7 @@ def sample_grid(tr, path):
                               batch_size=len(classes) * s.per_class, progress=_progress(tr),
                               out_sharding=sharding.replicated(tr.mesh))
   if jax.process_index() == 0:
-    write_outputs(images, labels, out_png=path)
+    save_grid(images, path)
   return images
 
 
@@ -77,7 +78,7 @@ def write_report(tr, history, train_s, t0):
              "test_count": res["count"], "class_conditional": tr.mcfg.num_classes > 0,
              "num_params": tr.num_params, "samples": grid}
   if jax.process_index() == 0:
-    runs.write_text(run.summary, json.dumps(summary, indent=2))
+    storage.write_text(run.summary, json.dumps(summary, indent=2))
   tr.log(f"{format_test_bpd(summary)}; {res['count']} images, uniform dequantization; samples -> "
          f"{grid}; wall {summary['total_seconds']:.0f}s")
   return summary

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from farmer_jax import runs, sharding
+from farmer_jax import runs, sharding, storage
 from farmer_jax.config import (ConfigError, DataConfig, TrainConfig, config_changes,
                                resolved_config, validate)
 from farmer_jax.data.pipeline import TrainInput, state_holder
@@ -82,11 +82,13 @@ class Trainer:
       self.close()
       raise
     self.preempted = self.preempt_saved = False
+    self._trace_from = None   # the first traced step while a profiler trace is open
 
   def _take_lock(self):
     if jax.process_index() != 0:
       return
-    existed = os.path.exists(self.workdir)
+    # a bucket has no empty directories to clean up
+    existed = storage.is_url(self.workdir) or storage.exists(self.workdir)
     self.lock = WorkdirLock(self.workdir, say=self.log).acquire()
     self._created_workdir = not existed
 
@@ -171,7 +173,7 @@ class Trainer:
       self.log("SIGTERM before training started: exiting; nothing new to save")
       self.preempted = True
       return []
-    os.makedirs(self.workdir, exist_ok=True)
+    storage.makedirs(self.workdir)
     if jax.process_index() == 0:
       # every model field, defaults written out
       runs.write_saved_config(self.workdir, resolved_config(self.config))
@@ -189,11 +191,13 @@ class Trainer:
       install_sigterm(stop)
     with self.mesh_context():
       for s in range(start, end):
+        self._trace_before(s)
         batch = next(self.input)
         self.state, m = self.train_step(self.state, batch, self.rng)
         pending.append(m)
+        self._trace_after(s)
         bar.update(1)
-        if self._any_process(stop.is_set()):
+        if self._preempted(s, stop):
           self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same "
                    "command to resume")
           self.save_checkpoint()
@@ -214,16 +218,40 @@ class Trainer:
           bar.set_postfix({"loss(nats/dim)": f"{avg['loss']:.3f}",
                            "sigma": f"{avg['noise_sigma']:.3f}"})
     bar.close()
+    self._trace_after(int(self.state["step"]) - 1, force=True)
     if not self.preempted and int(self.state["step"]) > start:
       self.save_checkpoint()
     self.ckpt.close()
     writer.close()
     return history
 
-  def _any_process(self, flag: bool) -> bool:
+  def _preempted(self, s, stop) -> bool:
+    """Whether SIGTERM reached any process: every step with one process; with several, every
+    ``train.preempt_check_every`` steps (the check is an all-process sync)."""
     if jax.process_count() == 1:
-      return flag
-    return bool(multihost_utils.process_allgather(np.array(flag)).any())
+      return stop.is_set()
+    if (s + 1) % self.t.preempt_check_every:
+      return False
+    return bool(multihost_utils.process_allgather(np.array(stop.is_set())).any())
+
+  def _trace_before(self, s):
+    """Starts the profiler trace before step execution s = train.profile_start (if
+    train.profile_steps > 0); every process writes its host's trace into WORKDIR/profile."""
+    t = self.t
+    if t.profile_steps and self._trace_from is None and s == t.profile_start:
+      jax.profiler.start_trace(storage.join(self.workdir, runs.PROFILE))
+      self._trace_from = s
+
+  def _trace_after(self, s, force=False):
+    """Stops an open trace after its last step (or, ``force``, wherever training stopped)."""
+    if self._trace_from is None:
+      return
+    if force or s + 1 == self.t.profile_start + self.t.profile_steps:
+      jax.block_until_ready(self.state["step"])
+      jax.profiler.stop_trace()
+      self.log(f"profiler trace of step executions {self._trace_from}..{s} -> "
+               f"{storage.join(self.workdir, runs.PROFILE)}")
+      self._trace_from = None
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Runs ON every Cloud TPU VM worker: launch/tpu_vm.sh copies it there and calls it over ssh.
+#
+#   unpack TARBALL SHA      replace the code in ~/farmer_jax by the commit (its .venv and *.log
+#                           are kept), with this script and constraints.txt from next to TARBALL
+#   start NAME LOGDIR CMD   run CMD in ~/farmer_jax in the background, detached from ssh; output
+#                           appended to ~/farmer_jax/NAME.log, copied to LOGDIR/worker-I.log
+#                           every LOG_SYNC_S (60) s and at exit; refuses if NAME already runs
+#   ensure NAME LOGDIR CMD  the same, but leaves a running NAME alone
+#   fg NAME LOGDIR CMD      the same in the foreground (also on the terminal); CMD's exit status
+#   stop NAME               SIGTERM to NAME (farmer_jax saves a checkpoint and exits 0)
+#   status NAME             whether NAME runs, and its last exit status
+#
+# I is the worker number (metadata agent-worker-number). A NAME.log missing here (a new VM after a
+# preemption) starts from the bucket copy, so LOGDIR/worker-I.log keeps the whole history.
+set -euo pipefail
+
+SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+DIR=${FARMER_HOME:-$HOME/farmer_jax}
+SYNC_S=${LOG_SYNC_S:-60}
+
+die() {
+  echo "tpu_worker.sh ($(hostname)): $*" >&2
+  exit 2
+}
+
+worker_index() {
+  local i
+  if [[ -n ${WORKER_INDEX:-} ]]; then
+    echo "$WORKER_INDEX"
+    return
+  fi
+  i=$(curl -sf -m 5 -H 'Metadata-Flavor: Google' \
+    http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
+    2>/dev/null || true)
+  if [[ $i =~ ^[0-9]+$ ]]; then
+    echo "$i"
+  elif [[ $(hostname) =~ -w-([0-9]+)$ ]]; then
+    echo "${BASH_REMATCH[1]}"
+  else
+    hostname
+  fi
+}
+
+running() {
+  [[ -s $DIR/$1.pid ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null
+}
+
+upload() {  # LOG URL: best effort; the last error is kept in LOG.sync.err
+  gcloud storage cp "$1" "$2" >/dev/null 2>"$1.sync.err" || true
+}
+
+unpack() {
+  local tarball=$1 sha=$2
+  [[ -f $tarball ]] || die "$tarball not found"
+  mkdir -p "$DIR"
+  cd "$DIR"
+  if running train || running smoke; then
+    die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
+  fi
+  # Everything but the venv and the logs is the previous commit's code: replace it.
+  find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.log' -exec rm -rf -- {} +
+  tar -xzf "$tarball"
+  rm -f "$tarball"
+  mkdir -p launch
+  cp "$SELF" launch/tpu_worker.sh
+  cp "$(dirname "$tarball")/constraints.txt" launch/constraints.txt
+  echo "$sha" >COMMIT
+  echo "worker $(worker_index): unpacked commit $sha in $DIR"
+}
+
+# NAME LOGDIR CMD...: runs CMD with output appended to NAME.log, synced to the bucket; SIGTERM to
+# this supervisor is not forwarded (a preemption signals CMD itself; a second one would hurt).
+supervise() {
+  local name=$1 logdir=$2 child syncer rc=0 url
+  shift 2
+  url=$logdir/worker-$(worker_index).log
+  cd "$DIR"
+  if [[ ! -e $name.log ]]; then
+    gcloud storage cp "$url" "$name.log" >/dev/null 2>&1 || true
+  fi
+  printf '=== %s worker %s commit %s: %s\n' "$(date -u +%FT%TZ)" "$(worker_index)" \
+    "$(cat COMMIT 2>/dev/null || echo unknown)" "$*" >>"$name.log"
+  trap ':' TERM INT
+  PYTHONUNBUFFERED=1 "$@" >>"$name.log" 2>&1 &
+  child=$!
+  echo "$child" >"$name.pid"
+  (while sleep "$SYNC_S"; do upload "$name.log" "$url"; done) &
+  syncer=$!
+  while :; do
+    if wait "$child"; then rc=0; else rc=$?; fi
+    kill -0 "$child" 2>/dev/null || break
+  done
+  kill "$syncer" 2>/dev/null || true
+  printf '=== %s exit status %s\n' "$(date -u +%FT%TZ)" "$rc" >>"$name.log"
+  upload "$name.log" "$url"
+  echo "$rc" >"$name.exit"
+  rm -f "$name.pid"
+  return "$rc"
+}
+
+start() {
+  local mode=$1 name=$2 logdir=$3 i
+  shift 3
+  i=$(worker_index)
+  [[ -d $DIR ]] || die "$DIR does not exist; run launch/tpu_vm.sh install first"
+  if running "$name"; then
+    echo "worker $i: $name already runs (pid $(cat "$DIR/$name.pid"))"
+    [[ $mode == ensure ]] && return 0
+    die "$name already runs; 'launch/tpu_vm.sh stop' stops it"
+  fi
+  rm -f "$DIR/$name.exit"
+  nohup setsid bash "$SELF" supervise "$name" "$logdir" "$@" </dev/null >/dev/null 2>&1 &
+  for _ in $(seq 100); do
+    [[ -s $DIR/$name.pid || -e $DIR/$name.exit ]] && break
+    sleep 0.1
+  done
+  echo "worker $i: started $name; log $DIR/$name.log -> $logdir/worker-$i.log"
+}
+
+foreground() {
+  local name=$1 logdir=$2 sup rc=0 from=1
+  [[ -d $DIR ]] || die "$DIR does not exist; run launch/tpu_vm.sh install first"
+  if running "$name"; then die "$name already runs"; fi
+  rm -f "$DIR/$name.exit"
+  if [[ -e $DIR/$name.log ]]; then from=$(($(stat -c %s "$DIR/$name.log") + 1)); fi
+  bash "$SELF" supervise "$@" &
+  sup=$!
+  for _ in $(seq 100); do
+    [[ -e $DIR/$name.log ]] && break
+    sleep 0.1
+  done
+  tail -c "+$from" -s 0.2 -f --pid="$sup" "$DIR/$name.log" &
+  if wait "$sup"; then rc=0; else rc=$?; fi
+  wait
+  echo "worker $(worker_index): $name exited with status $rc; log at $logdir/"
+  return "$rc"
+}
+
+stop() {
+  local name=$1
+  if running "$name"; then
+    kill -TERM "$(cat "$DIR/$name.pid")"
+    echo "worker $(worker_index): sent SIGTERM to $name (pid $(cat "$DIR/$name.pid"))"
+  else
+    echo "worker $(worker_index): $name is not running"
+  fi
+}
+
+status() {
+  local name=$1
+  if running "$name"; then
+    echo "worker $(worker_index): $name runs (pid $(cat "$DIR/$name.pid"))"
+  else
+    echo "worker $(worker_index): $name not running; last exit status:" \
+      "$(cat "$DIR/$name.exit" 2>/dev/null || echo none)"
+  fi
+}
+
+action=${1:-}
+if [[ $# -gt 0 ]]; then shift; fi
+case $action in
+  unpack) [[ $# -eq 2 ]] || die "usage: unpack TARBALL SHA"; unpack "$@" ;;
+  start | ensure) [[ $# -ge 3 ]] || die "usage: $action NAME LOGDIR CMD..."; start "$action" "$@" ;;
+  fg) [[ $# -ge 3 ]] || die "usage: fg NAME LOGDIR CMD..."; foreground "$@" ;;
+  supervise) supervise "$@" ;;
+  stop | status) [[ $# -eq 1 ]] || die "usage: $action NAME"; "$action" "$@" ;;
+  *) die "usage: tpu_worker.sh unpack|start|ensure|fg|stop|status ... (see the header)" ;;
+esac
