@@ -53,7 +53,7 @@ def main():
   y = jnp.arange(a.batch, dtype=jnp.int32) % max(mcfg.num_classes, 1)
   keys = sample_keys(0, 0, a.batch)
   ar = jax.jit(lambda p, k, y: sample_latents(mcfg, p, k, y, s))
-  af = jax.jit(lambda p, z, y: decode_latents(mcfg, p, z, y))
+  af = jax.jit(lambda p, z, y: decode_latents(mcfg, p, z, y)[0])
   z = ar(params, keys, y)
   t_ar = timed(ar, params, keys, y, repeats=a.repeats) / a.batch
   t_af = timed(af, params, z, y, repeats=a.repeats) / a.batch

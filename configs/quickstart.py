@@ -13,7 +13,7 @@ from farmer_jax import configlib as common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, size="base")
+  a = common.parse_arg(arg, size="base", distill=False)
   c = ml_collections.ConfigDict()
   c.data = common.base_data(name="mnist5k", image_size=32, channels=1, num_classes=10)
   c.model = dict(
@@ -40,4 +40,7 @@ def get_config(arg=None):
     c.sample.update(per_class=2)
   elif a.size != "base":
     raise ValueError(f"quickstart size must be 'base' or 'tiny', got {a.size!r}")
+  if a.distill:   # `farmer_jax distill` of a quickstart run: Algorithm 2's train settings
+    c.train.update(steps=1000 if a.size == "base" else 100, lr=1e-3, min_lr=1e-5,
+                   warmup_steps=50 if a.size == "base" else 10, ema_decay=0.0)
   return c

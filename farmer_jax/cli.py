@@ -1,9 +1,10 @@
 """The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also
 ``python -m farmer_jax``.
 
-Commands: train, export, sample, prepare, check.
+Commands: train, distill, export, sample, prepare, check.
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
+  farmer_jax distill --config=configs/quickstart.py:distill=1 --teacher=/tmp/run --workdir=/tmp/s
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
       [--npz=s.npz]
@@ -28,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from farmer_jax.config import (  # config.py does not import jax
-    DTYPE_NAMES, GUIDANCE_MODES, SAMPLER_FIELDS, SAMPLER_KEYS, SamplerConfig)
+    DTYPE_NAMES, GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS, SamplerConfig)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally ':arg').",
@@ -67,11 +68,15 @@ flags.DEFINE_string("classes", "all",
 flags.DEFINE_integer("num", 8, "sample: samples per class.")
 flags.DEFINE_float("cfg", None,
                    "sample: guidance scale w (default: the model config's sample.cfg).")
+flags.DEFINE_enum("inverse", None, list(INVERSES),
+                  "sample: the AF inverse: exact (sequential) or jacobi (parallel fixed-point; "
+                  "--sampler=jacobi_tol=...,jacobi_max_iters=...). Default: the config's.")
 flags.DEFINE_enum("guidance", None, list(GUIDANCE_MODES),
                   "sample: guidance method (default: resampling if cfg > 0 else the config's).")
 # --sampler takes every sampler setting (SAMPLER_KEYS); the help lists those without their own flag
 flags.DEFINE_string("sampler", None, "sample: extra sampler settings 'k=v,...' ("
-                    + ", ".join(k for k in SAMPLER_KEYS if k not in ("guidance", "cfg")) + ").")
+                    + ", ".join(k for k in SAMPLER_KEYS if k not in ("guidance", "cfg", "inverse"))
+                    + ").")
 flags.DEFINE_integer("seed", 0, "sample: RNG seed (sample j uses fold_in(seed, j)).")
 flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on it).")
 flags.DEFINE_string("npz", None,
@@ -79,6 +84,9 @@ flags.DEFINE_string("npz", None,
 
 flags.DEFINE_string("compilation_cache_dir", None,
                     "train: persistent XLA compilation cache (local or gs://), shared by restarts.")
+# distill
+flags.DEFINE_string("teacher", None,
+                    "distill: the pretrained model, a training workdir or an export directory.")
 # check
 flags.DEFINE_integer("devices", None, "check: devices of the target machine(s) (default: these).")
 flags.DEFINE_integer("processes", None, "check: processes (hosts) of the target (default: 1).")
@@ -141,6 +149,22 @@ def _train(argv):
   print(format_test_bpd(summary))
 
 
+def _distill(argv):
+  if FLAGS.config is None or not FLAGS.workdir or not FLAGS.teacher:
+    raise app.UsageError("--config, --teacher (a training run or export) and --workdir (the "
+                         "student's run) are required")
+  from farmer_jax.distributed import initialize
+  initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from farmer_jax.distill.trainer import distill_and_report
+  summary, _ = distill_and_report(FLAGS.config, FLAGS.workdir, FLAGS.teacher, quiet=FLAGS.quiet,
+                                  config_change_ok=FLAGS.config_change_ok)
+  if summary.get("preempted"):
+    print(f"preempted at step {summary['steps']}; re-run the same command to resume")
+    return
+  print(f"student reconstruction error (relative MSE): {summary['recon_rel_mse_student']:.4g} "
+        f"(undistilled copy: {summary['recon_rel_mse_copy']:.4g})")
+
+
 def _export(argv):
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError(
@@ -163,7 +187,7 @@ def _number(text):
     return None
 
 
-def sampler_overrides(cfg_w, guidance, extra):
+def sampler_overrides(cfg_w, guidance, extra, inverse=None):
   """CLI flags -> dict of config.sample overrides. Integers stay integers (so ``s_c=2.5`` is
   refused, ``s_c=5`` accepted by SamplerConfig.from_config); unknown keys and non-numbers are
   refused here. The keys, and which are text (guidance), come from SAMPLER_FIELDS."""
@@ -174,6 +198,8 @@ def sampler_overrides(cfg_w, guidance, extra):
       out["guidance"] = "resampling" if cfg_w > 0 else "none"
   if guidance is not None:
     out["guidance"] = guidance
+  if inverse is not None:
+    out["inverse"] = inverse
   if extra:
     for item in extra.split(","):
       if "=" not in item:
@@ -214,7 +240,7 @@ def _sample(argv):
   for path, flag in ((FLAGS.out, "--out"), (FLAGS.npz, "--npz")):
     if path:
       check_output_path(path, flag)
-  over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler)
+  over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler, FLAGS.inverse)
   try:
     # the overrides alone (defaults elsewhere): fail before loading
     SamplerConfig.from_config(over)
@@ -283,12 +309,12 @@ def _check(argv):
         f"{t.batch_size} on {FLAGS.devices or 'the local'} device(s) / {processes} process(es), "
         f"workdir {FLAGS.workdir} ({where})")
   if processes > 1 and not storage.is_url(FLAGS.workdir):
-    print(f"note: {processes} processes with a local --workdir: it must be one filesystem shared by "
-          "every host (e.g. NFS), or each host checkpoints to its own disk")
+    print(f"note: {processes} processes with a local --workdir: it must be one filesystem shared "
+          "by every host (e.g. NFS), or each host checkpoints to its own disk")
 
 
-COMMANDS = {"train": _train, "export": _export, "sample": _sample, "prepare": _prepare,
-            "check": _check}
+COMMANDS = {"train": _train, "distill": _distill, "export": _export, "sample": _sample,
+            "prepare": _prepare, "check": _check}
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"
     f"commands: {', '.join(COMMANDS)}\n"

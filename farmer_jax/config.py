@@ -24,6 +24,7 @@ DTYPE_NAMES = ("float32", "bfloat16")
 NOISE_KINDS = ("gaussian", "uniform")
 AR_ORDERS = ("alternate", "same")
 GUIDANCE_MODES = ("none", "resampling", "naive")
+INVERSES = ("exact", "jacobi")
 RESIZE_MODES = ("none", "center_crop")
 
 
@@ -572,6 +573,11 @@ class SamplerConfig(NamedTuple):
   redundant_candidates: int = 16
   redundant_var_scale: float = 1.0       # paper Fig. 7: multiplies the redundant group's variances
   naive_proposals: int = 1000
+  # the AF inverse: 'exact' (sequential over tokens) | 'jacobi' (parallel fixed-point iterations,
+  # until the largest change is <= jacobi_tol, at most jacobi_max_iters; 0 = N - 1 = exact)
+  inverse: str = "exact"
+  jacobi_tol: float = 1e-4
+  jacobi_max_iters: int = 0
 
   @property
   def informative_pool(self):
@@ -653,6 +659,13 @@ def validate_sampler(s: SamplerConfig):
     raise ValueError(f"redundant_var_scale={s.redundant_var_scale} must be a finite number >= 0")
   if not is_int(s.naive_proposals) or s.naive_proposals < 1:
     raise ValueError(f"naive_proposals={s.naive_proposals} must be an integer >= 1")
+  if s.inverse not in INVERSES:
+    raise ValueError(f"inverse={s.inverse!r} is unknown; use one of {INVERSES}")
+  if not (s.jacobi_tol >= 0 and math.isfinite(s.jacobi_tol)):
+    raise ValueError(f"jacobi_tol={s.jacobi_tol} must be a finite number >= 0 (0 = until exact)")
+  if not is_int(s.jacobi_max_iters) or s.jacobi_max_iters < 0:
+    raise ValueError(f"jacobi_max_iters={s.jacobi_max_iters} must be an integer >= 0 (0 = N - 1, "
+                     "the exact inverse)")
 
 
 def sampler_defaults():

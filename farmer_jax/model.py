@@ -95,18 +95,29 @@ class Farmer(nn.Module):
     """h (B, C) after z^I_N -> the GMM shared by every redundant token (dimred='farmer')."""
     return self.prior.gmm_redundant(h)
 
-  def decode(self, z, y):
-    """Latents in AR order (B, N, d) -> images (B, H, W, c) via the exact sequential AF inverse."""
+  def decode(self, z, y, inverse="exact", tol=0.0, max_iters=0):
+    """Latents in AR order (B, N, d) -> (images (B, H, W, c), Jacobi iterations per block (n,)
+    or None) via the AF inverse: 'exact' (sequential over tokens) or 'jacobi' (parallel
+    fixed-point iterations, ``AutoregressiveFlow.inverse_jacobi``; ``max_iters`` 0 = N - 1)."""
     c = self.cfg
     if c.ar_flip:
       z = z[:, ::-1]
-    tokens = self.flow.inverse(z, flow_label(c, y))
-    return unpatchify(tokens, c.patch_size, c.image_size, c.channels)
+    iters = None
+    if inverse == "jacobi":
+      tokens, iters = self.flow.inverse_jacobi(z, flow_label(c, y), max_iters=max_iters or None,
+                                               tol=tol)
+    elif inverse == "exact":
+      tokens = self.flow.inverse(z, flow_label(c, y))
+    else:
+      raise ValueError(f"inverse={inverse!r} is unknown; use 'exact' or 'jacobi'")
+    return unpatchify(tokens, c.patch_size, c.image_size, c.channels), iters
 
 
-def decode_latents(cfg: ModelConfig, params, z, y):
-  """``Farmer.decode`` with the model's params: z (B, N, d) in AR order -> images (B, H, W, c)."""
-  return Farmer(cfg).apply({"params": params}, z, y, method=Farmer.decode)
+def decode_latents(cfg: ModelConfig, params, z, y, inverse="exact", tol=0.0, max_iters=0):
+  """``Farmer.decode`` with the model's params: z (B, N, d) in AR order -> (images (B, H, W, c),
+  Jacobi iterations per block or None)."""
+  return Farmer(cfg).apply({"params": params}, z, y, inverse, tol, max_iters,
+                           method=Farmer.decode)
 
 
 def init_params(cfg: ModelConfig, rng, boxed: bool = False):

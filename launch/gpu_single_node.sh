@@ -4,8 +4,8 @@
 # process per GPU there).
 #   CONFIG=configs/imagenet256.py:1.1B/16 WORKDIR=/ckpt/farmer launch/gpu_single_node.sh \
 #     [--config.x=y ...]
-# Install once, from the repository root:
-#   pip install -e . && pip install -U "jax[cuda12]" -c launch/constraints.txt
+# Install once, from the repository root (one constrained install):
+#   pip install -c launch/constraints.txt -e . "jax[cuda12]==0.10.2"
 # Re-running the same command resumes from the newest checkpoint in WORKDIR. Optional: MESH, CACHE
 # (XLA compilation cache directory), PYTHON. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail

@@ -17,6 +17,7 @@ exec 3>&1                                    # `+ command` lines go here, even f
 DRY_RUN=${DRY_RUN:-0}
 PROG=launch/tpu_vm.sh
 QR_ID=${QR_ID:-${TPU:+$TPU-qr}}
+V5E_SIZES="1 4 8 16 32 64 128 256"           # v5litepod-N: the slice shapes Cloud TPU offers
 MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
 SMOKE_MESH="(('data', -1), ('fsdp', 1))"
 SCOPES=https://www.googleapis.com/auth/cloud-platform
@@ -35,7 +36,8 @@ actions ("\$" = creates or keeps paying for a TPU slice):
   logs          tail of a worker's log: WORKER=0 TAIL=50; from the bucket if WORKDIR is set
   status        queued resource and TPU state; with WORKDIR, whether the run has finished
   stop          SIGTERM the training on every worker (it checkpoints and exits 0)
-  resume      \$ after a preemption: recreate the slice if it is gone, reinstall, train again
+  resume      \$ after a preemption: reset/recreate the slice if it is gone, reinstall, train
+                (on a READY slice: restart training on ALL workers unless it runs on all)
   delete        delete the queued resource and its TPU (the bucket is kept)
 
 settings (environment):
@@ -48,6 +50,7 @@ settings (environment):
   CACHE                    XLA compilation cache, default gs://BUCKET/xla_cache
   QR_ID                    queued resource name, default TPU-qr;  SERVICE_ACCOUNT (optional)
   SKIP_CHECK=1             skip the local farmer_jax check;  ALLOW_DIRTY=1: ship HEAD anyway
+  STOP_WAIT_S              resume: seconds a stopping run gets before SIGKILL (default 300)
   DRY_RUN=1                print the commands instead of running them
 EOF
 }
@@ -91,18 +94,6 @@ run_cmd() {
   "$@"
 }
 
-# The stdout of a read-only gcloud query ("" on error); DRY_RUN=1: prints it, answers $1.
-query() {
-  local assumed=$1
-  shift
-  if [[ $DRY_RUN == 1 ]]; then
-    run_cmd "$@"
-    printf '%s\n' "$assumed"
-  else
-    run_cmd -q "$@" 2>/dev/null || true
-  fi
-}
-
 pause() {
   if [[ $DRY_RUN != 1 ]]; then
     sleep "$1"
@@ -120,7 +111,7 @@ need() {
 
 # TYPE -> GEN, CHIPS, DEVICES (one JAX device per chip), PROCESSES (one per host), default VERSION
 # and ZONE. v4-N / v5p-N count TensorCores (2 per chip), 4 chips per host; v5litepod-N counts
-# chips, one host up to 8 chips, 4 chips per host beyond.
+# chips (N in V5E_SIZES), one host up to 8 chips, 4 chips per host beyond.
 parse_type() {
   need TYPE
   local n=${TYPE#*-} version zone
@@ -135,8 +126,8 @@ parse_type() {
   if [[ $GEN == v5e ]]; then
     CHIPS=$n
     if ((n <= 8)); then PROCESSES=1; else PROCESSES=$((n / 4)); fi
-    ((n == 1 || n == 4 || n == 8 || (n > 8 && n % 4 == 0))) ||
-      die "TYPE=$TYPE: v5litepod-N needs N = 1, 4, 8 or a multiple of 4 above 8, e.g. v5litepod-16"
+    [[ " $V5E_SIZES " == *" $n "* ]] ||
+      die "TYPE=$TYPE is not a v5e slice shape; use v5litepod-N with N one of: $V5E_SIZES"
   else
     CHIPS=$((n / 2))
     PROCESSES=$((CHIPS / 4))
@@ -170,10 +161,27 @@ train_args() {
     --compilation_cache_dir="$CACHE" --config.mesh="$MESH" "$@")
 }
 
-# Refuses to ship a commit that is not what the user is looking at.
+# Refuses to ship a commit that is not what the user is looking at, or that lacks the CONFIG file
+# (the part of CONFIG before ':') as it is here.
 git_head() {
+  local cfg
   if [[ -n ${SHA:-} ]]; then return 0; fi
   SHA=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit to ship"
+  if [[ -n ${CONFIG:-} ]]; then
+    cfg=${CONFIG%%:*}
+    if ! git -C "$ROOT" ls-files --error-unmatch -- "$cfg" >/dev/null 2>&1; then
+      [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
+        die "the config file $cfg is not tracked by git (or does not exist), so the commit the" \
+          "workers get (git archive HEAD) does not contain it. git add and commit it, or set" \
+          "ALLOW_DIRTY=1 to ship HEAD ${SHA:0:12} anyway"
+      echo "$PROG: ALLOW_DIRTY=1: $cfg is untracked; the workers will not have it" >&2
+    elif ! git -C "$ROOT" diff --quiet HEAD -- "$cfg"; then
+      [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
+        die "the config file $cfg has uncommitted changes, and the workers get it as in HEAD" \
+          "${SHA:0:12} (git archive HEAD). Commit it, or set ALLOW_DIRTY=1 to ship HEAD anyway"
+      echo "$PROG: ALLOW_DIRTY=1: the workers get $cfg as in HEAD, not your edits" >&2
+    fi
+  fi
   if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no) ]]; then
     [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
       die "the working tree has uncommitted changes to tracked files, and workers get the" \
@@ -204,52 +212,96 @@ check_local() {
 
 ssh_to() {
   local worker=$1 remote=$2
-  echo "# on worker(s) $worker: $remote"
+  echo "# on worker(s) $worker: $remote" >&3
   run_cmd gcloud compute tpus tpu-vm ssh "$TPU" --project="$PROJECT" --zone="$ZONE" \
     --worker="$worker" --command="$remote"
 }
 
-qr_state() {
-  query "$1" gcloud compute tpus queued-resources describe "$QR_ID" --project="$PROJECT" \
-    --zone="$ZONE" --format='value(state.state)'
+# describe qr|tpu ASSUMED: sets STATE to the state of the queued resource / the TPU, or to
+# NOT_FOUND when gcloud says it does not exist. Any other failure (network, auth, quota, an empty
+# answer) is retried, QUERY_TRIES (5) attempts POLL_S apart; then describe returns 1 with the error
+# in QUERY_ERR: a failed query never reads as "not found". DRY_RUN=1: prints it, STATE=ASSUMED.
+describe() {
+  local what=$1 assumed=$2 tries=${QUERY_TRIES:-5} try rc out errf cmd
+  if [[ $what == qr ]]; then
+    cmd=(gcloud compute tpus queued-resources describe "$QR_ID" --project="$PROJECT"
+      --zone="$ZONE" --format='value(state.state)')
+  else
+    cmd=(gcloud compute tpus tpu-vm describe "$TPU" --project="$PROJECT" --zone="$ZONE"
+      --format='value(state)')
+  fi
+  STATE="" QUERY_ERR=""
+  if [[ $DRY_RUN == 1 ]]; then
+    run_cmd "${cmd[@]}"
+    STATE=$assumed
+    return 0
+  fi
+  errf=$(mktemp)
+  for ((try = 1; ; try++)); do
+    rc=0
+    out=$("${cmd[@]}" 2>"$errf") || rc=$?
+    out=${out//[[:space:]]/}
+    if ((rc == 0)) && [[ -n $out ]]; then
+      STATE=$out
+      break
+    fi
+    if ((rc != 0)) && grep -Eq 'NOT_FOUND|was not found|HTTPError 404' "$errf"; then
+      STATE=NOT_FOUND
+      break
+    fi
+    QUERY_ERR="exit status $rc: $(tail -n 2 "$errf" | tr '\n' ' ')"
+    ((rc != 0)) || QUERY_ERR="an empty answer"
+    if ((try >= tries)); then
+      rm -f "$errf"
+      return 1
+    fi
+    echo "$PROG: $(shell_join "${cmd[@]:0:5}") failed (attempt $try of $tries: $QUERY_ERR);" \
+      "retrying in ${POLL_S:-30} s" >&2
+    pause "${POLL_S:-30}"
+  done
+  rm -f "$errf"
 }
 
-tpu_state() {
-  query "$1" gcloud compute tpus tpu-vm describe "$TPU" --project="$PROJECT" --zone="$ZONE" \
-    --format='value(state)'
+# describe, or stop: nothing is deleted or created on a state that could not be read.
+must_describe() {
+  local name=$QR_ID
+  [[ $1 == qr ]] || name=$TPU
+  describe "$@" ||
+    die "could not read the state of $name ($QUERY_ERR); nothing was changed. Check gcloud" \
+      "(auth, network, quota) and run the same command again"
 }
 
 wait_active() {
-  local state last=none misses=0
+  local last=none
   while :; do
-    state=$(qr_state ACTIVE)
-    if [[ -z $state ]] && ((++misses < 5)); then   # tolerate a few failed queries
-      pause "${POLL_S:-30}"
-      continue
-    fi
-    misses=0
-    if [[ $state != "$last" ]]; then
-      echo "$(date -u +%H:%M:%SZ) queued resource $QR_ID: ${state:-not found}"
-      [[ $state != WAITING_FOR_RESOURCES ]] ||
+    must_describe qr ACTIVE
+    if [[ $STATE != "$last" ]]; then
+      echo "$(date -u +%H:%M:%SZ) queued resource $QR_ID: $STATE"
+      [[ $STATE != WAITING_FOR_RESOURCES ]] ||
         echo "  (waiting for capacity can take hours; Ctrl-C stops waiting, the request stays" \
           "queued and is billed from ACTIVE on, until '$PROG delete')"
-      last=$state
+      last=$STATE
     fi
-    case $state in
+    case $STATE in
       ACTIVE) return 0 ;;
-      FAILED | SUSPENDING | SUSPENDED | DELETING | "")
-        die "queued resource $QR_ID is ${state:-not found}; see 'gcloud compute tpus" \
-          "queued-resources describe $QR_ID --zone=$ZONE', then '$PROG delete' and try again" ;;
+      FAILED | SUSPENDING | SUSPENDED | DELETING | NOT_FOUND)
+        die "queued resource $QR_ID is $STATE; see 'gcloud compute tpus queued-resources" \
+          "describe $QR_ID --zone=$ZONE', then '$PROG resume' (or '$PROG delete')" ;;
     esac
     pause "${POLL_S:-30}"
   done
 }
 
 create() {
-  local state args
-  state=$(qr_state "")
-  case $state in
-    "")
+  local args
+  must_describe qr NOT_FOUND
+  while [[ $STATE == DELETING ]]; do           # a delete just before (resume) may still run
+    echo "queued resource $QR_ID is DELETING; waiting"
+    pause "${POLL_S:-30}"
+    must_describe qr NOT_FOUND
+  done
+  case $STATE in
+    NOT_FOUND)
       args=(--node-id="$TPU" --project="$PROJECT" --zone="$ZONE" --accelerator-type="$TYPE"
         --runtime-version="$VERSION" --scopes="$SCOPES")
       if [[ -n ${SERVICE_ACCOUNT:-} ]]; then args+=(--service-account="$SERVICE_ACCOUNT"); fi
@@ -257,15 +309,20 @@ create() {
       run_cmd gcloud compute tpus queued-resources create "$QR_ID" "${args[@]}" ;;
     ACTIVE) echo "queued resource $QR_ID is already ACTIVE; not creating it again" ;;
     ACCEPTED | PROVISIONING | WAITING_FOR_RESOURCES | CREATING)
-      echo "queued resource $QR_ID was already requested ($state)" ;;
-    *) die "queued resource $QR_ID exists and is $state: '$PROG resume' recreates it," \
-         "'$PROG delete' removes it" ;;
+      echo "queued resource $QR_ID was already requested ($STATE)" ;;
+    *) die "queued resource $QR_ID exists and is $STATE: '$PROG resume' resets or recreates" \
+         "it, '$PROG delete' removes it" ;;
   esac
   wait_active
 }
 
-# The commit, a Python 3.11 venv (uv; the TPU images ship 3.10 and jax >= 0.10 needs 3.11), jax[tpu]
-# at the constraints' jax version, and the package, on every worker.
+delete_qr() {
+  run_cmd gcloud compute tpus queued-resources delete "$QR_ID" --project="$PROJECT" \
+    --zone="$ZONE" --force --quiet
+}
+
+# The commit, then (tpu_worker.sh install) a pinned uv, a Python 3.11 venv, jax[tpu] at the
+# constraints' jax version and the package, on every worker.
 install() {
   git_head
   local tarball=/tmp/farmer_jax-$SHA.tar.gz try jax_version remote
@@ -282,15 +339,7 @@ install() {
   done
   if [[ $DRY_RUN != 1 ]]; then rm -f "$tarball"; fi
   remote="set -eu; bash /tmp/tpu_worker.sh unpack $(shell_join "$tarball" "$SHA"); cd ~/farmer_jax"
-  remote+="; python3 -m pip --version >/dev/null 2>&1 || { sudo apt-get update -q &&"
-  remote+=" sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pip; }"
-  remote+="; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user -q -U uv"
-  remote+="; .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'"
-  remote+=" 2>/dev/null || { rm -rf .venv && ~/.local/bin/uv venv --python 3.11 .venv; }"
-  remote+="; ~/.local/bin/uv pip install --python .venv/bin/python -c launch/constraints.txt"
-  remote+=" $(shell_join "jax[tpu]==$jax_version") ."
-  remote+="; .venv/bin/python -c 'import jax, farmer_jax; print(\"jax\", jax.__version__)'"
-  remote+="; echo \"installed commit \$(cat COMMIT)\""
+  remote+="; bash launch/tpu_worker.sh install $(shell_join "jax[tpu]==$jax_version")"
   ssh_to all "$remote"
 }
 
@@ -350,11 +399,16 @@ logs() {
 }
 
 status() {
-  local qr tpu
-  qr=$(qr_state ACTIVE)
-  tpu=$(tpu_state READY)
-  echo "queued resource $QR_ID: ${qr:-not found}"
-  echo "TPU $TPU: ${tpu:-not found}"
+  local what name
+  for what in qr tpu; do
+    if [[ $what == qr ]]; then name="queued resource $QR_ID"; else name="TPU $TPU"; fi
+    if QUERY_TRIES=1 describe "$what" ACTIVE; then
+      [[ $STATE != NOT_FOUND ]] || STATE="not found"
+      echo "$name: $STATE"
+    else
+      echo "$name: unknown (the query failed: $QUERY_ERR)"
+    fi
+  done
   if [[ -n ${WORKDIR:-} ]]; then
     parse_workdir
     if finished; then echo "run finished: $WORKDIR/summary.json"; else echo "run not finished"; fi
@@ -362,8 +416,7 @@ status() {
 }
 
 delete() {
-  run_cmd gcloud compute tpus queued-resources delete "$QR_ID" --project="$PROJECT" \
-    --zone="$ZONE" --force --quiet
+  delete_qr
   echo "deleted $QR_ID and its TPU $TPU; the bucket (checkpoints, logs) is untouched"
 }
 
@@ -379,32 +432,88 @@ preflight() {
   check_local --config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH" "$@"
 }
 
+# On a READY slice: nothing if training runs on every worker; otherwise a partial restart could not
+# join the multi-host jax.distributed job, so stop it on ALL workers (SIGTERM, wait for the exit),
+# install if a worker lacks ~/farmer_jax/.venv (a repaired host), and start it on all together.
+restart_training() {
+  local probe out lines line running=0 missing=0 halt
+  # shellcheck disable=SC2016  # expanded by the worker's shell
+  probe='d=$HOME/farmer_jax; r=stopped; v=ok; p=$(cat "$d/train.pid" 2>/dev/null) &&'
+  # shellcheck disable=SC2016
+  probe+=' kill -0 "$p" 2>/dev/null && r=running; [ -x "$d/.venv/bin/farmer_jax" ] || v=missing;'
+  # shellcheck disable=SC2016
+  probe+=' echo "farmer_jax-probe $(hostname) train=$r venv=$v"'
+  out=$(ssh_to all "$probe") ||
+    die "could not ask every worker of $TPU whether training runs; nothing was changed"
+  mapfile -t lines < <(grep '^farmer_jax-probe ' <<<"$out" || true)
+  ((${#lines[@]} == PROCESSES)) ||
+    die "$TPU: ${#lines[@]} of $PROCESSES workers answered; nothing was changed. Run resume again"
+  for line in "${lines[@]}"; do
+    echo "  ${line#farmer_jax-probe }"
+    if [[ $line == *" train=running"* ]]; then running=$((running + 1)); fi
+    if [[ $line == *" venv=missing"* ]]; then missing=$((missing + 1)); fi
+  done
+  if ((running == PROCESSES)); then
+    echo "training runs on all $PROCESSES workers of $TPU; nothing to resume"
+    return 0
+  fi
+  if ((running > 0)); then
+    echo "training runs on $running of $PROCESSES workers: a partial restart cannot join the" \
+      "multi-host job; stopping it on every worker, then starting it on all"
+    halt="if [ -f ~/farmer_jax/launch/tpu_worker.sh ]; then cd ~/farmer_jax &&"
+    halt+=" bash launch/tpu_worker.sh stop train $(shell_join "${STOP_WAIT_S:-300}"); fi"
+    ssh_to all "$halt"
+  fi
+  if ((missing > 0)); then
+    echo "$missing worker(s) have no ~/farmer_jax/.venv (a new or repaired host): installing"
+    install
+  fi
+  train start "$@"
+}
+
+# Deletes or recreates the slice only when the queued resource is SUSPENDING, SUSPENDED, FAILED or
+# gone, or its TPU is PREEMPTED or TERMINATED; stops on any state it cannot read.
 resume() {
   preflight ship "$@"
   if finished; then
     echo "$WORKDIR/summary.json exists: the run has finished, nothing to resume"
     return 0
   fi
-  local qr tpu
-  [[ $DRY_RUN != 1 ]] || echo "# dry run: assuming the TPU was preempted"
-  qr=$(qr_state SUSPENDED)
-  tpu=$(tpu_state PREEMPTED)
-  echo "queued resource $QR_ID: ${qr:-not found}; TPU $TPU: ${tpu:-not found}"
-  case $tpu in
-    READY) train ensure "$@"; return 0 ;;
-    CREATING | STARTING | RESTARTING | REPAIRING)
-      die "TPU $TPU is $tpu; run resume again once it is READY" ;;
-  esac
+  local qr tpu=""
+  [[ $DRY_RUN != 1 ]] || echo "# dry run: assuming a Spot preemption (queued resource SUSPENDED)"
+  must_describe qr SUSPENDED
+  qr=$STATE
+  if [[ $qr == ACTIVE ]]; then
+    must_describe tpu READY
+    tpu=$STATE
+  fi
+  echo "queued resource $QR_ID: $qr${tpu:+; TPU $TPU: $tpu}"
   case $qr in
+    ACTIVE)
+      case $tpu in
+        READY) restart_training "$@"; return 0 ;;
+        PREEMPTED | TERMINATED) delete_qr; create ;;
+        CREATING | STARTING | RESTARTING | REPAIRING)
+          die "TPU $TPU is $tpu; run resume again once it is READY" ;;
+        *) die "TPU $TPU is $tpu (queued resource ACTIVE); not touching it. See 'gcloud compute" \
+             "tpus tpu-vm describe $TPU --zone=$ZONE'; '$PROG delete' then resume recreates it" ;;
+      esac ;;
+    NOT_FOUND) create ;;
+    SUSPENDED)                                 # Spot preemption: its TPU is already deleted
+      if ! run_cmd gcloud compute tpus queued-resources reset "$QR_ID" --project="$PROJECT" \
+        --zone="$ZONE"; then
+        echo "$PROG: reset of $QR_ID failed; deleting and recreating it" >&2
+        delete_qr
+        create
+      fi
+      wait_active ;;
+    SUSPENDING | FAILED) delete_qr; create ;;
     ACCEPTED | PROVISIONING | WAITING_FOR_RESOURCES | CREATING) wait_active ;;
-    "") create ;;
-    *)
-      run_cmd gcloud compute tpus queued-resources delete "$QR_ID" --project="$PROJECT" \
-        --zone="$ZONE" --force --quiet
-      create ;;
+    *) die "queued resource $QR_ID is $qr; not touching it. Run resume again later, or see" \
+         "'gcloud compute tpus queued-resources describe $QR_ID --zone=$ZONE'" ;;
   esac
   install
-  train ensure "$@"
+  train start "$@"
 }
 
 action=${1:-}

@@ -175,6 +175,7 @@ def test_incomplete_or_corrupt_exports_are_rejected(exported, tmp_path):
 
 
 def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
+  from farmer_jax.sampling.generate import describe_stats
   _, out, _, _ = exported
   mcfg, params, _, _ = load_model(str(out))
   s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=1.0), redundant_candidates=16)
@@ -194,6 +195,14 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   z = np.load(tmp_path / "g.npz")
   assert z["images"].shape == (6, 32, 32, 1) and list(z["labels"]) == [3, 3, 3, 7, 7, 7]
   np.testing.assert_array_equal(z["ess_redundant"], st["ess_redundant"])
+  # the Jacobi AF inverse (sampler.inverse): the same images as the exact one, with its iterations
+  sj = s._replace(inverse="jacobi", jacobi_tol=1e-4)
+  j, _, stj = generate(mcfg, params, [3, 7], 3, sj, seed=5, batch_size=6, progress=False,
+                       return_stats=True)
+  assert np.mean(j == a) > 0.999
+  assert stj["jacobi_iters"].shape == (6, mcfg.flow_blocks)
+  assert stj["jacobi_iters"].max() <= mcfg.num_tokens - 1
+  assert "Jacobi AF inverse (tol 0.0001): iterations per block" in describe_stats(stj, sj)
 
 
 def test_parse_classes():

@@ -60,6 +60,28 @@ def test_inverse_exact(flow_and_params, inverse):
   assert float(jnp.abs(xr - x).max()) <= 1e-5
 
 
+def test_jacobi_inverse(flow_and_params, inverse):
+  """The parallel (Jacobi) inverse: capped at N - 1 iterations it equals the sequential inverse;
+  with a tolerance it stops early, reports its iterations per block, and is close; one iteration
+  is not enough (so the test could fail)."""
+  flow, p = flow_and_params
+  n = TINY.num_tokens
+  jac = jax.jit(lambda p, z, cap, tol: flow.apply(
+      {"params": p}, z, max_iters=cap, tol=tol, method=AutoregressiveFlow.inverse_jacobi),
+                static_argnums=(2,))
+  x = jax.random.normal(jax.random.key(4), (3, n, TINY.token_dim))
+  z, _ = flow.apply({"params": p}, x)
+  exact = inverse(p, z)
+  xj, iters = jac(p, z, None, 0.0)
+  assert iters.shape == (TINY.flow_blocks,) and int(iters.max()) <= n - 1
+  assert float(jnp.abs(xj - exact).max()) <= 1e-5
+  xt, it_tol = jac(p, z, None, 1e-4)
+  assert int(it_tol.max()) < n - 1, it_tol          # converged well before the cap
+  assert float(jnp.abs(xt - exact).max()) <= 1e-3
+  x1, _ = jac(p, z, 1, 0.0)
+  assert float(jnp.abs(x1 - exact).max()) > 1e-3
+
+
 def test_flipped_block_flips_position_embedding(flow_and_params, inverse):
   """A flipped block is the unflipped block run on the reversed tokens with an explicitly reversed
   position embedding: flipped(x) == reverse(unflipped(reverse(x); pos_embed[::-1])). With the

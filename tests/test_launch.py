@@ -140,10 +140,8 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
     r = subprocess.run([shell, "-n", "-c", script], capture_output=True, text=True)
     assert r.returncode == 0, (shell, r.stderr)
   assert f"unpack {tarball} {sha}" in script
-  assert "python3 -m pip install --user -q -U uv" in script
-  assert "~/.local/bin/uv venv --python 3.11 .venv" in script
-  assert (f"uv pip install --python .venv/bin/python -c launch/constraints.txt "
-          f"\"jax[tpu]=={JAX_VERSION}\" ." in script)
+  assert script.endswith(f"bash launch/tpu_worker.sh install \"jax[tpu]=={JAX_VERSION}\"")
+  assert "apt-get" not in script and "pip install --user" not in script
 
   words = remote_words(train)
   assert words[:8] == ["cd", "~/farmer_jax", "&&", "bash", "launch/tpu_worker.sh", "start",
@@ -175,6 +173,8 @@ def test_tpu_overrides_mesh_cache_version_zone():
     (dict(TYPE="v3-8"), "TYPE"),
     (dict(TYPE="v4-12"), "TYPE"),
     (dict(TYPE="v5litepod-6"), "TYPE"),
+    (dict(TYPE="v5litepod-12"), "TYPE"),
+    (dict(TYPE="v5litepod-512"), "TYPE"),
     (dict(TYPE="v4-32", CONFIG=None), "CONFIG"),
     (dict(TYPE="v4-32", PROJECT=None), "PROJECT"),
 ])
@@ -190,9 +190,19 @@ def test_tpu_unknown_type_lists_the_supported_ones():
   assert "TYPE=v6e-8" in err and all(t in err for t in ("v4-N", "v5litepod-N", "v5p-N"))
 
 
+def test_tpu_v5e_accepts_only_its_slice_shapes():
+  sizes = [1, 4, 8, 16, 32, 64, 128, 256]
+  for n in sizes:
+    rc, _, err, _ = run(TPU_VM, "check", env=tpu_env(TYPE=f"v5litepod-{n}"))
+    assert rc == 0, (n, err)
+  for n in (2, 12, 20, 48, 512):
+    rc, _, err, cmds = run(TPU_VM, "check", env=tpu_env(TYPE=f"v5litepod-{n}"))
+    assert rc != 0 and not cmds and " ".join(map(str, sizes)) in err, (n, err)
+
+
 @pytest.mark.parametrize("tpu_type, devices, processes", [
-    ("v4-8", 4, 1), ("v4-32", 16, 4), ("v5litepod-8", 8, 1), ("v5litepod-16", 16, 4),
-    ("v5p-64", 32, 8), ("v5p-128", 64, 16),
+    ("v4-8", 4, 1), ("v4-32", 16, 4), ("v5litepod-1", 1, 1), ("v5litepod-8", 8, 1),
+    ("v5litepod-16", 16, 4), ("v5litepod-256", 256, 64), ("v5p-64", 32, 8), ("v5p-128", 64, 16),
 ])
 def test_tpu_check_runs_locally_for_the_slice(tmp_path, tpu_type, devices, processes):
   bin_dir, log = fake_farmer_jax(tmp_path)
@@ -222,13 +232,21 @@ def test_tpu_check_needs_farmer_jax_installed():
   assert "farmer_jax is not installed" in err and "SKIP_CHECK=1" in err
 
 
-def test_tpu_refuses_a_dirty_tree(tmp_path):
+def _temp_repo(tmp_path):
+  """A git repository with launch/ and configs/imagenet256.py committed."""
   repo = tmp_path / "repo"
   shutil.copytree(LAUNCH, repo / "launch")
+  (repo / "configs").mkdir()
+  (repo / "configs" / "imagenet256.py").write_text("# config\n")
   git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
   subprocess.run(git[:3] + ["init", "-q"], check=True)
   subprocess.run(git + ["add", "-A"], check=True)
   subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+  return repo
+
+
+def test_tpu_refuses_a_dirty_tree(tmp_path):
+  repo = _temp_repo(tmp_path)
   (repo / "launch" / "local.sh").write_text("# edited\n")
   env = tpu_env(TYPE="v4-32", ALLOW_DIRTY=None)
   rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", "up", env=env, cwd=repo)
@@ -236,6 +254,31 @@ def test_tpu_refuses_a_dirty_tree(tmp_path):
   rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", "up", env={**env, "ALLOW_DIRTY": "1"},
                            cwd=repo)
   assert rc == 0 and find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp"), err
+
+
+@pytest.mark.parametrize("case", ["untracked", "staged", "modified", "missing"])
+def test_tpu_refuses_a_config_file_that_head_lacks(tmp_path, case):
+  """`git archive HEAD` ships only committed files: the CONFIG file must be in HEAD as it is."""
+  repo = _temp_repo(tmp_path)
+  config = {"untracked": "configs/mine.py", "staged": "configs/mine.py",
+            "modified": "configs/imagenet256.py", "missing": "configs/nope.py"}[case]
+  if case != "missing":
+    (repo / config).write_text("# edited\n")
+  if case == "staged":
+    subprocess.run(["git", "-C", str(repo), "add", config], check=True)
+  env = tpu_env(TYPE="v4-32", ALLOW_DIRTY=None, CONFIG=f"{config}:1.1B/16,data_dir=gs://b/tfds")
+  for action in ("up", "resume"):
+    rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", action, env=env, cwd=repo)
+    assert rc != 0 and not cmds, (action, out)
+    assert config in err and "ALLOW_DIRTY=1" in err and "git archive HEAD" in err, err
+  rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", "up", env={**env, "ALLOW_DIRTY": "1"},
+                           cwd=repo)
+  assert rc == 0 and find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp"), err
+  assert config in err                                  # warned
+  env["CONFIG"] = "configs/imagenet256.py:1.1B/16"      # committed and clean: no complaint
+  if case != "modified":
+    rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", "up", env=env, cwd=repo)
+    assert (rc == 0) == (case in ("untracked", "missing")), err
 
 
 def test_tpu_delete_logs_stop_status_need_only_project_zone_tpu():
@@ -262,43 +305,84 @@ def test_tpu_no_action_prints_usage_and_creates_nothing():
     assert rc == 2 and not cmds and "usage:" in err and "up" in err
 
 
-def test_tpu_resume_recreates_a_preempted_slice():
+def test_tpu_resume_dry_run_resets_a_suspended_queued_resource():
   rc, out, err, cmds = run(TPU_VM, "resume", "--config.x=1", env=tpu_env(TYPE="v5p-64"))
   assert rc == 0, err
   names = [" ".join(c[:5]) for c in cmds if c[0] == "gcloud"]
-  delete = names.index("gcloud compute tpus queued-resources delete")
-  create = names.index("gcloud compute tpus queued-resources create")
-  scp = names.index("gcloud compute tpus tpu-vm scp")
-  assert delete < create < scp
+  assert "gcloud compute tpus queued-resources delete" not in names
+  assert "gcloud compute tpus queued-resources create" not in names
+  (reset,) = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "reset")
+  assert reset[5] == "tpu1-qr" and flag(reset, "--zone") == "us-east5-a"
+  assert names.index("gcloud compute tpus queued-resources reset") < names.index(
+      "gcloud compute tpus tpu-vm scp")
   words = remote_words(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[-1])
-  assert words[5:7] == ["ensure", "train"] and words[-1] == "--config.x=1"
+  assert words[5:7] == ["start", "train"] and words[-1] == "--config.x=1"
   assert "--workdir=gs://bkt/runs/r1" in words
   assert find(cmds, "gcloud", "storage", "ls", "gs://bkt/runs/r1/summary.json")
 
 
+_FAKE_GCLOUD = r"""#!/usr/bin/env bash
+echo "$*" >> @TMP@/calls
+for a in "$@"; do
+  if [[ $a == --command=*farmer_jax-probe* ]]; then printf '%s' "${a#--command=}" > @TMP@/probe; fi
+done
+notfound() { echo "ERROR: (gcloud.x) NOT_FOUND: Resource '$1' was not found" >&2; exit 1; }
+flaky() { echo "ERROR: (gcloud.x) UNAVAILABLE: try again later" >&2; exit 1; }
+case "$*" in
+  *"queued-resources describe"*)
+    [[ -e @STATE@ ]] || notfound qr
+    [[ $(cat @STATE@) != FAIL ]] || flaky
+    cat @STATE@ ;;
+  *"queued-resources create"*) echo ACTIVE > @STATE@ ;;
+  *"queued-resources delete"*) rm @STATE@ ;;
+  *"queued-resources reset"*)
+    [[ -z $FAKE_RESET_FAILS ]] || { echo "ERROR: (gcloud.x) FAILED_PRECONDITION" >&2; exit 1; }
+    echo ACTIVE > @STATE@ ;;
+  *"tpu-vm describe"*)
+    case ${FAKE_TPU_STATE:-} in
+      "") notfound tpu ;;
+      FAIL) flaky ;;
+      *) echo "$FAKE_TPU_STATE" ;;
+    esac ;;
+  *"tpu-vm ssh"*farmer_jax-probe*)
+    i=0
+    for w in $FAKE_WORKERS; do
+      echo "farmer_jax-probe tpu1-w-$i train=${w%:*} venv=${w#*:}"
+      i=$((i + 1))
+    done ;;
+  "storage ls"*) exit 1 ;;
+esac
+"""
+
+
 def fake_gcloud(tmp_path, qr_state=None):
-  """A gcloud that logs its calls and keeps a queued resource's state in a file."""
+  """A gcloud that logs its calls and keeps a queued resource's state in a file (absent: describe
+  says NOT_FOUND; FAIL: describe fails otherwise). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
+  FAIL: a failed query); FAKE_WORKERS: the workers' answers to resume's probe, e.g. "running:ok
+  stopped:missing"; FAKE_RESET_FAILS=1: `queued-resources reset` fails."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   state = tmp_path / "qr_state"
   if qr_state:
     state.write_text(qr_state)
-  (bin_dir / "gcloud").write_text(f"""#!/usr/bin/env bash
-echo "$*" >> {tmp_path}/calls
-case "$*" in
-  *"queued-resources describe"*) [[ -e {state} ]] && cat {state} ;;
-  *"queued-resources create"*) echo ACTIVE > {state} ;;
-  *"queued-resources delete"*) rm {state} ;;
-  *"tpu-vm describe"*) [[ -n $FAKE_TPU_STATE ]] && echo "$FAKE_TPU_STATE" ;;
-  "storage ls"*) exit 1 ;;
-esac
-""")
+  (bin_dir / "gcloud").write_text(
+      _FAKE_GCLOUD.replace("@TMP@", str(tmp_path)).replace("@STATE@", str(state)))
   (bin_dir / "gcloud").chmod(0o755)
   return bin_dir, tmp_path / "calls"
 
 
 def _verbs(calls):
   return [" ".join(line.split()[:4]) for line in calls.read_text().splitlines()]
+
+
+def _ssh_kinds(calls):
+  """What each `tpu-vm ssh` did: probe, stop, install, start (or ensure, fg, ...)."""
+  kinds = []
+  for line in calls.read_text().splitlines():
+    if line.startswith("compute tpus tpu-vm ssh"):
+      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)", line)
+      kinds.append("probe" if m[0] == "farmer_jax-probe" else m[1])
+  return kinds
 
 
 def test_tpu_up_and_resume_for_real_with_a_fake_gcloud(tmp_path):
@@ -310,25 +394,131 @@ def test_tpu_up_and_resume_for_real_with_a_fake_gcloud(tmp_path):
       "compute tpus queued-resources describe", "compute tpus queued-resources create",
       "compute tpus queued-resources describe", "compute tpus tpu-vm scp",
       "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
+  assert _ssh_kinds(calls) == ["unpack", "start"]
   tarball = find(cmds, "git")[0][-2]
   assert not os.path.exists(tarball)                   # made, copied, removed
   calls.unlink()
-  (tmp_path / "qr_state").write_text("SUSPENDED")      # Spot preemption
-  rc, out, err, _ = run(TPU_VM, "resume", env={**env, "FAKE_TPU_STATE": "PREEMPTED"},
-                        bin_dir=bin_dir)
+  (tmp_path / "qr_state").write_text("SUSPENDED")      # Spot preemption: the TPU is deleted
+  rc, out, err, _ = run(TPU_VM, "resume", env=env, bin_dir=bin_dir)
   assert rc == 0, err
   assert _verbs(calls) == [
       "storage ls gs://bkt/runs/r1/summary.json", "compute tpus queued-resources describe",
-      "compute tpus tpu-vm describe", "compute tpus queued-resources delete",
-      "compute tpus queued-resources describe", "compute tpus queued-resources create",
-      "compute tpus queued-resources describe", "compute tpus tpu-vm scp",
-      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
-  assert "tpu_worker.sh ensure train" in calls.read_text().splitlines()[-1]
+      "compute tpus queued-resources reset", "compute tpus queued-resources describe",
+      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
+  assert _ssh_kinds(calls) == ["unpack", "start"]
   calls.unlink()
-  rc, out, err, _ = run(TPU_VM, "resume", env={**env, "FAKE_TPU_STATE": "READY"},
-                        bin_dir=bin_dir)
+  rc, out, err, _ = run(TPU_VM, "resume", env={**env, "FAKE_TPU_STATE": "READY",
+                                                "FAKE_WORKERS": "running:ok"}, bin_dir=bin_dir)
+  assert rc == 0 and "nothing to resume" in out, err
+  assert _ssh_kinds(calls) == ["probe"]
+  assert not re.search(r"create|delete|reset", calls.read_text())
+
+
+@pytest.mark.parametrize("qr, tpu, reset_fails, expected", [
+    ("SUSPENDED", "", "", ["reset"]),
+    ("SUSPENDED", "", "1", ["reset", "delete", "create"]),    # reset refused: recreate
+    ("SUSPENDING", "", "", ["delete", "create"]),
+    ("FAILED", "", "", ["delete", "create"]),
+    (None, "", "", ["create"]),                               # gone (NOT_FOUND)
+    ("ACTIVE", "PREEMPTED", "", ["delete", "create"]),
+    ("ACTIVE", "TERMINATED", "", ["delete", "create"]),
+])
+def test_tpu_resume_recreates_only_a_lost_slice(tmp_path, qr, tpu, reset_fails, expected):
+  bin_dir, calls = fake_gcloud(tmp_path, qr)
+  env = tpu_env(TYPE="v4-32", DRY_RUN=None, POLL_S="0", FAKE_TPU_STATE=tpu,
+                FAKE_RESET_FAILS=reset_fails)
+  rc, out, err, _ = run(TPU_VM, "resume", env=env, bin_dir=bin_dir)
   assert rc == 0, err
-  assert _verbs(calls)[-1] == "compute tpus tpu-vm ssh" and "create" not in calls.read_text()
+  changes = [v.split()[-1] for v in _verbs(calls)
+             if re.fullmatch(r"compute tpus queued-resources (reset|delete|create)", v)]
+  assert changes == expected
+  assert _ssh_kinds(calls) == ["unpack", "start"]
+
+
+@pytest.mark.parametrize("qr, tpu, message", [
+    ("ACTIVE", "FAIL", "could not read the state of tpu1 "),   # transient describe failure
+    ("FAIL", "READY", "could not read the state of tpu1-qr "),
+    ("ACTIVE", "", "TPU tpu1 is NOT_FOUND"),
+    ("ACTIVE", "STOPPED", "TPU tpu1 is STOPPED"),
+    ("DELETING", "", "is DELETING"),
+])
+def test_tpu_resume_never_deletes_a_slice_it_cannot_see_is_lost(tmp_path, qr, tpu, message):
+  bin_dir, calls = fake_gcloud(tmp_path, qr)
+  env = tpu_env(TYPE="v4-32", DRY_RUN=None, POLL_S="0", FAKE_TPU_STATE=tpu)
+  rc, out, err, cmds = run(TPU_VM, "resume", env=env, bin_dir=bin_dir)
+  assert rc != 0 and message in err, err
+  assert not re.search(r"delete|create|reset|scp|ssh", calls.read_text())
+  assert not [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "queued-resources"]
+              and c[4] != "describe"]
+  if "FAIL" in (qr, tpu):
+    assert "nothing was changed" in err
+    assert len(re.findall(r"(tpu-vm|queued-resources) describe", calls.read_text())) == (
+        5 if qr == "FAIL" else 6)                      # 5 attempts of the failing query
+
+
+@pytest.mark.parametrize("workers, expected", [
+    ("running:ok running:ok running:ok running:ok", ["probe"]),
+    ("stopped:ok stopped:ok stopped:ok stopped:ok", ["probe", "start"]),
+    ("running:ok running:ok stopped:ok running:ok", ["probe", "stop", "start"]),
+    ("running:ok stopped:missing running:ok running:ok", ["probe", "stop", "unpack", "start"]),
+    ("stopped:missing stopped:ok stopped:ok stopped:ok", ["probe", "unpack", "start"]),
+])
+def test_tpu_resume_on_a_ready_slice_restarts_all_workers_together(tmp_path, workers, expected):
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  env = tpu_env(TYPE="v4-32", DRY_RUN=None, POLL_S="0", FAKE_TPU_STATE="READY",
+                FAKE_WORKERS=workers, STOP_WAIT_S="77")
+  rc, out, err, cmds = run(TPU_VM, "resume", "--config.x=1", env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  assert _ssh_kinds(calls) == expected
+  ssh = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  assert all(flag(c, "--worker") == "all" for c in ssh)          # never a partial restart
+  if "stop" in expected:
+    assert remote_words(ssh[1])[-4:] == ["stop", "train", "77;", "fi"]
+  if "start" in expected:
+    words = remote_words(ssh[-1])
+    assert words[5:7] == ["start", "train"] and words[-1] == "--config.x=1"
+  assert not re.search(r"queued-resources (create|delete|reset)", calls.read_text())
+
+
+def test_tpu_resume_stops_if_a_worker_does_not_answer(tmp_path):
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  env = tpu_env(TYPE="v4-32", DRY_RUN=None, POLL_S="0", FAKE_TPU_STATE="READY",
+                FAKE_WORKERS="running:ok stopped:ok stopped:ok")
+  rc, out, err, _ = run(TPU_VM, "resume", env=env, bin_dir=bin_dir)
+  assert rc != 0 and "3 of 4 workers answered" in err and "nothing was changed" in err
+  assert _ssh_kinds(calls) == ["probe"]
+
+
+def test_tpu_resume_probe_runs_on_a_worker(tmp_path):
+  """The probe resume sends to the workers, run here by sh: running training, missing venv."""
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, FAKE_TPU_STATE="READY", FAKE_WORKERS="running:ok")
+  assert run(TPU_VM, "resume", env=env, bin_dir=bin_dir)[0] == 0
+  probe = (tmp_path / "probe").read_text()
+  home = tmp_path / "home"
+  (home / "farmer_jax").mkdir(parents=True)
+
+  def answer():
+    r = subprocess.run(["sh", "-c", probe], env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+                       capture_output=True, text=True, check=True)
+    return r.stdout.split()[2:]
+
+  assert answer() == ["train=stopped", "venv=missing"]
+  (home / "farmer_jax" / "train.pid").write_text(f"{os.getpid()}\n")
+  venv = home / "farmer_jax" / ".venv" / "bin"
+  venv.mkdir(parents=True)
+  (venv / "farmer_jax").write_text("#!/bin/sh\n")
+  (venv / "farmer_jax").chmod(0o755)
+  assert answer() == ["train=running", "venv=ok"]
+
+
+def test_tpu_status_reports_a_failed_query(tmp_path):
+  bin_dir, _ = fake_gcloud(tmp_path, "FAIL")
+  env = {"PROJECT": "proj", "ZONE": "us-east5-a", "TPU": "tpu1", "FAKE_TPU_STATE": ""}
+  rc, out, err, _ = run(TPU_VM, "status", env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  assert "queued resource tpu1-qr: unknown (the query failed" in out
+  assert "TPU tpu1: not found" in out
 
 
 @pytest.mark.parametrize("tpu_type, batch, devices, processes", [
@@ -369,17 +559,30 @@ def test_slurm_header_one_process_per_gpu():
 
 
 def test_slurm_dry_run_requeues_only_without_summary(tmp_path):
-  env = {"DRY_RUN": "1", "CONFIG": "configs/imagenet256.py:1.9B/8", "WORKDIR": str(tmp_path)}
+  env = {"DRY_RUN": "1", "CONFIG": "configs/imagenet256.py:1.9B/8", "WORKDIR": str(tmp_path),
+         "PYTHON": sys.executable, "SLURM_CPUS_PER_TASK": "12"}
   rc, out, err, cmds = run(SBATCH, "--config.x=1", env=env)
   assert rc == 0, err
-  srun, requeue = cmds
-  assert srun[:2] == ["srun", "--kill-on-bad-exit=1"] and srun[3:6] == ["-m", "farmer_jax", "train"]
+  srun, check, requeue = cmds
+  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12"]
+  assert srun[3:7] == [sys.executable, "-m", "farmer_jax", "train"]
   assert "--distributed=auto" in srun and f"--workdir={tmp_path}" in srun
   assert srun[-1] == "--config.x=1" and "--config.mesh=(('data', -1), ('fsdp', 8))" in srun
+  assert check[:2] == [sys.executable, "-c"] and "epath" in check[2] and check[3] == str(tmp_path)
   assert requeue == ["scontrol", "requeue", "dry-run"]
   (tmp_path / "summary.json").write_text("{}")
   rc, out, err, cmds = run(SBATCH, env=env)
-  assert rc == 0 and [c[0] for c in cmds] == ["srun"], err
+  assert rc == 0 and [c[0] for c in cmds] == ["srun", sys.executable], err
+
+
+def test_slurm_srun_gets_cpus_per_task_only_from_the_job():
+  env = {"DRY_RUN": "1", "CONFIG": "c.py", "WORKDIR": "gs://bkt/run"}
+  rc, _, err, cmds = run(SBATCH, env=env)
+  assert rc == 0 and not [a for a in cmds[0] if a.startswith("--cpus-per-task")], err
+  assert "cpus-per-task" in sbatch_header()              # what SLURM_CPUS_PER_TASK reflects
+  rc, _, err, cmds = run(SBATCH, env={**env, "SLURM_CPUS_PER_TASK": "7"})
+  assert rc == 0 and flag(cmds[0], "--cpus-per-task") == "7", err
+  assert cmds[-1] == ["scontrol", "requeue", "dry-run"]       # gs:// in a dry run: not read
 
 
 def fake_slurm(tmp_path, srun_rc):
@@ -396,7 +599,8 @@ def fake_slurm(tmp_path, srun_rc):
 def test_slurm_requeues_after_time_limit_but_not_after_a_crash(tmp_path, srun_rc):
   bin_dir = fake_slurm(tmp_path, srun_rc)
   workdir = tmp_path / "run"
-  env = {"CONFIG": "c.py", "WORKDIR": str(workdir), "SLURM_JOB_ID": "42"}
+  env = {"CONFIG": "c.py", "WORKDIR": str(workdir), "SLURM_JOB_ID": "42",
+         "PYTHON": sys.executable}
   rc, out, err, cmds = run(SBATCH, env=env, bin_dir=bin_dir)
   calls = (tmp_path / "calls").read_text().splitlines()
   assert rc == srun_rc
@@ -404,6 +608,41 @@ def test_slurm_requeues_after_time_limit_but_not_after_a_crash(tmp_path, srun_rc
     assert len(calls) == 1 and "not requeueing" in err
   else:
     assert calls[1] == "scontrol requeue 42"
+
+
+@pytest.mark.parametrize("case", ["finished", "not finished", "check fails", "no etils"])
+def test_slurm_finished_check_uses_the_jobs_python(tmp_path, case):
+  """summary.json present: done; absent: requeue; the check failing (even with exit status 1 from
+  an exception): no requeue, non-zero exit. No gcloud is involved."""
+  bin_dir = fake_slurm(tmp_path, 0)
+  (bin_dir / "gcloud").write_text("#!/bin/sh\necho 'gcloud called' >&2\nexit 99\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  python = sys.executable
+  if case == "finished":
+    (workdir / "summary.json").write_text("{}")
+  elif case == "check fails":
+    python = str(bin_dir / "python")
+    (bin_dir / "python").write_text("#!/bin/sh\necho 'check: permission denied' >&2\nexit 5\n")
+    (bin_dir / "python").chmod(0o755)
+  elif case == "no etils":                # ImportError: a plain python -c would exit 1
+    python = str(bin_dir / "python")
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S \"$@\"\n")
+    (bin_dir / "python").chmod(0o755)
+  env = {"CONFIG": "c.py", "WORKDIR": str(workdir), "SLURM_JOB_ID": "42", "PYTHON": python}
+  rc, out, err, cmds = run(SBATCH, env=env, bin_dir=bin_dir)
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert "gcloud called" not in err
+  assert cmds[1][:2] == [python, "-c"] and cmds[1][-1] == str(workdir)
+  if case == "finished":
+    assert rc == 0 and "finished:" in out and len(calls) == 1, err
+  elif case == "not finished":
+    assert rc == 0 and calls[1:] == ["scontrol requeue 42"], err
+  else:
+    assert rc not in (0, 1) and len(calls) == 1, err          # srun only: no requeue
+    assert "could not check" in err and "not requeueing" in err
+    assert ("exit status 5" if case == "check fails" else "exit status 2") in err
 
 
 def test_slurm_needs_a_job_outside_dry_run():
@@ -464,8 +703,9 @@ def test_tpu_worker_supervisor_keeps_logs_in_the_bucket(tmp_path):
     rc, out, _, _ = run(WORKER, "ensure", *cmd[1:], env=env, bin_dir=bin_dir)
     assert rc == 0 and "already runs" in out
     assert "train runs" in run(WORKER, "status", "train", env=env)[1]
-    run(WORKER, "stop", "train", env=env)
-    _wait_for(lambda: (home / "train.exit").exists())
+    rc, out, err, _ = run(WORKER, "stop", "train", "10", env=env, bin_dir=bin_dir)
+    assert rc == 0 and "train has exited" in out, err
+    assert (home / "train.exit").exists() and not (home / "train.pid").exists()
   finally:
     pid = home / "train.pid"
     if pid.exists():
@@ -479,3 +719,150 @@ def test_tpu_worker_supervisor_keeps_logs_in_the_bucket(tmp_path):
   assert rc == 3 and "again" in out, err
   text = bucket_log.read_text()
   assert text.index("preempted at step 3") < text.index("again") < text.index("exit status 3")
+
+
+def _fake_bucket_gcloud(bin_dir, gcs, cp_sleep=0.0, events=None):
+  """A gcloud whose `storage cp` maps gs:// to ``gcs``; each upload reads its source at the start,
+  takes ``cp_sleep`` s, and logs `start PID` / `end PID` to ``events``."""
+  (bin_dir / "gcloud").write_text(
+      "#!/usr/bin/env bash\n"
+      "[[ $1 == storage && $2 == cp ]] || exit 1\n"
+      f"map() {{ if [[ $1 == gs://* ]]; then echo {gcs}/${{1#gs://}}; else echo $1; fi; }}\n"
+      "src=$(map \"$3\"); dst=$(map \"$4\"); [[ -e $src ]] || exit 1\n"
+      + (f"echo start $$ >> {events}\n" if events else "")
+      + "data=$(cat \"$src\"; echo .)\n"
+      f"sleep {cp_sleep}\n"
+      "mkdir -p \"$(dirname \"$dst\")\" && printf '%s' \"${data%.}\" > \"$dst\"\n"
+      + (f"echo end $$ >> {events}\n" if events else ""))
+  (bin_dir / "gcloud").chmod(0o755)
+
+
+def test_tpu_worker_final_log_upload_is_the_last_write(tmp_path):
+  """An upload of the periodic syncer still in flight when the command exits must finish before
+  the final upload starts, or an older copy could overwrite the complete log."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  gcs, events = tmp_path / "gcs", tmp_path / "events"
+  _fake_bucket_gcloud(bin_dir, gcs, cp_sleep=0.4, events=events)
+  home = tmp_path / "farmer_jax"
+  home.mkdir()
+  env = {"FARMER_HOME": str(home), "WORKER_INDEX": "0", "LOG_SYNC_S": "0.05"}
+  rc, out, err, _ = run(WORKER, "fg", "train", "gs://b/r/logs", sys.executable, "-c",
+                        "import time; print('working', flush=True); time.sleep(0.3)",
+                        env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  ev = [line.split() for line in events.read_text().splitlines()]
+  assert len(ev) >= 4                         # a periodic upload, then the final one
+  assert ev[-2][0] == "start" and ev[-1] == ["end", ev[-2][1]]
+  starts = [p for e, p in ev if e == "start"]
+  ends = [p for e, p in ev[:-2] if e == "end"]
+  assert sorted(starts[:-1]) == sorted(ends)  # every earlier upload ended before the final one
+  assert "exit status 0" in (gcs / "b" / "r" / "logs" / "worker-0.log").read_text()
+
+
+def test_tpu_worker_stop_waits_then_kills(tmp_path):
+  """stop NAME WAIT_S: SIGTERM, then SIGKILL after WAIT_S, and returns once the supervisor has
+  finished (exit status written, final log uploaded, pid files gone)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _fake_bucket_gcloud(bin_dir, tmp_path / "gcs")
+  home = tmp_path / "farmer_jax"
+  home.mkdir()
+  (home / "stubborn.py").write_text(
+      "import signal, time\n"
+      "signal.signal(signal.SIGTERM, lambda *a: print('ignoring SIGTERM', flush=True))\n"
+      "print('up', flush=True)\n"
+      "time.sleep(30)\n")
+  env = {"FARMER_HOME": str(home), "WORKER_INDEX": "0", "LOG_SYNC_S": "5"}
+  try:
+    rc, out, err, _ = run(WORKER, "start", "train", "gs://b/r/logs", sys.executable,
+                          "stubborn.py", env=env, bin_dir=bin_dir)
+    assert rc == 0, err
+    _wait_for(lambda: "up" in (home / "train.log").read_text())
+    t0 = time.monotonic()
+    rc, out, err, _ = run(WORKER, "stop", "train", "1", env=env, bin_dir=bin_dir)
+    assert rc == 0 and "SIGKILL" in out and "train has exited" in out, err
+    assert time.monotonic() - t0 < 10
+  finally:
+    pid = home / "train.pid"
+    if pid.exists():
+      subprocess.run(["kill", "-9", pid.read_text().strip()], check=False)
+  assert not (home / "train.pid").exists() and not (home / "train.sup").exists()
+  assert (home / "train.exit").read_text().strip() == "137"
+  assert "ignoring SIGTERM" in (tmp_path / "gcs" / "b" / "r" / "logs" / "worker-0.log").read_text()
+  rc, out, err, _ = run(WORKER, "stop", "train", "1", env=env, bin_dir=bin_dir)
+  assert rc == 0 and "not running" in out and "train has exited" in out
+
+
+UV_VERSION = re.search(r"^UV_VERSION=\$\{UV_VERSION:-([0-9.]+)\}", WORKER.read_text(), re.M)[1]
+
+
+def test_tpu_worker_install_uses_a_pinned_uv(tmp_path):
+  """install: uv UV_VERSION from https://astral.sh/uv/UV_VERSION/install.sh (no apt, no pip),
+  then a Python 3.11 venv and one constrained uv pip install; with fakes for curl, uv, python."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  fake_uv = tmp_path / "fake_uv"
+  fake_uv.write_text(
+      "#!/bin/sh\n"
+      f"echo uv \"$@\" >> {calls}\n"
+      f"case $1 in --version) echo 'uv {UV_VERSION} (abc 2026-01-01)' ;;\n"
+      "  venv) mkdir -p \"$4/bin\" && printf '#!/bin/sh\\necho python \"$@\" >> %s\\n' "
+      f"{calls} > \"$4/bin/python\" && chmod +x \"$4/bin/python\" ;;\n"
+      "esac\n")
+  fake_uv.chmod(0o755)
+  (bin_dir / "curl").write_text(
+      "#!/bin/sh\n"
+      f"echo curl \"$@\" >> {calls}\n"
+      "[ -z \"$FAKE_CURL_FAILS\" ] || exit 22\n"
+      f"echo 'mkdir -p \"$UV_INSTALL_DIR\" && cp {fake_uv} \"$UV_INSTALL_DIR/uv\"'\n")
+  (bin_dir / "curl").chmod(0o755)
+  for name in ("apt-get", "pip", "pip3", "sudo"):
+    (bin_dir / name).write_text(f"#!/bin/sh\necho 'real {name} called' >&2\nexit 99\n")
+    (bin_dir / name).chmod(0o755)
+  home, user = tmp_path / "farmer_jax", tmp_path / "user"
+  (home / "launch").mkdir(parents=True)
+  (home / "launch" / "constraints.txt").write_text("jax==0.10.2\n")
+  (home / "COMMIT").write_text("abc\n")
+  env = {"FARMER_HOME": str(home), "HOME": str(user), "WORKER_INDEX": "0"}
+  req = f"jax[tpu]=={JAX_VERSION}"
+  rc, out, err, _ = run(WORKER, "install", req, env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  assert "real" not in err
+  lines = calls.read_text().splitlines()
+  assert lines[0] == f"curl -LsSf https://astral.sh/uv/{UV_VERSION}/install.sh"
+  assert (user / ".local" / "bin" / "uv").exists()
+  assert "uv venv --python 3.11 .venv" in lines
+  assert (f"uv pip install --python .venv/bin/python -c launch/constraints.txt {req} ."
+          in lines)
+  assert "installed commit abc" in out
+  calls.unlink()                                   # again: uv and the venv are kept
+  rc, out, err, _ = run(WORKER, "install", req, env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  text = calls.read_text()
+  assert "curl" not in text and "uv venv" not in text and "uv pip install" in text
+  (user / ".local" / "bin" / "uv").unlink()        # no uv and no internet: a clear error
+  rc, out, err, _ = run(WORKER, "install", req, env={**env, "FAKE_CURL_FAILS": "1"},
+                        bin_dir=bin_dir)
+  assert rc != 0 and f"could not install uv {UV_VERSION}" in err and "internet" in err
+
+
+def test_constraints_pin_gcsfs_sorted_without_duplicates():
+  pins = [line.split("==") for line in (LAUNCH / "constraints.txt").read_text().splitlines()
+          if line and not line.startswith("#")]
+  names = [re.sub(r"[-_.]+", "-", n).lower() for n, _ in pins]
+  assert all(len(p) == 2 and p[1] for p in pins)
+  assert names == sorted(names) and len(set(names)) == len(names)
+  versions = dict(zip(names, (v for _, v in pins)))
+  for name in ("gcsfs", "fsspec", "google-cloud-storage", "google-auth", "aiohttp", "grpcio"):
+    assert name in versions, name                       # gs:// through etils.epath
+
+
+def test_gpu_install_hints_are_one_constrained_install():
+  hint = f'pip install -c launch/constraints.txt -e . "jax[cuda12]=={JAX_VERSION}"'
+  for path in (LAUNCH / "gpu_single_node.sh", SBATCH, LAUNCH / "constraints.txt",
+               ROOT / "docs" / "launch.md"):
+    text = path.read_text()
+    assert hint in " ".join(text.replace("#", " ").replace("`", " ").split()), path
+    assert "pip install -U" not in text, path

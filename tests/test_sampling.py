@@ -367,13 +367,18 @@ def test_sampling_deterministic_and_batch_independent(tiny, guidance):
 
 
 def test_sampled_latents_decode_and_reencode(tiny):
-  """The sampler's images map back (through the AF forward) to the sampled latents."""
+  """The sampler's images map back (through the AF forward) to the sampled latents, with the
+  exact inverse and with the Jacobi inverse capped at N - 1 iterations (the same images)."""
   cfg, model, params = tiny
   y = jnp.array([1, 0])
   z = sample_latents(cfg, params, sample_keys(3, 0, 2), y)
-  x = decode_latents(cfg, params, z, y)
+  x, none = decode_latents(cfg, params, z, y)
+  assert none is None
   z2, _ = model.apply({"params": params}, x, y, method=Farmer.encode)
   np.testing.assert_allclose(z2, z, atol=1e-4)
+  xj, iters = decode_latents(cfg, params, z, y, "jacobi", 0.0, 0)
+  assert iters.shape == (cfg.flow_blocks,) and int(iters.max()) <= cfg.num_tokens - 1
+  np.testing.assert_allclose(xj, x, atol=1e-5)
 
 
 def test_bad_sampler_settings_raise():

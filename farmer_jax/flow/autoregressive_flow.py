@@ -51,6 +51,7 @@ class AFBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   final_norm: bool = True  # LayerNorm before proj_out: (a, b) stay bounded for any input magnitude
+  causal: bool = True      # False: the distilled student's bidirectional copy (distill/student.py)
 
   def setup(self):
     self.proj_in = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -64,7 +65,7 @@ class AFBlock(nn.Module):
           nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed")),
           (self.num_classes, self.width), jnp.float32)
     self.transformer = tfm.Transformer(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio,
-                                       dtype=self.dtype, remat=self.remat)
+                                       dtype=self.dtype, remat=self.remat, causal=self.causal)
     if self.final_norm:
       self.norm_out = tfm.LayerNormF32(jnp.float32)
     self.proj_out = nn.Dense(2 * self.token_dim, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -93,15 +94,21 @@ class AFBlock(nn.Module):
       h = h + self._class(y).astype(self.dtype)
     return h
 
-  def __call__(self, carry, flip, y=None):
-    x, logdet = carry
-    x = x.astype(jnp.float32)
-    xp = jnp.where(flip, x[:, ::-1], x)
+  def shift_scale(self, xp, flip, y=None):
+    """(a, b) of every token from x in the block's (permuted) order, one causal pass: xp (B, N, d)
+    -> a, b each (B, N, d), token i's from x_{<i} (token 0's are zeros)."""
     pos = jnp.where(flip, self.pos_embed[::-1], self.pos_embed)
     h, _ = self.transformer(self._embed(xp, pos[None], y))
     a, b = self._params_out(h)
     a = jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0)))           # shift right: token i uses x_{<i}
     b = jnp.pad(b[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    return a, b
+
+  def __call__(self, carry, flip, y=None):
+    x, logdet = carry
+    x = x.astype(jnp.float32)
+    xp = jnp.where(flip, x[:, ::-1], x)
+    a, b = self.shift_scale(xp, flip, y)
     zp = (xp - b) * jnp.exp(-a)
     z = jnp.where(flip, zp[:, ::-1], zp)
     logdet = logdet - jnp.sum(a, axis=(1, 2))
@@ -154,6 +161,60 @@ class AutoregressiveFlow(nn.Module):
     logdet0 = jnp.zeros((x.shape[0],), jnp.float32)
     (z, logdet), _ = blocks((x.astype(jnp.float32), logdet0), block_flips(self.num_blocks), y)
     return z, logdet
+
+  def path(self, x, y=None):
+    """The forward pass keeping every intermediate (what distillation supervises with):
+    x (B, N, d) -> (n + 1, B, N, d), entry t = Z^t (Z^0 = x, Z^t = f_t(Z^{t-1}), Z^n = z)."""
+    block = AFBlock(**self.block_kwargs(), parent=None)
+    logdet0 = jnp.zeros((x.shape[0],), jnp.float32)
+
+    def step(z, xs):
+      bp, flip = xs
+      (z, _), _ = block.apply({"params": bp}, (z, logdet0), flip, y)
+      return z, z
+
+    x = x.astype(jnp.float32)
+    stacked = nn.unbox(self.variables["params"]["blocks"])
+    _, zs = jax.lax.scan(step, x, (stacked, block_flips(self.num_blocks)))
+    return jnp.concatenate([x[None], zs])
+
+  def inverse_jacobi(self, z, y=None, max_iters=None, tol=0.0):
+    """The exact AF inverse by parallel fixed-point (Jacobi) iterations, no training:
+    z (B, N, d) -> (x (B, N, d) fp32, iterations (n,) int32 per block, in flow order).
+
+    Per block (reverse order), in the block's token order: x <- z * exp(a(x)) + b(x), every token
+    at once from one causal pass on the current estimate, starting from x = z. After k iterations
+    tokens 0..k are exact, so ``max_iters`` = N - 1 (the default) gives the sequential inverse up to
+    round-off; ``tol`` > 0 stops a block once the largest change of an iteration is <= tol.
+    """
+    block = AFBlock(**self.block_kwargs(), parent=None)
+    n = self.num_tokens
+    cap = n - 1 if max_iters is None else int(max_iters)
+
+    def invert_block(zc, xs):
+      bp, flip = xs
+      zp = jnp.where(flip, zc[:, ::-1], zc)
+
+      def update(x):
+        a, b = block.apply({"params": bp}, x, flip, y, method=AFBlock.shift_scale)
+        return zp * jnp.exp(a) + b
+
+      def cond(state):
+        _, k, change = state
+        return (k < cap) & (change > tol)
+
+      def body(state):
+        x, k, _ = state
+        new = update(x)
+        return new, k + 1, jnp.max(jnp.abs(new - x))
+
+      xp, iters, _ = jax.lax.while_loop(cond, body, (zp, jnp.int32(0), jnp.float32(jnp.inf)))
+      return jnp.where(flip, xp[:, ::-1], xp), iters
+
+    stacked = nn.unbox(self.variables["params"]["blocks"])
+    x, iters = jax.lax.scan(invert_block, z.astype(jnp.float32),
+                            (stacked, block_flips(self.num_blocks)), reverse=True)
+    return x, iters
 
   def inverse(self, z, y=None):
     """Exact inverse x = F^{-1}(z): z (B, N, d) -> x (B, N, d), fp32; ``y`` as in ``__call__``.

@@ -1,4 +1,4 @@
-"""The one transformer layer shared by the AF blocks and the AR prior.
+"""The one transformer layer shared by the AF blocks, the AR prior and the distilled student.
 
 Shape letters:
   B batch, T query tokens in this call, S cache length (max sequence length), C width,
@@ -8,11 +8,12 @@ Semantics follow TARFlow's blocks (pre-LayerNorm, eps 1e-5, fused q|k|v projecti
 head-major, exact-erf GELU MLP, no final norm) so that TARFlow checkpoints map onto these params one
 to one.
 
-Attention is causal ``jax.nn.dot_product_attention`` (logits and softmax in fp32). Two call modes:
+Attention is ``jax.nn.dot_product_attention`` (logits and softmax in fp32), causal by default;
+``causal=False`` (the distilled student) attends to every token. Two call modes:
   * full sequence (training / likelihood);
   * with a fixed-size KV cache ``{'k','v': (B, S, H, Dh)}`` and a write ``index``: the T new
     tokens are written at positions index..index+T-1 and attend to every cached position <= their
-    own (decoding; T may be > 1 to prefill a prefix).
+    own (decoding; T may be > 1 to prefill a prefix; causal only).
 LayerNorms run in fp32; matmuls in ``dtype`` (bf16 on accelerators); params are stored in fp32.
 """
 
@@ -80,9 +81,11 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Pre-LN causal multi-head self-attention. x: (B, T, C) -> (B, T, C)."""
+  """Pre-LN multi-head self-attention (causal unless ``causal=False``). x: (B, T, C) -> (B, T,
+  C)."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, cache: Cache = None, index=None):
@@ -93,8 +96,10 @@ class Attention(nn.Module):
     qkv = Projection((3, h_, dh), ("embed", None, "heads", "kv"), 1, self.dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, T, H, Dh)
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
       new_cache = None
+    elif not self.causal:
+      raise ValueError("a KV cache decodes token by token: it needs causal attention")
     else:
       ck = jax.lax.dynamic_update_slice_in_dim(
           cache["k"], k.astype(cache["k"].dtype), index, axis=1)
@@ -144,10 +149,11 @@ class Layer(nn.Module):
   num_heads: int
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, cache: Cache, index):
-    a, new_cache = Attention(self.num_heads, self.dtype, name="attn")(x, cache, index)
+    a, new_cache = Attention(self.num_heads, self.dtype, self.causal, name="attn")(x, cache, index)
     x = x + a
     x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(x)
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -155,7 +161,8 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """L causal layers under ``nn.scan`` (params stacked on a leading 'layers' axis), optional remat.
+  """L layers under ``nn.scan`` (params stacked on a leading 'layers' axis), optional remat; causal
+  unless ``causal=False``.
 
   __call__(x (B, T, C), cache=None | {'k','v': (L, B, S, H, Dh)}, index=None) -> (x, new_cache)
   """
@@ -164,6 +171,7 @@ class Transformer(nn.Module):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   remat: bool = False
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, cache: Cache = None, index=None):
@@ -174,7 +182,7 @@ class Transformer(nn.Module):
                       in_axes=(0, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x = x.astype(self.dtype)
-    layers = scanned(self.num_heads, self.mlp_ratio, self.dtype, name="layers")
+    layers = scanned(self.num_heads, self.mlp_ratio, self.dtype, self.causal, name="layers")
     x, new_cache = layers(x, cache, index)
     return x, new_cache
 

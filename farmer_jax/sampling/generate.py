@@ -92,15 +92,21 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
 
 
 def describe_stats(stats, sampler):
-  """One line summarising the resampling weights' effective sample sizes (empty if there are
-  none)."""
-  parts = []
+  """Lines summarising the resampling weights' effective sample sizes and the Jacobi inverse's
+  iterations per block (empty if there are none)."""
+  parts, lines = [], []
   for key, name, pool in (("ess_informative", "informative", sampler.informative_pool),
                           ("ess_redundant", "redundant", sampler.redundant_pool)):
     if key in stats:
       v = stats[key]
       parts.append(f"{name} mean {v.mean():.2f} (min {v.min():.2f}) of {pool} candidates")
-  return ("resampling-CFG effective sample size per draw: " + "; ".join(parts)) if parts else ""
+  if parts:
+    lines.append("resampling-CFG effective sample size per draw: " + "; ".join(parts))
+  if "jacobi_iters" in stats:
+    it = stats["jacobi_iters"]                      # (samples, blocks), in flow block order
+    lines.append(f"Jacobi AF inverse (tol {sampler.jacobi_tol:g}): iterations per block, mean "
+                 f"over batches: {', '.join(f'{v:.1f}' for v in it.mean(axis=0))}")
+  return "\n".join(lines)
 
 
 OUTPUT_FORMATS = {"--out": (".png",), "--npz": (".npz",)}

@@ -133,7 +133,9 @@ def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerC
                   return_stats=False):
   """Images (B, H, W, c) in model space [, stats of ``sample_latents``]."""
   z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True)
-  x = decode_latents(cfg, params, z, y)
+  x, iters = decode_latents(cfg, params, z, y, s.inverse, s.jacobi_tol, s.jacobi_max_iters)
+  if iters is not None:   # per block, shared by the batch: one row per sample
+    stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
   return (x, stats) if return_stats else x
 
 

@@ -44,16 +44,32 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t: TrainConfig, tx, lr_fn)
   """
   loss_fn = make_loss(model, mcfg)
 
-  def step(state, batch, rng):
-    s = state["step"]
-    rng = jax.random.fold_in(rng, s)
+  def batch_loss(params, batch, rng, s):
     k_noise, k_drop = jax.random.split(rng)
     sigma = noise_sigma(t, s) if t.noise_kind == "gaussian" else jnp.float32(0.0)
     x = conventions.dequantize(k_noise, batch["image"], t.noise_kind, sigma)
     y = batch["label"].astype(jnp.int32)
     if t.label_drop > 0:
       y = jnp.where(jax.random.uniform(k_drop, y.shape) < t.label_drop, mcfg.null_class, y)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], x, y)
+    loss, aux = loss_fn(params, x, y)
+    return loss, dict(aux, noise_sigma=sigma)
+
+  return make_guarded_step(batch_loss, tx, lr_fn, t.ema_decay)
+
+
+def make_guarded_step(batch_loss, tx, lr_fn, ema_decay=0.0):
+  """step(state, batch, rng, *extra) -> (state, metrics) around ``batch_loss(params, batch,
+  step_rng, step, *extra) -> (loss, aux metrics)``: the gradient, the guarded optimizer update
+  (applied only if loss, gradient norm and new params are finite; else ``bad_step`` records the
+  step) and the EMA. ``extra``: arrays the loss reads but never updates (the distillation
+  teacher), passed as jit arguments so they keep their shardings. Shared by pretraining and
+  distillation."""
+
+  def step(state, batch, rng, *extra):
+    s = state["step"]
+    rng = jax.random.fold_in(rng, s)
+    (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state["params"], batch,
+                                                                      rng, s, *extra)
     gnorm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -69,9 +85,9 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t: TrainConfig, tx, lr_fn)
       # d * ema + (1 - d) * params. optax computes step_size * new + (1 - step_size) * old; XLA
       # fuses a*b + c*d into an FMA, so the operand order is part of the numbers: this order keeps
       # them bit-identical to the former hand-written update (and to checkpoints that used it).
-      ema = optax.incremental_update(state["ema"], params, t.ema_decay)
+      ema = optax.incremental_update(state["ema"], params, ema_decay)
       new["ema"] = keep(ema, state["ema"])
-    metrics = {"loss": loss, "noise_sigma": sigma, "lr": lr_fn(s), "grad_norm": gnorm, **aux}
+    metrics = {"loss": loss, "lr": lr_fn(s), "grad_norm": gnorm, **aux}
     return new, metrics
 
   return step

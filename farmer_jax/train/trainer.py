@@ -58,21 +58,12 @@ class Trainer:
     # ---- model and optimizer from shapes ----
     self.model = Farmer(self.mcfg)
     self.tx, self.lr_fn = make_optimizer(t)
-    ema = t.ema_decay > 0
     self.param_sh = sharding.param_shardings(abstract_params(self.mcfg, boxed=True), self.mesh,
                                              self.rules, config.get("fsdp"))
-    self.abstract_state = abstract_state(self.mcfg, self.tx, ema)
-    self.state_sh = state_shardings(self.tx, self.abstract_state, self.param_sh, self.mesh)
-    # ---- shard and transfer: params are born sharded ----
-    with self.mesh_context():
-      self.state = jax.jit(lambda rng: init_state(self.mcfg, self.tx, rng, ema),
-                           out_shardings=self.state_sh)(jax.random.key(t.seed))
+    # the state (born sharded) and the one jitted, donating step
+    self.step_args = ()   # extra (never donated) arguments of train_step after (state, batch, rng)
+    self._build_state_and_step()
     self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.state["params"]))
-    # ---- one jitted, donating update step ----
-    rep = sharding.replicated(self.mesh)
-    step = make_train_step(self.model, self.mcfg, t, self.tx, self.lr_fn)
-    self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
-                              out_shardings=(self.state_sh, rep), donate_argnums=(0,))
     self.rng = jax.random.key(t.seed + 1)
     # ---- one run per workdir; then resume from its newest readable checkpoint, if any ----
     self._take_lock()
@@ -83,6 +74,24 @@ class Trainer:
       raise
     self.preempted = self.preempt_saved = False
     self._trace_from = None   # the first traced step while a profiler trace is open
+
+  def _build_state_and_step(self):
+    """Pretraining: a freshly initialised Farmer state and its train step (distill/trainer.py
+    overrides this for the student)."""
+    t, ema = self.t, self.t.ema_decay > 0
+    self.abstract_state = abstract_state(self.mcfg, self.tx, ema)
+    self.state_sh = state_shardings(self.tx, self.abstract_state, self.param_sh, self.mesh)
+    with self.mesh_context():
+      self.state = jax.jit(lambda rng: init_state(self.mcfg, self.tx, rng, ema),
+                           out_shardings=self.state_sh)(jax.random.key(t.seed))
+    rep = sharding.replicated(self.mesh)
+    step = make_train_step(self.model, self.mcfg, t, self.tx, self.lr_fn)
+    self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
+                              out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+
+  def progress_postfix(self, avg):
+    """What the progress bar shows from a logged row of metrics."""
+    return {"loss(nats/dim)": f"{avg['loss']:.3f}", "sigma": f"{avg['noise_sigma']:.3f}"}
 
   def _take_lock(self):
     if jax.process_index() != 0:
@@ -193,7 +202,7 @@ class Trainer:
       for s in range(start, end):
         self._trace_before(s)
         batch = next(self.input)
-        self.state, m = self.train_step(self.state, batch, self.rng)
+        self.state, m = self.train_step(self.state, batch, self.rng, *self.step_args)
         pending.append(m)
         self._trace_after(s)
         bar.update(1)
@@ -215,8 +224,7 @@ class Trainer:
           pending = []
           writer.write(s + 1, avg)
           history.append({"step": s + 1, **avg})
-          bar.set_postfix({"loss(nats/dim)": f"{avg['loss']:.3f}",
-                           "sigma": f"{avg['noise_sigma']:.3f}"})
+          bar.set_postfix(self.progress_postfix(avg))
     bar.close()
     self._trace_after(int(self.state["step"]) - 1, force=True)
     if not self.preempted and int(self.state["step"]) > start:

@@ -1,0 +1,155 @@
+"""`farmer_jax distill`: Algorithm 2 on the pretraining machinery (train/trainer.py): the same
+mesh, input pipeline, sharded jitted donating step (``make_guarded_step``), Orbax checkpoints with
+exact resume, SIGTERM handling, metrics and progress bar. The state holds the student's params
+(distill/student.py); the frozen teacher's params are a sharded, never-donated step argument.
+
+Dequantization: Gaussian noise at ``train.noise_min`` (pretraining's final sigma) on every step:
+the student learns the inverse of the teacher on the data distribution the teacher ended on.
+"""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from farmer_jax import conventions, runs, sharding, storage
+from farmer_jax.config import ConfigError, DataConfig, EvalConfig, config_changes
+from farmer_jax.data.pipeline import eval_batches
+from farmer_jax.distill.student import (MAX_NOISE, distill_loss, init_student, make_student,
+                                        teacher_path)
+from farmer_jax.train.state import new_state, state_shardings
+from farmer_jax.train.step import make_guarded_step
+from farmer_jax.train.trainer import Trainer
+
+
+def load_teacher(path, say=print):
+  """(run config, params) of a teacher: an export directory or a training run (its newest
+  readable checkpoint, EMA params if kept)."""
+  from farmer_jax.sampling.export import ExportError, is_export_dir, latest_run_params, load_model
+  if not storage.is_url(path) and is_export_dir(path):
+    _, params, config, _ = load_model(path)
+    return config, params
+  config = runs.read_saved_config(path)
+  if config is None:
+    raise ConfigError(f"--teacher={path} is neither a farmer_jax export nor a training run (no "
+                      f"{runs.CONFIG}). Fix: pass the workdir of a finished pretraining run or an "
+                      "export directory")
+  try:
+    params, step, ema = latest_run_params(path, say=say)
+  except ExportError as e:
+    raise ConfigError(f"--teacher={path}: {e}") from None
+  say(f"teacher: {path} at step {step}{' (EMA params)' if ema else ''}")
+  return config, params
+
+
+def teacher_config(config, teacher_run_config):
+  """``config`` with the teacher's data shape and model sections (the student is the teacher's
+  AF), unlocked; refuses a config whose own model/data shape differs from the teacher's unless
+  they are equal."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  for k in ("image_size", "channels", "num_classes"):
+    out.data[k] = teacher_run_config.data[k]
+  out.model = ml_collections.ConfigDict(teacher_run_config.model.to_dict())
+  return out
+
+
+class DistillTrainer(Trainer):
+  """A Trainer whose state is the student's: ``fit()`` runs Algorithm 2."""
+
+  def __init__(self, config, workdir, teacher, **kw):
+    self.teacher_path = teacher
+    say = (lambda _: None) if kw.get("quiet") else print
+    run_config, self.host_teacher = load_teacher(teacher, say=say)
+    config = teacher_config(config, run_config)
+    diff = [d for d in config_changes(run_config, config) if d.startswith("model.")]
+    if diff:
+      raise ConfigError(f"the student must have the teacher's AF: {'; '.join(diff)}")
+    super().__init__(config, workdir, **kw)
+
+  def _build_state_and_step(self):
+    t, ema = self.t, self.t.ema_decay > 0
+    mcfg = self.mcfg
+    teacher_sh = self.param_sh
+    with self.mesh_context():
+      self.teacher = jax.device_put(self.host_teacher, teacher_sh)
+    del self.host_teacher
+    student_sh = self.param_sh["flow"]
+    self.abstract_state = jax.eval_shape(
+        lambda p: new_state(init_student(p), self.tx, ema), self.teacher)
+    self.state_sh = state_shardings(self.tx, self.abstract_state, student_sh, self.mesh)
+    with self.mesh_context():
+      self.state = jax.jit(lambda p: new_state(init_student(p), self.tx, ema),
+                           out_shardings=self.state_sh)(self.teacher)
+
+    def batch_loss(params, batch, rng, s, teacher):
+      k_noise, k_s = jax.random.split(rng)
+      x = conventions.dequantize(k_noise, batch["image"], "gaussian", t.noise_min)
+      y = batch["label"].astype(jnp.int32)
+      loss, per_block = distill_loss(mcfg, params, teacher, x, y, k_s)
+      return loss, {f"block_{i}": per_block[i] for i in range(mcfg.flow_blocks)}
+
+    rep = sharding.replicated(self.mesh)
+    step = make_guarded_step(batch_loss, self.tx, self.lr_fn, t.ema_decay)
+    self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep, teacher_sh),
+                              out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+    self.step_args = (self.teacher,)
+
+  def progress_postfix(self, avg):
+    return {"mse": f"{avg['loss']:.4g}"}
+
+
+def reconstruction_error(tr, student_params, max_batches=None):
+  """Relative squared error ||G(F(x)) - x||^2 / ||x||^2 of the student over the eval split (x:
+  patchified images in model range, the teacher's Z^0), summed over examples."""
+  e = EvalConfig.from_config(tr.config)
+  batches, steps, _ = eval_batches(DataConfig.from_config(tr.config), e.split, e.batch_size,
+                                   jax.process_index(), jax.process_count())
+  student = make_student(tr.mcfg)
+
+  @jax.jit
+  def errs(sp, teacher, images, labels, mask):
+    x = conventions.uint8_to_centre(images)
+    zs = teacher_path(tr.mcfg, teacher, x, labels)
+    xr, _ = student.apply({"params": sp}, zs[-1])
+    m = mask.astype(jnp.float32)
+    return (jnp.sum(m * jnp.sum((xr - zs[0]) ** 2, axis=(1, 2))),
+            jnp.sum(m * jnp.sum(zs[0] ** 2, axis=(1, 2))))
+
+  num = den = 0.0
+  it = iter(batches)
+  for k in range(steps if max_batches is None else min(steps, max_batches)):
+    b = next(it)
+    n_, d_ = errs(student_params, tr.teacher, b["image"], b["label"], b["mask"])
+    num, den = num + float(n_), den + float(d_)
+  return num / den
+
+
+def distill_and_report(config, workdir, teacher, quiet=False, config_change_ok=False):
+  """The `farmer_jax distill` command: Algorithm 2, then summary.json with the student's and the
+  undistilled copy's reconstruction errors on the eval split. Returns (summary, trainer)."""
+  t0 = time.time()
+  tr = DistillTrainer(config, workdir, teacher, quiet=quiet, config_change_ok=config_change_ok)
+  try:
+    history = tr.fit()
+    if tr.preempted:
+      return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
+    with tr.mesh_context():
+      student = reconstruction_error(tr, tr.state["params"])
+      copy = reconstruction_error(tr, init_student(tr.teacher))
+    summary = {"steps": int(tr.state["step"]), "teacher": teacher,
+               "final_loss": history[-1]["loss"] if history else None,
+               "final_block_losses": {k: v for k, v in (history[-1] if history else {}).items()
+                                      if k.startswith("block_")},
+               "recon_rel_mse_student": student, "recon_rel_mse_copy": copy,
+               "student_noise_max": MAX_NOISE, "total_seconds": time.time() - t0}
+    if jax.process_index() == 0:
+      storage.write_text(tr.rundir.summary, json.dumps(summary, indent=2))
+    split = EvalConfig.from_config(tr.config).split
+    tr.log(f"student reconstruction error (relative MSE on {split}): {student:.3g} (the "
+           f"undistilled copy: {copy:.3g})")
+  finally:
+    tr.close()
+  return summary, tr
+
