@@ -4,6 +4,9 @@
       --workdir=gs://bucket/farmer_1.1b_p16
   farmer_jax train --config=configs/imagenet256.py:model=1.9B/8,batch=1024,data_dir=... ...
   # a dataset written by `farmer_jax prepare` (already 256x256): data=tfds:NAME,resize=none
+  farmer_jax distill --config=configs/imagenet256.py:1.1B/16,distill=1,data_dir=... \
+      --teacher=gs://bucket/farmer_1.1b_p16 --workdir=gs://bucket/farmer_1.1b_p16_student
+  # the distillation preset: 60 epochs (paper), lr 1e-4 -> 1e-6 as pretraining (not stated)
 
 Data (docs/data.md): config.data.name=tfds:imagenet2012 from an ArrayRecord data_dir, images
 center-cropped per image with the ADM recipe (resize=center_crop), random horizontal flips (not
@@ -61,7 +64,7 @@ SAMPLING = {
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320, data="tfds:imagenet2012",
-                         data_dir="", resize="center_crop")
+                         data_dir="", resize="center_crop", distill=False)
   size, _, patch = a.model.partition("/")
   if size not in MODELS or patch not in ("8", "16"):
     raise ValueError(
@@ -94,6 +97,8 @@ def get_config(arg=None):
                  label_drop=0.1, log_every=100,
                  # a lost node or preemption costs at most 1000 steps; keep 3 + every 50k-th
                  ckpt_every=1000, ckpt_keep=3, ckpt_keep_period=50_000)
+  if a.distill:   # `farmer_jax distill` (Algorithm 2): the paper's 60 extra epochs on the AF only
+    c.train.update(steps=60 * IMAGENET_TRAIN_IMAGES // a.batch, warmup_steps=1000, ema_decay=0.0)
   c.eval = configlib.base_eval(batch_size=256, split="validation")
   # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says
   # the pool is larger than s_c/s_u, so 16 per group (32 per token) is our choice. See

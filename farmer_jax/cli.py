@@ -59,6 +59,8 @@ flags.DEFINE_integer("process_id", None,
 # export
 flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid (*.png).")
 flags.DEFINE_enum("dtype", "float32", list(DTYPE_NAMES), "export: param dtype to store.")
+flags.DEFINE_string("student", None,
+                    "export: also export the distilled student of this distill --workdir.")
 flags.DEFINE_bool("overwrite", False,
                   "export: replace an existing --out directory; prepare: an existing dataset.")
 # sample
@@ -69,8 +71,9 @@ flags.DEFINE_integer("num", 8, "sample: samples per class.")
 flags.DEFINE_float("cfg", None,
                    "sample: guidance scale w (default: the model config's sample.cfg).")
 flags.DEFINE_enum("inverse", None, list(INVERSES),
-                  "sample: the AF inverse: exact (sequential) or jacobi (parallel fixed-point; "
-                  "--sampler=jacobi_tol=...,jacobi_max_iters=...). Default: the config's.")
+                  "sample: the AF inverse: exact (sequential), jacobi (parallel fixed-point; "
+                  "--sampler=jacobi_tol=...,jacobi_max_iters=...) or student (the distilled "
+                  "one-step inverse the export carries). Default: the config's.")
 flags.DEFINE_enum("guidance", None, list(GUIDANCE_MODES),
                   "sample: guidance method (default: resampling if cfg > 0 else the config's).")
 # --sampler takes every sampler setting (SAMPLER_KEYS); the help lists those without their own flag
@@ -171,7 +174,8 @@ def _export(argv):
         "--workdir (a training run) and --out (the export directory) are required")
   # checks --out before reading any checkpoint
   from farmer_jax.sampling.export import export_model
-  meta = export_model(FLAGS.workdir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite)
+  meta = export_model(FLAGS.workdir, FLAGS.out, FLAGS.dtype, FLAGS.overwrite,
+                      student=FLAGS.student)
   print(f"exported step {meta['step']} ({meta['params']} params, {meta['dtype']}) -> {FLAGS.out}")
 
 
@@ -246,10 +250,10 @@ def _sample(argv):
     SamplerConfig.from_config(over)
   except ValueError as e:
     raise _sampler_error(e) from e
-  from farmer_jax.sampling.export import load_model
+  from farmer_jax.sampling.export import ExportError, load_model, load_student
   from farmer_jax.sampling.generate import (
       describe_stats, generate, parse_classes, write_outputs)
-  mcfg, params, config, _ = load_model(FLAGS.model)
+  mcfg, params, config, meta = load_model(FLAGS.model)
   classes = parse_classes(FLAGS.classes, mcfg.num_classes)
   sample = dict(config.get("sample", {}))
   sc = {k: v for k, v in sample.items() if k in SAMPLER_KEYS}   # the model's defaults
@@ -258,6 +262,13 @@ def _sample(argv):
     sampler = SamplerConfig.from_config(sc)
   except ValueError as e:
     raise _sampler_error(e) from e
+  student = None
+  if sampler.inverse == "student":
+    student = load_student(FLAGS.model, mcfg, meta)
+    if student is None:
+      raise ExportError(f"--inverse=student: {FLAGS.model} carries no distilled student. Fix: "
+                        "export with `farmer_jax export --workdir=RUN --student=DISTILL_RUN`, or "
+                        "use --inverse=exact|jacobi")
   images, labels, stats = generate(
       mcfg,
       params,
@@ -267,7 +278,8 @@ def _sample(argv):
       FLAGS.seed,
       FLAGS.batch,
       progress=not FLAGS.quiet,
-      return_stats=True)
+      return_stats=True,
+      student_params=student)
   write_outputs(images, labels, FLAGS.out, FLAGS.npz, stats)
   line = describe_stats(stats, sampler)
   if line:

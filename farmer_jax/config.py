@@ -24,7 +24,7 @@ DTYPE_NAMES = ("float32", "bfloat16")
 NOISE_KINDS = ("gaussian", "uniform")
 AR_ORDERS = ("alternate", "same")
 GUIDANCE_MODES = ("none", "resampling", "naive")
-INVERSES = ("exact", "jacobi")
+INVERSES = ("exact", "jacobi", "student")
 RESIZE_MODES = ("none", "center_crop")
 
 
@@ -574,7 +574,8 @@ class SamplerConfig(NamedTuple):
   redundant_var_scale: float = 1.0       # paper Fig. 7: multiplies the redundant group's variances
   naive_proposals: int = 1000
   # the AF inverse: 'exact' (sequential over tokens) | 'jacobi' (parallel fixed-point iterations,
-  # until the largest change is <= jacobi_tol, at most jacobi_max_iters; 0 = N - 1 = exact)
+  # until the largest change is <= jacobi_tol, at most jacobi_max_iters; 0 = N - 1 = exact) |
+  # 'student' (the distilled one-step inverse of an export that carries one)
   inverse: str = "exact"
   jacobi_tol: float = 1e-4
   jacobi_max_iters: int = 0

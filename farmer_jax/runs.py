@@ -18,6 +18,7 @@ An export folder (``ExportDir``; sampling/export.py)::
   OUT/export.json            marker, format version, source run + step, params kind, dtype
   OUT/config.json            the run's config (the model is rebuilt from it)
   OUT/params/                Orbax StandardCheckpointer pytree of the params
+  OUT/student/               optional: the distilled one-step AF inverse's params (distill/)
 """
 
 import json
@@ -39,7 +40,8 @@ PROFILE = "profile"
 
 EXPORT_META = "export.json"
 EXPORT_PARAMS = "params"
-EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS})
+EXPORT_STUDENT = "student"
+EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS, EXPORT_STUDENT})
 
 
 class _Layout:
@@ -67,9 +69,9 @@ class RunDir(_Layout):
 
 
 class ExportDir(_Layout):
-  """Paths of an export folder: .meta .config .params"""
+  """Paths of an export folder: .meta .config .params [.student]"""
   _FILES = {"meta": (EXPORT_META, False), "config": (CONFIG, False),
-            "params": (EXPORT_PARAMS, False)}
+            "params": (EXPORT_PARAMS, False), "student": (EXPORT_STUDENT, False)}
 
 
 def read_saved_config(directory):

@@ -447,6 +447,9 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   assert (s.cfg.w, s.informative_pool, s.redundant_pool) == (1.5, 10, 32)
   assert configlib.module("imagenet256").SAMPLING["1.9B/8"]["cfg"] == 1.5
   assert configlib.load("quickstart").train.steps == 3000
+  # distillation presets: the paper's 60 epochs on ImageNet; the quickstart's short run
+  assert configlib.load("imagenet256:1.1B/16,distill=1").train.steps == 60 * 1_281_167 // 256
+  assert configlib.load("quickstart:distill=1").train.steps == 1000
   with pytest.raises(ConfigError, match=r"unknown config 'quickstar'; available configs: "
                                         r"\['imagenet256', 'quickstart'\]"):
     configlib.load("quickstar:tiny")

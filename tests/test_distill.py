@@ -83,3 +83,23 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
   tr.close()
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(tr.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the export carries the student; `sample --inverse=student` decodes with it
+  from farmer_jax.config import SamplerConfig
+  from farmer_jax.sampling.export import export_model, load_model, load_student
+  from farmer_jax.sampling.generate import generate
+  out = tmp_path / "export"
+  meta = export_model(str(teacher), str(out), say=lambda _: None,
+                      student=str(tmp_path / "staged"))
+  assert meta["student"]["step"] == 8
+  mcfg, params, _, meta = load_model(str(out))
+  student = load_student(str(out), mcfg, meta)
+  for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(tr.state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  s = SamplerConfig()
+  exact, _ = generate(mcfg, params, [1], 2, s, seed=0, batch_size=2, progress=False)
+  fast, _ = generate(mcfg, params, [1], 2, s._replace(inverse="student"), seed=0, batch_size=2,
+                     progress=False, student_params=student)
+  assert fast.shape == exact.shape and np.mean(np.abs(fast.astype(int) - exact)) < 64
+  plain = tmp_path / "plain"
+  export_model(str(teacher), str(plain), say=lambda _: None)
+  assert load_student(str(plain), mcfg, load_model(str(plain))[3]) is None

@@ -79,8 +79,10 @@ def test_run_and_export_folder_names_are_a_file_format():
   assert (runs.CONFIG, runs.CHECKPOINTS, runs.METRICS, runs.TENSORBOARD, runs.SAMPLES, runs.SUMMARY,
           runs.LOCK) == ("config.json", "checkpoints", "metrics.jsonl", "tb", "samples.png",
                          "summary.json", ".farmer_jax.lock")
-  assert sorted(runs.EXPORT_ENTRIES) == ["config.json", "export.json", "params"]
-  assert (runs.EXPORT_META, runs.EXPORT_PARAMS) == ("export.json", "params")
+  # (an export may also carry the distilled student, optional: older exports stay loadable)
+  assert sorted(runs.EXPORT_ENTRIES) == ["config.json", "export.json", "params", "student"]
+  assert (runs.EXPORT_META, runs.EXPORT_PARAMS, runs.EXPORT_STUDENT) == ("export.json", "params",
+                                                                         "student")
 
 
 def test_eval_step_conditional_and_unconditional_share_the_noise(trained_run):

@@ -162,8 +162,11 @@ def check_export_target(workdir, out, overwrite):
   return out
 
 
-def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
+def export_model(workdir, out, dtype="float32", overwrite=False, say=print, student=None):
   """Writes an export of the run in ``workdir`` to ``out``. Returns the metadata dict.
+
+  ``student``: a ``farmer_jax distill`` run of this model; its newest readable student params
+  are exported too (``OUT/student/``, for ``sample --inverse=student``).
 
   Every refusal (unusable target, missing or unreadable run, non-finite params) happens before
   anything is written. With ``overwrite``, only a previous export is replaced: the new one is built
@@ -183,8 +186,12 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
         f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. "
         "Export an earlier checkpoint (move this step out of checkpoints/) or retrain with a "
         "lower lr")
+  student_params, student_meta = None, None
+  if student is not None:
+    student_params, student_meta = _student_of(student, config, say)
+    student_params = jax.tree.map(lambda a: jnp.asarray(a, PARAM_DTYPES[dtype]), student_params)
   params = jax.tree.map(lambda a: jnp.asarray(a, PARAM_DTYPES[dtype]), params)
-  report = _non_finite_report(params)
+  report = _non_finite_report(params) or _non_finite_report(student_params or {})
   if report:
     raise ExportError(
         f"casting checkpoint step {step} to {dtype} overflows: {report}; export with "
@@ -198,6 +205,8 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
       "params": "ema" if used_ema else "raw",
       "dtype": dtype
   }
+  if student_meta is not None:
+    meta["student"] = student_meta
   parent, name = os.path.dirname(out), os.path.basename(out)
   os.makedirs(parent, exist_ok=True)
   tag = uuid.uuid4().hex[:8]
@@ -208,6 +217,8 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
     new = runs.ExportDir(tmp)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(new.params, params)
+      if student_params is not None:
+        ckptr.save(new.student, student_params)
       ckptr.wait_until_finished()
     runs.write_saved_config(tmp, config)
     with open(new.meta, "w") as f:   # written last: marks the export complete
@@ -227,6 +238,40 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print):
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return meta
+
+
+def _student_of(student_run, config, say):
+  """(student params, metadata) of a distill run, refused unless it distilled this model."""
+  from farmer_jax.config import config_changes
+  student_config = runs.read_saved_config(student_run)
+  if student_config is None:
+    raise ExportError(f"--student={student_run} is not a `farmer_jax distill` run (no "
+                      f"{runs.CONFIG}); pass the distill --workdir")
+  diff = [d for d in config_changes(config, student_config) if d.startswith("model.")]
+  if diff:
+    raise ExportError(f"--student={student_run} distilled another model ({'; '.join(diff)}); "
+                      "pass the distill run of this model")
+  params, step, ema = latest_run_params(student_run, say=say)
+  report = _non_finite_report(params)
+  if report:
+    raise ExportError(f"the student of {student_run} is not finite at step {step}: {report}")
+  return params, {"source_workdir": storage.absolute(student_run), "step": int(step),
+                  "params": "ema" if ema else "raw"}
+
+
+def load_student(model_dir, mcfg, meta):
+  """The distilled student's params of an export, or None if it carries none."""
+  from farmer_jax.model import abstract_params
+  if "student" not in meta:
+    return None
+  dt = PARAM_DTYPES[meta["dtype"]]
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(runs.ExportDir(os.path.abspath(model_dir)).student, abstract["flow"])
+  except Exception as e:
+    raise ExportError(f"{model_dir}: the student could not be restored ({type(e).__name__}: "
+                      f"{e}); re-run `farmer_jax export --student=...`") from e
 
 
 def load_model(model_dir):

@@ -44,7 +44,7 @@ def parse_classes(spec, num_classes):
 
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
-             return_stats=False, out_sharding=None):
+             return_stats=False, out_sharding=None, student_params=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
   docs/sampling.md)].
@@ -58,7 +58,8 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
   jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  fn = jax.jit(lambda p, k, y: sample_images(mcfg, p, k, y, sampler, return_stats=True), **jit_kw)
+  fn = jax.jit(lambda p, k, y, sp: sample_images(mcfg, p, k, y, sampler, return_stats=True,
+                                                 student_params=sp), **jit_kw)
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
   for start in range(0, total, batch_size):
@@ -67,7 +68,7 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
     pad = batch_size - m if total > batch_size else 0       # keep one jit shape across batches
     keys = sample_keys(seed, start, m + pad)
     yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
-    x, st = fn(params, keys, jnp.asarray(yy))
+    x, st = fn(params, keys, jnp.asarray(yy), student_params)
     x = np.asarray(x)[:m]
     bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
     if bad:      # never turn NaN/inf into black pixels: stop before anything is written

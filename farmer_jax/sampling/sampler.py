@@ -130,9 +130,16 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
 
 
 def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
-                  return_stats=False):
+                  return_stats=False, student_params=None):
   """Images (B, H, W, c) in model space [, stats of ``sample_latents``]."""
   z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True)
+  if s.inverse == "student":
+    if student_params is None:
+      raise ValueError("inverse='student' needs the distilled student's params (an export made "
+                       "with `farmer_jax export --student=DISTILL_RUN`)")
+    from farmer_jax.distill.student import student_decode
+    x = student_decode(cfg, student_params, z, y)
+    return (x, stats) if return_stats else x
   x, iters = decode_latents(cfg, params, z, y, s.inverse, s.jacobi_tol, s.jacobi_max_iters)
   if iters is not None:   # per block, shared by the batch: one row per sample
     stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
