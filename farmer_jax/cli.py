@@ -86,7 +86,8 @@ flags.DEFINE_string("npz", None,
                     "sample: also write uint8 images + labels to this .npz (for FID tools).")
 
 flags.DEFINE_string("compilation_cache_dir", None,
-                    "train: persistent XLA compilation cache (local or gs://), shared by restarts.")
+                    "train/distill: persistent XLA compilation cache (local or gs://), shared by "
+                    "restarts.")
 # distill
 flags.DEFINE_string("teacher", None,
                     "distill: the pretrained model, a training workdir or an export directory.")
@@ -158,6 +159,9 @@ def _distill(argv):
                          "student's run) are required")
   from farmer_jax.distributed import initialize
   initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
   from farmer_jax.distill.trainer import distill_and_report
   summary, _ = distill_and_report(FLAGS.config, FLAGS.workdir, FLAGS.teacher, quiet=FLAGS.quiet,
                                   config_change_ok=FLAGS.config_change_ok)

@@ -805,7 +805,11 @@ def validate(config, workdir=None, num_devices=None, num_processes=None):
   sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
   m = validate_model_config(config)
   TrainConfig.from_config(config)
-  SampleConfig.from_config(config)
+  grid = SampleConfig.from_config(config)
+  _check(grid.sampler.inverse != "student", "sample.inverse", "student",
+         "a run's sample grid is drawn with its own model, which carries no distilled student",
+         "use --config.sample.inverse=exact or jacobi (the student is used by `farmer_jax sample "
+         "--inverse=student` on an export made with --student)")
   _validate_mesh(config, config.train, info.splits.get(d.train_split), num_devices,
                  num_processes)
   if workdir is not None:

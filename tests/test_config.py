@@ -123,6 +123,9 @@ BAD_CONFIGS = [
      r"config.sample.t_sigma=0.0.*temperature t_sigma=0.0 must be a finite number > 0", False),
     ("sample.guidance", "magic", r"config.sample.guidance='magic'.*unknown", False),
     ("sample.temperature", 1.0, r"config.sample has unknown field\(s\) \['temperature'\]", False),
+    ("sample.inverse", "student",
+     r"config.sample.inverse='student'.*carries no distilled student.*inverse=exact or jacobi",
+     False),
     # mesh and sharding on this machine's devices
     ("mesh", (("data", -1), ("fsdp", -1)), r"config.mesh=.*at most one axis may be -1", False),
     ("mesh", (("data", 0), ("fsdp", 1)), r"config.mesh=.*axis 'data' has size 0", False),

@@ -8,6 +8,7 @@ the student learns the inverse of the teacher on the data distribution the teach
 """
 
 import json
+import math
 import time
 
 import jax
@@ -19,6 +20,7 @@ from farmer_jax.config import ConfigError, DataConfig, EvalConfig, config_change
 from farmer_jax.data.pipeline import eval_batches
 from farmer_jax.distill.student import (MAX_NOISE, distill_loss, init_student, make_student,
                                         teacher_path)
+from farmer_jax.model import flow_label
 from farmer_jax.train.state import new_state, state_shardings
 from farmer_jax.train.step import make_guarded_step
 from farmer_jax.train.trainer import Trainer
@@ -28,9 +30,14 @@ def load_teacher(path, say=print):
   """(run config, params) of a teacher: an export directory or a training run (its newest
   readable checkpoint, EMA params if kept)."""
   from farmer_jax.sampling.export import ExportError, is_export_dir, latest_run_params, load_model
+  f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)  # noqa: E731
+  if storage.is_url(path) and storage.exists(storage.join(path, runs.EXPORT_META)):
+    raise ConfigError(f"--teacher={path} is an export in a bucket; exports are read locally. Fix: "
+                      "copy it to a local directory (gcloud storage cp -r) or pass the training "
+                      "run's workdir")
   if not storage.is_url(path) and is_export_dir(path):
     _, params, config, _ = load_model(path)
-    return config, params
+    return config, f32(params)    # a bfloat16 export: the student still trains in fp32
   config = runs.read_saved_config(path)
   if config is None:
     raise ConfigError(f"--teacher={path} is neither a farmer_jax export nor a training run (no "
@@ -41,13 +48,20 @@ def load_teacher(path, say=print):
   except ExportError as e:
     raise ConfigError(f"--teacher={path}: {e}") from None
   say(f"teacher: {path} at step {step}{' (EMA params)' if ema else ''}")
-  return config, params
+  return config, f32(params)
 
 
 def teacher_config(config, teacher_run_config):
-  """``config`` with the teacher's data shape and model sections (the student is the teacher's
-  AF), unlocked; refuses a config whose own model/data shape differs from the teacher's unless
-  they are equal."""
+  """``config`` (unlocked copy) with the teacher's data shape and model sections: the student is
+  the teacher's AF. A config whose own model or data shape differs from the teacher's is refused
+  with the differences (distill with the teacher's config file)."""
+  diff = [d for d in config_changes(teacher_run_config, config)
+          if d.startswith("model.") or d.split(":")[0] in ("data.image_size", "data.channels",
+                                                           "data.num_classes")]
+  if diff:
+    raise ConfigError(f"--config describes another model than the teacher's: {'; '.join(diff)}. "
+                      "Fix: distill with the config the teacher was trained with (e.g. "
+                      "configs/quickstart.py:distill=1 for a quickstart run)")
   out = ml_collections.ConfigDict(config.to_dict())
   for k in ("image_size", "channels", "num_classes"):
     out.data[k] = teacher_run_config.data[k]
@@ -62,11 +76,7 @@ class DistillTrainer(Trainer):
     self.teacher_path = teacher
     say = (lambda _: None) if kw.get("quiet") else print
     run_config, self.host_teacher = load_teacher(teacher, say=say)
-    config = teacher_config(config, run_config)
-    diff = [d for d in config_changes(run_config, config) if d.startswith("model.")]
-    if diff:
-      raise ConfigError(f"the student must have the teacher's AF: {'; '.join(diff)}")
-    super().__init__(config, workdir, **kw)
+    super().__init__(teacher_config(config, run_config), workdir, **kw)
 
   def _build_state_and_step(self):
     t, ema = self.t, self.t.ema_decay > 0
@@ -100,28 +110,31 @@ class DistillTrainer(Trainer):
     return {"mse": f"{avg['loss']:.4g}"}
 
 
-def reconstruction_error(tr, student_params, max_batches=None):
-  """Relative squared error ||G(F(x)) - x||^2 / ||x||^2 of the student over the eval split (x:
-  patchified images in model range, the teacher's Z^0), summed over examples."""
+def reconstruction_error(tr, student_params):
+  """Relative squared error ||G(F(x)) - x||^2 / ||x||^2 of the student over every example of the
+  eval split (x: patchified bin centres, the teacher's Z^0), sharded over the training mesh like
+  the pretraining eval (train/report.py)."""
   e = EvalConfig.from_config(tr.config)
-  batches, steps, _ = eval_batches(DataConfig.from_config(tr.config), e.split, e.batch_size,
-                                   jax.process_index(), jax.process_count())
-  student = make_student(tr.mcfg)
+  unit = math.lcm(sharding.batch_slots(tr.mesh, tr.rules), jax.process_count())
+  batches, steps, _ = eval_batches(DataConfig.from_config(tr.config), e.split,
+                                   -(-e.batch_size // unit) * unit, jax.process_index(),
+                                   jax.process_count())
+  student, cfg = make_student(tr.mcfg), tr.mcfg
 
   @jax.jit
-  def errs(sp, teacher, images, labels, mask):
-    x = conventions.uint8_to_centre(images)
-    zs = teacher_path(tr.mcfg, teacher, x, labels)
-    xr, _ = student.apply({"params": sp}, zs[-1])
-    m = mask.astype(jnp.float32)
+  def errs(sp, teacher, b):
+    x = conventions.uint8_to_centre(b["image"])
+    zs = teacher_path(cfg, teacher, x, b["label"])
+    xr, _ = student.apply({"params": sp}, zs[-1], flow_label(cfg, b["label"]))
+    m = b["mask"].astype(jnp.float32)
     return (jnp.sum(m * jnp.sum((xr - zs[0]) ** 2, axis=(1, 2))),
             jnp.sum(m * jnp.sum(zs[0] ** 2, axis=(1, 2))))
 
   num = den = 0.0
   it = iter(batches)
-  for k in range(steps if max_batches is None else min(steps, max_batches)):
-    b = next(it)
-    n_, d_ = errs(student_params, tr.teacher, b["image"], b["label"], b["mask"])
+  for _ in range(steps):
+    b = sharding.global_batch(next(it), tr.mesh, tr.batch_sh)
+    n_, d_ = jax.device_get(errs(student_params, tr.teacher, b))
     num, den = num + float(n_), den + float(d_)
   return num / den
 
@@ -136,7 +149,7 @@ def distill_and_report(config, workdir, teacher, quiet=False, config_change_ok=F
     if tr.preempted:
       return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
     with tr.mesh_context():
-      student = reconstruction_error(tr, tr.state["params"])
+      student = reconstruction_error(tr, tr.eval_params())   # what `export --student` takes
       copy = reconstruction_error(tr, init_student(tr.teacher))
     summary = {"steps": int(tr.state["step"]), "teacher": teacher,
                "final_loss": history[-1]["loss"] if history else None,

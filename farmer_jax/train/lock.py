@@ -40,6 +40,7 @@ class WorkdirLock:
     self.path = RunDir(workdir).lock
     self.heartbeat, self.stale_after, self.say = heartbeat, stale_after, say
     self._stop = threading.Event()
+    self._mutex = threading.Lock()   # a heartbeat write never overlaps release's removal
     self._thread = None
     self.held = False
 
@@ -117,15 +118,19 @@ class WorkdirLock:
 
   def _beat(self):
     while not self._stop.wait(self.heartbeat):
-      try:
-        storage.write_text(self.path, json.dumps(dict(self.me, beat=time.time())))
-      except OSError:
-        return
+      with self._mutex:
+        if self._stop.is_set():
+          return
+        try:
+          storage.write_text(self.path, json.dumps(dict(self.me, beat=time.time())))
+        except OSError:
+          return
 
   def release(self):
     if not self.held:
       return
-    self._stop.set()
+    with self._mutex:   # waits for an in-flight heartbeat write; none starts after this
+      self._stop.set()
     if self._thread is not None:       # joined: no thread of ours is alive at interpreter shutdown
       self._thread.join(timeout=5)
       self._thread = None

@@ -20,7 +20,7 @@ from farmer_jax.config import (ConfigError, DataConfig, TrainConfig, config_chan
 from farmer_jax.data.pipeline import TrainInput, state_holder
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.checkpoint import Checkpointer
-from farmer_jax.train.lock import WorkdirLock
+from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock
 from farmer_jax.train.metrics import MetricWriter, trim_metrics
 from farmer_jax.train.optim import make_optimizer
 from farmer_jax.train.report import write_report
@@ -94,12 +94,24 @@ class Trainer:
     return {"loss(nats/dim)": f"{avg['loss']:.3f}", "sigma": f"{avg['noise_sigma']:.3f}"}
 
   def _take_lock(self):
-    if jax.process_index() != 0:
-      return
-    # a bucket has no empty directories to clean up
-    existed = storage.is_url(self.workdir) or storage.exists(self.workdir)
-    self.lock = WorkdirLock(self.workdir, say=self.log).acquire()
-    self._created_workdir = not existed
+    """Process 0 takes the workdir lock; with several processes every one learns the outcome, so
+    a busy workdir stops them all at once instead of leaving the others in a collective."""
+    error = None
+    if jax.process_index() == 0:
+      # a bucket has no empty directories to clean up
+      existed = storage.is_url(self.workdir) or storage.exists(self.workdir)
+      try:
+        self.lock = WorkdirLock(self.workdir, say=self.log).acquire()
+        self._created_workdir = not existed
+      except WorkdirBusyError as e:
+        error = e
+    if jax.process_count() > 1:
+      busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+      if int(busy) and error is None:
+        raise WorkdirBusyError(f"{self.workdir} is in use by another training run (process 0 "
+                               "could not take its lock; its message has the holder)")
+    if error is not None:
+      raise error
 
   def close(self):
     """Stops the input's threads/workers, releases the workdir lock (and removes a workdir this run
@@ -198,39 +210,41 @@ class Trainer:
     if threading.current_thread() is threading.main_thread() and signal.getsignal(
         signal.SIGTERM) in (signal.SIG_DFL, None):
       install_sigterm(stop)
-    with self.mesh_context():
-      for s in range(start, end):
-        self._trace_before(s)
-        batch = next(self.input)
-        self.state, m = self.train_step(self.state, batch, self.rng, *self.step_args)
-        pending.append(m)
-        self._trace_after(s)
-        bar.update(1)
-        if self._preempted(s, stop):
-          self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same "
-                   "command to resume")
-          self.save_checkpoint()
-          self.preempted = self.preempt_saved = True
-          break
-        if t.ckpt_every and (s + 1) % t.ckpt_every == 0 and s + 1 < end:
-          self.save_checkpoint()
-        if (s + 1) % t.log_every == 0 or s + 1 == end:
-          self._check_finite()
-          vals = jax.device_get(pending)
-          avg = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
-          now = time.time()
-          avg["steps_per_s"] = (s + 1 - tick_step) / max(now - tick, 1e-9)
-          tick, tick_step = now, s + 1
-          pending = []
-          writer.write(s + 1, avg)
-          history.append({"step": s + 1, **avg})
-          bar.set_postfix(self.progress_postfix(avg))
-    bar.close()
-    self._trace_after(int(self.state["step"]) - 1, force=True)
-    if not self.preempted and int(self.state["step"]) > start:
-      self.save_checkpoint()
-    self.ckpt.close()
-    writer.close()
+    try:
+      with self.mesh_context():
+        for s in range(start, end):
+          self._trace_before(s)
+          batch = next(self.input)
+          self.state, m = self.train_step(self.state, batch, self.rng, *self.step_args)
+          pending.append(m)
+          self._trace_after(s)
+          bar.update(1)
+          if self._preempted(s, stop):
+            self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same "
+                     "command to resume")
+            self.save_checkpoint()
+            self.preempted = self.preempt_saved = True
+            break
+          if t.ckpt_every and (s + 1) % t.ckpt_every == 0 and s + 1 < end:
+            self.save_checkpoint()
+          if (s + 1) % t.log_every == 0 or s + 1 == end:
+            self._check_finite()
+            vals = jax.device_get(pending)
+            avg = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+            now = time.time()
+            avg["steps_per_s"] = (s + 1 - tick_step) / max(now - tick, 1e-9)
+            tick, tick_step = now, s + 1
+            pending = []
+            writer.write(s + 1, avg)
+            history.append({"step": s + 1, **avg})
+            bar.set_postfix(self.progress_postfix(avg))
+      self._trace_after(int(self.state["step"]) - 1, force=True)
+      if not self.preempted and int(self.state["step"]) > start:
+        self.save_checkpoint()
+    finally:   # also on a non-finite step or Ctrl-C: pending saves finish, metrics reach the run
+      bar.close()
+      self.ckpt.close()
+      writer.close()
     return history
 
   def _preempted(self, s, stop) -> bool:
