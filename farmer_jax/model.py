@@ -24,8 +24,10 @@ from farmer_jax.prior.ar import ARPrior
 from farmer_jax.reduction.split import redundant_log_prob, split_channels
 
 
-def make_flow(c: ModelConfig) -> AutoregressiveFlow:
-  return AutoregressiveFlow(
+def make_flow(c: ModelConfig, cls=AutoregressiveFlow):
+  """The AF of a model config; ``cls``: another module with the same fields (``FlowShape``), e.g.
+  the distilled student."""
+  return cls(
       num_tokens=c.num_tokens, token_dim=c.token_dim, width=c.flow_width,
       num_blocks=c.flow_blocks, layers_per_block=c.flow_layers, num_heads=c.flow_heads,
       num_classes=c.num_classes if c.flow_class_conditional else 0, mlp_ratio=c.mlp_ratio,

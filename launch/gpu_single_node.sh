@@ -14,21 +14,9 @@ set -euo pipefail
 : "${WORKDIR:?set WORKDIR, the run directory}"
 MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
 
-# Words joined into one line that bash reads back as the same words.
-shell_join() {
-  local out="" w q
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      q=$w
-    elif [[ $w != *[\"\$\`\\!]* ]]; then
-      q="\"$w\""
-    else
-      q="'${w//\'/\'\\\'\'}'"
-    fi
-    out+="${out:+ }$q"
-  done
-  printf '%s' "$out"
-}
+# shell_join
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Prints `+ CMD`, then replaces this shell with it (DRY_RUN=1: only prints).
 run_cmd() {

@@ -60,21 +60,9 @@ die() {
   exit 2
 }
 
-# Words joined into one line that bash reads back as the same words.
-shell_join() {
-  local out="" w q
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      q=$w
-    elif [[ $w != *[\"\$\`\\!]* ]]; then
-      q="\"$w\""
-    else
-      q="'${w//\'/\'\\\'\'}'"
-    fi
-    out+="${out:+ }$q"
-  done
-  printf '%s' "$out"
-}
+# shell_join
+# shellcheck source=launch/lib.sh
+source "$ROOT/launch/lib.sh"
 
 # The one wrapper for external commands: prints `+ CMD`, then runs it (DRY_RUN=1: only prints).
 #   -q  do not print when really running (polling)   -a  run even when DRY_RUN=1 (local, no cost)

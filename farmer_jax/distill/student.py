@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from farmer_jax.config import ModelConfig
-from farmer_jax.flow.autoregressive_flow import AFBlock, block_flips
+from farmer_jax.flow.autoregressive_flow import AFBlock, FlowShape, block_flips
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.model import flow_label, make_flow
 
@@ -39,40 +39,22 @@ class StudentBlock(AFBlock):
     return x, x
 
 
-class StudentFlow(nn.Module):
+class StudentFlow(FlowShape):
   """G: z (B, N, d) (= Z^n, flow order) -> (x (B, N, d) = Z~^0, path (n, B, N, d) with entry t
   = Z~^t, the output of g_{t+1}). Params: the teacher AF's layout ({'blocks': ...})."""
-  num_tokens: int
-  token_dim: int
-  width: int
-  num_blocks: int
-  layers_per_block: int
-  num_heads: int
-  num_classes: int = 0
-  mlp_ratio: int = 4
-  dtype: jnp.dtype = jnp.float32
-  remat: bool = False
-  final_norm: bool = True
 
   @nn.compact
   def __call__(self, z, y=None):
     scanned = nn.scan(StudentBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast), length=self.num_blocks, reverse=True,
                       metadata_params={nn.PARTITION_NAME: "blocks"})
-    blocks = scanned(num_tokens=self.num_tokens, token_dim=self.token_dim, width=self.width,
-                     depth=self.layers_per_block, num_heads=self.num_heads,
-                     num_classes=self.num_classes, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                     remat=self.remat, final_norm=self.final_norm, causal=False, name="blocks")
+    blocks = scanned(**self.block_kwargs(), causal=False, name="blocks")
     return blocks(z.astype(jnp.float32), block_flips(self.num_blocks), y)
 
 
 def make_student(cfg: ModelConfig) -> StudentFlow:
   """The student of a model config: the teacher AF's shapes (``model.make_flow``)."""
-  f = make_flow(cfg)
-  return StudentFlow(num_tokens=f.num_tokens, token_dim=f.token_dim, width=f.width,
-                     num_blocks=f.num_blocks, layers_per_block=f.layers_per_block,
-                     num_heads=f.num_heads, num_classes=f.num_classes, mlp_ratio=f.mlp_ratio,
-                     dtype=f.dtype, remat=f.remat, final_norm=f.final_norm)
+  return make_flow(cfg, StudentFlow)
 
 
 def init_student(teacher_params):

@@ -8,7 +8,6 @@ the student learns the inverse of the teacher on the data distribution the teach
 """
 
 import json
-import math
 import time
 
 import jax
@@ -16,8 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from farmer_jax import conventions, runs, sharding, storage
-from farmer_jax.config import ConfigError, DataConfig, EvalConfig, config_changes
-from farmer_jax.data.pipeline import eval_batches
+from farmer_jax.config import ConfigError, EvalConfig, config_changes
 from farmer_jax.distill.student import (MAX_NOISE, distill_loss, init_student, make_student,
                                         teacher_path)
 from farmer_jax.model import flow_label
@@ -114,11 +112,7 @@ def reconstruction_error(tr, student_params):
   """Relative squared error ||G(F(x)) - x||^2 / ||x||^2 of the student over every example of the
   eval split (x: patchified bin centres, the teacher's Z^0), sharded over the training mesh like
   the pretraining eval (train/report.py)."""
-  e = EvalConfig.from_config(tr.config)
-  unit = math.lcm(sharding.batch_slots(tr.mesh, tr.rules), jax.process_count())
-  batches, steps, _ = eval_batches(DataConfig.from_config(tr.config), e.split,
-                                   -(-e.batch_size // unit) * unit, jax.process_index(),
-                                   jax.process_count())
+  batches, steps, _ = tr.eval_batches()
   student, cfg = make_student(tr.mcfg), tr.mcfg
 
   @jax.jit

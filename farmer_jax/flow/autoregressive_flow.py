@@ -128,12 +128,9 @@ def block_flips(num_blocks):
   return jnp.arange(num_blocks) % 2 == 1
 
 
-class AutoregressiveFlow(nn.Module):
-  """n AF blocks under ``nn.scan``.
-
-  __call__(x (B, N, d), y (B,) | None) -> (z (B, N, d), logdet (B,) summed in nats)
-  inverse(z (B, N, d), y (B,) | None) -> x (B, N, d), the exact inverse (fp32)
-  """
+class FlowShape(nn.Module):
+  """The fields of a stack of n AF blocks, shared by the flow and the distilled student
+  (distill/student.py), whose params have the same layout."""
   num_tokens: int
   token_dim: int
   width: int
@@ -151,6 +148,14 @@ class AutoregressiveFlow(nn.Module):
         num_tokens=self.num_tokens, token_dim=self.token_dim, width=self.width,
         depth=self.layers_per_block, num_heads=self.num_heads, num_classes=self.num_classes,
         mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, final_norm=self.final_norm)
+
+
+class AutoregressiveFlow(FlowShape):
+  """n AF blocks under ``nn.scan``.
+
+  __call__(x (B, N, d), y (B,) | None) -> (z (B, N, d), logdet (B,) summed in nats)
+  inverse(z (B, N, d), y (B,) | None) -> x (B, N, d), the exact inverse (fp32)
+  """
 
   @nn.compact
   def __call__(self, x, y=None):

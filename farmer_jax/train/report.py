@@ -2,7 +2,6 @@
 summary.json, from a Trainer (train/trainer.py)."""
 
 import json
-import math
 import time
 
 import jax
@@ -10,8 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding, storage
-from farmer_jax.config import DataConfig, EvalConfig, SampleConfig
-from farmer_jax.data.pipeline import eval_batches
+from farmer_jax.config import SampleConfig
 from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes
 from farmer_jax.sampling.images import save_grid
@@ -23,13 +21,9 @@ def _progress(tr):
 
 def evaluate(tr):
   """Test bits/dim of the trainer's eval params over every example of ``config.eval.split``
-  (see ``eval.likelihood.evaluate_batches``), sharded over the training mesh. The eval batch is
-  rounded up to a multiple of the data-parallel slots and processes (padding is masked out)."""
-  cfg, e = tr.config, EvalConfig.from_config(tr.config)
-  unit = math.lcm(sharding.batch_slots(tr.mesh, tr.rules), jax.process_count())
-  global_batch = -(-e.batch_size // unit) * unit
-  batches, steps, n = eval_batches(DataConfig.from_config(cfg), e.split, global_batch,
-                                   jax.process_index(), jax.process_count())
+  (see ``eval.likelihood.evaluate_batches``), sharded over the training mesh
+  (``Trainer.eval_batches``)."""
+  batches, steps, n = tr.eval_batches()
   bar = tqdm(total=n, desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True)
   with tr.mesh_context():
     res = evaluate_batches(tr.model, tr.eval_params(), batches, steps,

@@ -3,6 +3,7 @@ step -> loop), checkpoint/resume and SIGTERM. The step is train/step.py's, the s
 train/state.py's; the post-training report is train/report.py's."""
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -15,9 +16,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding, storage
-from farmer_jax.config import (ConfigError, DataConfig, TrainConfig, config_changes,
+from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, TrainConfig, config_changes,
                                resolved_config, validate)
-from farmer_jax.data.pipeline import TrainInput, state_holder
+from farmer_jax.data.pipeline import TrainInput, eval_batches, state_holder
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.checkpoint import Checkpointer
 from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock
@@ -274,6 +275,15 @@ class Trainer:
       self.log(f"profiler trace of step executions {self._trace_from}..{s} -> "
                f"{storage.join(self.workdir, runs.PROFILE)}")
       self._trace_from = None
+
+  def eval_batches(self):
+    """(this process's batches, number of batches, number of examples) of ``config.eval.split``
+    (data/pipeline.py ``eval_batches``: every example once, masked padding). The eval batch is
+    rounded up to a multiple of the mesh's data-parallel slots and of the process count."""
+    e = EvalConfig.from_config(self.config)
+    unit = math.lcm(sharding.batch_slots(self.mesh, self.rules), jax.process_count())
+    return eval_batches(DataConfig.from_config(self.config), e.split,
+                        -(-e.batch_size // unit) * unit, jax.process_index(), jax.process_count())
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])
