@@ -1,13 +1,16 @@
 """The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also
 ``python -m farmer_jax``.
 
-Commands: train, distill, export, sample, prepare, check.
+Commands: train, distill, export, sample, eval, fid, prepare, check.
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax distill --config=configs/quickstart.py:distill=1 --teacher=/tmp/run --workdir=/tmp/s
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
       [--npz=s.npz]
+  farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=test] [--dequant_samples=4]
+  farmer_jax fid --model=/tmp/model --ref=ref.npz --inception=pt_inception.pth --num=50000 \
+      [--cfg=2.0] [--out=fid.json]
   farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos [--image_size=256]
   farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run --devices=64 \
       --processes=16
@@ -57,7 +60,8 @@ flags.DEFINE_integer("num_processes", None,
 flags.DEFINE_integer("process_id", None,
                      "train: this process's index (with --distributed=explicit).")
 # export
-flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid (*.png).")
+flags.DEFINE_string("out", None, "export: output model directory; sample: output PNG grid (*.png); "
+                    "eval/fid: the JSON result (default: next to the model).")
 flags.DEFINE_enum("dtype", "float32", list(DTYPE_NAMES), "export: param dtype to store.")
 flags.DEFINE_string("student", None,
                     "export: also export the distilled student of this distill --workdir.")
@@ -67,7 +71,8 @@ flags.DEFINE_bool("overwrite", False,
 flags.DEFINE_string("model", None, "sample: an exported model directory (farmer_jax export).")
 flags.DEFINE_string("classes", "all",
                     "sample: comma-separated class ids, 'null' for unconditional, or 'all'.")
-flags.DEFINE_integer("num", 8, "sample: samples per class.")
+flags.DEFINE_integer("num", 8, "sample: samples per class; fid: samples in all (default 50000, "
+                     "class-balanced).")
 flags.DEFINE_float("cfg", None,
                    "sample: guidance scale w (default: the model config's sample.cfg).")
 flags.DEFINE_enum("inverse", None, list(INVERSES),
@@ -80,8 +85,10 @@ flags.DEFINE_enum("guidance", None, list(GUIDANCE_MODES),
 flags.DEFINE_string("sampler", None, "sample: extra sampler settings 'k=v,...' ("
                     + ", ".join(k for k in SAMPLER_KEYS if k not in ("guidance", "cfg", "inverse"))
                     + ").")
-flags.DEFINE_integer("seed", 0, "sample: RNG seed (sample j uses fold_in(seed, j)).")
-flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on it).")
+flags.DEFINE_integer("seed", 0, "sample: RNG seed (sample j uses fold_in(seed, j)); eval: the "
+                     "dequantization seed.")
+flags.DEFINE_integer("batch", 64, "sample: batch size (results do not depend on it); eval: global "
+                     "batch (default: config.eval.batch_size).")
 flags.DEFINE_string("npz", None,
                     "sample: also write uint8 images + labels to this .npz (for FID tools).")
 
@@ -95,8 +102,21 @@ flags.DEFINE_string("teacher", None,
 flags.DEFINE_integer("devices", None, "check: devices of the target machine(s) (default: these).")
 flags.DEFINE_integer("processes", None, "check: processes (hosts) of the target (default: 1).")
 # prepare
+flags.DEFINE_string("split", None, "eval: the split to evaluate (default: the run's config.eval.split).")
+flags.DEFINE_integer("dequant_samples", None,
+                     "eval: uniform dequantization draws per image (default: config.eval's).")
+flags.DEFINE_enum("features", "inception", ["inception", "mnist"],
+                  "fid: the feature network: the FID Inception-v3 (--inception weights, --ref "
+                  "statistics) or the MNIST digit CNN (offline; reference: the MNIST-5k test split).")
+flags.DEFINE_string("inception", None, "fid: the FID Inception weights file (pytorch-fid's "
+                    "pt_inception-2015-12-05-6726825d.pth, or the same state_dict as .npz).")
+flags.DEFINE_string("ref", None, "fid: reference .npz: mu/sigma (e.g. the ADM reference batch) "
+                    "and/or images under 'arr_0'.")
+flags.DEFINE_string("dump", None, "fid: the resumable feature dump directory (default: next to "
+                    "the JSON result).")
 flags.DEFINE_string("folder", None, "prepare: image folder, one subfolder per class.")
-flags.DEFINE_string("data_dir", None, "prepare: where the dataset is written (DIR/NAME/1.0.0).")
+flags.DEFINE_string("data_dir", None, "prepare: where the dataset is written (DIR/NAME/1.0.0); "
+                    "eval: where the run's tfds dataset is (default: its config.data.data_dir).")
 flags.DEFINE_string("name", None, "prepare: dataset name; train with data.name=tfds:NAME.")
 flags.DEFINE_integer("image_size", 256, "prepare: side of the square images (ADM center crop).")
 flags.DEFINE_float("val_fraction", 0.0,
@@ -292,6 +312,42 @@ def _sample(argv):
         f"{', '.join(p for p in (FLAGS.out, FLAGS.npz) if p)}")
 
 
+def _eval(argv):
+  if bool(FLAGS.workdir) == bool(FLAGS.model):
+    raise app.UsageError("pass exactly one of --workdir (a training run) and --model (an export "
+                         "directory)")
+  from farmer_jax.distributed import initialize
+  initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+  from farmer_jax.eval.evaluate import likelihood_eval
+  likelihood_eval(workdir=FLAGS.workdir or None, model_dir=FLAGS.model or None,
+                  split=FLAGS.split, dequant_samples=FLAGS.dequant_samples,
+                  batch_size=FLAGS.batch if FLAGS["batch"].present else None,
+                  data_dir=FLAGS.data_dir, seed=FLAGS.seed, out=FLAGS.out, quiet=FLAGS.quiet,
+                  say=(lambda _: None) if FLAGS.quiet else print)
+
+
+def _fid(argv):
+  if not FLAGS.model:
+    raise app.UsageError("--model (an export directory) is required, e.g. farmer_jax fid "
+                         "--model=models/m --inception=pt_inception.pth --ref=ref.npz --num=50000")
+  over = sampler_overrides(FLAGS.cfg, FLAGS.guidance, FLAGS.sampler, FLAGS.inverse)
+  try:
+    SamplerConfig.from_config(over)
+  except ValueError as e:
+    raise _sampler_error(e) from e
+  if FLAGS.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+  from farmer_jax.eval.fid import fid_command
+  fid_command(FLAGS.model, FLAGS.num if FLAGS["num"].present else 50000, FLAGS.features,
+              FLAGS.inception, FLAGS.ref, over, seed=FLAGS.seed, batch=FLAGS.batch,
+              out=FLAGS.out, dump=FLAGS.dump, quiet=FLAGS.quiet,
+              say=(lambda _: None) if FLAGS.quiet else print)
+
+
 def _prepare(argv):
   if not FLAGS.folder or not FLAGS.data_dir or not FLAGS.name:
     raise app.UsageError("--folder (one subfolder per class), --data_dir and --name are required")
@@ -330,7 +386,7 @@ def _check(argv):
 
 
 COMMANDS = {"train": _train, "distill": _distill, "export": _export, "sample": _sample,
-            "prepare": _prepare, "check": _check}
+            "eval": _eval, "fid": _fid, "prepare": _prepare, "check": _check}
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"
     f"commands: {', '.join(COMMANDS)}\n"

@@ -181,11 +181,12 @@ def resolved_config(config):
     for f in dataclasses.fields(ModelConfig):
       if f.name not in model and f.name not in ("image_size", "channels", "num_classes"):
         model[f.name] = f.default
-  data = out.get("data")
-  if data is not None:  # a config.json written before these data fields existed
-    for f in dataclasses.fields(DataConfig):
-      if f.name not in data:
-        data[f.name] = f.default
+  for name, cls in (("data", DataConfig), ("eval", EvalConfig)):
+    sec = out.get(name)
+    if sec is not None:  # a config.json written before some of these fields existed
+      for f in dataclasses.fields(cls):
+        if f.name not in sec and not f.metadata.get("derived"):
+          sec[f.name] = f.default
   return out
 
 
@@ -540,11 +541,25 @@ RESUME_NEUTRAL = tuple(f"data.{f.name}" for f in dataclasses.fields(DataConfig)
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(_Section):
-  """``config.eval``: the split the end-of-training bits/dim is measured on (checked against the
-  dataset's splits by ``validate``) and the eval batch (a multiple of the process count)."""
+  """``config.eval``: the split bits/dim is measured on (checked against the dataset's splits by
+  ``validate``), the eval batch (rounded up to a multiple of the data-parallel slots and the process
+  count), the dequantization draws per image, how often training evaluates, and the offline MNIST
+  sample-quality metrics (docs/eval.md)."""
   SECTION = "eval"
   batch_size: int = _field(250, ("int", 1, None, "e.g. --config.eval.batch_size=250"))
   split: str = _field("test", ("str", None, None, "e.g. --config.eval.split=test"))
+  # uniform dequantization draws per image (mean, standard error; K > 1 adds the IW bound)
+  dequant_samples: int = _field(1, ("int", 1, None, "e.g. --config.eval.dequant_samples=1"))
+  # bits/dim during training every k steps (0 = only at the end)
+  every: int = _field(0, ("int", 0, "an integer >= 0 (0 = only at the end of training)",
+                          "e.g. --config.eval.every=1000"))
+  # at the end of training: MNIST-FID and class consistency of samples, scored by a small CNN
+  # trained on the bundled MNIST-5k train split (eval/mnist_quality.py); needs data.name=mnist5k
+  mnist_quality: bool = _field(False, ("bool", None, None,
+                                       "e.g. --config.eval.mnist_quality=True"))
+  # samples per class for those metrics, drawn at cfg 0 and at config.sample's guidance
+  quality_per_class: int = _field(100, ("int", 2, None,
+                                        "e.g. --config.eval.quality_per_class=100"))
 
 
 class ResamplingCFG(NamedTuple):
@@ -803,6 +818,10 @@ def validate(config, workdir=None, num_devices=None, num_processes=None):
   info = sources.describe(d)
   e = EvalConfig.from_config(config)
   sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
+  _check(not e.mnist_quality or (d.name == "mnist5k" and d.image_size == 32 and d.channels == 1),
+         "eval.mnist_quality", True, f"its digit classifier scores 32x32x1 MNIST samples only, "
+         f"and this run trains on {d.name} ({d.image_size}x{d.image_size}x{d.channels})",
+         "set --config.eval.mnist_quality=False (score other data with `farmer_jax fid`)")
   m = validate_model_config(config)
   TrainConfig.from_config(config)
   grid = SampleConfig.from_config(config)

@@ -156,6 +156,28 @@ BAD_CASES = [
     # after loading (orbax ran): the message is still the one last line
     ("sample_class_after_load", "sample",
      ["sample", "--model={M}", "--classes=12", "--out={W}/x.png"], ["class id 12 is out of range"]),
+    ("eval_both", "eval", ["eval", "--model={M}", "--workdir={W}/run"],
+     ["pass exactly one of --workdir"]),
+    ("eval_dequant_zero", "eval", ["eval", "--model={M}", "--dequant_samples=0"],
+     ["--dequant_samples=0 must be >= 1"]),
+    ("eval_bad_split", "eval", ["eval", "--model={M}", "--split=val"],
+     ["--split=val: mnist5k has no (non-empty) split 'val'", "['test', 'train']", "Fix:"]),
+    ("eval_out_txt", "eval", ["eval", "--model={M}", "--out={W}/r.txt"], ["*.json"]),
+    ("eval_no_model", "eval", ["eval", "--model={W}/nope"], ["{W}/nope does not exist"]),
+    ("fid_no_inception", "fid", ["fid", "--model={M}", "--num=10"], ["--inception is required"]),
+    ("fid_missing_ref", "fid",
+     ["fid", "--model={M}", "--inception={W}/a_file", "--ref={W}/nope.npz", "--num=10"],
+     ["--ref={W}/nope.npz does not exist", "nothing is downloaded"]),
+    ("fid_num_one", "fid", ["fid", "--model={M}", "--features=mnist", "--num=1"],
+     ["--num=1 must be >= 2"]),
+    ("fid_bad_ref_split", "fid",
+     ["fid", "--model={M}", "--features=mnist", "--num=10", "--ref=split:val"],
+     ["--ref=split:val: mnist5k has no split 'val'"]),
+    ("fid_bad_weights", "fid",
+     ["fid", "--model={M}", "--inception={W}/a_file", "--ref=split:test", "--num=10"],
+     ["{W}/a_file"]),
+    ("fid_bad_cfg", "fid", ["fid", "--model={M}", "--features=mnist", "--cfg=-1"],
+     ["cfg=-1"]),
 ]
 
 
@@ -265,7 +287,7 @@ def test_non_finite_samples_are_an_error_not_black_pixels(tiny, tmp_path, monkey
   nan_params = jax.tree.map(lambda a: a * np.nan, params)
   with pytest.raises(
       ValueError,
-      match=r"2 of 2 samples in batch 0 \(samples 0..1 of 4\) are not finite \(NaN/inf\); "
+      match=r"2 of 2 samples \(samples 0..1 of 4\) are not finite \(NaN/inf\); "
       r"sampling stopped and nothing was written"):
     gen.generate(cfg, nan_params, [0, 1], 2, SamplerConfig(), seed=0, batch_size=2, progress=False)
   assert os.listdir(tmp_path) == []

@@ -438,7 +438,11 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   grid = SampleConfig.from_config(configlib.load("imagenet256:1.1B/16"))
   assert (grid.per_class, grid.sampler.cfg.w, grid.sampler.guidance) == (4, 2.5, "resampling")
   with pytest.raises(ConfigError, match=r"config.eval lacks field\(s\) \['split'\].*base_eval"):
-    EvalConfig.from_section({"batch_size": 8})
+    EvalConfig.from_section({k: v for k, v in configlib.base_eval().items() if k != "split"})
+  with pytest.raises(ConfigError, match=r"config.eval.every=-1 .*integer >= 0"):
+    EvalConfig.from_section(dict(configlib.base_eval(), every=-1))
+  with pytest.raises(ConfigError, match=r"config.eval.dequant_samples=0"):
+    EvalConfig.from_section(dict(configlib.base_eval(), dequant_samples=0))
   c = configlib.load("quickstart:tiny")
   t = TrainConfig.from_config(c)
   assert (t.steps, t.lr, t.get("ckpt_keep", 99), t.noise_anneal_steps) == (200, 3e-3, 2, 200)

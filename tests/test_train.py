@@ -12,9 +12,10 @@ import pytest
 from farmer_jax import configlib  # noqa: E402
 
 from conftest import init_farmer, variant  # noqa: E402
-from farmer_jax.conventions import bits_per_dim, dequantize  # noqa: E402
+from farmer_jax.conventions import bits_per_dim  # noqa: E402
 from farmer_jax.data.mnist import load_mnist5k  # noqa: E402
-from farmer_jax.eval.likelihood import evaluate_bpd, make_eval_step  # noqa: E402
+from farmer_jax.eval.likelihood import (dequantize_examples, evaluate_bpd,  # noqa: E402
+                                        make_eval_step)
 from farmer_jax.runs import RunDir  # noqa: E402
 from farmer_jax.train.report import format_test_bpd  # noqa: E402
 from farmer_jax.train.trainer import Trainer, train_and_report  # noqa: E402
@@ -37,12 +38,20 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   tmp_path, summary, _ = trained_run
   run = RunDir(tmp_path)
   c = configlib.load("quickstart:tiny")
-  rows = [json.loads(l) for l in open(run.metrics)]
+  all_rows = [json.loads(l) for l in open(run.metrics)]
+  rows = [r for r in all_rows if "train/loss" in r]
   assert [r["step"] for r in rows] == [50, 100, 150, 200]
   for k in ("loss", "ar_nll", "logdet_per_dim", "noise_sigma", "lr", "grad_norm", "steps_per_s"):
     assert np.isfinite(rows[-1][f"train/{k}"]), k
   # the training loss is the NLL of Gaussian-noised data in nats/dim, never reported as an 8-bit bpd
   assert not [k for r in rows for k in r if "bpd" in k], rows[-1]
+  # the end-of-training test bits/dim goes to the metrics as eval/* (config.eval.every = 0: once)
+  (ev,) = [r for r in all_rows if "train/loss" not in r]
+  assert ev["step"] == 200 and ev["eval/bpd"] == summary["test_bpd"]
+  assert ev["eval/bpd_uncond"] == summary["test_bpd_uncond"]
+  terms = summary["test_terms_bpd"]
+  assert sum(terms.values()) == pytest.approx(summary["test_bpd"], rel=1e-6)
+  assert ev["eval/bpd_af_logdet"] == terms["af_logdet"]
   first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
   assert last < first - 0.5, (first, last)
   # sigma follows the cosine schedule 0.1 -> 0.005
@@ -70,7 +79,7 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   assert tr2.restored_step == 200 and again["steps"] == 200
   assert again["test_bpd"] == summary["test_bpd"] and again["test_bpd_uncond"] == summary[
       "test_bpd_uncond"]
-  assert len(open(run.metrics).readlines()) == len(rows)
+  assert len(open(run.metrics).readlines()) == len(all_rows)   # the final eval logged once
 
 
 def test_run_and_export_folder_names_are_a_file_format():
@@ -87,22 +96,27 @@ def test_run_and_export_folder_names_are_a_file_format():
 
 def test_eval_step_conditional_and_unconditional_share_the_noise(trained_run):
   """The one jitted eval step equals two separate forward passes (true labels; null label) on the
-  same uniformly dequantized images, and ignores masked (padding) rows."""
+  same uniformly dequantized images (per-example keys from the split index), and hands the mask
+  back for the host to drop padding rows."""
   _, _, tr = trained_run
   model, params, mcfg = tr.model, tr.eval_params(), tr.mcfg
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
   labels = np.array([3, 7, 0, 5], np.int32)
   mask = np.array([True, True, True, False])
-  rng = jax.random.key(11)
-  r = jax.device_get(make_eval_step(model)(params, images, labels, mask, rng))
-  x = dequantize(rng, images, "uniform")
+  r = jax.device_get(make_eval_step(model)(params, images, labels, mask, 10, 1, 11))
+  x = dequantize_examples(11, np.arange(10, 14), 1, images)
   apply = jax.jit(lambda x, y: model.apply({"params": params}, x, y)["log_prob"])
-  nll_c = -np.asarray(apply(x, labels)) / mcfg.num_dims
-  nll_u = -np.asarray(apply(x, np.full(4, mcfg.null_class, np.int32))) / mcfg.num_dims
-  assert int(r["count"]) == 3
-  np.testing.assert_allclose(r["nats"], nll_c[:3].sum(), rtol=1e-4)
-  np.testing.assert_allclose(r["nats_uncond"], nll_u[:3].sum(), rtol=1e-4)
-  assert abs(float(r["nats"]) - float(r["nats_uncond"])) > 1e-4
+  lp_c = np.asarray(apply(x, labels))
+  lp_u = np.asarray(apply(x, np.full(4, mcfg.null_class, np.int32)))
+  np.testing.assert_array_equal(r["mask"], mask)
+  np.testing.assert_allclose(r["log_prob"], lp_c, rtol=1e-5)
+  np.testing.assert_allclose(r["log_prob_uncond"], lp_u, rtol=1e-5)
+  np.testing.assert_allclose(r["log_prob"], r["log_prob_i"] + r["log_prob_r"] + r["logdet"],
+                             rtol=1e-5)
+  assert np.abs(r["log_prob"] - r["log_prob_uncond"]).max() > 1e-3
+  # another draw index, other noise
+  r2 = jax.device_get(make_eval_step(model)(params, images, labels, mask, 10, 0, 11))
+  assert np.all(r2["log_prob"] != r["log_prob"])
 
 
 def test_unconditional_model_reports_one_bpd_under_both_keys():

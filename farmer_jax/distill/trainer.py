@@ -104,6 +104,8 @@ class DistillTrainer(Trainer):
                               out_shardings=(self.state_sh, rep), donate_argnums=(0,))
     self.step_args = (self.teacher,)
 
+  eval_every = 0   # the student has no likelihood of its own: no bits/dim during distillation
+
   def progress_postfix(self, avg):
     return {"mse": f"{avg['loss']:.4g}"}
 

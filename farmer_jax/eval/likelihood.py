@@ -1,88 +1,179 @@
 """Jitted exact-likelihood evaluation: bits/dim of the 8-bit data under uniform dequantization.
 
-Two numbers per split, from the SAME dequantized images (one uniform noise draw per image):
+Conventions (docs/math.md, docs/eval.md): bits/dim of the discrete image = ``(NLL in nats/dim -
+log(1/128)) / ln 2``, from ``conventions``. Two numbers per split, from the SAME dequantized images:
 
-* class-conditional: -log p(x | y) with the true labels (``bpd``, ``nats_per_dim``);
+* class-conditional: -log p(x | y) with the true labels (``bpd``);
 * unconditional: -log p(x | null) with every label replaced by ``ModelConfig.null_class``
-  (``bpd_uncond``, ``nats_per_dim_uncond``). This is the number the literature's ImageNet bits/dim
-  tables report.
+  (``bpd_uncond``), the number the literature's ImageNet bits/dim tables report.
 
 For an unconditional model (``num_classes == 0``) every label is the null class, so the model runs
 once and both keys hold the same value.
 
-Shape letters: B batch (padded to a fixed size; a mask marks real examples), H W c image.
+Dequantization noise is per EXAMPLE: draw k of example i (its index in the split) is
+``U[0, 1)`` noise from ``fold_in(fold_in(key(seed), i), k)``. The result therefore does not depend
+on the batch size, the device count or the process count: only on the seed and the split.
+
+With K draws per image (``samples``) the reported bpd is the mean over images and draws, its
+standard error the spread over images of the per-image mean (``std / sqrt(n)``), and ``bpd_iw``
+the tighter importance-weighted bound ``-log mean_k p(x + u_k)`` (K > 1 only).
+
+Shape letters: B batch (padded to a fixed size; a mask marks real examples), H W c image, K draws.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from farmer_jax import conventions
 
+# per-example log-densities (nats, summed over dims) the eval step returns, for the true label and
+# (suffix _uncond) the null label
+TERMS = ("log_prob", "logdet", "log_prob_i", "log_prob_r")
 
-def make_eval_step(model):
-  """Returns jitted f(params, images uint8 (B,H,W,c), labels (B,), mask (B,), rng) ->
-  {'nats': sum over real examples of -log p(x|y)/D, 'nats_uncond': same with the null label,
-  'count'}.
 
-  One forward pass on the doubled batch [x, y; x, null] (the same dequantized x twice), so the two
-  sums differ only through the label.
-  """
+def dequantize_examples(seed, index, k, images):
+  """Uniform dequantization of images uint8 (B, H, W, c) whose split indices are ``index`` (B,):
+  draw ``k`` of example i uses the key ``fold_in(fold_in(key(seed), i), k)``."""
+  base = jax.random.key(seed)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), k))(index)
+  return jax.vmap(lambda key, v: conventions.dequantize(key, v, "uniform"))(keys, images)
+
+
+def make_eval_step(model, out_sharding=None):
+  """Returns jitted f(params, images uint8 (B,H,W,c), labels (B,), mask (B,), start, k, seed) ->
+  dict of per-example (B,) arrays: for every name in TERMS, the value with the true label and (name
+  + '_uncond') with the null label, fp32 nats summed over the image's dims; and 'mask' (the input's,
+  so that every process can read which rows are real).
+
+  Row r of the batch is example ``start + r`` of the split (its dequantization key; see the module
+  doc). One forward pass on the doubled batch [x, y; x, null] (the same dequantized x twice), so the
+  two differ only through the label. ``out_sharding``: where the outputs go (a mesh's replicated
+  sharding makes them readable on every process)."""
   cfg = model.cfg
-  num_dims, null = cfg.num_dims, cfg.null_class
+  null = cfg.null_class
   conditional = cfg.num_classes > 0
 
-  @jax.jit
-  def step(params, images, labels, mask, rng):
-    x = conventions.dequantize(rng, images, "uniform")
+  def step(params, images, labels, mask, start, k, seed):
+    b = images.shape[0]
+    x = dequantize_examples(seed, start + jnp.arange(b), k, images)
     y = jnp.asarray(labels, jnp.int32)
-    b = x.shape[0]
-    masked_sum = lambda nll: jnp.sum(jnp.where(mask, nll, 0.0))
     if conditional:
       out = model.apply({"params": params}, jnp.concatenate([x, x]),
                         jnp.concatenate([y, jnp.full_like(y, null)]))
-      nll = conventions.nats_per_dim(out["log_prob"], num_dims)
-      cond, uncond = masked_sum(nll[:b]), masked_sum(nll[b:])
+      res = {t: out[t][:b] for t in TERMS}
+      res.update({t + "_uncond": out[t][b:] for t in TERMS})
     else:
       out = model.apply({"params": params}, x, jnp.full_like(y, null))
-      cond = uncond = masked_sum(conventions.nats_per_dim(out["log_prob"], num_dims))
-    return {"nats": cond, "nats_uncond": uncond, "count": jnp.sum(mask)}
+      res = {t: out[t] for t in TERMS}
+      res.update({t + "_uncond": out[t] for t in TERMS})
+    return dict({t: v.astype(jnp.float32) for t, v in res.items()}, mask=mask)
 
-  return step
+  kw = {} if out_sharding is None else {"out_shardings": out_sharding}
+  return jax.jit(step, static_argnums=(6,), **kw)
 
 
-def evaluate_batches(model, params, batches, num_batches, put=None, seed=0, progress=None):
-  """Mean class-conditional and unconditional bits/dim over ``batches`` (dicts of 'image',
-  'label', 'mask', e.g. ``data.pipeline.eval_batches``; ``put`` maps each to the step's inputs,
-  e.g. global arrays): one uniform dequantization sample per image, shared by both numbers, drawn
-  with key ``fold_in(key(seed), k)`` for batch k. Returns {'bpd', 'nats_per_dim', 'bpd_uncond',
-  'nats_per_dim_uncond', 'count'}; ``bpd`` is the class-conditional number."""
-  step = make_eval_step(model)
-  total, total_u, count = 0.0, 0.0, 0
+def _bits(nats_per_dim_values):
+  return conventions.bits_per_dim(nats_per_dim_values)
+
+
+def summarize(per_example, num_dims, conditional=True):
+  """Per-example log-densities {term: (n, K)} (nats, summed over dims; TERMS and their _uncond) ->
+  the reported numbers (see ``evaluate_batches``)."""
+  lp = {t: np.asarray(v, np.float64) for t, v in per_example.items()}
+  n, k = lp["log_prob"].shape
+  out = {"count": int(n), "dequant_samples": int(k), "num_dims": int(num_dims)}
+  for suffix in ("", "_uncond"):
+    nats = -lp["log_prob" + suffix] / num_dims                 # (n, K) nats/dim
+    per_image = nats.mean(axis=1)                              # (n,)
+    mean = float(per_image.mean())
+    se = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    out["nats_per_dim" + suffix] = mean
+    out["bpd" + suffix] = float(_bits(mean))
+    out["bpd_se" + suffix] = se / conventions.LN2           # an affine map of nats: same SE / ln 2
+    if k > 1:   # importance-weighted bound over the K draws: -log mean_k p(x + u_k)
+      lse = np.logaddexp.reduce(lp["log_prob" + suffix], axis=1) - math.log(k)
+      out["bpd_iw" + suffix] = float(_bits(float(np.mean(-lse / num_dims))))
+    # the split of the NLL into its terms, bits/dim; they add up to bpd together with the
+    # dequantization offset -log2(bin width) = 7
+    out["terms" + suffix] = {
+        "af_logdet": float(np.mean(-lp["logdet" + suffix]) / num_dims / conventions.LN2),
+        "informative": float(np.mean(-lp["log_prob_i" + suffix]) / num_dims / conventions.LN2),
+        "redundant": float(np.mean(-lp["log_prob_r" + suffix]) / num_dims / conventions.LN2),
+        "bin_width": -conventions.LOG_BIN_WIDTH / conventions.LN2,
+    }
+  out["class_conditional"] = bool(conditional)
+  return out
+
+
+def evaluate_batches(model, params, batches, num_batches, put=None, seed=0, samples=1,
+                     progress=None, out_sharding=None, per_example=False):
+  """Bits/dim over every real example of ``batches`` (dicts of 'image', 'label', 'mask', global
+  batch j = examples [jB, (j + 1)B) of the split, e.g. ``data.pipeline.eval_batches``; ``put`` maps
+  each to the step's inputs, e.g. global arrays), with ``samples`` uniform dequantization draws per
+  image shared by the conditional and unconditional numbers. Each batch is read once; the step is
+  compiled once.
+
+  Returns {'bpd', 'bpd_se', 'nats_per_dim', 'terms' (bits/dim: af_logdet, informative, redundant,
+  bin_width; they sum to bpd), the same with suffix '_uncond', 'bpd_iw'[_uncond] (samples > 1),
+  'count', 'dequant_samples', 'num_dims', 'class_conditional'}; with ``per_example`` also
+  'per_example': {term: (n, K) nats} in split order."""
+  if samples < 1:
+    raise ValueError(f"dequantization samples={samples} must be >= 1")
+  step = make_eval_step(model, out_sharding)
+  cfg = model.cfg
+  rows = {}
+  count, start = 0, 0
   it = iter(batches)
-  for k in range(num_batches):
+  for _ in range(num_batches):
     b = next(it)
-    b = put(b) if put is not None else b
-    r = jax.device_get(step(params, b["image"], b["label"], b["mask"],
-                            jax.random.fold_in(jax.random.key(seed), k)))
-    total += float(r["nats"])
-    total_u += float(r["nats_uncond"])
-    count += int(r["count"])
+    g = put(b) if put is not None else b
+    draws = [jax.device_get(step(params, g["image"], g["label"], g["mask"], start, k, seed))
+             for k in range(samples)]
+    mask = np.asarray(draws[0].pop("mask"), bool)     # the global batch's, on every process
+    for d in draws[1:]:
+      d.pop("mask")
+    for t in draws[0]:
+      rows.setdefault(t, []).append(np.stack([np.asarray(d[t]) for d in draws], axis=1)[mask])
+    start += int(g["mask"].shape[0])
+    count += int(mask.sum())
     if progress:
       progress(count)
-  nats, nats_u = total / count, total_u / count
-  return {
-      "nats_per_dim": nats,
-      "bpd": conventions.bits_per_dim(nats),
-      "nats_per_dim_uncond": nats_u,
-      "bpd_uncond": conventions.bits_per_dim(nats_u),
-      "count": count
-  }
+  per = {t: np.concatenate(v) for t, v in rows.items()}
+  out = summarize(per, cfg.num_dims, cfg.num_classes > 0)
+  if per_example:
+    out["per_example"] = per
+  return out
 
 
-def evaluate_bpd(model, params, images, labels, batch_size, seed=0, progress=None):
+def evaluate_bpd(model, params, images, labels, batch_size, seed=0, samples=1, progress=None,
+                 per_example=False):
   """``evaluate_batches`` over in-memory arrays images uint8 (n, H, W, c), labels (n,), in
   batches of ``batch_size`` (the last one padded and masked)."""
   from farmer_jax.data.pipeline import padded_batches
   from farmer_jax.data.sources import ArraySource
   batches, steps = padded_batches(ArraySource(images, labels), batch_size)
-  return evaluate_batches(model, params, batches, steps, seed=seed, progress=progress)
+  return evaluate_batches(model, params, batches, steps, seed=seed, samples=samples,
+                          progress=progress, per_example=per_example)
+
+
+def reference_nats(model, params, images, labels, seed=0, samples=1):
+  """The slow reference path: one example at a time, unbatched and unjitted, the model's
+  ``log_prob`` for the true label and the null label -> {'log_prob', 'log_prob_uncond'}: (n, K)
+  nats. Same per-example dequantization keys as the eval step."""
+  cfg = model.cfg
+  out = {"log_prob": [], "log_prob_uncond": []}
+  for i in range(len(images)):
+    row_c, row_u = [], []
+    for k in range(samples):
+      x = dequantize_examples(seed, jnp.asarray([i]), k, images[i:i + 1])
+      y = jnp.asarray(labels[i:i + 1], jnp.int32) if cfg.num_classes else None
+      null = jnp.full((1,), cfg.null_class, jnp.int32)
+      row_u.append(float(model.apply({"params": params}, x, null)["log_prob"][0]))
+      row_c.append(float(model.apply({"params": params}, x, y)["log_prob"][0])
+                   if y is not None else row_u[-1])
+    out["log_prob"].append(row_c)
+    out["log_prob_uncond"].append(row_u)
+  return {t: np.asarray(v) for t, v in out.items()}

@@ -43,47 +43,65 @@ def parse_classes(spec, num_classes):
   return out
 
 
+def make_sample_fn(mcfg, sampler, out_sharding=None):
+  """The jitted sampler: f(params, keys (B,), labels (B,), student_params) -> (images in model
+  space (B, H, W, c), per-sample stats). ``out_sharding``: where it puts its outputs (a training
+  run passes its mesh's replicated sharding, so that every process can read the images)."""
+  jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
+  return jax.jit(lambda p, k, y, sp: sample_images(mcfg, p, k, y, sampler, return_stats=True,
+                                                   student_params=sp), **jit_kw)
+
+
+def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None, total=None):
+  """Samples ``start .. start + len(labels) - 1`` of a seed (sample j: key fold_in(key(seed), j))
+  with ``fn`` (``make_sample_fn``) -> (uint8 images (m, H, W, c), {stat: (m, ...)}). ``pad_to``
+  pads the batch (repeating the last label) so every call has one jit shape. Non-finite samples
+  raise ValueError (never turned into black pixels)."""
+  y = np.asarray(labels, np.int32)
+  m = len(y)
+  pad = max((pad_to or m) - m, 0)
+  keys = sample_keys(seed, start, m + pad)
+  yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
+  x, st = fn(params, keys, jnp.asarray(yy), student_params)
+  x = np.asarray(x)[:m]
+  bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
+  if bad:
+    of = f" of {total}" if total else ""
+    raise ValueError(
+        f"{bad} of {m} samples (samples {start}..{start + m - 1}{of}) are not finite (NaN/inf); "
+        "sampling stopped and nothing was written. Fix: check the run's training loss and the "
+        "export (a diverged or corrupt model), try a bfloat16 export again as float32, or lower "
+        "the temperatures (--sampler=t_sigma=...) / guidance (--cfg)")
+  return to_uint8(x), {k: np.asarray(v)[:m] for k, v in st.items()}
+
+
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
              return_stats=False, out_sharding=None, student_params=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
   docs/sampling.md)].
 
-  ``out_sharding``: where the jitted sampler puts its outputs; a training run passes its mesh's
-  replicated sharding, so that every process of a multi-host run can read the images."""
+  ``out_sharding``: see ``make_sample_fn``."""
   if num < 1:
     raise ValueError(f"--num={num} must be >= 1")
   if batch_size < 1:
     raise ValueError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  fn = jax.jit(lambda p, k, y, sp: sample_images(mcfg, p, k, y, sampler, return_stats=True,
-                                                 student_params=sp), **jit_kw)
+  fn = make_sample_fn(mcfg, sampler, out_sharding)
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
-  for start in range(0, total, batch_size):
-    y = labels[start:start + batch_size]
-    m = len(y)
-    pad = batch_size - m if total > batch_size else 0       # keep one jit shape across batches
-    keys = sample_keys(seed, start, m + pad)
-    yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
-    x, st = fn(params, keys, jnp.asarray(yy), student_params)
-    x = np.asarray(x)[:m]
-    bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
-    if bad:      # never turn NaN/inf into black pixels: stop before anything is written
-      bar.close()
-      raise ValueError(
-          f"{bad} of {m} samples in batch {start // batch_size} "
-          f"(samples {start}..{start + m - 1} of {total}) are not finite (NaN/inf); sampling "
-          "stopped and nothing was written. Fix: check the run's training loss and the export (a "
-          "diverged or corrupt model), try a bfloat16 export again as float32, or lower the "
-          "temperatures (--sampler=t_sigma=...) / guidance (--cfg)")
-    out.append(to_uint8(x))
-    for k, v in st.items():
-      stats.setdefault(k, []).append(np.asarray(v)[:m])
-    bar.update(m)
-  bar.close()
+  try:
+    for start in range(0, total, batch_size):
+      y = labels[start:start + batch_size]
+      x, st = draw_batch(fn, params, y, start, seed, batch_size if total > batch_size else None,
+                         student_params, total)
+      out.append(x)
+      for k, v in st.items():
+        stats.setdefault(k, []).append(v)
+      bar.update(len(y))
+  finally:
+    bar.close()
   images = np.concatenate(out).reshape(len(classes), num, *out[0].shape[1:])
   if return_stats:
     return images, labels.reshape(len(classes), num), {

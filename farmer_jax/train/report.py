@@ -9,28 +9,43 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding, storage
-from farmer_jax.config import SampleConfig
+from farmer_jax.config import EvalConfig, SampleConfig
 from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes
 from farmer_jax.sampling.images import save_grid
+from farmer_jax.train.metrics import MetricWriter, has_row
 
 
 def _progress(tr):
   return not tr.quiet and jax.process_index() == 0
 
 
-def evaluate(tr):
+def evaluate(tr, leave=True):
   """Test bits/dim of the trainer's eval params over every example of ``config.eval.split``
-  (see ``eval.likelihood.evaluate_batches``), sharded over the training mesh
-  (``Trainer.eval_batches``)."""
+  with ``config.eval.dequant_samples`` draws per image (see ``eval.likelihood.evaluate_batches``),
+  sharded over the training mesh (``Trainer.eval_batches``)."""
+  e = EvalConfig.from_config(tr.config)
   batches, steps, n = tr.eval_batches()
-  bar = tqdm(total=n, desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True)
+  bar = tqdm(total=n, desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True,
+             leave=leave)
   with tr.mesh_context():
     res = evaluate_batches(tr.model, tr.eval_params(), batches, steps,
                            put=lambda b: sharding.global_batch(b, tr.mesh, tr.batch_sh),
-                           seed=tr.t.seed, progress=lambda done: bar.update(done - bar.n))
+                           seed=tr.t.seed, samples=e.dequant_samples,
+                           progress=lambda done: bar.update(done - bar.n),
+                           out_sharding=sharding.replicated(tr.mesh))
   bar.close()
   return res
+
+
+def eval_scalars(res):
+  """The TensorBoard/metrics.jsonl scalars of a bits/dim result (``evaluate``)."""
+  out = {"bpd": res["bpd"], "bpd_uncond": res["bpd_uncond"]}
+  for suffix in ("", "_uncond"):
+    for term, v in res["terms" + suffix].items():
+      if term != "bin_width":
+        out[f"bpd{suffix}_{term}"] = v
+  return out
 
 
 def sample_grid(tr, path):
@@ -63,19 +78,50 @@ def write_report(tr, history, train_s, t0):
   run = runs.RunDir(tr.workdir)
   grid = run.samples
   sample_grid(tr, grid)
-  summary = {"steps": int(tr.state["step"]), "train_seconds": train_s,
-             "total_seconds": time.time() - t0,
+  step = int(tr.state["step"])
+  summary = {"steps": step, "train_seconds": train_s,
              "final_train_loss": history[-1]["loss"] if history else None,
-             "test_bpd": res["bpd"], "test_bpd_uncond": res["bpd_uncond"],
-             "test_nats_per_dim": res["nats_per_dim"],
-             "test_nats_per_dim_uncond": res["nats_per_dim_uncond"],
-             "test_count": res["count"], "class_conditional": tr.mcfg.num_classes > 0,
-             "num_params": tr.num_params, "samples": grid}
+             **res_summary(res), "num_params": tr.num_params, "samples": grid}
+  # a re-run of a finished run reports again but logs its final eval once
+  logged = jax.process_index() == 0 and has_row(run.metrics, step, "eval")
+  scalars = eval_scalars(res)
+  e = EvalConfig.from_config(tr.config)
+  if e.mnist_quality:
+    from farmer_jax.eval.mnist_quality import score_run
+    summary["sample_quality"] = score_run(tr, e, say=tr.log)
+    scalars.update(quality_scalars(summary["sample_quality"]))
+  if not logged:
+    writer = MetricWriter(tr.workdir)
+    try:
+      writer.write(step, scalars, prefix="eval")
+    finally:
+      writer.close()
+  summary["total_seconds"] = time.time() - t0
   if jax.process_index() == 0:
     storage.write_text(run.summary, json.dumps(summary, indent=2))
   tr.log(f"{format_test_bpd(summary)}; {res['count']} images, uniform dequantization; samples -> "
          f"{grid}; wall {summary['total_seconds']:.0f}s")
   return summary
+
+
+def res_summary(res):
+  """A bits/dim result (``evaluate``) as summary.json's ``test_*`` keys."""
+  out = {"test_bpd": res["bpd"], "test_bpd_uncond": res["bpd_uncond"],
+         "test_bpd_se": res["bpd_se"], "test_bpd_uncond_se": res["bpd_se_uncond"],
+         "test_nats_per_dim": res["nats_per_dim"],
+         "test_nats_per_dim_uncond": res["nats_per_dim_uncond"],
+         "test_terms_bpd": res["terms"], "test_terms_bpd_uncond": res["terms_uncond"],
+         "test_count": res["count"], "test_dequant_samples": res["dequant_samples"],
+         "class_conditional": res["class_conditional"]}
+  if "bpd_iw" in res:
+    out.update(test_bpd_iw=res["bpd_iw"], test_bpd_iw_uncond=res["bpd_iw_uncond"])
+  return out
+
+
+def quality_scalars(quality):
+  """TensorBoard scalars of the MNIST sample-quality block of summary.json."""
+  return {f"{name}_{k}": v for name, block in quality.items() if isinstance(block, dict)
+          for k, v in block.items() if isinstance(v, (int, float))}
 
 
 def format_test_bpd(summary):

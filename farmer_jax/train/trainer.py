@@ -24,7 +24,8 @@ from farmer_jax.train.checkpoint import Checkpointer
 from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock
 from farmer_jax.train.metrics import MetricWriter, trim_metrics
 from farmer_jax.train.optim import make_optimizer
-from farmer_jax.train.report import write_report
+from farmer_jax.train.report import (eval_scalars, evaluate, format_test_bpd, res_summary,
+                                     write_report)
 from farmer_jax.train.state import abstract_state, init_state, state_shardings
 from farmer_jax.train.step import make_train_step
 
@@ -93,6 +94,19 @@ class Trainer:
   def progress_postfix(self, avg):
     """What the progress bar shows from a logged row of metrics."""
     return {"loss(nats/dim)": f"{avg['loss']:.3f}", "sigma": f"{avg['noise_sigma']:.3f}"}
+
+  @property
+  def eval_every(self):
+    """Steps between bits/dim evaluations during training (``config.eval.every``; 0 = none)."""
+    return EvalConfig.from_config(self.config).every
+
+  def periodic_eval(self, writer, step):
+    """Bits/dim of the eval split at ``step`` (``config.eval.every``) -> metrics.jsonl and
+    TensorBoard as ``eval/bpd``, ``eval/bpd_uncond`` and the NLL terms."""
+    self._check_finite()
+    res = evaluate(self, leave=False)
+    writer.write(step, eval_scalars(res), prefix="eval")
+    self.log(f"step {step}: {format_test_bpd(res_summary(res))}")
 
   def _take_lock(self):
     """Process 0 takes the workdir lock; with several processes every one learns the outcome, so
@@ -239,6 +253,8 @@ class Trainer:
             writer.write(s + 1, avg)
             history.append({"step": s + 1, **avg})
             bar.set_postfix(self.progress_postfix(avg))
+          if self.eval_every and (s + 1) % self.eval_every == 0 and s + 1 < end:
+            self.periodic_eval(writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
       if not self.preempted and int(self.state["step"]) > start:
         self.save_checkpoint()

@@ -1,0 +1,174 @@
+"""The `farmer_jax eval` command: exact bits/dim of a training run or an export over a whole split.
+
+Every example exactly once (masked padding), sharded over all devices and processes with the run's
+own mesh and sharding rules (falling back to a pure data-parallel mesh when that mesh does not fit
+the devices at hand), one compiled step, K uniform dequantization draws per image
+(eval/likelihood.py). Writes a JSON result next to the model (``RUN/eval/bpd_<split>.json`` or
+``EXPORT/eval/bpd_<split>.json``, or ``--out``) and, for a run, TensorBoard scalars ``eval/*`` at the
+checkpoint's step.
+"""
+
+import json
+import math
+import os
+import posixpath
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from farmer_jax import sharding, storage
+from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, resolved_config,
+                               validate_model_config)
+from farmer_jax.eval.likelihood import evaluate_batches
+from farmer_jax.model import Farmer, abstract_params
+
+EVAL_DIR = "eval"
+
+
+def load_params(workdir=None, model_dir=None, say=print):
+  """(resolved run config, host params, source) of a training run (its newest readable
+  checkpoint, EMA params if kept) or of an export."""
+  from farmer_jax.sampling.export import latest_run_params, load_model, load_run_config
+  if (workdir is None) == (model_dir is None):
+    raise ValueError("pass exactly one of --workdir (a training run) and --model (an export)")
+  if workdir is not None:
+    config = load_run_config(workdir)
+    validate_model_config(config)
+    params, step, ema = latest_run_params(workdir, say=say)
+    source = {"workdir": storage.absolute(workdir), "step": int(step),
+              "params": "ema" if ema else "raw"}
+  else:
+    _, params, config, meta = load_model(model_dir)
+    source = {"model": storage.absolute(model_dir), "step": meta.get("step"),
+              "params": meta.get("params"), "dtype": meta.get("dtype")}
+  params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
+  return resolved_config(config), params, source
+
+
+def eval_mesh(config, say=print):
+  """The run's mesh on these devices, or, if its fixed axis sizes do not fit them, the same axes
+  with every device on the first batch axis (data parallel)."""
+  try:
+    return sharding.make_mesh(config.mesh)
+  except (ConfigError, ValueError) as e:
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    names = [n for n, _ in config.mesh]
+    batch_axes = [a for a in sharding.batch_mesh_axes(rules) if a in names] or names[:1]
+    spec = tuple((n, -1 if n == batch_axes[0] else 1) for n in names)
+    say(f"the run's mesh {tuple(map(tuple, config.mesh))} does not fit {jax.device_count()} "
+        f"device(s) ({str(e).splitlines()[0]}); evaluating data-parallel on {spec}")
+    return sharding.make_mesh(spec)
+
+
+def _put_params(params, shardings):
+  """Host params (the same on every process) -> global arrays with ``shardings``."""
+  return jax.tree.map(
+      lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), params, shardings)
+
+
+def output_path(workdir, model_dir, split, out=None):
+  base = workdir if workdir is not None else model_dir
+  return out or storage.join(base, EVAL_DIR, f"bpd_{split}.json")
+
+
+def check_output(path):
+  """Refuses, before any work, a JSON output that cannot be written (local paths)."""
+  if not str(path).endswith(".json"):
+    raise ValueError(f"--out={path}: the result is JSON. Fix: name it *.json")
+  if storage.is_url(path):
+    return
+  if os.path.isdir(path):
+    raise ValueError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
+
+
+def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=None,
+                    batch_size=None, data_dir=None, seed=0, out=None, quiet=False, say=print):
+  """Runs the evaluation (module doc) and returns the result dict (what the JSON holds)."""
+  t0 = time.time()
+  if dequant_samples is not None and dequant_samples < 1:
+    raise ValueError(f"--dequant_samples={dequant_samples} must be >= 1 (uniform dequantization "
+                     "draws per image)")
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"--batch={batch_size} must be >= 1")
+  config, params, source = load_params(workdir, model_dir, say=say)
+  e = EvalConfig.from_config(config)
+  split = split or e.split
+  k = dequant_samples or e.dequant_samples
+  path = output_path(workdir, model_dir, split, out)
+  check_output(path)
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  from farmer_jax.data import pipeline, sources
+  data = DataConfig.from_config(config)
+  info = sources.describe(data)
+  if info.splits.get(split, 0) < 1:
+    raise ValueError(f"--split={split}: {data.name} has no (non-empty) split {split!r}; its "
+                     f"splits: {sorted(info.splits)}. Fix: pass one of them")
+  mcfg = validate_model_config(config)
+  mesh = eval_mesh(config, say)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  unit = math.lcm(sharding.batch_slots(mesh, rules), jax.process_count())
+  gb = -(-(batch_size or e.batch_size) // unit) * unit
+  batches, steps, n = pipeline.eval_batches(data, split, gb, jax.process_index(),
+                                            jax.process_count())
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  import flax.linen as nn
+  param_sh = sharding.param_shardings(abstract_params(mcfg, boxed=True), mesh, rules,
+                                      config.get("fsdp"))
+  with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
+    dev_params = _put_params(params, param_sh)
+    show = not quiet and jax.process_index() == 0
+    say(f"bits/dim of {data.name} split {split!r}: {n} images, {k} dequantization draw(s) each, "
+        f"batch {gb} on mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")
+    bar = tqdm(total=n, desc="eval bpd", disable=not show, dynamic_ncols=True)
+    res = evaluate_batches(Farmer(mcfg), dev_params, batches, steps,
+                           put=lambda b: sharding.global_batch(b, mesh, batch_sh), seed=seed,
+                           samples=k, progress=lambda done: bar.update(done - bar.n),
+                           out_sharding=sharding.replicated(mesh))
+    bar.close()
+  if not (np.isfinite(res["bpd"]) and np.isfinite(res["bpd_uncond"])):
+    raise FloatingPointError(f"bits/dim is not finite ({res['bpd']}, unconditional "
+                             f"{res['bpd_uncond']}); nothing was written. Fix: check the model "
+                             "(a diverged run or a corrupt export)")
+  result = {"split": split, "dataset": data.name, "seed": int(seed), "batch_size": gb,
+            "devices": jax.device_count(), "processes": jax.process_count(), **source, **res,
+            "seconds": time.time() - t0}
+  if jax.process_index() == 0:
+    storage.makedirs(posixpath.dirname(path) if storage.is_url(path)
+                     else os.path.dirname(os.path.abspath(path)))
+    storage.write_text(path, json.dumps(result, indent=2))
+  if workdir is not None and source.get("step") is not None:
+    from farmer_jax.train.metrics import MetricWriter
+    from farmer_jax.train.report import eval_scalars
+    w = MetricWriter(workdir, jsonl=False)
+    try:
+      w.write(int(source["step"]), eval_scalars(res), prefix=f"eval_{split}")
+    finally:
+      w.close()
+  say(format_result(result))
+  say(f"-> {path}")
+  return result
+
+
+def format_result(r):
+  """The console lines of a result."""
+  def line(suffix):
+    iw = f"; importance-weighted bound {r['bpd_iw' + suffix]:.4f}" if "bpd_iw" in r else ""
+    return f"{r['bpd' + suffix]:.4f} +- {r['bpd_se' + suffix]:.4f} (s.e. over images){iw}"
+
+  def terms(suffix):
+    t = r["terms" + suffix]
+    return (f"-log det (AF) {t['af_logdet']:+.4f}, Z^I {t['informative']:+.4f}, "
+            f"Z^R {t['redundant']:+.4f}, bin width {t['bin_width']:+.4f}")
+
+  head = (f"bits/dim on {r['dataset']} {r['split']} ({r['count']} images, "
+          f"{r['dequant_samples']} uniform dequantization draw(s) each, seed {r['seed']})")
+  if not r["class_conditional"]:
+    return f"{head}\n  unconditional model: {line('')}\n  terms (bits/dim): {terms('')}"
+  return (f"{head}\n  class-conditional -log p(x|y): {line('')}\n"
+          f"  unconditional -log p(x|null):   {line('_uncond')}\n"
+          f"  terms, conditional (bits/dim):   {terms('')}\n"
+          f"  terms, unconditional (bits/dim): {terms('_uncond')}")
+

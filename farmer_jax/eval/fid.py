@@ -1,0 +1,377 @@
+"""Sample quality: the `farmer_jax fid` command and the scoring the training report shares.
+
+One code path for every feature network: samples -> a ``FeatureNet`` (uint8 images -> pool features
+(B, F) and class logits (B, L)) -> FID against reference statistics, Inception Score from the
+logits, precision/recall (k-NN manifolds, k = 3) against reference features (eval/metrics.py).
+
+Feature networks:
+
+* ``inception``: the standard FID Inception-v3 (pool3, 2048-d; 1008 logits) with weights from a
+  local file (eval/inception.py; docs/eval.md says which file). Reference: a ``.npz`` with ``mu`` /
+  ``sigma`` (e.g. the ADM reference batch) and/or images (``arr_0``), or a dataset split.
+* ``mnist``: the small CNN trained in seconds on the bundled MNIST-5k train split
+  (eval/mnist_classifier.py); reference: the 500 MNIST-5k test images. Offline, for the quickstart.
+
+A reference may also be ``split:NAME``: every image of that split of the model's own dataset
+(``config.data``), its statistics and features cached next to the result.
+
+``sample_features`` draws samples class-balanced (sample j has label j mod C and key
+``fold_in(key(seed), j)``, so any chunking gives the same samples) and, with a dump directory,
+stores each batch's features as it goes: an interrupted run continues where it stopped.
+
+Shape letters: B batch, F feature dim, L logits, C classes.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from farmer_jax import storage
+from farmer_jax.eval import metrics
+
+DUMP_MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class FeatureNet:
+  """``fn(images uint8 (B, H, W, c)) -> {'pool': (B, F), 'logits': (B, L)}`` numpy float32; ``name``
+  and ``signature`` (what must match for a feature dump to be reused)."""
+  name: str
+  fn: object
+  signature: dict
+
+
+@dataclasses.dataclass
+class Reference:
+  """Reference statistics (float64) and, when available, reference features (for
+  precision/recall)."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: "np.ndarray | None"
+  what: str
+
+
+def file_signature(path):
+  """Name, size and a hash of the first and last MiB of a file (cheap, catches another file)."""
+  st = os.stat(path)
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    h.update(f.read(1 << 20))
+    if st.st_size > 1 << 20:
+      f.seek(max(st.st_size - (1 << 20), 0))
+      h.update(f.read(1 << 20))
+  return {"file": os.path.abspath(path), "bytes": int(st.st_size), "sha256_ends": h.hexdigest()}
+
+
+def inception_net(path):
+  """The FID Inception-v3 from a local weights file (eval/inception.py)."""
+  from farmer_jax.eval.inception import load_fid_inception
+  return FeatureNet("inception", load_fid_inception(path), file_signature(path))
+
+
+def mnist_net(seed=0, say=None):
+  """(FeatureNet of the MNIST CNN, its Classifier): the CNN trained on the bundled train split."""
+  from farmer_jax.eval import mnist_classifier as mc
+  clf = mc.train_classifier(seed=seed, say=say)
+  def fn(images):
+    logits, pool = clf._run(images)
+    return {"pool": pool, "logits": logits}
+
+  net = FeatureNet("mnist", fn, {"classifier_seed": int(seed), "classifier_steps": int(clf.steps), "classifier_lr": float(clf.lr),
+                                 "test_accuracy": float(clf.test_accuracy)})
+  return net, clf
+
+
+def net_features(net, images, batch=250):
+  """Features of uint8 images (n, H, W, c) in batches -> {'pool', 'logits'}."""
+  out = {}
+  for i in range(0, len(images), batch):
+    for k, v in net.fn(images[i:i + batch]).items():
+      out.setdefault(k, []).append(np.asarray(v, np.float32))
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def reference_from_images(net, images, what):
+  feats = net_features(net, images)["pool"]
+  mu, sigma = metrics.feature_statistics(feats)
+  return Reference(mu, sigma, feats, what)
+
+
+def reference_from_file(net, path):
+  """A reference ``.npz``: its mu/sigma if present (features of its images too when it has images,
+  for precision/recall), else statistics of its images' features."""
+  ref = metrics.reference_statistics(path, load_images=True)
+  feats = None
+  if ref.features is not None:
+    feats = np.asarray(ref.features, np.float32)
+  elif ref.images is not None:
+    feats = net_features(net, np.asarray(ref.images))["pool"]
+  if ref.mu is not None:
+    mu, sigma = np.asarray(ref.mu, np.float64), np.asarray(ref.sigma, np.float64)
+  else:
+    mu, sigma = metrics.feature_statistics(feats)
+  return Reference(mu, sigma, feats, os.path.abspath(path))
+
+
+SPLIT_PREFIX = "split:"
+
+
+def check_split(config, split):
+  """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset does not have."""
+  from farmer_jax.config import DataConfig
+  from farmer_jax.data import sources
+  data = DataConfig.from_config(config)
+  info = sources.describe(data)
+  if info.splits.get(split, 0) < 1:
+    raise ValueError(f"--ref={SPLIT_PREFIX}{split}: {data.name} has no split {split!r} (its "
+                     f"splits: {sorted(info.splits)}). Fix: use one of them, or a reference .npz")
+
+
+def reference_from_split(net, config, split, cache=None, say=print, progress=True):
+  """Reference statistics and features of every image of a split of the model's dataset
+  (``config.data``), cached as a statistics ``.npz`` at ``cache`` (reused when present)."""
+  from farmer_jax.config import DataConfig
+  from farmer_jax.data import pipeline
+  data = DataConfig.from_config(config)
+  what = f"{data.name} split {split!r}"
+  if cache and os.path.exists(cache):
+    ref = metrics.reference_statistics(cache)
+    say(f"reference: {what} statistics from {cache}")
+    return Reference(ref.mu, ref.sigma, ref.features, what)
+  check_split(config, split)
+  batches, steps, n = pipeline.eval_batches(data, split, 250)
+  feats = []
+  bar = tqdm(total=n, desc=f"reference {net.name} features", disable=not progress,
+             dynamic_ncols=True)
+  for b in batches:
+    m = np.asarray(b["mask"], bool)
+    feats.append(net_features(net, np.asarray(b["image"])[m])["pool"])
+    bar.update(int(m.sum()))
+  bar.close()
+  feats = np.concatenate(feats)
+  mu, sigma = metrics.feature_statistics(feats)
+  if cache:
+    os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+    metrics.save_statistics(cache, mu, sigma, feats)
+  return Reference(mu, sigma, feats, what)
+
+
+def score(pool, logits, ref: Reference, k=3):
+  """FID (vs ``ref``), Inception Score (of ``logits``) and precision/recall (vs ``ref.features``,
+  when the reference has features) of generated features."""
+  mu, sigma = metrics.feature_statistics(pool)
+  if mu.shape != ref.mu.shape:
+    raise ValueError(f"the reference statistics are {ref.mu.shape[0]}-d but the feature network "
+                     f"gives {mu.shape[0]}-d features; use a reference made with the same network")
+  out = {"fid": float(metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma)),
+         "count": int(len(pool))}
+  is_mean, is_std = metrics.inception_score(logits)
+  out.update(inception_score=float(is_mean), inception_score_std=float(is_std))
+  if ref.features is not None:
+    p, r = metrics.precision_recall(ref.features, pool, k=k)
+    out.update(precision=float(p), recall=float(r))
+  return out
+
+
+def balanced_labels(num, num_classes):
+  """Sample j's label: j mod C (the null class for an unconditional model)."""
+  if num_classes == 0:
+    return np.zeros((num,), np.int32)
+  return (np.arange(num) % num_classes).astype(np.int32)
+
+
+def _dump_chunks(dump):
+  """{start: path} of the complete chunk files of a dump directory."""
+  out = {}
+  for name in storage.listdir(dump):
+    if name.startswith("chunk_") and name.endswith(".npz"):
+      out[int(name[len("chunk_"):-len(".npz")])] = os.path.join(dump, name)
+  return out
+
+
+def _open_dump(dump, signature, say):
+  """Creates the dump directory with its manifest, or checks an existing one's manifest; returns
+  {start: (pool, logits)} of the chunks already there."""
+  manifest = os.path.join(dump, DUMP_MANIFEST)
+  if os.path.exists(manifest):
+    with open(manifest) as f:
+      saved = json.load(f)
+    if saved != signature:
+      diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+      raise ValueError(f"the feature dump {dump} was made with other settings ({', '.join(diff)} "
+                       "differ); nothing was changed. Fix: pass another --dump directory, or "
+                       "delete this one to start over")
+    chunks = {}
+    for start, path in _dump_chunks(dump).items():
+      with np.load(path) as z:
+        chunks[start] = (z["pool"], z["logits"])
+    if chunks:
+      say(f"resuming from {dump}: {sum(len(v[0]) for v in chunks.values())} samples' features "
+          "already there")
+    return chunks
+  os.makedirs(dump, exist_ok=True)
+  with storage.atomic_path(manifest) as tmp:
+    with open(tmp, "w") as f:
+      json.dump(signature, f, indent=2)
+  return {}
+
+
+def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None,
+                    signature=None, progress=True, say=print, student_params=None,
+                    keep_images=0, out_sharding=None):
+  """Draws ``num`` class-balanced samples (``balanced_labels``) in batches and returns their
+  features {'pool': (num, F), 'logits': (num, L)} [and 'images': the first ``keep_images``].
+
+  With ``dump`` (a local directory) every batch's features are written there as it is done
+  (``chunk_<start>.npz``, atomically) under a manifest holding ``signature``; a later call with
+  the same signature continues from the chunks present (any --batch: sample j is the same in any
+  chunking), another signature is refused. ``out_sharding``: see ``make_sample_fn``."""
+  from farmer_jax.sampling.generate import draw_batch, make_sample_fn
+  labels = balanced_labels(num, mcfg.num_classes)
+  if mcfg.num_classes == 0:
+    labels[:] = mcfg.null_class
+  done = _open_dump(dump, signature or {}, say) if dump else {}
+  covered = np.zeros((num,), bool)
+  for start, (pool, _) in done.items():
+    covered[start:start + len(pool)] = True
+  fn = make_sample_fn(mcfg, sampler, out_sharding)
+  bar = tqdm(total=num, initial=int(covered.sum()), desc=f"sample + {net.name} features",
+             disable=not progress, dynamic_ncols=True)
+  kept = []
+  try:
+    start = 0
+    while start < num:
+      if covered[start]:
+        start += 1
+        continue
+      end = start
+      while end < num and end - start < batch and not covered[end]:
+        end += 1
+      images, _ = draw_batch(fn, params, labels[start:end], start, seed,
+                             pad_to=batch if num > batch else None,
+                             student_params=student_params, total=num)
+      f = net.fn(images)
+      pool, logits = np.asarray(f["pool"], np.float32), np.asarray(f["logits"], np.float32)
+      done[start] = (pool, logits)
+      if keep_images and start < keep_images:
+        kept.append((start, images))
+      if dump:
+        path = os.path.join(dump, f"chunk_{start:09d}.npz")
+        with storage.atomic_path(path) as tmp:
+          with open(tmp, "wb") as fh:
+            np.savez(fh, pool=pool, logits=logits)
+      covered[start:end] = True
+      bar.update(end - start)
+      start = end
+  finally:
+    bar.close()
+  order = sorted(done)
+  out = {"pool": np.concatenate([done[s][0] for s in order]),
+         "logits": np.concatenate([done[s][1] for s in order]), "labels": labels}
+  if len(out["pool"]) != num:
+    raise ValueError(f"the feature dump {dump} holds {len(out['pool'])} samples for --num={num}: "
+                     "it was made with another --num. Fix: pass another --dump directory")
+  if keep_images:
+    out["images"] = np.concatenate([im for _, im in sorted(kept, key=lambda t: t[0])])
+  return out
+
+
+def fid_command(model_dir, num, features="inception", inception=None, ref=None, sampler=None,
+                seed=0, batch=64, out=None, dump=None, quiet=False, say=print):
+  """The `farmer_jax fid` command (module doc); returns the result dict written to ``out``."""
+  from farmer_jax.sampling.export import ExportError, load_model, load_student
+  t0 = time.time()
+  if num < 2:
+    raise ValueError(f"--num={num} must be >= 2 (a covariance needs two samples; the paper's "
+                     "protocol uses 50000)")
+  if batch < 1:
+    raise ValueError(f"--batch={batch} must be >= 1")
+  if features not in ("inception", "mnist"):
+    raise ValueError(f"--features={features!r} is unknown; use 'inception' or 'mnist'")
+  if features == "inception":
+    if not inception:
+      raise ValueError("--inception is required with --features=inception: the FID Inception "
+                       "weights file (see docs/eval.md; nothing is downloaded)")
+    if not ref:
+      raise ValueError("--ref is required with --features=inception: a reference .npz (mu and "
+                       "sigma, and/or images under 'arr_0'), e.g. the ADM reference batch, or "
+                       "split:NAME for a split of the model's own dataset")
+  ref = ref or SPLIT_PREFIX + "test"
+  ref_split = ref[len(SPLIT_PREFIX):] if ref.startswith(SPLIT_PREFIX) else None
+  for path, flag in ((inception, "--inception"), (None if ref_split else ref, "--ref")):
+    if path and not os.path.isfile(path):
+      raise ValueError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
+  mcfg, params, config, meta = load_model(model_dir)
+  if features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
+    raise ValueError(f"--features=mnist scores 32x32x1 digits; this model makes "
+                     f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
+                     "--features=inception")
+  from farmer_jax.config import SAMPLER_KEYS, SamplerConfig
+  sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
+  sc.update(sampler or {})
+  s = SamplerConfig.from_config(sc)
+  student = None
+  if s.inverse == "student":
+    student = load_student(model_dir, mcfg, meta)
+    if student is None:
+      raise ExportError(f"--inverse=student: {model_dir} carries no distilled student")
+  if ref_split is not None:
+    check_split(config, ref_split)
+  tag = f"{features}_n{num}_cfg{s.cfg.w:g}_seed{seed}"
+  out = out or os.path.join(model_dir, "eval", f"fid_{tag}.json")
+  if not out.endswith(".json"):
+    raise ValueError(f"--out={out}: the result is JSON. Fix: name it *.json")
+  dump = dump or out[:-len(".json")] + ".features"
+  if features == "inception":
+    net = inception_net(inception)
+  else:
+    net, clf = mnist_net(say=say if not quiet else None)
+  signature = {"model": os.path.abspath(model_dir), "model_step": meta.get("step"),
+               "sampler": sc, "seed": int(seed), "num": int(num), "features": net.name,
+               "net": net.signature}
+  if ref_split is None:
+    reference = reference_from_file(net, ref)
+  else:   # cached next to the results, keyed by the feature network
+    key = hashlib.sha256(json.dumps(net.signature, sort_keys=True).encode()).hexdigest()[:12]
+    cache = os.path.join(os.path.dirname(os.path.abspath(out)),
+                         f"ref_{ref_split}_{net.name}_{key}.npz")
+    reference = reference_from_split(net, config, ref_split, cache, say=say,
+                                     progress=not quiet)
+  feats = sample_features(mcfg, params, s, num, net, seed=seed, batch=batch, dump=dump,
+                          signature=signature, progress=not quiet, say=say,
+                          student_params=student)
+  result = {"model": os.path.abspath(model_dir), "features": net.name, "reference": reference.what,
+            "num": num, "seed": seed, "guidance": s.guidance, "cfg": s.cfg.w,
+            "sampler": sc, **score(feats["pool"], feats["logits"], reference),
+            "net": net.signature, "dump": os.path.abspath(dump), "seconds": time.time() - t0}
+  if features == "mnist":
+    result.update(class_consistency(clf, feats))
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  storage.write_text(out, json.dumps(result, indent=2))
+  say(format_scores(result))
+  say(f"-> {out}")
+  return result
+
+
+def class_consistency(clf, feats):
+  """Fraction of samples of class y that the MNIST classifier calls y (overall and per class),
+  from the classifier logits in ``feats``."""
+  pred = np.argmax(feats["logits"], axis=-1)
+  labels = feats["labels"]
+  per = {int(c): float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
+  return {"class_consistency": float(np.mean(pred == labels)), "class_consistency_per_class": per}
+
+
+def format_scores(r):
+  parts = [f"FID {r['fid']:.2f}", f"IS {r['inception_score']:.2f}"]
+  if "precision" in r:
+    parts += [f"precision {r['precision']:.3f}", f"recall {r['recall']:.3f}"]
+  if "class_consistency" in r:
+    parts.append(f"class consistency {r['class_consistency']:.3f}")
+  return (f"{r['features']} features, {r['num']} samples ({r['guidance']}, cfg {r['cfg']:g}) vs "
+          f"{r['reference']}: " + ", ".join(parts))

@@ -1,0 +1,63 @@
+"""The quickstart's offline sample-quality numbers (``config.eval.mnist_quality``): MNIST-FID and
+class consistency of samples at cfg 0 and at the run's own guidance, scored by the small CNN of
+eval/mnist_classifier.py through the same code path as `farmer_jax fid --features=mnist`
+(eval/fid.py)."""
+
+import jax
+
+from farmer_jax import sharding
+from farmer_jax.config import SampleConfig
+from farmer_jax.eval import fid
+
+
+def settings(sampler):
+  """[(name, SamplerConfig)]: plain ancestral sampling (cfg 0) and, if the run's config.sample
+  guides, its own settings."""
+  plain = sampler._replace(guidance="none", cfg=sampler.cfg._replace(w=0.0))
+  out = [("cfg0", plain)]
+  if sampler.guidance != "none" and sampler.cfg.w > 0:
+    out.append((f"{sampler.guidance}_cfg{sampler.cfg.w:g}", sampler))
+  return out
+
+
+def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=False,
+                out_sharding=None, batch=500):
+  """{'classifier_test_accuracy', 'samples_per_class', '<setting>': {'mnist_fid',
+  'class_consistency', 'class_consistency_per_class', 'inception_score' (of the classifier's
+  logits), 'precision', 'recall'}} for each of ``settings(sampler)``."""
+  net, clf = fid.mnist_net(seed=0, say=say)
+  from farmer_jax.data.mnist import load_mnist5k
+  images, _ = load_mnist5k("test")
+  ref = fid.reference_from_images(net, images, "mnist5k test (500 images)")
+  out = {"classifier_test_accuracy": float(clf.test_accuracy), "samples_per_class": per_class}
+  for name, s in settings(sampler):
+    feats = fid.sample_features(mcfg, params, s, per_class * mcfg.num_classes, net, seed=seed,
+                                batch=batch, progress=progress, say=say or (lambda _: None),
+                                out_sharding=out_sharding)
+    r = fid.score(feats["pool"], feats["logits"], ref)
+    r["mnist_fid"] = r.pop("fid")
+    r.update(fid.class_consistency(clf, feats))
+    out[name] = r
+  return out
+
+
+def score_run(tr, e, say=print):
+  """``score_model`` on a finished Trainer's eval params with its config.sample sampler, on its
+  mesh (replicated outputs); logs one line per setting."""
+  s = SampleConfig.from_config(tr.config)
+  with tr.mesh_context():
+    out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
+                      say=say, progress=not tr.quiet and jax.process_index() == 0,
+                      out_sharding=sharding.replicated(tr.mesh))
+  say(format_quality(out))
+  return out
+
+
+def format_quality(q):
+  parts = []
+  for name, r in q.items():
+    if isinstance(r, dict):
+      parts.append(f"{name}: MNIST-FID {r['mnist_fid']:.2f}, class consistency "
+                   f"{r['class_consistency']:.3f}")
+  return (f"sample quality ({q['samples_per_class']} per class; digit classifier test accuracy "
+          f"{q['classifier_test_accuracy']:.3f}): " + "; ".join(parts))

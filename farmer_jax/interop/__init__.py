@@ -1,0 +1,1 @@
+"""Interop with other frameworks' checkpoints (PyTorch state_dicts read without torch)."""

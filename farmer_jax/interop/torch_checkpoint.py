@@ -1,0 +1,497 @@
+"""Reads PyTorch checkpoints (``torch.save`` files) into numpy arrays WITHOUT importing torch.
+
+``load_state_dict(path)`` -> ``{name: np.ndarray}`` from
+
+* ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt``: either of PyTorch's two ``torch.save`` formats:
+
+  - zip (torch >= 1.6, the default): ``<archive>/data.pkl`` is the object pickle; its tensors
+    point, through persistent ids ``('storage', storage_type, key, location, numel)``, at the raw
+    storages ``<archive>/data/<key>`` (byte order in ``<archive>/byteorder``);
+  - legacy (``_use_new_zipfile_serialization=False``, and torch < 1.6): a sequence of pickles
+    (magic number, protocol version, sys info, the object pickle whose persistent ids are
+    ``('storage', storage_type, key, location, numel, view_metadata)``, the sorted storage keys),
+    then per key an 8-byte little-endian element count and the storage's raw bytes;
+
+* ``.npz``: the same state_dict saved with ``np.savez(path, **state_dict)`` (name -> array).
+
+Pickles are read by a restricted unpickler: only the globals a state_dict needs resolve
+(``collections.OrderedDict``, ``torch._utils._rebuild_tensor``/``_v2``/``_v3``,
+``_rebuild_parameter``, the typed storage classes such as ``torch.FloatStorage``,
+``torch.UntypedStorage``, dtypes such as ``torch.float32``), each to an inert stand-in defined
+here; nothing named in the file is ever imported or run. Any other global is refused with a
+CheckpointError naming it, except when ``key=`` selects one entry of a wrapping dict (e.g.
+``{'model': state_dict, 'args': Namespace(...)}``): then other globals load as inert placeholders
+and only one that lands inside the selected entry is an error.
+
+Tensors come back as C-contiguous numpy arrays holding torch's values: strides and storage
+offsets applied (tensors sharing a storage each get their own copy), bfloat16 widened exactly to
+float32, big-endian files swapped to native order. 0-d tensors are 0-d arrays.
+"""
+
+import collections
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+  """A file that cannot be read as a state_dict; the message names the file and the problem."""
+
+
+EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".npz")
+
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
+
+# torch dtype name -> numpy dtype of the stored elements (bfloat16: its raw uint16 bits)
+_DTYPES = {
+    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
+    "uint64": np.uint64, "uint32": np.uint32, "uint16": np.uint16, "uint8": np.uint8,
+    "bool": np.bool_, "complex64": np.complex64, "complex128": np.complex128,
+}
+_DTYPE_ALIASES = {"double": "float64", "float": "float32", "half": "float16", "long": "int64",
+                  "int": "int32", "short": "int16", "cfloat": "complex64",
+                  "cdouble": "complex128"}
+_STORAGES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+
+
+class _Frozen:
+  """Base of the stand-ins the unpickler hands out: a pickle's BUILD cannot modify them."""
+  __slots__ = ()
+
+  def __init__(self, **fields):
+    for k, v in fields.items():
+      object.__setattr__(self, k, v)
+
+  def __setattr__(self, name, value):
+    raise AttributeError(f"{type(self).__name__} is read-only")
+
+  def __delattr__(self, name):
+    raise AttributeError(f"{type(self).__name__} is read-only")
+
+
+class _DType(_Frozen):
+  """Stand-in for ``torch.<dtype>``."""
+  __slots__ = ("name",)
+
+
+class _StorageType(_Frozen):
+  """Stand-in for a storage class; ``dtype`` None for ``torch.UntypedStorage`` (bytes)."""
+  __slots__ = ("qualname", "dtype")
+
+
+class _Function(_Frozen):
+  """Stand-in for an allowed function: calls our own implementation."""
+  __slots__ = ("qualname", "fn")
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+
+class _StorageRef(_Frozen):
+  """A storage in the file: root storage ``key``, dtype name (None: untyped bytes), and the
+  ``offset``/``numel`` (in its elements) of the part it covers (legacy storage views)."""
+  __slots__ = ("key", "dtype", "offset", "numel")
+
+
+class _Tensor(_Frozen):
+  """A tensor to build once the storages are read: elements ``storage[offset + sum(i * stride)]``
+  for indices i of ``size``; ``dtype`` None means the storage's."""
+  __slots__ = ("storage", "offset", "size", "stride", "dtype", "metadata")
+
+
+class _Opaque:
+  """Inert placeholder for a global outside the allow list (only with ``key=``): records its
+  arguments and state, runs nothing. A fresh subclass per global carries ``qualname``."""
+  qualname = "?"
+
+  def __new__(cls, *args, **kwargs):
+    return object.__new__(cls)
+
+  def __init__(self, *args, **kwargs):
+    self.__dict__["_args"] = args
+
+  def __setstate__(self, state):
+    self.__dict__["_state"] = state
+
+  def __setitem__(self, k, v):
+    pass
+
+  def append(self, v):
+    pass
+
+  def extend(self, vs):
+    pass
+
+
+def _is_int(v):
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(value, what):
+  if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+    raise CheckpointError(f"tensor {what} {value!r} is not a tuple of ints")
+  return tuple(value)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, dtype=None, metadata=None):
+  if not isinstance(storage, _StorageRef):
+    raise CheckpointError(f"tensor storage is {_describe(storage)}, expected a storage")
+  if not _is_int(storage_offset):
+    raise CheckpointError(f"tensor storage offset {storage_offset!r} is not an int")
+  size, stride = _ints(size, "size"), _ints(stride, "stride")
+  if len(size) != len(stride):
+    raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
+  if metadata is not None and not isinstance(metadata, dict):
+    raise CheckpointError(f"tensor metadata {metadata!r} is not a dict")
+  return _Tensor(storage=storage, offset=storage_offset, size=size, stride=stride, dtype=dtype,
+                 metadata=metadata or {})
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       metadata=None):
+  return _rebuild_tensor(storage, storage_offset, size, stride, metadata=metadata)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                       dtype, metadata=None):
+  if not isinstance(dtype, _DType):
+    raise CheckpointError(f"tensor dtype is {_describe(dtype)}, expected a torch dtype")
+  return _rebuild_tensor(storage, storage_offset, size, stride, dtype.name, metadata)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+  return data
+
+
+def _codecs_encode(text, encoding="utf-8"):
+  # how protocol-2 pickles written by python 3 spell a bytes object
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "ascii"):
+    raise CheckpointError(f"refusing _codecs.encode({text!r:.40}, {encoding!r})")
+  return text.encode(encoding)
+
+
+def _allowed_globals():
+  allowed = {("collections", "OrderedDict"): collections.OrderedDict,
+             ("torch", "Size"): _Function(qualname="torch.Size", fn=tuple),
+             ("_codecs", "encode"): _Function(qualname="_codecs.encode", fn=_codecs_encode),
+             ("torch", "UntypedStorage"): _StorageType(qualname="torch.UntypedStorage",
+                                                       dtype=None)}
+  for fn, name in ((_rebuild_tensor, "_rebuild_tensor"), (_rebuild_tensor_v2, None),
+                   (_rebuild_tensor_v3, None), (_rebuild_parameter, None),
+                   (_rebuild_parameter, "_rebuild_parameter_with_state")):
+    name = name or fn.__name__
+    allowed[("torch._utils", name)] = _Function(qualname="torch._utils." + name, fn=fn)
+  for name, dtype in _STORAGES.items():
+    for module in ("torch", "torch.cuda"):  # torch.cuda.*: legacy files saved from a GPU
+      allowed[(module, name)] = _StorageType(qualname=f"{module}.{name}", dtype=dtype)
+  for name in list(_DTYPES) + list(_DTYPE_ALIASES):
+    allowed[("torch", name)] = _DType(name=_DTYPE_ALIASES.get(name, name))
+  return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class _Unpickler(pickle.Unpickler):
+  """Resolves only ``_ALLOWED`` globals (others: error, or ``_Opaque`` placeholders when
+  ``lenient``); persistent ids go to ``persistent`` (None: a persistent id is an error)."""
+
+  def __init__(self, file, persistent=None, lenient=False):
+    super().__init__(file, encoding="utf-8")
+    self._persistent = persistent
+    self._lenient = lenient
+
+  def find_class(self, module, name):
+    found = _ALLOWED.get((module, name))
+    if found is not None:
+      return found
+    qualname = f"{module}.{name}"
+    if self._lenient:
+      return type("Opaque", (_Opaque,), {"qualname": qualname, "__slots__": ()})
+    raise CheckpointError(
+        f"refusing to load the global {qualname!r}: a state_dict pickle only needs tensors, "
+        f"dicts and OrderedDicts (nothing from the file is imported or run); if the state_dict "
+        f"sits under one key of a bigger dict, pass key=")
+
+  def persistent_load(self, pid):
+    if self._persistent is None:
+      raise CheckpointError(f"unexpected persistent id {pid!r:.80}")
+    return self._persistent(pid)
+
+
+def _describe(v):
+  if isinstance(v, _Opaque):
+    return f"an unloaded {v.qualname} object"
+  if isinstance(v, (_StorageRef, _StorageType)):
+    return "a bare storage"
+  if isinstance(v, _Frozen):
+    return f"a {type(v).__name__.strip('_')}"
+  if isinstance(v, dict):
+    return f"a dict of {len(v)} entries"
+  if isinstance(v, (list, tuple)):
+    return f"a {type(v).__name__} of {len(v)} items"
+  return f"{type(v).__name__} {v!r:.40}"
+
+
+def _storage_id(pid, legacy):
+  """(root key, dtype name or None, numel, view offset, view numel) of a storage persistent id."""
+  n = 6 if legacy else 5
+  if not isinstance(pid, tuple) or len(pid) != n or pid[0] not in ("storage", b"storage"):
+    raise CheckpointError(f"unsupported persistent id {pid!r:.80} (expected a {n}-tuple "
+                          f"('storage', ...): was the whole module pickled, not its state_dict?)")
+  storage_type, key, numel = pid[1], pid[2], pid[4]
+  if not isinstance(storage_type, _StorageType):
+    raise CheckpointError(f"storage type is {_describe(storage_type)}, expected a storage class")
+  if isinstance(key, bytes):
+    key = key.decode("ascii")
+  if not isinstance(key, str) or not _is_int(numel) or numel < 0:
+    raise CheckpointError(f"bad storage key/size {key!r}/{numel!r}")
+  offset, count = 0, numel
+  if legacy and pid[5] is not None:
+    view = pid[5]
+    if (not isinstance(view, tuple) or len(view) != 3 or not _is_int(view[1])
+        or not _is_int(view[2])):
+      raise CheckpointError(f"bad storage view {view!r:.80}")
+    offset, count = view[1], view[2]
+    if offset < 0 or count < 0 or offset + count > numel:
+      raise CheckpointError(f"storage view {view!r} outside its storage of {numel} elements")
+  return key, storage_type.dtype, numel, offset, count
+
+
+def _itemsize(dtype):
+  return 1 if dtype is None else np.dtype(_DTYPES[dtype]).itemsize
+
+
+def _read_zip(zf, lenient):
+  """(object, {key: bytes reader}, big_endian) of a zip-format checkpoint."""
+  names = zf.namelist()
+  pickles = sorted((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
+  if not pickles:
+    raise CheckpointError("a zip file without data.pkl: not a torch.save checkpoint")
+  prefix = pickles[0][:-len("data.pkl")]
+  big_endian = False
+  if prefix + "byteorder" in names:
+    order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+    if order not in ("little", "big"):
+      raise CheckpointError(f"unknown byteorder record {order!r}")
+    big_endian = order == "big"
+  roots = {}
+
+  def persistent(pid):
+    key, dtype, numel, _, _ = _storage_id(pid, legacy=False)
+    roots.setdefault(key, (dtype, numel))
+    return _StorageRef(key=key, dtype=dtype, offset=0, numel=numel)
+
+  with zf.open(pickles[0]) as f:
+    obj = _Unpickler(f, persistent, lenient).load()
+
+  def read(key):
+    dtype, numel = roots[key]
+    name = f"{prefix}data/{key}"
+    if name not in names:
+      raise CheckpointError(f"storage record {name!r} is missing")
+    data = zf.read(name)
+    if len(data) < numel * _itemsize(dtype):
+      raise CheckpointError(f"storage record {name!r} holds {len(data)} bytes, expected "
+                            f"{numel} x {_itemsize(dtype)}")
+    return np.frombuffer(data, np.uint8)
+
+  return obj, read, big_endian
+
+
+def _read_legacy(f, lenient):
+  """(object, bytes reader, big_endian) of a legacy-format checkpoint (open file ``f``)."""
+  magic = _Unpickler(f).load()
+  if magic != _LEGACY_MAGIC:
+    raise CheckpointError(f"wrong magic number {magic!r:.40}: not a torch.save checkpoint")
+  protocol = _Unpickler(f).load()
+  if protocol != _LEGACY_PROTOCOL:
+    raise CheckpointError(f"unsupported legacy protocol version {protocol!r:.40}")
+  sys_info = _Unpickler(f).load()
+  big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian", True) is False
+  roots = {}
+
+  def persistent(pid):
+    key, dtype, numel, offset, count = _storage_id(pid, legacy=True)
+    roots.setdefault(key, (dtype, numel))
+    return _StorageRef(key=key, dtype=roots[key][0], offset=offset, numel=count)
+
+  obj = _Unpickler(f, persistent, lenient).load()
+  keys = _Unpickler(f).load()
+  if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+    raise CheckpointError(f"storage key list is {_describe(keys)}, expected a list of str")
+  where = {}
+  end = os.fstat(f.fileno()).st_size
+  for key in keys:
+    head = f.read(8)
+    if len(head) != 8:
+      raise CheckpointError(f"file ends before storage {key!r}")
+    (numel,) = struct.unpack(">q" if big_endian else "<q", head)
+    if key not in roots:
+      raise CheckpointError(f"storage {key!r} is listed but no tensor uses it")
+    nbytes = numel * _itemsize(roots[key][0])
+    if numel < 0 or f.tell() + nbytes > end:
+      raise CheckpointError(f"storage {key!r} of {numel} elements runs past the end of the file")
+    where[key] = (f.tell(), nbytes, numel)
+    f.seek(nbytes, os.SEEK_CUR)
+
+  def read(key):
+    if key not in where:
+      raise CheckpointError(f"storage {key!r} has no data in the file")
+    pos, nbytes, numel = where[key]
+    if numel < roots[key][1]:
+      raise CheckpointError(f"storage {key!r} holds {numel} elements, expected {roots[key][1]}")
+    f.seek(pos)
+    return np.frombuffer(f.read(nbytes), np.uint8)
+
+  return obj, read, big_endian
+
+
+def _materialize(t, read, big_endian):
+  """np.ndarray of the _Tensor ``t``; ``read(key)`` -> the root storage's bytes."""
+  ref = t.storage
+  dtype = t.dtype or ref.dtype
+  if dtype is None:
+    raise CheckpointError("a tensor on an untyped storage without a dtype")
+  np_dtype = np.dtype(_DTYPES[dtype])
+  stored = np_dtype.newbyteorder(">") if big_endian else np_dtype
+  start = ref.offset * _itemsize(ref.dtype)
+  buf = read(ref.key)[start:start + ref.numel * _itemsize(ref.dtype)]
+  n = len(buf) // np_dtype.itemsize
+  size, stride = t.size, t.stride
+  if any(s < 0 for s in size) or any(s < 0 for s in stride) or t.offset < 0:
+    raise CheckpointError(f"negative tensor size {size} / stride {stride} / offset {t.offset}")
+  if 0 in size:
+    out = np.zeros(size, np_dtype)
+  else:
+    last = t.offset + sum((a - 1) * s for a, s in zip(size, stride))
+    if last >= n:
+      raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {t.offset} reads "
+                            f"element {last} of a storage of {n}")
+    elems = buf[:n * np_dtype.itemsize].view(stored)[t.offset:]
+    if size:
+      elems = np.lib.stride_tricks.as_strided(
+          elems, size, [s * np_dtype.itemsize for s in stride], writeable=False)
+    else:  # 0-d (as_strided would read an empty shape as 'keep the shape')
+      elems = elems[0]
+    out = np.array(elems, dtype=np_dtype, order="C")
+  if dtype == "bfloat16":  # the high half of a float32: exact
+    out = out.astype(np.uint32)
+    out <<= 16
+    out = out.view(np.float32)
+  for flag, value in t.metadata.items():  # in place: ufuncs would turn 0-d arrays into scalars
+    if not value:
+      continue
+    if flag == "neg":
+      np.negative(out, out=out)
+    elif flag == "conj":
+      np.conjugate(out, out=out)
+    else:
+      raise CheckpointError(f"unsupported tensor metadata {flag!r}")
+  return out
+
+
+def _select(obj, key):
+  """The state_dict (a dict) inside the loaded object: ``obj[key]`` when key is given."""
+  if key is not None:
+    if not isinstance(obj, dict):
+      raise CheckpointError(f"key={key!r} given but the checkpoint holds {_describe(obj)}, "
+                            f"not a dict")
+    if key not in obj:
+      raise CheckpointError(f"no entry {key!r} at the top level; entries: "
+                            f"{sorted(map(str, obj))}")
+    obj = obj[key]
+  if not isinstance(obj, dict):
+    where = "the checkpoint" if key is None else f"entry {key!r}"
+    raise CheckpointError(f"{where} holds {_describe(obj)}, expected a state_dict (a dict of "
+                          f"tensors)")
+  bad = [f"{k!r} ({_describe(v)})" for k, v in obj.items()
+         if not isinstance(k, str) or not isinstance(v, _Tensor)]
+  if bad:
+    wraps = [k for k, v in obj.items() if isinstance(v, dict)]
+    hint = (f"; it looks like a wrapper: pass key= one of {wraps}" if wraps and key is None
+            else "")
+    raise CheckpointError(f"entries that are not tensors: {', '.join(bad[:20])}"
+                          f"{' ...' if len(bad) > 20 else ''}{hint}")
+  return obj
+
+
+def _load_npz(path, key):
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except ValueError as e:
+    raise CheckpointError(f"{path}: unreadable .npz (object arrays are refused): {e}") from None
+  if key is not None:
+    prefix = key + "."
+    arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if not arrays:
+      raise CheckpointError(f"{path}: no arrays named {prefix!r}... for key={key!r}")
+  return arrays
+
+
+def load_state_dict(path, key=None):
+  """Reads a ``torch.save``-d state_dict (zip or legacy format) or an ``.npz`` of one, without
+  torch, into ``{name: np.ndarray}`` (file order). ``key``: the checkpoint is a dict wrapping the
+  state_dict under ``key`` (e.g. 'state_dict', 'model', 'ema'); for an .npz, the arrays named
+  '<key>.<name>'. Raises CheckpointError (a ValueError) naming the file: missing file, unknown
+  extension or format, a disallowed class in the pickle, entries that are not tensors."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"checkpoint file {path!r} not found")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in EXTENSIONS:
+    raise CheckpointError(f"{path}: unknown checkpoint extension {ext!r}; expected one of "
+                          f"{', '.join(EXTENSIONS)} (a torch.save file or an np.savez of one)")
+  lenient = key is not None
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+      f.seek(0)
+      if head.startswith(b"PK\x03\x04"):  # the zip format (or an .npz named .pth)
+        with zipfile.ZipFile(f) as zf:
+          names = zf.namelist()
+          if names and all(n.endswith(".npy") for n in names):
+            return _load_npz(path, key)
+          obj, read, big_endian = _read_zip(zf, lenient)
+          return _build(obj, key, read, big_endian)
+      if head.startswith(b"\x80"):  # a pickle stream: the legacy format
+        obj, read, big_endian = _read_legacy(f, lenient)
+        return _build(obj, key, read, big_endian)
+      if tarfile.is_tarfile(f):
+        raise CheckpointError("the tar format of torch < 0.4 is not supported: load it with "
+                              "that torch and torch.save it again")
+      raise CheckpointError(f"not a torch.save checkpoint (neither a zip archive nor a pickle "
+                            f"stream; starts with {head!r})")
+  except CheckpointError as e:
+    if str(e).startswith(path):
+      raise
+    raise CheckpointError(f"{path}: {e}") from None
+  except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
+          KeyError, struct.error, zipfile.BadZipFile, OverflowError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: not a readable torch.save checkpoint "
+                          f"({type(e).__name__}: {e})") from None
+
+
+def _build(obj, key, read, big_endian):
+  cache = {}
+
+  def cached(k):
+    if k not in cache:
+      cache[k] = read(k)
+    return cache[k]
+
+  state = _select(obj, key)
+  return {k: _materialize(v, cached, big_endian) for k, v in state.items()}

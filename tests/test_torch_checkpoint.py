@@ -1,0 +1,203 @@
+"""farmer_jax.interop.torch_checkpoint: reading torch.save files without torch. The format tests
+write real torch.save files (zip and legacy) and compare with torch's own values (need torch);
+the rest (npz, errors, refused pickles) run without torch."""
+
+import argparse
+import collections
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
+
+
+def _torch_state_dict(torch):
+  """Every dtype and layout a state_dict may hold, with torch's values as numpy arrays."""
+  g = torch.Generator().manual_seed(0)
+  big = torch.randn(6, 9, generator=g)
+  sd = collections.OrderedDict(
+      f32=torch.randn(3, 4, generator=g),
+      f16=torch.randn(5, generator=g).half(),
+      bf16=torch.randn(2, 3, generator=g).bfloat16(),
+      i64=torch.arange(-3, 7),
+      i32=torch.tensor([1, -2, 2 ** 31 - 1], dtype=torch.int32),
+      u8=torch.tensor([0, 7, 255], dtype=torch.uint8),
+      flag=torch.tensor([True, False, True]),
+      transposed=torch.randn(4, 3, generator=g).t(),  # non-contiguous
+      sliced=big[2:5, 3:7],  # storage offset + row stride, shares big's storage
+      column=big[:, 1],
+      big=big,
+      scalar=torch.tensor(2.5),
+      scalar_bf16=torch.tensor(-1.375, dtype=torch.bfloat16),
+      count=torch.tensor(7),
+      empty=torch.zeros(0, 4),
+      param=torch.nn.Parameter(torch.randn(2, 2, generator=g)),
+      expanded=torch.randn(3, 1, generator=g).expand(3, 5),  # stride 0
+      neg_view=torch.randn(3, generator=g)._neg_view(),  # tensor metadata {'neg': True}
+  )
+  want = {k: (v.detach().float() if v.dtype == torch.bfloat16 else v.detach().resolve_neg())
+          .numpy() for k, v in sd.items()}
+  return sd, want
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_matches_torch(tmp_path, zip_format):
+  torch = pytest.importorskip("torch")
+  sd, want = _torch_state_dict(torch)
+  path = tmp_path / "model.pth"
+  torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
+  got = load_state_dict(path)
+  assert list(got) == list(sd)
+  loaded = torch.load(path, weights_only=True)
+  for k, v in got.items():
+    assert isinstance(v, np.ndarray) and v.flags.c_contiguous and v.flags.writeable, k
+    assert v.dtype == want[k].dtype and v.shape == want[k].shape, k
+    np.testing.assert_array_equal(v, want[k], err_msg=k)
+    ref = loaded[k].detach()
+    ref = ref.float() if ref.dtype == torch.bfloat16 else ref.resolve_neg()
+    np.testing.assert_array_equal(v, ref.numpy(), err_msg=k)
+  assert got["scalar"].shape == () and got["scalar"] == 2.5
+  assert got["bf16"].dtype == np.float32 and got["scalar_bf16"] == -1.375
+  got["sliced"][:] = 0  # each tensor owns its memory
+  assert np.array_equal(got["big"], want["big"])
+
+
+def test_big_endian_zip(tmp_path):
+  """A zip checkpoint whose byteorder record says 'big' is swapped to native order."""
+  torch = pytest.importorskip("torch")
+  w, i = torch.randn(2, 3), torch.arange(4)
+  torch.save({"w": w, "i": i}, tmp_path / "le.pth")
+  with zipfile.ZipFile(tmp_path / "le.pth") as src, \
+       zipfile.ZipFile(tmp_path / "be.pth", "w") as dst:
+    for name in src.namelist():
+      data = src.read(name)
+      if name.endswith("/byteorder"):
+        data = b"big"
+      elif name.endswith("/data/0"):
+        data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+      elif name.endswith("/data/1"):
+        data = np.frombuffer(data, "<i8").astype(">i8").tobytes()
+      dst.writestr(name, data)
+  got = load_state_dict(tmp_path / "be.pth")
+  np.testing.assert_array_equal(got["w"], w.numpy())
+  np.testing.assert_array_equal(got["i"], i.numpy())
+  assert got["w"].dtype == np.float32 and got["w"].dtype.isnative
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_wrapped_checkpoint(tmp_path, zip_format):
+  torch = pytest.importorskip("torch")
+  path = tmp_path / "ckpt.pt"
+  torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}, "step": 12,
+              "args": argparse.Namespace(lr=0.1)}, path,
+             _use_new_zipfile_serialization=zip_format)
+  with pytest.raises(CheckpointError, match="'argparse.Namespace'.*pass key="):
+    load_state_dict(path)
+  got = load_state_dict(path, key="ema")  # other globals: inert placeholders
+  assert list(got) == ["w"] and np.array_equal(got["w"], np.zeros(2, np.float32))
+  with pytest.raises(CheckpointError, match=r"no entry 'state_dict'.*'args', 'ema'"):
+    load_state_dict(path, key="state_dict")
+  with pytest.raises(CheckpointError, match="entry 'args' holds an unloaded argparse.Namespace"):
+    load_state_dict(path, key="args")
+  torch.save({"model": {"w": torch.ones(2)}, "step": 12}, path)
+  with pytest.raises(CheckpointError, match=r"not tensors: 'model' .*'step' \(int 12\).*"
+                     r"pass key= one of \['model'\]"):
+    load_state_dict(path)
+
+
+def test_npz_round_trip(tmp_path):
+  arrays = {"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+            "bn.num_batches_tracked": np.array(5, np.int64),
+            "flag": np.array([True, False])}
+  np.savez(tmp_path / "w.npz", **arrays)
+  got = load_state_dict(tmp_path / "w.npz")
+  assert list(got) == list(arrays)
+  for k in arrays:
+    assert got[k].dtype == arrays[k].dtype
+    np.testing.assert_array_equal(got[k], arrays[k])
+  np.savez(tmp_path / "wrapped.npz", **{"ema." + k: v for k, v in arrays.items()}, step=3)
+  assert list(load_state_dict(tmp_path / "wrapped.npz", key="ema")) == list(arrays)
+  np.savez(tmp_path / "objects.npz", o=np.array([{}], dtype=object))
+  with pytest.raises(CheckpointError, match="objects.npz"):
+    load_state_dict(tmp_path / "objects.npz")
+
+
+def test_file_errors(tmp_path):
+  with pytest.raises(CheckpointError, match="nope.pth' not found"):
+    load_state_dict(tmp_path / "nope.pth")
+  (tmp_path / "w.safetensors").write_bytes(b"{}")
+  with pytest.raises(CheckpointError, match=r"unknown checkpoint extension '\.safetensors'"):
+    load_state_dict(tmp_path / "w.safetensors")
+  (tmp_path / "garbage.pth").write_bytes(np.random.default_rng(0).bytes(300))
+  with pytest.raises(CheckpointError, match="garbage.pth: not a torch.save checkpoint"):
+    load_state_dict(tmp_path / "garbage.pth")
+  (tmp_path / "truncated.pth").write_bytes(pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2))
+  with pytest.raises(CheckpointError, match="truncated.pth"):
+    load_state_dict(tmp_path / "truncated.pth")
+  (tmp_path / "wrong_magic.pth").write_bytes(pickle.dumps(12345, protocol=2))
+  with pytest.raises(CheckpointError, match="wrong magic number"):
+    load_state_dict(tmp_path / "wrong_magic.pth")
+  with zipfile.ZipFile(tmp_path / "other.zip.pt", "w") as z:
+    z.writestr("readme.txt", "hello")
+  with pytest.raises(CheckpointError, match="without data.pkl"):
+    load_state_dict(tmp_path / "other.zip.pt")
+
+
+def _evil_pickle(marker):
+  """A protocol-0 pickle that would run ``os.system('touch <marker>')`` when loaded."""
+  return b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+
+
+def _legacy_stream(obj_pickle, storage_keys=()):
+  """The pickles of a legacy-format file (the storages' bytes follow them)."""
+  head = b"".join(pickle.dumps(v, protocol=2) for v in (
+      0x1950a86a20f9469cfc6c, 1001, {"protocol_version": 1001, "little_endian": True}))
+  return head + obj_pickle + pickle.dumps(list(storage_keys), protocol=2)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_disallowed_class_is_refused_not_run(tmp_path, zip_format):
+  marker = tmp_path / "pwned"
+  path = tmp_path / "evil.pth"
+  if zip_format:
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("evil/data.pkl", _evil_pickle(marker))
+      z.writestr("evil/byteorder", "little")
+  else:
+    path.write_bytes(_legacy_stream(_evil_pickle(marker)))
+  with pytest.raises(CheckpointError, match=r"refusing to load the global '(os|posix)\.system'"):
+    load_state_dict(path)
+  # with key= unknown globals become inert placeholders: still nothing runs
+  with pytest.raises(CheckpointError, match=r"(os|posix)\.system object, not a dict"):
+    load_state_dict(path, key="model")
+  assert not marker.exists()
+
+
+def test_refuses_out_of_bounds_tensor(tmp_path):
+  """A tensor whose size/stride reach past its storage is an error, not a read of stray memory
+  (the pickle is written by hand: storage of 4 float32, a 3x3 view of it)."""
+  tensor = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n("
+            b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00"
+            b"cpuK\x04tQK\x00K\x03K\x03\x86K\x03K\x01\x86\x89ccollections\nOrderedDict\n)Rt")
+  data_pkl = tensor.replace(b"\x80\x02", b"\x80\x02}X\x01\x00\x00\x00w", 1) + b"Rs."
+  with zipfile.ZipFile(tmp_path / "oob.pth", "w") as z:
+    z.writestr("oob/data.pkl", data_pkl)
+    z.writestr("oob/data/0", np.arange(4, dtype=np.float32).tobytes())
+  with pytest.raises(CheckpointError, match="reads element 8 of a storage of 4"):
+    load_state_dict(tmp_path / "oob.pth")
+
+
+def test_hand_written_legacy_file(tmp_path):
+  """The legacy layout written without torch: pickles, then the 8-byte count and raw bytes."""
+  obj = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+         b"(X\x07\x00\x00\x00storagectorch\nHalfStorage\nX\x02\x00\x00\x0042X\x03\x00\x00\x00"
+         b"cpuK\x06NtQK\x01K\x02K\x02\x86K\x01K\x02\x86\x89ccollections\nOrderedDict\n)RtRs.")
+  values = np.arange(6, dtype=np.float16) / 4
+  (tmp_path / "old.pt").write_bytes(
+      _legacy_stream(obj, ["42"]) + np.int64(6).tobytes() + values.tobytes())
+  got = load_state_dict(tmp_path / "old.pt")
+  want = np.lib.stride_tricks.as_strided(values[1:], (2, 2), (2, 4))
+  assert got["w"].dtype == np.float16
+  np.testing.assert_array_equal(got["w"], want)
