@@ -102,12 +102,14 @@ flags.DEFINE_string("teacher", None,
 flags.DEFINE_integer("devices", None, "check: devices of the target machine(s) (default: these).")
 flags.DEFINE_integer("processes", None, "check: processes (hosts) of the target (default: 1).")
 # prepare
-flags.DEFINE_string("split", None, "eval: the split to evaluate (default: the run's config.eval.split).")
+flags.DEFINE_string("split", None,
+                    "eval: the split to evaluate (default: the run's config.eval.split).")
 flags.DEFINE_integer("dequant_samples", None,
                      "eval: uniform dequantization draws per image (default: config.eval's).")
 flags.DEFINE_enum("features", "inception", ["inception", "mnist"],
                   "fid: the feature network: the FID Inception-v3 (--inception weights, --ref "
-                  "statistics) or the MNIST digit CNN (offline; reference: the MNIST-5k test split).")
+                  "statistics) or the MNIST digit CNN (offline; reference: the MNIST-5k test "
+                  "split).")
 flags.DEFINE_string("inception", None, "fid: the FID Inception weights file (pytorch-fid's "
                     "pt_inception-2015-12-05-6726825d.pth, or the same state_dict as .npz).")
 flags.DEFINE_string("ref", None, "fid: reference .npz: mu/sigma (e.g. the ADM reference batch) "
@@ -171,6 +173,9 @@ def _train(argv):
     return
   # class-conditional -log p(x|y) and unconditional -log p(x|null)
   print(format_test_bpd(summary))
+  if "sample_quality" in summary:   # config.eval.mnist_quality
+    from farmer_jax.eval.mnist_quality import format_quality
+    print(format_quality(summary["sample_quality"]))
 
 
 def _distill(argv):

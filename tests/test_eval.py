@@ -198,3 +198,29 @@ def test_fid_command_mnist_features_end_to_end(exported, tmp_path):
   again = fid_command(str(export_dir), 20, "mnist", batch=7, out=out, quiet=True,
                       say=lambda _: None)
   assert again["fid"] == pytest.approx(r["fid"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_training_reports_mnist_sample_quality(tmp_path):
+  """config.eval.mnist_quality: the end-of-training report scores samples at cfg 0 and at the
+  config's own guidance (summary.json, metrics.jsonl eval/* and the console line)."""
+  from farmer_jax import configlib
+  from farmer_jax.eval.mnist_quality import format_quality
+  from farmer_jax.train.trainer import train_and_report
+  c = configlib.load("quickstart:tiny")
+  c.train.steps = 20
+  c.eval.update(mnist_quality=True, quality_per_class=3)
+  c.sample.update(guidance="resampling", cfg=2.0)
+  summary, _ = train_and_report(c, str(tmp_path), quiet=True)
+  q = summary["sample_quality"]
+  assert q["samples_per_class"] == 3 and q["classifier_test_accuracy"] > 0.95
+  for name in ("cfg0", "resampling_cfg2"):
+    r = q[name]
+    assert r["count"] == 30 and np.isfinite(r["mnist_fid"]) and 0 <= r["class_consistency"] <= 1
+    assert len(r["class_consistency_per_class"]) == 10
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  (ev,) = [r for r in rows if "eval/bpd" in r]
+  assert ev["eval/cfg0_mnist_fid"] == q["cfg0"]["mnist_fid"]
+  assert "resampling_cfg2: MNIST-FID" in format_quality(q)
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["sample_quality"]["cfg0"]["class_consistency"] == q["cfg0"]["class_consistency"]

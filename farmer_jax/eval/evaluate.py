@@ -4,8 +4,8 @@ Every example exactly once (masked padding), sharded over all devices and proces
 own mesh and sharding rules (falling back to a pure data-parallel mesh when that mesh does not fit
 the devices at hand), one compiled step, K uniform dequantization draws per image
 (eval/likelihood.py). Writes a JSON result next to the model (``RUN/eval/bpd_<split>.json`` or
-``EXPORT/eval/bpd_<split>.json``, or ``--out``) and, for a run, TensorBoard scalars ``eval/*`` at the
-checkpoint's step.
+``EXPORT/eval/bpd_<split>.json``, or ``--out``) and, for a run, TensorBoard scalars
+``eval_<split>/*`` at the checkpoint's step.
 """
 
 import json

@@ -82,7 +82,8 @@ def mnist_net(seed=0, say=None):
     logits, pool = clf._run(images)
     return {"pool": pool, "logits": logits}
 
-  net = FeatureNet("mnist", fn, {"classifier_seed": int(seed), "classifier_steps": int(clf.steps), "classifier_lr": float(clf.lr),
+  net = FeatureNet("mnist", fn, {"classifier_seed": int(seed), "classifier_steps": int(clf.steps),
+                                 "classifier_lr": float(clf.lr),
                                  "test_accuracy": float(clf.test_accuracy)})
   return net, clf
 

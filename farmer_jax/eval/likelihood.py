@@ -130,8 +130,8 @@ def evaluate_batches(model, params, batches, num_batches, put=None, seed=0, samp
   for _ in range(num_batches):
     b = next(it)
     g = put(b) if put is not None else b
-    draws = [jax.device_get(step(params, g["image"], g["label"], g["mask"], start, k, seed))
-             for k in range(samples)]
+    draws = jax.device_get([step(params, g["image"], g["label"], g["mask"], start, k, seed)
+                            for k in range(samples)])     # all K dispatched, then read
     mask = np.asarray(draws[0].pop("mask"), bool)     # the global batch's, on every process
     for d in draws[1:]:
       d.pop("mask")

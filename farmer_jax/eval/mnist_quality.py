@@ -43,13 +43,12 @@ def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=Fal
 
 def score_run(tr, e, say=print):
   """``score_model`` on a finished Trainer's eval params with its config.sample sampler, on its
-  mesh (replicated outputs); logs one line per setting."""
+  mesh (replicated outputs)."""
   s = SampleConfig.from_config(tr.config)
   with tr.mesh_context():
     out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
                       say=say, progress=not tr.quiet and jax.process_index() == 0,
                       out_sharding=sharding.replicated(tr.mesh))
-  say(format_quality(out))
   return out
 
 

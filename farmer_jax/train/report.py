@@ -101,6 +101,9 @@ def write_report(tr, history, train_s, t0):
     storage.write_text(run.summary, json.dumps(summary, indent=2))
   tr.log(f"{format_test_bpd(summary)}; {res['count']} images, uniform dequantization; samples -> "
          f"{grid}; wall {summary['total_seconds']:.0f}s")
+  if "sample_quality" in summary:
+    from farmer_jax.eval.mnist_quality import format_quality
+    tr.log(format_quality(summary["sample_quality"]))
   return summary
 
 
