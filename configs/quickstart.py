@@ -47,7 +47,8 @@ def get_config(arg=None):
         ar_depth=1, class_repeats=2, mixtures_informative=4, mixtures_redundant=4)
     c.train.update(steps=200, batch_size=32, lr=3e-3, warmup_steps=20, log_every=50)
     c.eval.update(batch_size=100, mnist_quality=False)
-    c.sample.update(per_class=2, guidance="none", cfg=0.0)
+    c.sample.update(per_class=2, guidance="none", cfg=0.0, t_pi=1.0, t_sigma=1.0, t_sigma_v=1.0,
+                    redundant_var_scale=1.0)
   elif a.size != "base":
     raise ValueError(f"quickstart size must be 'base' or 'tiny', got {a.size!r}")
   if a.distill:   # `farmer_jax distill` of a quickstart run: Algorithm 2's train settings

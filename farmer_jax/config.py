@@ -818,9 +818,11 @@ def validate(config, workdir=None, num_devices=None, num_processes=None):
   info = sources.describe(d)
   e = EvalConfig.from_config(config)
   sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
-  _check(not e.mnist_quality or (d.name == "mnist5k" and d.image_size == 32 and d.channels == 1),
-         "eval.mnist_quality", True, f"its digit classifier scores 32x32x1 MNIST samples only, "
-         f"and this run trains on {d.name} ({d.image_size}x{d.image_size}x{d.channels})",
+  _check(not e.mnist_quality or (d.name == "mnist5k" and d.image_size == 32 and d.channels == 1
+                                  and d.num_classes == 10),
+         "eval.mnist_quality", True, f"its digit classifier scores class-conditional 32x32x1 MNIST "
+         f"samples only (10 classes), and this run trains on {d.name} ({d.image_size}x"
+         f"{d.image_size}x{d.channels}, {d.num_classes} classes)",
          "set --config.eval.mnist_quality=False (score other data with `farmer_jax fid`)")
   m = validate_model_config(config)
   TrainConfig.from_config(config)

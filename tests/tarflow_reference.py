@@ -14,8 +14,9 @@ flipped too); the class embedding is added to every token; ``proj_out`` gives [a
 (VP, a = 0), shifted right one token with a zero row; ``z = (x - b) * exp(-a)``; log-det per
 block ``-mean(a)`` over (T, Dp) (a per-dimension log-det), summed over blocks. Labels: forward
 uses the mean class embedding for y None or y < 0; reverse uses it for y None only and indexes
-``class_embed[y]`` otherwise (so y = -1 there is the last class, as in TARFlow). Not reproduced:
-CFG / attention temperature in ``reverse``, ``update_prior``, bf16 autocast.
+``class_embed[y]`` otherwise (so y = -1 there is the last class, as in TARFlow). ``reverse`` has
+TARFlow's guidance (``guidance``, ``guide_what``, ``attn_temp``, ``annealed_guidance``; see
+``MetaBlock.reverse``). Not reproduced: ``update_prior``, bf16 autocast.
 """
 
 import torch
@@ -27,7 +28,8 @@ HEAD_DIM = 64
 
 class Attention(nn.Module):
   """Pre-LN multi-head attention: (B, T, W) -> (B, T, W). ``cache``: a dict holding this layer's
-  keys/values so far ((B, H, t, 64) each), extended in place (decoding one token at a time)."""
+  keys/values so far ((B, H, t, 64) each), extended in place (decoding one token at a time).
+  ``attn_temp`` divides the logits (TARFlow's SDPA ``scale = head_dim^-0.5 / temp``)."""
 
   def __init__(self, width):
     super().__init__()
@@ -36,7 +38,7 @@ class Attention(nn.Module):
     self.proj = nn.Linear(width, width)
     self.heads = width // HEAD_DIM
 
-  def forward(self, x, mask=None, cache=None):
+  def forward(self, x, mask=None, cache=None, attn_temp=1.0):
     bsz, t, w = x.shape
     h = self.norm(x.float()).to(x.dtype)
     qkv = self.qkv(h).view(bsz, t, 3, self.heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
@@ -46,7 +48,8 @@ class Attention(nn.Module):
         k = torch.cat([cache["k"], k], dim=2)
         v = torch.cat([cache["v"], v], dim=2)
       cache["k"], cache["v"] = k, v
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=HEAD_DIM ** -0.5)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                       scale=HEAD_DIM ** -0.5 / attn_temp)
     return self.proj(o.transpose(1, 2).reshape(bsz, t, w))
 
 
@@ -69,8 +72,8 @@ class AttentionBlock(nn.Module):
     self.attention = Attention(width)
     self.mlp = MLP(width, expansion)
 
-  def forward(self, x, mask=None, cache=None):
-    x = x + self.attention(x, mask, cache)
+  def forward(self, x, mask=None, cache=None, attn_temp=1.0):
+    x = x + self.attention(x, mask, cache, attn_temp)
     return x + self.mlp(x)
 
 
@@ -125,20 +128,40 @@ class MetaBlock(nn.Module):
     z = (x - b) * torch.exp(-a.float()).to(a.dtype)
     return self._order(z), -a.mean(dim=(1, 2))
 
+  def reverse_step(self, x_tok, pos_i, y, caches, attn_temp=1.0):
+    """TARFlow's ``reverse_step``: feeds token i (B, 1, Dp) (position embedding ``pos_i`` (1, W))
+    through the layers with the KV caches ``caches`` (one dict per layer); returns (a, b) for
+    token i+1, each (B, 1, Dp)."""
+    h = self.proj_in(x_tok) + pos_i
+    if self.class_embed is not None:
+      h = h + self._class_rev(y)
+    for blk, cache in zip(self.attn_blocks, caches):
+      h = blk(h, None, cache, attn_temp)
+    return self._split(self.proj_out(h))
+
   @torch.no_grad()
-  def reverse(self, z, y=None):
-    """z (B, T, Dp) -> x, token by token with a KV cache."""
+  def reverse(self, z, y=None, guidance=0, guide_what="ab", attn_temp=1.0,
+              annealed_guidance=False):
+    """z (B, T, Dp) -> x, token by token with a KV cache. TARFlow's guidance: with guidance g > 0
+    an unconditional step (y None, logits / attn_temp, its own 'uncond' caches) runs on the same
+    recovered token; for step i (giving token i+1) ``gi = (i + 1) / (T - 1) * g`` if
+    ``annealed_guidance`` else g, then a += gi (a - a_u) if 'a' in guide_what and
+    b += gi (b - b_u) if 'b' in guide_what."""
     z = self._order(z)
     pos = self._order(self.pos_embed, 0)
-    caches = [dict() for _ in self.attn_blocks]
+    t = z.shape[1]
+    caches = {"cond": [dict() for _ in self.attn_blocks],
+              "uncond": [dict() for _ in self.attn_blocks]}
     xs = [z[:, :1]]
-    for i in range(z.shape[1] - 1):
-      h = self.proj_in(xs[-1]) + pos[i:i + 1]
-      if self.class_embed is not None:
-        h = h + self._class_rev(y)
-      for blk, cache in zip(self.attn_blocks, caches):
-        h = blk(h, None, cache)
-      a, b = self._split(self.proj_out(h))
+    for i in range(t - 1):
+      a, b = self.reverse_step(xs[-1], pos[i:i + 1], y, caches["cond"])
+      if guidance > 0 and guide_what:
+        a_u, b_u = self.reverse_step(xs[-1], pos[i:i + 1], None, caches["uncond"], attn_temp)
+        g = (i + 1) / (t - 1) * guidance if annealed_guidance else guidance
+        if "a" in guide_what:
+          a = a + g * (a - a_u)
+        if "b" in guide_what:
+          b = b + g * (b - b_u)
       xs.append(z[:, i + 1:i + 2] * torch.exp(a.float()).to(a.dtype) + b)
     return self._order(torch.cat(xs, dim=1))
 
@@ -148,7 +171,8 @@ class TARFlowReference(nn.Module):
   nvp, num_classes)``.
 
   forward(x (B, c, S, S), y (B,) | None) -> (z (B, T, Dp), logdets (B,) per-dimension, summed over
-  blocks); reverse(z (B, T, Dp), y) -> x (B, c, S, S); get_loss(z, logdets) -> scalar nats/dim.
+  blocks); reverse(z (B, T, Dp), y, guidance=0, guide_what='ab', attn_temp=1.0,
+  annealed_guidance=False) -> x (B, c, S, S); get_loss(z, logdets) -> scalar nats/dim.
   """
 
   def __init__(self, in_channels, img_size, patch_size, channels, num_blocks, layers_per_block,
@@ -182,10 +206,11 @@ class TARFlowReference(nn.Module):
     return 0.5 * z.pow(2).mean() - logdets.mean()
 
   @torch.no_grad()
-  def reverse(self, z, y=None):
+  def reverse(self, z, y=None, guidance=0, guide_what="ab", attn_temp=1.0,
+              annealed_guidance=False):
     x = z * self.var.sqrt()
     for block in reversed(self.blocks):
-      x = block.reverse(x, y)
+      x = block.reverse(x, y, guidance, guide_what, attn_temp, annealed_guidance)
     return self.unpatchify(x)
 
 

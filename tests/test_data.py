@@ -292,6 +292,7 @@ def test_bad_data_is_refused_before_training(prepared, tmp_path):
   assert uncond["label"] == 0
 
 
+@pytest.mark.slow  # ~25-35 s on 2 cores; CI runs it
 def test_train_and_report_on_a_prepared_dataset(prepared, tmp_path):
   """`farmer_jax train` end to end on a `tfds:` dataset: trains, checkpoints with the iterator
   state, resumes with it, and measures bits/dim on every validation example."""

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import TINY, init_farmer, perturb
 from farmer_jax.distill.student import (distill_loss, init_student, make_student, student_decode,
@@ -62,6 +63,7 @@ def test_student_starts_as_the_teacher_and_distillation_beats_the_copy():
       (student_decode(TINY, init_student(params), z_enc, y) - x) ** 2))
 
 
+@pytest.mark.slow  # ~25-35 s on 2 cores; CI runs it
 def test_distill_command_resumes_exactly(trained_run, tmp_path):
   """`farmer_jax distill` runs on the pretraining machinery: a distillation interrupted after a
   checkpoint and resumed ends with bit-identical student params and optimizer state to an

@@ -165,6 +165,11 @@ def test_feature_dump_resumes_an_interrupted_run_with_the_same_samples(tiny, tmp
   with pytest.raises(ValueError, match=r"other settings \(seed differ\).*nothing was changed"):
     fid.sample_features(cfg, params, s, 11, fid.FeatureNet("t", _CountingNet(), {}), seed=6,
                         batch=4, dump=dump, signature=dict(sig, seed=6), progress=False, say=say)
+  os.remove(os.path.join(dump, fid.DUMP_MANIFEST))   # chunks nobody can vouch for: refused
+  with pytest.raises(ValueError, match="feature chunks but no manifest.json"):
+    fid.sample_features(cfg, params, s, 11, fid.FeatureNet("t", _CountingNet(), {}), seed=5,
+                        batch=4, dump=dump, signature=sig, progress=False, say=say)
+  assert not os.path.exists(os.path.join(dump, fid.DUMP_MANIFEST))
 
 
 def test_score_uses_the_reference_and_the_metrics():
@@ -224,3 +229,14 @@ def test_training_reports_mnist_sample_quality(tmp_path):
   assert "resampling_cfg2: MNIST-FID" in format_quality(q)
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["sample_quality"]["cfg0"]["class_consistency"] == q["cfg0"]["class_consistency"]
+
+
+def test_mnist_quality_needs_class_conditional_mnist():
+  from farmer_jax import configlib
+  from farmer_jax.config import ConfigError, validate
+  c = configlib.load("quickstart:tiny")
+  c.eval.mnist_quality = True
+  validate(c)
+  c.data.num_classes = 0
+  with pytest.raises(ConfigError, match="eval.mnist_quality.*10 classes.*0 classes"):
+    validate(c)

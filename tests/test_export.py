@@ -174,6 +174,7 @@ def test_incomplete_or_corrupt_exports_are_rejected(exported, tmp_path):
     load_model(str(partial))
 
 
+@pytest.mark.slow  # ~25-35 s on 2 cores; CI runs it
 def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   from farmer_jax.sampling.generate import describe_stats
   _, out, _, _ = exported

@@ -88,9 +88,12 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
       np.testing.assert_array_equal(
           np.asarray(a), np.asarray(b), err_msg=f"{where}: state leaf {i} differs")
     assert "test bpd" in r.stdout, where
-    logged = [json.loads(l)["step"] for l in open(RunDir(wd).metrics)]
+    rows = [json.loads(l) for l in open(RunDir(wd).metrics)]
+    logged = [r["step"] for r in rows if "train/loss" in r]
     assert logged == list(range(10, STEPS + 1,
                                 10)), f"{where}: metrics.jsonl steps {logged} (resume must trim)"
+    # the end-of-training eval, logged once
+    assert [r["step"] for r in rows if "eval/bpd" in r] == [STEPS], where
 
 
 def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):

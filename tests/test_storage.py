@@ -7,6 +7,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_gcs import fake_gcs  # noqa: E402
@@ -26,6 +27,7 @@ def test_url_paths_are_never_rewritten():
   assert storage.absolute("rel") == os.path.abspath("rel")
 
 
+@pytest.mark.slow  # ~25-35 s on 2 cores; CI runs it
 def test_training_run_checkpoints_into_and_resumes_from_a_bucket(tmp_path, monkeypatch):
   from farmer_jax.sampling.images import save_grid
   from farmer_jax.train.trainer import Trainer

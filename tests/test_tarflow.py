@@ -3,9 +3,9 @@
 The torch tests build ``tarflow_reference.TARFlowReference`` (a PyTorch re-implementation of
 TARFlow's Model with its exact state_dict keys) with every parameter random and non-zero,
 ``proj_out`` included, and check that our ``AutoregressiveFlow`` with the converted params gives
-the same latents, log-det (TARFlow's per-dimension mean x N*d = our sum) and inverse, and that the
-state_dict survives torch -> jax -> torch bit for bit. The rest (round trip from our side, error
-messages) needs no torch.
+the same latents, log-det (TARFlow's per-dimension mean x N*d = our sum) and inverse (plain and
+guided: CFG, attention temperature, annealing), and that the state_dict survives torch -> jax ->
+torch bit for bit. The rest (round trip from our side, error messages) needs no torch.
 """
 
 import dataclasses
@@ -41,6 +41,9 @@ CASES = {
     "vp-cond-c1-p4": dict(in_channels=1, img_size=16, patch_size=4, channels=64, num_blocks=2,
                           layers_per_block=1, nvp=False, num_classes=3, ys=("labels",)),
 }
+# guided reverse only (not in CASES: test_matches_reference's plain path is covered above)
+GUIDED_COND = dict(in_channels=1, img_size=8, patch_size=2, channels=64, num_blocks=2,
+                   layers_per_block=1, nvp=True, num_classes=3)
 
 
 def case(name):
@@ -173,6 +176,91 @@ def test_reverse_negative_label_is_last_class():
   mean = unpatchify(inv(params, jnp.asarray(patch_tokens(z_t, hp)), jnp.full((4,), -1, jnp.int32)),
                     hp["patch_size"], hp["img_size"], hp["in_channels"])
   assert np.abs(np.asarray(mean) - _nhwc(x_t)).max() > 1e-3
+
+
+@functools.lru_cache(maxsize=None)
+def guided_inverse(mcfg, guidance, guide_what, attn_temp, annealed):
+  """Our inverse with static guidance arguments, jitted once per (config, arguments)."""
+  flow = make_flow(mcfg)
+  kw = dict(guidance=guidance, guide_what=guide_what, attn_temp=attn_temp, annealed=annealed)
+  return jax.jit(lambda p, z, y: flow.apply({"params": p}, z, y, **kw,
+                                            method=AutoregressiveFlow.inverse))
+
+
+# (TARFlow model, guidance, guide_what, attn_temp, annealed_guidance)
+GUIDED = [
+    ("cond", 1.5, "ab", 1.0, True),       # CFG, annealed (TARFlow's evaluate_fid)
+    ("cond", 2.0, "a", 0.7, False),       # CFG on a only, tempered weak branch, constant g
+    ("uncond", 1.0, "ab", 1.3, True),     # unconditional guidance: the weak branch differs by temp
+]
+
+
+@pytest.mark.parametrize("model,guidance,guide_what,attn_temp,annealed", GUIDED)
+def test_guided_inverse_matches_reference(model, guidance, guide_what, attn_temp, annealed):
+  """Our guided exact inverse == TARFlow's guided reverse (two branches, own KV caches, per-token
+  affine extrapolation) on a converted random-weight model, and guidance really moves it."""
+  torch = pytest.importorskip("torch")
+  hp = GUIDED_COND if model == "cond" else case("uncond-c1-p2")
+  mcfg = mcfg_for(hp)
+  ref = _reference(torch, hp, seed=7)
+  with torch.no_grad():      # q, k x3: attention far from uniform, so attn_temp matters
+    for k, w in ref.named_parameters():
+      if k.endswith("qkv.weight"):
+        w[:2 * w.shape[1]] *= 3.0                          # rows [q | k] of [q | k | v]
+  params = tarflow_to_params({k: v.numpy() for k, v in ref.state_dict().items()}, mcfg)
+  z_t = torch.randn(4, mcfg.num_tokens, mcfg.token_dim, generator=torch.Generator().manual_seed(2))
+  y = np.array([0, 2, 1, 2], np.int32) if hp["num_classes"] else None
+  y_t = None if y is None else torch.from_numpy(y).long()
+  x_t = _nhwc(ref.reverse(z_t, y_t, guidance, guide_what, attn_temp, annealed))
+  x_plain = _nhwc(ref.reverse(z_t, y_t))
+  inv = guided_inverse(mcfg, guidance, guide_what, attn_temp, annealed)
+  x = inv(params, jnp.asarray(patch_tokens(z_t, hp)), None if y is None else jnp.asarray(y))
+  x = np.asarray(unpatchify(x, hp["patch_size"], hp["img_size"], hp["in_channels"]))
+  assert np.isfinite(x_t).all()
+  assert np.abs(x_t - x_plain).max() > 0.02                     # guidance is not a no-op here
+  np.testing.assert_allclose(x, x_t, atol=TOL, rtol=0)
+
+
+def test_zero_guidance_is_the_plain_inverse():
+  """guidance=0 traces the unguided program (same jaxpr whatever attn_temp / annealed /
+  guide_what say) and gives the plain inverse bit for bit."""
+  hp = GUIDED_COND
+  mcfg = mcfg_for(hp)
+  flow = make_flow(mcfg)
+  params = random_flow_params(mcfg, seed=4)
+  z = jax.random.normal(jax.random.key(0), (2, mcfg.num_tokens, mcfg.token_dim))
+  y = jnp.array([0, 2], jnp.int32)
+  kw = dict(guidance=0.0, guide_what="a", attn_temp=0.5, annealed=True)
+
+  def plain(p, z, y):
+    return flow.apply({"params": p}, z, y, method=AutoregressiveFlow.inverse)
+
+  def zero(p, z, y):
+    return flow.apply({"params": p}, z, y, **kw, method=AutoregressiveFlow.inverse)
+
+  assert str(jax.make_jaxpr(zero)(params, z, y)) == str(jax.make_jaxpr(plain)(params, z, y))
+  _, inv = flow_fns(mcfg)
+  np.testing.assert_array_equal(np.asarray(jax.jit(zero)(params, z, y)),
+                                np.asarray(inv(params, z, y)))
+
+
+def test_guidance_arguments_are_checked():
+  mcfg = mcfg_for(GUIDED_COND)
+  flow = make_flow(mcfg)
+  params = random_flow_params(mcfg)
+  z = jnp.zeros((1, mcfg.num_tokens, mcfg.token_dim))
+
+  def inverse(**kw):
+    return flow.apply({"params": params}, z, method=AutoregressiveFlow.inverse, **kw)
+
+  with pytest.raises(ValueError, match=r"guide_what='ba' is unknown; use one of \('a', 'b', 'ab'"):
+    inverse(guidance=1.0, guide_what="ba")
+  with pytest.raises(ValueError, match=r"guidance=-0.5 must be >= 0"):
+    inverse(guidance=-0.5)
+  with pytest.raises(ValueError, match=r"attn_temp=0.0 must be > 0"):
+    inverse(guidance=1.0, attn_temp=0.0)
+  with pytest.raises(TypeError, match="must be static Python numbers"):
+    jax.jit(lambda g: inverse(guidance=g))(1.0)
 
 
 def test_torch_save_file(tmp_path):

@@ -44,7 +44,14 @@ def load_params(workdir=None, model_dir=None, say=print):
     source = {"model": storage.absolute(model_dir), "step": meta.get("step"),
               "params": meta.get("params"), "dtype": meta.get("dtype")}
   params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
-  return resolved_config(config), params, source
+  config = resolved_config(config)
+  want = jax.tree.structure(abstract_params(validate_model_config(config)))
+  if jax.tree.structure(params) != want:
+    where = workdir if workdir is not None else model_dir
+    raise ValueError(f"{where} does not hold a FARMER model's params (e.g. a `farmer_jax distill` "
+                     "run holds only the student). Fix: evaluate the teacher's training run or an "
+                     "export (farmer_jax export)")
+  return config, params, source
 
 
 def eval_mesh(config, say=print):
@@ -156,7 +163,9 @@ def format_result(r):
   """The console lines of a result."""
   def line(suffix):
     iw = f"; importance-weighted bound {r['bpd_iw' + suffix]:.4f}" if "bpd_iw" in r else ""
-    return f"{r['bpd' + suffix]:.4f} +- {r['bpd_se' + suffix]:.4f} (s.e. over images){iw}"
+    se = r["bpd_se" + suffix]
+    se = f" +- {se:.4f} (s.e. over images)" if se is not None else " (one image: no s.e.)"
+    return f"{r['bpd' + suffix]:.4f}{se}{iw}"
 
   def terms(suffix):
     t = r["terms" + suffix]

@@ -171,7 +171,7 @@ def score(pool, logits, ref: Reference, k=3):
                      f"gives {mu.shape[0]}-d features; use a reference made with the same network")
   out = {"fid": float(metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma)),
          "count": int(len(pool))}
-  is_mean, is_std = metrics.inception_score(logits)
+  is_mean, is_std = metrics.inception_score(logits, splits=min(10, len(logits)))
   out.update(inception_score=float(is_mean), inception_score_std=float(is_std))
   if ref.features is not None:
     p, r = metrics.precision_recall(ref.features, pool, k=k)
@@ -215,6 +215,10 @@ def _open_dump(dump, signature, say):
       say(f"resuming from {dump}: {sum(len(v[0]) for v in chunks.values())} samples' features "
           "already there")
     return chunks
+  if os.path.isdir(dump) and _dump_chunks(dump):
+    raise ValueError(f"{dump} holds feature chunks but no {DUMP_MANIFEST}, so nothing says which "
+                     "settings made them; nothing was changed. Fix: pass another --dump directory, "
+                     "or delete this one to start over")
   os.makedirs(dump, exist_ok=True)
   with storage.atomic_path(manifest) as tmp:
     with open(tmp, "w") as f:
@@ -224,9 +228,9 @@ def _open_dump(dump, signature, say):
 
 def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None,
                     signature=None, progress=True, say=print, student_params=None,
-                    keep_images=0, out_sharding=None):
+                    out_sharding=None):
   """Draws ``num`` class-balanced samples (``balanced_labels``) in batches and returns their
-  features {'pool': (num, F), 'logits': (num, L)} [and 'images': the first ``keep_images``].
+  features {'pool': (num, F), 'logits': (num, L), 'labels': (num,)}.
 
   With ``dump`` (a local directory) every batch's features are written there as it is done
   (``chunk_<start>.npz``, atomically) under a manifest holding ``signature``; a later call with
@@ -243,7 +247,6 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   fn = make_sample_fn(mcfg, sampler, out_sharding)
   bar = tqdm(total=num, initial=int(covered.sum()), desc=f"sample + {net.name} features",
              disable=not progress, dynamic_ncols=True)
-  kept = []
   try:
     start = 0
     while start < num:
@@ -259,8 +262,6 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
       f = net.fn(images)
       pool, logits = np.asarray(f["pool"], np.float32), np.asarray(f["logits"], np.float32)
       done[start] = (pool, logits)
-      if keep_images and start < keep_images:
-        kept.append((start, images))
       if dump:
         path = os.path.join(dump, f"chunk_{start:09d}.npz")
         with storage.atomic_path(path) as tmp:
@@ -275,10 +276,9 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   out = {"pool": np.concatenate([done[s][0] for s in order]),
          "logits": np.concatenate([done[s][1] for s in order]), "labels": labels}
   if len(out["pool"]) != num:
-    raise ValueError(f"the feature dump {dump} holds {len(out['pool'])} samples for --num={num}: "
-                     "it was made with another --num. Fix: pass another --dump directory")
-  if keep_images:
-    out["images"] = np.concatenate([im for _, im in sorted(kept, key=lambda t: t[0])])
+    raise ValueError(f"the feature dump {dump} holds {len(out['pool'])} samples' features for "
+                     f"--num={num} (overlapping or extra chunks); nothing was changed. Fix: pass "
+                     "another --dump directory, or delete this one to start over")
   return out
 
 
@@ -307,7 +307,9 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
   for path, flag in ((inception, "--inception"), (None if ref_split else ref, "--ref")):
     if path and not os.path.isfile(path):
       raise ValueError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
+  from farmer_jax.config import resolved_config
   mcfg, params, config, meta = load_model(model_dir)
+  config = resolved_config(config)   # an export made before some config fields existed
   if features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
     raise ValueError(f"--features=mnist scores 32x32x1 digits; this model makes "
                      f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
@@ -323,7 +325,8 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
       raise ExportError(f"--inverse=student: {model_dir} carries no distilled student")
   if ref_split is not None:
     check_split(config, ref_split)
-  tag = f"{features}_n{num}_cfg{s.cfg.w:g}_seed{seed}"
+  settings_hash = hashlib.sha256(json.dumps(sc, sort_keys=True).encode()).hexdigest()[:8]
+  tag = f"{features}_n{num}_cfg{s.cfg.w:g}_seed{seed}_{settings_hash}"
   out = out or os.path.join(model_dir, "eval", f"fid_{tag}.json")
   if not out.endswith(".json"):
     raise ValueError(f"--out={out}: the result is JSON. Fix: name it *.json")
@@ -332,13 +335,16 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
     net = inception_net(inception)
   else:
     net, clf = mnist_net(say=say if not quiet else None)
-  signature = {"model": os.path.abspath(model_dir), "model_step": meta.get("step"),
+  signature = {"model": os.path.abspath(model_dir), "export": meta,
                "sampler": sc, "seed": int(seed), "num": int(num), "features": net.name,
                "net": net.signature}
   if ref_split is None:
     reference = reference_from_file(net, ref)
-  else:   # cached next to the results, keyed by the feature network
-    key = hashlib.sha256(json.dumps(net.signature, sort_keys=True).encode()).hexdigest()[:12]
+  else:   # cached next to the results, keyed by the feature network, the data and the split
+    from farmer_jax.config import DataConfig
+    ident = {"net": net.signature, "split": ref_split,
+             "data": dataclasses.asdict(DataConfig.from_config(config))}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     cache = os.path.join(os.path.dirname(os.path.abspath(out)),
                          f"ref_{ref_split}_{net.name}_{key}.npz")
     reference = reference_from_split(net, config, ref_split, cache, say=say,
@@ -350,7 +356,7 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
             "num": num, "seed": seed, "guidance": s.guidance, "cfg": s.cfg.w,
             "sampler": sc, **score(feats["pool"], feats["logits"], reference),
             "net": net.signature, "dump": os.path.abspath(dump), "seconds": time.time() - t0}
-  if features == "mnist":
+  if features == "mnist" and mcfg.num_classes == 10:   # labels are digits only then
     result.update(class_consistency(clf, feats))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   storage.write_text(out, json.dumps(result, indent=2))

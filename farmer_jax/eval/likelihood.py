@@ -89,10 +89,11 @@ def summarize(per_example, num_dims, conditional=True):
     nats = -lp["log_prob" + suffix] / num_dims                 # (n, K) nats/dim
     per_image = nats.mean(axis=1)                              # (n,)
     mean = float(per_image.mean())
-    se = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    se = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else None   # JSON null for n = 1
     out["nats_per_dim" + suffix] = mean
     out["bpd" + suffix] = float(_bits(mean))
-    out["bpd_se" + suffix] = se / conventions.LN2           # an affine map of nats: same SE / ln 2
+    # an affine map of nats: the same SE / ln 2
+    out["bpd_se" + suffix] = None if se is None else se / conventions.LN2
     if k > 1:   # importance-weighted bound over the K draws: -log mean_k p(x + u_k)
       lse = np.logaddexp.reduce(lp["log_prob" + suffix], axis=1) - math.log(k)
       out["bpd_iw" + suffix] = float(_bits(float(np.mean(-lse / num_dims))))

@@ -11,9 +11,11 @@ from farmer_jax.eval import fid
 
 
 def settings(sampler):
-  """[(name, SamplerConfig)]: plain ancestral sampling (cfg 0) and, if the run's config.sample
-  guides, its own settings."""
-  plain = sampler._replace(guidance="none", cfg=sampler.cfg._replace(w=0.0))
+  """[(name, SamplerConfig)]: plain ancestral sampling (cfg 0, every temperature and the redundant
+  variance scale at 1, the exact inverse) and, if the run's config.sample guides, its own
+  settings."""
+  from farmer_jax.config import ResamplingCFG, SamplerConfig
+  plain = SamplerConfig(guidance="none", cfg=ResamplingCFG())
   out = [("cfg0", plain)]
   if sampler.guidance != "none" and sampler.cfg.w > 0:
     out.append((f"{sampler.guidance}_cfg{sampler.cfg.w:g}", sampler))

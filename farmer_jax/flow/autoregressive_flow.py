@@ -24,11 +24,15 @@ by ``ModelConfig.ar_flip``, which relies on the flip rule of ``block_flips`` bel
 
 Labels: with ``num_classes`` > 0 a class embedding is added to every token; the label
 ``NO_LABEL`` (any label < 0) gets the mean class embedding (TARFlow's unconditional rule).
+
+``AutoregressiveFlow.inverse`` optionally applies TARFlow's guidance (CFG on the affine params of
+every token, with an attention temperature on the unconditional branch); see its docstring.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from farmer_jax.nn import transformer as tfm
 
@@ -114,18 +118,39 @@ class AFBlock(nn.Module):
     logdet = logdet - jnp.sum(a, axis=(1, 2))
     return (z, logdet), None
 
-  def decode_step(self, x_tok, i, flip, y, cache):
+  def decode_step(self, x_tok, i, flip, y, cache, attn_temp=1.0):
     """Feeds permuted-order token i (B, 1, d) at cache slot i; returns (a, b) for token i+1, each
-    (B, 1, d)."""
+    (B, 1, d). ``attn_temp`` (static) divides the attention logits (guidance's weak branch)."""
     pos_idx = jnp.where(flip, self.num_tokens - 1 - i, i)
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, pos_idx, 1, axis=0)
-    h, cache = self.transformer(self._embed(x_tok.astype(jnp.float32), pos[None], y), cache, i)
+    h, cache = self.transformer(self._embed(x_tok.astype(jnp.float32), pos[None], y), cache, i,
+                                attn_temp)
     a, b = self._params_out(h)
     return (a, b), cache
 
 
 def block_flips(num_blocks):
   return jnp.arange(num_blocks) % 2 == 1
+
+
+GUIDE_WHAT = ("a", "b", "ab")
+
+
+def check_guidance(guidance, guide_what, attn_temp):
+  """Validates ``AutoregressiveFlow.inverse``'s guidance arguments; returns (guidance, attn_temp)
+  as Python floats. They select the traced program, so they must be static (not traced)."""
+  try:
+    guidance, attn_temp = float(guidance), float(attn_temp)
+  except TypeError as e:          # a tracer (jax.errors.ConcretizationTypeError is a TypeError)
+    raise TypeError("guidance and attn_temp must be static Python numbers (they choose the traced "
+                    "program): pass them outside jit / as static arguments") from e
+  if guide_what not in GUIDE_WHAT:
+    raise ValueError(f"guide_what={guide_what!r} is unknown; use one of {GUIDE_WHAT}")
+  if not guidance >= 0:
+    raise ValueError(f"guidance={guidance} must be >= 0 (0 = no guidance)")
+  if not attn_temp > 0:
+    raise ValueError(f"attn_temp={attn_temp} must be > 0 (1 = the plain attention)")
+  return guidance, attn_temp
 
 
 class FlowShape(nn.Module):
@@ -154,7 +179,8 @@ class AutoregressiveFlow(FlowShape):
   """n AF blocks under ``nn.scan``.
 
   __call__(x (B, N, d), y (B,) | None) -> (z (B, N, d), logdet (B,) summed in nats)
-  inverse(z (B, N, d), y (B,) | None) -> x (B, N, d), the exact inverse (fp32)
+  inverse(z (B, N, d), y (B,) | None, guidance=0.0, guide_what='ab', attn_temp=1.0,
+          annealed=False) -> x (B, N, d), the exact inverse (fp32), optionally guided
   """
 
   @nn.compact
@@ -221,34 +247,67 @@ class AutoregressiveFlow(FlowShape):
                             (stacked, block_flips(self.num_blocks)), reverse=True)
     return x, iters
 
-  def inverse(self, z, y=None):
+  def inverse(self, z, y=None, guidance=0.0, guide_what="ab", attn_temp=1.0, annealed=False):
     """Exact inverse x = F^{-1}(z): z (B, N, d) -> x (B, N, d), fp32; ``y`` as in ``__call__``.
 
     Blocks are visited in reverse order by ``lax.scan`` over this flow's stacked block params;
     inside each block, tokens are recovered one at a time by a ``lax.scan`` that feeds the last
     recovered token through the block's transformer with a fixed-size KV cache (no Python loop
     over tokens or blocks).
+
+    Guidance (TARFlow's ``MetaBlock.reverse``, apple/ml-tarflow ``transformer_flow.py``; off by
+    default): with ``guidance`` g > 0, every block also runs a weak branch on the same recovered
+    tokens with its own KV cache: the mean class embedding (``y`` None) and attention logits
+    divided by ``attn_temp``. Token i+1 (i = 0..N-2, in the block's order) then uses
+
+        a <- a + g_i (a - a_u)   if 'a' in guide_what,    b <- b + g_i (b - b_u)   if 'b' in it,
+        g_i = g (constant)  or, with ``annealed``,  g_i = g (i + 1) / (N - 1)  (g/(N-1) .. g),
+
+    (a_u, b_u) the weak branch's params; both branches read the guided tokens. For conditional
+    models this is CFG (attn_temp 1 is plain CFG); for unconditional ones (or ``y`` None) the two
+    branches differ only by ``attn_temp``: TARFlow's unconditional guidance. guidance == 0 (the
+    default) traces the unguided program only (``attn_temp``, ``annealed`` and ``guide_what`` then
+    have no effect). guidance, attn_temp, guide_what and annealed are static: a change recompiles.
+
+    Raises ValueError for guide_what not in ('a', 'b', 'ab'), guidance < 0 or attn_temp <= 0.
     """
+    guidance, attn_temp = check_guidance(guidance, guide_what, attn_temp)
+    guided = guidance > 0
     block = AFBlock(**self.block_kwargs(), parent=None)
     n, bsz = self.num_tokens, z.shape[0]
     head_dim = self.width // self.num_heads
+    if guided:  # g_i for token i+1, i = 0..N-2, in float64 as TARFlow (+ a spare entry for N = 1)
+      ramp = np.arange(1, n) / max(n - 1, 1) if annealed else np.ones(n - 1)
+      g_tok = jnp.asarray(np.append(guidance * ramp, 0.0).astype(np.float32))
 
     def invert_block(zc, xs):
       bp, flip = xs
       zp = jnp.where(flip, zc[:, ::-1], zc)
       cache = tfm.init_cache(self.layers_per_block, bsz, n, self.num_heads, head_dim, self.dtype)
+      caches = (cache, cache) if guided else (cache,)
 
       def token_step(carry, i):
-        xr, cache = carry
+        xr, caches = carry
         x_tok = jax.lax.dynamic_slice_in_dim(xr, i, 1, axis=1)
-        (a, b), cache = block.apply({"params": bp}, x_tok, i, flip, y, cache,
+        (a, b), cache = block.apply({"params": bp}, x_tok, i, flip, y, caches[0],
                                     method=AFBlock.decode_step)
+        if guided:    # the weak branch: mean class embedding, tempered attention, its own cache
+          (a_u, b_u), cache_u = block.apply({"params": bp}, x_tok, i, flip, None, caches[1],
+                                            attn_temp, method=AFBlock.decode_step)
+          g = g_tok[i]
+          if "a" in guide_what:
+            a = a + g * (a - a_u)
+          if "b" in guide_what:
+            b = b + g * (b - b_u)
+          caches = (cache, cache_u)
+        else:
+          caches = (cache,)
         z_next = jax.lax.dynamic_slice_in_dim(zp, i + 1, 1, axis=1)
         x_next = z_next * jnp.exp(a) + b
         xr = jax.lax.dynamic_update_slice_in_dim(xr, x_next, i + 1, axis=1)
-        return (xr, cache), None
+        return (xr, caches), None
 
-      (xp, _), _ = jax.lax.scan(token_step, (zp, cache), jnp.arange(n - 1))
+      (xp, _), _ = jax.lax.scan(token_step, (zp, caches), jnp.arange(n - 1))
       return jnp.where(flip, xp[:, ::-1], xp), None
 
     stacked = nn.unbox(self.variables["params"]["blocks"])

@@ -14,6 +14,9 @@ Attention is ``jax.nn.dot_product_attention`` (logits and softmax in fp32), caus
   * with a fixed-size KV cache ``{'k','v': (B, S, H, Dh)}`` and a write ``index``: the T new
     tokens are written at positions index..index+T-1 and attend to every cached position <= their
     own (decoding; T may be > 1 to prefill a prefix; causal only).
+Both modes take an optional attention temperature ``attn_temp`` (a static Python number): the
+logits are q.k * Dh^-0.5 / attn_temp, TARFlow's ``attn_temp`` (its SDPA ``scale``); the default 1
+passes no scale at all, so the default trace is the plain one.
 LayerNorms run in fp32; matmuls in ``dtype`` (bf16 on accelerators); params are stored in fp32.
 """
 
@@ -88,15 +91,17 @@ class Attention(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x, cache: Cache = None, index=None):
+  def __call__(self, x, cache: Cache = None, index=None, attn_temp: float = 1.0):
     b, t, c = x.shape
     h_ = self.num_heads
     dh = c // h_
+    # logits scale: None (jax's own Dh^-0.5, the default trace) unless a temperature is set
+    scale = None if attn_temp == 1 else dh ** -0.5 / attn_temp
     h = LayerNormF32(self.dtype, name="norm")(x)
     qkv = Projection((3, h_, dh), ("embed", None, "heads", "kv"), 1, self.dtype, name="qkv")(h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, T, H, Dh)
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
       new_cache = None
     elif not self.causal:
       raise ValueError("a KV cache decodes token by token: it needs causal attention")
@@ -109,7 +114,7 @@ class Attention(nn.Module):
       q_pos = index + jnp.arange(t)
       mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # (T, S): cached keys up to own position
       out = jax.nn.dot_product_attention(
-          q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None])
+          q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None], scale=scale)
       new_cache = {"k": ck, "v": cv}
     out = Projection((c,), ("heads", "kv", "embed"), 2, self.dtype, name="proj")(out)
     return out, new_cache
@@ -145,15 +150,16 @@ class Mlp(nn.Module):
 
 class Layer(nn.Module):
   """One residual layer: x + attn(x); x + mlp(x). Written as an ``nn.scan`` body: (carry=x,
-  xs=cache)."""
+  xs=cache; index and attn_temp broadcast)."""
   num_heads: int
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x, cache: Cache, index):
-    a, new_cache = Attention(self.num_heads, self.dtype, self.causal, name="attn")(x, cache, index)
+  def __call__(self, x, cache: Cache, index, attn_temp: float = 1.0):
+    a, new_cache = Attention(self.num_heads, self.dtype, self.causal, name="attn")(
+        x, cache, index, attn_temp)
     x = x + a
     x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(x)
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -164,7 +170,8 @@ class Transformer(nn.Module):
   """L layers under ``nn.scan`` (params stacked on a leading 'layers' axis), optional remat; causal
   unless ``causal=False``.
 
-  __call__(x (B, T, C), cache=None | {'k','v': (L, B, S, H, Dh)}, index=None) -> (x, new_cache)
+  __call__(x (B, T, C), cache=None | {'k','v': (L, B, S, H, Dh)}, index=None, attn_temp=1.0)
+  -> (x, new_cache); ``attn_temp`` (static) divides every layer's attention logits.
   """
   depth: int
   num_heads: int
@@ -174,16 +181,16 @@ class Transformer(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x, cache: Cache = None, index=None):
+  def __call__(self, x, cache: Cache = None, index=None, attn_temp: float = 1.0):
     layer = Layer
-    if self.remat:
-      layer = nn.remat(layer, prevent_cse=False)
+    if self.remat:   # attn_temp (argument 4, counting self) must stay a static Python number
+      layer = nn.remat(layer, prevent_cse=False, static_argnums=(4,))
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast), length=self.depth,
+                      in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x = x.astype(self.dtype)
     layers = scanned(self.num_heads, self.mlp_ratio, self.dtype, self.causal, name="layers")
-    x, new_cache = layers(x, cache, index)
+    x, new_cache = layers(x, cache, index, attn_temp)
     return x, new_cache
 
 

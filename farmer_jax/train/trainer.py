@@ -253,7 +253,7 @@ class Trainer:
             writer.write(s + 1, avg)
             history.append({"step": s + 1, **avg})
             bar.set_postfix(self.progress_postfix(avg))
-          if self.eval_every and (s + 1) % self.eval_every == 0 and s + 1 < end:
+          if self.eval_every and (s + 1) % self.eval_every == 0 and s + 1 < t.steps:
             self.periodic_eval(writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
       if not self.preempted and int(self.state["step"]) > start:
