@@ -9,6 +9,8 @@ is further sharded over the ``axis`` mesh axis on its largest dimension that is 
 divisible by the axis size (big_vision's strategy). Optimizer moments mirror the params' shardings.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -88,6 +90,13 @@ def batch_mesh_axes(rules):
 def batch_slots(mesh, rules):
   """How many ways the batch is split on ``mesh``: the product of its batch mesh axes' sizes."""
   return int(np.prod([mesh.shape[a] for a in batch_mesh_axes(rules)], dtype=np.int64))
+
+
+def eval_batch_size(requested, mesh, rules):
+  """An eval batch rounded up to a multiple of the mesh's data-parallel slots and of the process
+  count (so every process holds an equal, shardable slice of every padded batch)."""
+  unit = math.lcm(batch_slots(mesh, rules), jax.process_count())
+  return -(-int(requested) // unit) * unit
 
 
 def logical_shardings(boxed_tree, mesh, rules):

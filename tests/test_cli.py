@@ -172,7 +172,7 @@ BAD_CASES = [
      ["--num=1 must be >= 2"]),
     ("fid_bad_ref_split", "fid",
      ["fid", "--model={M}", "--features=mnist", "--num=10", "--ref=split:val"],
-     ["--ref=split:val: mnist5k has no split 'val'"]),
+     ["--ref=split:val: mnist5k has no (non-empty) split 'val'", "['test', 'train']"]),
     ("fid_bad_weights", "fid",
      ["fid", "--model={M}", "--inception={W}/a_file", "--ref=split:test", "--num=10"],
      ["{W}/a_file"]),

@@ -170,6 +170,15 @@ def check_config(data, info: DatasetInfo, splits=()):
                "model)")
 
 
+def require_split(data, split, flag, fix):
+  """Refuses (ValueError, naming ``flag``) a split that ``data``'s dataset lacks or that is empty;
+  reads only metadata."""
+  splits = describe(data).splits
+  if splits.get(split, 0) < 1:
+    raise ValueError(f"{flag}: {data.name} has no (non-empty) split {split!r}; its splits: "
+                     f"{sorted(splits)}. Fix: {fix}")
+
+
 def open_split(data, split):
   """The random-access source of one split (see module doc)."""
   if data.name == "mnist5k":

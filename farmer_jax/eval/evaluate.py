@@ -9,7 +9,6 @@ the devices at hand), one compiled step, K uniform dequantization draws per imag
 """
 
 import json
-import math
 import os
 import posixpath
 import time
@@ -28,7 +27,7 @@ EVAL_DIR = "eval"
 
 
 def load_params(workdir=None, model_dir=None, say=print):
-  """(resolved run config, host params, source) of a training run (its newest readable
+  """(resolved run config, ModelConfig, host params, source) of a training run (its newest readable
   checkpoint, EMA params if kept) or of an export."""
   from farmer_jax.sampling.export import latest_run_params, load_model, load_run_config
   if (workdir is None) == (model_dir is None):
@@ -45,13 +44,14 @@ def load_params(workdir=None, model_dir=None, say=print):
               "params": meta.get("params"), "dtype": meta.get("dtype")}
   params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
   config = resolved_config(config)
-  want = jax.tree.structure(abstract_params(validate_model_config(config)))
+  mcfg = validate_model_config(config)
+  want = jax.tree.structure(abstract_params(mcfg))
   if jax.tree.structure(params) != want:
     where = workdir if workdir is not None else model_dir
     raise ValueError(f"{where} does not hold a FARMER model's params (e.g. a `farmer_jax distill` "
                      "run holds only the student). Fix: evaluate the teacher's training run or an "
                      "export (farmer_jax export)")
-  return config, params, source
+  return config, mcfg, params, source
 
 
 def eval_mesh(config, say=print):
@@ -99,7 +99,7 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
                      "draws per image)")
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"--batch={batch_size} must be >= 1")
-  config, params, source = load_params(workdir, model_dir, say=say)
+  config, mcfg, params, source = load_params(workdir, model_dir, say=say)
   e = EvalConfig.from_config(config)
   split = split or e.split
   k = dequant_samples or e.dequant_samples
@@ -109,15 +109,10 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
     config.data.data_dir = data_dir
   from farmer_jax.data import pipeline, sources
   data = DataConfig.from_config(config)
-  info = sources.describe(data)
-  if info.splits.get(split, 0) < 1:
-    raise ValueError(f"--split={split}: {data.name} has no (non-empty) split {split!r}; its "
-                     f"splits: {sorted(info.splits)}. Fix: pass one of them")
-  mcfg = validate_model_config(config)
+  sources.require_split(data, split, f"--split={split}", "pass one of them")
   mesh = eval_mesh(config, say)
   rules = tuple(tuple(r) for r in config.sharding_rules)
-  unit = math.lcm(sharding.batch_slots(mesh, rules), jax.process_count())
-  gb = -(-(batch_size or e.batch_size) // unit) * unit
+  gb = sharding.eval_batch_size(batch_size or e.batch_size, mesh, rules)
   batches, steps, n = pipeline.eval_batches(data, split, gb, jax.process_index(),
                                             jax.process_count())
   batch_sh = sharding.batch_sharding(mesh, rules)

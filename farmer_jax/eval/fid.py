@@ -126,11 +126,8 @@ def check_split(config, split):
   """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset does not have."""
   from farmer_jax.config import DataConfig
   from farmer_jax.data import sources
-  data = DataConfig.from_config(config)
-  info = sources.describe(data)
-  if info.splits.get(split, 0) < 1:
-    raise ValueError(f"--ref={SPLIT_PREFIX}{split}: {data.name} has no split {split!r} (its "
-                     f"splits: {sorted(info.splits)}). Fix: use one of them, or a reference .npz")
+  sources.require_split(DataConfig.from_config(config), split, f"--ref={SPLIT_PREFIX}{split}",
+                        "use one of them, or a reference .npz")
 
 
 def reference_from_split(net, config, split, cache=None, say=print, progress=True):
@@ -328,8 +325,8 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
   settings_hash = hashlib.sha256(json.dumps(sc, sort_keys=True).encode()).hexdigest()[:8]
   tag = f"{features}_n{num}_cfg{s.cfg.w:g}_seed{seed}_{settings_hash}"
   out = out or os.path.join(model_dir, "eval", f"fid_{tag}.json")
-  if not out.endswith(".json"):
-    raise ValueError(f"--out={out}: the result is JSON. Fix: name it *.json")
+  from farmer_jax.eval.evaluate import check_output
+  check_output(out)
   dump = dump or out[:-len(".json")] + ".features"
   if features == "inception":
     net = inception_net(inception)

@@ -3,7 +3,6 @@ step -> loop), checkpoint/resume and SIGTERM. The step is train/step.py's, the s
 train/state.py's; the post-training report is train/report.py's."""
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -222,6 +221,7 @@ class Trainer:
                desc="train", dynamic_ncols=True)
     tick, tick_step = time.time(), start
     stop = self.stop
+    eval_every = self.eval_every   # config.eval.every, parsed once (not on every step)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(
         signal.SIGTERM) in (signal.SIG_DFL, None):
       install_sigterm(stop)
@@ -253,7 +253,7 @@ class Trainer:
             writer.write(s + 1, avg)
             history.append({"step": s + 1, **avg})
             bar.set_postfix(self.progress_postfix(avg))
-          if self.eval_every and (s + 1) % self.eval_every == 0 and s + 1 < t.steps:
+          if eval_every and (s + 1) % eval_every == 0 and s + 1 < t.steps:
             self.periodic_eval(writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
       if not self.preempted and int(self.state["step"]) > start:
@@ -297,9 +297,9 @@ class Trainer:
     (data/pipeline.py ``eval_batches``: every example once, masked padding). The eval batch is
     rounded up to a multiple of the mesh's data-parallel slots and of the process count."""
     e = EvalConfig.from_config(self.config)
-    unit = math.lcm(sharding.batch_slots(self.mesh, self.rules), jax.process_count())
     return eval_batches(DataConfig.from_config(self.config), e.split,
-                        -(-e.batch_size // unit) * unit, jax.process_index(), jax.process_count())
+                        sharding.eval_batch_size(e.batch_size, self.mesh, self.rules),
+                        jax.process_index(), jax.process_count())
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])
