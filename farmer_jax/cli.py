@@ -1,7 +1,7 @@
 """The ``farmer_jax`` console script: ``farmer_jax <command> --flags``; also
 ``python -m farmer_jax``.
 
-Commands: train, distill, export, sample, eval, fid, prepare, check.
+Commands: train, distill, export, sample, eval, fid, prepare, check, convert.
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax distill --config=configs/quickstart.py:distill=1 --teacher=/tmp/run --workdir=/tmp/s
@@ -14,6 +14,9 @@ Commands: train, distill, export, sample, eval, fid, prepare, check.
   farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos [--image_size=256]
   farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run --devices=64 \
       --processes=16
+  farmer_jax convert --from=tarflow --ckpt=afhq_model_8_768_8_8_0.07.pth --out=/tmp/afhq \
+      [--config=configs/tarflow.py:afhq256 --config.data.name=tfds:afhq] [--pixels=tarflow]
+  farmer_jax convert --to=tarflow --model=/tmp/afhq --out=afhq.pth
 
 Errors: a bad value (config field, flag, path) is refused before any work or any file is
 written. Every expected failure prints ONE line ``farmer_jax <command>: <message>`` as the last
@@ -131,6 +134,18 @@ flags.DEFINE_integer("quality", 95, "prepare: JPEG quality.")
 flags.DEFINE_integer("workers", None,
                      "prepare: decoding processes (default: the CPU count, at most 16; 0 = none).")
 
+# convert
+flags.DEFINE_enum("from", None, ["tarflow"], "convert: the format of --ckpt (a TARFlow "
+                  "model.state_dict() .pth/.npz) to convert into an export at --out.")
+flags.DEFINE_enum("to", None, ["tarflow"], "convert: write the AF of the export --model as a "
+                  "TARFlow state_dict at --out (.pth or .npz).")
+flags.DEFINE_string("ckpt", None, "convert: the checkpoint file to convert.")
+flags.DEFINE_string("ckpt_key", None, "convert: the entry of a wrapping dict that holds the "
+                    "state_dict (e.g. 'model').")
+flags.DEFINE_enum("pixels", "tarflow", ["tarflow", "farmer"], "convert: the pixel mapping the "
+                  "converted model expects: tarflow (2v/255 - 1, what TARFlow trains on) or "
+                  "farmer ((v + 0.5)/128 - 1).")
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
 _EXPECTED_ERRNOS = {
@@ -246,6 +261,9 @@ def sampler_overrides(cfg_w, guidance, extra, inverse=None):
         out[k] = v
         continue
       num = _number(v)
+      if SAMPLER_FIELDS[k][2] is bool:   # true/false/1/0; SamplerConfig refuses anything else
+        out[k] = v if num is None else num
+        continue
       if num is None:
         raise ValueError(f"--sampler={extra}: {k}={v!r} is not a number")
       out[k] = num
@@ -279,7 +297,8 @@ def _sample(argv):
     SamplerConfig.from_config(over)
   except ValueError as e:
     raise _sampler_error(e) from e
-  from farmer_jax.sampling.export import ExportError, load_model, load_student
+  from farmer_jax.config import check_sampler_for_model
+  from farmer_jax.sampling.export import ExportError, load_latent_var, load_model, load_student
   from farmer_jax.sampling.generate import (
       describe_stats, generate, parse_classes, write_outputs)
   mcfg, params, config, meta = load_model(FLAGS.model)
@@ -289,6 +308,7 @@ def _sample(argv):
   sc.update(over)
   try:
     sampler = SamplerConfig.from_config(sc)
+    check_sampler_for_model(sampler, mcfg)
   except ValueError as e:
     raise _sampler_error(e) from e
   student = None
@@ -308,7 +328,8 @@ def _sample(argv):
       FLAGS.batch,
       progress=not FLAGS.quiet,
       return_stats=True,
-      student_params=student)
+      student_params=student,
+      latent_var=load_latent_var(FLAGS.model, mcfg, meta))
   write_outputs(images, labels, FLAGS.out, FLAGS.npz, stats)
   line = describe_stats(stats, sampler)
   if line:
@@ -390,8 +411,29 @@ def _check(argv):
           "by every host (e.g. NFS), or each host checkpoints to its own disk")
 
 
+def _convert(argv):
+  src, dst = FLAGS["from"].value, FLAGS["to"].value
+  if bool(src) == bool(dst) or not FLAGS.out:
+    raise app.UsageError("pass --from=tarflow --ckpt=FILE --out=EXPORT_DIR, or --to=tarflow "
+                         "--model=EXPORT_DIR --out=FILE.pth")
+  from farmer_jax.interop import convert
+  say = (lambda _: None) if FLAGS.quiet else print
+  if src:
+    if not FLAGS.ckpt:
+      raise app.UsageError("--from=tarflow needs --ckpt (the TARFlow checkpoint file)")
+    convert.from_tarflow(FLAGS.ckpt, FLAGS.out, config=FLAGS.config,
+                         in_channels=FLAGS.channels if FLAGS["channels"].present else None,
+                         pixels=FLAGS.pixels, overwrite=FLAGS.overwrite, key=FLAGS.ckpt_key,
+                         say=say)
+  else:
+    if not FLAGS.model:
+      raise app.UsageError("--to=tarflow needs --model (an export directory)")
+    convert.to_tarflow(FLAGS.model, FLAGS.out, overwrite=FLAGS.overwrite, say=say)
+
+
 COMMANDS = {"train": _train, "distill": _distill, "export": _export, "sample": _sample,
-            "eval": _eval, "fid": _fid, "prepare": _prepare, "check": _check}
+            "eval": _eval, "fid": _fid, "prepare": _prepare, "check": _check,
+            "convert": _convert}
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"
     f"commands: {', '.join(COMMANDS)}\n"
@@ -555,7 +597,7 @@ def _flags_parser(cmd, debug):
       rest = FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - flag and config-file errors become one line
       _fail(cmd, flag_error_message(e, argv), 2, show_traceback=debug, keep_stderr=debug)
-    if cmd == "train" and FLAGS["config"].present:
+    if cmd in ("train", "convert") and FLAGS["config"].present:
       config = FLAGS.config
       spec = _config_spec(argv)
       if config is None:

@@ -26,6 +26,13 @@ AR_ORDERS = ("alternate", "same")
 GUIDANCE_MODES = ("none", "resampling", "naive")
 INVERSES = ("exact", "jacobi", "student")
 RESIZE_MODES = ("none", "center_crop")
+# model.prior: 'ar' = FARMER's AR transformer with GMM heads; 'standard_normal' = N(0, I) over the
+# AF's latents (TARFlow; no prior params)
+PRIORS = ("ar", "standard_normal")
+# model.pixels: how uint8 pixels map to model space (conventions.PIXEL_MAPPINGS)
+PIXELS = ("farmer", "tarflow")
+# which of the AF's (log-scale a, shift b) the guided AF inverse extrapolates (sample.af_guide_what)
+AF_GUIDE_WHAT = ("a", "b", "ab")
 
 
 def jnp_dtype(name):
@@ -60,6 +67,11 @@ class ModelConfig:
   flow_final_norm: bool = True
   # AR prior vs the last AF block: "alternate" (opposite order) | "same"
   ar_order: str = "alternate"
+  # the density of the AF's latents: "ar" (FARMER) | "standard_normal" (TARFlow; the ar_* and
+  # GMM fields below are then unused); PRIORS
+  prior: str = "ar"
+  # uint8 <-> model space: "farmer" ((v + 0.5)/128 - 1) | "tarflow" (2v/255 - 1); PIXELS
+  pixels: str = "farmer"
   # AR prior
   ar_width: int = 128
   ar_depth: int = 2
@@ -181,7 +193,7 @@ def resolved_config(config):
     for f in dataclasses.fields(ModelConfig):
       if f.name not in model and f.name not in ("image_size", "channels", "num_classes"):
         model[f.name] = f.default
-  for name, cls in (("data", DataConfig), ("eval", EvalConfig)):
+  for name, cls in (("data", DataConfig), ("eval", EvalConfig), ("train", TrainConfig)):
     sec = out.get(name)
     if sec is not None:  # a config.json written before some of these fields existed
       for f in dataclasses.fields(cls):
@@ -252,7 +264,7 @@ def validate_model(m: ModelConfig):
   if m.dimred not in DIMRED_MODES:
     raise _err("model.dimred", m.dimred, "unknown dimension-reduction mode",
                f"use one of {DIMRED_MODES}")
-  if m.dimred != "none":
+  if m.dimred != "none" and m.prior == "ar":    # (a standard_normal prior splits nothing)
     d = m.token_dim
     if not isinstance(m.d_informative, int) or not 1 <= m.d_informative < d:
       raise _err(
@@ -267,6 +279,12 @@ def validate_model(m: ModelConfig):
         f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
         "permute)"
     )
+  if m.prior not in PRIORS:
+    raise _err("model.prior", m.prior, "unknown prior over the AF latents",
+               f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))")
+  if m.pixels not in PIXELS:
+    raise _err("model.pixels", m.pixels, "unknown pixel mapping",
+               f"use one of {PIXELS} ('tarflow' for models trained on 2v/255 - 1)")
   if m.scale_fn not in SCALE_FNS:
     raise _err("model.scale_fn", m.scale_fn, "unknown scale parameterisation",
                f"use one of {SCALE_FNS}")
@@ -483,6 +501,10 @@ class TrainConfig(_Section):
   profile_start: int = _field(10, ("int", 0, None, "e.g. --config.train.profile_start=100"))
   profile_steps: int = _field(0, ("int", 0, "an integer >= 0 (0 = no trace)",
                                   "e.g. --config.train.profile_steps=5"))
+  # a TARFlow checkpoint (.pth / .npz state_dict) whose AF starts a fresh run (the AR prior starts
+  # from its init; ignored on resume); the model config must describe that AF (docs/pytorch.md)
+  init_flow: str = _field("", ("str", None, None,
+                               "e.g. --config.train.init_flow=afhq_model_8_768_8_8_0.07.pth"))
 
   @property
   def noise_anneal_steps(self):
@@ -594,6 +616,21 @@ class SamplerConfig(NamedTuple):
   inverse: str = "exact"
   jacobi_tol: float = 1e-4
   jacobi_max_iters: int = 0
+  # TARFlow's guided reverse, in the exact AF inverse (docs/sampling.md; the guidance of a
+  # standard_normal-prior model): strength (0 = off), what it extrapolates (AF_GUIDE_WHAT), the
+  # weak branch's attention temperature, and a guidance ramping up over the tokens (annealed)
+  af_guidance: float = 0.0
+  af_guide_what: str = "ab"
+  af_attn_temp: float = 1.0
+  af_annealed: bool = False
+
+  @property
+  def af_guide(self):
+    """The guidance kwargs of ``AutoregressiveFlow.inverse``, or None when af_guidance is 0."""
+    if not self.af_guidance:
+      return None
+    return dict(guidance=float(self.af_guidance), guide_what=self.af_guide_what,
+                attn_temp=float(self.af_attn_temp), annealed=bool(self.af_annealed))
 
   @property
   def informative_pool(self):
@@ -641,6 +678,12 @@ SAMPLER_KEYS = tuple(SAMPLER_FIELDS)
 
 
 def _sampler_value(key, v, typ):
+  if typ is bool:
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+      return v.lower() == "true"
+    if not (isinstance(v, (bool, np.bool_)) or (is_int(v) and v in (0, 1))):
+      raise ValueError(f"{key}={v!r} must be true or false")
+    return bool(v)
   if typ is int:
     if not (_is_real(v) and v == int(v)):
       raise ValueError(f"{key}={v!r} must be an integer")
@@ -682,6 +725,26 @@ def validate_sampler(s: SamplerConfig):
   if not is_int(s.jacobi_max_iters) or s.jacobi_max_iters < 0:
     raise ValueError(f"jacobi_max_iters={s.jacobi_max_iters} must be an integer >= 0 (0 = N - 1, "
                      "the exact inverse)")
+  if not (_is_real(s.af_guidance) and s.af_guidance >= 0 and math.isfinite(s.af_guidance)):
+    raise ValueError(f"af_guidance={s.af_guidance} must be a finite number >= 0 (0 = off)")
+  if s.af_guide_what not in AF_GUIDE_WHAT:
+    raise ValueError(f"af_guide_what={s.af_guide_what!r} is unknown; use one of {AF_GUIDE_WHAT}")
+  if not (_is_real(s.af_attn_temp) and s.af_attn_temp > 0 and math.isfinite(s.af_attn_temp)):
+    raise ValueError(f"af_attn_temp={s.af_attn_temp} must be a finite number > 0 (1 = plain "
+                     "attention)")
+  if s.af_guidance and s.inverse != "exact":
+    raise ValueError(f"af_guidance={s.af_guidance} guides the exact AF inverse, but "
+                     f"inverse={s.inverse!r}; use inverse=exact or af_guidance=0")
+
+
+def check_sampler_for_model(s: SamplerConfig, m: ModelConfig):
+  """What a sampler needs of the model; ValueError naming the setting."""
+  if m.prior == "standard_normal" and s.guidance != "none":
+    raise ValueError(f"guidance={s.guidance!r} guides the AR prior's GMMs, but this model's "
+                     "prior is standard_normal (e.g. a converted TARFlow); use guidance=none "
+                     "(--cfg=0) and TARFlow's guidance af_guidance=W (--sampler=af_guidance=W)")
+  if m.prior == "standard_normal" and s.inverse == "student":
+    raise ValueError("inverse='student' needs a distilled FARMER export; use inverse=exact")
 
 
 def sampler_defaults():
@@ -831,6 +894,11 @@ def validate(config, workdir=None, num_devices=None, num_processes=None):
          "a run's sample grid is drawn with its own model, which carries no distilled student",
          "use --config.sample.inverse=exact or jacobi (the student is used by `farmer_jax sample "
          "--inverse=student` on an export made with --student)")
+  try:
+    check_sampler_for_model(grid.sampler, m)
+  except ValueError as e:
+    raise ConfigError(f"config.sample.guidance={grid.sampler.guidance!r} is invalid: {e}. Fix: "
+                      "set --config.sample.guidance=none and --config.sample.cfg=0") from None
   _validate_mesh(config, config.train, info.splits.get(d.train_split), num_devices,
                  num_processes)
   if workdir is not None:

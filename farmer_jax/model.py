@@ -7,6 +7,10 @@ redundant dims, C AR width.
       --[flip if cfg.ar_flip]--> z^I, z^R
     log p(x) = sum_i log p(z^I_i | z^I_<i, y) + sum_i log p(z^R_i | z^I, y) + logdet          (nats)
 
+With ``cfg.prior == 'standard_normal'`` (TARFlow: a converted TARFlow checkpoint is exactly this)
+there is no AR prior and no params besides the flow's: log p(x) = sum log N(z; 0, I) + logdet, the
+whole prior term reported as ``log_prob_i`` and ``log_prob_r`` = 0.
+
 Labels: AR labels are 0..num_classes-1 plus ``cfg.null_class`` (no class: the unconditional model,
 CFG's unconditional stream, label drop); ``null_labels`` builds null labels, ``flow_label`` maps AR
 labels to the AF's.
@@ -32,6 +36,13 @@ def make_flow(c: ModelConfig, cls=AutoregressiveFlow):
       num_blocks=c.flow_blocks, layers_per_block=c.flow_layers, num_heads=c.flow_heads,
       num_classes=c.num_classes if c.flow_class_conditional else 0, mlp_ratio=c.mlp_ratio,
       dtype=c.jnp_dtype, remat=c.remat, final_norm=c.flow_final_norm)
+
+
+def standard_normal_log_prob(z):
+  """sum of log N(z; 0, I) over all but the batch axis: z (B, ...) -> (B,) fp32 nats."""
+  z = z.astype(jnp.float32)
+  lp = -0.5 * (jnp.square(z) + jnp.log(2 * jnp.pi))
+  return jnp.sum(lp.reshape(z.shape[0], -1), axis=-1)
 
 
 def null_labels(cfg: ModelConfig, n: int):
@@ -63,7 +74,8 @@ class Farmer(nn.Module):
 
   def setup(self):
     self.flow = make_flow(self.cfg)
-    self.prior = ARPrior(self.cfg)
+    if self.cfg.prior == "ar":
+      self.prior = ARPrior(self.cfg)
 
   def encode(self, x, y):
     """Images -> (z in AR order (B, N, d), logdet (B,))."""
@@ -75,6 +87,10 @@ class Farmer(nn.Module):
   def __call__(self, x, y):
     c = self.cfg
     z, logdet = self.encode(x, y)
+    if c.prior == "standard_normal":
+      lp = standard_normal_log_prob(z)
+      return dict(z=z, logdet=logdet, log_prob_i=lp, log_prob_r=jnp.zeros_like(lp),
+                  log_prob=lp + logdet)
     z_i, z_r = split_channels(z, c.d_i)
     g_i, g_r = self.prior(z_i, y)
     lp_i = jnp.sum(gmm.log_prob(g_i, z_i), axis=-1)
@@ -97,28 +113,33 @@ class Farmer(nn.Module):
     """h (B, C) after z^I_N -> the GMM shared by every redundant token (dimred='farmer')."""
     return self.prior.gmm_redundant(h)
 
-  def decode(self, z, y, inverse="exact", tol=0.0, max_iters=0):
+  def decode(self, z, y, inverse="exact", tol=0.0, max_iters=0, guide=None):
     """Latents in AR order (B, N, d) -> (images (B, H, W, c), Jacobi iterations per block (n,)
     or None) via the AF inverse: 'exact' (sequential over tokens) or 'jacobi' (parallel
-    fixed-point iterations, ``AutoregressiveFlow.inverse_jacobi``; ``max_iters`` 0 = N - 1)."""
+    fixed-point iterations, ``AutoregressiveFlow.inverse_jacobi``; ``max_iters`` 0 = N - 1).
+    ``guide``: None, or the static kwargs of the exact inverse's guidance (TARFlow's guided
+    reverse: ``guidance``, ``guide_what``, ``attn_temp``, ``annealed``; exact inverse only)."""
     c = self.cfg
     if c.ar_flip:
       z = z[:, ::-1]
     iters = None
     if inverse == "jacobi":
+      if guide:
+        raise ValueError("AF guidance (af_guidance > 0) needs inverse='exact'")
       tokens, iters = self.flow.inverse_jacobi(z, flow_label(c, y), max_iters=max_iters or None,
                                                tol=tol)
     elif inverse == "exact":
-      tokens = self.flow.inverse(z, flow_label(c, y))
+      tokens = self.flow.inverse(z, flow_label(c, y), **(guide or {}))
     else:
       raise ValueError(f"inverse={inverse!r} is unknown; use 'exact' or 'jacobi'")
     return unpatchify(tokens, c.patch_size, c.image_size, c.channels), iters
 
 
-def decode_latents(cfg: ModelConfig, params, z, y, inverse="exact", tol=0.0, max_iters=0):
+def decode_latents(cfg: ModelConfig, params, z, y, inverse="exact", tol=0.0, max_iters=0,
+                   guide=None):
   """``Farmer.decode`` with the model's params: z (B, N, d) in AR order -> (images (B, H, W, c),
   Jacobi iterations per block or None)."""
-  return Farmer(cfg).apply({"params": params}, z, y, inverse, tol, max_iters,
+  return Farmer(cfg).apply({"params": params}, z, y, inverse, tol, max_iters, guide,
                            method=Farmer.decode)
 
 

@@ -41,7 +41,8 @@ PROFILE = "profile"
 EXPORT_META = "export.json"
 EXPORT_PARAMS = "params"
 EXPORT_STUDENT = "student"
-EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS, EXPORT_STUDENT})
+EXPORT_LATENT_VAR = "latent_var.npy"
+EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS, EXPORT_STUDENT, EXPORT_LATENT_VAR})
 
 
 class _Layout:
@@ -69,9 +70,10 @@ class RunDir(_Layout):
 
 
 class ExportDir(_Layout):
-  """Paths of an export folder: .meta .config .params [.student]"""
+  """Paths of an export folder: .meta .config .params [.student] [.latent_var]"""
   _FILES = {"meta": (EXPORT_META, False), "config": (CONFIG, False),
-            "params": (EXPORT_PARAMS, False), "student": (EXPORT_STUDENT, False)}
+            "params": (EXPORT_PARAMS, False), "student": (EXPORT_STUDENT, False),
+            "latent_var": (EXPORT_LATENT_VAR, False)}
 
 
 def read_saved_config(directory):

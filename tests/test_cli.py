@@ -178,6 +178,23 @@ BAD_CASES = [
      ["{W}/a_file"]),
     ("fid_bad_cfg", "fid", ["fid", "--model={M}", "--features=mnist", "--cfg=-1"],
      ["cfg=-1"]),
+    ("convert_no_direction", "convert", ["convert", "--ckpt={W}/a_file", "--out={W}/m"],
+     ["pass --from=tarflow --ckpt=FILE --out=EXPORT_DIR, or --to=tarflow"]),
+    ("convert_missing_ckpt", "convert",
+     ["convert", "--from=tarflow", "--ckpt={W}/nope.pth", "--out={W}/m"],
+     ["--ckpt={W}/nope.pth does not exist"]),
+    ("convert_not_a_checkpoint", "convert",
+     ["convert", "--from=tarflow", "--ckpt={W}/a_file", "--out={W}/m"], ["{W}/a_file"]),
+    ("convert_onto_export", "convert",
+     ["convert", "--from=tarflow", "--ckpt={W}/a_file", "--out={M}"], ["already exists"]),
+    ("convert_farmer_to_tarflow", "convert",
+     ["convert", "--to=tarflow", "--model={M}", "--out={W}/t.pth"],
+     ["flow_final_norm", "cannot be written as a TARFlow checkpoint"]),
+    ("convert_to_bad_suffix", "convert",
+     ["convert", "--to=tarflow", "--model={M}", "--out={W}/t.bin"], [".pth (PyTorch) or .npz"]),
+    ("sample_af_guidance_with_jacobi", "sample",
+     ["sample", "--model={M}", "--inverse=jacobi", "--sampler=af_guidance=2", "--out={W}/x.png"],
+     ["af_guidance=2", "inverse='jacobi'"]),
 ]
 
 

@@ -458,5 +458,5 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   assert configlib.load("imagenet256:1.1B/16,distill=1").train.steps == 60 * 1_281_167 // 256
   assert configlib.load("quickstart:distill=1").train.steps == 1000
   with pytest.raises(ConfigError, match=r"unknown config 'quickstar'; available configs: "
-                                        r"\['imagenet256', 'quickstart'\]"):
+                                        r"\['imagenet256', 'quickstart', 'tarflow'\]"):
     configlib.load("quickstar:tiny")

@@ -65,8 +65,9 @@ def test_overwrite_never_replaces_the_run_or_foreign_files(trained_run, tmp_path
   afile = tmp_path / "model.bin"
   afile.write_bytes(b"not a directory")
   before = snapshot(tmp_path)
-  cases = [(wd, "is the training run itself"), (root, f"contains the training run {wd}"),
-           (tmp_path, f"contains the training run {wd}"), (notes, "is not a farmer_jax export"),
+  inside = f"contains {wd}, which it is exported from"
+  cases = [(wd, "is the training run itself"), (root, inside),
+           (tmp_path, inside), (notes, "is not a farmer_jax export"),
            (wd / CHECKPOINTS, "is not a farmer_jax export"),
            (afile, "exists and is not a directory"),
            (afile / "sub", f"{afile} is a file, not a directory")]

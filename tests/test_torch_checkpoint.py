@@ -1,6 +1,7 @@
 """farmer_jax.interop.torch_checkpoint: reading torch.save files without torch. The format tests
 write real torch.save files (zip and legacy) and compare with torch's own values (need torch);
-the rest (npz, errors, refused pickles) run without torch."""
+the rest (npz, errors, refused pickles) run without torch. The save_state_dict tests write
+without torch and read back with torch.load (need torch) and with load_state_dict."""
 
 import argparse
 import collections
@@ -10,7 +11,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
+from farmer_jax.interop import torch_checkpoint
+from farmer_jax.interop.torch_checkpoint import (CheckpointError, load_state_dict,
+                                                 save_state_dict)
 
 
 def _torch_state_dict(torch):
@@ -201,3 +204,142 @@ def test_hand_written_legacy_file(tmp_path):
   want = np.lib.stride_tricks.as_strided(values[1:], (2, 2), (2, 4))
   assert got["w"].dtype == np.float16
   np.testing.assert_array_equal(got["w"], want)
+
+
+def _numpy_state_dict():
+  """Every dtype save_state_dict writes (bar bfloat16), a 0-d, empty and non-contiguous array."""
+  rng = np.random.default_rng(0)
+  return collections.OrderedDict([
+      ("layer.weight", rng.standard_normal((3, 4)).astype(np.float32)),
+      ("f64", rng.standard_normal(5)),
+      ("f16", np.array([1.5, -2.0, 65504.0], np.float16)),
+      ("i64", np.array([-3, 2 ** 40, 7], np.int64)),
+      ("i32", np.array([1, -2, 2 ** 31 - 1], np.int32)),
+      ("i16", np.array([-5, 300], np.int16)),
+      ("i8", np.array([-128, 127], np.int8)),
+      ("u8", np.array([0, 7, 255], np.uint8)),
+      ("flag", np.array([True, False, True])),
+      ("c64", np.array([1 + 2j, -0.5j], np.complex64)),
+      ("scalar", np.array(2.5, np.float32)),
+      ("count", np.int64(7)),  # a numpy scalar: a 0-d tensor
+      ("empty", np.zeros((2, 0, 3), np.float32)),
+      ("transposed", rng.standard_normal((4, 6))[::2, ::-3].T),  # non-contiguous, negative
+      ("big_endian", np.arange(4, dtype=">i4")),
+      ("a", np.ones(1, np.float32)),  # not sorted: order is the mapping's
+  ])
+
+
+def _data_offsets(path):
+  """{record name: offset of its data in the file} of a stored (uncompressed) zip."""
+  offsets = {}
+  with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+    for info in zf.infolist():
+      f.seek(info.header_offset + 26)
+      name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+      offsets[info.filename] = info.header_offset + 30 + int(name_len) + int(extra_len)
+      assert info.compress_type == zipfile.ZIP_STORED, info.filename
+  return offsets
+
+
+def test_save_read_by_torch(tmp_path):
+  torch = pytest.importorskip("torch")
+  sd = _numpy_state_dict()
+  path = tmp_path / "my.model.pth"
+  save_state_dict(path, sd)
+  for weights_only in (True, False):
+    loaded = torch.load(path, weights_only=weights_only)
+    assert type(loaded) is collections.OrderedDict and list(loaded) == list(sd)
+    for k, want in sd.items():
+      t = loaded[k]
+      assert isinstance(t, torch.Tensor) and not t.requires_grad and t.is_contiguous(), k
+      got = t.numpy()
+      assert got.dtype == want.dtype.newbyteorder("=") and got.shape == np.shape(want), k
+      np.testing.assert_array_equal(got, want, err_msg=k)
+  assert loaded["empty"].stride() == torch.zeros(2, 0, 3).stride()
+  offsets = _data_offsets(path)
+  assert {n.split("/", 1)[0] for n in offsets} == {"my.model"}  # the archive: the file's stem
+  assert all(offset % 64 == 0 for offset in offsets.values())
+  with zipfile.ZipFile(path) as zf:
+    assert zf.read("my.model/version") == b"3\n" and zf.read("my.model/byteorder") == b"little"
+  save_state_dict(path, {})
+  assert torch.load(path, weights_only=True) == collections.OrderedDict()
+
+
+def test_save_bfloat16_read_by_torch(tmp_path):
+  torch = pytest.importorskip("torch")
+  ml_dtypes = pytest.importorskip("ml_dtypes")
+  w = np.array([[1.5, -3.25], [0.0078125, 3e38]], ml_dtypes.bfloat16)
+  save_state_dict(tmp_path / "bf16.pt", {"w": w})
+  t = torch.load(tmp_path / "bf16.pt", weights_only=True)["w"]
+  assert t.dtype == torch.bfloat16
+  np.testing.assert_array_equal(t.float().numpy(), w.astype(np.float32))
+  got = load_state_dict(tmp_path / "bf16.pt")["w"]  # widened to float32, exactly
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, w.astype(np.float32))
+
+
+class _ArrayLike:
+  """Not an ndarray, but converts to one (as jax arrays do)."""
+
+  def __init__(self, array):
+    self._array = array
+
+  def __array__(self, dtype=None, copy=None):
+    return self._array
+
+
+def test_save_round_trip_without_torch(tmp_path):
+  sd = _numpy_state_dict()
+  sd["array_like"] = _ArrayLike(np.arange(6, dtype=np.int16).reshape(2, 3))
+  path = tmp_path / "ckpt.ckpt"
+  save_state_dict(path, sd)
+  got = load_state_dict(path)
+  assert list(got) == list(sd)
+  for k, want in sd.items():
+    want = np.asarray(want)
+    assert got[k].dtype == want.dtype.newbyteorder("=") and got[k].shape == want.shape, k
+    np.testing.assert_array_equal(got[k], want, err_msg=k)
+  assert [p.name for p in tmp_path.iterdir()] == ["ckpt.ckpt"]  # no temporary file left
+  before = path.read_bytes()
+  save_state_dict(path, sd)  # overwrite; the same arrays give the same bytes
+  assert path.read_bytes() == before
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+  good = {"w": np.ones(3, np.float32)}
+  bad_values = [
+      ({"w": np.ones(2), 3: np.ones(2)}, r"key 3 \(int\) is not a str.*str\(\)"),
+      ({"w": np.ones(2), "obj": np.array([{}], dtype=object)},
+       r"entry 'obj' has dtype object.*supported: float64.*\.astype"),
+      ({"u16": np.ones(2, np.uint16)}, r"entry 'u16' has dtype uint16"),
+      ({"lst": [1.0, 2.0]}, r"entry 'lst' is a list of 2 items, not an array.*np\.asarray"),
+      ({"n": None}, r"entry 'n' is NoneType None, not an array"),
+      ([np.ones(2)], r"the state_dict is a list of 1 items, expected a mapping"),
+  ]
+  new = tmp_path / "new.pth"
+  existing = tmp_path / "existing.pth"
+  save_state_dict(existing, good)
+  before = existing.read_bytes()
+  for bad, match in bad_values:
+    for path in (new, existing):
+      with pytest.raises(CheckpointError, match=f"{path.name}: {match}"):
+        save_state_dict(path, bad)
+  with pytest.raises(CheckpointError, match=r"new\.npz: .*np\.savez"):
+    save_state_dict(tmp_path / "new.npz", good)
+  with pytest.raises(CheckpointError, match="does not exist"):
+    save_state_dict(tmp_path / "missing" / "new.pth", good)
+
+  real_write = torch_checkpoint._write_record
+
+  def failing_write(zf, f, name, data):  # the disk fills up after the first storage
+    if name.endswith("/data/1"):
+      raise OSError(28, "No space left on device")
+    real_write(zf, f, name, data)
+
+  monkeypatch.setattr(torch_checkpoint, "_write_record", failing_write)
+  for path in (new, existing):
+    with pytest.raises(OSError, match="No space left"):
+      save_state_dict(path, {"a": np.ones(2), "b": np.ones(2)})
+  assert [p.name for p in tmp_path.iterdir()] == ["existing.pth"]  # no new file, no temp file
+  assert existing.read_bytes() == before
+  np.testing.assert_array_equal(load_state_dict(existing)["w"], good["w"])

@@ -93,7 +93,8 @@ class DistillTrainer(Trainer):
 
     def batch_loss(params, batch, rng, s, teacher):
       k_noise, k_s = jax.random.split(rng)
-      x = conventions.dequantize(k_noise, batch["image"], "gaussian", t.noise_min)
+      x = conventions.dequantize(k_noise, batch["image"], "gaussian", t.noise_min,
+                                 mcfg.pixels)
       y = batch["label"].astype(jnp.int32)
       loss, per_block = distill_loss(mcfg, params, teacher, x, y, k_s)
       return loss, {f"block_{i}": per_block[i] for i in range(mcfg.flow_blocks)}
@@ -119,7 +120,7 @@ def reconstruction_error(tr, student_params):
 
   @jax.jit
   def errs(sp, teacher, b):
-    x = conventions.uint8_to_centre(b["image"])
+    x = conventions.uint8_to_centre(b["image"], cfg.pixels)
     zs = teacher_path(cfg, teacher, x, b["label"])
     xr, _ = student.apply({"params": sp}, zs[-1], flow_label(cfg, b["label"]))
     m = b["mask"].astype(jnp.float32)

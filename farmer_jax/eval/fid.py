@@ -225,7 +225,7 @@ def _open_dump(dump, signature, say):
 
 def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None,
                     signature=None, progress=True, say=print, student_params=None,
-                    out_sharding=None):
+                    out_sharding=None, latent_var=None):
   """Draws ``num`` class-balanced samples (``balanced_labels``) in batches and returns their
   features {'pool': (num, F), 'logits': (num, L), 'labels': (num,)}.
 
@@ -241,7 +241,7 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   covered = np.zeros((num,), bool)
   for start, (pool, _) in done.items():
     covered[start:start + len(pool)] = True
-  fn = make_sample_fn(mcfg, sampler, out_sharding)
+  fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var)
   bar = tqdm(total=num, initial=int(covered.sum()), desc=f"sample + {net.name} features",
              disable=not progress, dynamic_ncols=True)
   try:
@@ -282,7 +282,8 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
 def fid_command(model_dir, num, features="inception", inception=None, ref=None, sampler=None,
                 seed=0, batch=64, out=None, dump=None, quiet=False, say=print):
   """The `farmer_jax fid` command (module doc); returns the result dict written to ``out``."""
-  from farmer_jax.sampling.export import ExportError, load_model, load_student
+  from farmer_jax.sampling.export import (ExportError, load_latent_var, load_model,
+                                         load_student)
   t0 = time.time()
   if num < 2:
     raise ValueError(f"--num={num} must be >= 2 (a covariance needs two samples; the paper's "
@@ -311,10 +312,11 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
     raise ValueError(f"--features=mnist scores 32x32x1 digits; this model makes "
                      f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
                      "--features=inception")
-  from farmer_jax.config import SAMPLER_KEYS, SamplerConfig
+  from farmer_jax.config import SAMPLER_KEYS, SamplerConfig, check_sampler_for_model
   sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
   sc.update(sampler or {})
   s = SamplerConfig.from_config(sc)
+  check_sampler_for_model(s, mcfg)
   student = None
   if s.inverse == "student":
     student = load_student(model_dir, mcfg, meta)
@@ -348,7 +350,8 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
                                      progress=not quiet)
   feats = sample_features(mcfg, params, s, num, net, seed=seed, batch=batch, dump=dump,
                           signature=signature, progress=not quiet, say=say,
-                          student_params=student)
+                          student_params=student,
+                          latent_var=load_latent_var(model_dir, mcfg, meta))
   result = {"model": os.path.abspath(model_dir), "features": net.name, "reference": reference.what,
             "num": num, "seed": seed, "guidance": s.guidance, "cfg": s.cfg.w,
             "sampler": sc, **score(feats["pool"], feats["logits"], reference),

@@ -1,7 +1,8 @@
 """Jitted exact-likelihood evaluation: bits/dim of the 8-bit data under uniform dequantization.
 
 Conventions (docs/math.md, docs/eval.md): bits/dim of the discrete image = ``(NLL in nats/dim -
-log(1/128)) / ln 2``, from ``conventions``. Two numbers per split, from the SAME dequantized images:
+log(bin width)) / ln 2``, from ``conventions`` (bin width 1/128; 2/255 for
+``model.pixels='tarflow'``). Two numbers per split, from the SAME dequantized images:
 
 * class-conditional: -log p(x | y) with the true labels (``bpd``);
 * unconditional: -log p(x | null) with every label replaced by ``ModelConfig.null_class``
@@ -34,12 +35,14 @@ from farmer_jax import conventions
 TERMS = ("log_prob", "logdet", "log_prob_i", "log_prob_r")
 
 
-def dequantize_examples(seed, index, k, images):
-  """Uniform dequantization of images uint8 (B, H, W, c) whose split indices are ``index`` (B,):
-  draw ``k`` of example i uses the key ``fold_in(fold_in(key(seed), i), k)``."""
+def dequantize_examples(seed, index, k, images, pixels="farmer"):
+  """Uniform dequantization of images uint8 (B, H, W, c) whose split indices are ``index`` (B,)
+  under the pixel mapping ``pixels``: draw ``k`` of example i uses the key
+  ``fold_in(fold_in(key(seed), i), k)``."""
   base = jax.random.key(seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), k))(index)
-  return jax.vmap(lambda key, v: conventions.dequantize(key, v, "uniform"))(keys, images)
+  return jax.vmap(lambda key, v: conventions.dequantize(key, v, "uniform", pixels=pixels))(
+      keys, images)
 
 
 def make_eval_step(model, out_sharding=None):
@@ -58,7 +61,7 @@ def make_eval_step(model, out_sharding=None):
 
   def step(params, images, labels, mask, start, k, seed):
     b = images.shape[0]
-    x = dequantize_examples(seed, start + jnp.arange(b), k, images)
+    x = dequantize_examples(seed, start + jnp.arange(b), k, images, cfg.pixels)
     y = jnp.asarray(labels, jnp.int32)
     if conditional:
       out = model.apply({"params": params}, jnp.concatenate([x, x]),
@@ -75,13 +78,11 @@ def make_eval_step(model, out_sharding=None):
   return jax.jit(step, static_argnums=(6,), **kw)
 
 
-def _bits(nats_per_dim_values):
-  return conventions.bits_per_dim(nats_per_dim_values)
-
-
-def summarize(per_example, num_dims, conditional=True):
+def summarize(per_example, num_dims, conditional=True, pixels="farmer"):
   """Per-example log-densities {term: (n, K)} (nats, summed over dims; TERMS and their _uncond) ->
-  the reported numbers (see ``evaluate_batches``)."""
+  the reported numbers (see ``evaluate_batches``); ``pixels``: the model's pixel mapping (its
+  bin width is the dequantization term)."""
+  _bits = lambda nats: conventions.bits_per_dim(nats, pixels)
   lp = {t: np.asarray(v, np.float64) for t, v in per_example.items()}
   n, k = lp["log_prob"].shape
   out = {"count": int(n), "dequant_samples": int(k), "num_dims": int(num_dims)}
@@ -98,12 +99,12 @@ def summarize(per_example, num_dims, conditional=True):
       lse = np.logaddexp.reduce(lp["log_prob" + suffix], axis=1) - math.log(k)
       out["bpd_iw" + suffix] = float(_bits(float(np.mean(-lse / num_dims))))
     # the split of the NLL into its terms, bits/dim; they add up to bpd together with the
-    # dequantization offset -log2(bin width) = 7
+    # dequantization offset -log2(bin width) (7 for the farmer mapping)
     out["terms" + suffix] = {
         "af_logdet": float(np.mean(-lp["logdet" + suffix]) / num_dims / conventions.LN2),
         "informative": float(np.mean(-lp["log_prob_i" + suffix]) / num_dims / conventions.LN2),
         "redundant": float(np.mean(-lp["log_prob_r" + suffix]) / num_dims / conventions.LN2),
-        "bin_width": -conventions.LOG_BIN_WIDTH / conventions.LN2,
+        "bin_width": -conventions.log_bin_width(pixels) / conventions.LN2,
     }
   out["class_conditional"] = bool(conditional)
   return out
@@ -143,7 +144,7 @@ def evaluate_batches(model, params, batches, num_batches, put=None, seed=0, samp
     if progress:
       progress(count)
   per = {t: np.concatenate(v) for t, v in rows.items()}
-  out = summarize(per, cfg.num_dims, cfg.num_classes > 0)
+  out = summarize(per, cfg.num_dims, cfg.num_classes > 0, cfg.pixels)
   if per_example:
     out["per_example"] = per
   return out
@@ -169,7 +170,7 @@ def reference_nats(model, params, images, labels, seed=0, samples=1):
   for i in range(len(images)):
     row_c, row_u = [], []
     for k in range(samples):
-      x = dequantize_examples(seed, jnp.asarray([i]), k, images[i:i + 1])
+      x = dequantize_examples(seed, jnp.asarray([i]), k, images[i:i + 1], cfg.pixels)
       y = jnp.asarray(labels[i:i + 1], jnp.int32) if cfg.num_classes else None
       null = jnp.full((1,), cfg.null_class, jnp.int32)
       row_u.append(float(model.apply({"params": params}, x, null)["log_prob"][0]))

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from farmer_jax.config import AF_GUIDE_WHAT
 from farmer_jax.nn import transformer as tfm
 
 NO_LABEL = -1     # the AF label meaning 'no class' (model.flow_label maps the AR null class to it)
@@ -133,7 +134,7 @@ def block_flips(num_blocks):
   return jnp.arange(num_blocks) % 2 == 1
 
 
-GUIDE_WHAT = ("a", "b", "ab")
+GUIDE_WHAT = AF_GUIDE_WHAT
 
 
 def check_guidance(guidance, guide_what, attn_temp):

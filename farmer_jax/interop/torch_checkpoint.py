@@ -26,11 +26,20 @@ and only one that lands inside the selected entry is an error.
 Tensors come back as C-contiguous numpy arrays holding torch's values: strides and storage
 offsets applied (tensors sharing a storage each get their own copy), bfloat16 widened exactly to
 float32, big-endian files swapped to native order. 0-d tensors are 0-d arrays.
+
+``save_state_dict(path, state_dict)`` is the way back, also without torch: ``{name: array}`` ->
+a zip-format ``torch.save`` file that ``torch.load`` (``weights_only=True`` too) reads as an
+OrderedDict of CPU tensors, same names, order, dtypes, shapes and values. Its pickle is written
+opcode by opcode (the ones torch.save emits: ``_rebuild_tensor_v2`` on persistent-id storages, one
+storage per tensor), its storages stored uncompressed and 64-byte aligned, the file replaced
+atomically.
 """
 
 import collections
+import collections.abc
 import os
 import pickle
+import secrets
 import struct
 import tarfile
 import zipfile
@@ -495,3 +504,188 @@ def _build(obj, key, read, big_endian):
 
   state = _select(obj, key)
   return {k: _materialize(v, cached, big_endian) for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: save_state_dict
+
+# numpy dtype name -> the torch storage class torch.save names for it (bfloat16: ml_dtypes')
+_STORAGE_OF = {dtype: name for name, dtype in _STORAGES.items()}
+_ALIGNMENT = 64  # torch aligns every record's data to 64 bytes (its .storage_alignment)
+_PAD_ID = b"FB"  # the zip extra-field id torch uses for the alignment padding
+
+
+def _op_int(v):
+  """Pickle opcodes pushing the int ``v``."""
+  if 0 <= v < 0x100:
+    return b"K" + bytes([v])  # BININT1
+  if 0 <= v < 0x10000:
+    return b"M" + struct.pack("<H", v)  # BININT2
+  if -0x80000000 <= v < 0x80000000:
+    return b"J" + struct.pack("<i", v)  # BININT
+  data = v.to_bytes(v.bit_length() // 8 + 1, "little", signed=True)
+  return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def _op_str(s):
+  data = s.encode("utf-8", "surrogatepass")
+  return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _op_tuple(*items):
+  """Pickle opcodes pushing a tuple of ``items`` (each the opcodes pushing one element)."""
+  if len(items) <= 3:  # EMPTY_TUPLE, TUPLE1, TUPLE2, TUPLE3
+    return b"".join(items) + (b")", b"\x85", b"\x86", b"\x87")[len(items)]
+  return b"(" + b"".join(items) + b"t"  # MARK ... TUPLE
+
+
+def _op_global(module, name):
+  return b"c" + module.encode("ascii") + b"\n" + name.encode("ascii") + b"\n"  # GLOBAL
+
+
+_OP_ORDERED_DICT = _op_global("collections", "OrderedDict") + b")R"  # OrderedDict()
+
+
+def _torch_strides(shape):
+  """The strides (in elements) torch gives a contiguous tensor of ``shape`` (a 0 size counts as
+  1, so e.g. (2, 0, 3) -> (3, 3, 1))."""
+  strides, step = [], 1
+  for n in reversed(shape):
+    strides.append(step)
+    step *= max(n, 1)
+  return tuple(reversed(strides))
+
+
+def _state_dict_pickle(entries):
+  """``data.pkl`` of a zip checkpoint holding ``OrderedDict(name: tensor)``, entries ``(name,
+  storage class, shape, numel)``; tensor i lives in the storage with key ``str(i)``."""
+  out = [b"\x80\x02", _OP_ORDERED_DICT]  # PROTO 2
+  if entries:
+    out.append(b"(")  # MARK
+    for i, (name, storage, shape, numel) in enumerate(entries):
+      pid = _op_tuple(_op_str("storage"), _op_global("torch", storage), _op_str(str(i)),
+                      _op_str("cpu"), _op_int(numel))
+      args = _op_tuple(pid + b"Q",  # BINPERSID: the storage
+                       _op_int(0),  # storage offset
+                       _op_tuple(*map(_op_int, shape)),
+                       _op_tuple(*map(_op_int, _torch_strides(shape))),
+                       b"\x89",  # NEWFALSE: requires_grad
+                       _OP_ORDERED_DICT)  # backward hooks
+      out += [_op_str(name), _op_global("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
+    out.append(b"u")  # SETITEMS
+  out.append(b".")  # STOP
+  return b"".join(out)
+
+
+def _arrays_to_save(state_dict):
+  """[(name, numpy array, torch storage class)] of a state_dict to save; CheckpointError for
+  anything torch.load would not read back as the same tensor."""
+  if not isinstance(state_dict, collections.abc.Mapping):
+    raise CheckpointError(f"the state_dict is {_describe(state_dict)}, expected a mapping "
+                          f"name -> array")
+  supported = ", ".join(_STORAGE_OF)
+  arrays = []
+  for name, value in state_dict.items():
+    if not isinstance(name, str):
+      raise CheckpointError(f"key {name!r} ({type(name).__name__}) is not a str: state_dict "
+                            f"names are strings such as 'layer.weight' (convert the keys with "
+                            f"str())")
+    if not isinstance(value, (np.ndarray, np.generic)) and not hasattr(value, "__array__"):
+      raise CheckpointError(f"entry {name!r} is {_describe(value)}, not an array: pass "
+                            f"np.asarray(value, dtype=...) with the dtype it should have")
+    try:
+      array = np.asarray(value)
+    except Exception as e:  # a foreign __array__ may raise anything
+      raise CheckpointError(f"entry {name!r}: cannot convert {type(value).__name__} to a numpy "
+                            f"array ({type(e).__name__}: {e})") from None
+    storage = _STORAGE_OF.get(array.dtype.name) if array.dtype.names is None else None
+    if storage is None:
+      raise CheckpointError(f"entry {name!r} has dtype {array.dtype}, which a torch state_dict "
+                            f"cannot hold; supported: {supported} (cast it with "
+                            f".astype(...) first)")
+    arrays.append((name, array, storage))
+  return arrays
+
+
+def _archive_name(path):
+  """The folder torch.save puts the records in: the file's name without its extension (torch
+  falls back to 'archive' for names that are not ASCII)."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return stem if stem and stem.isascii() and stem.isprintable() else "archive"
+
+
+def _write_record(zf, f, name, data):
+  """Stores ``data`` (bytes, or a contiguous uint8 array) as record ``name`` of the open zip
+  ``zf`` writing to ``f``, padding the local header so that the data starts 64-byte aligned."""
+  info = zipfile.ZipInfo(name)  # dated 1980-01-01: the same arrays give the same file
+  info.compress_type = zipfile.ZIP_STORED
+  info.file_size = len(data) if isinstance(data, bytes) else data.nbytes
+  zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT  # then zipfile adds a 20-byte extra
+  header = 30 + len(name.encode("ascii")) + (20 if zip64 else 0) + 4
+  pad = -(f.tell() + header) % _ALIGNMENT
+  info.extra = _PAD_ID + struct.pack("<H", pad) + b"Z" * pad
+  with zf.open(info, "w", force_zip64=zip64) as w:
+    w.write(data)
+
+
+def _open_temp(path):
+  """(fd, name) of a new file next to ``path``, created with the usual permissions (umask)."""
+  directory, base = os.path.split(os.path.abspath(path))
+  while True:
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666), tmp
+    except FileExistsError:
+      continue
+
+
+def save_state_dict(path, state_dict):
+  """Writes ``state_dict`` (a mapping name -> numpy array or array-like, e.g. a jax array; its
+  order is kept) as a zip-format ``torch.save`` file at ``path`` without torch:
+  ``torch.load(path, weights_only=True)`` gives an OrderedDict of CPU tensors with the same
+  names, order, dtypes, shapes and values, and ``load_state_dict(path)`` the same arrays (bfloat16
+  widened to float32 as always). dtypes: float16/32/64, bfloat16 (ml_dtypes), int8/16/32/64,
+  uint8, bool, complex64/128. Arrays are written C-contiguous and little-endian, each in its own
+  storage. The file is written next to ``path`` under a temporary name and renamed into place: on
+  any error ``path`` is left as it was. Raises CheckpointError (a ValueError) naming the file for
+  a non-str key, a value that is not an array, a dtype torch has no storage for, an extension
+  ``load_state_dict`` does not read as a torch file."""
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in EXTENSIONS or ext == ".npz":
+    raise CheckpointError(f"{path}: a torch.save file is named {', '.join(EXTENSIONS[:-1])} "
+                          f"(got {ext or 'no extension'!r}; for an .npz use np.savez)")
+  if os.path.isdir(path):
+    raise CheckpointError(f"{path}: is a directory")
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{path}: directory {directory!r} does not exist")
+  try:
+    arrays = _arrays_to_save(state_dict)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  archive = _archive_name(path)
+  fd, tmp = _open_temp(path)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        pkl = _state_dict_pickle([(n, s, tuple(map(int, a.shape)), int(a.size))
+                                  for n, a, s in arrays])
+        for name, data in (("data.pkl", pkl), (".format_version", b"1"),
+                           (".storage_alignment", str(_ALIGNMENT).encode("ascii")),
+                           ("byteorder", b"little")):
+          _write_record(zf, f, f"{archive}/{name}", data)
+        for i, (_, array, _) in enumerate(arrays):
+          little = np.asarray(array, array.dtype.newbyteorder("<"), order="C")  # copy if needed
+          _write_record(zf, f, f"{archive}/data/{i}", little.reshape(-1).view(np.uint8))
+        _write_record(zf, f, f"{archive}/version", b"3\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise

@@ -112,8 +112,10 @@ def _within(path, parent):
 
 def check_export_target(workdir, out, overwrite):
   """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns
-  abspath(out). The run may be in a bucket (gs://...); --out is local (the export is assembled in
-  a temporary directory and renamed into place, which object stores cannot do)."""
+  abspath(out). ``workdir``: what the export is made from (a run, a checkpoint file; None: nothing
+  to protect), which --overwrite must never delete. The run may be in a bucket (gs://...); --out
+  is local (the export is assembled in a temporary directory and renamed into place, which object
+  stores cannot do)."""
   if storage.is_url(out):
     raise ExportError(f"--out={out}: export writes a local directory (it is assembled and renamed "
                       "into place atomically). Fix: export to a local path, then copy it (e.g. "
@@ -142,10 +144,11 @@ def check_export_target(workdir, out, overwrite):
         f"--out={out} is a symbolic link; --overwrite does not replace links: pass the "
         f"directory it points to ({os.path.realpath(out)}) or choose another --out")
   real_out = os.path.realpath(out)
-  real_run = workdir if storage.is_url(workdir) else os.path.realpath(workdir)
-  if _within(real_run, real_out):
+  real_run = None if workdir is None else (
+      workdir if storage.is_url(workdir) else os.path.realpath(workdir))
+  if real_run is not None and _within(real_run, real_out):
     what = ("is the training run itself" if real_run == real_out
-            else f"contains the training run {real_run}")
+            else f"contains {real_run}, which it is exported from")
     raise ExportError(
         f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose "
         "another --out outside the run (e.g. a sibling directory)")
@@ -207,6 +210,19 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print, stud
   }
   if student_meta is not None:
     meta["student"] = student_meta
+  write_export(out, params, config, meta, overwrite, workdir, student_params)
+  return meta
+
+
+def write_export(out, params, config, meta, overwrite=False, source=None, student_params=None,
+                 latent_var=None):
+  """Writes an export directory atomically: params (and the student's) with Orbax, config.json,
+  ``latent_var.npy`` if given (N, d) float32, then export.json (``meta``, written last: it marks
+  the export complete). The directory is built in a temporary sibling and renamed into place; with
+  ``overwrite`` a previous export at ``out`` is replaced only after the new one is complete (see
+  ``export_model``); ``source``: the path the export is made from (a run directory or checkpoint
+  file), which ``check_export_target`` never lets ``out`` delete."""
+  out = os.path.abspath(out)
   parent, name = os.path.dirname(out), os.path.basename(out)
   os.makedirs(parent, exist_ok=True)
   tag = uuid.uuid4().hex[:8]
@@ -221,10 +237,12 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print, stud
         ckptr.save(new.student, student_params)
       ckptr.wait_until_finished()
     runs.write_saved_config(tmp, config)
+    if latent_var is not None:
+      np.save(new.latent_var, np.asarray(latent_var, np.float32))
     with open(new.meta, "w") as f:   # written last: marks the export complete
       json.dump(meta, f, indent=2)
     if os.path.exists(out):
-      check_export_target(workdir, out,
+      check_export_target(source, out,
                           overwrite)  # re-checked: it may have changed while we were writing
       aside = os.path.join(parent, f".{name}.old-{tag}")
       os.rename(out, aside)
@@ -237,7 +255,6 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print, stud
         os.rename(aside, out)  # interrupted between the renames: put the old one back
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  return meta
 
 
 def _student_of(student_run, config, say):
@@ -272,6 +289,24 @@ def load_student(model_dir, mcfg, meta):
   except Exception as e:
     raise ExportError(f"{model_dir}: the student could not be restored ({type(e).__name__}: "
                       f"{e}); re-run `farmer_jax export --student=...`") from e
+
+
+def load_latent_var(model_dir, mcfg, meta):
+  """The latent variance (N, d) an export carries (a converted TARFlow VP model's ``var``: its
+  sampler draws z * sqrt(var)), or None."""
+  if not meta.get("latent_var"):
+    return None
+  path = runs.ExportDir(os.path.abspath(model_dir)).latent_var
+  want = (mcfg.num_tokens, mcfg.token_dim)
+  try:
+    var = np.load(path)
+  except (OSError, ValueError) as e:
+    raise ExportError(f"{model_dir}: {os.path.basename(path)} could not be read ({e}); convert "
+                      "the model again") from e
+  if var.shape != want or not np.all(np.isfinite(var)) or np.any(var < 0):
+    raise ExportError(f"{model_dir}: {os.path.basename(path)} has shape {var.shape} (want {want}) "
+                      "or non-finite/negative values; convert the model again")
+  return var
 
 
 def load_model(model_dir):

@@ -43,13 +43,27 @@ def parse_classes(spec, num_classes):
   return out
 
 
-def make_sample_fn(mcfg, sampler, out_sharding=None):
+def make_sample_fn(mcfg, sampler, out_sharding=None, latent_var=None):
   """The jitted sampler: f(params, keys (B,), labels (B,), student_params) -> (images in model
   space (B, H, W, c), per-sample stats). ``out_sharding``: where it puts its outputs (a training
-  run passes its mesh's replicated sharding, so that every process can read the images)."""
+  run passes its mesh's replicated sharding, so that every process can read the images).
+  ``latent_var``: an export's latent variance (``export.load_latent_var``), or None. The
+  function's ``pixels`` attribute names the model's pixel mapping (``draw_batch`` reads it)."""
   jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  return jax.jit(lambda p, k, y, sp: sample_images(mcfg, p, k, y, sampler, return_stats=True,
-                                                   student_params=sp), **jit_kw)
+  fn = jax.jit(lambda p, k, y, sp: sample_images(mcfg, p, k, y, sampler, return_stats=True,
+                                                 student_params=sp, latent_var=latent_var),
+               **jit_kw)
+  return _Sampler(fn, mcfg.pixels)
+
+
+class _Sampler:
+  """A jitted sampler and the pixel mapping its images are in."""
+
+  def __init__(self, fn, pixels):
+    self.fn, self.pixels = fn, pixels
+
+  def __call__(self, *args):
+    return self.fn(*args)
 
 
 def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None, total=None):
@@ -72,11 +86,11 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
         "sampling stopped and nothing was written. Fix: check the run's training loss and the "
         "export (a diverged or corrupt model), try a bfloat16 export again as float32, or lower "
         "the temperatures (--sampler=t_sigma=...) / guidance (--cfg)")
-  return to_uint8(x), {k: np.asarray(v)[:m] for k, v in st.items()}
+  return to_uint8(x, fn.pixels), {k: np.asarray(v)[:m] for k, v in st.items()}
 
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
-             return_stats=False, out_sharding=None, student_params=None):
+             return_stats=False, out_sharding=None, student_params=None, latent_var=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
   docs/sampling.md)].
@@ -88,7 +102,7 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
     raise ValueError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  fn = make_sample_fn(mcfg, sampler, out_sharding)
+  fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var)
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
   try:

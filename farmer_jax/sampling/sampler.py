@@ -18,7 +18,8 @@ depends on its own key, not on the batch it was drawn in.
 import jax
 import jax.numpy as jnp
 
-from farmer_jax.config import ModelConfig, SamplerConfig, validate_sampler
+from farmer_jax.config import (ModelConfig, SamplerConfig, check_sampler_for_model,
+                               validate_sampler)
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
 from farmer_jax.reduction.split import merge_channels
@@ -78,8 +79,19 @@ def draw_redundant(keys, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
   return jax.vmap(lambda kk, gc, gu: jax.vmap(lambda k: draw(k, gc, gu))(kk))(keys, g_c, g_u), None
 
 
+def standard_normal_latents(cfg: ModelConfig, keys, s: SamplerConfig, latent_var=None):
+  """The latents of a ``prior='standard_normal'`` model: z (B, N, d) in AR order, sample b drawn
+  from ``keys[b]`` as t_sigma * sqrt(latent_var) * N(0, I). ``latent_var`` (N, d) in the AF's
+  output order (TARFlow's VP models keep it as the ``var`` buffer; None = ones)."""
+  shape = (cfg.num_tokens, cfg.token_dim)
+  z = s.cfg.t_sigma * jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+  if latent_var is not None:
+    z = z * jnp.sqrt(jnp.asarray(latent_var, jnp.float32))
+  return z[:, ::-1] if cfg.ar_flip else z
+
+
 def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
-                   return_stats=False):
+                   return_stats=False, latent_var=None):
   """keys (B,) PRNG keys, y (B,) labels -> z (B, N, d) in AR order [, stats].
 
   Keys: token i (0-based) of sample b draws with ``fold_in(keys[b], i)``; the redundant token i with
@@ -89,6 +101,10 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
   2 * redundant_candidates).
   """
   validate_sampler(s)
+  check_sampler_for_model(s, cfg)
+  if cfg.prior == "standard_normal":
+    z = standard_normal_latents(cfg, keys, s, latent_var)
+    return (z, {}) if return_stats else z
   model = Farmer(cfg)
   run = lambda method, *args: model.apply({"params": params}, *args, method=method)
   b = y.shape[0]
@@ -130,9 +146,10 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
 
 
 def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
-                  return_stats=False, student_params=None):
-  """Images (B, H, W, c) in model space [, stats of ``sample_latents``]."""
-  z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True)
+                  return_stats=False, student_params=None, latent_var=None):
+  """Images (B, H, W, c) in model space [, stats of ``sample_latents``]. The AF inverse is
+  ``s.inverse``, guided when ``s.af_guidance`` > 0 (TARFlow's guided reverse)."""
+  z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True, latent_var=latent_var)
   if s.inverse == "student":
     if student_params is None:
       raise ValueError("inverse='student' needs the distilled student's params (an export made "
@@ -140,7 +157,8 @@ def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerC
     from farmer_jax.distill.student import student_decode
     x = student_decode(cfg, student_params, z, y)
     return (x, stats) if return_stats else x
-  x, iters = decode_latents(cfg, params, z, y, s.inverse, s.jacobi_tol, s.jacobi_max_iters)
+  x, iters = decode_latents(cfg, params, z, y, s.inverse, s.jacobi_tol, s.jacobi_max_iters,
+                            s.af_guide)
   if iters is not None:   # per block, shared by the batch: one row per sample
     stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
   return (x, stats) if return_stats else x

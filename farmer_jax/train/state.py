@@ -18,10 +18,15 @@ def new_state(params, tx, ema=False):
   return state
 
 
-def init_state(cfg: ModelConfig, tx, rng, ema=False):
-  """A freshly initialised state (``model.init_params``). Jit it with ``out_shardings`` for a
-  state born sharded."""
-  return new_state(init_params(cfg, rng), tx, ema)
+def init_state(cfg: ModelConfig, tx, rng, ema=False, flow=None):
+  """A freshly initialised state (``model.init_params``); ``flow``: AF params that replace the
+  initialised ones (e.g. from a TARFlow checkpoint). Jit it with ``out_shardings`` for a state
+  born sharded."""
+  params = init_params(cfg, rng)
+  if flow is not None:
+    params = dict(params, flow=jax.tree.map(lambda a, b: jnp.asarray(b, a.dtype),
+                                            params["flow"], flow))
+  return new_state(params, tx, ema)
 
 
 def abstract_state(cfg: ModelConfig, tx, ema=False):

@@ -47,7 +47,7 @@ def make_train_step(model: Farmer, mcfg: ModelConfig, t: TrainConfig, tx, lr_fn)
   def batch_loss(params, batch, rng, s):
     k_noise, k_drop = jax.random.split(rng)
     sigma = noise_sigma(t, s) if t.noise_kind == "gaussian" else jnp.float32(0.0)
-    x = conventions.dequantize(k_noise, batch["image"], t.noise_kind, sigma)
+    x = conventions.dequantize(k_noise, batch["image"], t.noise_kind, sigma, mcfg.pixels)
     y = batch["label"].astype(jnp.int32)
     if t.label_drop > 0:
       y = jnp.where(jax.random.uniform(k_drop, y.shape) < t.label_drop, mcfg.null_class, y)

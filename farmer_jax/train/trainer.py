@@ -82,13 +82,36 @@ class Trainer:
     t, ema = self.t, self.t.ema_decay > 0
     self.abstract_state = abstract_state(self.mcfg, self.tx, ema)
     self.state_sh = state_shardings(self.tx, self.abstract_state, self.param_sh, self.mesh)
+    flow = self._init_flow() if t.init_flow else None
     with self.mesh_context():
-      self.state = jax.jit(lambda rng: init_state(self.mcfg, self.tx, rng, ema),
-                           out_shardings=self.state_sh)(jax.random.key(t.seed))
+      self.state = jax.jit(lambda rng, f: init_state(self.mcfg, self.tx, rng, ema, flow=f),
+                           out_shardings=self.state_sh)(jax.random.key(t.seed), flow)
     rep = sharding.replicated(self.mesh)
     step = make_train_step(self.model, self.mcfg, t, self.tx, self.lr_fn)
     self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
                               out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+
+  def _init_flow(self):
+    """The AF params of ``train.init_flow`` (a TARFlow checkpoint) for a fresh run; None when the
+    run has checkpoints (resume restores them instead). ConfigError naming the field if the file
+    is unreadable or does not fit model.* (before anything is written)."""
+    from farmer_jax.interop.tarflow import tarflow_to_params
+    from farmer_jax.interop.torch_checkpoint import load_state_dict
+    ckpt = Checkpointer(self.rundir.checkpoints, read_only=True)
+    try:
+      if storage.isdir(ckpt.directory) and ckpt.steps():
+        return None
+    finally:
+      ckpt.close()
+    path = self.t.init_flow
+    try:
+      flow = tarflow_to_params(load_state_dict(path), self.mcfg)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.train.init_flow={path!r} cannot start this model's AF: {e}. "
+                        "Fix: pass a TARFlow checkpoint of this AF, or set the model.* fields "
+                        "named above") from None
+    self.log(f"AF initialised from the TARFlow checkpoint {path}")
+    return flow
 
   def progress_postfix(self, avg):
     """What the progress bar shows from a logged row of metrics."""

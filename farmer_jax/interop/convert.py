@@ -1,0 +1,252 @@
+"""``farmer_jax convert``: TARFlow checkpoints <-> farmer_jax exports, and TARFlow weights as the
+start of a FARMER run's AF.
+
+    farmer_jax convert --from=tarflow --ckpt=afhq_model_8_768_8_8_0.07.pth --out=/tmp/afhq
+    farmer_jax sample --model=/tmp/afhq --classes=0,1,2 --num=4 --sampler=af_guidance=2 --out=a.png
+    farmer_jax convert --to=tarflow --model=/tmp/afhq --out=back.pth       # (or .npz)
+
+A converted TARFlow is an export of the model ``prior='standard_normal'`` (the AF with an N(0, I)
+prior over its latents: TARFlow itself, no AR params) with ``pixels='tarflow'`` (its 2v/255 - 1
+pixel mapping) unless ``--pixels`` says otherwise; ``sample`` and ``eval`` use both. Without
+``--config`` the architecture is read off the checkpoint (``tarflow.tarflow_hparams``) and the
+rest of the run config is ``tarflow_run_config``'s (the data section names no dataset: pass
+``--config`` with ``data.name`` to ``eval`` it on a split). With ``--config`` the config's data
+and model fields must describe the checkpoint: a mismatch is refused listing the offending keys and
+the config fields to set. TARFlow's VP variant's ``var`` buffer (its sampling variance) goes to
+``latent_var.npy`` in the export when it is not all ones.
+
+Nothing half-written is ever left: every check (checkpoint readable, config fits, params finite,
+target usable) runs before the export is written, and the export is assembled in a temporary
+sibling and renamed into place (``export.write_export``); ``--to=tarflow`` writes a temporary file
+and renames it.
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from farmer_jax.config import ConfigError, ModelConfig, validate_model_config
+from farmer_jax.interop import tarflow
+from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
+
+FORMATS = ("tarflow",)
+_ARCH_FIELDS = ("image_size", "channels", "num_classes", "patch_size", "flow_width", "flow_heads",
+                "flow_blocks", "flow_layers", "mlp_ratio", "flow_class_conditional",
+                "flow_final_norm")
+
+
+class ConvertError(ValueError):
+  """A conversion that cannot be done; the message names the file or setting and the fix."""
+
+
+def tarflow_run_config(hp, pixels="tarflow", noise_std=0.05, data_name=""):
+  """A whole run config (ConfigDict) for a TARFlow ``Model(**hp)`` in farmer_jax: its AF,
+  ``prior='standard_normal'``, the given pixel mapping; training as TARFlow trains (constant
+  Gaussian noise ``noise_std``, label drop 0.1 for conditional models, AdamW betas (0.9, 0.95),
+  weight decay 1e-4, lr 1e-4); sampling without AR guidance. ``data_name``: the dataset (''
+  names none)."""
+  import ml_collections
+
+  from farmer_jax import configlib
+  over = tarflow.config_for_tarflow(**hp)
+  classes = over.pop("num_classes", 0)
+  m = dataclasses.replace(ModelConfig(), **{k: v for k, v in over.items()
+                                             if k not in ("image_size", "channels")},
+                          prior="standard_normal", pixels=pixels)
+  c = ml_collections.ConfigDict()
+  c.data = configlib.base_data(name=data_name, image_size=hp["img_size"],
+                               channels=hp["in_channels"], num_classes=classes)
+  c.model = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+             if f.name not in ("image_size", "channels", "num_classes")}
+  c.train = configlib.base_train(lr=1e-4, min_lr=1e-6, b1=0.9, b2=0.95, weight_decay=1e-4,
+                                 noise_kind="gaussian", noise_max=noise_std, noise_min=noise_std,
+                                 label_drop=0.1 if classes else 0.0)
+  c.eval = configlib.base_eval()
+  c.sample = configlib.base_sample(per_class=4, guidance="none", cfg=0.0)
+  configlib.base_mesh(c)
+  return c
+
+
+def _read(ckpt, key=None):
+  if not os.path.isfile(ckpt):
+    raise ConvertError(f"--ckpt={ckpt} does not exist or is not a file; pass a TARFlow "
+                       "model.state_dict() file (.pth, or .npz of the same names)")
+  try:
+    return load_state_dict(ckpt, key=key)
+  except CheckpointError as e:
+    raise ConvertError(str(e)) from None
+
+
+def _arch_mismatch(config, mcfg_ckpt):
+  """['data.image_size=32 (the checkpoint: 64)', ...] where a user config disagrees with the
+  checkpoint's architecture."""
+  mine = validate_model_config(config)
+  out = []
+  for f in _ARCH_FIELDS:
+    want = getattr(mcfg_ckpt, f)
+    if f == "num_classes" and not mcfg_ckpt.flow_class_conditional:
+      continue
+    if getattr(mine, f) != want:
+      sec = "data" if f in ("image_size", "channels", "num_classes") else "model"
+      out.append(f"{sec}.{f}={getattr(mine, f)!r} (set --config.{sec}.{f}={want!r})")
+  return out
+
+
+def from_tarflow(ckpt, out, config=None, in_channels=None, pixels="tarflow", overwrite=False,
+                 key=None, say=print):
+  """Converts a TARFlow state_dict file into an export at ``out``; returns its metadata.
+
+  ``config``: a run config whose data/model fields describe the checkpoint (None: read them off
+  it); ``in_channels``: the image channels (default: config.data.channels, else 3 if the token dim
+  fits, else 1; TARFlow stores only c*p^2). ``key``: the entry of a wrapping dict holding the
+  state_dict."""
+  from farmer_jax.config import PIXELS, resolved_config
+  from farmer_jax.sampling import export
+  if pixels not in PIXELS:
+    raise ConvertError(f"--pixels={pixels!r} is unknown; use one of {list(PIXELS)}")
+  out = export.check_export_target(ckpt if os.path.exists(ckpt) else None, out, overwrite)
+  sd = _read(ckpt, key)
+  if in_channels is None and config is not None:
+    in_channels = int(config.data.channels)
+  hp, err = None, None
+  for c in ((in_channels,) if in_channels is not None else (3, 1)):
+    try:
+      hp = tarflow.tarflow_hparams(sd, c)
+      break
+    except ValueError as e:
+      err = err or e
+  if hp is None:
+    raise ConvertError(f"--ckpt={ckpt}: {err} (image channels: pass --channels, or a --config "
+                       "with data.channels)")
+  if in_channels is None and hp["in_channels"] == 1:
+    say("convert: token dim fits 1 image channel, not 3 (pass --channels to choose)")
+  base = tarflow_run_config(hp, pixels)
+  if config is None:
+    config = base
+  else:
+    config = resolved_config(config)
+    ckpt_mcfg = validate_model_config(base)
+    bad = _arch_mismatch(config, ckpt_mcfg)
+    hp_text = ", ".join(f"{k}={v}" for k, v in hp.items())
+    if bad:
+      raise ConvertError(f"--config does not describe --ckpt={ckpt} (TARFlow Model({hp_text})): "
+                         + "; ".join(bad))
+    if config.model.get("prior") != "standard_normal" or config.model.get("pixels") != pixels:
+      say(f"convert: model.prior='standard_normal' (TARFlow's N(0, I)), model.pixels={pixels!r}")
+    config.model.prior = "standard_normal"
+    config.model.pixels = pixels
+  try:
+    mcfg = validate_model_config(config)
+    flow = tarflow.tarflow_to_params(sd, mcfg)
+  except (ValueError, ConfigError) as e:
+    raise ConvertError(f"--ckpt={ckpt}: {e}") from None
+  bad = [k for k, v in _leaves(flow) if not np.all(np.isfinite(v))]
+  if bad:
+    raise ConvertError(f"--ckpt={ckpt} holds non-finite weights ({', '.join(bad[:5])}); nothing "
+                       "was written")
+  var = tarflow.tarflow_var(sd, mcfg) if "var" in sd else None
+  if var is not None and (not np.all(np.isfinite(var)) or np.any(var < 0)):
+    raise ConvertError(f"--ckpt={ckpt}: its 'var' buffer has non-finite or negative values")
+  if var is not None and np.all(var == 1):
+    var = None
+  nvp = hp["nvp"]
+  meta = {
+      "kind": export.EXPORT_KIND,
+      "format_version": export.FORMAT_VERSION,
+      "source_checkpoint": os.path.abspath(ckpt),
+      "source_format": "tarflow",
+      "source_sha256": _sha256(ckpt),
+      "tarflow": {"nvp": bool(nvp), "hparams": hp},
+      "step": None,
+      "params": "raw",
+      "dtype": "float32",
+      "latent_var": var is not None,
+  }
+  export.write_export(out, {"flow": flow}, config, meta, overwrite, ckpt, latent_var=var)
+  say(f"converted TARFlow Model({', '.join(f'{k}={v}' for k, v in hp.items())}) -> {out} "
+      f"(prior standard_normal, pixels {pixels}"
+      + (", VP latent variance kept" if var is not None else "") + ")")
+  if not config.data.name:
+    say("note: the export names no dataset (config.data.name is empty); to `farmer_jax eval` "
+        "it, convert with --config=FILE --config.data.name=tfds:NAME")
+  return meta
+
+
+def to_tarflow(model_dir, out, overwrite=False, say=print):
+  """Writes the AF of an export as a TARFlow ``Model.state_dict()``: ``out`` ending in .pth
+  (torch.load-able; written without torch) or .npz. A FARMER export's AR prior is dropped (said).
+  Returns the TARFlow hparams."""
+  from farmer_jax.interop.torch_checkpoint import save_state_dict
+  from farmer_jax.sampling import export
+  if not out.endswith((".pth", ".npz")):
+    raise ConvertError(f"--out={out}: write a .pth (PyTorch) or .npz file")
+  if os.path.isdir(out) or (os.path.lexists(out) and not overwrite):
+    raise ConvertError(f"--out={out} exists; pass --overwrite to replace the file, or choose "
+                       "another --out")
+  mcfg, params, _, meta = export.load_model(model_dir)
+  try:
+    tarflow._check_config(mcfg)
+  except ValueError as e:
+    raise ConvertError(f"--model={model_dir}: {e}; TARFlow's block has no such option, so this "
+                       "AF cannot be written as a TARFlow checkpoint") from None
+  flow = {k: np.asarray(v, np.float32) for k, v in _leaves(params["flow"])}
+  flow = _unflatten(flow)
+  nvp = bool((meta.get("tarflow") or {}).get("nvp", True))
+  var = export.load_latent_var(model_dir, mcfg, meta)
+  try:
+    sd = tarflow.params_to_tarflow(flow, mcfg, nvp=nvp, var=var)
+  except ValueError as e:
+    raise ConvertError(f"--model={model_dir}: {e}") from None
+  if mcfg.prior != "standard_normal":
+    say(f"note: {model_dir} is a FARMER model; only its AF is written (TARFlow has no AR prior)")
+  if mcfg.pixels != "tarflow":
+    say(f"note: this model expects pixels={mcfg.pixels!r}; TARFlow's code maps 2v/255 - 1")
+  if out.endswith(".npz"):
+    _save_npz(out, sd)
+  else:
+    save_state_dict(out, sd)
+  hp = dict(in_channels=mcfg.channels, img_size=mcfg.image_size, patch_size=mcfg.patch_size,
+            channels=mcfg.flow_width, num_blocks=mcfg.flow_blocks,
+            layers_per_block=mcfg.flow_layers,
+            num_classes=mcfg.num_classes if mcfg.flow_class_conditional else 0, nvp=nvp)
+  say(f"wrote TARFlow Model({', '.join(f'{k}={v}' for k, v in hp.items())}) state_dict -> {out}")
+  return hp
+
+
+def _save_npz(out, sd):
+  tmp = f"{out}.tmp-{os.getpid()}.npz"
+  try:
+    np.savez(tmp, **sd)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _leaves(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}/")
+    else:
+      yield f"{prefix}{k}", np.asarray(v)
+
+
+def _unflatten(flat):
+  out = {}
+  for path, v in flat.items():
+    node = out
+    parts = path.split("/")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return out
+
+
+def _sha256(path):
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
