@@ -32,6 +32,7 @@ def get_config(arg="afhq256"):
   img, patch, width, blocks, layers, noise, classes, in_ch = PRESETS[arg]
   hp = dict(in_channels=in_ch, img_size=img, patch_size=patch, channels=width, num_blocks=blocks,
             layers_per_block=layers, num_classes=classes, nvp=True)
+  # TARFlow's self-denoising of samples at the training noise is in c.sample.denoise_sigma
   c = tarflow_run_config(hp, noise_std=noise, data_name="mnist5k" if arg == "tiny" else "")
   if arg == "tiny":
     c.train.update(steps=100, batch_size=32, lr=1e-3, warmup_steps=10, log_every=50)

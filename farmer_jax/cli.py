@@ -142,9 +142,12 @@ flags.DEFINE_enum("to", None, ["tarflow"], "convert: write the AF of the export 
 flags.DEFINE_string("ckpt", None, "convert: the checkpoint file to convert.")
 flags.DEFINE_string("ckpt_key", None, "convert: the entry of a wrapping dict that holds the "
                     "state_dict (e.g. 'model').")
-flags.DEFINE_enum("pixels", "tarflow", ["tarflow", "farmer"], "convert: the pixel mapping the "
-                  "converted model expects: tarflow (2v/255 - 1, what TARFlow trains on) or "
-                  "farmer ((v + 0.5)/128 - 1).")
+flags.DEFINE_enum("pixels", None, ["tarflow", "farmer"], "convert: the pixel mapping the "
+                  "converted model expects: tarflow (2v/255 - 1, what TARFlow trains on; the "
+                  "default) or farmer ((v + 0.5)/128 - 1; the default for *_uniform.pth).")
+flags.DEFINE_float("noise_std", None, "convert: the Gaussian noise std the TARFlow model was "
+                   "trained with (default: from its file name, e.g. ..._0.07.pth); its samples "
+                   "are self-denoised with it.")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
@@ -424,7 +427,7 @@ def _convert(argv):
     convert.from_tarflow(FLAGS.ckpt, FLAGS.out, config=FLAGS.config,
                          in_channels=FLAGS.channels if FLAGS["channels"].present else None,
                          pixels=FLAGS.pixels, overwrite=FLAGS.overwrite, key=FLAGS.ckpt_key,
-                         say=say)
+                         noise_std=FLAGS.noise_std, say=say)
   else:
     if not FLAGS.model:
       raise app.UsageError("--to=tarflow needs --model (an export directory)")

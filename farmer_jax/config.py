@@ -31,6 +31,9 @@ RESIZE_MODES = ("none", "center_crop")
 PRIORS = ("ar", "standard_normal")
 # model.pixels: how uint8 pixels map to model space (conventions.PIXEL_MAPPINGS)
 PIXELS = ("farmer", "tarflow")
+# model.remat_policy (with model.remat=True): what each rematerialised layer keeps from the
+# forward pass (jax.checkpoint_policies): nothing (recompute all), or the matmul outputs
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # which of the AF's (log-scale a, shift b) the guided AF inverse extrapolates (sample.af_guide_what)
 AF_GUIDE_WHAT = ("a", "b", "ab")
 
@@ -87,6 +90,7 @@ class ModelConfig:
   mlp_ratio: int = 4
   dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "nothing_saveable"   # REMAT_POLICIES; used when remat=True
 
   @property
   def num_tokens(self):
@@ -279,6 +283,9 @@ def validate_model(m: ModelConfig):
         f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
         "permute)"
     )
+  if m.remat_policy not in REMAT_POLICIES:
+    raise _err("model.remat_policy", m.remat_policy, "unknown rematerialisation policy",
+               f"use one of {REMAT_POLICIES} (or model.remat=False for none)")
   if m.prior not in PRIORS:
     raise _err("model.prior", m.prior, "unknown prior over the AF latents",
                f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))")
@@ -518,6 +525,9 @@ class TrainConfig(_Section):
     _check(self.noise_min <= self.noise_max, "train.noise_min", self.noise_min,
            f"it exceeds train.noise_max={self.noise_max}",
            "the cosine schedule anneals from noise_max down to noise_min")
+    _check(not self.init_flow or os.path.isfile(self.init_flow), "train.init_flow",
+           self.init_flow, "no such file",
+           "pass the path of a TARFlow checkpoint (.pth / .npz) on this machine, or '' for none")
     _check(is_int(self.noise_steps) and (self.noise_steps == -1 or self.noise_steps >= 1),
            "train.noise_steps", self.noise_steps,
            "must be an integer >= 1 (steps over which the noise anneals) or -1 (= train.steps)",
@@ -623,6 +633,9 @@ class SamplerConfig(NamedTuple):
   af_guide_what: str = "ab"
   af_attn_temp: float = 1.0
   af_annealed: bool = False
+  # TARFlow's self-denoising after the AF inverse: x + sigma^2 grad_x log p(x | y) (Tweedie), sigma
+  # = the Gaussian noise std the model was trained with (model units); 0 = off
+  denoise_sigma: float = 0.0
 
   @property
   def af_guide(self):
@@ -732,6 +745,9 @@ def validate_sampler(s: SamplerConfig):
   if not (_is_real(s.af_attn_temp) and s.af_attn_temp > 0 and math.isfinite(s.af_attn_temp)):
     raise ValueError(f"af_attn_temp={s.af_attn_temp} must be a finite number > 0 (1 = plain "
                      "attention)")
+  if not (_is_real(s.denoise_sigma) and s.denoise_sigma >= 0 and math.isfinite(s.denoise_sigma)):
+    raise ValueError(f"denoise_sigma={s.denoise_sigma} must be a finite number >= 0 (the training "
+                     "noise std; 0 = no denoising step)")
   if s.af_guidance and s.inverse != "exact":
     raise ValueError(f"af_guidance={s.af_guidance} guides the exact AF inverse, but "
                      f"inverse={s.inverse!r}; use inverse=exact or af_guidance=0")
@@ -743,8 +759,11 @@ def check_sampler_for_model(s: SamplerConfig, m: ModelConfig):
     raise ValueError(f"guidance={s.guidance!r} guides the AR prior's GMMs, but this model's "
                      "prior is standard_normal (e.g. a converted TARFlow); use guidance=none "
                      "(--cfg=0) and TARFlow's guidance af_guidance=W (--sampler=af_guidance=W)")
-  if m.prior == "standard_normal" and s.inverse == "student":
-    raise ValueError("inverse='student' needs a distilled FARMER export; use inverse=exact")
+  if s.af_guidance and not m.flow_class_conditional and s.af_attn_temp == 1:
+    raise ValueError(f"af_guidance={s.af_guidance} does nothing here: this model's AF is not "
+                     "class conditional, so its guided and weak branches are the same network; "
+                     "set af_attn_temp != 1 (TARFlow's unconditional guidance, e.g. 0.8 or 1.3) "
+                     "or af_guidance=0")
 
 
 def sampler_defaults():

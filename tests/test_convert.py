@@ -67,6 +67,7 @@ def test_converted_export_is_tarflow(tmp_path):
   mcfg, params, config, _ = export.load_model(str(out))
   assert (mcfg.prior, mcfg.pixels, mcfg.flow_final_norm) == ("standard_normal", "tarflow", False)
   assert set(params) == {"flow"}                      # no AR prior params
+  assert config.sample.denoise_sigma == 0.05          # TARFlow's self-denoising, from the name
 
   # the likelihood: our model's log_prob == TARFlow's on the same (tarflow-mapped) images
   rng = np.random.default_rng(0)
@@ -178,6 +179,18 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   before = os.listdir(tmp_path)
   refused("non-finite", ckpt=str(tmp_path / "nan.npz"))
   refused("pixel mapping|--pixels", pixels="srgb")
+  # a FARMER config that describes the AF: its AR guidance is reset (said), pixels by file name
+  cfg = configlib.load("quickstart")
+  cfg.data.update(image_size=8, num_classes=3)
+  cfg.model.update(patch_size=2, flow_blocks=2, flow_layers=1, flow_width=64, flow_heads=1,
+                   flow_class_conditional=True, flow_final_norm=False)
+  said = []
+  uniform = str(tmp_path / "x_model_2_64_2_1_uniform.npz")
+  np.savez(uniform, **sd)
+  convert.from_tarflow(uniform, str(tmp_path / "farmer_cfg"), config=cfg, say=said.append)
+  _, _, saved, _ = export.load_model(str(tmp_path / "farmer_cfg"))
+  assert (saved.sample.guidance, saved.model.pixels) == ("none", "farmer")
+  assert any("sample.guidance=none" in s for s in said)
   # a good conversion, then the same --out again without --overwrite
   convert.from_tarflow(ckpt, str(out), say=say)
   before = os.listdir(tmp_path)
@@ -204,6 +217,28 @@ def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
   with pytest.raises(ValueError, match="flow_final_norm"):
     convert.to_tarflow(model_dir, str(tmp_path / "x.pth"), say=lambda _: None)
   assert not os.path.exists(tmp_path / "x.pth")
+
+
+def test_denoise_is_a_tweedie_step_and_names_are_read():
+  """On a fresh standard-normal model (the AF starts as the identity) log p(x) = log N(x; 0, I),
+  so the self-denoising step x + s^2 grad log p(x) is exactly (1 - s^2) x."""
+  import dataclasses
+
+  from farmer_jax.config import ModelConfig, check_sampler_for_model
+  from farmer_jax.sampling.sampler import denoise
+  m = dataclasses.replace(ModelConfig(), prior="standard_normal", flow_final_norm=False)
+  params = init_params(m, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 1))
+  y = jnp.full((3,), m.null_class, jnp.int32)
+  np.testing.assert_allclose(np.asarray(denoise(m, params, x, y, 0.3)), 0.91 * np.asarray(x),
+                             rtol=1e-5, atol=1e-6)
+  assert denoise(m, params, x, y, 0.0) is x
+  assert convert.training_noise("/a/afhq_model_8_768_8_8_0.07.pth") == ("gaussian", 0.07)
+  assert convert.training_noise("imagenet64_model_2_768_8_8_uniform.pth") == ("uniform", None)
+  assert convert.training_noise("model.pth") == (None, None)
+  with pytest.raises(ValueError, match="does nothing here"):    # unconditional AF, attn_temp 1
+    check_sampler_for_model(SamplerConfig(af_guidance=2.0), m)
+  check_sampler_for_model(SamplerConfig(af_guidance=2.0, af_attn_temp=0.8), m)
 
 
 def test_pixel_mappings():

@@ -78,6 +78,10 @@ class DistillTrainer(Trainer):
 
   def _build_state_and_step(self):
     t, ema = self.t, self.t.ema_decay > 0
+    if t.init_flow:
+      raise ConfigError(f"config.train.init_flow={t.init_flow!r} is for pretraining: a student "
+                        "starts as a copy of its teacher's AF. Fix: set "
+                        "--config.train.init_flow=''")
     mcfg = self.mcfg
     teacher_sh = self.param_sh
     with self.mesh_context():

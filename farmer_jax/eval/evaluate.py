@@ -109,6 +109,7 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
     config.data.data_dir = data_dir
   from farmer_jax.data import pipeline, sources
   data = DataConfig.from_config(config)
+  require_dataset(data, model_dir or workdir)
   sources.require_split(data, split, f"--split={split}", "pass one of them")
   mesh = eval_mesh(config, say)
   rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -134,7 +135,8 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
     raise FloatingPointError(f"bits/dim is not finite ({res['bpd']}, unconditional "
                              f"{res['bpd_uncond']}); nothing was written. Fix: check the model "
                              "(a diverged run or a corrupt export)")
-  result = {"split": split, "dataset": data.name, "seed": int(seed), "batch_size": gb,
+  result = {"split": split, "dataset": data.name, "prior": mcfg.prior, "seed": int(seed),
+            "batch_size": gb,
             "devices": jax.device_count(), "processes": jax.process_count(), **source, **res,
             "seconds": time.time() - t0}
   if jax.process_index() == 0:
@@ -154,6 +156,15 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
   return result
 
 
+def require_dataset(data, where):
+  """A model converted without --config (``farmer_jax convert``) names no dataset: say how to
+  give it one instead of the generic unknown-dataset error."""
+  if not data.name:
+    raise ValueError(f"{where} names no dataset (config.data.name is empty: a converted "
+                     "checkpoint). Fix: convert again with --config=configs/tarflow.py:PRESET "
+                     "--config.data.name=tfds:NAME (and --config.data.data_dir=...)")
+
+
 def format_result(r):
   """The console lines of a result."""
   def line(suffix):
@@ -164,6 +175,9 @@ def format_result(r):
 
   def terms(suffix):
     t = r["terms" + suffix]
+    if r.get("prior") == "standard_normal":
+      return (f"-log det (AF) {t['af_logdet']:+.4f}, N(0, I) prior {t['informative']:+.4f}, "
+              f"bin width {t['bin_width']:+.4f}")
     return (f"-log det (AF) {t['af_logdet']:+.4f}, Z^I {t['informative']:+.4f}, "
             f"Z^R {t['redundant']:+.4f}, bin width {t['bin_width']:+.4f}")
 

@@ -24,6 +24,7 @@ and renames it.
 import dataclasses
 import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -44,9 +45,10 @@ class ConvertError(ValueError):
 def tarflow_run_config(hp, pixels="tarflow", noise_std=0.05, data_name=""):
   """A whole run config (ConfigDict) for a TARFlow ``Model(**hp)`` in farmer_jax: its AF,
   ``prior='standard_normal'``, the given pixel mapping; training as TARFlow trains (constant
-  Gaussian noise ``noise_std``, label drop 0.1 for conditional models, AdamW betas (0.9, 0.95),
-  weight decay 1e-4, lr 1e-4); sampling without AR guidance. ``data_name``: the dataset (''
-  names none)."""
+  Gaussian noise ``noise_std``, or uniform dequantization for None, TARFlow's bits/dim runs; label
+  drop 0.1 for conditional models, AdamW betas (0.9, 0.95), weight decay 1e-4, lr 1e-4); sampling
+  without AR guidance, with TARFlow's self-denoising at ``noise_std``. ``data_name``: the dataset
+  ('' names none)."""
   import ml_collections
 
   from farmer_jax import configlib
@@ -60,11 +62,13 @@ def tarflow_run_config(hp, pixels="tarflow", noise_std=0.05, data_name=""):
                                channels=hp["in_channels"], num_classes=classes)
   c.model = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
              if f.name not in ("image_size", "channels", "num_classes")}
+  noise = dict(noise_kind="uniform") if noise_std is None else dict(
+      noise_kind="gaussian", noise_max=noise_std, noise_min=noise_std)
   c.train = configlib.base_train(lr=1e-4, min_lr=1e-6, b1=0.9, b2=0.95, weight_decay=1e-4,
-                                 noise_kind="gaussian", noise_max=noise_std, noise_min=noise_std,
-                                 label_drop=0.1 if classes else 0.0)
+                                 label_drop=0.1 if classes else 0.0, **noise)
   c.eval = configlib.base_eval()
-  c.sample = configlib.base_sample(per_class=4, guidance="none", cfg=0.0)
+  c.sample = configlib.base_sample(per_class=4, guidance="none", cfg=0.0,
+                                   denoise_sigma=noise_std or 0.0)
   configlib.base_mesh(c)
   return c
 
@@ -76,7 +80,16 @@ def _read(ckpt, key=None):
   try:
     return load_state_dict(ckpt, key=key)
   except CheckpointError as e:
-    raise ConvertError(str(e)) from None
+    raise ConvertError(str(e).replace("pass key=", "pass --ckpt_key=")) from None
+
+
+def training_noise(ckpt):
+  """TARFlow's checkpoint name ``{dataset}_model_{p}_{C}_{blocks}_{layers}_{noise}.pth`` ->
+  ('gaussian', sigma) | ('uniform', None) | (None, None) when the name does not say."""
+  m = re.search(r"_(\d+\.\d+|uniform)\.(pth|pt|npz)$", os.path.basename(ckpt))
+  if not m:
+    return None, None
+  return ("uniform", None) if m.group(1) == "uniform" else ("gaussian", float(m.group(1)))
 
 
 def _arch_mismatch(config, mcfg_ckpt):
@@ -94,16 +107,25 @@ def _arch_mismatch(config, mcfg_ckpt):
   return out
 
 
-def from_tarflow(ckpt, out, config=None, in_channels=None, pixels="tarflow", overwrite=False,
-                 key=None, say=print):
+def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrite=False,
+                 key=None, noise_std=None, say=print):
   """Converts a TARFlow state_dict file into an export at ``out``; returns its metadata.
 
   ``config``: a run config whose data/model fields describe the checkpoint (None: read them off
   it); ``in_channels``: the image channels (default: config.data.channels, else 3 if the token dim
   fits, else 1; TARFlow stores only c*p^2). ``key``: the entry of a wrapping dict holding the
-  state_dict."""
-  from farmer_jax.config import PIXELS, resolved_config
+  state_dict. ``pixels``: the pixel mapping (default: 'farmer' for TARFlow's uniform-noise bits/dim
+  checkpoints ``*_uniform.pth``, whose inputs are (v + u)/128 - 1, else 'tarflow').
+  ``noise_std``: the Gaussian noise it was trained with (default: read off TARFlow's file name,
+  ``..._0.07.pth``), the self-denoising sigma of its samples."""
+  from farmer_jax.config import (PIXELS, check_sampler_for_model, resolved_config,
+                                 sampler_from_config)
   from farmer_jax.sampling import export
+  kind, sigma = training_noise(ckpt)
+  if noise_std is not None:
+    kind, sigma = "gaussian", float(noise_std)
+  if pixels is None:
+    pixels = "farmer" if kind == "uniform" else "tarflow"
   if pixels not in PIXELS:
     raise ConvertError(f"--pixels={pixels!r} is unknown; use one of {list(PIXELS)}")
   out = export.check_export_target(ckpt if os.path.exists(ckpt) else None, out, overwrite)
@@ -122,21 +144,34 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels="tarflow", ove
                        "with data.channels)")
   if in_channels is None and hp["in_channels"] == 1:
     say("convert: token dim fits 1 image channel, not 3 (pass --channels to choose)")
-  base = tarflow_run_config(hp, pixels)
+  # the training noise: the name's (or --noise_std); unknown: TARFlow's default 0.05 for training
+  # here, and no denoising of samples
+  base = tarflow_run_config(hp, pixels, noise_std={"gaussian": sigma, "uniform": None}.get(
+      kind, 0.05))
+  if kind is None:
+    base.sample.denoise_sigma = 0.0
   if config is None:
     config = base
   else:
     config = resolved_config(config)
-    ckpt_mcfg = validate_model_config(base)
-    bad = _arch_mismatch(config, ckpt_mcfg)
-    hp_text = ", ".join(f"{k}={v}" for k, v in hp.items())
-    if bad:
-      raise ConvertError(f"--config does not describe --ckpt={ckpt} (TARFlow Model({hp_text})): "
-                         + "; ".join(bad))
     if config.model.get("prior") != "standard_normal" or config.model.get("pixels") != pixels:
       say(f"convert: model.prior='standard_normal' (TARFlow's N(0, I)), model.pixels={pixels!r}")
     config.model.prior = "standard_normal"
     config.model.pixels = pixels
+    ckpt_mcfg = validate_model_config(base)
+    try:
+      bad = _arch_mismatch(config, ckpt_mcfg)
+    except ConfigError as e:
+      raise ConvertError(f"--config: {e}") from None
+    hp_text = ", ".join(f"{k}={v}" for k, v in hp.items())
+    if bad:
+      raise ConvertError(f"--config does not describe --ckpt={ckpt} (TARFlow Model({hp_text})): "
+                         + "; ".join(bad))
+    try:
+      check_sampler_for_model(sampler_from_config(config.sample), validate_model_config(config))
+    except (ValueError, ConfigError) as e:
+      say(f"convert: config.sample.guidance=none, cfg=0 ({e})")
+      config.sample.update(guidance="none", cfg=0.0, af_guidance=0.0)
   try:
     mcfg = validate_model_config(config)
     flow = tarflow.tarflow_to_params(sd, mcfg)
@@ -165,9 +200,13 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels="tarflow", ove
       "latent_var": var is not None,
   }
   export.write_export(out, {"flow": flow}, config, meta, overwrite, ckpt, latent_var=var)
+  denoise = config.sample.get("denoise_sigma", 0.0)
   say(f"converted TARFlow Model({', '.join(f'{k}={v}' for k, v in hp.items())}) -> {out} "
-      f"(prior standard_normal, pixels {pixels}"
+      f"(prior standard_normal, pixels {pixels}, sample.denoise_sigma {denoise}"
       + (", VP latent variance kept" if var is not None else "") + ")")
+  if not kind and noise_std is None:
+    say("note: the training noise is not in the file name (TARFlow's ..._0.07.pth): pass "
+        "--noise_std to denoise samples as TARFlow does (sample --sampler=denoise_sigma=S)")
   if not config.data.name:
     say("note: the export names no dataset (config.data.name is empty); to `farmer_jax eval` "
         "it, convert with --config=FILE --config.data.name=tfds:NAME")

@@ -155,8 +155,11 @@ def tarflow_hparams(state_dict, in_channels=3):
   patch = int(round((dp / in_channels) ** 0.5))
   side = int(round(tokens ** 0.5))
   if patch * patch * in_channels != dp or side * side != tokens:
-    raise ValueError(f"token dim {dp} / {tokens} tokens do not fit in_channels={in_channels} "
-                     f"with a square patch and image: pass the right in_channels")
+    raise ValueError(f"blocks.0.proj_in.weight {tuple(np.shape(sd['blocks.0.proj_in.weight']))} "
+                     f"(token dim {dp}) and blocks.0.pos_embed "
+                     f"{tuple(np.shape(sd['blocks.0.pos_embed']))} ({tokens} tokens) do not fit "
+                     f"in_channels={in_channels} with a square patch and image: pass the right "
+                     "in_channels, or check those keys")
   ce = sd.get("blocks.0.class_embed")
   out_rows = np.shape(sd["blocks.0.proj_out.weight"])[0]
   return dict(in_channels=in_channels, img_size=side * patch, patch_size=patch,

@@ -155,13 +155,26 @@ def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerC
       raise ValueError("inverse='student' needs the distilled student's params (an export made "
                        "with `farmer_jax export --student=DISTILL_RUN`)")
     from farmer_jax.distill.student import student_decode
-    x = student_decode(cfg, student_params, z, y)
+    x = denoise(cfg, params, student_decode(cfg, student_params, z, y), y, s.denoise_sigma)
     return (x, stats) if return_stats else x
   x, iters = decode_latents(cfg, params, z, y, s.inverse, s.jacobi_tol, s.jacobi_max_iters,
                             s.af_guide)
   if iters is not None:   # per block, shared by the batch: one row per sample
     stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
+  x = denoise(cfg, params, x, y, s.denoise_sigma)
   return (x, stats) if return_stats else x
+
+
+def denoise(cfg: ModelConfig, params, x, y, sigma):
+  """TARFlow's self-denoising (apple/ml-tarflow sample.ipynb, evaluate_fid.py): a model trained on
+  images plus N(0, sigma^2) noise denoises its samples by one Tweedie step, x + sigma^2
+  grad_x log p(x | y), the gradient through the exact likelihood (one forward + backward). x (B, H,
+  W, c) in model space; sigma 0 returns x unchanged."""
+  if not sigma:
+    return x
+  model = Farmer(cfg)
+  log_p = lambda xx: jnp.sum(model.apply({"params": params}, xx, y)["log_prob"])
+  return x + jnp.float32(sigma) ** 2 * jax.grad(log_p)(x.astype(jnp.float32))
 
 
 def sample_keys(seed: int, start: int, count: int):

@@ -237,8 +237,11 @@ class Trainer:
       runs.write_saved_config(self.workdir, resolved_config(self.config))
       trim_metrics(self.rundir.metrics, start)
     writer = MetricWriter(self.workdir)
-    self.log(f"FARMER: {self.num_params / 1e6:.2f}M params, N={self.mcfg.num_tokens} tokens of "
-             f"d={self.mcfg.token_dim}, dimred={self.mcfg.dimred}, mesh={dict(self.mesh.shape)}")
+    prior = (f"dimred={self.mcfg.dimred}" if self.mcfg.prior == "ar"
+             else f"prior={self.mcfg.prior}")
+    self.log(f"{'FARMER' if self.mcfg.prior == 'ar' else 'AF'}: {self.num_params / 1e6:.2f}M "
+             f"params, N={self.mcfg.num_tokens} tokens of d={self.mcfg.token_dim}, {prior}, "
+             f"mesh={dict(self.mesh.shape)}")
     pending, history = [], []
     bar = tqdm(total=t.steps, initial=start, disable=self.quiet or jax.process_index() != 0,
                desc="train", dynamic_ncols=True)
