@@ -48,6 +48,10 @@ from tarflow_reference import TARFlowReference, randomize_  # noqa: E402
 THREADS = 2
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 1e-4
 SIZES = ((32, 32), (64, 16))            # (image side, batch)
+# the CPU execution choices (ModelConfig; same params and function): unrolled AF blocks and layers,
+# einsum attention with 64-token causal query chunks. --execution=default measures the defaults
+# (scan, jax.nn.dot_product_attention).
+EXECUTION = dict(flow_unroll=True, attention="einsum", flow_attn_chunk=64)
 
 
 def hparams(size):
@@ -55,12 +59,14 @@ def hparams(size):
               layers_per_block=2, nvp=True, num_classes=0)
 
 
-def setup(size, batch, seed=0):
-  """(torch module, torch optimiser, mcfg, jax params, x NCHW torch, x NHWC jax)."""
+def setup(size, batch, seed=0, execution=None):
+  """(torch module, torch optimiser, mcfg, jax params, x NCHW torch, x NHWC jax); ``execution``:
+  ModelConfig execution fields (default EXECUTION)."""
   hp = hparams(size)
   torch.manual_seed(seed)
   ref = randomize_(TARFlowReference(**hp), seed=seed, out_scale=0.01)
-  mcfg = dataclasses.replace(ModelConfig(), **config_for_tarflow(**hp))
+  mcfg = dataclasses.replace(ModelConfig(), **config_for_tarflow(**hp),
+                             **(EXECUTION if execution is None else execution))
   params = jax.tree.map(jnp.asarray, tarflow_to_params(
       {k: v.detach().numpy() for k, v in ref.state_dict().items()}, mcfg))
   opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
@@ -95,8 +101,8 @@ def torch_train_step(ref, opt, x):
   return loss.item()
 
 
-def bench_train(size, batch, rounds, steps):
-  ref, opt, mcfg, params, x_t, x_j = setup(size, batch)
+def bench_train(size, batch, rounds, steps, execution=None):
+  ref, opt, mcfg, params, x_t, x_j = setup(size, batch, execution=execution)
   tx, step = jax_train_step(mcfg)
   opt_state = tx.init(params)
   losses_j, losses_t = [], []
@@ -118,8 +124,8 @@ def bench_train(size, batch, rounds, steps):
   return statistics.median(t_j), statistics.median(t_t), losses_j, losses_t
 
 
-def bench_reverse(size, batch, rounds):
-  ref, _, mcfg, params, x_t, _ = setup(size, batch)
+def bench_reverse(size, batch, rounds, execution=None):
+  ref, _, mcfg, params, x_t, _ = setup(size, batch, execution=execution)
   ref.eval()
   flow = make_flow(mcfg)
   inverse = jax.jit(lambda p, z: flow.apply({"params": p}, z,
@@ -147,7 +153,12 @@ def main():
   ap.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement (median)")
   ap.add_argument("--steps", type=int, default=3, help="train steps per round")
   ap.add_argument("--quick", action="store_true", help="2 rounds of 1 step: a smoke run")
+  ap.add_argument("--execution", default="cpu", choices=("cpu", "default", "both"),
+                  help="JAX side: the CPU choices (EXECUTION), ModelConfig's defaults (scan, "
+                  "dot_product_attention), or both (before/after in one run)")
   a = ap.parse_args()
+  runs = {"cpu": [("cpu", EXECUTION)], "default": [("default", {})],
+          "both": [("default", {}), ("cpu", EXECUTION)]}[a.execution]
   rounds, steps = (2, 1) if a.quick else (a.rounds, a.steps)
   torch.set_num_threads(THREADS)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores "
@@ -155,21 +166,23 @@ def main():
         f"{rounds} rounds x {steps} steps, medians; "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
   print("AF: 3 channels, patch 4, width 128 (2 heads), 4 blocks x 2 layers, unconditional, fp32")
-  print("\n(a) train step (forward + NLL + backward + AdamW), images/s; ratio > 1 = JAX faster")
-  print(f"{'image':>8} {'tokens':>6} {'batch':>5} {'jax':>9} {'torch':>9} {'ratio':>6}   "
-        f"first-step loss jax / torch (second step)")
-  for size, batch in SIZES:
-    tj, tt, lj, lt = bench_train(size, batch, rounds, steps)
-    print(f"{size:>5}x{size:<2} {(size // 4) ** 2:>6} {batch:>5} {batch / tj:>9.1f} "
-          f"{batch / tt:>9.1f} {tt / tj:>6.2f}   {lj[0]:.6f} / {lt[0]:.6f} "
-          f"(|diff| {abs(lj[0] - lt[0]):.1e}; {lj[1]:.6f} / {lt[1]:.6f})")
-  print("\n(b) reverse (exact sequential inverse, KV cache), ms per image; ratio > 1 = JAX faster")
-  print(f"{'image':>8} {'tokens':>6} {'batch':>5} {'jax':>9} {'torch':>9} {'ratio':>6}   "
-        f"max |x_jax - x_torch|")
-  for size, batch in SIZES:
-    tj, tt, err = bench_reverse(size, batch, rounds)
-    print(f"{size:>5}x{size:<2} {(size // 4) ** 2:>6} {batch:>5} {1e3 * tj:>9.2f} "
-          f"{1e3 * tt:>9.2f} {tt / tj:>6.2f}   {err:.1e}")
+  for name, ex in runs:
+    print(f"\n== JAX execution: {name} {ex or '(ModelConfig defaults)'}")
+    print("(a) train step (forward + NLL + backward + AdamW), images/s; ratio > 1 = JAX faster")
+    print(f"{'image':>8} {'tokens':>6} {'batch':>5} {'jax':>9} {'torch':>9} {'ratio':>6}   "
+          f"first-step loss jax / torch (second step)")
+    for size, batch in SIZES:
+      tj, tt, lj, lt = bench_train(size, batch, rounds, steps, ex)
+      print(f"{size:>5}x{size:<2} {(size // 4) ** 2:>6} {batch:>5} {batch / tj:>9.1f} "
+            f"{batch / tt:>9.1f} {tt / tj:>6.2f}   {lj[0]:.6f} / {lt[0]:.6f} "
+            f"(|diff| {abs(lj[0] - lt[0]):.1e}; {lj[1]:.6f} / {lt[1]:.6f})", flush=True)
+    print("(b) reverse (exact sequential inverse, KV cache), ms per image; ratio > 1 = JAX faster")
+    print(f"{'image':>8} {'tokens':>6} {'batch':>5} {'jax':>9} {'torch':>9} {'ratio':>6}   "
+          f"max |x_jax - x_torch|")
+    for size, batch in SIZES:
+      tj, tt, err = bench_reverse(size, batch, rounds, ex)
+      print(f"{size:>5}x{size:<2} {(size // 4) ** 2:>6} {batch:>5} {1e3 * tj:>9.2f} "
+            f"{1e3 * tt:>9.2f} {tt / tj:>6.2f}   {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ PIXELS = ("farmer", "tarflow")
 # model.remat_policy (with model.remat=True): what each rematerialised layer keeps from the
 # forward pass (jax.checkpoint_policies): nothing (recompute all), or the matmul outputs
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 # which of the AF's (log-scale a, shift b) the guided AF inverse extrapolates (sample.af_guide_what)
 AF_GUIDE_WHAT = ("a", "b", "ab")
 
@@ -68,6 +69,14 @@ class ModelConfig:
   flow_class_conditional: bool = False
   # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
   flow_final_norm: bool = True
+  # AF execution only (same params, same results up to float rounding): blocks and layers as
+  # Python loops over the stacked params (true) or under scan (false, the default: compile time
+  # independent of the depth); on CPU unrolling measured ~1.4x faster train steps and ~4x faster
+  # sampling (benchmarks/vs_torch.py)
+  flow_unroll: bool = False
+  # query chunk size of the AF's causal attention in full-sequence passes with attention='einsum';
+  # chunk i reads the keys of chunks <= i only (0 or >= tokens: one chunk)
+  flow_attn_chunk: int = 64
   # AR prior vs the last AF block: "alternate" (opposite order) | "same"
   ar_order: str = "alternate"
   # the density of the AF's latents: "ar" (FARMER) | "standard_normal" (TARFlow; the ar_* and
@@ -91,6 +100,9 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   remat_policy: str = "nothing_saveable"   # REMAT_POLICIES; used when remat=True
+  # attention implementation (ATTENTION_IMPLS): 'xla' (jax.nn.dot_product_attention), 'cudnn' (its
+  # fused GPU kernel; bf16), 'einsum' (two einsums + fp32 softmax, chunked causal: fastest on CPU)
+  attention: str = "xla"
 
   @property
   def num_tokens(self):
@@ -283,6 +295,12 @@ def validate_model(m: ModelConfig):
         f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
         "permute)"
     )
+  if m.attention not in ATTENTION_IMPLS:
+    raise _err("model.attention", m.attention, "unknown attention implementation",
+               f"use one of {ATTENTION_IMPLS} ('einsum' on CPU, 'cudnn' on GPU with bf16)")
+  if not is_int(m.flow_attn_chunk) or m.flow_attn_chunk < 0:
+    raise _err("model.flow_attn_chunk", m.flow_attn_chunk, "must be an integer >= 0",
+               "e.g. 64 (0 = one chunk)")
   if m.remat_policy not in REMAT_POLICIES:
     raise _err("model.remat_policy", m.remat_policy, "unknown rematerialisation policy",
                f"use one of {REMAT_POLICIES} (or model.remat=False for none)")
@@ -567,8 +585,12 @@ class DataConfig(_Section):
                          resume_neutral=True)
 
 
+# how the same model executes (same params, same function up to float rounding): a resumed run
+# may change these
+EXECUTION_FIELDS = ("flow_unroll", "flow_attn_chunk", "attention", "remat", "remat_policy")
 RESUME_NEUTRAL = tuple(f"data.{f.name}" for f in dataclasses.fields(DataConfig)
-                       if f.metadata.get("resume_neutral"))
+                       if f.metadata.get("resume_neutral")) + tuple(
+                           f"model.{f}" for f in EXECUTION_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)

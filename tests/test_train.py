@@ -88,8 +88,10 @@ def test_run_and_export_folder_names_are_a_file_format():
   assert (runs.CONFIG, runs.CHECKPOINTS, runs.METRICS, runs.TENSORBOARD, runs.SAMPLES, runs.SUMMARY,
           runs.LOCK) == ("config.json", "checkpoints", "metrics.jsonl", "tb", "samples.png",
                          "summary.json", ".farmer_jax.lock")
-  # (an export may also carry the distilled student, optional: older exports stay loadable)
-  assert sorted(runs.EXPORT_ENTRIES) == ["config.json", "export.json", "params", "student"]
+  # (an export may also carry the distilled student and a converted TARFlow's latent variance,
+  # both optional: older exports stay loadable)
+  assert sorted(runs.EXPORT_ENTRIES) == ["config.json", "export.json", "latent_var.npy", "params",
+                                         "student"]
   assert (runs.EXPORT_META, runs.EXPORT_PARAMS, runs.EXPORT_STUDENT) == ("export.json", "params",
                                                                          "student")
 

@@ -18,9 +18,13 @@ inverse of an off-manifold latent (e.g. a sample from an undertrained prior) can
 tokens back into the next token's (a, b) and overflow fp32. TARFlow has no such norm
 (``final_norm=False`` reproduces its block exactly).
 
-Blocks run under ``nn.scan`` (params stacked on a leading 'blocks' axis) so compile time does not
-grow with n. The AR prior's order relative to the last block (model.ar_order) is turned into a flip
-by ``ModelConfig.ar_flip``, which relies on the flip rule of ``block_flips`` below.
+Params are stacked on a leading 'blocks' axis (and 'layers' inside). With ``unroll`` False the
+blocks (and each block's layers) run under ``nn.scan``, so compile time does not grow with n; with
+``unroll`` True (the default) they are unrolled: a Python loop over the same stacked params, each
+block's flip static, no residuals or KV caches stacked per step (faster on CPU, more compile
+time; benchmarks/vs_torch.py). The AR prior's order relative to the last block (model.ar_order)
+is turned into a flip by ``ModelConfig.ar_flip``, which relies on the flip rule of ``block_flips``
+below (and of the unrolled loops: block t flips iff t is odd).
 
 Labels: with ``num_classes`` > 0 a class embedding is added to every token; the label
 ``NO_LABEL`` (any label < 0) gets the mean class embedding (TARFlow's unconditional rule).
@@ -57,6 +61,10 @@ class AFBlock(nn.Module):
   remat: bool = False
   final_norm: bool = True  # LayerNorm before proj_out: (a, b) stay bounded for any input magnitude
   causal: bool = True      # False: the distilled student's bidirectional copy (distill/student.py)
+  unroll: bool = False     # the transformer's layers as a Python loop (``tfm.Transformer``)
+  attn_chunk: int = 0      # query chunk size of its causal attention (``tfm.attend``; 0 = one)
+  attention: str = "xla"   # ``tfm.attend``'s impl
+  remat_policy: str = "nothing_saveable"
 
   def setup(self):
     self.proj_in = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -70,7 +78,9 @@ class AFBlock(nn.Module):
           nn.with_logical_partitioning(nn.initializers.normal(0.01), ("classes", "embed")),
           (self.num_classes, self.width), jnp.float32)
     self.transformer = tfm.Transformer(self.depth, self.num_heads, mlp_ratio=self.mlp_ratio,
-                                       dtype=self.dtype, remat=self.remat, causal=self.causal)
+                                       dtype=self.dtype, remat=self.remat, causal=self.causal,
+                                       unroll=self.unroll, attn_chunk=self.attn_chunk,
+                                       attention=self.attention, remat_policy=self.remat_policy)
     if self.final_norm:
       self.norm_out = tfm.LayerNormF32(jnp.float32)
     self.proj_out = nn.Dense(2 * self.token_dim, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -102,7 +112,7 @@ class AFBlock(nn.Module):
   def shift_scale(self, xp, flip, y=None):
     """(a, b) of every token from x in the block's (permuted) order, one causal pass: xp (B, N, d)
     -> a, b each (B, N, d), token i's from x_{<i} (token 0's are zeros)."""
-    pos = jnp.where(flip, self.pos_embed[::-1], self.pos_embed)
+    pos = _flip(flip, self.pos_embed, 0)
     h, _ = self.transformer(self._embed(xp, pos[None], y))
     a, b = self._params_out(h)
     a = jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0)))           # shift right: token i uses x_{<i}
@@ -112,17 +122,18 @@ class AFBlock(nn.Module):
   def __call__(self, carry, flip, y=None):
     x, logdet = carry
     x = x.astype(jnp.float32)
-    xp = jnp.where(flip, x[:, ::-1], x)
+    xp = _flip(flip, x)
     a, b = self.shift_scale(xp, flip, y)
     zp = (xp - b) * jnp.exp(-a)
-    z = jnp.where(flip, zp[:, ::-1], zp)
+    z = _flip(flip, zp)
     logdet = logdet - jnp.sum(a, axis=(1, 2))
     return (z, logdet), None
 
   def decode_step(self, x_tok, i, flip, y, cache, attn_temp=1.0):
     """Feeds permuted-order token i (B, 1, d) at cache slot i; returns (a, b) for token i+1, each
     (B, 1, d). ``attn_temp`` (static) divides the attention logits (guidance's weak branch)."""
-    pos_idx = jnp.where(flip, self.num_tokens - 1 - i, i)
+    pos_idx = self.num_tokens - 1 - i if flip is True else (
+        i if flip is False else jnp.where(flip, self.num_tokens - 1 - i, i))
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, pos_idx, 1, axis=0)
     h, cache = self.transformer(self._embed(x_tok.astype(jnp.float32), pos[None], y), cache, i,
                                 attn_temp)
@@ -132,6 +143,14 @@ class AFBlock(nn.Module):
 
 def block_flips(num_blocks):
   return jnp.arange(num_blocks) % 2 == 1
+
+
+def _flip(flip, x, axis=1):
+  """x reversed along ``axis`` if ``flip``: a Python bool (unrolled blocks: no select) or a traced
+  () bool (scanned blocks)."""
+  if isinstance(flip, bool):
+    return jnp.flip(x, axis) if flip else x
+  return jnp.where(flip, jnp.flip(x, axis), x)
 
 
 GUIDE_WHAT = AF_GUIDE_WHAT
@@ -168,12 +187,23 @@ class FlowShape(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   final_norm: bool = True
+  unroll: bool = False    # blocks and layers as Python loops (see the module docstring)
+  attn_chunk: int = 64    # query chunk size of the blocks' causal attention ('einsum' only)
+  attention: str = "xla"  # ``tfm.attend``'s impl: 'xla' | 'cudnn' | 'einsum'
+  remat_policy: str = "nothing_saveable"
 
   def block_kwargs(self):
     return dict(
         num_tokens=self.num_tokens, token_dim=self.token_dim, width=self.width,
         depth=self.layers_per_block, num_heads=self.num_heads, num_classes=self.num_classes,
-        mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, final_norm=self.final_norm)
+        mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, final_norm=self.final_norm,
+        unroll=self.unroll, attn_chunk=self.attn_chunk, attention=self.attention,
+        remat_policy=self.remat_policy)
+
+  def block_params(self):
+    """The stacked block params, unboxed, and per block (unrolled) a function t -> block t's."""
+    stacked = nn.unbox(self.variables["params"]["blocks"])
+    return stacked, lambda t: jax.tree.map(lambda p: p[t], stacked)
 
 
 class AutoregressiveFlow(FlowShape):
@@ -186,12 +216,19 @@ class AutoregressiveFlow(FlowShape):
 
   @nn.compact
   def __call__(self, x, y=None):
+    logdet0 = jnp.zeros((x.shape[0],), jnp.float32)
+    carry = (x.astype(jnp.float32), logdet0)
+    if self.unroll and not self.is_initializing():
+      _, block_t = self.block_params()
+      block = AFBlock(**self.block_kwargs(), parent=None)
+      for t in range(self.num_blocks):
+        carry, _ = block.apply({"params": block_t(t)}, carry, t % 2 == 1, y)
+      return carry
     scanned = nn.scan(AFBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast), length=self.num_blocks,
                       metadata_params={nn.PARTITION_NAME: "blocks"})
     blocks = scanned(**self.block_kwargs(), name="blocks")
-    logdet0 = jnp.zeros((x.shape[0],), jnp.float32)
-    (z, logdet), _ = blocks((x.astype(jnp.float32), logdet0), block_flips(self.num_blocks), y)
+    (z, logdet), _ = blocks(carry, block_flips(self.num_blocks), y)
     return z, logdet
 
   def path(self, x, y=None):
@@ -283,8 +320,11 @@ class AutoregressiveFlow(FlowShape):
 
     def invert_block(zc, xs):
       bp, flip = xs
-      zp = jnp.where(flip, zc[:, ::-1], zc)
-      cache = tfm.init_cache(self.layers_per_block, bsz, n, self.num_heads, head_dim, self.dtype)
+      zp = _flip(flip, zc)
+      if self.unroll:     # layer params sliced once per block, not on every token step
+        bp = dict(bp, transformer=tfm.split_layers(bp["transformer"], self.layers_per_block))
+      cache = tfm.init_cache(self.layers_per_block, bsz, n, self.num_heads, head_dim, self.dtype,
+                             stacked=not self.unroll)
       caches = (cache, cache) if guided else (cache,)
 
       def token_step(carry, i):
@@ -309,9 +349,13 @@ class AutoregressiveFlow(FlowShape):
         return (xr, caches), None
 
       (xp, _), _ = jax.lax.scan(token_step, (zp, caches), jnp.arange(n - 1))
-      return jnp.where(flip, xp[:, ::-1], xp), None
+      return _flip(flip, xp), None
 
-    stacked = nn.unbox(self.variables["params"]["blocks"])
-    x, _ = jax.lax.scan(invert_block, z.astype(jnp.float32),
-                        (stacked, block_flips(self.num_blocks)), reverse=True)
+    stacked, block_t = self.block_params()
+    x = z.astype(jnp.float32)
+    if self.unroll:
+      for t in reversed(range(self.num_blocks)):
+        x, _ = invert_block(x, (block_t(t), t % 2 == 1))
+      return x
+    x, _ = jax.lax.scan(invert_block, x, (stacked, block_flips(self.num_blocks)), reverse=True)
     return x

@@ -8,16 +8,21 @@ Semantics follow TARFlow's blocks (pre-LayerNorm, eps 1e-5, fused q|k|v projecti
 head-major, exact-erf GELU MLP, no final norm) so that TARFlow checkpoints map onto these params one
 to one.
 
-Attention is ``jax.nn.dot_product_attention`` (logits and softmax in fp32), causal by default;
-``causal=False`` (the distilled student) attends to every token. Two call modes:
-  * full sequence (training / likelihood);
-  * with a fixed-size KV cache ``{'k','v': (B, S, H, Dh)}`` and a write ``index``: the T new
-    tokens are written at positions index..index+T-1 and attend to every cached position <= their
-    own (decoding; T may be > 1 to prefill a prefix; causal only).
+Attention is computed head-major, (B, H, T, Dh), with logits and softmax in fp32; causal by
+default, ``causal=False`` (the distilled student) attends to every token. Two call modes:
+  * full sequence (training / likelihood); causal attention can be split into query chunks of
+    ``attn_chunk`` tokens, chunk i reading keys of chunks <= i only (masked blocks are skipped);
+  * with a fixed-size KV cache ``{'k','v': (B, H, S, Dh)}`` per layer and a write ``index``: the T
+    new tokens are written at positions index..index+T-1 and attend to every cached position <=
+    their own (decoding; T may be > 1 to prefill a prefix; causal only).
 Both modes take an optional attention temperature ``attn_temp`` (a static Python number): the
 logits are q.k * Dh^-0.5 / attn_temp, TARFlow's ``attn_temp`` (its SDPA ``scale``); the default 1
 passes no scale at all, so the default trace is the plain one.
 LayerNorms run in fp32; matmuls in ``dtype`` (bf16 on accelerators); params are stored in fp32.
+
+Layers run under ``nn.scan`` or, with ``unroll`` (``Transformer``), as a Python loop over the same
+stacked params (one program per layer: more compile time, no per-step slicing/stacking of weights,
+residuals and KV caches; faster on CPU, see benchmarks/vs_torch.py).
 """
 
 from typing import Any, Optional
@@ -83,45 +88,97 @@ class Projection(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def gelu_exact(x):
+  """Exact GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) (PyTorch's form). Not
+  ``nn.gelu(approximate=False)``: its erfc form lowers on XLA:CPU to two polynomials and selects,
+  forward and backward."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
+ATTENTION = ("xla", "cudnn", "einsum")   # ModelConfig.attention (config.ATTENTION_IMPLS)
+
+
+def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):
+  """Head-major attention: q (B, H, T, Dh), k, v (B, H, S, Dh) -> (B, H, T, Dh); logits
+  q.k * scale and softmax in fp32. ``mask`` (T, S) bool (True = attend), else causal (T == S) or
+  full.
+
+  ``impl``: 'xla' / 'cudnn' = ``jax.nn.dot_product_attention`` with that implementation (cuDNN's
+  fused kernel needs a GPU and bf16/fp16); 'einsum' = two einsums and an fp32 softmax here, the
+  fastest on XLA:CPU (no transposes of the probabilities), where causal with 0 < ``chunk`` < T (T
+  divisible by it) runs query chunk i (``chunk`` tokens) on the keys of chunks <= i only, so the
+  masked upper blocks cost nothing (2 chunks: 3/4 of the logits work, 4: 5/8)."""
+  if impl != "einsum":
+    sw = lambda a: jnp.swapaxes(a, 1, 2)                      # (B, T, H, Dh), jax's layout
+    out = jax.nn.dot_product_attention(
+        sw(q), sw(k), sw(v), scale=scale, is_causal=causal and mask is None,
+        mask=None if mask is None else mask[None, None],
+        implementation=None if impl == "xla" else impl)
+    return sw(out)
+  t = q.shape[2]
+  chunks = 1
+  if mask is None and causal and 0 < chunk < t and t % chunk == 0:
+    chunks = t // chunk
+  tq = t // chunks
+  outs = []
+  for i in range(chunks):
+    s = (i + 1) * tq if (causal and mask is None) else k.shape[2]
+    qi = q[:, :, i * tq:(i + 1) * tq] if chunks > 1 else q
+    ki, vi = (k, v) if s == k.shape[2] else (k[:, :, :s], v[:, :, :s])
+    logits = jnp.einsum("bhtd,bhsd->bhts", qi, ki,
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    m = mask
+    if m is None and causal:
+      m = jnp.arange(s)[None, :] <= (i * tq + jnp.arange(tq))[:, None]
+    if m is not None:
+      logits = jnp.where(m, logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1).astype(vi.dtype)
+    outs.append(jnp.einsum("bhts,bhsd->bhtd", p, vi))
+  return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=2)
+
+
 class Attention(nn.Module):
   """Pre-LN multi-head self-attention (causal unless ``causal=False``). x: (B, T, C) -> (B, T,
-  C)."""
+  C). ``attn_chunk``: query chunk size of the full-sequence causal path (``attend``; 0 = one)."""
   num_heads: int
   dtype: Dtype = jnp.float32
   causal: bool = True
+  attn_chunk: int = 0
+  attention: str = "xla"         # ``attend``'s impl
 
   @nn.compact
   def __call__(self, x, cache: Cache = None, index=None, attn_temp: float = 1.0):
     b, t, c = x.shape
     h_ = self.num_heads
     dh = c // h_
-    # logits scale: None (jax's own Dh^-0.5, the default trace) unless a temperature is set
-    scale = None if attn_temp == 1 else dh ** -0.5 / attn_temp
+    scale = dh ** -0.5 / attn_temp               # TARFlow's SDPA scale
     h = LayerNormF32(self.dtype, name="norm")(x)
     qkv = Projection((3, h_, dh), ("embed", None, "heads", "kv"), 1, self.dtype, name="qkv")(h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # (B, T, H, Dh)
+    qkv = jnp.transpose(qkv, (2, 0, 3, 1, 4))                 # (3, B, H, T, Dh)
+    q, k, v = qkv[0], qkv[1], qkv[2]
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+      out = attend(q, k, v, scale, self.causal, self.attn_chunk, impl=self.attention)
       new_cache = None
     elif not self.causal:
       raise ValueError("a KV cache decodes token by token: it needs causal attention")
     else:
       ck = jax.lax.dynamic_update_slice_in_dim(
-          cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+          cache["k"], k.astype(cache["k"].dtype), index, axis=2)
       cv = jax.lax.dynamic_update_slice_in_dim(
-          cache["v"], v.astype(cache["v"].dtype), index, axis=1)
-      s = ck.shape[1]
+          cache["v"], v.astype(cache["v"].dtype), index, axis=2)
+      s = ck.shape[2]
       q_pos = index + jnp.arange(t)
       mask = jnp.arange(s)[None, :] <= q_pos[:, None]  # (T, S): cached keys up to own position
-      out = jax.nn.dot_product_attention(
-          q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask[None, None], scale=scale)
+      out = attend(q, ck.astype(q.dtype), cv.astype(q.dtype), scale, mask=mask,
+                   impl=self.attention)
       new_cache = {"k": ck, "v": cv}
+    out = jnp.swapaxes(out, 1, 2)                             # (B, T, H, Dh)
     out = Projection((c,), ("heads", "kv", "embed"), 2, self.dtype, name="proj")(out)
     return out, new_cache
 
 
 class Mlp(nn.Module):
-  """Pre-LN MLP C -> F -> C with exact (erf) GELU."""
+  """Pre-LN MLP C -> F -> C with exact (erf) GELU (``gelu_exact``)."""
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
 
@@ -137,7 +194,7 @@ class Mlp(nn.Module):
         bias_init=zeros_init(("mlp",)),
         name="fc1")(
             h)
-    h = nn.gelu(h, approximate=False)
+    h = gelu_exact(h)
     return nn.Dense(
         c,
         dtype=self.dtype,
@@ -155,11 +212,13 @@ class Layer(nn.Module):
   mlp_ratio: int = 4
   dtype: Dtype = jnp.float32
   causal: bool = True
+  attn_chunk: int = 0
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, cache: Cache, index, attn_temp: float = 1.0):
-    a, new_cache = Attention(self.num_heads, self.dtype, self.causal, name="attn")(
-        x, cache, index, attn_temp)
+    a, new_cache = Attention(self.num_heads, self.dtype, self.causal, self.attn_chunk,
+                             self.attention, name="attn")(x, cache, index, attn_temp)
     x = x + a
     x = x + Mlp(self.mlp_ratio, self.dtype, name="mlp")(x)
     x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
@@ -167,11 +226,19 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """L layers under ``nn.scan`` (params stacked on a leading 'layers' axis), optional remat; causal
-  unless ``causal=False``.
+  """L layers, params stacked on a leading 'layers' axis, optional remat; causal unless
+  ``causal=False``.
 
-  __call__(x (B, T, C), cache=None | {'k','v': (L, B, S, H, Dh)}, index=None, attn_temp=1.0)
-  -> (x, new_cache); ``attn_temp`` (static) divides every layer's attention logits.
+  __call__(x (B, T, C), cache=None | KV cache, index=None, attn_temp=1.0) -> (x, new_cache);
+  ``attn_temp`` (static) divides every layer's attention logits. The cache is stacked,
+  {'k','v': (L, B, H, S, Dh)}, or per layer, a tuple of L {'k','v': (B, H, S, Dh)} (``init_cache``
+  with ``stacked=False``: no slicing or restacking per call, the layout for ``unroll``); the new
+  cache comes back in the layout it came in.
+
+  ``unroll`` False: the layers run under ``nn.scan``. True: a Python loop over the stacked params
+  (params may also come pre-split, see ``split_layers``): the backward pass keeps each layer's
+  residuals in their own buffers instead of stacking them into (L, ...) arrays and slicing them
+  back out. Init always goes through ``nn.scan``, so both give the same params.
   """
   depth: int
   num_heads: int
@@ -179,22 +246,77 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   causal: bool = True
+  unroll: bool = False
+  attn_chunk: int = 0            # query chunk size of full-sequence causal attention (``attend``)
+  attention: str = "xla"         # ``attend``'s impl: 'xla' | 'cudnn' | 'einsum'
+  # what a rematerialised layer keeps (with remat): a jax.checkpoint_policies name
+  remat_policy: str = "nothing_saveable"
 
   @nn.compact
   def __call__(self, x, cache: Cache = None, index=None, attn_temp: float = 1.0):
-    layer = Layer
-    if self.remat:   # attn_temp (argument 4, counting self) must stay a static Python number
-      layer = nn.remat(layer, prevent_cse=False, static_argnums=(4,))
-    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
     x = x.astype(self.dtype)
-    layers = scanned(self.num_heads, self.mlp_ratio, self.dtype, self.causal, name="layers")
-    x, new_cache = layers(x, cache, index, attn_temp)
-    return x, new_cache
+    per_layer = isinstance(cache, (tuple, list))
+    if not self.unroll or self.is_initializing():
+      layer = Layer
+      if self.remat:   # attn_temp (argument 4, counting self) must stay a static Python number
+        layer = nn.remat(layer, prevent_cse=False, static_argnums=(4,),
+                         policy=getattr(jax.checkpoint_policies, self.remat_policy))
+      scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      layers = scanned(self.num_heads, self.mlp_ratio, self.dtype, self.causal, self.attn_chunk,
+                       self.attention, name="layers")
+      if per_layer:
+        cache = jax.tree.map(lambda *c: jnp.stack(c), *cache)
+      x, new_cache = layers(x, cache, index, attn_temp)
+      if per_layer:
+        new_cache = tuple(jax.tree.map(lambda c, i=i: c[i], new_cache) for i in range(self.depth))
+      return x, new_cache
+    params = self.variables["params"]
+    if "layers" in params:
+      stacked = nn.unbox(params["layers"])
+      layer_params = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(self.depth)]
+    else:
+      layer_params = [nn.unbox(params[f"layer_{i}"]) for i in range(self.depth)]
+    caches = cache
+    if cache is not None and not per_layer:
+      caches = [jax.tree.map(lambda c, i=i: c[i], cache) for i in range(self.depth)]
+    layer = Layer(self.num_heads, self.mlp_ratio, self.dtype, self.causal, self.attn_chunk,
+                  self.attention, parent=None)
+
+    def run(p, x, c, index):
+      return layer.apply({"params": p}, x, c, index, attn_temp)
+
+    if self.remat:
+      run = jax.checkpoint(run, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    new_caches = []
+    for i in range(self.depth):
+      x, c = run(layer_params[i], x, None if cache is None else caches[i], index)
+      new_caches.append(c)
+    if cache is None:
+      return x, None
+    if per_layer:
+      return x, tuple(new_caches)
+    return x, jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
 
 
-def init_cache(depth, batch, length, num_heads, head_dim, dtype=jnp.float32):
-  """Zero KV cache for a ``Transformer``: {'k','v': (L, B, S, H, Dh)}."""
-  shape = (depth, batch, length, num_heads, head_dim)
+def split_layers(params, depth):
+  """A ``Transformer``'s params with the stacked 'layers' subtree split into 'layer_0'..
+  'layer_{L-1}' (what an unrolled Transformer also takes): slice once, e.g. outside a decode
+  loop, rather than on every call."""
+  params = dict(params)
+  stacked = nn.unbox(params.pop("layers"))
+  for i in range(depth):
+    params[f"layer_{i}"] = jax.tree.map(lambda p, i=i: p[i], stacked)
+  return params
+
+
+def init_cache(depth, batch, length, num_heads, head_dim, dtype=jnp.float32, stacked=True):
+  """Zero KV cache for a ``Transformer``: {'k','v': (L, B, H, S, Dh)}, or with ``stacked``
+  False a tuple of L {'k','v': (B, H, S, Dh)}."""
+  shape = (batch, num_heads, length, head_dim)
+  if not stacked:
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                 for _ in range(depth))
+  shape = (depth,) + shape
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -42,7 +42,8 @@ class ARPrior(nn.Module):
         kernel_init=tfm.dense_init(("token", "embed")),
         bias_init=tfm.zeros_init(("embed",)))
     self.transformer = tfm.Transformer(c.ar_depth, c.ar_heads, mlp_ratio=c.mlp_ratio,
-                                       dtype=c.jnp_dtype, remat=c.remat)
+                                       dtype=c.jnp_dtype, remat=c.remat, attention=c.attention,
+                                       remat_policy=c.remat_policy)
     self.final_norm = tfm.LayerNormF32(jnp.float32)
     self.head_i = nn.Dense(gmm.num_outputs(c.mixtures_informative, c.d_i), dtype=jnp.float32,
                            param_dtype=jnp.float32, kernel_init=tfm.zeros_init(("embed", "head")),
