@@ -51,7 +51,7 @@ SIZES = ((32, 32), (64, 16))            # (image side, batch)
 # the CPU execution choices (ModelConfig; same params and function): unrolled AF blocks and layers,
 # einsum attention with 64-token causal query chunks. --execution=default measures the defaults
 # (scan, jax.nn.dot_product_attention).
-EXECUTION = dict(flow_unroll=True, attention="einsum", flow_attn_chunk=64)
+EXECUTION = dict(unroll=True, attention="einsum", flow_attn_chunk=64)
 
 
 def hparams(size):

@@ -29,7 +29,7 @@ def get_config(arg=None):
       scale_fn="squareplus", scale_floor=1e-6,
       mlp_ratio=4, dtype="float32", remat=False,
       # CPU execution (benchmarks/vs_torch.py): unrolled AF blocks/layers, einsum attention
-      flow_unroll=True, attention="einsum",
+      unroll=True, attention="einsum",
   )
   c.train = common.base_train()
   c.train.update(steps=3000, batch_size=32, lr=1e-3, min_lr=1e-5, warmup_steps=100, grad_clip=1.0,

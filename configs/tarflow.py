@@ -35,7 +35,7 @@ def get_config(arg="afhq256"):
   # TARFlow's self-denoising of samples at the training noise is in c.sample.denoise_sigma
   c = tarflow_run_config(hp, noise_std=noise, data_name="mnist5k" if arg == "tiny" else "")
   if arg == "tiny":   # a CPU model: unrolled AF, einsum attention (benchmarks/vs_torch.py)
-    c.model.update(flow_unroll=True, attention="einsum")
+    c.model.update(unroll=True, attention="einsum")
     c.train.update(steps=100, batch_size=32, lr=1e-3, warmup_steps=10, log_every=50)
     c.eval.update(batch_size=100)
     c.sample.update(per_class=2)

@@ -69,11 +69,11 @@ class ModelConfig:
   flow_class_conditional: bool = False
   # LayerNorm before each AF block's proj_out (TARFlow has none; see docs/math.md)
   flow_final_norm: bool = True
-  # AF execution only (same params, same results up to float rounding): blocks and layers as
-  # Python loops over the stacked params (true) or under scan (false, the default: compile time
-  # independent of the depth); on CPU unrolling measured ~1.4x faster train steps and ~4x faster
-  # sampling (benchmarks/vs_torch.py)
-  flow_unroll: bool = False
+  # execution only (same params, same results up to float rounding): AF blocks and the AF's and
+  # AR prior's layers as Python loops over the stacked params (true) or under scan (false, the
+  # default: compile time independent of the depth); on CPU unrolling measured ~1.5x faster train
+  # steps and ~4x faster sampling (benchmarks/vs_torch.py, docs/performance.md)
+  unroll: bool = False
   # query chunk size of the AF's causal attention in full-sequence passes with attention='einsum';
   # chunk i reads the keys of chunks <= i only (0 or >= tokens: one chunk)
   flow_attn_chunk: int = 64
@@ -587,7 +587,7 @@ class DataConfig(_Section):
 
 # how the same model executes (same params, same function up to float rounding): a resumed run
 # may change these
-EXECUTION_FIELDS = ("flow_unroll", "flow_attn_chunk", "attention", "remat", "remat_policy")
+EXECUTION_FIELDS = ("unroll", "flow_attn_chunk", "attention", "remat", "remat_policy")
 RESUME_NEUTRAL = tuple(f"data.{f.name}" for f in dataclasses.fields(DataConfig)
                        if f.metadata.get("resume_neutral")) + tuple(
                            f"model.{f}" for f in EXECUTION_FIELDS)

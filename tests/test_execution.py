@@ -22,11 +22,11 @@ BASE = ModelConfig(image_size=16, channels=3, patch_size=2, num_classes=3, flow_
                    ar_width=32, ar_depth=1, ar_heads=2, class_repeats=2, d_informative=4,
                    mixtures_informative=3, mixtures_redundant=3)
 VARIANTS = {   # the first (the CPU configs' choice) runs in the default suite, the rest are slow
-    "unroll-einsum-chunked": dict(flow_unroll=True, attention="einsum", flow_attn_chunk=16),
-    "unroll-xla": dict(flow_unroll=True),
+    "unroll-einsum-chunked": dict(unroll=True, attention="einsum", flow_attn_chunk=16),
+    "unroll-xla": dict(unroll=True),
     "scan-einsum": dict(attention="einsum", flow_attn_chunk=0),
     "remat-nothing": dict(remat=True),
-    "remat-dots-unrolled": dict(remat=True, remat_policy="dots_saveable", flow_unroll=True,
+    "remat-dots-unrolled": dict(remat=True, remat_policy="dots_saveable", unroll=True,
                                 attention="einsum"),
 }
 CASES = [pytest.param(n, marks=() if i == 0 else pytest.mark.slow)

@@ -43,7 +43,7 @@ class ARPrior(nn.Module):
         bias_init=tfm.zeros_init(("embed",)))
     self.transformer = tfm.Transformer(c.ar_depth, c.ar_heads, mlp_ratio=c.mlp_ratio,
                                        dtype=c.jnp_dtype, remat=c.remat, attention=c.attention,
-                                       remat_policy=c.remat_policy)
+                                       remat_policy=c.remat_policy, unroll=c.unroll)
     self.final_norm = tfm.LayerNormF32(jnp.float32)
     self.head_i = nn.Dense(gmm.num_outputs(c.mixtures_informative, c.d_i), dtype=jnp.float32,
                            param_dtype=jnp.float32, kernel_init=tfm.zeros_init(("embed", "head")),
