@@ -2,7 +2,7 @@
 tests/tarflow_reference.py) on the same CPU: same AF config, batch, data and initial weights (the
 torch module's, converted with farmer_jax.interop.tarflow), run alternately in one process.
 
-  python benchmarks/vs_torch.py [--rounds 5] [--steps 3] [--quick]
+  python benchmarks/vs_torch.py [--rounds 5] [--steps 3] [--quick] [--execution cpu|default|both]
 
 (a) AF-only train step: forward + N(0, I) NLL (TARFlow's get_loss: 0.5*mean(z^2) - log-det per
     dim) + backward + AdamW (lr 1e-4, betas (0.9, 0.95), eps 1e-8, weight decay 1e-4; optax.adamw
@@ -12,8 +12,10 @@ torch module's, converted with farmer_jax.interop.tarflow), run alternately in o
 At 32x32x3 (patch 4, 64 tokens, batch 32) and 64x64x3 (patch 4, 256 tokens, batch 16); width 128
 (2 heads of 64), 4 blocks x 2 layers, unconditional, no final norm (TARFlow's block). Times are
 medians over rounds; the ratio is torch time / JAX time (> 1: JAX faster). The first two step
-losses of each side are printed: they must agree (same weights, data and optimiser). Prints only,
-asserts nothing.
+losses of each side are printed: they must agree (same weights, data and optimiser). The JAX side
+runs with the CPU execution choices (EXECUTION: unrolled, einsum attention; docs/performance.md),
+ModelConfig's defaults (scan, jax.nn.dot_product_attention), or both in one run (before/after).
+Prints only, asserts nothing.
 """
 
 import argparse

@@ -108,6 +108,9 @@ def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):
   fastest on XLA:CPU (no transposes of the probabilities), where causal with 0 < ``chunk`` < T (T
   divisible by it) runs query chunk i (``chunk`` tokens) on the keys of chunks <= i only, so the
   masked upper blocks cost nothing (2 chunks: 3/4 of the logits work, 4: 5/8)."""
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention='cudnn' needs a GPU (this backend is "
+                     f"{jax.default_backend()!r}); use 'xla', or 'einsum' on CPU")
   if impl != "einsum":
     sw = lambda a: jnp.swapaxes(a, 1, 2)                      # (B, T, H, Dh), jax's layout
     out = jax.nn.dot_product_attention(
