@@ -19,10 +19,10 @@ tokens back into the next token's (a, b) and overflow fp32. TARFlow has no such 
 (``final_norm=False`` reproduces its block exactly).
 
 Params are stacked on a leading 'blocks' axis (and 'layers' inside). With ``unroll`` False the
-blocks (and each block's layers) run under ``nn.scan``, so compile time does not grow with n; with
-``unroll`` True (the default) they are unrolled: a Python loop over the same stacked params, each
-block's flip static, no residuals or KV caches stacked per step (faster on CPU, more compile
-time; benchmarks/vs_torch.py). The AR prior's order relative to the last block (model.ar_order)
+blocks (and each block's layers) run under ``nn.scan`` (the default: compile time does not grow
+with n); with ``unroll`` True (``model.unroll``) they are unrolled: a Python loop over the same
+stacked params, each block's flip static, no residuals or KV caches stacked per step (faster on
+CPU, more compile time; docs/performance.md). The AR prior's order relative to the last block (model.ar_order)
 is turned into a flip by ``ModelConfig.ar_flip``, which relies on the flip rule of ``block_flips``
 below (and of the unrolled loops: block t flips iff t is odd).
 
