@@ -172,6 +172,10 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
     except (ValueError, ConfigError) as e:
       say(f"convert: config.sample.guidance=none, cfg=0 ({e})")
       config.sample.update(guidance="none", cfg=0.0, af_guidance=0.0)
+    if kind == "gaussian" and not config.sample.get("denoise_sigma"):
+      say(f"convert: config.sample.denoise_sigma={sigma} (TARFlow's self-denoising at its "
+          "training noise)")
+      config.sample.denoise_sigma = sigma
   try:
     mcfg = validate_model_config(config)
     flow = tarflow.tarflow_to_params(sd, mcfg)
