@@ -337,8 +337,9 @@ def _sample(argv):
   line = describe_stats(stats, sampler)
   if line:
     print(line)
-  print(f"{images.shape[0] * images.shape[1]} samples ({sampler.guidance}, w={sampler.cfg.w}) -> "
-        f"{', '.join(p for p in (FLAGS.out, FLAGS.npz) if p)}")
+  af = f", AF guidance {sampler.af_guidance}" if sampler.af_guidance else ""
+  print(f"{images.shape[0] * images.shape[1]} samples ({sampler.guidance}, w={sampler.cfg.w}{af}) "
+        f"-> {', '.join(p for p in (FLAGS.out, FLAGS.npz) if p)}")
 
 
 def _eval(argv):
