@@ -1,8 +1,8 @@
-"""Execution choices (ModelConfig.EXECUTION_FIELDS: unrolled vs scanned AF, attention
+"""Execution choices (config.EXECUTION_FIELDS: unrolled vs scanned AF and AR layers, attention
 implementation, causal query chunks, remat and its policy) change speed and memory, never the
 function: each gives the default's loss and gradients (train step), latents, inverse (plain and
-TARFlow-guided) and AR samples, to float rounding. The default is scan + jax.nn.dot_product_attention
-without remat."""
+TARFlow-guided) and AR samples, to float rounding. The default is scan +
+jax.nn.dot_product_attention without remat."""
 
 import dataclasses
 

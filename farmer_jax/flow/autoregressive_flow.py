@@ -22,9 +22,9 @@ Params are stacked on a leading 'blocks' axis (and 'layers' inside). With ``unro
 blocks (and each block's layers) run under ``nn.scan`` (the default: compile time does not grow
 with n); with ``unroll`` True (``model.unroll``) they are unrolled: a Python loop over the same
 stacked params, each block's flip static, no residuals or KV caches stacked per step (faster on
-CPU, more compile time; docs/performance.md). The AR prior's order relative to the last block (model.ar_order)
-is turned into a flip by ``ModelConfig.ar_flip``, which relies on the flip rule of ``block_flips``
-below (and of the unrolled loops: block t flips iff t is odd).
+CPU, more compile time; docs/performance.md). The AR prior's order relative to the last block
+(model.ar_order) is turned into a flip by ``ModelConfig.ar_flip``, which relies on the flip rule
+of ``block_flips`` below (and of the unrolled loops: block t flips iff t is odd).
 
 Labels: with ``num_classes`` > 0 a class embedding is added to every token; the label
 ``NO_LABEL`` (any label < 0) gets the mean class embedding (TARFlow's unconditional rule).
