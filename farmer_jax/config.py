@@ -289,34 +289,29 @@ def validate_model(m: ModelConfig):
           f"choose d_I below {d}, or set --config.model.dimred=none to model all {d} channels")
   if m.dimred == "farmer":
     pos("model.mixtures_redundant", m.mixtures_redundant)
-  if m.ar_order not in AR_ORDERS:
-    raise _err(
-        "model.ar_order", m.ar_order, "unknown AR prior direction",
-        f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
-        "permute)"
-    )
-  if m.attention not in ATTENTION_IMPLS:
-    raise _err("model.attention", m.attention, "unknown attention implementation",
-               f"use one of {ATTENTION_IMPLS} ('einsum' on CPU, 'cudnn' on GPU with bf16)")
+  # the fields that name one of a fixed set: (field, choices, what it is, the fix)
+  for field, choices, what, fix in (
+      ("ar_order", AR_ORDERS, "unknown AR prior direction",
+       f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
+       "permute)"),
+      ("attention", ATTENTION_IMPLS, "unknown attention implementation",
+       f"use one of {ATTENTION_IMPLS} ('einsum' on CPU, 'cudnn' on GPU with bf16)"),
+      ("remat_policy", REMAT_POLICIES, "unknown rematerialisation policy",
+       f"use one of {REMAT_POLICIES} (or model.remat=False for none)"),
+      ("prior", PRIORS, "unknown prior over the AF latents",
+       f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))"),
+      ("pixels", PIXELS, "unknown pixel mapping",
+       f"use one of {PIXELS} ('tarflow' for models trained on 2v/255 - 1)"),
+      ("scale_fn", SCALE_FNS, "unknown scale parameterisation", f"use one of {SCALE_FNS}"),
+      ("dtype", DTYPE_NAMES, "unknown compute dtype", f"use one of {sorted(DTYPE_NAMES)}"),
+  ):
+    if getattr(m, field) not in choices:
+      raise _err(f"model.{field}", getattr(m, field), what, fix)
   if not is_int(m.flow_attn_chunk) or m.flow_attn_chunk < 0:
     raise _err("model.flow_attn_chunk", m.flow_attn_chunk, "must be an integer >= 0",
                "e.g. 64 (0 = one chunk)")
-  if m.remat_policy not in REMAT_POLICIES:
-    raise _err("model.remat_policy", m.remat_policy, "unknown rematerialisation policy",
-               f"use one of {REMAT_POLICIES} (or model.remat=False for none)")
-  if m.prior not in PRIORS:
-    raise _err("model.prior", m.prior, "unknown prior over the AF latents",
-               f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))")
-  if m.pixels not in PIXELS:
-    raise _err("model.pixels", m.pixels, "unknown pixel mapping",
-               f"use one of {PIXELS} ('tarflow' for models trained on 2v/255 - 1)")
-  if m.scale_fn not in SCALE_FNS:
-    raise _err("model.scale_fn", m.scale_fn, "unknown scale parameterisation",
-               f"use one of {SCALE_FNS}")
   if not m.scale_floor > 0:
     raise _err("model.scale_floor", m.scale_floor, "must be > 0", "use e.g. 1e-6")
-  if m.dtype not in DTYPE_NAMES:
-    raise _err("model.dtype", m.dtype, "unknown compute dtype", f"use one of {sorted(DTYPE_NAMES)}")
   for f in dataclasses.fields(m):
     if f.type in (bool, "bool") and not isinstance(getattr(m, f.name), (bool, np.bool_)):
       raise _err(f"model.{f.name}", getattr(m, f.name), "must be True or False",

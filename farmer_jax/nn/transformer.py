@@ -8,16 +8,17 @@ Semantics follow TARFlow's blocks (pre-LayerNorm, eps 1e-5, fused q|k|v projecti
 head-major, exact-erf GELU MLP, no final norm) so that TARFlow checkpoints map onto these params one
 to one.
 
-Attention is computed head-major, (B, H, T, Dh), with logits and softmax in fp32; causal by
-default, ``causal=False`` (the distilled student) attends to every token. Two call modes:
-  * full sequence (training / likelihood); causal attention can be split into query chunks of
-    ``attn_chunk`` tokens, chunk i reading keys of chunks <= i only (masked blocks are skipped);
+Attention (``attend``) takes head-major (B, H, T, Dh) q, k, v, logits and softmax in fp32, through
+``jax.nn.dot_product_attention`` ('xla' / 'cudnn') or two einsums ('einsum', ``model.attention``);
+causal by default, ``causal=False`` (the distilled student) attends to every token. Two call modes:
+  * full sequence (training / likelihood); with 'einsum', causal attention can be split into query
+    chunks of ``attn_chunk`` tokens, chunk i reading keys of chunks <= i only (masked blocks are
+    skipped);
   * with a fixed-size KV cache ``{'k','v': (B, H, S, Dh)}`` per layer and a write ``index``: the T
     new tokens are written at positions index..index+T-1 and attend to every cached position <=
     their own (decoding; T may be > 1 to prefill a prefix; causal only).
 Both modes take an optional attention temperature ``attn_temp`` (a static Python number): the
-logits are q.k * Dh^-0.5 / attn_temp, TARFlow's ``attn_temp`` (its SDPA ``scale``); the default 1
-passes no scale at all, so the default trace is the plain one.
+logits are q.k * Dh^-0.5 / attn_temp, TARFlow's ``attn_temp`` (its SDPA ``scale``).
 LayerNorms run in fp32; matmuls in ``dtype`` (bf16 on accelerators); params are stored in fp32.
 
 Layers run under ``nn.scan`` or, with ``unroll`` (``Transformer``), as a Python loop over the same
@@ -93,9 +94,6 @@ def gelu_exact(x):
   ``nn.gelu(approximate=False)``: its erfc form lowers on XLA:CPU to two polynomials and selects,
   forward and backward."""
   return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
-
-
-ATTENTION = ("xla", "cudnn", "einsum")   # ModelConfig.attention (config.ATTENTION_IMPLS)
 
 
 def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):

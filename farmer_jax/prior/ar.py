@@ -90,8 +90,9 @@ class ARPrior(nn.Module):
     """Runs the class prefix of labels y (B,) at slots 0..M-1 of a fresh KV cache with room for the
     whole sequence (M + N); returns (h (B, C) predicting z^I_1, cache)."""
     c = self.cfg
+    # per-layer buffers when the layers are unrolled: no slicing/restacking of the cache per token
     cache = tfm.init_cache(c.ar_depth, y.shape[0], c.class_repeats + c.num_tokens, c.ar_heads,
-                           c.ar_width // c.ar_heads, c.jnp_dtype)
+                           c.ar_width // c.ar_heads, c.jnp_dtype, stacked=not c.unroll)
     h, cache = self.transformer(self.prefix(y).astype(c.jnp_dtype), cache, 0)
     return self.final_norm(h[:, -1]), cache
 
