@@ -181,10 +181,9 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
     flow = tarflow.tarflow_to_params(sd, mcfg)
   except (ValueError, ConfigError) as e:
     raise ConvertError(f"--ckpt={ckpt}: {e}") from None
-  bad = [k for k, v in _leaves(flow) if not np.all(np.isfinite(v))]
-  if bad:
-    raise ConvertError(f"--ckpt={ckpt} holds non-finite weights ({', '.join(bad[:5])}); nothing "
-                       "was written")
+  report = export._non_finite_report(flow)
+  if report:
+    raise ConvertError(f"--ckpt={ckpt} holds non-finite weights ({report}); nothing was written")
   var = tarflow.tarflow_var(sd, mcfg) if "var" in sd else None
   if var is not None and (not np.all(np.isfinite(var)) or np.any(var < 0)):
     raise ConvertError(f"--ckpt={ckpt}: its 'var' buffer has non-finite or negative values")
@@ -234,12 +233,10 @@ def to_tarflow(model_dir, out, overwrite=False, say=print):
   except ValueError as e:
     raise ConvertError(f"--model={model_dir}: {e}; TARFlow's block has no such option, so this "
                        "AF cannot be written as a TARFlow checkpoint") from None
-  flow = {k: np.asarray(v, np.float32) for k, v in _leaves(params["flow"])}
-  flow = _unflatten(flow)
   nvp = bool((meta.get("tarflow") or {}).get("nvp", True))
   var = export.load_latent_var(model_dir, mcfg, meta)
   try:
-    sd = tarflow.params_to_tarflow(flow, mcfg, nvp=nvp, var=var)
+    sd = tarflow.params_to_tarflow(params["flow"], mcfg, nvp=nvp, var=var)
   except ValueError as e:
     raise ConvertError(f"--model={model_dir}: {e}") from None
   if mcfg.prior != "standard_normal":
@@ -266,25 +263,6 @@ def _save_npz(out, sd):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-
-
-def _leaves(tree, prefix=""):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _leaves(v, f"{prefix}{k}/")
-    else:
-      yield f"{prefix}{k}", np.asarray(v)
-
-
-def _unflatten(flat):
-  out = {}
-  for path, v in flat.items():
-    node = out
-    parts = path.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return out
 
 
 def _sha256(path):
