@@ -2,17 +2,34 @@
 compiles."""
 
 import dataclasses
+import os
 
-import jax
-import pytest
+# Tests compile many small programs and run each a few times: XLA's LLVM backend at -O0 cuts the
+# default suite's wall time by ~30% on a 2-core CPU (compilation dominates) and computes the same
+# functions. Set before jax creates its backend; subprocesses started with os.environ inherit it.
+# FARMER_TEST_XLA_OPT=1 keeps XLA's default optimisation level (e.g. to test the optimised code).
+if os.environ.get("FARMER_TEST_XLA_OPT") != "1":
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 
-from farmer_jax.config import ModelConfig
-from farmer_jax.model import Farmer, init_params
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from farmer_jax.config import ModelConfig  # noqa: E402
+from farmer_jax.model import Farmer, init_params  # noqa: E402
 
 TINY = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, flow_blocks=2,
                    flow_layers=1, flow_width=32, flow_heads=2, ar_width=32, ar_depth=2, ar_heads=2,
                    class_repeats=2, dimred="farmer", d_informative=2, mixtures_informative=3,
                    mixtures_redundant=2)
+
+
+def fake_devices_env(devices):
+  """os.environ for a subprocess with ``devices`` fake CPU devices (the only place the device-count
+  flag is set; XLA_FLAGS already set, e.g. the -O0 above, are kept)."""
+  flags = (os.environ.get("XLA_FLAGS", "") +
+           f" --xla_force_host_platform_device_count={devices}").strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 def perturb(params, key, scale):

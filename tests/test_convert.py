@@ -202,6 +202,7 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == sorted(before)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
   """A FARMER AF with its output LayerNorm (the default) has no TARFlow counterpart."""
   import ml_collections
@@ -219,6 +220,7 @@ def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
   assert not os.path.exists(tmp_path / "x.pth")
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_denoise_is_a_tweedie_step_and_names_are_read():
   """On a fresh standard-normal model (the AF starts as the identity) log p(x) = log N(x; 0, I),
   so the self-denoising step x + s^2 grad log p(x) is exactly (1 - s^2) x."""

@@ -13,6 +13,7 @@ from farmer_jax.model import Farmer
 from farmer_jax.nn.transformer import Transformer
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_bidirectional_attention_sees_later_tokens():
   """causal=False: changing the last token changes every output; causal: only the last."""
   x = jax.random.normal(jax.random.key(0), (1, 6, 16))
@@ -24,6 +25,7 @@ def test_bidirectional_attention_sees_later_tokens():
     assert [i for i in range(6) if float(d[i]) > 1e-6] == changed
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_student_starts_as_the_teacher_and_distillation_beats_the_copy():
   """The student's params are a copy of params['flow']; its path has one entry per block;
   a short Algorithm-2 distillation cuts the relative reconstruction error of x from z = F(x)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY, init_farmer
+from conftest import TINY, fake_devices_env, init_farmer
 from farmer_jax import conventions
 from farmer_jax.eval.likelihood import evaluate_bpd, reference_nats, summarize
 
@@ -22,7 +22,7 @@ def sharded(exported, tmp_path_factory):
   marked slow, CI runs them)."""
   _, export_dir, _, _ = exported
   out = tmp_path_factory.mktemp("eval8")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = fake_devices_env(8)
   r = subprocess.run([sys.executable, os.path.join(HERE, "eval_worker.py"), str(out),
                       str(export_dir)], capture_output=True, text=True, env=env, timeout=600)
   assert r.returncode == 0, r.stderr[-4000:]
@@ -138,6 +138,7 @@ class _CountingNet:
     return {"pool": pool, "logits": pool[:, :3] * 10.0}
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_feature_dump_resumes_an_interrupted_run_with_the_same_samples(tiny, tmp_path):
   """sample_features with a dump: interrupted after 2 batches, the same call continues from the
   chunks on disk (with another --batch: sample j is the same in any chunking) and the features

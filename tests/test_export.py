@@ -216,6 +216,7 @@ def test_parse_classes():
     parse_classes("cat", 10)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_sample_cli_errors(exported, tmp_path):
   _, out, _, _ = exported
   run = lambda *a: subprocess.run([sys.executable, "-m", "farmer_jax", "sample", *a],

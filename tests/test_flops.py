@@ -32,8 +32,8 @@ def _xla_train_flops(m, batch):
 
 @pytest.mark.parametrize("m,batch", [
     (ONE, 4),
-    (dataclasses.replace(ONE, flow_width=256, flow_heads=4, channels=3, prior="standard_normal"),
-     2),
+    pytest.param(dataclasses.replace(ONE, flow_width=256, flow_heads=4, channels=3,
+                                     prior="standard_normal"), 2, marks=pytest.mark.slow),
 ], ids=["farmer-128", "standard-normal-256-rgb"])
 def test_train_step_flops_match_xla(m, batch):
   ours = flops.train_step_flops(m, batch)

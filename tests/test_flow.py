@@ -153,6 +153,7 @@ def test_block_causality(flow_and_params, flip):
     np.testing.assert_array_equal(moved, expect)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_class_conditional_af_uses_mean_for_unlabelled():
   flow = AutoregressiveFlow(num_tokens=4, token_dim=2, width=16, num_blocks=2, layers_per_block=1,
                             num_heads=2, num_classes=3)

@@ -70,7 +70,8 @@ def _built(dimred):
   return cfg, model, params, jax.jit(model.apply)
 
 
-@pytest.mark.parametrize("dimred", ["farmer", "jetformer", "none"])
+@pytest.mark.parametrize("dimred", ["farmer", pytest.param("jetformer", marks=pytest.mark.slow),
+                                    pytest.param("none", marks=pytest.mark.slow)])
 def test_loss_is_exact_negative_log_density(dimred):
   cfg, model, params, apply = _built(dimred)
   params = perturb(params, jax.random.key(107), 0.05)
@@ -85,6 +86,7 @@ def test_loss_is_exact_negative_log_density(dimred):
       out["log_prob"], out["log_prob_i"] + out["log_prob_r"] + out["logdet"], rtol=1e-6)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_dtypes_bf16_compute_fp32_params_and_remat():
   """Params are fp32 whatever the compute dtype; bf16 compute stays close to fp32; remat changes
   nothing."""

@@ -11,14 +11,15 @@ import sys
 
 import pytest
 
+from conftest import fake_devices_env
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiprocess_worker.py")
 
 
 def _env(devices, bucket=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = fake_devices_env(devices)
   if bucket is not None:
     env["FAKE_GCS_ROOT"] = str(bucket)
   return env

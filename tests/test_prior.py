@@ -122,6 +122,7 @@ def test_kv_cache_decode_equals_full_forward(tiny):
   np.testing.assert_allclose(r.logits, r_full.logits, atol=2e-5)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_k1_prior_is_an_affine_af_block_plus_standard_normal():
   """Paper appendix A.1: with K_I = 1 and no dimension reduction the AR prior is one more affine
   autoregressive flow block u_i = (z_i - mu(z_<i)) / sigma(z_<i) followed by N(0, I). We check the

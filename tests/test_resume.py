@@ -96,6 +96,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tmp_path):
     assert [r["step"] for r in rows if "eval/bpd" in r] == [STEPS], where
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
   wd = tmp_path / "run"
   p = subprocess.Popen(

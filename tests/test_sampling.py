@@ -37,6 +37,7 @@ def _mix(logits, loc, scale):
       jnp.asarray(scale, jnp.float32))
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_resampling_w0_samples_the_conditional_mixture():
   """w = 0: conditional candidates get weight 1, unconditional ones p_c/p_u, so the resampled law is
   p_c."""
@@ -210,6 +211,7 @@ def test_redundant_tokens_are_distinct_under_table6_cfg():
   assert np.all((np.asarray(ess) >= 1) & (np.asarray(ess) <= 32))
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_redundant_tokens_match_closed_form_guided_gaussian_640d():
   """All temperatures 1, w = 2.5, d_R = 640: p_c = N(delta, I), p_u = N(0, 1.01^2 I) with
   delta_j = +-0.02. The guided target p_c^{1+w}/p_u^w is N(m, v I) with precision
@@ -235,6 +237,7 @@ def test_redundant_tokens_match_closed_form_guided_gaussian_640d():
   assert float(np.mean(ess)) > 5  # the weights have not degenerated at this guidance strength
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_naive_cfg_matches_closed_form():
   w = 2.0
   g_c, g_u = _gauss([1.0, -1.0], [1.0, 0.5]), _gauss([0.0, 0.0], [1.5, 1.0])
@@ -317,6 +320,7 @@ def _reference_guided_decode(cfg, params, keys, y, s):
   return np.stack(out)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_doubled_batch_decode_equals_slow_reference(tiny):
   """Whole tokens (informative and redundant channels) of the vectorised doubled-batch sampler equal
   a plain-loop reference that draws per token and per candidate with numpy densities."""
@@ -335,6 +339,7 @@ def test_doubled_batch_decode_equals_slow_reference(tiny):
   np.testing.assert_allclose(np.asarray(z), ref, atol=1e-4)
 
 
+@pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_jetformer_redundant_std_obeys_the_temperature_convention():
   """dimred='jetformer': z^R ~ N(0, I) with std t_sigma * sqrt(redundant_var_scale) = 0.8 *
   sqrt(0.5) = 0.566 (the variance reading would give sqrt(0.4) = 0.632). 64 samples x 16 tokens x 2
@@ -347,7 +352,8 @@ def test_jetformer_redundant_std_obeys_the_temperature_convention():
   assert abs(sd - 0.8 * np.sqrt(0.5)) < 0.05 * 0.566, sd
 
 
-@pytest.mark.parametrize("guidance", ["none", "resampling", "naive"])
+@pytest.mark.parametrize("guidance", ["none", "resampling",
+                                      pytest.param("naive", marks=pytest.mark.slow)])
 def test_sampling_deterministic_and_batch_independent(tiny, guidance):
   cfg, _, params = tiny
   s = SamplerConfig(

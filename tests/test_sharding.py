@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import fake_devices_env
 from farmer_jax.sharding import fsdp_spec
 from jax.sharding import PartitionSpec as P
 
@@ -30,7 +31,7 @@ def test_fsdp_spec_picks_largest_divisible_unsharded_dim():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):  # ~90 s on 2 cores: the tests using it are marked slow (CI runs them)
   out = tmp_path_factory.mktemp("mesh")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = fake_devices_env(8)
   r = subprocess.run(
       [sys.executable, os.path.join(HERE, "mesh_worker.py"),
        str(out), "0"],
