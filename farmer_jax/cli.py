@@ -420,6 +420,12 @@ def _convert(argv):
   if bool(src) == bool(dst) or not FLAGS.out:
     raise app.UsageError("pass --from=tarflow --ckpt=FILE --out=EXPORT_DIR, or --to=tarflow "
                          "--model=EXPORT_DIR --out=FILE.pth")
+  unused = ("model", "dtype") if src else ("ckpt", "config", "pixels", "noise_std", "channels",
+                                          "ckpt_key")
+  given = [f"--{f}" for f in unused if FLAGS[f].present]
+  if given:
+    raise app.UsageError(f"{', '.join(given)} do(es) not apply to convert "
+                         f"{'--from' if src else '--to'}=tarflow; drop {' '.join(given)}")
   from farmer_jax.interop import convert
   say = (lambda _: None) if FLAGS.quiet else print
   if src:

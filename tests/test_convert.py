@@ -179,6 +179,17 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   before = os.listdir(tmp_path)
   refused("non-finite", ckpt=str(tmp_path / "nan.npz"))
   refused("pixel mapping|--pixels", pixels="srgb")
+  for bad_noise in (-0.1, 0.0, float("nan"), float("inf")):
+    refused("--noise_std=.* must be a finite number > 0", noise_std=bad_noise)
+  refused("--channels=0 must be an integer >= 1", in_channels=0)
+  bad_cfg = configlib.load("tarflow:tiny")
+  bad_cfg.data.update(image_size=8, num_classes=3, channels=1)
+  bad_cfg.model.update(patch_size=2, flow_blocks=2, flow_layers=1, flow_width=64, flow_heads=1)
+  bad_cfg.sample.t_sigma = 0.0            # a sampler setting `sample` would refuse: not written
+  refused("t_sigma", config=bad_cfg)
+  bad_cfg.sample.t_sigma = 1.0
+  bad_cfg.data.channels = 0
+  refused("data.channels=0", config=bad_cfg)
   # a FARMER config that describes the AF: its AR guidance is reset (said), pixels by file name
   cfg = configlib.load("quickstart")
   cfg.data.update(image_size=8, num_classes=3)
@@ -199,7 +210,14 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
     convert.to_tarflow(str(out), str(tmp_path / "m.npz"), say=say)
   with pytest.raises(ValueError, match=r"\.pth .* or \.npz"):
     convert.to_tarflow(str(out), str(tmp_path / "m.bin"), say=say)
+  os.mkdir(tmp_path / "adir.pth")
+  with pytest.raises(ValueError, match="is a directory"):
+    convert.to_tarflow(str(out), str(tmp_path / "adir.pth"), say=say)
+  os.rmdir(tmp_path / "adir.pth")
+  with pytest.raises(ValueError, match="inside the export"):
+    convert.to_tarflow(str(out), str(out / "back.pth"), say=say)
   assert sorted(os.listdir(tmp_path)) == sorted(before)
+  assert not os.path.exists(out / "back.pth")
 
 
 @pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores

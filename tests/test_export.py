@@ -232,3 +232,25 @@ def test_sample_cli_errors(exported, tmp_path):
   r = run(f"--model={tmp_path}/missing", f"--out={tmp_path}/x.png")
   assert r.returncode == 2 and "does not exist" in r.stderr
   assert not (tmp_path / "x.png").exists()
+
+
+def test_failed_write_leaves_no_new_parent_folders(tmp_path, monkeypatch):
+  """An export that fails midway (here: writing its config) removes its temporary directory and
+  the parent folders it created for ``out``; a parent that existed before stays."""
+  import ml_collections
+
+  def fail(*_):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(export_lib.runs, "write_saved_config", fail)
+  params = {"w": np.ones((2, 3), np.float32)}
+  meta = {"kind": export_lib.EXPORT_KIND, "format_version": export_lib.FORMAT_VERSION}
+  with pytest.raises(OSError, match="disk full"):
+    export_lib.write_export(str(tmp_path / "a" / "b" / "model"), params,
+                            ml_collections.ConfigDict(), meta)
+  assert os.listdir(tmp_path) == []
+  os.mkdir(tmp_path / "keep")
+  with pytest.raises(OSError, match="disk full"):
+    export_lib.write_export(str(tmp_path / "keep" / "c" / "model"), params,
+                            ml_collections.ConfigDict(), meta)
+  assert os.listdir(tmp_path) == ["keep"] and os.listdir(tmp_path / "keep") == []

@@ -28,7 +28,8 @@ import re
 
 import numpy as np
 
-from farmer_jax.config import ConfigError, ModelConfig, validate_model_config
+from farmer_jax.config import (ConfigError, DataConfig, ModelConfig, TrainConfig,
+                               validate_model_config)
 from farmer_jax.interop import tarflow
 from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
 
@@ -122,16 +123,25 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
                                  sampler_from_config)
   from farmer_jax.sampling import export
   kind, sigma = training_noise(ckpt)
-  if noise_std is not None:
-    kind, sigma = "gaussian", float(noise_std)
-  if pixels is None:
+  if pixels is None:    # from the file name: uniform-noise bits/dim checkpoints use (v + u)/128 - 1
     pixels = "farmer" if kind == "uniform" else "tarflow"
+  if noise_std is not None:
+    if not (isinstance(noise_std, (int, float)) and np.isfinite(noise_std) and noise_std > 0):
+      raise ConvertError(f"--noise_std={noise_std} must be a finite number > 0 (the Gaussian "
+                         "noise std the TARFlow model was trained with, e.g. 0.07)")
+    kind, sigma = "gaussian", float(noise_std)
+  if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+    raise ConvertError(f"--channels={in_channels} must be an integer >= 1 (the image channels, "
+                       "e.g. 3 for RGB)")
   if pixels not in PIXELS:
     raise ConvertError(f"--pixels={pixels!r} is unknown; use one of {list(PIXELS)}")
   out = export.check_export_target(ckpt if os.path.exists(ckpt) else None, out, overwrite)
   sd = _read(ckpt, key)
   if in_channels is None and config is not None:
-    in_channels = int(config.data.channels)
+    in_channels = config.data.get("channels")
+    if not isinstance(in_channels, int) or in_channels < 1:
+      raise ConvertError(f"--config: data.channels={in_channels!r} must be an integer >= 1 (set "
+                         "--config.data.channels=3 for RGB)")
   hp, err = None, None
   for c in ((in_channels,) if in_channels is not None else (3, 1)):
     try:
@@ -170,12 +180,22 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
     try:
       check_sampler_for_model(sampler_from_config(config.sample), validate_model_config(config))
     except (ValueError, ConfigError) as e:
-      say(f"convert: config.sample.guidance=none, cfg=0 ({e})")
-      config.sample.update(guidance="none", cfg=0.0, af_guidance=0.0)
-    if kind == "gaussian" and not config.sample.get("denoise_sigma"):
+      if config.sample.get("guidance", "none") == "none":
+        raise ConvertError(f"--config: {e}") from None    # not the AR guidance: the user's to fix
+      say(f"convert: config.sample.guidance=none, cfg=0 (a standard-normal prior has no GMMs to "
+          f"guide: {e})")
+      config.sample.update(guidance="none", cfg=0.0)
+    # --noise_std wins over the config; else the file name's sigma fills an unset denoise_sigma
+    if kind == "gaussian" and (noise_std is not None or not config.sample.get("denoise_sigma")):
       say(f"convert: config.sample.denoise_sigma={sigma} (TARFlow's self-denoising at its "
           "training noise)")
       config.sample.denoise_sigma = sigma
+  try:    # the whole final config, as `sample` / `eval` / `train` will read it, before any write
+    DataConfig.from_config(config)
+    TrainConfig.from_config(config)
+    check_sampler_for_model(sampler_from_config(config.sample), validate_model_config(config))
+  except (ValueError, ConfigError) as e:
+    raise ConvertError(f"--config: {e}") from None
   try:
     mcfg = validate_model_config(config)
     flow = tarflow.tarflow_to_params(sd, mcfg)
@@ -222,11 +242,18 @@ def to_tarflow(model_dir, out, overwrite=False, say=print):
   Returns the TARFlow hparams."""
   from farmer_jax.interop.torch_checkpoint import save_state_dict
   from farmer_jax.sampling import export
-  if not out.endswith((".pth", ".npz")):
-    raise ConvertError(f"--out={out}: write a .pth (PyTorch) or .npz file")
-  if os.path.isdir(out) or (os.path.lexists(out) and not overwrite):
+  if not out.lower().endswith((".pth", ".pt", ".npz")):
+    raise ConvertError(f"--out={out}: write a .pth / .pt (PyTorch) or .npz file")
+  if os.path.isdir(out):
+    raise ConvertError(f"--out={out} is a directory; name the file to write, e.g. "
+                       f"--out={os.path.join(out, 'model.pth')}")
+  if os.path.lexists(out) and not overwrite:
     raise ConvertError(f"--out={out} exists; pass --overwrite to replace the file, or choose "
                        "another --out")
+  inside = os.path.abspath(model_dir)
+  if os.path.commonpath([inside, os.path.abspath(out)]) == inside:
+    raise ConvertError(f"--out={out} is inside the export --model={model_dir}; write the TARFlow "
+                       "file elsewhere (the export's folder holds only what `export` wrote)")
   mcfg, params, _, meta = export.load_model(model_dir)
   try:
     tarflow._check_config(mcfg)
@@ -243,7 +270,7 @@ def to_tarflow(model_dir, out, overwrite=False, say=print):
     say(f"note: {model_dir} is a FARMER model; only its AF is written (TARFlow has no AR prior)")
   if mcfg.pixels != "tarflow":
     say(f"note: this model expects pixels={mcfg.pixels!r}; TARFlow's code maps 2v/255 - 1")
-  if out.endswith(".npz"):
+  if out.lower().endswith(".npz"):
     _save_npz(out, sd)
   else:
     save_state_dict(out, sd)

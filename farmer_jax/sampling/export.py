@@ -224,6 +224,10 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
   file), which ``check_export_target`` never lets ``out`` delete."""
   out = os.path.abspath(out)
   parent, name = os.path.dirname(out), os.path.basename(out)
+  created = parent     # the outermost parent folder this call creates (removed again on failure)
+  while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
+    created = os.path.dirname(created)
+  created = None if os.path.exists(parent) else created
   os.makedirs(parent, exist_ok=True)
   tag = uuid.uuid4().hex[:8]
   tmp = os.path.join(parent, f".{name}.tmp-{tag}")
@@ -255,6 +259,16 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
         os.rename(aside, out)  # interrupted between the renames: put the old one back
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+    if created is not None and not os.path.exists(out):   # failed: drop the folders made for it
+      d = parent
+      while True:                                           # (only while they are empty)
+        try:
+          os.rmdir(d)
+        except OSError:
+          break
+        if d == created:
+          break
+        d = os.path.dirname(d)
 
 
 def _student_of(student_run, config, say):
