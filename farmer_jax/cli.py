@@ -424,8 +424,9 @@ def _convert(argv):
                                           "ckpt_key")
   given = [f"--{f}" for f in unused if FLAGS[f].present]
   if given:
-    raise app.UsageError(f"{', '.join(given)} do(es) not apply to convert "
-                         f"{'--from' if src else '--to'}=tarflow; drop {' '.join(given)}")
+    one = len(given) == 1
+    raise app.UsageError(f"{', '.join(given)} {'does' if one else 'do'} not apply to convert "
+                         f"{'--from' if src else '--to'}=tarflow; drop {'it' if one else 'them'}")
   from farmer_jax.interop import convert
   say = (lambda _: None) if FLAGS.quiet else print
   if src:

@@ -202,7 +202,7 @@ BAD_CASES = [
      ["--noise_std=-1.0 must be a finite number > 0"]),
     ("convert_to_with_from_flags", "convert",
      ["convert", "--to=tarflow", "--model={M}", "--ckpt={W}/a_file", "--out={W}/t.pth"],
-     ["--ckpt do(es) not apply to convert --to=tarflow"]),
+     ["--ckpt does not apply to convert --to=tarflow"]),
     ("sample_af_guidance_with_jacobi", "sample",
      ["sample", "--model={M}", "--inverse=jacobi", "--sampler=af_guidance=2", "--out={W}/x.png"],
      ["af_guidance=2", "inverse='jacobi'"]),
