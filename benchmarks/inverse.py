@@ -17,6 +17,11 @@ distilled one-step student, plus the end-to-end sampling split of paper Table 5.
 import argparse
 import time
 
+# keep freed heap memory (farmer_jax/host_memory.py; FARMER_JAX_MALLOC=system for glibc's
+# defaults), set before jax or torch start their threads
+from farmer_jax import host_memory  # noqa: E402
+MALLOC = host_memory.configure()
+
 import jax
 import jax.numpy as jnp
 import numpy as np

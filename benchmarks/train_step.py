@@ -20,7 +20,8 @@ arguments + temporaries; the state is donated, so outputs alias the arguments). 
 Configs: ``quickstart`` (configs/quickstart.py, batch 32), ``mid256`` (256x256x3, patch 16, N = 256,
 d = 768, AF 4 blocks x 2 layers x 512, AR 4 x 512; batch 8), ``1.1B/16`` (configs/imagenet256.py,
 the paper's FARMER-1.1B; batch 1 on CPU, 16 on an accelerator unless --batch). Prints a table;
-asserts nothing.
+asserts nothing. The malloc mode (``farmer_jax/host_memory.py``, ``FARMER_JAX_MALLOC``) is set first
+and printed.
 """
 
 import argparse
@@ -29,6 +30,11 @@ import os
 import statistics
 import sys
 import time
+
+# keep freed heap memory (farmer_jax/host_memory.py; FARMER_JAX_MALLOC=system for glibc's
+# defaults), set before jax or torch start their threads
+from farmer_jax import host_memory  # noqa: E402
+MALLOC = host_memory.configure()
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +161,8 @@ def main():
   else:
     peak, peak_what = device_peak(dev)
   print(f"device: {dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); dtype "
-        f"{dtype}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s ({peak_what})")
+        f"{dtype}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s ({peak_what}); "
+        f"malloc {MALLOC}")
   rows = []
   for name in names:
     config, batch = config_for(name, dtype, on_cpu)

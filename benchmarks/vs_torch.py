@@ -15,6 +15,8 @@ medians over rounds; the ratio is torch time / JAX time (> 1: JAX faster). The f
 losses of each side are printed: they must agree (same weights, data and optimiser). The JAX side
 runs with the CPU execution choices (EXECUTION: unrolled, einsum attention; docs/performance.md),
 ModelConfig's defaults (scan, jax.nn.dot_product_attention), or both in one run (before/after).
+Both sides share the process's malloc mode (farmer_jax/host_memory.py: ``keep`` by default on a
+CPU-only install; FARMER_JAX_MALLOC=system for glibc's defaults), printed in the header.
 Prints only, asserts nothing.
 """
 
@@ -30,6 +32,11 @@ import time
 # every parallel region: measured 10-200x slower torch steps on a loaded 2-core machine. Passive
 # waiting must be chosen before torch loads OpenMP; set OMP_WAIT_POLICY yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# keep freed heap memory (farmer_jax/host_memory.py; FARMER_JAX_MALLOC=system for glibc's
+# defaults), set before jax or torch start their threads
+from farmer_jax import host_memory  # noqa: E402
+MALLOC = host_memory.configure()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -166,7 +173,7 @@ def main():
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores "
         f"visible); torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{rounds} rounds x {steps} steps, medians; "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; malloc {MALLOC} (both sides)")
   print("AF: 3 channels, patch 4, width 128 (2 heads), 4 blocks x 2 layers, unconditional, fp32")
   for name, ex in runs:
     print(f"\n== JAX execution: {name} {ex or '(ModelConfig defaults)'}")

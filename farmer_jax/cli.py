@@ -661,6 +661,12 @@ def run(argv=None):
         f"farmer_jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)} (farmer_jax --help)",
         file=sys.stderr)
     sys.exit(2)
+  from farmer_jax import host_memory  # before jax makes threads: see host_memory
+  try:
+    host_memory.configure()
+  except ValueError as e:
+    print(f"farmer_jax {cmd}: {e}", file=sys.stderr)
+    sys.exit(2)
   if cmd == "train":
     _early_sigterm()
   prog_argv = [f"farmer_jax {cmd}"] + argv[2:]
