@@ -5,7 +5,7 @@
 
 For each config: the real pretraining step (``train.step.make_train_step``: forward, exact NLL,
 backward, guarded AdamW update; jitted, state donated) on random uint8 images, timed over
-``--steps`` steps after one warm-up (compile) step; FLOPs from the analytic count
+``--steps`` steps after three warm-up steps (the first compiles); FLOPs from the analytic count
 (``farmer_jax.flops``, matmuls only, 3x forward) -> FLOP/s -> MFU against the device's peak:
 
 * accelerators: the dense bf16 peak of the chip (``PEAKS``; fp32 matmuls on GPUs run as TF32 at
@@ -123,6 +123,9 @@ def time_steps(step, make_state, data, steps):
   state, metrics = step(state, data, key)
   jax.block_until_ready(metrics["loss"])
   compile_s = time.perf_counter() - t0
+  for _ in range(2):  # steady state: with host_memory's 'keep' the heap grows over the first steps
+    state, metrics = step(state, data, key)
+  jax.block_until_ready(metrics["loss"])
   times = []
   for _ in range(steps):
     t = time.perf_counter()

@@ -11,10 +11,11 @@ torch module's, converted with farmer_jax.interop.tarflow), run alternately in o
     seconds per image.
 At 32x32x3 (patch 4, 64 tokens, batch 32) and 64x64x3 (patch 4, 256 tokens, batch 16); width 128
 (2 heads of 64), 4 blocks x 2 layers, unconditional, no final norm (TARFlow's block). Times are
-medians over rounds; the ratio is torch time / JAX time (> 1: JAX faster). The first two step
-losses of each side are printed: they must agree (same weights, data and optimiser). The JAX side
-runs with the CPU execution choices (EXECUTION: unrolled, einsum attention; docs/performance.md),
-ModelConfig's defaults (scan, jax.nn.dot_product_attention), or both in one run (before/after).
+medians over rounds (train steps: after 2 untimed alternating warm-up rounds); the ratio is torch
+time / JAX time (> 1: JAX faster). The first two step losses of each side are printed: they must
+agree (same weights, data and optimiser). The JAX side runs with the CPU execution choices
+(EXECUTION: unrolled, einsum attention; docs/performance.md), ModelConfig's defaults (scan,
+jax.nn.dot_product_attention), or both in one run (before/after).
 Both sides share the process's malloc mode (farmer_jax/host_memory.py: ``keep`` by default on a
 CPU-only install; FARMER_JAX_MALLOC=system for glibc's defaults), printed in the header.
 Prints only, asserts nothing.
@@ -55,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tarflow_reference import TARFlowReference, randomize_  # noqa: E402
 
 THREADS = 2
+WARMUP_ROUNDS = 2       # untimed alternating rounds of train steps before the timed ones
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 1e-4
 SIZES = ((32, 32), (64, 16))            # (image side, batch)
 # the CPU execution choices (ModelConfig; same params and function): unrolled AF blocks and layers,
@@ -119,6 +121,12 @@ def bench_train(size, batch, rounds, steps, execution=None):
     params, opt_state, loss = step(params, opt_state, x_j)
     losses_j.append(float(loss))
     losses_t.append(torch_train_step(ref, opt, x_t))
+  for _ in range(WARMUP_ROUNDS):  # untimed: the heap grows to its steady size over the first steps
+    for _ in range(steps):
+      params, opt_state, loss = step(params, opt_state, x_j)
+    jax.block_until_ready(loss)
+    for _ in range(steps):
+      torch_train_step(ref, opt, x_t)
   t_j, t_t = [], []
   for _ in range(rounds):
     t0 = time.perf_counter()
