@@ -10,7 +10,8 @@ and no append: a whole-object write is atomic (a reader sees the old or the new 
 import contextlib
 import os
 import posixpath
-import uuid
+import secrets
+import shutil
 
 from etils import epath
 
@@ -36,6 +37,11 @@ def join(path, *names) -> str:
 def parent(path) -> str:
   path = os.fspath(path).rstrip("/")
   return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
+
+
+def within(path, parent) -> bool:
+  """True if ``path`` is ``parent`` or inside it (both real, absolute local paths)."""
+  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
 def P(path) -> epath.Path:
@@ -67,18 +73,56 @@ def write_text(path, text):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-  """Local files: yields a unique temporary path next to ``path``; on success it replaces ``path``
-  (os.replace), on any failure it is removed, so ``path`` is either the complete new file or
-  untouched and no temporary file is left."""
-  d, base = os.path.split(os.path.abspath(os.fspath(path)))
-  tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
+def atomic_file(path, mode="wb", sync=True):
+  """Writes the local file ``path`` all at once: yields a file object open on a new temporary file
+  beside it; when the block ends normally the data is flushed (and fsync-ed with ``sync``) and the
+  file renamed over ``path``; on any failure it is removed. A reader sees the old or the complete
+  new file; no temporary is left.
+
+  The temporary has a random name and is created with O_EXCL | O_NOFOLLOW, so nothing planted at a
+  guessed name (a file, a symbolic link to a file elsewhere) is ever opened or overwritten; a
+  symbolic link at ``path`` itself is replaced, not followed.
+  """
+  path = os.path.abspath(os.fspath(path))
+  directory, base = os.path.split(path)
+  flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+           | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+  while True:
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+    try:
+      fd = os.open(tmp, flags, 0o666)
+      break
+    except FileExistsError:
+      continue
   try:
-    yield tmp
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      if sync:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+  if sync:
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory):
+  """Makes a rename in ``directory`` durable (where the platform can open a directory)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    os.close(fd)
 
 
 def write_bytes(path, data: bytes):
@@ -87,9 +131,8 @@ def write_bytes(path, data: bytes):
   if is_url(path):
     P(path).write_bytes(data)
     return
-  with atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(data)
+  with atomic_file(path) as f:
+    f.write(data)
 
 
 def remove(path):
@@ -117,3 +160,51 @@ def copy_tree(src_dir, dst_dir):
     for name in files:
       with open(os.path.join(root, name), "rb") as f:
         P(join(target, name)).write_bytes(f.read())
+
+
+@contextlib.contextmanager
+def staged_dir(out, may_replace):
+  """Builds the local directory ``out`` aside and moves it into place all at once.
+
+  Yields a new, empty temporary sibling of ``out`` (hidden, random name) to fill. When the block
+  ends normally and ``out`` exists, ``may_replace(out)`` is called first (it raises to refuse:
+  ``out`` may have changed while the block ran), ``out`` is renamed aside, the new directory renamed
+  to ``out``, and only then is the old one deleted. On a failure or an interruption at any point
+  ``out`` is what it was (put back from aside if needed), the temporary is deleted, and parent
+  folders this call created are removed again while empty.
+  """
+  out = os.path.abspath(os.fspath(out))
+  parent, name = os.path.split(out)
+  created = None    # the outermost missing ancestor: removed again on failure
+  up = parent
+  while not os.path.exists(up):
+    created, up = up, os.path.dirname(up)
+  os.makedirs(parent, exist_ok=True)
+  tag = secrets.token_hex(6)
+  tmp, aside = os.path.join(parent, f".{name}.tmp-{tag}"), None
+  try:
+    os.mkdir(tmp)
+    yield tmp
+    if os.path.lexists(out):
+      may_replace(out)
+      aside = os.path.join(parent, f".{name}.old-{tag}")
+      os.rename(out, aside)
+    os.rename(tmp, out)
+  finally:
+    if aside is not None and os.path.lexists(aside):
+      if os.path.lexists(out):
+        shutil.rmtree(aside, ignore_errors=True)   # the new directory is in place
+      else:
+        os.rename(aside, out)                      # interrupted between the renames: put it back
+    if os.path.lexists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+    if created is not None and not os.path.lexists(out):
+      d = parent
+      while True:
+        try:
+          os.rmdir(d)
+        except OSError:
+          break
+        if d == created:
+          break
+        d = os.path.dirname(d)

@@ -144,7 +144,7 @@ def test_prepare_refuses_bad_input_and_leaves_nothing_on_failure(tmp_path, monke
   monkeypatch.setattr(preprocess, "encode", failing)
   with pytest.raises(RuntimeError, match="disk on fire"):
     prepare(ok, say=lambda _: None)
-  assert os.listdir(out) == []
+  assert not out.exists()   # nor the data_dir it created
   monkeypatch.setattr(preprocess, "encode", real_encode)
   first = prepare(ok, say=lambda _: None)
   with pytest.raises(PrepareError, match=r"already exists.*--overwrite"):
@@ -165,6 +165,72 @@ def test_prepare_refuses_bad_input_and_leaves_nothing_on_failure(tmp_path, monke
   with pytest.raises(PrepareError, match=r"class folder\(s\) \['yak'\] that --folder=.* lacks"):
     prepare(dataclasses.replace(ok, overwrite=True, val_folder=str(val)), say=lambda _: None)
   assert first["path"] == os.path.join(str(out), "ds", "1.0.0")
+
+
+def _pngs(folder):
+  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+
+
+def test_prepare_overwrite_replaces_only_a_prepared_dataset(tmp_path, monkeypatch):
+  """--overwrite never deletes a source folder (inside the target, or the target inside it), a
+  foreign folder, a symbolic link or a dataset with foreign files beside it; a previous dataset is
+  replaced, and one swapped for a foreign folder while prepare runs is refused then, untouched."""
+  ds = tmp_path / "DS"
+  raw = _write_folder(ds / "cats" / "raw", per_class=2)
+  before = _pngs(raw)
+  opts = Options(folder=str(raw), data_dir=str(ds), name="cats", image_size=8, overwrite=True)
+  with pytest.raises(PrepareError, match=r"--folder=.*raw lies inside the dataset folder"):
+    prepare(opts, say=lambda _: None)
+  assert _pngs(raw) == before
+  src = _write_folder(tmp_path / "src", per_class=2)
+  val = ds / "cats" / "val"
+  (val / "ant").mkdir(parents=True)
+  (val / "ant" / "v.png").write_bytes((src / "ant" / "0.png").read_bytes())
+  with pytest.raises(PrepareError, match=r"--val_folder=.*val lies inside the dataset folder"):
+    prepare(dataclasses.replace(opts, folder=str(src), val_folder=str(val)), say=lambda _: None)
+  assert (val / "ant" / "v.png").exists()
+  with pytest.raises(PrepareError, match=r"would lie inside --folder=.*choose a --data_dir"):
+    prepare(dataclasses.replace(opts, folder=str(src), data_dir=str(src), name="ds"),
+            say=lambda _: None)
+  assert not (src / "ds").exists() and not any(p.name.startswith(".") for p in src.iterdir())
+  foreign = tmp_path / "out" / "ds"
+  foreign.mkdir(parents=True)
+  (foreign / "keep.txt").write_text("mine")
+  ok = Options(folder=str(src), data_dir=str(tmp_path / "out"), name="ds", image_size=8,
+               overwrite=True)
+  with pytest.raises(PrepareError, match=r"not a dataset written by farmer_jax prepare"):
+    prepare(ok, say=lambda _: None)
+  assert (foreign / "keep.txt").read_text() == "mine"
+  os.rename(foreign, tmp_path / "kept")
+  os.symlink(tmp_path / "kept", foreign)
+  with pytest.raises(PrepareError, match=r"is a symbolic link"):
+    prepare(ok, say=lambda _: None)
+  assert (tmp_path / "kept" / "keep.txt").exists()
+  os.remove(foreign)
+  first = prepare(ok, say=lambda _: None)
+  second = prepare(ok, say=lambda _: None)   # a previous dataset is replaced
+  assert first["path"] == second["path"] and os.listdir(foreign) == ["1.0.0"]
+  (foreign / "notes.txt").write_text("mine")
+  with pytest.raises(PrepareError, match=r"other files beside it"):
+    prepare(ok, say=lambda _: None)
+  assert (foreign / "notes.txt").exists()
+  os.remove(foreign / "notes.txt")
+  # swapped for a foreign folder while the new dataset is built: refused at the rename
+  real_encode = preprocess.encode
+
+  def swapping(*a, **k):
+    if (foreign / "1.0.0").exists():
+      import shutil
+      shutil.rmtree(foreign)
+      foreign.mkdir()
+      (foreign / "keep.txt").write_text("late")
+    return real_encode(*a, **k)
+
+  monkeypatch.setattr(preprocess, "encode", swapping)
+  with pytest.raises(PrepareError, match=r"not a dataset written by farmer_jax prepare"):
+    prepare(ok, say=lambda _: None)
+  assert os.listdir(foreign) == ["keep.txt"]
+  assert sorted(os.listdir(tmp_path / "out")) == ["ds"]   # no temporary left
 
 
 def _h(batch):

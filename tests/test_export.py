@@ -168,11 +168,41 @@ def test_incomplete_or_corrupt_exports_are_rejected(exported, tmp_path):
     load_model(str(partial))
   (partial / "export.json").write_text("{not json")
   (partial / "params").mkdir()
-  with pytest.raises(ExportError, match="corrupt metadata"):
+  with pytest.raises(ExportError, match=r"export.json: unreadable \(JSONDecodeError"):
     load_model(str(partial))
   (partial / "export.json").write_text((out / "export.json").read_text())
   with pytest.raises(ExportError, match="params could not be restored"):
     load_model(str(partial))
+
+
+def test_exports_that_lie_are_refused_at_load_time(exported, tmp_path):
+  """export.json that is not an object or names an unknown dtype, config.json that is not an
+  object or disagrees with the stored param shapes: one ExportError naming the file, at load time
+  (Orbax alone restores the stored shapes without complaint and the model fails at first use)."""
+  import shutil
+  _, out, _, _ = exported
+  bad = tmp_path / "bad"
+  shutil.copytree(out, bad)
+  meta = json.loads((out / "export.json").read_text())
+  for text, pattern in [
+      ("[1, 2]", r"export.json: holds a JSON list, not an object"),
+      (json.dumps({**meta, "dtype": "float8"}), r"export.json: dtype 'float8' is not one of"),
+      (json.dumps({**meta, "dtype": ["x"]}), r"export.json: dtype .* is not one of"),
+      (json.dumps({**meta, "student": 3}), r"'student' is not an object"),
+  ]:
+    (bad / "export.json").write_text(text)
+    with pytest.raises(ExportError, match=pattern):
+      load_model(str(bad))
+  (bad / "export.json").write_text(json.dumps(meta))
+  config = json.loads((out / "config.json").read_text())
+  (bad / "config.json").write_text("[]")
+  with pytest.raises(ExportError, match=r"config.json: unreadable"):
+    load_model(str(bad))
+  config["model"]["ar_width"] = 2 * config["model"]["ar_width"]
+  (bad / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ExportError, match=r"the params do not match its config.json \(\d+ "
+                     r"param\(s\): prior/.*: stored \(.*\), the config gives"):
+    load_model(str(bad))
 
 
 @pytest.mark.slow  # ~25-35 s on 2 cores; CI runs it

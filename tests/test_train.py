@@ -259,5 +259,23 @@ def test_trim_metrics_drops_rows_past_the_restored_step(tmp_path):
       "step": s,
       "train/loss": 1.0
   }) + "\n" for s in (10, 20, 30, 40)) + '{"step": 5')
-  trim_metrics(str(p), 20)
+  said = trim_metrics(str(p), 20)
   assert [json.loads(l)["step"] for l in p.read_text().splitlines()] == [10, 20]
+  assert "2 row(s) past step 20" in said and "1 unusable line(s) (line 5: not JSON)" in said
+
+
+def test_trim_metrics_keeps_the_good_rows_of_a_corrupt_file_and_says_what_it_dropped(tmp_path):
+  """A non-UTF-8 line, JSON that is not an object, a row without an integer step: dropped and
+  named; every good row before the restored step kept; has_row reads the same file."""
+  from farmer_jax.train.metrics import has_row, trim_metrics
+  p = tmp_path / "metrics.jsonl"
+  good = [json.dumps({"step": s, "train/loss": 1.0}).encode() for s in (10, 20, 30)]
+  p.write_bytes(b"\n".join([good[0], b"\xff\xfe garbage", b"[1, 2]", b'"text"',
+                            b'{"step": "20"}', b'{"step": true}', good[1], b"", good[2]]) + b"\n")
+  assert has_row(str(p), 20, "train") and not has_row(str(p), 20, "eval")
+  said = trim_metrics(str(p), 20)
+  assert [json.loads(l)["step"] for l in p.read_text().splitlines()] == [10, 20]
+  for part in ("line 2: not UTF-8", "line 3: a JSON list, not an object",
+               "line 4: a JSON str, not an object", "line 5: no integer 'step'",
+               "line 6: no integer 'step'", "1 row(s) past step 20"):
+    assert part in said, part

@@ -8,7 +8,9 @@ cannot become an image (not an image, truncated, 16-bit or float modes, outside 
 are skipped and reported, never silently dropped. A file goes to the validation split iff a hash
 of its path relative to the folder falls below ``val_fraction``, so the split is stable when files
 are added. The dataset is written in a temporary directory next to the target and renamed into
-place at the end: a failure or Ctrl-C leaves no partial dataset.
+place at the end (``storage.staged_dir``): a failure or Ctrl-C leaves no partial dataset.
+``--overwrite`` replaces only a dataset prepare wrote (its report carries ``DATASET_KIND``), never
+a folder holding or inside a source folder, nor anything else.
 """
 
 import collections
@@ -22,10 +24,13 @@ import re
 import shutil
 import sys
 
+from farmer_jax import storage
 from farmer_jax.data import preprocess
 
 VERSION = "1.0.0"
 REPORT = "farmer_jax_prepare.json"
+# the report's marker: only a folder carrying it is ever replaced by --overwrite
+DATASET_KIND = "farmer_jax_dataset"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -84,10 +89,61 @@ def check_options(o: Options):
   except ConfigError as e:
     raise PrepareError(str(e)) from None
   target = os.path.join(o.data_dir, o.name)
-  if os.path.exists(target) and not o.overwrite:
-    raise PrepareError(f"{target} already exists. Fix: pass --overwrite to replace it (the old "
-                       "dataset is removed only after the new one is complete), or choose "
-                       "another --name/--data_dir")
+  _check_sources_apart(o, target)
+  if os.path.lexists(target):
+    if not o.overwrite:
+      raise PrepareError(f"{target} already exists. Fix: pass --overwrite to replace it (the old "
+                         "dataset is removed only after the new one is complete), or choose "
+                         "another --name/--data_dir")
+    check_replaceable(o, target)
+
+
+def _sources(o):
+  return [(flag, folder) for flag, folder in (("--folder", o.folder), ("--val_folder",
+                                                                       o.val_folder)) if folder]
+
+
+def _check_sources_apart(o, target):
+  """Refuses a target that holds a source folder (replacing it would delete the images) or lies
+  inside one (the dataset would be read back as a class folder)."""
+  real_target = os.path.realpath(target)
+  for flag, folder in _sources(o):
+    real = os.path.realpath(folder)
+    if storage.within(real, real_target):
+      raise PrepareError(
+          f"{flag}={folder} lies inside the dataset folder {target}, which prepare replaces; "
+          "nothing was changed. Fix: choose another --name or --data_dir, or move the images "
+          "out of it")
+    if storage.within(real_target, real):
+      raise PrepareError(
+          f"the dataset folder {target} would lie inside {flag}={folder} (and be read as a "
+          "class folder next time). Fix: choose a --data_dir outside the image folder")
+
+
+def is_prepared_dir(path):
+  """True if ``path`` is a dataset folder written by prepare: only the version folder, whose
+  report carries our marker."""
+  try:
+    if os.path.islink(path) or os.listdir(path) != [VERSION]:
+      return False
+    with open(os.path.join(path, VERSION, REPORT)) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(report, dict) and report.get("kind") == DATASET_KIND
+
+
+def check_replaceable(o, target):
+  """Refuses to replace ``target`` unless it is a dataset prepare wrote and holds no source
+  folder (checked up front and again right before the replacement)."""
+  _check_sources_apart(o, target)
+  if not is_prepared_dir(target):
+    what = ("a symbolic link" if os.path.islink(target) else
+            "not a directory" if not os.path.isdir(target) else
+            f"not a dataset written by farmer_jax prepare (no {VERSION}/{REPORT} marker, or "
+            "other files beside it)")
+    raise PrepareError(f"{target} is {what}, so --overwrite will not replace it; nothing was "
+                       "changed. Fix: choose another --name/--data_dir, or move it away yourself")
 
 
 def _is_hidden(name):
@@ -221,8 +277,6 @@ def prepare(o: Options, say=print):
   import tensorflow_datasets as tfds
   from tqdm import tqdm
   tfds.disable_progress_bar()
-  os.makedirs(o.data_dir, exist_ok=True)
-  tmp = os.path.join(o.data_dir, f".{o.name}.incomplete-{os.getpid()}")
   target = os.path.join(o.data_dir, o.name)
   report = {"counts": {s: collections.Counter() for s in split_items}, "skipped": list(skipped)}
   pool = None
@@ -230,38 +284,35 @@ def prepare(o: Options, say=print):
     if o.workers:
       pool = futures.ProcessPoolExecutor(o.workers,
                                          mp_context=multiprocessing.get_context("spawn"))
-    with tqdm(total=len(files), desc="prepare", unit="img", file=sys.stderr,
-              dynamic_ncols=True) as bar:
-      builder = _builder_class(o, classes, split_items, pool, bar, report)(
-          data_dir=tmp, file_format="array_record")
-      builder.download_and_prepare()
-    kept = {s: sum(c.values()) for s, c in report["counts"].items()}
-    if not kept["train"]:
-      raise PrepareError(f"none of the {len(split_items['train'])} train files of {o.folder} "
-                         "could be read (see the skipped list); nothing was written")
-    missing = [c for c in classes if not report["counts"]["train"][c]]
-    if missing:
-      raise PrepareError(f"class(es) {missing} have no readable train image; nothing was "
-                         "written. Fix: add readable images or remove those folders")
-    out = {"path": os.path.abspath(os.path.join(target, VERSION)), "classes": classes,
-           "counts": {s: dict(c) for s, c in report["counts"].items()},
-           "skipped": [list(x) for x in report["skipped"]],
-           "options": dataclasses.asdict(o)}
-    written = os.path.join(tmp, o.name, VERSION)
-    out["bytes"] = sum(os.path.getsize(os.path.join(written, f)) for f in os.listdir(written))
-    with open(os.path.join(written, REPORT), "w") as f:
-      json.dump(out, f, indent=2)
-    old = None
-    if os.path.exists(target):
-      old = os.path.join(o.data_dir, f".{o.name}.old-{os.getpid()}")
-      os.rename(target, old)
-    os.rename(os.path.join(tmp, o.name), target)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    with storage.staged_dir(target, lambda t: check_replaceable(o, t)) as tmp:
+      build = os.path.join(tmp, ".build")   # tfds writes DATA_DIR/NAME/VERSION
+      with tqdm(total=len(files), desc="prepare", unit="img", file=sys.stderr,
+                dynamic_ncols=True) as bar:
+        builder = _builder_class(o, classes, split_items, pool, bar, report)(
+            data_dir=build, file_format="array_record")
+        builder.download_and_prepare()
+      kept = {s: sum(c.values()) for s, c in report["counts"].items()}
+      if not kept["train"]:
+        raise PrepareError(f"none of the {len(split_items['train'])} train files of {o.folder} "
+                           "could be read (see the skipped list); nothing was written")
+      missing = [c for c in classes if not report["counts"]["train"][c]]
+      if missing:
+        raise PrepareError(f"class(es) {missing} have no readable train image; nothing was "
+                           "written. Fix: add readable images or remove those folders")
+      out = {"kind": DATASET_KIND,
+             "path": os.path.abspath(os.path.join(target, VERSION)), "classes": classes,
+             "counts": {s: dict(c) for s, c in report["counts"].items()},
+             "skipped": [list(x) for x in report["skipped"]],
+             "options": dataclasses.asdict(o)}
+      written = os.path.join(tmp, VERSION)
+      os.rename(os.path.join(build, o.name, VERSION), written)
+      shutil.rmtree(build)
+      out["bytes"] = sum(os.path.getsize(os.path.join(written, f)) for f in os.listdir(written))
+      with open(os.path.join(written, REPORT), "w") as f:   # written last: the marker
+        json.dump(out, f, indent=2)
   finally:
     if pool is not None:
       pool.shutdown(cancel_futures=True)
-    shutil.rmtree(tmp, ignore_errors=True)
   say(summary(out))
   return out
 

@@ -220,9 +220,8 @@ def _open_dump(dump, signature, say):
                      "settings made them; nothing was changed. Fix: pass another --dump directory, "
                      "or delete this one to start over")
   os.makedirs(dump, exist_ok=True)
-  with storage.atomic_path(manifest) as tmp:
-    with open(tmp, "w") as f:
-      json.dump(signature, f, indent=2)
+  with storage.atomic_file(manifest, "w") as f:
+    json.dump(signature, f, indent=2)
   return {}
 
 
@@ -264,9 +263,8 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
       done[start] = (pool, logits)
       if dump:
         path = os.path.join(dump, f"chunk_{start:09d}.npz")
-        with storage.atomic_path(path) as tmp:
-          with open(tmp, "wb") as fh:
-            np.savez(fh, pool=pool, logits=logits)
+        with storage.atomic_file(path) as fh:
+          np.savez(fh, pool=pool, logits=logits)
       covered[start:end] = True
       bar.update(end - start)
       start = end

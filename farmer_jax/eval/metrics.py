@@ -16,10 +16,11 @@ Shape letters: N samples, F feature dims, C classes, H W c images.
 """
 
 import os
-import tempfile
 from typing import NamedTuple, Optional
 
 import numpy as np
+
+from farmer_jax import storage
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,13 +316,6 @@ def save_statistics(path, mu, sigma, features=None):
     arrays["features"] = features
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats-", suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with storage.atomic_file(path) as f:
+    np.savez(f, **arrays)
   return path

@@ -28,6 +28,7 @@ import re
 
 import numpy as np
 
+from farmer_jax import storage
 from farmer_jax.config import (ConfigError, DataConfig, ModelConfig, TrainConfig,
                                validate_model_config)
 from farmer_jax.interop import tarflow
@@ -283,13 +284,8 @@ def to_tarflow(model_dir, out, overwrite=False, say=print):
 
 
 def _save_npz(out, sd):
-  tmp = f"{out}.tmp-{os.getpid()}.npz"
-  try:
-    np.savez(tmp, **sd)
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with storage.atomic_file(out) as f:   # a file object: np.savez adds no suffix
+    np.savez(f, **sd)
 
 
 def _sha256(path):

@@ -39,12 +39,13 @@ import collections
 import collections.abc
 import os
 import pickle
-import secrets
 import struct
 import tarfile
 import zipfile
 
 import numpy as np
+
+from farmer_jax import storage
 
 
 class CheckpointError(ValueError):
@@ -628,18 +629,6 @@ def _write_record(zf, f, name, data):
     w.write(data)
 
 
-def _open_temp(path):
-  """(fd, name) of a new file next to ``path``, created with the usual permissions (umask)."""
-  directory, base = os.path.split(os.path.abspath(path))
-  while True:
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
-    try:
-      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666), tmp
-    except FileExistsError:
-      continue
-
-
 def save_state_dict(path, state_dict):
   """Writes ``state_dict`` (a mapping name -> numpy array or array-like, e.g. a jax array; its
   order is kept) as a zip-format ``torch.save`` file at ``path`` without torch:
@@ -666,26 +655,15 @@ def save_state_dict(path, state_dict):
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
   archive = _archive_name(path)
-  fd, tmp = _open_temp(path)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        pkl = _state_dict_pickle([(n, s, tuple(map(int, a.shape)), int(a.size))
-                                  for n, a, s in arrays])
-        for name, data in (("data.pkl", pkl), (".format_version", b"1"),
-                           (".storage_alignment", str(_ALIGNMENT).encode("ascii")),
-                           ("byteorder", b"little")):
-          _write_record(zf, f, f"{archive}/{name}", data)
-        for i, (_, array, _) in enumerate(arrays):
-          little = np.asarray(array, array.dtype.newbyteorder("<"), order="C")  # copy if needed
-          _write_record(zf, f, f"{archive}/data/{i}", little.reshape(-1).view(np.uint8))
-        _write_record(zf, f, f"{archive}/version", b"3\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+  with storage.atomic_file(path) as f:
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+      pkl = _state_dict_pickle([(n, s, tuple(map(int, a.shape)), int(a.size))
+                                for n, a, s in arrays])
+      for name, data in (("data.pkl", pkl), (".format_version", b"1"),
+                         (".storage_alignment", str(_ALIGNMENT).encode("ascii")),
+                         ("byteorder", b"little")):
+        _write_record(zf, f, f"{archive}/{name}", data)
+      for i, (_, array, _) in enumerate(arrays):
+        little = np.asarray(array, array.dtype.newbyteorder("<"), order="C")  # copy if needed
+        _write_record(zf, f, f"{archive}/data/{i}", little.reshape(-1).view(np.uint8))
+      _write_record(zf, f, f"{archive}/version", b"3\n")

@@ -9,8 +9,6 @@ else) is replaced.
 
 import json
 import os
-import shutil
-import uuid
 
 import jax
 import jax.numpy as jnp
@@ -105,11 +103,6 @@ def is_export_dir(path):
           and os.path.isdir(d.params))
 
 
-def _within(path, parent):
-  """True if ``path`` is ``parent`` or inside it (both real, absolute paths)."""
-  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def check_export_target(workdir, out, overwrite):
   """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns
   abspath(out). ``workdir``: what the export is made from (a run, a checkpoint file; None: nothing
@@ -146,7 +139,7 @@ def check_export_target(workdir, out, overwrite):
   real_out = os.path.realpath(out)
   real_run = None if workdir is None else (
       workdir if storage.is_url(workdir) else os.path.realpath(workdir))
-  if real_run is not None and _within(real_run, real_out):
+  if real_run is not None and storage.within(real_run, real_out):
     what = ("is the training run itself" if real_run == real_out
             else f"contains {real_run}, which it is exported from")
     raise ExportError(
@@ -222,18 +215,7 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
   ``overwrite`` a previous export at ``out`` is replaced only after the new one is complete (see
   ``export_model``); ``source``: the path the export is made from (a run directory or checkpoint
   file), which ``check_export_target`` never lets ``out`` delete."""
-  out = os.path.abspath(out)
-  parent, name = os.path.dirname(out), os.path.basename(out)
-  created = parent     # the outermost parent folder this call creates (removed again on failure)
-  while not os.path.exists(os.path.dirname(created)) and os.path.dirname(created) != created:
-    created = os.path.dirname(created)
-  created = None if os.path.exists(parent) else created
-  os.makedirs(parent, exist_ok=True)
-  tag = uuid.uuid4().hex[:8]
-  tmp = os.path.join(parent, f".{name}.tmp-{tag}")
-  aside = None
-  try:
-    os.makedirs(tmp)
+  with storage.staged_dir(out, lambda o: check_export_target(source, o, overwrite)) as tmp:
     new = runs.ExportDir(tmp)
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(new.params, params)
@@ -245,30 +227,6 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
       np.save(new.latent_var, np.asarray(latent_var, np.float32))
     with open(new.meta, "w") as f:   # written last: marks the export complete
       json.dump(meta, f, indent=2)
-    if os.path.exists(out):
-      check_export_target(source, out,
-                          overwrite)  # re-checked: it may have changed while we were writing
-      aside = os.path.join(parent, f".{name}.old-{tag}")
-      os.rename(out, aside)
-    os.rename(tmp, out)
-  finally:
-    if aside is not None and os.path.exists(aside):
-      if os.path.exists(out):
-        shutil.rmtree(aside, ignore_errors=True)  # the new export is in place: drop the old one
-      else:
-        os.rename(aside, out)  # interrupted between the renames: put the old one back
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-    if created is not None and not os.path.exists(out):   # failed: drop the folders made for it
-      d = parent
-      while True:                                           # (only while they are empty)
-        try:
-          os.rmdir(d)
-        except OSError:
-          break
-        if d == created:
-          break
-        d = os.path.dirname(d)
 
 
 def _student_of(student_run, config, say):
@@ -297,12 +255,70 @@ def load_student(model_dir, mcfg, meta):
     return None
   dt = PARAM_DTYPES[meta["dtype"]]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
+  return _restore_checked(runs.ExportDir(os.path.abspath(model_dir)).student, abstract["flow"],
+                          f"{model_dir}: the student's params", "re-run `farmer_jax export --student=...`")
+
+
+def _restore_checked(path, abstract, what, fix):
+  """Restores the Orbax pytree at ``path`` as ``abstract`` after checking that its stored tree and
+  shapes are exactly those (Orbax itself restores the stored shapes whatever it is asked for)."""
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(runs.ExportDir(os.path.abspath(model_dir)).student, abstract["flow"])
-  except Exception as e:
-    raise ExportError(f"{model_dir}: the student could not be restored ({type(e).__name__}: "
-                      f"{e}); re-run `farmer_jax export --student=...`") from e
+      item = ckptr.metadata(path).item_metadata
+      stored = dict(_shapes(getattr(item, "tree", item))) if item is not None else {}
+      if not stored:
+        raise ExportError(f"{what} could not be restored ({path} holds no Orbax checkpoint). "
+                          f"Fix: {fix}")
+      want = dict(_shapes(abstract))
+      bad = [f"{k}: stored {stored[k]}, the config gives {want[k]}"
+             for k in want if k in stored and stored[k] != want[k]]
+      bad += [f"{k} missing" for k in want if k not in stored]
+      bad += [f"{k} not in the model" for k in stored if k not in want]
+      if bad:
+        raise ExportError(
+            f"{what} do not match its {runs.CONFIG} ({len(bad)} param(s): "
+            f"{'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}); the export is corrupt or "
+            f"its {runs.CONFIG} was changed. Fix: {fix}")
+      return ckptr.restore(path, abstract)
+  except ExportError:
+    raise
+  except Exception as e:   # Orbax/TensorStore errors carry whole specs: the first line is enough
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ExportError(f"{what} could not be restored ({type(e).__name__}: {first}). Fix: "
+                      f"{fix}") from e
+
+
+def _shapes(tree):
+  """[('a/b/c', shape tuple)] of a pytree of arrays, ShapeDtypeStructs or Orbax metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return [(jax.tree_util.keystr(p, simple=True, separator="/"), tuple(getattr(x, "shape", ())))
+          for p, x in leaves]
+
+
+def _read_meta(model_dir):
+  """export.json, checked: a JSON object of our format with a known dtype."""
+  path = runs.ExportDir(model_dir).meta
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ExportError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:120]}). Fix: re-run "
+                      "`farmer_jax export`") from None
+  if not isinstance(meta, dict):
+    raise ExportError(f"{path}: holds a JSON {type(meta).__name__}, not an object. Fix: re-run "
+                      "`farmer_jax export`")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ExportError(f"{path}: export format {str(meta.get('format_version'))[:40]!r} is not "
+                      f"{FORMAT_VERSION}. Fix: re-run `farmer_jax export` with this version")
+  if "kind" in meta and meta["kind"] != EXPORT_KIND:
+    raise ExportError(f"{path}: kind {str(meta['kind'])[:40]!r} is not {EXPORT_KIND!r}; this is "
+                      "not a farmer_jax export")
+  if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in PARAM_DTYPES:
+    raise ExportError(f"{path}: dtype {str(meta.get('dtype'))[:40]!r} is not one of "
+                      f"{sorted(PARAM_DTYPES)}. Fix: re-run `farmer_jax export`")
+  if "student" in meta and not isinstance(meta["student"], dict):
+    raise ExportError(f"{path}: 'student' is not an object. Fix: re-run `farmer_jax export`")
+  return meta
 
 
 def load_latent_var(model_dir, mcfg, meta):
@@ -336,25 +352,18 @@ def load_model(model_dir):
     if not os.path.exists(os.path.join(model_dir, name)):
       raise ExportError(f"{model_dir} is not a complete export (missing {name}); re-run "
                         "`farmer_jax export`")
+  meta = _read_meta(model_dir)
   try:
-    with open(d.meta) as f:
-      meta = json.load(f)
     config = runs.read_saved_config(model_dir)
-  except (json.JSONDecodeError, OSError) as e:
-    raise ExportError(f"{model_dir}: corrupt metadata ({e}); re-run `farmer_jax export`") from e
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ExportError(
-        f"{model_dir}: export format {meta.get('format_version')} is not {FORMAT_VERSION}")
+  except (ValueError, TypeError, AttributeError, OSError) as e:   # not JSON, or not an object
+    raise ExportError(f"{d.config}: unreadable ({type(e).__name__}: {str(e)[:120]}). Fix: re-run "
+                      "`farmer_jax export`") from None
   try:
     mcfg = validate_model_config(config)
   except ConfigError as e:
     raise ExportError(f"{model_dir}: its {runs.CONFIG} is invalid: {e}") from e
   dt = PARAM_DTYPES[meta["dtype"]]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(d.params, abstract)
-  except Exception as e:
-    raise ExportError(f"{model_dir}: params could not be restored ({type(e).__name__}: {e}); "
-                      "the export is corrupt or from another config") from e
+  params = _restore_checked(d.params, abstract, f"{model_dir}: the params",
+                            "re-run `farmer_jax export` from the training run")
   return mcfg, params, config, meta

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from farmer_jax.conventions import to_uint8
 from farmer_jax.sampling.images import grid_image
-from farmer_jax.storage import atomic_path
+from farmer_jax.storage import atomic_file
 from farmer_jax.sampling.sampler import sample_images, sample_keys
 
 
@@ -182,14 +182,8 @@ def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
       check_output_path(path, flag)
   with contextlib.ExitStack() as stack:
     if out_png:
-      tmp_png = stack.enter_context(atomic_path(out_png))
-      grid_image(images).save(tmp_png, format="PNG")
+      grid_image(images).save(stack.enter_context(atomic_file(out_png)), format="PNG")
     if out_npz:
-      tmp_npz = stack.enter_context(atomic_path(out_npz))
-      with open(tmp_npz,
-                "wb") as f:  # a file object: np.savez must not append '.npz' to the temporary name
-        np.savez(
-            f,
-            images=images.reshape(-1, *images.shape[2:]),
-            labels=labels.reshape(-1),
-            **(stats or {}))
+      np.savez(stack.enter_context(atomic_file(out_npz)),   # a file object: no suffix added
+               images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1),
+               **(stats or {}))

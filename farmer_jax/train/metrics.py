@@ -78,20 +78,48 @@ class MetricWriter:
         shutil.rmtree(self._stage, ignore_errors=True)
 
 
-def trim_metrics(path, step):
-  """Drops metrics.jsonl rows past ``step`` (written after the checkpoint a resumed run restarts
-  from) and any partly written last line, so no step appears twice."""
-  if not storage.exists(path):
-    return
-  keep = []
-  for line in storage.read_text(path).splitlines():
-    try:
-      row = json.loads(line)
-    except ValueError:
+def _rows(path):
+  """Yields (line number, row dict or None, why it is unusable) for each non-blank line of
+  metrics.jsonl: a row is a JSON object whose 'step' is an integer."""
+  for n, raw in enumerate(storage.P(path).read_bytes().splitlines(), 1):
+    if not raw.strip():
       continue
-    if int(row.get("step", 0)) <= step:
+    try:
+      row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+      yield n, None, "not UTF-8"
+      continue
+    except ValueError:
+      yield n, None, "not JSON"
+      continue
+    if not isinstance(row, dict):
+      yield n, None, f"a JSON {type(row).__name__}, not an object"
+    elif not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+      yield n, None, "no integer 'step'"
+    else:
+      yield n, row, None
+
+
+def trim_metrics(path, step):
+  """Keeps the metrics.jsonl rows up to ``step`` (a resumed run re-logs the steps after its
+  checkpoint, so no step appears twice) and drops unusable lines (a half-written last line after a
+  crash, or a corrupt one). Returns '' or a sentence saying what was dropped."""
+  if not storage.exists(path):
+    return ""
+  keep, past, bad = [], 0, []
+  for n, row, why in _rows(path):
+    if row is None:
+      bad.append(f"line {n}: {why}")
+    elif row["step"] <= step:
       keep.append(json.dumps(row) + "\n")
+    else:
+      past += 1
   storage.write_text(path, "".join(keep))
+  said = ([f"{past} row(s) past step {step} (logged again by this run)"] if past else [])
+  if bad:
+    said.append(f"{len(bad)} unusable line(s) ({'; '.join(bad[:5])}"
+                f"{'; ...' if len(bad) > 5 else ''})")
+  return f"{path}: dropped {' and '.join(said)}; kept {len(keep)} row(s)" if said else ""
 
 
 def has_row(path, step, prefix):
@@ -99,11 +127,6 @@ def has_row(path, step, prefix):
   finished run must not log its final eval twice)."""
   if not storage.exists(path):
     return False
-  for line in storage.read_text(path).splitlines():
-    try:
-      row = json.loads(line)
-    except ValueError:
-      continue
-    if int(row.get("step", -1)) == step and any(k.startswith(prefix + "/") for k in row):
-      return True
-  return False
+  return any(row is not None and row["step"] == step and any(k.startswith(prefix + "/")
+                                                             for k in row)
+             for _, row, _ in _rows(path))

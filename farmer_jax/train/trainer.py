@@ -235,7 +235,9 @@ class Trainer:
     if jax.process_index() == 0:
       # every model field, defaults written out
       runs.write_saved_config(self.workdir, resolved_config(self.config))
-      trim_metrics(self.rundir.metrics, start)
+      dropped = trim_metrics(self.rundir.metrics, start)
+      if dropped:
+        self.log(dropped)
     writer = MetricWriter(self.workdir)
     prior = (f"dimred={self.mcfg.dimred}" if self.mcfg.prior == "ar"
              else f"prior={self.mcfg.prior}")
