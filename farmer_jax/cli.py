@@ -303,9 +303,10 @@ def _sample(argv):
   from farmer_jax.config import check_sampler_for_model
   from farmer_jax.sampling.export import ExportError, load_latent_var, load_model, load_student
   from farmer_jax.sampling.generate import (
-      describe_stats, generate, parse_classes, write_outputs)
+      check_output_size, describe_stats, generate, parse_classes, write_outputs)
   mcfg, params, config, meta = load_model(FLAGS.model)
   classes = parse_classes(FLAGS.classes, mcfg.num_classes)
+  check_output_size(mcfg, classes, FLAGS.num, bool(FLAGS.out))
   sample = dict(config.get("sample", {}))
   sc = {k: v for k, v in sample.items() if k in SAMPLER_KEYS}   # the model's defaults
   sc.update(over)

@@ -1,5 +1,7 @@
 """The distilled one-step AF inverse (Algorithm 2) and bidirectional attention."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +109,20 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
   plain = tmp_path / "plain"
   export_model(str(teacher), str(plain), say=lambda _: None)
   assert load_student(str(plain), mcfg, load_model(str(plain))[3]) is None
+
+
+def test_distill_into_the_teachers_own_folder_is_named_as_such(tmp_path):
+  """--workdir = --teacher (or a link to it) is refused before anything is read or written, with
+  the real mistake named (it was a corrupt-checkpoint message with a pytree dump)."""
+  from farmer_jax import configlib
+  from farmer_jax.config import ConfigError
+  from farmer_jax.distill.trainer import DistillTrainer
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text("{}")
+  os.symlink(wd, tmp_path / "link")
+  before = sorted(os.listdir(wd))
+  for workdir in (str(wd), str(tmp_path / "link")):
+    with pytest.raises(ConfigError, match=r"is the teacher's own folder.*Fix: pass a new --workdir"):
+      DistillTrainer(configlib.load("quickstart:tiny,distill=1"), workdir, str(wd), quiet=True)
+  assert sorted(os.listdir(wd)) == before

@@ -3,6 +3,7 @@ CLI."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -261,7 +262,23 @@ def test_sample_cli_errors(exported, tmp_path):
   assert r.returncode == 2 and "t_sigma=0" in r.stderr
   r = run(f"--model={tmp_path}/missing", f"--out={tmp_path}/x.png")
   assert r.returncode == 2 and "does not exist" in r.stderr
-  assert not (tmp_path / "x.png").exists()
+  # an output that cannot fit is refused before sampling (it was a 37 GiB allocation traceback)
+  r = run(f"--model={out}", "--num=1000000000", f"--npz={tmp_path}/x.npz")
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert re.search(r"--num=1000000000 x 10 class\(es\) = 10000000000 samples of .* need about "
+                   r"[\d.]+ GiB of memory.*Fix: lower --num", last), last
+  assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.npz").exists()
+
+
+def test_output_size_check():
+  from farmer_jax.sampling.generate import check_output_size
+  from conftest import TINY
+  check_output_size(TINY, [0, 1, 2], 1000, png=True, available=2**30)
+  with pytest.raises(ValueError, match=r"--num=10000000 x 3 class\(es\) = 30000000 samples"):
+    check_output_size(TINY, [0, 1, 2], 10**7, png=False, available=2**30)
+  with pytest.raises(ValueError, match=r"exceeds the PNG size limit"):
+    check_output_size(TINY, [0], 2**28, png=True, available=2**60)
 
 
 def test_failed_write_leaves_no_new_parent_folders(tmp_path, monkeypatch):

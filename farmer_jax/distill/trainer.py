@@ -8,6 +8,7 @@ the student learns the inverse of the teacher on the data distribution the teach
 """
 
 import json
+import os
 import time
 
 import jax
@@ -71,6 +72,12 @@ class DistillTrainer(Trainer):
   """A Trainer whose state is the student's: ``fit()`` runs Algorithm 2."""
 
   def __init__(self, config, workdir, teacher, **kw):
+    same = (storage.absolute(workdir).rstrip("/") == storage.absolute(teacher).rstrip("/") if
+            storage.is_url(workdir) else os.path.realpath(workdir) == os.path.realpath(teacher))
+    if same:
+      raise ConfigError(f"--workdir={workdir} is the teacher's own folder (--teacher={teacher}); "
+                        "the student's checkpoints and config would go into it. Fix: pass a new "
+                        "--workdir for the student (e.g. --workdir=RUN_distill)")
     self.teacher_path = teacher
     say = (lambda _: None) if kw.get("quiet") else print
     run_config, self.host_teacher = load_teacher(teacher, say=say)

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from farmer_jax import runs, storage
 from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
+from farmer_jax.errors import brief
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints
 
 FORMAT_VERSION = 1
@@ -282,10 +283,8 @@ def _restore_checked(path, abstract, what, fix):
       return ckptr.restore(path, abstract)
   except ExportError:
     raise
-  except Exception as e:   # Orbax/TensorStore errors carry whole specs: the first line is enough
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise ExportError(f"{what} could not be restored ({type(e).__name__}: {first}). Fix: "
-                      f"{fix}") from e
+  except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt export
+    raise ExportError(f"{what} could not be restored ({brief(e)}). Fix: {fix}") from e
 
 
 def _shapes(tree):
@@ -302,8 +301,7 @@ def _read_meta(model_dir):
     with open(path) as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
-    raise ExportError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:120]}). Fix: re-run "
-                      "`farmer_jax export`") from None
+    raise ExportError(f"{path}: unreadable ({brief(e)}). Fix: re-run `farmer_jax export`") from None
   if not isinstance(meta, dict):
     raise ExportError(f"{path}: holds a JSON {type(meta).__name__}, not an object. Fix: re-run "
                       "`farmer_jax export`")
@@ -356,8 +354,7 @@ def load_model(model_dir):
   try:
     config = runs.read_saved_config(model_dir)
   except (ValueError, TypeError, AttributeError, OSError) as e:   # not JSON, or not an object
-    raise ExportError(f"{d.config}: unreadable ({type(e).__name__}: {str(e)[:120]}). Fix: re-run "
-                      "`farmer_jax export`") from None
+    raise ExportError(f"{d.config}: unreadable ({brief(e)}). Fix: re-run `farmer_jax export`") from None
   try:
     mcfg = validate_model_config(config)
   except ConfigError as e:

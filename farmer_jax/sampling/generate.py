@@ -89,6 +89,38 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
   return to_uint8(x, fn.pixels), {k: np.asarray(v)[:m] for k, v in st.items()}
 
 
+def available_memory():
+  """Bytes of memory available to this process now (Linux: MemAvailable), or None if unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def check_output_size(mcfg, classes, num, png, available=None):
+  """Refuses a request whose outputs cannot fit, before any sampling: ``num`` samples of each of
+  ``classes`` are kept in memory as uint8 (twice while gathered) with their labels, plus the PNG
+  grid when ``png``; a PNG is at most 2^31 - 1 pixels wide."""
+  h = w = mcfg.image_size
+  c = mcfg.channels
+  n = len(classes) * num
+  per = 2 * h * w * c + 4 + 64 + ((h + 2) * (w + 2) * c if png else 0)
+  need = n * per
+  available = available_memory() if available is None else available
+  if available is not None and need > 0.8 * available:
+    raise ValueError(
+        f"--num={num} x {len(classes)} class(es) = {n} samples of {h}x{w}x{c} need about "
+        f"{need / 2**30:.1f} GiB of memory; {available / 2**30:.1f} GiB is available. Fix: lower "
+        "--num, or draw in several runs with different --seed values")
+  if png and num * (w + 2) + 2 >= 2**31:
+    raise ValueError(f"--num={num}: a PNG grid {num} images wide exceeds the PNG size limit. Fix: "
+                     "lower --num, or write only --npz")
+
+
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
              return_stats=False, out_sharding=None, student_params=None, latent_var=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from farmer_jax import storage
+from farmer_jax.errors import brief
 
 ITEMS = ("state", "meta", "data")
 
@@ -145,7 +146,7 @@ class Checkpointer:
         with _quiet_absl() if self.read_only else contextlib.nullcontext():
           r = self._mngr.restore(step, args=args)
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        errors.append(f"step {step}: {brief(e)}")
         bad.append(step)
         say(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}); falling back "
             "to an earlier one")
