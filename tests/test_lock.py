@@ -150,6 +150,20 @@ def test_two_runs_racing_for_a_stale_lock_one_wins(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [], "no lock or renamed-aside file is left"
 
 
+def test_lock_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+  """Where link() is refused (e.g. gcsfuse) the lock is created with O_EXCL instead."""
+  def no_link(*_):
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+  monkeypatch.setattr(os, "link", no_link)
+  (tmp_path / LOCK).write_text(_holder(beat=0.0))
+  said = []
+  lk = WorkdirLock(str(tmp_path), say=said.append).acquire()
+  assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid() and "stale" in said[0]
+  lk.release()
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("env, earlier, takes_over", [
     # a SLURM requeue (new node, restart count up) replaces its earlier attempt at once
     ({"SLURM_JOB_ID": "77", "SLURM_CLUSTER_NAME": "c", "SLURM_RESTART_COUNT": "1"},

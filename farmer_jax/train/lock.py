@@ -95,6 +95,10 @@ class _Changed(Exception):
   """The lock file is no longer the version a conditional write was based on."""
 
 
+# link() errors of file systems without hard links
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
 class _LocalFile:
   """The lock file on a local or network file system; a version is (device, inode, text)."""
 
@@ -102,13 +106,17 @@ class _LocalFile:
     self.path = path
 
   def read(self):
-    try:
-      fd = os.open(self.path, os.O_RDONLY)
-    except FileNotFoundError:
-      return None
-    with os.fdopen(fd, "rb") as f:
-      st = os.fstat(f.fileno())
-      text = f.read().decode(errors="replace")
+    for _ in range(20):
+      try:
+        fd = os.open(self.path, os.O_RDONLY)
+      except FileNotFoundError:
+        return None
+      with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        text = f.read().decode(errors="replace")
+      if text or time.time() - st.st_mtime > 2:
+        break
+      time.sleep(0.05)    # just created without link() (see create) and not yet written
     return _Seen(text, (st.st_dev, st.st_ino, text), st.st_mtime)
 
   def _aside(self, what):
@@ -120,10 +128,25 @@ class _LocalFile:
     try:
       with open(tmp, "w") as f:
         f.write(text)
-      os.link(tmp, self.path)     # atomic create-if-absent of the complete file
+      try:
+        os.link(tmp, self.path)     # atomic create-if-absent of the complete file
+      except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+          raise
+        return self._create_exclusive(text)
       st = os.stat(tmp)
     finally:
       storage.remove(tmp)
+    return (st.st_dev, st.st_ino, text)
+
+  def _create_exclusive(self, text):
+    """create() where the file system has no hard links (e.g. gcsfuse): O_EXCL, then one write
+    (a reader that finds the file still empty waits, see read)."""
+    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      st = os.fstat(f.fileno())
     return (st.st_dev, st.st_ino, text)
 
   def swap(self, text, seen):
@@ -135,17 +158,26 @@ class _LocalFile:
       raise _Changed() from None
     got = _LocalFile(aside).read()
     if got is None or got.version != seen.version:
-      try:
-        os.link(aside, self.path)   # not what was judged stale: put it back (unless replaced)
-      except FileExistsError:
-        pass
-      storage.remove(aside)
+      self._put_back(aside)       # not the version judged stale
       raise _Changed()
     storage.remove(aside)
     try:
       return self.create(text)
     except FileExistsError:       # another run created one while the name was free
       raise _Changed() from None
+
+  def _put_back(self, aside):
+    """Moves a file renamed aside back into place, unless a new lock was created meanwhile."""
+    try:
+      os.link(aside, self.path)
+    except FileExistsError:
+      pass
+    except OSError as e:
+      if e.errno not in _NO_HARD_LINKS:
+        raise
+      if not os.path.exists(self.path):
+        os.rename(aside, self.path)
+    storage.remove(aside)
 
   def update(self, text, version):
     """Rewrites the file if it is still ``version`` (a heartbeat: only a run that judged this lock
@@ -359,7 +391,7 @@ class WorkdirLock:
     self._thread.start()
     return self
 
-  def refresh(self):
+  def _refresh(self):
     """One heartbeat write, conditioned on the version we wrote last (the thread calls this).
     Raises OSError if the write fails, WorkdirLockLost(taken=True) if another run holds the
     lock."""
@@ -384,16 +416,18 @@ class WorkdirLock:
       if info.get("token") == self.me["token"]:
         self._version = seen.version
         return
-      holder = (f"pid {info.get('pid')} on host {info.get('host')}" if info
+      run = f", run {info['run']}" if info.get("run") else ""
+      holder = (f"pid {info.get('pid')} on host {info.get('host')}{run}" if info
                 else f"{seen.text[:40]!r}")
     else:
       holder = "no one"
     raise WorkdirLockLost(
         f"another training run took over the workdir lock {self.path} (it now holds "
         f"{holder}): this run stopped without saving, so as not to write into that run's "
-        f"checkpoints. Fix: let one training at a time use {self.workdir} (this run's heartbeat "
-        f"may have stalled for over {self.stale_after:.0f}s); re-run the same command to resume "
-        "from the last checkpoint once the other run has finished", taken=True)
+        f"checkpoints. Fix: let one training at a time use {self.workdir} (a restarted process "
+        "of this run takes over on purpose; otherwise this run's heartbeat may have stalled for "
+        f"over {self.stale_after:.0f}s); to go on from the last checkpoint, re-run the same "
+        "command once the other run has finished", taken=True)
 
   def _beat(self):
     wait, backoff = self.heartbeat, 1.0
@@ -402,7 +436,7 @@ class WorkdirLock:
         if self._stop.is_set():
           return
         try:
-          self.refresh()
+          self._refresh()
         except WorkdirLockLost as e:
           self.lost = e
           return
