@@ -150,6 +150,18 @@ def test_two_runs_racing_for_a_stale_lock_one_wins(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [], "no lock or renamed-aside file is left"
 
 
+def test_a_live_pid_that_stopped_beating_is_stale(tmp_path):
+  """On this host a live pid whose lock has no heartbeat for stale_after is not the holder (the pid
+  was reused, e.g. after a reboot): taken over; with a recent heartbeat it is refused."""
+  (tmp_path / LOCK).write_text(_holder(pid=os.getppid(), host=socket.gethostname()))
+  with pytest.raises(WorkdirBusyError, match=f"pid {os.getppid()}"):
+    WorkdirLock(str(tmp_path), stale_after=60, say=QUIET).acquire()
+  (tmp_path / LOCK).write_text(_holder(pid=os.getppid(), host=socket.gethostname(), beat=0.0))
+  said = []
+  WorkdirLock(str(tmp_path), stale_after=60, say=said.append).acquire().release()
+  assert f"no heartbeat from {socket.gethostname()} (pid {os.getppid()})" in said[0]
+
+
 def test_lock_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
   """Where link() is refused (e.g. gcsfuse) the lock is created with O_EXCL instead."""
   def no_link(*_):

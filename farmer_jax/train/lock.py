@@ -17,9 +17,9 @@ a fresh lock puts it back. Of two runs that read the same stale lock, exactly on
 A lock is taken over, with a message, when its holder is on this host and its pid is gone, when it
 is an earlier process of this run (same ``run`` identity, newer ``attempt``, another host: a SLURM
 requeue or a preempted VM's replacement), or when its heartbeat is older than ``stale_after``
-seconds (a holder on another host that died; a lock without ``beat`` uses the file's mtime). A
-live holder makes the second run fail with an error naming its pid and host; a file that is not a
-lock is an error naming it.
+seconds (a holder that died on another host, or whose pid was reused here; a lock without
+``beat`` uses the file's mtime). A live holder makes the second run fail with an error naming its
+pid and host; a file that is not a lock is an error naming it.
 
 A heartbeat thread rewrites ``beat`` every ``heartbeat`` seconds, conditioned on the version it
 last wrote, which proves the run still owns the workdir. A failed write (full disk, an NFS or
@@ -325,18 +325,21 @@ class WorkdirLock:
   def _takeover_reason(self, info, seen):
     """None if the holder may be alive, else why its lock is taken over ('' for one of ours)."""
     host, pid = info["host"], info["pid"]
-    if host == socket.gethostname():
-      if pid == os.getpid():
-        return ""
-      return None if _pid_alive(pid) else f"it is stale: pid {pid} on this host is gone"
-    if (self.run is not None and info.get("run") == self.run
+    here = host == socket.gethostname()
+    if here and pid == os.getpid():
+      return ""
+    if here and not _pid_alive(pid):
+      return f"it is stale: pid {pid} on this host is gone"
+    if (not here and self.run is not None and info.get("run") == self.run
         and (self.attempt is None or not isinstance(info.get("attempt"), int)
              or self.attempt > info["attempt"])):
       return f"it belongs to an earlier process of this run ({self.run}, on host {host})"
+    # a live holder beats every `heartbeat` seconds; on this host a live pid without beats is
+    # another process that reused the pid (e.g. after a reboot)
     beat = info.get("beat")
     age = time.time() - (beat if beat is not None else seen.mtime)
     if age > self.stale_after:
-      return f"it is stale: no heartbeat from {host} for {age:.0f}s"
+      return f"it is stale: no heartbeat from {host} (pid {pid}) for {age:.0f}s"
     return None
 
   def _busy(self, info):
