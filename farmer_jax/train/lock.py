@@ -217,6 +217,7 @@ class _GcsObject:
 
   def _call(self, fn):
     from google.api_core import exceptions
+    from google.auth import exceptions as auth_exceptions
     try:
       return fn()
     except (exceptions.PreconditionFailed, exceptions.NotFound):
@@ -224,7 +225,10 @@ class _GcsObject:
     except Exception as e:  # noqa: BLE001 - the client's transport/auth/service errors
       if isinstance(e, OSError):
         raise
-      raise OSError(errno.EIO, f"{type(e).__name__}: {e}", self.url) from e
+      denied = isinstance(e, (auth_exceptions.GoogleAuthError, exceptions.Unauthorized,
+                              exceptions.Forbidden))
+      raise OSError(errno.EACCES if denied else errno.EIO, f"{type(e).__name__}: {e}",
+                    self.url) from e
 
   def _bucket(self):
     if self._client is None:
