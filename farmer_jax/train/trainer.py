@@ -20,7 +20,7 @@ from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, TrainConfig,
 from farmer_jax.data.pipeline import TrainInput, eval_batches, state_holder
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.checkpoint import Checkpointer
-from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock
+from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
 from farmer_jax.train.metrics import MetricWriter, trim_metrics
 from farmer_jax.train.optim import make_optimizer
 from farmer_jax.train.report import (eval_scalars, evaluate, format_test_bpd, res_summary,
@@ -43,11 +43,28 @@ class Trainer:
     # set by SIGTERM (see install_sigterm)
     self.stop = stop if stop is not None else threading.Event()
     self.lock = None
-    self._created_workdir = False
+    self.input = None
+    self._created_dirs = []   # directories the lock created, removed on close if still empty
     self.workdir = workdir
     self.rundir = runs.RunDir(workdir)
     self.quiet = quiet
-    t = self.t = TrainConfig.from_config(config)
+    self.t = TrainConfig.from_config(config)
+    # ---- one run per workdir: the lock is the first file written, before anything is built, so
+    # a busy workdir is refused at once; then build and resume from its newest checkpoint ----
+    self._take_lock()
+    try:
+      self._build(config, devices)
+      self._restore()
+    except BaseException:
+      self.close()
+      raise
+    self.preempted = self.preempt_saved = False
+    self._trace_from = None   # the first traced step while a profiler trace is open
+
+  def _build(self, config, devices):
+    """Mesh -> input pipeline -> model and optimizer from shapes -> the sharded state and the
+    jitted step."""
+    t = self.t
     # ---- mesh ----
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -66,15 +83,6 @@ class Trainer:
     self._build_state_and_step()
     self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.state["params"]))
     self.rng = jax.random.key(t.seed + 1)
-    # ---- one run per workdir; then resume from its newest readable checkpoint, if any ----
-    self._take_lock()
-    try:
-      self._restore()
-    except BaseException:
-      self.close()
-      raise
-    self.preempted = self.preempt_saved = False
-    self._trace_from = None   # the first traced step while a profiler trace is open
 
   def _build_state_and_step(self):
     """Pretraining: a freshly initialised Farmer state and its train step (distill/trainer.py
@@ -135,11 +143,13 @@ class Trainer:
     a busy workdir stops them all at once instead of leaving the others in a collective."""
     error = None
     if jax.process_index() == 0:
-      # a bucket has no empty directories to clean up
-      existed = storage.is_url(self.workdir) or storage.exists(self.workdir)
+      created, d = [], self.workdir   # a bucket has no empty directories to clean up
+      while not storage.is_url(d) and not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(os.path.abspath(d))
       try:
         self.lock = WorkdirLock(self.workdir, say=self.log).acquire()
-        self._created_workdir = not existed
+        self._created_dirs = created
       except WorkdirBusyError as e:
         error = e
     if jax.process_count() > 1:
@@ -151,18 +161,18 @@ class Trainer:
       raise error
 
   def close(self):
-    """Stops the input's threads/workers, releases the workdir lock (and removes a workdir this run
-    created but never wrote to)."""
-    if getattr(self, "input", None) is not None:
+    """Stops the input's threads/workers, releases the workdir lock (and removes the directories
+    this run created but never wrote to)."""
+    if self.input is not None:
       self.input.close()
     if self.lock is not None:
       self.lock.release()
       self.lock = None
-      if self._created_workdir:
+      for d in self._created_dirs:        # deepest first; rmdir only succeeds if empty
         try:
-          os.rmdir(self.workdir)          # only succeeds if empty
+          os.rmdir(d)
         except OSError:
-          pass
+          break
 
   def _restore(self):
     t = self.t
@@ -262,7 +272,10 @@ class Trainer:
           pending.append(m)
           self._trace_after(s)
           bar.update(1)
-          if self._preempted(s, stop):
+          preempted, lock_state = self._stop_signals(s, stop)
+          if lock_state:
+            self._stop_unowned(lock_state)
+          if preempted:
             self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same "
                      "command to resume")
             self.save_checkpoint()
@@ -292,14 +305,34 @@ class Trainer:
       writer.close()
     return history
 
-  def _preempted(self, s, stop) -> bool:
-    """Whether SIGTERM reached any process: every step with one process; with several, every
+  def _stop_signals(self, s, stop):
+    """(whether SIGTERM reached any process, the workdir lock's state: 0 owned, 1 not refreshable
+    but still ours, 2 taken by another run); every step with one process, with several every
     ``train.preempt_check_every`` steps (the check is an all-process sync)."""
+    lost = self.lock.lost if self.lock is not None else None
+    lock_state = 0 if lost is None else 2 if lost.taken else 1
     if jax.process_count() == 1:
-      return stop.is_set()
+      return stop.is_set(), lock_state
     if (s + 1) % self.t.preempt_check_every:
-      return False
-    return bool(multihost_utils.process_allgather(np.array(stop.is_set())).any())
+      return False, 0
+    flags = multihost_utils.process_allgather(np.array([int(stop.is_set()), lock_state]))
+    flags = np.asarray(flags).reshape(-1, 2).max(axis=0)
+    return bool(flags[0]), int(flags[1])
+
+  def _stop_unowned(self, lock_state):
+    """Stops training once this run can no longer prove it owns the workdir: it saves first only
+    if the lock is still its own (not refreshable, e.g. a full disk), never into a workdir that
+    another run has taken."""
+    step = int(self.state["step"])
+    if lock_state == 1:
+      self.save_checkpoint()
+    lost = self.lock.lost if self.lock is not None else None
+    if lost is None:    # another process's view: process 0 holds the lock and its message
+      lost = WorkdirLockLost(
+          f"process 0 lost the workdir lock of {self.workdir} "
+          f"({'taken by another run' if lock_state == 2 else 'not refreshable'}); its message "
+          "says more", taken=lock_state == 2)
+    raise WorkdirLockLost(f"at step {step}: {lost}", lost.taken) from None
 
   def _trace_before(self, s):
     """Starts the profiler trace before step execution s = train.profile_start (if
