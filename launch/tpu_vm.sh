@@ -336,7 +336,10 @@ train() {
   local mode=$1
   shift
   train_args "$@"
-  ssh_to all "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh "$mode" train \
+  # the run's identity for the workdir lock: after a preemption the recreated slice's process
+  # takes over its own run's lock at once (docs/reliability.md)
+  ssh_to all "cd ~/farmer_jax && FARMER_RUN_ID=$(shell_join "tpu-qr:$PROJECT/$ZONE/$QR_ID") \
+    $(shell_join bash launch/tpu_worker.sh "$mode" train \
     "$WORKDIR/logs" .venv/bin/farmer_jax train "${TRAIN_ARGS[@]}")"
   cat <<EOF
 training runs on every worker of $TPU; each copies its log to $WORKDIR/logs/ every 60 s

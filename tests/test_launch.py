@@ -144,10 +144,11 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
   assert "apt-get" not in script and "pip install --user" not in script
 
   words = remote_words(train)
-  assert words[:8] == ["cd", "~/farmer_jax", "&&", "bash", "launch/tpu_worker.sh", "start",
-                       "train", "gs://bkt/runs/r1/logs"]
-  assert words[8:10] == [".venv/bin/farmer_jax", "train"]
-  assert words[10:] == [
+  # the queued resource names the run: a recreated slice takes over its own workdir lock at once
+  assert words[:9] == ["cd", "~/farmer_jax", "&&", f"FARMER_RUN_ID=tpu-qr:proj/{zone}/tpu1-qr",
+                       "bash", "launch/tpu_worker.sh", "start", "train", "gs://bkt/runs/r1/logs"]
+  assert words[9:11] == [".venv/bin/farmer_jax", "train"]
+  assert words[11:] == [
       "--config=configs/imagenet256.py:1.1B/16", "--workdir=gs://bkt/runs/r1",
       "--distributed=auto", "--compilation_cache_dir=gs://bkt/xla_cache",
       f"--config.mesh={FSDP_MESH}", "--config.train.steps=7", "--config.x=a b"]
@@ -316,7 +317,7 @@ def test_tpu_resume_dry_run_resets_a_suspended_queued_resource():
   assert names.index("gcloud compute tpus queued-resources reset") < names.index(
       "gcloud compute tpus tpu-vm scp")
   words = remote_words(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[-1])
-  assert words[5:7] == ["start", "train"] and words[-1] == "--config.x=1"
+  assert words[6:8] == ["start", "train"] and words[-1] == "--config.x=1"
   assert "--workdir=gs://bkt/runs/r1" in words
   assert find(cmds, "gcloud", "storage", "ls", "gs://bkt/runs/r1/summary.json")
 
@@ -476,7 +477,7 @@ def test_tpu_resume_on_a_ready_slice_restarts_all_workers_together(tmp_path, wor
     assert remote_words(ssh[1])[-4:] == ["stop", "train", "77;", "fi"]
   if "start" in expected:
     words = remote_words(ssh[-1])
-    assert words[5:7] == ["start", "train"] and words[-1] == "--config.x=1"
+    assert words[6:8] == ["start", "train"] and words[-1] == "--config.x=1"
   assert not re.search(r"queued-resources (create|delete|reset)", calls.read_text())
 
 
