@@ -3,12 +3,14 @@ FIDInceptionV3 (written here from the documented architecture; needs torch), the
 against F.interpolate, and torch-free checks (shapes, determinism, grayscale, errors). One jit
 compile of the network (batch 2, 299x299) is shared by all tests."""
 
+import zipfile
+
 import jax
 import numpy as np
 import pytest
 
 from farmer_jax.eval import inception
-from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
+from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict, save_state_dict
 
 SEED = 3
 
@@ -289,3 +291,14 @@ def test_load_errors_name_the_weights(tmp_path):
   with pytest.raises(CheckpointError, match="missing keys: Conv2d_1a_3x3.conv.weight") as e:
     inception.load_fid_inception(tmp_path / "other.npz")
   assert "other.npz" in str(e.value) and inception.WEIGHTS_URL in str(e.value)
+  # the weights re-zipped with deflate (torch.save stores every record): refused unread, as
+  # the same reader refuses any crafted checkpoint (tests/test_torch_checkpoint.py)
+  save_state_dict(tmp_path / "w.pth", {"w": np.zeros(1 << 20, np.float32)})
+  with zipfile.ZipFile(tmp_path / "w.pth") as src, \
+       zipfile.ZipFile(tmp_path / "deflated.pth", "w", zipfile.ZIP_DEFLATED) as dst:
+    for name in src.namelist():
+      dst.writestr(name, src.read(name))
+  with pytest.raises(CheckpointError, match=r"deflated.pth: member 'w/\w+' is "
+                     r"compressed with deflate") as e:
+    inception.load_fid_inception(tmp_path / "deflated.pth")
+  assert inception.WEIGHTS_URL in str(e.value) and "\n" not in str(e.value)

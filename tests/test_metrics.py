@@ -294,6 +294,14 @@ def test_reference_errors(tmp_path):
     metrics.reference_statistics(path)
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     metrics.reference_statistics(tmp_path / "missing.npz")
+  # a deflate bomb (64 MB of zeros in ~64 KB) is refused from its header, before inflating
+  np.savez_compressed(path, mu=np.zeros(8 << 20), sigma=np.eye(2))
+  with pytest.raises(ValueError, match=r"bad.npz: array 'mu' declares shape \(8388608,\) of "
+                     r"float64 \(67108864 bytes\), more than the file can hold"):
+    metrics.reference_statistics(path)
+  np.save(tmp_path / "single.npy", np.zeros(3))
+  with pytest.raises(ValueError, match=r"single.npy: not an .npz archive"):
+    metrics.reference_statistics(tmp_path / "single.npy")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,19 +1,29 @@
 """farmer_jax.interop.torch_checkpoint: reading torch.save files without torch. The format tests
 write real torch.save files (zip and legacy) and compare with torch's own values (need torch);
 the rest (npz, errors, refused pickles) run without torch. The save_state_dict tests write
-without torch and read back with torch.load (need torch) and with load_state_dict."""
+without torch and read back with torch.load (need torch) and with load_state_dict. The crafted-file
+tests (and those of interop.untrusted, the .npz / .npy reader) build each file in the test."""
 
 import argparse
 import collections
+import io
+import json
+import os
 import pickle
+import re
+import struct
+import subprocess
+import sys
+import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
 
-from farmer_jax.interop import torch_checkpoint
+from farmer_jax.interop import torch_checkpoint, untrusted
 from farmer_jax.interop.torch_checkpoint import (CheckpointError, load_state_dict,
                                                  save_state_dict)
+from farmer_jax.interop.untrusted import UnreadableFileError, short_repr
 
 
 def _torch_state_dict(torch):
@@ -343,3 +353,306 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == ["existing.pth"]  # no new file, no temp file
   assert existing.read_bytes() == before
   np.testing.assert_array_equal(load_state_dict(existing)["w"], good["w"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Crafted files: bounded time and memory, one clear error. Each file is a few hundred bytes to
+# ~100 KB standing for GBs of data or a 2**60-node tree; the reader must refuse it before
+# building that.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = torch_checkpoint
+
+
+def _tensor_pickle(tensors, legacy=False):
+  """data.pkl of {key: FloatStorage tensor}, written opcode by opcode; ``tensors``: key (str or
+  int) -> (storage key, numel, offset, size, stride); size may be raw opcodes pushing it."""
+  out = [b"\x80\x02", T._OP_ORDERED_DICT, b"("]
+  for name, (key, numel, offset, size, stride) in tensors.items():
+    pid = T._op_tuple(T._op_str("storage"), T._op_global("torch", "FloatStorage"),
+                      T._op_str(key), T._op_str("cpu"), T._op_int(numel),
+                      *([b"N"] if legacy else []))  # legacy: no storage view
+    size = size if isinstance(size, bytes) else T._op_tuple(*map(T._op_int, size))
+    args = T._op_tuple(pid + b"Q", T._op_int(offset), size,
+                       T._op_tuple(*map(T._op_int, stride)), b"\x89", T._OP_ORDERED_DICT)
+    out += [T._op_str(name) if isinstance(name, str) else T._op_int(name),
+            T._op_global("torch._utils", "_rebuild_tensor_v2"), args, b"R"]
+  return b"".join(out + [b"u."])
+
+
+def _zip_checkpoint(path, data_pkl, storages, deflated=()):
+  """A zip-format checkpoint: data.pkl and storages {key: bytes}, stored except keys in
+  ``deflated``; returns path."""
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("c/data.pkl", data_pkl)
+    z.writestr("c/byteorder", "little")
+    for key, data in storages.items():
+      method = zipfile.ZIP_DEFLATED if key in deflated else zipfile.ZIP_STORED
+      z.writestr(f"c/data/{key}", data, compress_type=method)
+  return path
+
+
+def _deflated_zeros(z, name, nbytes):
+  """Adds member ``name`` to the open zip ``z``: ``nbytes`` zeros, deflated (~1000x smaller)."""
+  info = zipfile.ZipInfo(name)
+  info.compress_type = zipfile.ZIP_DEFLATED
+  with z.open(info, "w") as w:
+    for _ in range(nbytes >> 20):
+      w.write(bytes(1 << 20))
+
+
+def _doubling_tuple(levels):
+  """Opcodes pushing t_levels, t_0 = 0 and t_(i+1) = (t_i, t_i) through the memo: 7 bytes per
+  level, 2**levels leaves when hashed or printed."""
+  return b"K\x00" + b"q\x000h\x00h\x00\x86" * levels  # BINPUT 0, POP, BINGET 0 twice, TUPLE2
+
+
+_LOAD = r'''
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a crafted size fails, not swaps
+from farmer_jax.interop.torch_checkpoint import load_state_dict
+out = []
+for path in sys.argv[1:]:
+  start = time.time()
+  try:
+    load_state_dict(path)
+    out.append(["loaded", "", time.time() - start])
+  except Exception as e:
+    out.append([type(e).__name__, str(e), time.time() - start])
+print(json.dumps(out))
+'''
+
+
+def _load_isolated(paths, timeout=30):
+  """[(error type, message, seconds)] of load_state_dict on each path, in a subprocess with a
+  timeout and 3 GB of address space (a hang or a huge allocation fails the test, not the run)."""
+  env = dict(os.environ, OPENBLAS_NUM_THREADS="1",
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  r = subprocess.run([sys.executable, "-c", _LOAD, *map(str, paths)], capture_output=True,
+                     text=True, timeout=timeout, env=env, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_pickle_bombs_are_refused_quickly(tmp_path):
+  bomb = _doubling_tuple(60)
+  files = {
+      # a 2**60-leaf tuple as a dict key: hashing it never ends
+      "key": b"\x80\x02}" + bomb + b"K\x01s.",
+      # ... as a tensor size: the error message's repr never ends
+      "size": _tensor_pickle({"w": ("0", 4, 0, bomb, (1,))}),
+      # a memo index of 2**31 - 1: the unpickler would allocate a 16 GB memo
+      "memo": b"\x80\x02}r\xff\xff\xff\x7f.",
+  }
+  paths = [_zip_checkpoint(tmp_path / f"{k}.pth", v, {"0": bytes(16)}) for k, v in files.items()]
+  got = dict(zip(files, _load_isolated(paths)))
+  for k, match in (("key", "expand to .* objects through shared references"),
+                   ("size", "expand to .* objects through shared references"),
+                   ("memo", "memo index 2147483647 out of sequence")):
+    kind, msg, seconds = got[k]
+    assert kind == "CheckpointError" and re.search(match, msg), (k, got[k])
+    assert msg.startswith(str(tmp_path / f"{k}.pth")) and "\n" not in msg and len(msg) < 400
+    assert seconds < 5, (k, seconds)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_absurd_pickles_are_refused(tmp_path, monkeypatch, zip_format):
+  def refused(data_pkl, match):
+    path = tmp_path / "crafted.pth"
+    if zip_format:
+      _zip_checkpoint(path, data_pkl, {"0": bytes(16)})
+    else:
+      path.write_bytes(_legacy_stream(data_pkl, ["0"]) + np.int64(4).tobytes() + bytes(16))
+    with pytest.raises(CheckpointError, match=match):
+      load_state_dict(path)
+
+  tensor = ("0", 4, 0, (4,), (1,))
+  refused(_tensor_pickle({1: tensor}, legacy=not zip_format),
+          r"has the key 1 \(int\); a state_dict's keys are str")
+  deep = b"\x80\x02}X\x01\x00\x00\x00wK\x00" + b"\x85" * 1000 + b"s."  # {'w': ((((0,),),),...)}
+  refused(deep, "nested more than 100 deep")
+  monkeypatch.setattr(torch_checkpoint, "_MAX_OBJECTS", 1000)
+  many = b"\x80\x02}X\x01\x00\x00\x00w](" + b"}" * 3000 + b"es."  # {'w': [{}, {}, ...]}
+  refused(many, r"builds more than 1000 \+ 1 per 4 bytes objects")
+
+
+def test_compressed_storage_is_refused_unread(tmp_path):
+  """A deflated storage (torch.save stores every record) could inflate a thousandfold: refused
+  before a byte of it is inflated, whatever size its tensor declares."""
+  path = tmp_path / "deflated.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("c/data.pkl", _tensor_pickle({"w": ("0", 4, 0, (4,), (1,))}))
+    _deflated_zeros(z, "c/data/0", 64 << 20)
+  assert path.stat().st_size < 200_000
+  tracemalloc.start()
+  try:
+    with pytest.raises(CheckpointError, match=r"member 'c/data/0' is compressed with deflate; "
+                       r"expected stored"):
+      load_state_dict(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 4 << 20, peak
+
+
+def test_zero_strides_and_shared_storages_cannot_blow_up(tmp_path):
+  """Views of one small storage (zero strides, many tensors on it) are each copied out: the arrays
+  produced are bounded by 4x the file's size + 16 MiB, with an error naming the tensor."""
+  one = _tensor_pickle({"w": ("0", 1, 0, (3000, 3000), (0, 0))})  # 36 MB from 4 bytes
+  path = _zip_checkpoint(tmp_path / "stride0.pth", one, {"0": bytes(4)})
+  with pytest.raises(CheckpointError, match=r"tensor 'w' of size \(3000, 3000\) would bring the "
+                     r"arrays read to 36000000 bytes, more than 4 x the file's \d+ bytes"):
+    load_state_dict(path)
+  shared = _tensor_pickle({f"w{i}": ("0", 1000, 0, (1000, 1000), (0, 1)) for i in range(8)})
+  path = _zip_checkpoint(tmp_path / "shared.pth", shared, {"0": bytes(4000)})
+  with pytest.raises(CheckpointError, match=r"tensor 'w4' of size \(1000, 1000\) would bring the "
+                     r"arrays read to 20000000 bytes"):
+    load_state_dict(path)
+  # the same layouts within the bound still load exactly
+  small = _tensor_pickle({"a": ("0", 3, 0, (2, 3), (0, 1)), "b": ("0", 3, 1, (2,), (1,))})
+  path = _zip_checkpoint(tmp_path / "ok.pth", small,
+                         {"0": np.array([1, 2, 3], np.float32).tobytes()})
+  got = load_state_dict(path)
+  np.testing.assert_array_equal(got["a"], [[1, 2, 3], [1, 2, 3]])
+  np.testing.assert_array_equal(got["b"], [2, 3])
+
+
+def _patch_member(path, name, flag=None, method=None, flip_data=False):
+  """Rewrites zip member ``name``'s flag bits / compression method (local header and central
+  directory), or flips a bit of its data (its CRC then fails)."""
+  data = bytearray(path.read_bytes())
+  with zipfile.ZipFile(path) as z:
+    offset = z.getinfo(name).header_offset
+  local = [offset]
+  central = [i for i in range(len(data)) if data[i:i + 4] == b"PK\x01\x02"
+             and data[i + 46:i + 46 + len(name)] == name.encode()]
+  for base, flag_at, method_at in [(i, 6, 8) for i in local] + [(i, 8, 10) for i in central]:
+    if flag is not None:
+      data[base + flag_at:base + flag_at + 2] = struct.pack("<H", flag)
+    if method is not None:
+      data[base + method_at:base + method_at + 2] = struct.pack("<H", method)
+  if flip_data:
+    name_len, extra_len = struct.unpack("<HH", data[offset + 26:offset + 30])
+    data[offset + 30 + name_len + extra_len] ^= 1
+  path.write_bytes(bytes(data))
+
+
+def _crafted_zips(tmp_path):
+  """{what: path} of zip checkpoints whose storage record is encrypted, compressed with an unknown
+  method, or fails its CRC."""
+  pkl = _tensor_pickle({"w": ("0", 4, 0, (4,), (1,))})
+  out = {}
+  for what, patch in (("encrypted", dict(flag=1)), ("method", dict(method=99)),
+                      ("crc", dict(flip_data=True))):
+    out[what] = _zip_checkpoint(tmp_path / f"{what}.pth", pkl, {"0": bytes(16)})
+    _patch_member(out[what], "c/data/0", **patch)
+  return out
+
+
+def test_zip_errors_are_checkpoint_errors(tmp_path):
+  files = _crafted_zips(tmp_path)
+  for what, match in (("encrypted", "member 'c/data/0' is encrypted"),
+                      ("method", "member 'c/data/0' is compressed with method 99"),
+                      ("crc", "Bad CRC-32")):
+    with pytest.raises(CheckpointError, match=f"{what}.pth: .*{match}"):
+      load_state_dict(files[what])
+
+
+def test_convert_refuses_a_crafted_file_in_one_line(tmp_path):
+  ckpt = _crafted_zips(tmp_path)["encrypted"]
+  out = tmp_path / "export"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+  r = subprocess.run([sys.executable, "-m", "farmer_jax", "convert", "--from=tarflow",
+                      f"--ckpt={ckpt}", f"--out={out}"], capture_output=True, text=True,
+                     timeout=300, env=env, cwd=ROOT)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"farmer_jax convert: .*encrypted.pth: member 'c/data/0' is encrypted.* "
+                      r"Fix: .*", last), last
+  assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# untrusted: the .npz / .npy reader and short_repr
+
+
+def test_short_repr_is_bounded():
+  bomb = 0
+  for _ in range(60):
+    bomb = (bomb, bomb)
+  deep = []
+  for _ in range(10000):
+    deep = [deep]
+  big = collections.OrderedDict((str(i), bomb) for i in range(1000))
+  for obj in (bomb, deep, big, {"k": [bomb]}, 10 ** 5000, "x" * 10 ** 6, b"\x00" * 10 ** 6):
+    text = short_repr(obj, 80)
+    assert len(text) <= 80, text
+  assert short_repr(("a", 1, [2.5, None], {"k": b"v"})) == "('a', 1, [2.5, None], {'k': b'v'})"
+  assert short_repr((1,)) == "(1,)"
+  assert short_repr(list(range(100)), 200) == "[0, 1, 2, 3, 4, 5, ...]"
+
+
+def _npz_with(path, name, header_shape, data, deflate=False):
+  """An .npz holding one float64 member whose .npy header declares ``header_shape`` and whose
+  data is ``data`` (bytes, or an int: that many deflated zeros)."""
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      header, {"descr": "<f8", "fortran_order": False, "shape": header_shape})
+  with zipfile.ZipFile(path, "w") as z:
+    if isinstance(data, int):
+      info = zipfile.ZipInfo(name + ".npy")
+      info.compress_type = zipfile.ZIP_DEFLATED
+      with z.open(info, "w") as w:
+        w.write(header.getvalue())
+        for _ in range(data >> 20):
+          w.write(bytes(1 << 20))
+    else:
+      z.writestr(name + ".npy", header.getvalue() + data,
+                 compress_type=zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
+  return path
+
+
+def test_npz_reader_bounds_what_a_file_can_produce(tmp_path):
+  # a deflate bomb: 64 MB of zeros in ~64 KB, refused from its header, before inflating
+  bomb = _npz_with(tmp_path / "bomb.npz", "mu", (8 << 20,), 64 << 20)
+  tracemalloc.start()
+  try:
+    with pytest.raises(UnreadableFileError, match=r"bomb.npz: array 'mu' declares shape "
+                       r"\(8388608,\) of float64 \(67108864 bytes\), more than the file can hold"):
+      untrusted.load_npz(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 4 << 20, peak
+  # a header declaring 8 TB over 8 bytes of data: refused, nothing allocated
+  huge = _npz_with(tmp_path / "huge.npz", "w", (1 << 40,), bytes(8))
+  with pytest.raises(CheckpointError, match=r"huge.npz: array 'w' declares shape"):
+    load_state_dict(huge)
+  # compressed within bounds (np.savez_compressed) still loads exactly; so does a plain .npy
+  a = np.arange(1000, dtype=np.float64).reshape(10, 100)
+  np.savez_compressed(tmp_path / "ok.npz", a=a, b=a[:, ::2].T.astype(">i4"))
+  got = untrusted.load_npz(tmp_path / "ok.npz")
+  np.testing.assert_array_equal(got["a"], a)
+  np.testing.assert_array_equal(got["b"], a[:, ::2].T)
+  np.save(tmp_path / "v.npy", a)
+  np.testing.assert_array_equal(untrusted.load_npy(tmp_path / "v.npy"), a)
+  (tmp_path / "cut.npy").write_bytes((tmp_path / "v.npy").read_bytes()[:-8])
+  with pytest.raises(UnreadableFileError, match="cut.npy: declares 8000 bytes of data but holds "
+                     "7992"):
+    untrusted.load_npy(tmp_path / "cut.npy")
+
+
+def test_npz_reader_zip_errors(tmp_path):
+  good = _npz_with(tmp_path / "good.npz", "w", (2,), np.ones(2).tobytes())
+  for what, patch, match in (("encrypted", dict(flag=1), "member 'w.npy' is encrypted"),
+                             ("method", dict(method=99), "compressed with method 99"),
+                             ("crc", dict(flip_data=True), "Bad CRC-32")):
+    path = tmp_path / f"{what}.npz"
+    path.write_bytes(good.read_bytes())
+    _patch_member(path, "w.npy", **patch)
+    with pytest.raises(UnreadableFileError, match=f"{what}.npz: .*({match})"):
+      untrusted.load_npz(path)
+  np.savez(tmp_path / "objects.npz", o=np.array([{}], dtype=object))
+  with pytest.raises(UnreadableFileError, match="array 'o' holds Python objects"):
+    untrusted.load_npz(tmp_path / "objects.npz")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from farmer_jax import storage
 from farmer_jax.eval import metrics
+from farmer_jax.interop import untrusted
 
 DUMP_MANIFEST = "manifest.json"
 
@@ -209,7 +210,7 @@ def _open_dump(dump, signature, say):
                        "delete this one to start over")
     chunks = {}
     for start, path in _dump_chunks(dump).items():
-      with np.load(path) as z:
+      with untrusted.Npz(path) as z:
         chunks[start] = (z["pool"], z["logits"])
     if chunks:
       say(f"resuming from {dump}: {sum(len(v[0]) for v in chunks.values())} samples' features "

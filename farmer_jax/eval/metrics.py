@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from farmer_jax import storage
+from farmer_jax.interop import untrusted
+from farmer_jax.interop.untrusted import short_repr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,20 +265,17 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
   Raises ValueError naming the keys found and the ones expected."""
   path = os.fspath(path)
   try:
-    data = np.load(path, allow_pickle=False)
+    data = untrusted.Npz(path)
   except FileNotFoundError:
     raise FileNotFoundError(f"reference statistics file {path} not found") from None
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path} is a single .npy array, not an .npz archive; expected keys 'mu' and "
-                     "'sigma', or 'features', or images under 'images'/'arr_0'")
   with data:
     keys = sorted(data.files)
     image_key = next((k for k in _IMAGE_KEYS if k in keys), None)
     has_mu, has_sigma = "mu" in keys, "sigma" in keys
     if has_mu != has_sigma:
       raise ValueError(f"{path} holds {'mu' if has_mu else 'sigma'} without "
-                       f"{'sigma' if has_mu else 'mu'} (keys found: {keys}); expected both 'mu' "
-                       "and 'sigma'")
+                       f"{'sigma' if has_mu else 'mu'} (keys found: {short_repr(keys, 200)}); "
+                       "expected both 'mu' and 'sigma'")
     features = None
     if "features" in keys:
       features = np.asarray(data["features"])
@@ -292,9 +291,10 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
     elif image_key is not None:
       mu = sigma = None
     else:
-      raise ValueError(f"{path} holds none of the expected keys (keys found: {keys}); expected "
-                       "'mu' and 'sigma' (precomputed statistics), 'features' (N, F), or uint8 "
-                       "images (N, H, W, c) under 'images' or 'arr_0'")
+      raise ValueError(f"{path} holds none of the expected keys (keys found: "
+                       f"{short_repr(keys, 200)}); expected 'mu' and 'sigma' (precomputed "
+                       "statistics), 'features' (N, F), or uint8 images (N, H, W, c) under "
+                       "'images' or 'arr_0'")
     images = None
     if image_key is not None and (mu is None or load_images):
       images = _check_images(np.asarray(data[image_key]), image_key, path)

@@ -82,7 +82,11 @@ def _read(ckpt, key=None):
   try:
     return load_state_dict(ckpt, key=key)
   except CheckpointError as e:
-    raise ConvertError(str(e).replace("pass key=", "pass --ckpt_key=")) from None
+    msg = str(e)
+    if "pass key=" in msg:
+      raise ConvertError(msg.replace("pass key=", "pass --ckpt_key=")) from None
+    raise ConvertError(f"{msg}. Fix: pass a TARFlow model.state_dict() file as torch.save writes "
+                       f"it (or an np.savez of one)") from None
 
 
 def training_noise(ckpt):

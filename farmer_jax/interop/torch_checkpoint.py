@@ -27,6 +27,15 @@ Tensors come back as C-contiguous numpy arrays holding torch's values: strides a
 offsets applied (tensors sharing a storage each get their own copy), bfloat16 widened exactly to
 float32, big-endian files swapped to native order. 0-d tensors are 0-d arrays.
 
+A crafted file cannot take the machine down (docs/reliability.md): each pickle is first walked
+opcode by opcode, running nothing, and refused if it nests deeper than ``_MAX_DEPTH``, builds more
+objects than ``_MAX_OBJECTS`` (+ 1 per 4 bytes) or makes dict keys and call arguments hash more
+than ``_MAX_HASHED`` (+ 4 per byte) nodes once shared references are expanded; zip records must
+be stored (torch.save never compresses) and unencrypted, and only the ``numel x itemsize`` bytes a
+storage declares are read; the storages read may not exceed the file's size and the arrays
+produced ``_EXPANSION`` x the file's size + ``untrusted.SLACK`` (zero strides and views sharing a
+storage are copied out); messages show file content through ``untrusted.short_repr``.
+
 ``save_state_dict(path, state_dict)`` is the way back, also without torch: ``{name: array}`` ->
 a zip-format ``torch.save`` file that ``torch.load`` (``weights_only=True`` too) reads as an
 OrderedDict of CPU tensors, same names, order, dtypes, shapes and values. Its pickle is written
@@ -37,8 +46,11 @@ atomically.
 
 import collections
 import collections.abc
+import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import tarfile
 import zipfile
@@ -46,9 +58,11 @@ import zipfile
 import numpy as np
 
 from farmer_jax import storage
+from farmer_jax.interop import untrusted
+from farmer_jax.interop.untrusted import short_repr
 
 
-class CheckpointError(ValueError):
+class CheckpointError(untrusted.UnreadableFileError):
   """A file that cannot be read as a state_dict; the message names the file and the problem."""
 
 
@@ -56,6 +70,17 @@ EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".npz")
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
+
+# What one pickle may build. A state_dict pickle builds ~6 objects per tensor in ~100 bytes, nests
+# ~5 deep and hashes short strings; but the memo lets a few hundred bytes stand for a tree of
+# 2**60 nodes that hashing it as a dict key (or printing it) would walk.
+_MAX_DEPTH = 100
+_MAX_OBJECTS = 1_000_000  # plus 1 per 4 bytes of pickle: ~100 bytes of memory each at most
+_MAX_HASHED = 1_000_000  # plus 4 per byte: expanded nodes of dict keys, set items, call arguments
+# The arrays produced may take this many times the file's size (+ untrusted.SLACK): bfloat16 is
+# widened to float32 (2x), tied weights are copied out once per name.
+_EXPANSION = 4
+_MAX_OPAQUE = 1000  # different unknown globals loaded as placeholders (with key=)
 
 # torch dtype name -> numpy dtype of the stored elements (bfloat16: its raw uint16 bits)
 _DTYPES = {
@@ -151,7 +176,7 @@ def _is_int(v):
 
 def _ints(value, what):
   if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
-    raise CheckpointError(f"tensor {what} {value!r} is not a tuple of ints")
+    raise CheckpointError(f"tensor {what} {short_repr(value)} is not a tuple of ints")
   return tuple(value)
 
 
@@ -159,12 +184,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, dtype=None, metadata=
   if not isinstance(storage, _StorageRef):
     raise CheckpointError(f"tensor storage is {_describe(storage)}, expected a storage")
   if not _is_int(storage_offset):
-    raise CheckpointError(f"tensor storage offset {storage_offset!r} is not an int")
+    raise CheckpointError(f"tensor storage offset {short_repr(storage_offset)} is not an int")
   size, stride = _ints(size, "size"), _ints(stride, "stride")
   if len(size) != len(stride):
     raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
   if metadata is not None and not isinstance(metadata, dict):
-    raise CheckpointError(f"tensor metadata {metadata!r} is not a dict")
+    raise CheckpointError(f"tensor metadata {short_repr(metadata)} is not a dict")
   return _Tensor(storage=storage, offset=storage_offset, size=size, stride=stride, dtype=dtype,
                  metadata=metadata or {})
 
@@ -188,7 +213,8 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
 def _codecs_encode(text, encoding="utf-8"):
   # how protocol-2 pickles written by python 3 spell a bytes object
   if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "ascii"):
-    raise CheckpointError(f"refusing _codecs.encode({text!r:.40}, {encoding!r})")
+    raise CheckpointError(f"refusing _codecs.encode({short_repr(text, 40)}, "
+                          f"{short_repr(encoding, 40)})")
   return text.encode(encoding)
 
 
@@ -222,23 +248,102 @@ class _Unpickler(pickle.Unpickler):
     super().__init__(file, encoding="utf-8")
     self._persistent = persistent
     self._lenient = lenient
+    self._opaque = {}  # qualname -> its placeholder class (a class costs ~1 KB: one per name)
 
   def find_class(self, module, name):
     found = _ALLOWED.get((module, name))
     if found is not None:
       return found
     qualname = f"{module}.{name}"
-    if self._lenient:
-      return type("Opaque", (_Opaque,), {"qualname": qualname, "__slots__": ()})
-    raise CheckpointError(
-        f"refusing to load the global {qualname!r}: a state_dict pickle only needs tensors, "
-        f"dicts and OrderedDicts (nothing from the file is imported or run); if the state_dict "
-        f"sits under one key of a bigger dict, pass key=")
+    if not self._lenient:
+      raise CheckpointError(
+          f"refusing to load the global {short_repr(qualname, 120)}: a state_dict pickle only "
+          f"needs tensors, dicts and OrderedDicts (nothing from the file is imported or run); if "
+          f"the state_dict sits under one key of a bigger dict, pass key=")
+    if qualname not in self._opaque:
+      if len(self._opaque) >= _MAX_OPAQUE:
+        raise CheckpointError(f"more than {_MAX_OPAQUE} different globals besides tensors")
+      self._opaque[qualname] = type("Opaque", (_Opaque,), {"qualname": qualname, "__slots__": ()})
+    return self._opaque[qualname]
 
   def persistent_load(self, pid):
     if self._persistent is None:
-      raise CheckpointError(f"unexpected persistent id {pid!r:.80}")
+      raise CheckpointError(f"unexpected persistent id {short_repr(pid)}")
     return self._persistent(pid)
+
+
+# opcodes that hash what they take (dict keys, set items; a call may hash its arguments) ->
+# the slice of the items they pop that is hashed
+_HASHES = {"SETITEM": slice(1, 2), "SETITEMS": slice(1, None, 2), "DICT": slice(0, None, 2),
+           "ADDITEMS": slice(1, None), "FROZENSET": slice(None), "REDUCE": slice(None),
+           "NEWOBJ": slice(None), "NEWOBJ_EX": slice(None), "OBJ": slice(None),
+           "INST": slice(None), "BUILD": slice(1, None)}
+# opcodes that add to the object below their arguments rather than make a new one
+_IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+
+def _check_pickle(f):
+  """Walks the pickle at ``f``'s position opcode by opcode, running nothing, and refuses it if it
+  nests objects deeper than ``_MAX_DEPTH``, builds more than ``_MAX_OBJECTS`` (+ 1 per 4 bytes),
+  or would hash more than ``_MAX_HASHED`` (+ 4 per byte) nodes of dict keys, set items and call
+  arguments, counting shared references (the memo) as the copies they stand for. A tuple's count
+  is exact (tuples are immutable); a list grown after being shared is undercounted, harmlessly:
+  lists cannot be hashed, and messages print through ``short_repr``. Leaves ``f`` where it was."""
+  start = f.tell()
+  stack, marks, memo = [], [], {}  # (expanded size, depth) per object on the unpickler's stack
+  objects = hashed = 0
+  for op, arg, pos in pickletools.genops(f):
+    name, size = op.name, pos - start
+    if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+      index = len(memo) if name == "MEMOIZE" else arg
+      if not stack or index > len(memo):  # the unpickler would allocate a memo up to the index
+        raise CheckpointError(f"pickle memo index {short_repr(index)} out of sequence at byte "
+                              f"{size}")
+      memo[index] = stack[-1]
+      continue
+    if name in ("GET", "BINGET", "LONG_BINGET"):
+      if arg not in memo:
+        raise CheckpointError(f"pickle memo index {short_repr(arg)} read before written")
+      stack.append(memo[arg])
+      continue
+    if name == "MARK":
+      marks.append(len(stack))
+      continue
+    if pickletools.markobject in op.stack_before:
+      first = (marks.pop() if marks else -1) - op.stack_before.index(pickletools.markobject)
+    else:
+      first = len(stack) - len(op.stack_before)
+    if first < 0:
+      raise CheckpointError(f"pickle opcode {name} at byte {size} pops an empty stack")
+    popped = stack[first:]
+    del stack[first:]
+    if name in _HASHES:
+      hashed += sum(w for w, _ in popped[_HASHES[name]])
+    if name == "DUP":
+      stack += popped * 2
+    elif name in _IN_PLACE:
+      (weight, depth), added = popped[0], popped[1:]
+      stack.append((weight + sum(w for w, _ in added), max([depth] + [d + 1 for _, d in added])))
+    elif op.stack_after:
+      objects += 1
+      stack.append((1 + sum(w for w, _ in popped), 1 + max((d for _, d in popped), default=-1)))
+    if stack and stack[-1][1] > _MAX_DEPTH:
+      raise CheckpointError(f"pickle objects nested more than {_MAX_DEPTH} deep (at byte {size})")
+    if objects > _MAX_OBJECTS + size // 4:
+      raise CheckpointError(f"pickle builds more than {_MAX_OBJECTS} + 1 per 4 bytes objects "
+                            f"({objects} in its first {size} bytes)")
+    if hashed > _MAX_HASHED + 4 * size:
+      raise CheckpointError(f"pickle of {size} bytes has dict keys or call arguments that expand "
+                            f"to {hashed} objects through shared references (more than "
+                            f"{_MAX_HASHED} + 4 per byte): hashing or printing them would not end")
+  f.seek(start)
+
+
+def _unpickle(f, persistent=None, lenient=False):
+  """The object of the pickle at ``f``'s position (``_Unpickler``) once ``_check_pickle`` passed
+  it."""
+  _check_pickle(f)
+  return _Unpickler(f, persistent, lenient).load()
 
 
 def _describe(v):
@@ -252,14 +357,14 @@ def _describe(v):
     return f"a dict of {len(v)} entries"
   if isinstance(v, (list, tuple)):
     return f"a {type(v).__name__} of {len(v)} items"
-  return f"{type(v).__name__} {v!r:.40}"
+  return f"{type(v).__name__} {short_repr(v, 40)}"
 
 
 def _storage_id(pid, legacy):
   """(root key, dtype name or None, numel, view offset, view numel) of a storage persistent id."""
   n = 6 if legacy else 5
   if not isinstance(pid, tuple) or len(pid) != n or pid[0] not in ("storage", b"storage"):
-    raise CheckpointError(f"unsupported persistent id {pid!r:.80} (expected a {n}-tuple "
+    raise CheckpointError(f"unsupported persistent id {short_repr(pid)} (expected a {n}-tuple "
                           f"('storage', ...): was the whole module pickled, not its state_dict?)")
   storage_type, key, numel = pid[1], pid[2], pid[4]
   if not isinstance(storage_type, _StorageType):
@@ -267,16 +372,17 @@ def _storage_id(pid, legacy):
   if isinstance(key, bytes):
     key = key.decode("ascii")
   if not isinstance(key, str) or not _is_int(numel) or numel < 0:
-    raise CheckpointError(f"bad storage key/size {key!r}/{numel!r}")
+    raise CheckpointError(f"bad storage key/size {short_repr(key)}/{short_repr(numel)}")
   offset, count = 0, numel
   if legacy and pid[5] is not None:
     view = pid[5]
     if (not isinstance(view, tuple) or len(view) != 3 or not _is_int(view[1])
         or not _is_int(view[2])):
-      raise CheckpointError(f"bad storage view {view!r:.80}")
+      raise CheckpointError(f"bad storage view {short_repr(view)}")
     offset, count = view[1], view[2]
     if offset < 0 or count < 0 or offset + count > numel:
-      raise CheckpointError(f"storage view {view!r} outside its storage of {numel} elements")
+      raise CheckpointError(f"storage view {short_repr(view)} outside its storage of {numel} "
+                            f"elements")
   return key, storage_type.dtype, numel, offset, count
 
 
@@ -284,8 +390,10 @@ def _itemsize(dtype):
   return 1 if dtype is None else np.dtype(_DTYPES[dtype]).itemsize
 
 
-def _read_zip(zf, lenient):
-  """(object, {key: bytes reader}, big_endian) of a zip-format checkpoint."""
+def _read_zip(zf, path, lenient):
+  """(object, {key: bytes reader}, big_endian) of a zip-format checkpoint. Every record read must
+  be stored (torch.save never compresses: a compressed record could inflate a thousandfold) and
+  unencrypted; of a storage record only the bytes its persistent id declares are read."""
   names = zf.namelist()
   pickles = sorted((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), key=len)
   if not pickles:
@@ -293,9 +401,10 @@ def _read_zip(zf, lenient):
   prefix = pickles[0][:-len("data.pkl")]
   big_endian = False
   if prefix + "byteorder" in names:
-    order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+    with untrusted.open_member(zf, prefix + "byteorder", path) as f:
+      order = f.read(16).decode("ascii", "replace").strip()
     if order not in ("little", "big"):
-      raise CheckpointError(f"unknown byteorder record {order!r}")
+      raise CheckpointError(f"unknown byteorder record {short_repr(order)}")
     big_endian = order == "big"
   roots = {}
 
@@ -304,18 +413,20 @@ def _read_zip(zf, lenient):
     roots.setdefault(key, (dtype, numel))
     return _StorageRef(key=key, dtype=dtype, offset=0, numel=numel)
 
-  with zf.open(pickles[0]) as f:
-    obj = _Unpickler(f, persistent, lenient).load()
+  with untrusted.open_member(zf, pickles[0], path) as f:
+    obj = _unpickle(io.BytesIO(f.read()), persistent, lenient)
 
   def read(key):
     dtype, numel = roots[key]
     name = f"{prefix}data/{key}"
     if name not in names:
-      raise CheckpointError(f"storage record {name!r} is missing")
-    data = zf.read(name)
-    if len(data) < numel * _itemsize(dtype):
-      raise CheckpointError(f"storage record {name!r} holds {len(data)} bytes, expected "
-                            f"{numel} x {_itemsize(dtype)}")
+      raise CheckpointError(f"storage record {short_repr(name)} is missing")
+    nbytes = numel * _itemsize(dtype)
+    with untrusted.open_member(zf, name, path) as f:
+      data = f.read(nbytes)
+    if len(data) < nbytes:
+      raise CheckpointError(f"storage record {short_repr(name)} holds {len(data)} bytes, "
+                            f"expected {numel} x {_itemsize(dtype)}")
     return np.frombuffer(data, np.uint8)
 
   return obj, read, big_endian
@@ -323,13 +434,14 @@ def _read_zip(zf, lenient):
 
 def _read_legacy(f, lenient):
   """(object, bytes reader, big_endian) of a legacy-format checkpoint (open file ``f``)."""
-  magic = _Unpickler(f).load()
+  magic = _unpickle(f)
   if magic != _LEGACY_MAGIC:
-    raise CheckpointError(f"wrong magic number {magic!r:.40}: not a torch.save checkpoint")
-  protocol = _Unpickler(f).load()
+    raise CheckpointError(f"wrong magic number {short_repr(magic, 40)}: not a torch.save "
+                          f"checkpoint")
+  protocol = _unpickle(f)
   if protocol != _LEGACY_PROTOCOL:
-    raise CheckpointError(f"unsupported legacy protocol version {protocol!r:.40}")
-  sys_info = _Unpickler(f).load()
+    raise CheckpointError(f"unsupported legacy protocol version {short_repr(protocol, 40)}")
+  sys_info = _unpickle(f)
   big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian", True) is False
   roots = {}
 
@@ -338,8 +450,8 @@ def _read_legacy(f, lenient):
     roots.setdefault(key, (dtype, numel))
     return _StorageRef(key=key, dtype=roots[key][0], offset=offset, numel=count)
 
-  obj = _Unpickler(f, persistent, lenient).load()
-  keys = _Unpickler(f).load()
+  obj = _unpickle(f, persistent, lenient)
+  keys = _unpickle(f)
   if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
     raise CheckpointError(f"storage key list is {_describe(keys)}, expected a list of str")
   where = {}
@@ -347,22 +459,24 @@ def _read_legacy(f, lenient):
   for key in keys:
     head = f.read(8)
     if len(head) != 8:
-      raise CheckpointError(f"file ends before storage {key!r}")
+      raise CheckpointError(f"file ends before storage {short_repr(key)}")
     (numel,) = struct.unpack(">q" if big_endian else "<q", head)
     if key not in roots:
-      raise CheckpointError(f"storage {key!r} is listed but no tensor uses it")
+      raise CheckpointError(f"storage {short_repr(key)} is listed but no tensor uses it")
     nbytes = numel * _itemsize(roots[key][0])
     if numel < 0 or f.tell() + nbytes > end:
-      raise CheckpointError(f"storage {key!r} of {numel} elements runs past the end of the file")
+      raise CheckpointError(f"storage {short_repr(key)} of {numel} elements runs past the end of "
+                            f"the file")
     where[key] = (f.tell(), nbytes, numel)
     f.seek(nbytes, os.SEEK_CUR)
 
   def read(key):
     if key not in where:
-      raise CheckpointError(f"storage {key!r} has no data in the file")
+      raise CheckpointError(f"storage {short_repr(key)} has no data in the file")
     pos, nbytes, numel = where[key]
     if numel < roots[key][1]:
-      raise CheckpointError(f"storage {key!r} holds {numel} elements, expected {roots[key][1]}")
+      raise CheckpointError(f"storage {short_repr(key)} holds {numel} elements, expected "
+                            f"{roots[key][1]}")
     f.seek(pos)
     return np.frombuffer(f.read(nbytes), np.uint8)
 
@@ -409,41 +523,42 @@ def _materialize(t, read, big_endian):
     elif flag == "conj":
       np.conjugate(out, out=out)
     else:
-      raise CheckpointError(f"unsupported tensor metadata {flag!r}")
+      raise CheckpointError(f"unsupported tensor metadata {short_repr(flag)}")
   return out
 
 
 def _select(obj, key):
-  """The state_dict (a dict) inside the loaded object: ``obj[key]`` when key is given."""
+  """The state_dict (a dict of str -> tensor) inside the loaded object: ``obj[key]`` when key is
+  given."""
   if key is not None:
     if not isinstance(obj, dict):
       raise CheckpointError(f"key={key!r} given but the checkpoint holds {_describe(obj)}, "
                             f"not a dict")
     if key not in obj:
+      entries = sorted(k for k in obj if isinstance(k, str))
       raise CheckpointError(f"no entry {key!r} at the top level; entries: "
-                            f"{sorted(map(str, obj))}")
+                            f"{short_repr(entries, 200)}")
     obj = obj[key]
+  where = "the checkpoint" if key is None else f"entry {key!r}"
   if not isinstance(obj, dict):
-    where = "the checkpoint" if key is None else f"entry {key!r}"
     raise CheckpointError(f"{where} holds {_describe(obj)}, expected a state_dict (a dict of "
                           f"tensors)")
-  bad = [f"{k!r} ({_describe(v)})" for k, v in obj.items()
-         if not isinstance(k, str) or not isinstance(v, _Tensor)]
+  for k in obj:
+    if not isinstance(k, str):
+      raise CheckpointError(f"{where} has the key {short_repr(k)} ({type(k).__name__}); a "
+                            f"state_dict's keys are str (tensor names)")
+  bad = [f"{short_repr(k)} ({_describe(v)})" for k, v in obj.items() if not isinstance(v, _Tensor)]
   if bad:
     wraps = [k for k, v in obj.items() if isinstance(v, dict)]
-    hint = (f"; it looks like a wrapper: pass key= one of {wraps}" if wraps and key is None
-            else "")
+    hint = (f"; it looks like a wrapper: pass key= one of {short_repr(wraps, 200)}"
+            if wraps and key is None else "")
     raise CheckpointError(f"entries that are not tensors: {', '.join(bad[:20])}"
                           f"{' ...' if len(bad) > 20 else ''}{hint}")
   return obj
 
 
 def _load_npz(path, key):
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
-  except ValueError as e:
-    raise CheckpointError(f"{path}: unreadable .npz (object arrays are refused): {e}") from None
+  arrays = untrusted.load_npz(path)
   if key is not None:
     prefix = key + "."
     arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
@@ -457,7 +572,8 @@ def load_state_dict(path, key=None):
   torch, into ``{name: np.ndarray}`` (file order). ``key``: the checkpoint is a dict wrapping the
   state_dict under ``key`` (e.g. 'state_dict', 'model', 'ema'); for an .npz, the arrays named
   '<key>.<name>'. Raises CheckpointError (a ValueError) naming the file: missing file, unknown
-  extension or format, a disallowed class in the pickle, entries that are not tensors."""
+  extension or format, a disallowed class in the pickle, entries that are not tensors, a file
+  built to exhaust memory or time (see the module docstring)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"checkpoint file {path!r} not found")
@@ -466,45 +582,68 @@ def load_state_dict(path, key=None):
     raise CheckpointError(f"{path}: unknown checkpoint extension {ext!r}; expected one of "
                           f"{', '.join(EXTENSIONS)} (a torch.save file or an np.savez of one)")
   lenient = key is not None
-  try:
-    with open(path, "rb") as f:
-      head = f.read(8)
-      f.seek(0)
-      if head.startswith(b"PK\x03\x04"):  # the zip format (or an .npz named .pth)
-        with zipfile.ZipFile(f) as zf:
-          names = zf.namelist()
-          if names and all(n.endswith(".npy") for n in names):
-            return _load_npz(path, key)
-          obj, read, big_endian = _read_zip(zf, lenient)
-          return _build(obj, key, read, big_endian)
-      if head.startswith(b"\x80"):  # a pickle stream: the legacy format
-        obj, read, big_endian = _read_legacy(f, lenient)
-        return _build(obj, key, read, big_endian)
-      if tarfile.is_tarfile(f):
-        raise CheckpointError("the tar format of torch < 0.4 is not supported: load it with "
-                              "that torch and torch.save it again")
-      raise CheckpointError(f"not a torch.save checkpoint (neither a zip archive nor a pickle "
-                            f"stream; starts with {head!r})")
-  except CheckpointError as e:
-    if str(e).startswith(path):
-      raise
-    raise CheckpointError(f"{path}: {e}") from None
-  except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-          KeyError, struct.error, zipfile.BadZipFile, OverflowError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{path}: not a readable torch.save checkpoint "
-                          f"({type(e).__name__}: {e})") from None
+  with untrusted.reading(path, "a torch.save checkpoint", CheckpointError), open(path, "rb") as f:
+    head = f.read(8)
+    f.seek(0)
+    size = os.fstat(f.fileno()).st_size
+    if head.startswith(b"PK\x03\x04"):  # the zip format (or an .npz named .pth)
+      with zipfile.ZipFile(f) as zf:
+        names = zf.namelist()
+        if names and all(n.endswith(".npy") for n in names):
+          return _load_npz(path, key)
+        obj, read, big_endian = _read_zip(zf, path, lenient)
+        return _build(obj, key, read, big_endian, size)
+    if head.startswith(b"\x80"):  # a pickle stream: the legacy format
+      obj, read, big_endian = _read_legacy(f, lenient)
+      return _build(obj, key, read, big_endian, size)
+    if tarfile.is_tarfile(f):
+      raise CheckpointError("the tar format of torch < 0.4 is not supported: load it with "
+                            "that torch and torch.save it again")
+    raise CheckpointError(f"not a torch.save checkpoint (neither a zip archive nor a pickle "
+                          f"stream; starts with {head!r})")
 
 
-def _build(obj, key, read, big_endian):
-  cache = {}
+def _out_nbytes(t):
+  """Bytes of the array ``_materialize(t)`` returns (0 if its dtype is unknown: an error there)."""
+  dtype = t.dtype or t.storage.dtype
+  if dtype is None:
+    return 0
+  itemsize = 4 if dtype == "bfloat16" else np.dtype(_DTYPES[dtype]).itemsize
+  return math.prod(max(n, 0) for n in t.size) * itemsize
+
+
+def _build(obj, key, read, big_endian, file_size):
+  """{name: array} of the state_dict in ``obj``; what it reads and produces is bounded by the
+  file's size ``file_size``: storages (distinct regions of the file) at most the file's size in
+  all, arrays at most ``_EXPANSION`` x the file's size + ``untrusted.SLACK``."""
+  state = _select(obj, key)
+  cache, read_bytes, out_bytes = {}, 0, 0
+  allowed = _EXPANSION * file_size + untrusted.SLACK
 
   def cached(k):
+    nonlocal read_bytes
     if k not in cache:
       cache[k] = read(k)
+      read_bytes += cache[k].nbytes
+      if read_bytes > file_size:
+        raise CheckpointError(f"its storages hold {read_bytes} bytes in all, more than the file's "
+                              f"{file_size}: records overlap")
     return cache[k]
 
-  state = _select(obj, key)
-  return {k: _materialize(v, cached, big_endian) for k, v in state.items()}
+  out = {}
+  for name, t in state.items():
+    nbytes = _out_nbytes(t)
+    if out_bytes + nbytes > allowed:
+      raise CheckpointError(
+          f"tensor {short_repr(name)} of size {short_repr(t.size)} would bring the arrays read to "
+          f"{out_bytes + nbytes} bytes, more than {_EXPANSION} x the file's {file_size} bytes + "
+          f"{untrusted.SLACK}: tensors with zero strides or sharing a storage are each copied out")
+    out_bytes += nbytes
+    try:
+      out[name] = _materialize(t, cached, big_endian)
+    except CheckpointError as e:
+      raise CheckpointError(f"tensor {short_repr(name)}: {e}") from None
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from farmer_jax import runs, storage
 from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
 from farmer_jax.errors import brief
+from farmer_jax.interop import untrusted
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints
 
 FORMAT_VERSION = 1
@@ -327,7 +328,7 @@ def load_latent_var(model_dir, mcfg, meta):
   path = runs.ExportDir(os.path.abspath(model_dir)).latent_var
   want = (mcfg.num_tokens, mcfg.token_dim)
   try:
-    var = np.load(path)
+    var = untrusted.load_npy(path)
   except (OSError, ValueError) as e:
     raise ExportError(f"{model_dir}: {os.path.basename(path)} could not be read ({e}); convert "
                       "the model again") from e
