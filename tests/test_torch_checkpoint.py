@@ -2,7 +2,7 @@
 write real torch.save files (zip and legacy) and compare with torch's own values (need torch);
 the rest (npz, errors, refused pickles) run without torch. The save_state_dict tests write
 without torch and read back with torch.load (need torch) and with load_state_dict. The crafted-file
-tests (and those of interop.untrusted, the .npz / .npy reader) build each file in the test."""
+tests (and those of farmer_jax.untrusted, the .npz / .npy reader) build each file in the test."""
 
 import argparse
 import collections
@@ -20,10 +20,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from farmer_jax.interop import torch_checkpoint, untrusted
+from farmer_jax import untrusted
+from farmer_jax.interop import torch_checkpoint
 from farmer_jax.interop.torch_checkpoint import (CheckpointError, load_state_dict,
                                                  save_state_dict)
-from farmer_jax.interop.untrusted import UnreadableFileError, short_repr
+from farmer_jax.untrusted import UnreadableFileError, short_repr
 
 
 def _torch_state_dict(torch):

@@ -31,9 +31,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from farmer_jax import storage
+from farmer_jax import storage, untrusted
 from farmer_jax.eval import metrics
-from farmer_jax.interop import untrusted
 
 DUMP_MANIFEST = "manifest.json"
 

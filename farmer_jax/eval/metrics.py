@@ -20,9 +20,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from farmer_jax import storage
-from farmer_jax.interop import untrusted
-from farmer_jax.interop.untrusted import short_repr
+from farmer_jax import storage, untrusted
+from farmer_jax.untrusted import short_repr
 
 
 # ------------------------------------------------------------------------------------------------

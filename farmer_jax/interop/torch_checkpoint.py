@@ -57,9 +57,8 @@ import zipfile
 
 import numpy as np
 
-from farmer_jax import storage
-from farmer_jax.interop import untrusted
-from farmer_jax.interop.untrusted import short_repr
+from farmer_jax import storage, untrusted
+from farmer_jax.untrusted import short_repr
 
 
 class CheckpointError(untrusted.UnreadableFileError):

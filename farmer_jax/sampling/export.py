@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from farmer_jax import runs, storage
+from farmer_jax import runs, storage, untrusted
 from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
 from farmer_jax.errors import brief
-from farmer_jax.interop import untrusted
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints
 
 FORMAT_VERSION = 1
