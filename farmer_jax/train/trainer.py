@@ -67,11 +67,15 @@ class Trainer:
     self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.state["params"]))
     self.rng = jax.random.key(t.seed + 1)
     # ---- one run per workdir; then resume from its newest readable checkpoint, if any ----
+    # From here on a SIGTERM only sets stop (see install_sigterm): fit() stops before its first
+    # step, and close() releases the lock taken here.
+    _ABANDONABLE.clear()
     self._take_lock()
     try:
       self._restore()
     except BaseException:
-      self.close()
+      with contextlib.suppress(OSError):   # reported: the restore's failure, not the close's
+        self.close()
       raise
     self.preempted = self.preempt_saved = False
     self._trace_from = None   # the first traced step while a profiler trace is open
@@ -339,33 +343,35 @@ class Trainer:
                    data=data_state)
 
 
-class Preempted(Exception):
-  """SIGTERM arrived before the training loop started (nothing to save)."""
+# Set while a SIGTERM may end `farmer_jax train`'s start-up at once (see install_sigterm).
+_ABANDONABLE = threading.Event()
 
 
-_TRAINING_STARTED = threading.Event()
-
-
-def install_sigterm(stop: threading.Event, raise_until_training: bool = False):
+def install_sigterm(stop: threading.Event, abandon=None):
   """SIGTERM (preemption) sets ``stop``; the training loop saves at the next step boundary and
-  exits cleanly. With ``raise_until_training``, a SIGTERM during start-up (before the loop) raises
-  ``Preempted`` instead, so start-up (data loading, compilation, restore) is abandoned at once.
-  Returns a function restoring the previous handler."""
+  exits cleanly. With ``abandon`` (a function that ends the process), a SIGTERM while
+  ``_ABANDONABLE`` is set (start-up before the workdir lock: data, model, compilation; nothing is
+  written yet) calls it instead. From the lock on, start-up (restore) completes and fit() stops
+  before its first step. Returns a function restoring the previous handler.
+
+  The handler never raises: an exception from it can land inside a gc callback, where Python drops
+  it, and unwinding out of an XLA compilation leaves that compilation running on a thread of XLA's,
+  under which interpreter shutdown frees the XLA client (a segfault)."""
   if threading.current_thread() is not threading.main_thread():
     return lambda: None
 
   def handler(*_):
     stop.set()
-    if raise_until_training and not _TRAINING_STARTED.is_set():
-      raise Preempted()
+    if abandon is not None and _ABANDONABLE.is_set():
+      abandon()
 
   prev = signal.signal(signal.SIGTERM, handler)
   return lambda: signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
 
 
-def train_and_report(config, workdir, quiet=False, config_change_ok=False):
+def train_and_report(config, workdir, quiet=False, config_change_ok=False, abandon=None):
   """The `farmer_jax train` command: train, then report (train/report.py: test bits/dim,
-  samples.png, summary.json); returns (summary dict, trainer).
+  samples.png, summary.json); returns (summary dict, trainer). ``abandon``: see install_sigterm.
 
   The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd``
   with the true labels, -log p(x|y), and ``test_bpd_uncond`` with the null label, -log p(x|null)
@@ -374,22 +380,29 @@ def train_and_report(config, workdir, quiet=False, config_change_ok=False):
   """
   t0 = time.time()
   stop = threading.Event()
-  restore = install_sigterm(stop, raise_until_training=True)
+  _ABANDONABLE.set()      # until Trainer takes the workdir lock
+  restore = install_sigterm(stop, abandon)
   tr = None
   try:
     tr = Trainer(config, workdir, quiet=quiet, config_change_ok=config_change_ok, stop=stop)
-    _TRAINING_STARTED.set()
     history = tr.fit()
     train_s = time.time() - t0
     if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, no sampling
       return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
     summary = write_report(tr, history, train_s, t0)
-  except Preempted:    # SIGTERM during start-up: nothing to save
-    steps = int(tr.state["step"]) if tr is not None else 0
-    return {"steps": steps, "preempted": True, "saved": False}, tr
+  except BaseException:
+    # The failure raised here is the one to report, not a failure to close that it caused (a lock
+    # file in a workdir that became unwritable).
+    closing, tr = tr, None
+    if closing is not None:
+      with contextlib.suppress(OSError):
+        closing.close()
+    raise
   finally:
-    _TRAINING_STARTED.clear()
-    restore()
-    if tr is not None:
-      tr.close()
+    _ABANDONABLE.clear()
+    try:
+      if tr is not None:
+        tr.close()
+    finally:   # after close: the previous handler (the command's) may end the process at once
+      restore()
   return summary, tr
