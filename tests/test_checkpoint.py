@@ -186,10 +186,10 @@ def test_checkpoints_removed_during_a_save(tmp_path):
   and no half-written temporary directory is left."""
   ckdir = tmp_path / "ck"
   ck = Checkpointer(str(ckdir))
-  state = {f"w{i}": np.random.default_rng(i).random((1024, 1024), np.float32) for i in range(4)}
+  state = {f"w{i}": np.random.default_rng(i).random((2048, 2048), np.float32) for i in range(4)}
   ck.save(1, state, {"step": 1})
   ck.wait()
-  ck.save(2, state, {"step": 2})   # 16 MB: still being written when the directory goes
+  ck.save(2, state, {"step": 2})   # 64 MB: still being written when the directory goes
   shutil.rmtree(ckdir, ignore_errors=True)   # rm -rf, racing Orbax's writers
   with pytest.raises(OSError, match=f"checkpoint step 2 to {ckdir} failed: No such file or "
                      "directory") as e:
@@ -257,7 +257,7 @@ def test_checkpoints_removed_between_saves(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"),
-                    reason="root ignores permissions; an immutable directory (chattr +i) needs root")
+                    reason="an unwritable directory for root: chattr +i (root only)")
 def test_checkpoints_directory_made_unwritable(tmp_path):
   """A checkpoints directory that became unwritable under a running training: the next save stops
   at once with one OSError naming the directory and the cause (Orbax itself would wait minutes for

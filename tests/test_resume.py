@@ -24,9 +24,9 @@ STEPS, EVERY = 60, 10
 KILL_SEED = 1234          # picks the kill points; fixed and printed so that a failure reproduces
 
 
-def _cmd(workdir, steps=STEPS, extra=(), config="quickstart.py:tiny"):
+def _cmd(workdir, steps=STEPS, extra=()):
   return [
-      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/{config}",
+      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
       f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={EVERY}",
       "--config.train.log_every=10", "--config.train.warmup_steps=5", "--quiet", *extra
   ]
@@ -161,11 +161,11 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path):
   assert not os.path.exists(RunDir(wd).checkpoints)
 
 
-def _sigterm_at(wd, when, config="quickstart.py:tiny"):
+def _sigterm_at(wd, when):
   """Runs `farmer_jax train` (compilations logged) and sends SIGTERM ``when(seconds since the
   handler went in, stderr lines so far)`` says True; returns (exit code, stdout, stderr)."""
   env = dict(os.environ, JAX_LOG_COMPILES="1")
-  p = subprocess.Popen(_cmd(wd, steps=100_000, config=config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  p = subprocess.Popen(_cmd(wd, steps=100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True, env=env)
   lines = []
   reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
