@@ -153,7 +153,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
 _EXPECTED_ERRNOS = {
     errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
-    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EXDEV,
+    errno.EFBIG
 }
 
 # ----------------------------------------------------------------------------------------- commands
@@ -175,20 +176,15 @@ def _train(argv):
   from farmer_jax.train.report import format_test_bpd
   from farmer_jax.train.trainer import train_and_report
   summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet,
-                                config_change_ok=FLAGS.config_change_ok)
-  if summary.get(
-      "preempted"):  # SIGTERM: exit 0 so a preemptible scheduler re-runs the same command
-    if summary.get("saved"):
-      print(
-          f"preempted at step {summary['steps']}; checkpoint saved; "
-          "re-run the same command to resume"
-      )
-    else:
-      print(
-          f"preempted during start-up (step {summary['steps']}); nothing new to save; "
-          "re-run the same command"
-      )
+                                config_change_ok=FLAGS.config_change_ok,
+                                abandon=_preempted_during_startup)
+  if summary.get("preempted") and summary.get("saved"):
+    # SIGTERM: exit 0 so that a preemptible scheduler re-runs the same command
+    print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to "
+          "resume")
     return
+  if summary.get("preempted"):
+    _preempted_during_startup()
   # class-conditional -log p(x|y) and unconditional -log p(x|null)
   print(format_test_bpd(summary))
   if "sample_quality" in summary:   # config.eval.mnist_quality
@@ -467,6 +463,30 @@ def _quiet_libs(verbose):
   logging.set_verbosity(logging.WARNING)
   for name in ("absl", "orbax"):
     std_logging.getLogger(name).setLevel(std_logging.ERROR)
+  # A failed checkpoint/export write is logged by each of Orbax's writer threads (and by asyncio
+  # for their futures), dozens of tracebacks; the failure reaches the command as the exception of
+  # the save, which becomes its one line.
+  std_logging.getLogger("absl").addFilter(_not_from_orbax)
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  # tensorstore then reports (sys.unraisablehook) an "Event loop is closed" traceback for each of
+  # its writes that completes after Orbax closed the failed save's event loop
+  sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+
+
+def _not_from_orbax(record):
+  return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _without_closed_loop_errors(hook):
+  def unraisablehook(unraisable):
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):   # asyncio's
+      return
+    hook(unraisable)
+  return unraisablehook
 
 
 def _fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
@@ -522,6 +542,8 @@ def failure(e, cmd="train"):
       resume = "; training resumes from its last complete checkpoint" if cmd == "train" else ""
       return 2, (f"disk full: {e}. Fix: free space (or choose another location) and re-run the "
                  f"same command{resume}")
+    if e.errno == errno.EFBIG:
+      return 2, f"{e}. Fix: raise the file size limit (ulimit -f) or write elsewhere"
     return 2, f"{e}. Fix: check the path and its permissions"
   if isinstance(e, ValueError) and _raised_in_package(e):
     return 2, str(e)
@@ -633,22 +655,29 @@ def _flags_parser(cmd, debug):
   return parse
 
 
+def _preempted_during_startup(*_):
+  """SIGTERM before training: one line, then exit 0 at once, without interpreter shutdown (which
+  would free the XLA client under a compilation still running on a thread of XLA's: a segfault).
+  Called from a signal handler: the line is written to fd 1 directly, as the interrupted code may
+  be inside a print. Nothing has been written: this runs before the workdir lock is taken (or
+  after it is released)."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError, RuntimeError):   # closed, or a print this signal interrupted
+      pass
+  os.write(1, b"preempted during start-up; nothing was written; re-run the same command\n")
+  os._exit(0)
+
+
 def _early_sigterm():
   """Until the trainer installs its own handler, a SIGTERM (preemption during imports, config
   parsing or jax start-up) exits cleanly with status 0 and one line, instead of the default kill
   (status 143)."""
   import signal
   import threading
-  if threading.current_thread() is not threading.main_thread():
-    return
-
-  def handler(*_):
-    print(
-        "farmer_jax train: SIGTERM during start-up; nothing was written; re-run the same command",
-        file=sys.stderr)
-    os._exit(0)
-
-  signal.signal(signal.SIGTERM, handler)
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _preempted_during_startup)
 
 
 def run(argv=None):

@@ -2,8 +2,11 @@
 one, and moves an unreadable newest checkpoint aside (kept) so the resumed run can write that step
 again."""
 
+import errno
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +149,130 @@ def test_checkpoints_of_another_config_are_refused_and_left_alone(trained_run, t
       match="could be restored for this config: they were written by a different config"):
     Checkpointer(RunDir(wd).checkpoints).restore_latest(other, tr.state_sh, say=lambda m: None)
   assert snapshot(wd) == before
+
+
+# Saves a 4 MB state into argv[1] with files limited to 64 KB (RLIMIT_FSIZE; SIGXFSZ ignored, so
+# a write past it fails with EFBIG, as one onto a full disk fails with ENOSPC) and prints the error.
+_LIMITED_SAVE = """
+import resource, signal, sys
+import numpy as np
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from farmer_jax.train.checkpoint import Checkpointer
+ck = Checkpointer(sys.argv[1])
+try:
+  ck.save(7, {"w": np.random.default_rng(0).random((1024, 1024), np.float32)}, {"step": 7})
+  ck.close()
+except OSError as e:
+  print("errno", e.errno, e)
+"""
+
+
+def test_failed_checkpoint_write_is_one_oserror_and_leaves_no_tmp(tmp_path):
+  """A write that fails in Orbax's background threads (here: past a file size limit) surfaces as
+  one OSError naming the checkpoints directory, the step and the cause; the step's half-written
+  ``*.orbax-checkpoint-tmp`` is removed."""
+  ckdir = tmp_path / "ck"
+  r = subprocess.run([sys.executable, "-c", _LIMITED_SAVE, str(ckdir)], capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"errno {errno.EFBIG} " in r.stdout, r.stdout + r.stderr[-3000:]
+  assert f"writing checkpoint step 7 to {ckdir} failed: File too large" in r.stdout
+  assert os.listdir(ckdir) == []
+
+
+def test_checkpoints_removed_during_a_save(tmp_path):
+  """`rm -rf checkpoints` while a save is in flight: one OSError (ENOENT) naming the directory,
+  and no half-written temporary directory is left."""
+  ckdir = tmp_path / "ck"
+  ck = Checkpointer(str(ckdir))
+  state = {f"w{i}": np.random.default_rng(i).random((2048, 2048), np.float32) for i in range(4)}
+  ck.save(1, state, {"step": 1})
+  ck.wait()
+  ck.save(2, state, {"step": 2})   # 64 MB: still being written when the directory goes
+  shutil.rmtree(ckdir, ignore_errors=True)   # rm -rf, racing Orbax's writers
+  with pytest.raises(OSError, match=f"checkpoint step 2 to {ckdir} failed: No such file or "
+                     "directory") as e:
+    ck.close()
+  assert e.value.errno == errno.ENOENT
+  assert not ckdir.exists() or not [n for n in os.listdir(ckdir) if "tmp" in n]
+
+
+def test_a_failed_save_is_reported_not_the_lock_it_leaves(monkeypatch):
+  """A checkpoint write failing because the workdir became unwritable also makes closing the run
+  fail (its lock file cannot be removed): the save's error is the one raised."""
+  from farmer_jax.train import trainer as trainer_lib
+  save_error = OSError(errno.EACCES, "writing checkpoint step 10 to /w/checkpoints failed")
+
+  class Run:
+    def __init__(self, *_, **__):
+      pass
+
+    def fit(self):
+      raise save_error
+
+    def close(self):
+      raise PermissionError(errno.EACCES, "Permission denied", "/w/.farmer_jax.lock")
+
+  monkeypatch.setattr(trainer_lib, "Trainer", Run)
+  with pytest.raises(OSError) as e:
+    trainer_lib.train_and_report(None, "/w")
+  assert e.value is save_error
+
+
+@pytest.mark.slow   # a training subprocess: ~30 s
+def test_train_whose_checkpoint_cannot_be_written_is_one_line(tmp_path):
+  """`farmer_jax train` whose checkpoint write fails in Orbax's threads (past a file size limit,
+  as on a full disk): ONE line naming the checkpoints directory and the cause, exit 2, no Orbax
+  tracebacks, no half-written ``*.orbax-checkpoint-tmp``."""
+  from test_export import _file_size_limit
+  wd = tmp_path / "run"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-m", "farmer_jax", "train",
+                      f"--config={root}/configs/quickstart.py:tiny", f"--workdir={wd}",
+                      "--config.train.steps=2", "--quiet"], capture_output=True, text=True,
+                     timeout=600, preexec_fn=_file_size_limit(64 << 10))
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"farmer_jax train: [Errno {errno.EFBIG}] writing checkpoint step 2 to "
+      f"{RunDir(wd).checkpoints} failed: File too large"), r.stderr[-3000:]
+  assert os.listdir(RunDir(wd).checkpoints) == []
+  assert not os.path.exists(RunDir(wd).lock)
+
+
+def test_checkpoints_removed_between_saves(tmp_path):
+  """`rm -rf checkpoints` under a running training: the next save stops with one OSError naming
+  the directory (instead of silently starting a new one without the run's older steps)."""
+  ckdir = tmp_path / "ck"
+  ck = Checkpointer(str(ckdir))
+  ck.save(1, {"w": np.ones(3, np.float32)}, {"step": 1})
+  ck.wait()
+  shutil.rmtree(ckdir)
+  with pytest.raises(OSError, match=f"writing checkpoint step 2 to {ckdir} failed: No such file "
+                     "or directory") as e:
+    ck.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})
+  assert e.value.errno == errno.ENOENT and not ckdir.exists()
+  ck.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"),
+                    reason="an unwritable directory for root: chattr +i (root only)")
+def test_checkpoints_directory_made_unwritable(tmp_path):
+  """A checkpoints directory that became unwritable under a running training: the next save stops
+  at once with one OSError naming the directory and the cause (Orbax itself would wait minutes for
+  its step directory, then raise a TimeoutError)."""
+  ckdir = tmp_path / "ck"
+  ck = Checkpointer(str(ckdir))
+  ck.save(1, {"w": np.ones(3, np.float32)}, {"step": 1})
+  ck.wait()
+  subprocess.run(["chattr", "+i", str(ckdir)], check=True)
+  try:
+    with pytest.raises(OSError, match=f"writing checkpoint step 2 to {ckdir} failed: Operation "
+                       "not permitted") as e:
+      ck.save(2, {"w": np.ones(3, np.float32)}, {"step": 2})
+    assert e.value.errno == errno.EPERM
+  finally:
+    subprocess.run(["chattr", "-i", str(ckdir)], check=True)
+  ck.close()
+  assert sorted(os.listdir(ckdir)) == ["1"]

@@ -1,6 +1,7 @@
 """Export (params only, atomic, refuses overwrite, bf16 cast) and the sample command's engine and
 CLI."""
 
+import errno
 import json
 import os
 import re
@@ -301,3 +302,31 @@ def test_failed_write_leaves_no_new_parent_folders(tmp_path, monkeypatch):
     export_lib.write_export(str(tmp_path / "keep" / "c" / "model"), params,
                             ml_collections.ConfigDict(), meta)
   assert os.listdir(tmp_path) == ["keep"] and os.listdir(tmp_path / "keep") == []
+
+
+def _file_size_limit(limit):
+  """preexec_fn: files of the child may not grow past ``limit`` bytes; SIGXFSZ ignored, so such a
+  write fails with EFBIG (as one onto a full disk fails with ENOSPC)."""
+  def apply():
+    import resource
+    import signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  return apply
+
+
+def test_export_whose_params_cannot_be_written_is_one_line(trained_run, tmp_path):
+  """Orbax failing to write the params (in its threads; here: past a file size limit) is ONE line
+  naming --out and the errno, exit 2, without Orbax's logged tracebacks; nothing is left."""
+  workdir, _, _ = trained_run
+  out = tmp_path / "exports" / "model"
+  r = subprocess.run([sys.executable, "-m", "farmer_jax", "export", f"--workdir={workdir}",
+                      f"--out={out}"], capture_output=True, text=True, timeout=300,
+                     preexec_fn=_file_size_limit(16 << 10))
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines() == [
+      f"farmer_jax export: --out={out}: writing the params failed: [Errno {errno.EFBIG}] File too "
+      "large; nothing was exported. Fix: raise the file size limit (ulimit -f), or choose another "
+      "--out"], r.stderr[-3000:]
+  assert not (tmp_path / "exports").exists()

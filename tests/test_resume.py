@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -158,3 +159,74 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path):
   assert "start-up" in (out + err)
   assert "Traceback" not in err
   assert not os.path.exists(RunDir(wd).checkpoints)
+
+
+def _sigterm_at(wd, when):
+  """Runs `farmer_jax train` (compilations logged) and sends SIGTERM ``when(seconds since the
+  handler went in, stderr lines so far)`` says True; returns (exit code, stdout, stderr)."""
+  env = dict(os.environ, JAX_LOG_COMPILES="1")
+  p = subprocess.Popen(_cmd(wd, steps=100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, env=env)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
+  reader.start()
+  t0 = time.time()
+  while not _sigterm_handler_installed(p.pid) and p.poll() is None and time.time() - t0 < 60:
+    time.sleep(0.01)
+  t_in = time.time()
+  while p.poll() is None and not when(time.time() - t_in, lines) and time.time() - t0 < 300:
+    time.sleep(0.01)
+  p.send_signal(signal.SIGTERM)
+  out = p.stdout.read()
+  p.wait(timeout=300)
+  reader.join(timeout=10)
+  return p.returncode, out, "".join(lines)
+
+
+def _assert_clean_preemption(wd, code, out, err, where):
+  assert code == 0, f"{where}: exit {code}\n{err[-3000:]}"
+  assert "Fatal Python error" not in err and "Traceback" not in err, where
+  assert "preempted" in out, f"{where}: no one-line message in {out!r}"
+  assert not os.path.exists(RunDir(wd).lock), f"{where}: the workdir lock is released"
+  if "during start-up" in out:
+    assert not os.path.exists(wd), f"{where}: nothing written during start-up"
+
+
+def test_sigterm_during_compilation_exits_0(tmp_path):
+  """SIGTERM while XLA compiles (the state's initialisation, on a thread of XLA's): exit 0 with
+  one line and nothing written. Interpreter shutdown while that thread still compiled was a
+  segfault (exit 139)."""
+  wd = str(tmp_path / "run")
+  lowered = []   # when the init function went to XLA's compiler (the line right before)
+
+  def compiling(t, lines):
+    if not lowered and any("MLIR module conversion jit(<lambda>)" in l for l in lines):
+      lowered.append(t)
+    return bool(lowered) and t > lowered[0] + 0.05
+
+  code, out, err = _sigterm_at(wd, compiling)
+  assert lowered, "SIGTERM during the compilation"
+  _assert_clean_preemption(wd, code, out, err, "during compilation")
+  assert "preempted during start-up" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.5, 1.5, 3.0, 5.0, 8.0, 12.0, "first steps"])
+def test_sigterm_at_any_moment_exits_0(tmp_path, delay):
+  """SIGTERM at delays (after the handler is in) spanning config, data, model, compilation and
+  the first steps (1 s after the train step's compilation): always exit 0 with the one-line
+  message, the lock released."""
+  wd = str(tmp_path / "run")
+  if delay == "first steps":
+    done = []
+
+    def when(t, lines):
+      if not done and any("Finished XLA compilation of jit(step)" in l for l in lines):
+        done.append(t)
+      return bool(done) and t > done[0] + 1.0
+  else:
+    when = lambda t, _: t >= delay
+  code, out, err = _sigterm_at(wd, when)
+  _assert_clean_preemption(wd, code, out, err, f"SIGTERM {delay} s after the handler went in")
+  if delay == "first steps":
+    assert "checkpoint saved" in out and _steps(wd), out

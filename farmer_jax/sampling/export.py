@@ -7,6 +7,7 @@ then only a previous export (and never a directory holding the source run, a fil
 else) is replaced.
 """
 
+import errno
 import json
 import os
 
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 from farmer_jax import runs, storage, untrusted
 from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
 from farmer_jax.errors import brief
-from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints
+from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
 
 FORMAT_VERSION = 1
 # the export.json marker: only a directory carrying it is ever replaced
@@ -218,11 +219,22 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
   file), which ``check_export_target`` never lets ``out`` delete."""
   with storage.staged_dir(out, lambda o: check_export_target(source, o, overwrite)) as tmp:
     new = runs.ExportDir(tmp)
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(new.params, params)
-      if student_params is not None:
-        ckptr.save(new.student, student_params)
-      ckptr.wait_until_finished()
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(new.params, params)
+        if student_params is not None:
+          ckptr.save(new.student, student_params)
+        ckptr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - a filesystem failure (ENOSPC, ...) is the user's
+      err = os_error_in(e)
+      if err is None:
+        raise
+      fix = {errno.ENOSPC: "free space on its filesystem", errno.EDQUOT: "free space on its "
+             "filesystem", errno.EFBIG: "raise the file size limit (ulimit -f)"}.get(
+                 err.errno, "check that its folder is writable")
+      raise ExportError(f"--out={out}: writing the params failed: [Errno {err.errno}] "
+                        f"{err.strerror}; nothing was exported. Fix: {fix}, or choose another "
+                        "--out") from e
     runs.write_saved_config(tmp, config)
     if latent_var is not None:
       np.save(new.latent_var, np.asarray(latent_var, np.float32))

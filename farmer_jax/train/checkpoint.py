@@ -15,8 +15,13 @@ retention. A ``read_only`` Checkpointer (export) skips and reports such steps an
 """
 
 import contextlib
+import errno
 import logging
 import numbers
+import os
+import re
+import tempfile
+import time
 
 import grain.checkpoint
 import jax
@@ -38,6 +43,32 @@ class UnreadableCheckpoints(ValueError):
         "different config (resume with the config that wrote them, or use a fresh --workdir) or "
         "are truncated/corrupt (nothing was moved; move them aside or use a fresh --workdir). "
         "Errors: " + " | ".join(errors))
+
+
+_WHY = {errno.ENOENT: " (was the directory removed while training?)",
+        errno.EACCES: " (is the directory writable?)", errno.EPERM: " (is the directory writable?)",
+        errno.EROFS: " (a read-only filesystem)"}
+# tensorstore (Orbax's array writer) names the OS error of a failed write in its message, or only
+# the status of it (e.g. a file it wrote is gone when it reads it back)
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+_STATUS_ERRNO = {"NOT_FOUND": errno.ENOENT, "PERMISSION_DENIED": errno.EACCES}
+
+
+def os_error_in(e):
+  """The OSError behind a failed Orbax write: one in ``e``'s chain of causes, or one that a
+  tensorstore error names (``[os_error_code=N]``, or a NOT_FOUND / PERMISSION_DENIED status);
+  None if there is none (then it is not the filesystem's doing)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno:
+      return e
+    m = _OS_ERROR_CODE.search(str(e))
+    code = int(m.group(1)) if m else _STATUS_ERRNO.get(str(e).split(":", 1)[0])
+    if code:
+      return OSError(code, os.strerror(code))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 @contextlib.contextmanager
@@ -73,6 +104,7 @@ class Checkpointer:
     self.keep, self.keep_period = int(keep), int(keep_period)
     self.read_only = read_only
     self._mngr = None
+    self._saving = None    # the step of the save in flight, if any
 
   def _manager(self, create):
     if self._mngr is None:
@@ -95,7 +127,70 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if data is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data)
-    self._manager(create=True).save(int(step), args=ocp.args.Composite(**items), force=True)
+    with self._writing():
+      mngr = self._manager(create=True)
+      mngr.wait_until_finished()   # a failure of the previous (async) save is reported as its own
+      self._saving = int(step)
+      # Orbax creates the step's directory in a thread of its own and a failure there ends in a
+      # timeout minutes later: a directory removed or made unwritable is reported now instead.
+      err = self._probe()
+      if err is not None:
+        raise err
+      mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A failed write (disk full, the directory removed or not writable) becomes one OSError
+    naming the directory, the step and the cause, and the step's half-written temporary directory
+    is removed; any other failure is a bug and propagates as it is."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - sorted just below
+      err = os_error_in(e) or self._probe()
+      if err is None:
+        raise
+      step, self._saving = self._saving, None
+      self._abandon()
+      if step is not None and jax.process_index() == 0:
+        self._remove_tmp(step)
+      what = f"writing checkpoint step {step}" if step is not None else "writing a checkpoint"
+      why = _WHY.get(err.errno, "")
+      raise OSError(err.errno, f"{what} to {self.directory} failed: {err.strerror}{why}") from e
+
+  def _probe(self):
+    """The OSError that creating a file in the (local) directory raises now; None if it works."""
+    if storage.is_url(self.directory):
+      return None
+    try:
+      fd, path = tempfile.mkstemp(prefix=".write-check-", dir=self.directory)
+    except OSError as e:
+      return e
+    os.close(fd)
+    with contextlib.suppress(OSError):
+      os.remove(path)
+    return None
+
+  def _remove_tmp(self, step):
+    """Removes what a failed save of ``step`` left (Orbax's ``<step>.orbax-checkpoint-tmp*``).
+    Writes that Orbax had handed to tensorstore still land after its manager is closed (creating
+    their folders again), so this repeats until the folder stays gone for 0.2 s (at most 3 s)."""
+    for _ in range(15):
+      found = False
+      with contextlib.suppress(OSError):   # best effort: the failure itself is what is reported
+        for name in storage.listdir(self.directory):
+          if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            found = True
+            storage.P(storage.join(self.directory, name)).rmtree()
+      if not found:
+        return
+      time.sleep(0.2)
+
+  def _abandon(self):
+    """Closes the manager after a failed write (which its close raises again: dropped)."""
+    mngr, self._mngr = self._mngr, None
+    if mngr is not None:
+      with contextlib.suppress(Exception):
+        mngr.close()
 
   def restore_data(self, step, holder):
     """Restores this process's saved iterator state of ``step`` into ``holder`` (an object with
@@ -111,12 +206,16 @@ class Checkpointer:
 
   def wait(self):
     if self._mngr is not None:
-      self._mngr.wait_until_finished()
+      with self._writing():
+        self._mngr.wait_until_finished()
+        self._saving = None
 
   def close(self):
     if self._mngr is not None:
-      self._mngr.wait_until_finished()
-      self._mngr.close()
+      with self._writing():
+        self._mngr.wait_until_finished()
+        self._saving = None
+        self._mngr.close()
       self._mngr = None
 
   def steps(self):

@@ -51,12 +51,21 @@ class Trainer:
     self.t = TrainConfig.from_config(config)
     # ---- one run per workdir: the lock is the first file written, before anything is built, so
     # a busy workdir is refused at once; then build and resume from its newest checkpoint ----
-    self._take_lock()
+    # A SIGTERM during the build ends the process at once, releasing this lock first (nothing
+    # else is written yet); from the restore on (it may move a bad checkpoint aside) it only sets
+    # stop: fit() stops before its first step and close() releases the lock (install_sigterm).
+    _STARTING.append(self)
     try:
+      self._take_lock()
       self._build(config, devices)
+      _ABANDONABLE.clear()
+      _STARTING.remove(self)
       self._restore()
     except BaseException:
-      self.close()
+      if self in _STARTING:
+        _STARTING.remove(self)
+      with contextlib.suppress(OSError):   # reported: the failure itself, not the close's
+        self.close()
       raise
     self.preempted = self.preempt_saved = False
     self._trace_from = None   # the first traced step while a profiler trace is open
@@ -165,6 +174,10 @@ class Trainer:
     this run created but never wrote to)."""
     if self.input is not None:
       self.input.close()
+    self.release_lock()
+
+  def release_lock(self):
+    """Releases the workdir lock and removes the directories it created, if still empty."""
     if self.lock is not None:
       self.lock.release()
       self.lock = None
@@ -374,33 +387,41 @@ class Trainer:
                    data=data_state)
 
 
-class Preempted(Exception):
-  """SIGTERM arrived before the training loop started (nothing to save)."""
+# Set while a SIGTERM may end `farmer_jax train`'s start-up at once (see install_sigterm).
+# Start-up, until the build is done: a SIGTERM may end the process at once (install_sigterm),
+# after releasing the workdir lock of the Trainer being built (the only file written so far).
+_ABANDONABLE = threading.Event()
+_STARTING = []
 
 
-_TRAINING_STARTED = threading.Event()
-
-
-def install_sigterm(stop: threading.Event, raise_until_training: bool = False):
+def install_sigterm(stop: threading.Event, abandon=None):
   """SIGTERM (preemption) sets ``stop``; the training loop saves at the next step boundary and
-  exits cleanly. With ``raise_until_training``, a SIGTERM during start-up (before the loop) raises
-  ``Preempted`` instead, so start-up (data loading, compilation, restore) is abandoned at once.
-  Returns a function restoring the previous handler."""
+  exits cleanly. With ``abandon`` (a function that ends the process), a SIGTERM while
+  ``_ABANDONABLE`` is set (start-up until the build is done: config, lock, data, model,
+  compilation; nothing but the lock is written yet) releases the lock and calls it instead. From
+  the restore on, start-up completes and fit() stops before its first step. Returns a function
+  restoring the previous handler.
+
+  The handler never raises: an exception from it can land inside a gc callback, where Python drops
+  it, and unwinding out of an XLA compilation leaves that compilation running on a thread of XLA's,
+  under which interpreter shutdown frees the XLA client (a segfault)."""
   if threading.current_thread() is not threading.main_thread():
     return lambda: None
 
   def handler(*_):
     stop.set()
-    if raise_until_training and not _TRAINING_STARTED.is_set():
-      raise Preempted()
+    if abandon is not None and _ABANDONABLE.is_set():
+      for tr in list(_STARTING):
+        tr.release_lock()
+      abandon()
 
   prev = signal.signal(signal.SIGTERM, handler)
   return lambda: signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
 
 
-def train_and_report(config, workdir, quiet=False, config_change_ok=False):
+def train_and_report(config, workdir, quiet=False, config_change_ok=False, abandon=None):
   """The `farmer_jax train` command: train, then report (train/report.py: test bits/dim,
-  samples.png, summary.json); returns (summary dict, trainer).
+  samples.png, summary.json); returns (summary dict, trainer). ``abandon``: see install_sigterm.
 
   The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd``
   with the true labels, -log p(x|y), and ``test_bpd_uncond`` with the null label, -log p(x|null)
@@ -409,22 +430,29 @@ def train_and_report(config, workdir, quiet=False, config_change_ok=False):
   """
   t0 = time.time()
   stop = threading.Event()
-  restore = install_sigterm(stop, raise_until_training=True)
+  _ABANDONABLE.set()      # until Trainer has built everything (see install_sigterm)
+  restore = install_sigterm(stop, abandon)
   tr = None
   try:
     tr = Trainer(config, workdir, quiet=quiet, config_change_ok=config_change_ok, stop=stop)
-    _TRAINING_STARTED.set()
     history = tr.fit()
     train_s = time.time() - t0
     if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, no sampling
       return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
     summary = write_report(tr, history, train_s, t0)
-  except Preempted:    # SIGTERM during start-up: nothing to save
-    steps = int(tr.state["step"]) if tr is not None else 0
-    return {"steps": steps, "preempted": True, "saved": False}, tr
+  except BaseException:
+    # The failure raised here is the one to report, not a failure to close that it caused (a lock
+    # file in a workdir that became unwritable).
+    closing, tr = tr, None
+    if closing is not None:
+      with contextlib.suppress(OSError):
+        closing.close()
+    raise
   finally:
-    _TRAINING_STARTED.clear()
-    restore()
-    if tr is not None:
-      tr.close()
+    _ABANDONABLE.clear()
+    try:
+      if tr is not None:
+        tr.close()
+    finally:   # after close: the previous handler (the command's) may end the process at once
+      restore()
   return summary, tr
