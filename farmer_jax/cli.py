@@ -659,8 +659,8 @@ def _preempted_during_startup(*_):
   """SIGTERM before training: one line, then exit 0 at once, without interpreter shutdown (which
   would free the XLA client under a compilation still running on a thread of XLA's: a segfault).
   Called from a signal handler: the line is written to fd 1 directly, as the interrupted code may
-  be inside a print. Nothing has been written: this runs before the workdir lock is taken (or
-  after it is released)."""
+  be inside a print. Nothing but the workdir lock has been written, and the trainer releases it
+  before this runs (train/trainer.py install_sigterm)."""
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
