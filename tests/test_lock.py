@@ -39,6 +39,17 @@ def _wait_for(cond, timeout=20.0):
   return False
 
 
+def _overwritten(path, theirs, lk):
+  """Writes another run's lock over ``lk``'s (whole, as a run writes it) until ``lk``'s heartbeat
+  notices: a plain write, unlike a takeover's swap, can land inside a heartbeat's check-then-write
+  and be overwritten, so it is repeated."""
+  for _ in range(10):
+    storage.write_text(path, theirs)
+    if _wait_for(lambda: lk.lost is not None, timeout=2.0):
+      return True
+  return False
+
+
 def test_heartbeat_survives_transient_write_errors(tmp_path, monkeypatch):
   """A failed heartbeat write (full disk, NFS hiccup) is retried: beats resume afterwards and the
   run keeps its lock."""
@@ -84,8 +95,7 @@ def test_heartbeat_gives_up_while_the_lock_is_still_ours(tmp_path, monkeypatch):
 def test_a_lock_taken_by_another_run_is_noticed_and_left_to_it(tmp_path):
   lk = WorkdirLock(str(tmp_path), heartbeat=0.05, say=QUIET).acquire()
   theirs = _holder()
-  storage.write_text(tmp_path / LOCK, theirs)   # whole, as a run writes it
-  assert _wait_for(lambda: lk.lost is not None), "the heartbeat did not notice the takeover"
+  assert _overwritten(tmp_path / LOCK, theirs, lk), "the heartbeat did not notice the takeover"
   assert lk.lost.taken and "pid 4242 on host elsewhere" in str(lk.lost)
   lk.release()
   assert (tmp_path / LOCK).read_text() == theirs, "the new holder's lock must stay"
@@ -311,8 +321,7 @@ def test_training_stops_without_writing_when_another_run_took_its_lock(tiny_run)
   c, workdir = tiny_run
   tr = Trainer(c, str(workdir), quiet=True)
   theirs = _holder()
-  storage.write_text(workdir / LOCK, theirs)
-  assert _wait_for(lambda: tr.lock.lost is not None)
+  assert _overwritten(workdir / LOCK, theirs, tr.lock)
   with pytest.raises(WorkdirLockLost, match="at step 1: another training run took over .*pid "
                      "4242 on host elsewhere.* stopped without saving"):
     tr.fit()
