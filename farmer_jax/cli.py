@@ -203,10 +203,14 @@ def _distill(argv):
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
   from farmer_jax.distill.trainer import distill_and_report
   summary, _ = distill_and_report(FLAGS.config, FLAGS.workdir, FLAGS.teacher, quiet=FLAGS.quiet,
-                                  config_change_ok=FLAGS.config_change_ok)
-  if summary.get("preempted"):
-    print(f"preempted at step {summary['steps']}; re-run the same command to resume")
+                                  config_change_ok=FLAGS.config_change_ok,
+                                  abandon=_preempted_during_startup)
+  if summary.get("preempted") and summary.get("saved"):
+    print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to "
+          "resume")
     return
+  if summary.get("preempted"):
+    _preempted_during_startup()
   print(f"student reconstruction error (relative MSE): {summary['recon_rel_mse_student']:.4g} "
         f"(undistilled copy: {summary['recon_rel_mse_copy']:.4g})")
 
@@ -697,7 +701,7 @@ def run(argv=None):
   except ValueError as e:
     print(f"farmer_jax {cmd}: {e}", file=sys.stderr)
     sys.exit(2)
-  if cmd == "train":
+  if cmd in ("train", "distill"):
     _early_sigterm()
   prog_argv = [f"farmer_jax {cmd}"] + argv[2:]
   sys.argv = prog_argv  # config_flags reads the --config.x.y overrides from sys.argv

@@ -161,12 +161,13 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path):
   assert not os.path.exists(RunDir(wd).checkpoints)
 
 
-def _sigterm_at(wd, when):
-  """Runs `farmer_jax train` (compilations logged) and sends SIGTERM ``when(seconds since the
-  handler went in, stderr lines so far)`` says True; returns (exit code, stdout, stderr)."""
+def _sigterm_at(wd, when, cmd=None):
+  """Runs ``cmd`` (default: a long `farmer_jax train`; compilations logged) and sends SIGTERM
+  ``when(seconds since the handler went in, stderr lines so far)`` says True; returns (exit code,
+  stdout, stderr)."""
   env = dict(os.environ, JAX_LOG_COMPILES="1")
-  p = subprocess.Popen(_cmd(wd, steps=100_000), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, env=env)
+  p = subprocess.Popen(cmd or _cmd(wd, steps=100_000), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env=env)
   lines = []
   reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
   reader.start()
@@ -229,4 +230,35 @@ def test_sigterm_at_any_moment_exits_0(tmp_path, delay):
   code, out, err = _sigterm_at(wd, when)
   _assert_clean_preemption(wd, code, out, err, f"SIGTERM {delay} s after the handler went in")
   if delay == "first steps":
+    assert "checkpoint saved" in out and _steps(wd), out
+
+
+def _distill_cmd(teacher, workdir):
+  return [sys.executable, "-m", "farmer_jax", "distill",
+          f"--config={ROOT}/configs/quickstart.py:tiny,distill=1", f"--teacher={teacher}",
+          f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.log_every=10",
+          "--quiet"]
+
+
+@pytest.mark.parametrize("when", ["compilation", pytest.param("first steps", marks=pytest.mark.slow)])
+def test_distill_sigterm_exits_0(trained_run, tmp_path, when):
+  """`farmer_jax distill` keeps the same contract as train: SIGTERM during start-up (here while
+  the student's state compiles) exits 0 with one line and nothing written; during training it
+  saves a checkpoint and exits 0."""
+  wd = str(tmp_path / "student")
+  seen = []
+  name = "jit(<lambda>)" if when == "compilation" else "jit(step)"
+
+  def at(t, lines):
+    if not seen and any((f"MLIR module conversion {name}" if when == "compilation"
+                         else f"Finished XLA compilation of {name}") in l for l in lines):
+      seen.append(t)
+    return bool(seen) and t > seen[0] + (0.05 if when == "compilation" else 1.0)
+
+  code, out, err = _sigterm_at(wd, at, _distill_cmd(trained_run[0], wd))
+  assert seen, f"SIGTERM during {when}"
+  _assert_clean_preemption(wd, code, out, err, f"distill, {when}")
+  if when == "compilation":
+    assert "preempted during start-up" in out
+  else:
     assert "checkpoint saved" in out and _steps(wd), out

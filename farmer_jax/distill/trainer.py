@@ -22,7 +22,7 @@ from farmer_jax.distill.student import (MAX_NOISE, distill_loss, init_student, m
 from farmer_jax.model import flow_label
 from farmer_jax.train.state import new_state, state_shardings
 from farmer_jax.train.step import make_guarded_step
-from farmer_jax.train.trainer import Trainer
+from farmer_jax.train.trainer import Trainer, closing, preemptible
 
 
 def load_teacher(path, say=print):
@@ -147,30 +147,37 @@ def reconstruction_error(tr, student_params):
   return num / den
 
 
-def distill_and_report(config, workdir, teacher, quiet=False, config_change_ok=False):
+def distill_and_report(config, workdir, teacher, quiet=False, config_change_ok=False,
+                       abandon=None):
   """The `farmer_jax distill` command: Algorithm 2, then summary.json with the student's and the
-  undistilled copy's reconstruction errors on the eval split. Returns (summary, trainer)."""
+  undistilled copy's reconstruction errors on the eval split. Returns (summary, trainer).
+  ``abandon``: what a SIGTERM during start-up calls (train/trainer.py install_sigterm)."""
   t0 = time.time()
-  tr = DistillTrainer(config, workdir, teacher, quiet=quiet, config_change_ok=config_change_ok)
-  try:
-    history = tr.fit()
-    if tr.preempted:
-      return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
-    with tr.mesh_context():
-      student = reconstruction_error(tr, tr.eval_params())   # what `export --student` takes
-      copy = reconstruction_error(tr, init_student(tr.teacher))
-    summary = {"steps": int(tr.state["step"]), "teacher": teacher,
-               "final_loss": history[-1]["loss"] if history else None,
-               "final_block_losses": {k: v for k, v in (history[-1] if history else {}).items()
-                                      if k.startswith("block_")},
-               "recon_rel_mse_student": student, "recon_rel_mse_copy": copy,
-               "student_noise_max": MAX_NOISE, "total_seconds": time.time() - t0}
-    if jax.process_index() == 0:
-      storage.write_text(tr.rundir.summary, json.dumps(summary, indent=2))
-    split = EvalConfig.from_config(tr.config).split
-    tr.log(f"student reconstruction error (relative MSE on {split}): {student:.3g} (the "
-           f"undistilled copy: {copy:.3g})")
-  finally:
-    tr.close()
+  with preemptible(abandon) as stop:
+    tr = DistillTrainer(config, workdir, teacher, quiet=quiet, config_change_ok=config_change_ok,
+                        stop=stop)
+    with closing(tr):
+      return _distill(tr, teacher, t0)
+
+
+def _distill(tr, teacher, t0):
+  """Algorithm 2 on a built DistillTrainer, then the report (see distill_and_report)."""
+  history = tr.fit()
+  if tr.preempted:
+    return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
+  with tr.mesh_context():
+    student = reconstruction_error(tr, tr.eval_params())   # what `export --student` takes
+    copy = reconstruction_error(tr, init_student(tr.teacher))
+  summary = {"steps": int(tr.state["step"]), "teacher": teacher,
+             "final_loss": history[-1]["loss"] if history else None,
+             "final_block_losses": {k: v for k, v in (history[-1] if history else {}).items()
+                                    if k.startswith("block_")},
+             "recon_rel_mse_student": student, "recon_rel_mse_copy": copy,
+             "student_noise_max": MAX_NOISE, "total_seconds": time.time() - t0}
+  if jax.process_index() == 0:
+    storage.write_text(tr.rundir.summary, json.dumps(summary, indent=2))
+  split = EvalConfig.from_config(tr.config).split
+  tr.log(f"student reconstruction error (relative MSE on {split}): {student:.3g} (the "
+         f"undistilled copy: {copy:.3g})")
   return summary, tr
 

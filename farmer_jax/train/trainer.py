@@ -429,30 +429,39 @@ def train_and_report(config, workdir, quiet=False, config_change_ok=False, aband
   (``class_conditional`` False).
   """
   t0 = time.time()
-  stop = threading.Event()
-  _ABANDONABLE.set()      # until Trainer has built everything (see install_sigterm)
-  restore = install_sigterm(stop, abandon)
-  tr = None
-  try:
+  with preemptible(abandon) as stop:
     tr = Trainer(config, workdir, quiet=quiet, config_change_ok=config_change_ok, stop=stop)
-    history = tr.fit()
-    train_s = time.time() - t0
-    if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, no sampling
-      return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
-    summary = write_report(tr, history, train_s, t0)
-  except BaseException:
-    # The failure raised here is the one to report, not a failure to close that it caused (a lock
-    # file in a workdir that became unwritable).
-    closing, tr = tr, None
-    if closing is not None:
-      with contextlib.suppress(OSError):
-        closing.close()
-    raise
+    with closing(tr):
+      history = tr.fit()
+      train_s = time.time() - t0
+      if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, sampling
+        return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
+      summary = write_report(tr, history, train_s, t0)
+  return summary, tr
+
+
+@contextlib.contextmanager
+def preemptible(abandon=None):
+  """A command's SIGTERM handling (install_sigterm) for its whole run; yields the stop Event its
+  Trainer takes. Start-up is abandonable until the Trainer is built."""
+  stop = threading.Event()
+  _ABANDONABLE.set()
+  restore = install_sigterm(stop, abandon)
+  try:
+    yield stop
   finally:
     _ABANDONABLE.clear()
-    try:
-      if tr is not None:
-        tr.close()
-    finally:   # after close: the previous handler (the command's) may end the process at once
-      restore()
-  return summary, tr
+    restore()   # after the Trainer's close: the previous handler may end the process at once
+
+
+@contextlib.contextmanager
+def closing(tr):
+  """Closes ``tr`` after the block; when the block failed, that failure is the one reported, not
+  a failure to close that it caused (a lock file in a workdir that became unwritable)."""
+  try:
+    yield tr
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tr.close()
+    raise
+  tr.close()
