@@ -8,6 +8,7 @@ and no append: a whole-object write is atomic (a reader sees the old or the new 
 """
 
 import contextlib
+import errno
 import os
 import posixpath
 import secrets
@@ -111,6 +112,24 @@ def atomic_file(path, mode="wb", sync=True):
     _fsync_dir(directory)
 
 
+def _fsync_tree(root):
+  """fsyncs every file and folder under ``root`` (what a rename then publishes is on disk)."""
+  for d, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(d, name)
+      if os.path.islink(path):
+        continue
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):   # a file system without fsync
+          raise
+      finally:
+        os.close(fd)
+    _fsync_dir(d)
+
+
 def _fsync_dir(directory):
   """Makes a rename in ``directory`` durable (where the platform can open a directory)."""
   try:
@@ -181,20 +200,23 @@ def staged_dir(out, may_replace):
     created, up = up, os.path.dirname(up)
   os.makedirs(parent, exist_ok=True)
   tag = secrets.token_hex(6)
-  tmp, aside = os.path.join(parent, f".{name}.tmp-{tag}"), None
+  tmp, aside, done = os.path.join(parent, f".{name}.tmp-{tag}"), None, False
   try:
     os.mkdir(tmp)
     yield tmp
+    _fsync_tree(tmp)   # the new directory is durable before the old one can go
     if os.path.lexists(out):
       may_replace(out)
       aside = os.path.join(parent, f".{name}.old-{tag}")
       os.rename(out, aside)
     os.rename(tmp, out)
+    done = True
+    _fsync_dir(parent)
   finally:
     if aside is not None and os.path.lexists(aside):
-      if os.path.lexists(out):
+      if done:
         shutil.rmtree(aside, ignore_errors=True)   # the new directory is in place
-      else:
+      elif not os.path.lexists(out):
         os.rename(aside, out)                      # interrupted between the renames: put it back
     if os.path.lexists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)

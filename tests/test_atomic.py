@@ -107,3 +107,18 @@ def test_staged_dir_replaces_only_when_complete_and_allowed(tmp_path, monkeypatc
   assert (out / "f").read_text() == "one" and _names(out.parent) == ["out"]
   _replace(out, write("two"))
   assert (out / "f").read_text() == "two" and _names(out.parent) == ["out"]
+  # something recreated `out` between the two renames: the old directory is kept aside, not lost
+
+  def racing(a, b):
+    if ".tmp-" in os.path.basename(a):
+      os.mkdir(b)
+      (out / "g").write_text("theirs")
+    real_rename(a, b)
+
+  monkeypatch.setattr(os, "rename", racing)
+  with pytest.raises(OSError):
+    _replace(out, write("three"))
+  monkeypatch.setattr(os, "rename", real_rename)
+  assert (out / "g").read_text() == "theirs"
+  (aside,) = [n for n in _names(out.parent) if n != "out"]
+  assert (out.parent / aside / "f").read_text() == "two"

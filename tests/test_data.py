@@ -231,6 +231,21 @@ def test_prepare_overwrite_replaces_only_a_prepared_dataset(tmp_path, monkeypatc
     prepare(ok, say=lambda _: None)
   assert os.listdir(foreign) == ["keep.txt"]
   assert sorted(os.listdir(tmp_path / "out")) == ["ds"]   # no temporary left
+  # without --overwrite, a dataset that appears at the target during the build is not replaced
+  import shutil
+  shutil.rmtree(foreign)
+  other = prepare(dataclasses.replace(ok, data_dir=str(tmp_path / "other")), say=lambda _: None)
+  before = _pngs(src)
+
+  def appearing(*a, **k):
+    if not foreign.exists():
+      shutil.copytree(os.path.dirname(other["path"]), foreign)
+    return real_encode(*a, **k)
+
+  monkeypatch.setattr(preprocess, "encode", appearing)
+  with pytest.raises(PrepareError, match=r"appeared while the dataset was built"):
+    prepare(dataclasses.replace(ok, overwrite=False), say=lambda _: None)
+  assert os.listdir(foreign) == ["1.0.0"] and _pngs(src) == before
 
 
 def _h(batch):

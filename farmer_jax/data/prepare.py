@@ -133,6 +133,15 @@ def is_prepared_dir(path):
   return isinstance(report, dict) and report.get("kind") == DATASET_KIND
 
 
+def _may_replace(o, target):
+  """The check right before the new dataset is swapped in: the target may have appeared or
+  changed while it was built."""
+  if not o.overwrite:
+    raise PrepareError(f"{target} appeared while the dataset was built; nothing was changed. "
+                       "Fix: pass --overwrite to replace it, or choose another --name/--data_dir")
+  check_replaceable(o, target)
+
+
 def check_replaceable(o, target):
   """Refuses to replace ``target`` unless it is a dataset prepare wrote and holds no source
   folder (checked up front and again right before the replacement)."""
@@ -284,7 +293,7 @@ def prepare(o: Options, say=print):
     if o.workers:
       pool = futures.ProcessPoolExecutor(o.workers,
                                          mp_context=multiprocessing.get_context("spawn"))
-    with storage.staged_dir(target, lambda t: check_replaceable(o, t)) as tmp:
+    with storage.staged_dir(target, lambda t: _may_replace(o, t)) as tmp:
       build = os.path.join(tmp, ".build")   # tfds writes DATA_DIR/NAME/VERSION
       with tqdm(total=len(files), desc="prepare", unit="img", file=sys.stderr,
                 dynamic_ncols=True) as bar:

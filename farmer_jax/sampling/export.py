@@ -317,7 +317,8 @@ def _read_meta(model_dir):
   if not isinstance(meta, dict):
     raise ExportError(f"{path}: holds a JSON {type(meta).__name__}, not an object. Fix: re-run "
                       "`farmer_jax export`")
-  if meta.get("format_version") != FORMAT_VERSION:
+  version = meta.get("format_version")
+  if isinstance(version, bool) or version != FORMAT_VERSION:
     raise ExportError(f"{path}: export format {str(meta.get('format_version'))[:40]!r} is not "
                       f"{FORMAT_VERSION}. Fix: re-run `farmer_jax export` with this version")
   if "kind" in meta and meta["kind"] != EXPORT_KIND:

@@ -89,7 +89,7 @@ def _rows(path):
     except UnicodeDecodeError:
       yield n, None, "not UTF-8"
       continue
-    except ValueError:
+    except (ValueError, RecursionError):
       yield n, None, "not JSON"
       continue
     if not isinstance(row, dict):
