@@ -54,15 +54,15 @@ def test_heartbeat_survives_transient_write_errors(tmp_path, monkeypatch):
   """A failed heartbeat write (full disk, NFS hiccup) is retried: beats resume afterwards and the
   run keeps its lock."""
   lk = WorkdirLock(str(tmp_path), heartbeat=0.05, say=QUIET).acquire()
-  write, fails = storage.write_text, [3]
+  link, fails = os.link, [3]
 
-  def flaky(path, text):
-    if os.fspath(path) == lk.path and fails[0]:
+  def flaky(src, dst, **kw):   # the heartbeat's new version is linked into place
+    if os.fspath(dst) == lk.path and fails[0]:
       fails[0] -= 1
-      raise OSError(errno.ENOSPC, "No space left on device", path)
-    write(path, text)
+      raise OSError(errno.ENOSPC, "No space left on device", dst)
+    link(src, dst, **kw)
 
-  monkeypatch.setattr(storage, "write_text", flaky)
+  monkeypatch.setattr(os, "link", flaky)
   beat = lambda: json.loads((tmp_path / LOCK).read_text())["beat"]  # noqa: E731
   assert _wait_for(lambda: not fails[0]), "the heartbeat stopped trying"
   after_failures = time.time()
@@ -76,18 +76,19 @@ def test_heartbeat_gives_up_while_the_lock_is_still_ours(tmp_path, monkeypatch):
   """Writes failing for longer than ``stale_after / 2`` mark the lock lost but not taken (the run
   saves and stops); release still removes it."""
   lk = WorkdirLock(str(tmp_path), heartbeat=0.05, stale_after=0.5, say=QUIET).acquire()
-  write = storage.write_text
+  link = os.link
 
-  def broken(path, text):
-    if os.fspath(path) == lk.path:
-      raise OSError(errno.EIO, "Input/output error", path)
-    write(path, text)
+  def broken(src, dst, **kw):
+    if os.fspath(dst) == lk.path:
+      raise OSError(errno.EIO, "Input/output error", dst)
+    link(src, dst, **kw)
 
-  monkeypatch.setattr(storage, "write_text", broken)
+  monkeypatch.setattr(os, "link", broken)
   assert _wait_for(lambda: lk.lost is not None)
   assert not lk.lost.taken
   assert "could not be refreshed" in str(lk.lost) and "Input/output error" in str(lk.lost)
-  monkeypatch.setattr(storage, "write_text", write)
+  assert (tmp_path / LOCK).exists(), "a failed heartbeat leaves the previous version in place"
+  monkeypatch.setattr(os, "link", link)
   lk.release()
   assert not (tmp_path / LOCK).exists()
 
@@ -99,6 +100,31 @@ def test_a_lock_taken_by_another_run_is_noticed_and_left_to_it(tmp_path):
   assert lk.lost.taken and "pid 4242 on host elsewhere" in str(lk.lost)
   lk.release()
   assert (tmp_path / LOCK).read_text() == theirs, "the new holder's lock must stay"
+
+
+def test_a_takeover_between_a_heartbeats_check_and_write_is_not_undone(tmp_path):
+  """Another run swapping its lock in while a heartbeat has read (its own) version but not yet
+  written: the heartbeat must not overwrite it (a check then a plain replace did, and the run that
+  took over trained on believing it held the lock), it must see the loss."""
+  lk = WorkdirLock(str(tmp_path), heartbeat=3600, say=QUIET).acquire()
+  other = WorkdirLock(str(tmp_path), heartbeat=3600, say=QUIET)   # same pid: takes over at once
+  real_read, done = lk._file.read, []
+
+  def read():
+    seen = real_read()
+    if not done:
+      done.append(other.acquire())
+    return seen
+
+  lk._file.read = read
+  with pytest.raises(WorkdirLockLost, match="another training run took over"):
+    lk._refresh()
+  assert json.loads((tmp_path / LOCK).read_text())["token"] == other.me["token"]
+  lk.lost = WorkdirLockLost("taken", taken=True)
+  lk.release()
+  assert json.loads((tmp_path / LOCK).read_text())["token"] == other.me["token"]
+  other.release()
+  assert not (tmp_path / LOCK).exists()
 
 
 def _race_child(workdir, rounds, start, judged, results):
@@ -224,7 +250,10 @@ def test_a_new_process_of_the_same_run_takes_over_at_once(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("text", ["not json", "", "[1, 2]", '{"host": "h"}',
                                   '{"pid": 0, "host": "h"}', '{"pid": "12", "host": "h"}',
-                                  '{"pid": 12}', '{"pid": 12, "host": "h", "beat": "soon"}'])
+                                  '{"pid": 12}', '{"pid": 12, "host": "h", "beat": "soon"}',
+                                  '{"pid": 12, "host": "h", "beat": NaN}',
+                                  '{"pid": 99999999999999999999, "host": "h"}',
+                                  pytest.param("[" * 100000 + "]" * 100000, id="deep")])
 def test_a_malformed_lock_file_is_a_clear_error(tmp_path, text):
   (tmp_path / LOCK).write_text(text)
   with pytest.raises(WorkdirBusyError) as e:

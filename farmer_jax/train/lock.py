@@ -31,6 +31,7 @@ other run may judge it stale before ``stale_after``: save, then stop).
 
 import errno
 import json
+import math
 import os
 import socket
 import threading
@@ -143,10 +144,14 @@ class _LocalFile:
     """create() where the file system has no hard links (e.g. gcsfuse): O_EXCL, then one write
     (a reader that finds the file still empty waits, see read)."""
     fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      st = os.fstat(f.fileno())
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        st = os.fstat(f.fileno())
+    except BaseException:
+      storage.remove(self.path)   # an empty lock file would read as a malformed one for ever
+      raise
     return (st.st_dev, st.st_ino, text)
 
   def swap(self, text, seen):
@@ -160,11 +165,16 @@ class _LocalFile:
     if got is None or got.version != seen.version:
       self._put_back(aside)       # not the version judged stale
       raise _Changed()
-    storage.remove(aside)
     try:
-      return self.create(text)
+      version = self.create(text)
     except FileExistsError:       # another run created one while the name was free
+      storage.remove(aside)
       raise _Changed() from None
+    except BaseException:         # the write failed (disk full, ...): the old version goes back
+      self._put_back(aside)
+      raise
+    storage.remove(aside)
+    return version
 
   def _put_back(self, aside):
     """Moves a file renamed aside back into place, unless a new lock was created meanwhile."""
@@ -172,29 +182,32 @@ class _LocalFile:
       os.link(aside, self.path)
     except FileExistsError:
       pass
-    except OSError as e:
-      if e.errno not in _NO_HARD_LINKS:
-        raise
+    except OSError:               # no hard links here, or the link itself failed (disk full)
       if not os.path.exists(self.path):
         os.rename(aside, self.path)
     storage.remove(aside)
 
   def update(self, text, version):
-    """Rewrites the file if it is still ``version`` (a heartbeat: only a run that judged this lock
-    stale replaces it, so a check then an atomic replace suffices); _Changed otherwise."""
+    """Replaces the file by ``text`` if it is still ``version`` (a heartbeat), as swap does: a
+    check then a plain replace could overwrite a lock another run swapped in between the two;
+    _Changed otherwise."""
     cur = self.read()
     if cur is None or cur.version != version:
       raise _Changed()
-    storage.write_text(self.path, text)
-    back = self.read()
-    if back is None or back.text != text:
-      raise _Changed()
-    return back.version
+    return self.swap(text, cur)
 
   def remove(self, version):
-    cur = self.read()
-    if cur is not None and cur.version == version:
-      storage.remove(self.path)
+    """Removes the file if it is still ``version`` (renamed aside first, then compared)."""
+    aside = self._aside("released")
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return
+    got = _LocalFile(aside).read()
+    if got is not None and got.version == version:
+      storage.remove(aside)
+    else:
+      self._put_back(aside)
 
 
 def _gcs_client():
@@ -313,11 +326,12 @@ class WorkdirLock:
     """The holder's fields; WorkdirBusyError naming the file if it is not a lock."""
     try:
       info = json.loads(seen.text)
-    except ValueError:
+    except (ValueError, RecursionError):
       info = None
-    ok = (isinstance(info, dict) and type(info.get("pid")) is int and info["pid"] > 0
+    ok = (isinstance(info, dict) and type(info.get("pid")) is int and 0 < info["pid"] < 2**31
           and isinstance(info.get("host"), str) and info["host"]
-          and (info.get("beat") is None or type(info["beat"]) in (int, float)))
+          and (info.get("beat") is None
+               or (type(info["beat"]) in (int, float) and math.isfinite(info["beat"]))))
     if not ok:
       text = seen.text if len(seen.text) <= 80 else seen.text[:77] + "..."
       raise WorkdirBusyError(
@@ -385,6 +399,7 @@ class WorkdirLock:
         self._version = self._file.swap(self._text(), seen)
       except _Changed:              # another run changed it first: judge the new version
         continue
+      self.held = True
       if why:
         self.say(f"took over the workdir lock {self.path}: {why}")
       break
@@ -392,7 +407,7 @@ class WorkdirLock:
       raise WorkdirBusyError(f"could not take the workdir lock {self.path}: other runs keep "
                              "changing it. Fix: make sure one training uses "
                              f"{self.workdir} at a time, then re-run")
-    self.held = True
+    self.held = True   # (at once: a start-up SIGTERM's release must see it)
     self._last_ok = time.monotonic()
     self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
     self._thread.start()
@@ -459,6 +474,14 @@ class WorkdirLock:
             return
           wait, backoff = min(backoff, self.heartbeat), backoff * 2
           continue
+        except Exception as e:  # noqa: BLE001 - a heartbeat that cannot run must not die silently
+          self.lost = WorkdirLockLost(
+              f"the workdir lock {self.path} could not be refreshed ({type(e).__name__}: "
+              f"{str(e)[:120]}): this run saved a checkpoint and stopped rather than train on "
+              f"without proving it owns {self.workdir}. Fix: re-run the same command to resume "
+              "(--debug shows where it failed)", taken=False)
+          self.lost.__cause__ = e
+          return
         self._last_ok = time.monotonic()
         wait, backoff = self.heartbeat, 1.0
 

@@ -62,10 +62,10 @@ class Trainer:
       _STARTING.remove(self)
       self._restore()
     except BaseException:
-      if self in _STARTING:
-        _STARTING.remove(self)
       with contextlib.suppress(OSError):   # reported: the failure itself, not the close's
         self.close()
+      if self in _STARTING:
+        _STARTING.remove(self)
       raise
     self.preempted = self.preempt_saved = False
     self._trace_from = None   # the first traced step while a profiler trace is open
@@ -156,16 +156,20 @@ class Trainer:
       while not storage.is_url(d) and not os.path.exists(d):
         created.append(d)
         d = os.path.dirname(os.path.abspath(d))
+      self._created_dirs = created
+      self.lock = WorkdirLock(self.workdir, say=self.log)   # seen by a start-up SIGTERM
       try:
-        self.lock = WorkdirLock(self.workdir, say=self.log).acquire()
-        self._created_dirs = created
-      except WorkdirBusyError as e:
+        self.lock.acquire()
+      except Exception as e:  # noqa: BLE001 - every process learns the outcome before one raises
+        with contextlib.suppress(Exception):
+          self.lock.release()          # a no-op unless it failed after taking the lock
+        self.lock = None
         error = e
     if jax.process_count() > 1:
       busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
       if int(busy) and error is None:
-        raise WorkdirBusyError(f"{self.workdir} is in use by another training run (process 0 "
-                               "could not take its lock; its message has the holder)")
+        raise WorkdirBusyError(f"process 0 could not take the workdir lock of {self.workdir} "
+                               "(its message says why: another run, or the storage)")
     if error is not None:
       raise error
 
@@ -181,11 +185,12 @@ class Trainer:
     if self.lock is not None:
       self.lock.release()
       self.lock = None
-      for d in self._created_dirs:        # deepest first; rmdir only succeeds if empty
-        try:
-          os.rmdir(d)
-        except OSError:
-          break
+    for d in self._created_dirs:        # deepest first; rmdir only succeeds if empty
+      try:
+        os.rmdir(d)
+      except OSError:
+        break
+    self._created_dirs = []
 
   def _restore(self):
     t = self.t
@@ -411,9 +416,14 @@ def install_sigterm(stop: threading.Event, abandon=None):
   def handler(*_):
     stop.set()
     if abandon is not None and _ABANDONABLE.is_set():
-      for tr in list(_STARTING):
-        tr.release_lock()
-      abandon()
+      _ABANDONABLE.clear()   # once: a second SIGTERM while this one releases only sets stop
+      try:
+        for tr in list(_STARTING):
+          tr.release_lock()
+      except BaseException:  # noqa: BLE001 - best effort: a lock left behind goes stale
+        pass
+      finally:
+        abandon()
 
   prev = signal.signal(signal.SIGTERM, handler)
   return lambda: signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
