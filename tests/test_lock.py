@@ -351,11 +351,12 @@ def test_training_stops_without_writing_when_another_run_took_its_lock(tiny_run)
   tr = Trainer(c, str(workdir), quiet=True)
   theirs = _holder()
   assert _overwritten(workdir / LOCK, theirs, tr.lock)
-  with pytest.raises(WorkdirLockLost, match="at step 1: another training run took over .*pid "
+  with pytest.raises(WorkdirLockLost, match="at step 0: another training run took over .*pid "
                      "4242 on host elsewhere.* stopped without saving"):
-    tr.fit()
+    tr.fit()   # checked before fit writes anything (config.json, the metrics trim)
   tr.close()
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+  assert not (workdir / "config.json").exists() and not (workdir / "metrics.jsonl").exists()
   assert (workdir / LOCK).read_text() == theirs
 
 

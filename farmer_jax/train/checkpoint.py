@@ -54,10 +54,15 @@ _OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 _STATUS_ERRNO = {"NOT_FOUND": errno.ENOENT, "PERMISSION_DENIED": errno.EACCES}
 
 
+_BUG_TYPES = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError)
+
+
 def os_error_in(e):
   """The OSError behind a failed Orbax write: one in ``e``'s chain of causes, or one that a
   tensorstore error names (``[os_error_code=N]``, or a NOT_FOUND / PERMISSION_DENIED status);
   None if there is none (then it is not the filesystem's doing)."""
+  if isinstance(e, _BUG_TYPES):   # a bug raised while handling an OSError stays a bug
+    return None
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))

@@ -66,7 +66,9 @@ class MetricWriter:
     storage.copy_tree(self._tb_dir, self.run.tensorboard)
     self._synced = time.time()
 
-  def close(self):
+  def close(self, sync=True):
+    """Closes the sinks; for a workdir in a bucket, copies the staged files there unless
+    ``sync`` is False (a run that lost its workdir to another run)."""
     if self.active and self._tb is not None:
       if self._jsonl is not None:
         self._jsonl.close()
@@ -74,7 +76,8 @@ class MetricWriter:
       self._tb.close()
       self._tb = None
       if self._stage is not None:
-        self._sync()
+        if sync:
+          self._sync()
         shutil.rmtree(self._stage, ignore_errors=True)
 
 

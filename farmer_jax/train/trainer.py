@@ -259,6 +259,7 @@ class Trainer:
       self.log("SIGTERM before training started: exiting; nothing new to save")
       self.preempted = True
       return []
+    self._check_owned()
     storage.makedirs(self.workdir)
     if jax.process_index() == 0:
       # every model field, defaults written out
@@ -316,12 +317,24 @@ class Trainer:
             self.periodic_eval(writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
       if not self.preempted and int(self.state["step"]) > start:
+        self._check_owned()
         self.save_checkpoint()
     finally:   # also on a non-finite step or Ctrl-C: pending saves finish, metrics reach the run
       bar.close()
       self.ckpt.close()
-      writer.close()
+      lost = self.lock.lost if self.lock is not None else None
+      writer.close(sync=not (lost and lost.taken))   # never over another run's metrics
     return history
+
+  def _check_owned(self):
+    """Before a write outside the step loop's checks (the config at the start, the final
+    checkpoint): stops, as the loop would, if another run took the workdir lock meanwhile."""
+    lost = self.lock.lost if self.lock is not None else None
+    state = 0 if lost is None else 2 if lost.taken else 1
+    if jax.process_count() > 1:
+      state = int(np.asarray(multihost_utils.process_allgather(np.array(state))).max())
+    if state == 2:
+      self._stop_unowned(state)
 
   def _stop_signals(self, s, stop):
     """(whether SIGTERM reached any process, the workdir lock's state: 0 owned, 1 not refreshable
