@@ -255,7 +255,10 @@ class Trainer:
     t = self.t
     end = t.steps if stop_at is None else min(int(stop_at), t.steps)
     start = int(self.state["step"])
-    if self.stop.is_set():
+    stopped = self.stop.is_set()
+    if jax.process_count() > 1:   # all processes stop, or none (a lone one would hang a step)
+      stopped = bool(np.asarray(multihost_utils.process_allgather(np.array(stopped))).any())
+    if stopped:
       self.log("SIGTERM before training started: exiting; nothing new to save")
       self.preempted = True
       return []
