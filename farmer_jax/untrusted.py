@@ -8,6 +8,7 @@ memory it takes is bounded by a small multiple of the file's size, and a bad fil
 """
 
 import contextlib
+import io
 import itertools
 import math
 import os
@@ -18,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from farmer_jax.errors import brief
 
 class UnreadableFileError(ValueError):
   """A file that cannot be read safely; the message names the file and the problem."""
@@ -31,6 +33,7 @@ SLACK = 16 << 20  # bytes any file may produce beyond its multiple of the file s
 _REPR_ITEMS = 6  # items shown per container
 _REPR_DEPTH = 3  # container levels shown
 _NPY_HEADER_LIMIT = 10000  # numpy's own default for the header's Python literal
+_NPY_KINDS = "biufc"  # dtype kinds read: bool, int, uint, float, complex (not bytes, str, void...)
 
 
 def short_repr(obj, limit=80):
@@ -122,22 +125,36 @@ def reading(path, what, error=UnreadableFileError):
   except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
           KeyError, struct.error, zipfile.BadZipFile, zlib.error, NotImplementedError,
           OverflowError) as e:
-    raise error(f"{path}: not readable as {what} ({type(e).__name__}: {str(e)[:200]})") from None
+    raise error(f"{path}: not readable as {what} ({brief(e)})") from None
 
 
 def _npy_header(f, path, name):
-  """(shape, dtype, nbytes) of the .npy stream ``f`` (positioned at its start)."""
+  """(shape, dtype, nbytes) of the .npy stream ``f`` (positioned at its start). The header's
+  length is checked before the header is read (numpy reads all the bytes it declares, up to
+  4 GiB, before checking its own limit), and only numeric and bool dtypes pass."""
   version = np.lib.format.read_magic(f)
-  if version == (1, 0):
-    shape, _, dtype = np.lib.format.read_array_header_1_0(f, _NPY_HEADER_LIMIT)
-  elif version == (2, 0):
-    shape, _, dtype = np.lib.format.read_array_header_2_0(f, _NPY_HEADER_LIMIT)
-  else:
+  if version not in ((1, 0), (2, 0)):
     raise UnreadableFileError(f"{path}: array {short_repr(name)} has .npy format version "
                               f"{version}; expected 1.0 or 2.0 (what np.save writes)")
+  length_bytes = f.read(2 if version == (1, 0) else 4)
+  if len(length_bytes) not in (2, 4):
+    raise UnreadableFileError(f"{path}: array {short_repr(name)} ends inside its header")
+  (length,) = struct.unpack("<H" if version == (1, 0) else "<I", length_bytes)
+  if length > _NPY_HEADER_LIMIT:
+    raise UnreadableFileError(f"{path}: array {short_repr(name)} declares a header of {length} "
+                              f"bytes; np.save writes a few hundred (at most "
+                              f"{_NPY_HEADER_LIMIT} are read)")
+  header = io.BytesIO(length_bytes + f.read(length))
+  read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                 else np.lib.format.read_array_header_2_0)
+  shape, _, dtype = read_header(header, _NPY_HEADER_LIMIT)
   if dtype.hasobject:
     raise UnreadableFileError(f"{path}: array {short_repr(name)} holds Python objects (dtype "
                               f"{dtype}); only plain numeric arrays are read (no pickles)")
+  if dtype.kind not in _NPY_KINDS or dtype.itemsize == 0:
+    raise UnreadableFileError(f"{path}: array {short_repr(name)} has dtype "
+                              f"{short_repr(str(dtype))}; only bool, integer, float and complex "
+                              f"arrays are read")
   if any(n < 0 for n in shape):
     raise UnreadableFileError(f"{path}: array {short_repr(name)} has a negative dimension "
                               f"{shape}")
@@ -145,10 +162,12 @@ def _npy_header(f, path, name):
 
 
 class Npz:
-  """The arrays of an ``.npz`` file, each read on demand: ``npz.files`` (names), ``npz[name]``.
-  Object arrays are refused; stored members yield at most the file's size in all, compressed ones
-  at most ``DEFLATE_EXPANSION`` x the file's size + ``SLACK`` (checked against each array's
-  header before its data is read). Use as a context manager."""
+  """The arrays of an ``.npz`` file, each read on demand: ``npz.files`` (names), ``npz[name]``. Only
+  bool, int, uint, float and complex arrays are read (object, string, void dtypes are refused);
+  an .npy header may declare at most ``_NPY_HEADER_LIMIT`` bytes; stored members yield at most
+  the file's size in all, compressed ones at most ``DEFLATE_EXPANSION`` x the file's size +
+  ``SLACK`` (checked against each array's header before its data is read). Use as a context
+  manager."""
 
   def __init__(self, path):
     self.path = os.fspath(path)
@@ -181,10 +200,15 @@ class Npz:
         shape, dtype, nbytes = _npy_header(f, self.path, name)
       method = self._zip.getinfo(member).compress_type
       if nbytes > self._left[method]:
+        hint = ""
+        if method == zipfile.ZIP_DEFLATED:  # also a real np.savez_compressed of, e.g., zeros
+          hint = (f": its deflated data would expand more than {DEFLATE_EXPANSION}x, more than "
+                  f"real weights or statistics compress (a possible deflate bomb); if the file "
+                  f"is yours, save it uncompressed with np.savez")
         raise UnreadableFileError(
             f"{self.path}: array {short_repr(name)} declares shape {short_repr(shape)} of "
             f"{dtype} ({nbytes} bytes), more than the file can hold ({self._left[method]} "
-            f"bytes left for {_METHOD_NAMES[method]} members)")
+            f"bytes left for {_METHOD_NAMES[method]} members){hint}")
       self._left[method] -= nbytes
       with open_member(self._zip, member, self.path, methods) as f:
         return np.lib.format.read_array(f, allow_pickle=False,

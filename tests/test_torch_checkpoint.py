@@ -657,3 +657,178 @@ def test_npz_reader_zip_errors(tmp_path):
   np.savez(tmp_path / "objects.npz", o=np.array([{}], dtype=object))
   with pytest.raises(UnreadableFileError, match="array 'o' holds Python objects"):
     untrusted.load_npz(tmp_path / "objects.npz")
+
+
+def _npy_member(header, data=b"", version=1):
+  """Bytes of an .npy with the header dict ``header`` (an .npy format 1.0 or 2.0) and ``data``."""
+  out = io.BytesIO()
+  write = np.lib.format.write_array_header_1_0 if version == 1 else \
+      np.lib.format.write_array_header_2_0
+  write(out, header)
+  return out.getvalue() + data
+
+
+def test_npz_header_length_is_checked_before_the_header_is_read(tmp_path):
+  """A v2.0 header declaring 4 GiB, deflated padding: numpy would read all of it before checking
+  its limit; refused from the 4-byte length, nothing inflated (also as a .pth of .npy members)."""
+  npz = tmp_path / "header.npz"
+  with zipfile.ZipFile(npz, "w") as z:
+    info = zipfile.ZipInfo("w.npy")
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with z.open(info, "w") as w:
+      w.write(b"\x93NUMPY\x02\x00" + struct.pack("<I", 2 ** 32 - 1))
+      for _ in range(32):
+        w.write(b" " * (1 << 20))
+  assert npz.stat().st_size < 100_000
+  pth = tmp_path / "header.pth"
+  pth.write_bytes(npz.read_bytes())
+  tracemalloc.start()
+  try:
+    with pytest.raises(UnreadableFileError, match=r"header.npz: array 'w' declares a header of "
+                       r"4294967295 bytes"):
+      untrusted.load_npz(npz)
+    with pytest.raises(CheckpointError, match=r"header.pth: array 'w' declares a header of "
+                       r"4294967295 bytes"):
+      load_state_dict(pth)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 4 << 20, peak
+
+
+def test_npy_reader_refuses_non_numeric_dtypes(tmp_path):
+  """Zero-size (|V0 of 2**40 elements: 0 bytes declared), string and structured dtypes are
+  refused by name; a lying latent_var.npy is an ExportError, never a traceback."""
+  cases = {"void": ("|V0", (1 << 40,)), "str": ("<U4", (2,)), "rec": ([("a", "<f4")], (2,))}
+  for what, (descr, shape) in cases.items():
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    data = bytes(int(np.prod(shape)) * np.dtype(descr).itemsize)
+    with zipfile.ZipFile(tmp_path / f"{what}.npz", "w") as z:
+      z.writestr("x.npy", _npy_member(header, data))
+    (tmp_path / f"{what}.npy").write_bytes(_npy_member(header, data))
+    match = r"has dtype .*; only bool, integer, float and complex arrays are read"
+    with pytest.raises(UnreadableFileError, match=f"{what}.npz: array 'x' {match}"):
+      untrusted.load_npz(tmp_path / f"{what}.npz")
+    with pytest.raises(UnreadableFileError, match=f"{what}.npy: array '{what}.npy' {match}"):
+      untrusted.load_npy(tmp_path / f"{what}.npy")
+  for dtype in (np.bool_, np.int8, np.uint16, np.float16, np.complex64):  # numeric: still read
+    np.save(tmp_path / "ok.npy", np.ones(3, dtype))
+    assert untrusted.load_npy(tmp_path / "ok.npy").dtype == dtype
+
+  import types
+  from farmer_jax import runs
+  from farmer_jax.sampling import export
+  mcfg = types.SimpleNamespace(num_tokens=2, token_dim=1)
+  path = runs.ExportDir(str(tmp_path)).latent_var
+  for values, match in ((np.array([["ab"], ["cd"]]), r"could not be read .*has dtype"),
+                        (np.ones((2, 1), np.int32), "holds int32 values, not floats")):
+    np.save(path, values)
+    with pytest.raises(export.ExportError, match=match):
+      export.load_latent_var(str(tmp_path), mcfg, {"latent_var": True})
+  np.save(path, np.ones((2, 1), np.float32))
+  assert export.load_latent_var(str(tmp_path), mcfg, {"latent_var": True}).shape == (2, 1)
+
+
+def test_deflate_expansion_message_says_what_to_do(tmp_path):
+  """A real np.savez_compressed file that compresses better than 32x (zeros) is refused, and the
+  message says why and how to save it."""
+  np.savez_compressed(tmp_path / "zeros.npz", z=np.zeros(4 << 20))  # 32 MB in ~32 KB
+  with pytest.raises(UnreadableFileError, match=r"expand more than 32x.*a possible deflate bomb.*"
+                     r"save it uncompressed with np.savez"):
+    untrusted.load_npz(tmp_path / "zeros.npz")
+  np.savez(tmp_path / "zeros.npz", z=np.zeros(4 << 20))
+  assert untrusted.load_npz(tmp_path / "zeros.npz")["z"].shape == (4 << 20,)
+
+
+def test_huge_tensor_sizes_are_refused_quickly(tmp_path):
+  """Sizes, strides and offsets are ints in [0, 2**63), at most 64 of them: a 20 KB int shared
+  200 times through the memo would make the size arithmetic run for minutes."""
+  big = (1 << 160_000) + 1
+  data = big.to_bytes(big.bit_length() // 8 + 1, "little")
+  huge = (b"(\x8b" + struct.pack("<i", len(data)) + data  # MARK, LONG4
+          + b"q\x00" + b"h\x00" * 199 + b"t")  # BINPUT 0, BINGET 0 x 199, TUPLE
+  files = {
+      "huge": _tensor_pickle({"w": ("0", 4, 0, huge, (1,) * 200)}),
+      "dims": _tensor_pickle({"w": ("0", 4, 0, (1,) * 65, (1,) * 65)}),
+      "negative": _tensor_pickle({"w": ("0", 4, 0, (-1,), (1,))}),
+      "offset": _tensor_pickle({"w": ("0", 4, 2 ** 63, (1,), (1,))}),
+      "numel": _tensor_pickle({"w": ("0", 2 ** 63, 0, (1,), (1,))}),
+  }
+  paths = [_zip_checkpoint(tmp_path / f"{k}.pth", v, {"0": bytes(16)}) for k, v in files.items()]
+  got = dict(zip(files, _load_isolated(paths, timeout=60)))
+  for k, match in (("huge", r"tensor size \(<int of 160001 bits>, .* is not a tuple of ints in "
+                            r"\[0, 2\*\*63\)"),
+                   ("dims", "tensor size has 65 dimensions, more than 64"),
+                   ("negative", r"tensor size \(-1,\) is not a tuple of ints in \[0, 2\*\*63\)"),
+                   ("offset", r"tensor storage offset 9223372036854775808 is not an int in"),
+                   ("numel", r"bad storage key/size '0'/9223372036854775808")):
+    kind, msg, seconds = got[k]
+    assert kind == "CheckpointError" and re.search(match, msg), (k, got[k])
+    assert seconds < 5, (k, seconds)
+
+
+def _dict_pickle(keys):
+  """A top-level dict {key: None} of the pickled ``keys`` (opcodes each)."""
+  return b"\x80\x02}(" + b"".join(k + b"N" for k in keys) + b"u."
+
+
+def test_colliding_dict_keys_are_refused(tmp_path):
+  """Ints i * (2**61 - 1) all hash to 0: a dict of 50000 of them (~500 KB) would take seconds to
+  build (quadratic). Dict keys and set items may only be str, bytes, None, bool and ints of
+  |k| < 2**61 - 1; real checkpoints (str names, int param ids in optimizer states) still load."""
+  colliding = [T._op_int(i * (2 ** 61 - 1)) for i in range(1, 50_001)]
+  files = {"ints": _dict_pickle(colliding),
+           "float": _dict_pickle([b"G" + struct.pack(">d", 0.5)]),
+           "tuple": _dict_pickle([T._op_tuple(T._op_str("a"))]),
+           "set": b"\x80\x04\x8f(G\x3f\xe0\x00\x00\x00\x00\x00\x00\x90.",  # {0.5} (EMPTY_SET)
+           "ordered": (T._op_global("collections", "OrderedDict")  # python 2's OrderedDict(...)
+                       + b"]](" + T._op_int(2 ** 61 - 1) + b"Nea](" + T._op_int(2 ** 62) + b"Nea"
+                       + b"\x85R.")}
+  paths = [_zip_checkpoint(tmp_path / f"{k}.pth", v, {"0": bytes(16)}) for k, v in files.items()]
+  got = dict(zip(files, _load_isolated(paths)))
+  for k, match in (("ints", r"a dict key or set item that is an int of 61 bits \(at byte \d+\); "
+                            r"only str, bytes"),
+                   ("float", "a dict key or set item that is a float"),
+                   ("tuple", "a dict key or set item that is a tuple"),
+                   ("set", "a dict key or set item that is a float"),
+                   ("ordered", r"OrderedDict key 2305843009213693951 \(int\)")):
+    kind, msg, seconds = got[k]
+    assert kind == "CheckpointError" and re.search(match, msg), (k, got[k])
+    assert msg.startswith(str(tmp_path / f"{k}.pth")) and "\n" not in msg
+    assert seconds < 2, (k, seconds)
+  # python 2's OrderedDict([[name, tensor], ...]) of str keys still loads
+  tensor = _tensor_pickle({"w": ("0", 4, 0, (4,), (1,))})[len(b"\x80\x02" + T._OP_ORDERED_DICT
+                                                              + b"("):-len(b"u.")]
+  name, rebuild = tensor[:len(T._op_str("w"))], tensor[len(T._op_str("w")):]
+  py2 = (b"\x80\x02" + T._op_global("collections", "OrderedDict") + b"]](" + name + rebuild
+         + b"ea\x85R.")
+  got = load_state_dict(_zip_checkpoint(tmp_path / "py2.pth", py2, {"0": bytes(16)}))
+  assert list(got) == ["w"] and got["w"].shape == (4,)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_real_training_checkpoint_keys_load(tmp_path, zip_format):
+  """A module's state_dict (an OrderedDict with _metadata) and an Adam state (int param ids as
+  keys) pass the key rules."""
+  torch = pytest.importorskip("torch")
+  model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+  opt = torch.optim.Adam(model.parameters())
+  model(torch.ones(1, 3)).sum().backward()
+  opt.step()
+  path = tmp_path / "ckpt.pt"
+  torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, path,
+             _use_new_zipfile_serialization=zip_format)
+  got = load_state_dict(path, key="model")
+  assert list(got) == list(model.state_dict())
+  torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zip_format)
+  assert list(load_state_dict(path)) == list(model.state_dict())
+
+
+def test_reading_errors_are_one_line():
+  """Exception text from numpy / zipfile can span lines (numpy's header-size error does): the
+  reader's message keeps the type and the first line."""
+  with pytest.raises(UnreadableFileError) as e:
+    with untrusted.reading("f.npz", "an .npz archive"):
+      raise ValueError("Header info length (99999) is large\nTo allow loading, adjust ...")
+  assert str(e.value) == ("f.npz: not readable as an .npz archive (ValueError: Header info length "
+                          "(99999) is large)")

@@ -29,10 +29,12 @@ float32, big-endian files swapped to native order. 0-d tensors are 0-d arrays.
 
 A crafted file cannot take the machine down (docs/reliability.md): each pickle is first walked
 opcode by opcode, running nothing, and refused if it nests deeper than ``_MAX_DEPTH``, builds more
-objects than ``_MAX_OBJECTS`` (+ 1 per 4 bytes) or makes dict keys and call arguments hash more
-than ``_MAX_HASHED`` (+ 4 per byte) nodes once shared references are expanded; zip records must
-be stored (torch.save never compresses) and unencrypted, and only the ``numel x itemsize`` bytes a
-storage declares are read; the storages read may not exceed the file's size and the arrays
+objects than ``_MAX_OBJECTS`` (+ 1 per 4 bytes) or makes dict keys and call arguments hash more than
+``_MAX_HASHED`` (+ 4 per byte) nodes once shared references are expanded, or makes a dict key or set
+item of a kind that can be made to collide (only str, bytes, None, bool and ints of |k| < 2**61 - 1
+pass); tensor sizes, strides and offsets are ints in [0, 2**63), at most 64 of them; zip records
+must be stored (torch.save never compresses) and unencrypted, and only the ``numel x itemsize``
+bytes a storage declares are read; the storages read may not exceed the file's size and the arrays
 produced ``_EXPANSION`` x the file's size + ``untrusted.SLACK`` (zero strides and views sharing a
 storage are copied out); messages show file content through ``untrusted.short_repr``.
 
@@ -80,6 +82,12 @@ _MAX_HASHED = 1_000_000  # plus 4 per byte: expanded nodes of dict keys, set ite
 # widened to float32 (2x), tied weights are copied out once per name.
 _EXPANSION = 4
 _MAX_OPAQUE = 1000  # different unknown globals loaded as placeholders (with key=)
+_MAX_INT = 2 ** 63  # tensor sizes, strides, offsets and storage sizes lie in [0, _MAX_INT)
+_MAX_NDIM = 64  # torch's own limit on a tensor's dimensions
+# dict keys and set items may be str, bytes, None, bool or ints of |k| < _MAX_KEY_INT (each hashes
+# to itself: no two collide); floats, bigger ints, tuples... can be chosen to share one hash,
+# which makes building the dict quadratic.
+_MAX_KEY_INT = 2 ** 61 - 1
 
 # torch dtype name -> numpy dtype of the stored elements (bfloat16: its raw uint16 bits)
 _DTYPES = {
@@ -173,17 +181,26 @@ def _is_int(v):
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _index(v):
+  """Whether ``v`` is an int in [0, _MAX_INT): a size, stride, offset or element count."""
+  return _is_int(v) and 0 <= v < _MAX_INT
+
+
 def _ints(value, what):
-  if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
-    raise CheckpointError(f"tensor {what} {short_repr(value)} is not a tuple of ints")
+  if not isinstance(value, (tuple, list)) or not all(_index(v) for v in value):
+    raise CheckpointError(f"tensor {what} {short_repr(value)} is not a tuple of ints in "
+                          f"[0, 2**63)")
+  if len(value) > _MAX_NDIM:
+    raise CheckpointError(f"tensor {what} has {len(value)} dimensions, more than {_MAX_NDIM}")
   return tuple(value)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, dtype=None, metadata=None):
   if not isinstance(storage, _StorageRef):
     raise CheckpointError(f"tensor storage is {_describe(storage)}, expected a storage")
-  if not _is_int(storage_offset):
-    raise CheckpointError(f"tensor storage offset {short_repr(storage_offset)} is not an int")
+  if not _index(storage_offset):
+    raise CheckpointError(f"tensor storage offset {short_repr(storage_offset)} is not an int in "
+                          f"[0, 2**63)")
   size, stride = _ints(size, "size"), _ints(stride, "stride")
   if len(size) != len(stride):
     raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
@@ -217,8 +234,30 @@ def _codecs_encode(text, encoding="utf-8"):
   return text.encode(encoding)
 
 
+def _key_ok(k):
+  return (k is None or isinstance(k, (str, bytes, bool))
+          or (_is_int(k) and abs(k) < _MAX_KEY_INT))
+
+
+def _ordered_dict(items=()):
+  """``collections.OrderedDict(items)``: python 3 pickles an OrderedDict as ``OrderedDict()`` and
+  SETITEMS (keys checked by ``_check_pickle``), python 2 as ``OrderedDict([[k, v], ...])``, whose
+  keys are checked here, before hashing, as the walker checks the others."""
+  if not isinstance(items, dict):
+    if not isinstance(items, (list, tuple)) or not all(
+        isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in items):
+      raise CheckpointError(f"OrderedDict of {_describe(items)}, expected (key, value) pairs")
+    bad = next((kv[0] for kv in items if not _key_ok(kv[0])), None)
+    if bad is not None:
+      raise CheckpointError(f"OrderedDict key {short_repr(bad)} ({type(bad).__name__}); only "
+                            f"str, bytes, None, bool and ints of less than 2**61 - 1 are read "
+                            f"as keys")
+  return collections.OrderedDict(items)
+
+
 def _allowed_globals():
-  allowed = {("collections", "OrderedDict"): collections.OrderedDict,
+  allowed = {("collections", "OrderedDict"): _Function(qualname="collections.OrderedDict",
+                                                       fn=_ordered_dict),
              ("torch", "Size"): _Function(qualname="torch.Size", fn=tuple),
              ("_codecs", "encode"): _Function(qualname="_codecs.encode", fn=_codecs_encode),
              ("torch", "UntypedStorage"): _StorageType(qualname="torch.UntypedStorage",
@@ -279,17 +318,38 @@ _HASHES = {"SETITEM": slice(1, 2), "SETITEMS": slice(1, None, 2), "DICT": slice(
            "INST": slice(None), "BUILD": slice(1, None)}
 # opcodes that add to the object below their arguments rather than make a new one
 _IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+# opcodes that make dict keys or set items of what they take -> the slice of the items they pop
+_KEYS = {"SETITEM": slice(1, 2), "SETITEMS": slice(1, None, 2), "DICT": slice(0, None, 2),
+         "ADDITEMS": slice(1, None), "FROZENSET": slice(None)}
+_KEY_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE",
+            "BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "NONE",
+            "NEWTRUE", "NEWFALSE"}  # push a str, bytes, None or bool: always a fine key
+_INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+_KINDS = {"FLOAT": "a float", "BINFLOAT": "a float", "FROZENSET": "a frozenset",
+          **{op: "a tuple" for op in ("TUPLE", "EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3")}}
+
+
+def _key_kind(name, arg):
+  """None if what opcode ``name`` (argument ``arg``) pushes may be a dict key or set item, else
+  what it is (for the message)."""
+  if name in _KEY_OPS:
+    return None
+  if name in _INT_OPS:  # INT also spells True/False
+    return None if abs(arg) < _MAX_KEY_INT else f"an int of {int(arg).bit_length()} bits"
+  return _KINDS.get(name, f"an object made by {name}")
 
 
 def _check_pickle(f):
   """Walks the pickle at ``f``'s position opcode by opcode, running nothing, and refuses it if it
   nests objects deeper than ``_MAX_DEPTH``, builds more than ``_MAX_OBJECTS`` (+ 1 per 4 bytes),
   or would hash more than ``_MAX_HASHED`` (+ 4 per byte) nodes of dict keys, set items and call
-  arguments, counting shared references (the memo) as the copies they stand for. A tuple's count
+  arguments, counting shared references (the memo) as the copies they stand for, or if a dict key
+  or set item is of a kind that can be made to collide (not str, bytes, None, bool or an int of
+  |k| < ``_MAX_KEY_INT``: a dict of keys sharing one hash is quadratic to build). A tuple's count
   is exact (tuples are immutable); a list grown after being shared is undercounted, harmlessly:
   lists cannot be hashed, and messages print through ``short_repr``. Leaves ``f`` where it was."""
   start = f.tell()
-  stack, marks, memo = [], [], {}  # (expanded size, depth) per object on the unpickler's stack
+  stack, marks, memo = [], [], {}  # (expanded size, depth, key kind) per object on the stack
   objects = hashed = 0
   for op, arg, pos in pickletools.genops(f):
     name, size = op.name, pos - start
@@ -317,15 +377,18 @@ def _check_pickle(f):
     popped = stack[first:]
     del stack[first:]
     if name in _HASHES:
-      hashed += sum(w for w, _ in popped[_HASHES[name]])
+      hashed += sum(w for w, _, _ in popped[_HASHES[name]])
+    bad_key = next((k for _, _, k in popped[_KEYS[name]] if k), None) if name in _KEYS else None
     if name == "DUP":
       stack += popped * 2
     elif name in _IN_PLACE:
-      (weight, depth), added = popped[0], popped[1:]
-      stack.append((weight + sum(w for w, _ in added), max([depth] + [d + 1 for _, d in added])))
+      (weight, depth, kind), added = popped[0], popped[1:]
+      stack.append((weight + sum(w for w, _, _ in added),
+                    max([depth] + [d + 1 for _, d, _ in added]), kind))
     elif op.stack_after:
       objects += 1
-      stack.append((1 + sum(w for w, _ in popped), 1 + max((d for _, d in popped), default=-1)))
+      stack.append((1 + sum(w for w, _, _ in popped),
+                    1 + max((d for _, d, _ in popped), default=-1), _key_kind(name, arg)))
     if stack and stack[-1][1] > _MAX_DEPTH:
       raise CheckpointError(f"pickle objects nested more than {_MAX_DEPTH} deep (at byte {size})")
     if objects > _MAX_OBJECTS + size // 4:
@@ -335,6 +398,11 @@ def _check_pickle(f):
       raise CheckpointError(f"pickle of {size} bytes has dict keys or call arguments that expand "
                             f"to {hashed} objects through shared references (more than "
                             f"{_MAX_HASHED} + 4 per byte): hashing or printing them would not end")
+    if bad_key:
+      raise CheckpointError(f"pickle has a dict key or set item that is {bad_key} (at byte "
+                            f"{size}); only str, bytes, None, bool and ints of less than 2**61 - 1 "
+                            f"are read as keys (others can be made to collide, which makes "
+                            f"loading take quadratic time)")
   f.seek(start)
 
 
@@ -370,13 +438,13 @@ def _storage_id(pid, legacy):
     raise CheckpointError(f"storage type is {_describe(storage_type)}, expected a storage class")
   if isinstance(key, bytes):
     key = key.decode("ascii")
-  if not isinstance(key, str) or not _is_int(numel) or numel < 0:
+  if not isinstance(key, str) or not _index(numel):
     raise CheckpointError(f"bad storage key/size {short_repr(key)}/{short_repr(numel)}")
   offset, count = 0, numel
   if legacy and pid[5] is not None:
     view = pid[5]
-    if (not isinstance(view, tuple) or len(view) != 3 or not _is_int(view[1])
-        or not _is_int(view[2])):
+    if (not isinstance(view, tuple) or len(view) != 3 or not _index(view[1])
+        or not _index(view[2])):
       raise CheckpointError(f"bad storage view {short_repr(view)}")
     offset, count = view[1], view[2]
     if offset < 0 or count < 0 or offset + count > numel:

@@ -344,6 +344,9 @@ def load_latent_var(model_dir, mcfg, meta):
   except (OSError, ValueError) as e:
     raise ExportError(f"{model_dir}: {os.path.basename(path)} could not be read ({e}); convert "
                       "the model again") from e
+  if var.dtype.kind != "f":
+    raise ExportError(f"{model_dir}: {os.path.basename(path)} holds {var.dtype} values, not "
+                      "floats; convert the model again")
   if var.shape != want or not np.all(np.isfinite(var)) or np.any(var < 0):
     raise ExportError(f"{model_dir}: {os.path.basename(path)} has shape {var.shape} (want {want}) "
                       "or non-finite/negative values; convert the model again")
