@@ -6,6 +6,7 @@ tests (and those of farmer_jax.untrusted, the .npz / .npy reader) build each fil
 
 import argparse
 import collections
+import contextlib
 import io
 import json
 import os
@@ -25,6 +26,18 @@ from farmer_jax.interop import torch_checkpoint
 from farmer_jax.interop.torch_checkpoint import (CheckpointError, load_state_dict,
                                                  save_state_dict)
 from farmer_jax.untrusted import UnreadableFileError, short_repr
+
+
+@contextlib.contextmanager
+def _bounded_memory(limit):
+  """Asserts that the block's peak Python allocation (tracemalloc) stays under ``limit`` bytes."""
+  tracemalloc.start()
+  try:
+    yield
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < limit, peak
 
 
 def _torch_state_dict(torch):
@@ -485,15 +498,10 @@ def test_compressed_storage_is_refused_unread(tmp_path):
     z.writestr("c/data.pkl", _tensor_pickle({"w": ("0", 4, 0, (4,), (1,))}))
     _deflated_zeros(z, "c/data/0", 64 << 20)
   assert path.stat().st_size < 200_000
-  tracemalloc.start()
-  try:
+  with _bounded_memory(4 << 20):
     with pytest.raises(CheckpointError, match=r"member 'c/data/0' is compressed with deflate; "
                        r"expected stored"):
       load_state_dict(path)
-    peak = tracemalloc.get_traced_memory()[1]
-  finally:
-    tracemalloc.stop()
-  assert peak < 4 << 20, peak
 
 
 def test_zero_strides_and_shared_storages_cannot_blow_up(tmp_path):
@@ -617,15 +625,10 @@ def _npz_with(path, name, header_shape, data, deflate=False):
 def test_npz_reader_bounds_what_a_file_can_produce(tmp_path):
   # a deflate bomb: 64 MB of zeros in ~64 KB, refused from its header, before inflating
   bomb = _npz_with(tmp_path / "bomb.npz", "mu", (8 << 20,), 64 << 20)
-  tracemalloc.start()
-  try:
+  with _bounded_memory(4 << 20):
     with pytest.raises(UnreadableFileError, match=r"bomb.npz: array 'mu' declares shape "
                        r"\(8388608,\) of float64 \(67108864 bytes\), more than the file can hold"):
       untrusted.load_npz(bomb)
-    peak = tracemalloc.get_traced_memory()[1]
-  finally:
-    tracemalloc.stop()
-  assert peak < 4 << 20, peak
   # a header declaring 8 TB over 8 bytes of data: refused, nothing allocated
   huge = _npz_with(tmp_path / "huge.npz", "w", (1 << 40,), bytes(8))
   with pytest.raises(CheckpointError, match=r"huge.npz: array 'w' declares shape"):
@@ -682,18 +685,13 @@ def test_npz_header_length_is_checked_before_the_header_is_read(tmp_path):
   assert npz.stat().st_size < 100_000
   pth = tmp_path / "header.pth"
   pth.write_bytes(npz.read_bytes())
-  tracemalloc.start()
-  try:
+  with _bounded_memory(4 << 20):
     with pytest.raises(UnreadableFileError, match=r"header.npz: array 'w' declares a header of "
                        r"4294967295 bytes"):
       untrusted.load_npz(npz)
     with pytest.raises(CheckpointError, match=r"header.pth: array 'w' declares a header of "
                        r"4294967295 bytes"):
       load_state_dict(pth)
-    peak = tracemalloc.get_traced_memory()[1]
-  finally:
-    tracemalloc.stop()
-  assert peak < 4 << 20, peak
 
 
 def test_npy_reader_refuses_non_numeric_dtypes(tmp_path):
