@@ -367,15 +367,15 @@ def test_training_saves_and_stops_when_its_lock_cannot_be_refreshed(tiny_run, mo
   from farmer_jax import cli
   from farmer_jax.train.trainer import Trainer
   c, workdir = tiny_run
-  write, lock_path = storage.write_text, str(workdir / LOCK)
+  link, lock_path = os.link, str(workdir / LOCK)
 
-  def broken(path, text):
-    if os.fspath(path) == lock_path:
-      raise OSError(errno.ENOSPC, "No space left on device", path)
-    write(path, text)
+  def broken(src, dst, **kw):   # the heartbeat's new version cannot be linked into place
+    if os.fspath(dst) == lock_path:
+      raise OSError(errno.ENOSPC, "No space left on device", dst)
+    link(src, dst, **kw)
 
   tr = Trainer(c, str(workdir), quiet=True)
-  monkeypatch.setattr(storage, "write_text", broken)
+  monkeypatch.setattr(os, "link", broken)
   assert _wait_for(lambda: tr.lock.lost is not None)
   with pytest.raises(WorkdirLockLost) as e:
     tr.fit()
