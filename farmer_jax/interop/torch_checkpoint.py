@@ -769,8 +769,8 @@ def _state_dict_pickle(entries):
   out = [b"\x80\x02", _OP_ORDERED_DICT]  # PROTO 2
   if entries:
     out.append(b"(")  # MARK
-    for i, (name, storage, shape, numel) in enumerate(entries):
-      pid = _op_tuple(_op_str("storage"), _op_global("torch", storage), _op_str(str(i)),
+    for i, (name, storage_class, shape, numel) in enumerate(entries):
+      pid = _op_tuple(_op_str("storage"), _op_global("torch", storage_class), _op_str(str(i)),
                       _op_str("cpu"), _op_int(numel))
       args = _op_tuple(pid + b"Q",  # BINPERSID: the storage
                        _op_int(0),  # storage offset
