@@ -408,7 +408,6 @@ class Trainer:
                    data=data_state)
 
 
-# Set while a SIGTERM may end `farmer_jax train`'s start-up at once (see install_sigterm).
 # Start-up, until the build is done: a SIGTERM may end the process at once (install_sigterm),
 # after releasing the workdir lock of the Trainer being built (the only file written so far).
 _ABANDONABLE = threading.Event()
