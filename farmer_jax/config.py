@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from farmer_jax.errors import ConfigError
+
 DIMRED_MODES = ("farmer", "jetformer", "none")
 SCALE_FNS = ("squareplus", "softplus")
 # The dtypes by name: model.dtype (compute) and the export's params (--dtype). jnp_dtype(name).
@@ -45,10 +47,6 @@ def jnp_dtype(name):
     raise ValueError(f"dtype {name!r} is not supported; use one of {list(DTYPE_NAMES)}")
   import jax.numpy as jnp
   return getattr(jnp, name)
-
-
-class ConfigError(ValueError):
-  """A run config is invalid. The message names the field, the bad value and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)

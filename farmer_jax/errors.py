@@ -1,5 +1,10 @@
-"""Exception text as a person reads it in a one-line message: the type and the first line, cut
-(Orbax and TensorStore errors can carry a whole JSON spec or pytree dump)."""
+"""Errors shared by every layer: ``ConfigError`` (a bad run config or flag) and ``brief``, an
+exception's text as a person reads it in a one-line message (Orbax and TensorStore errors can
+carry a whole JSON spec or pytree dump)."""
+
+
+class ConfigError(ValueError):
+  """A run config is invalid. The message names the field, the bad value and how to fix it."""
 
 
 def brief(e: BaseException, limit: int = 200) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from farmer_jax.config import ConfigError
+from farmer_jax.errors import ConfigError
 
 
 def mesh_shape(mesh_spec, num_devices):

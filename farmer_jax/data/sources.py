@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from farmer_jax.config import ConfigError
+from farmer_jax.errors import ConfigError
 
 TFDS_PREFIX, FOLDER_PREFIX = "tfds:", "folder:"
 BUILTIN = ("mnist5k",)
@@ -168,6 +168,15 @@ def check_config(data, info: DatasetInfo, splits=()):
                "different count would leave labels outside the class embedding",
                f"set --config.data.num_classes={info.num_classes} (or 0 for an unconditional "
                "model)")
+
+
+def require_dataset(data, where):
+  """A model converted without --config (``farmer_jax convert``) names no dataset: say how to
+  give it one instead of the generic unknown-dataset error."""
+  if not data.name:
+    raise ValueError(f"{where} names no dataset (config.data.name is empty: a converted "
+                     "checkpoint). Fix: convert again with --config=configs/tarflow.py:PRESET "
+                     "--config.data.name=tfds:NAME (and --config.data.data_dir=...)")
 
 
 def require_split(data, split, flag, fix):

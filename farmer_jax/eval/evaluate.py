@@ -20,7 +20,7 @@ from tqdm import tqdm
 from farmer_jax import sharding, storage
 from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, resolved_config,
                                validate_model_config)
-from farmer_jax.eval.likelihood import evaluate_batches
+from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.model import Farmer, abstract_params
 
 EVAL_DIR = "eval"
@@ -109,7 +109,7 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
     config.data.data_dir = data_dir
   from farmer_jax.data import pipeline, sources
   data = DataConfig.from_config(config)
-  require_dataset(data, model_dir or workdir)
+  sources.require_dataset(data, model_dir or workdir)
   sources.require_split(data, split, f"--split={split}", "pass one of them")
   mesh = eval_mesh(config, say)
   rules = tuple(tuple(r) for r in config.sharding_rules)
@@ -145,7 +145,6 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
     storage.write_text(path, json.dumps(result, indent=2))
   if workdir is not None and source.get("step") is not None:
     from farmer_jax.train.metrics import MetricWriter
-    from farmer_jax.train.report import eval_scalars
     w = MetricWriter(workdir, jsonl=False)
     try:
       w.write(int(source["step"]), eval_scalars(res), prefix=f"eval_{split}")
@@ -154,15 +153,6 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
   say(format_result(result))
   say(f"-> {path}")
   return result
-
-
-def require_dataset(data, where):
-  """A model converted without --config (``farmer_jax convert``) names no dataset: say how to
-  give it one instead of the generic unknown-dataset error."""
-  if not data.name:
-    raise ValueError(f"{where} names no dataset (config.data.name is empty: a converted "
-                     "checkpoint). Fix: convert again with --config=configs/tarflow.py:PRESET "
-                     "--config.data.name=tfds:NAME (and --config.data.data_dir=...)")
 
 
 def format_result(r):

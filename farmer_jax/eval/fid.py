@@ -126,9 +126,8 @@ def check_split(config, split):
   """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset does not have."""
   from farmer_jax.config import DataConfig
   from farmer_jax.data import sources
-  from farmer_jax.eval.evaluate import require_dataset
   data = DataConfig.from_config(config)
-  require_dataset(data, f"--ref={SPLIT_PREFIX}{split}: the model")
+  sources.require_dataset(data, f"--ref={SPLIT_PREFIX}{split}: the model")
   sources.require_split(data, split, f"--ref={SPLIT_PREFIX}{split}",
                         "use one of them, or a reference .npz")
 

@@ -110,6 +110,16 @@ def summarize(per_example, num_dims, conditional=True, pixels="farmer"):
   return out
 
 
+def eval_scalars(res):
+  """The TensorBoard/metrics.jsonl scalars of a bits/dim result (``summarize``)."""
+  out = {"bpd": res["bpd"], "bpd_uncond": res["bpd_uncond"]}
+  for suffix in ("", "_uncond"):
+    for term, v in res["terms" + suffix].items():
+      if term != "bin_width":
+        out[f"bpd{suffix}_{term}"] = v
+  return out
+
+
 def evaluate_batches(model, params, batches, num_batches, put=None, seed=0, samples=1,
                      progress=None, out_sharding=None, per_example=False):
   """Bits/dim over every real example of ``batches`` (dicts of 'image', 'label', 'mask', global

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from farmer_jax import runs, sharding, storage
 from farmer_jax.config import EvalConfig, SampleConfig
-from farmer_jax.eval.likelihood import evaluate_batches
+from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes
 from farmer_jax.sampling.images import save_grid
 from farmer_jax.train.metrics import MetricWriter, has_row
@@ -36,16 +36,6 @@ def evaluate(tr, leave=True):
                            out_sharding=sharding.replicated(tr.mesh))
   bar.close()
   return res
-
-
-def eval_scalars(res):
-  """The TensorBoard/metrics.jsonl scalars of a bits/dim result (``evaluate``)."""
-  out = {"bpd": res["bpd"], "bpd_uncond": res["bpd_uncond"]}
-  for suffix in ("", "_uncond"):
-    for term, v in res["terms" + suffix].items():
-      if term != "bin_width":
-        out[f"bpd{suffix}_{term}"] = v
-  return out
 
 
 def sample_grid(tr, path):

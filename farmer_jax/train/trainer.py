@@ -23,8 +23,8 @@ from farmer_jax.train.checkpoint import Checkpointer
 from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
 from farmer_jax.train.metrics import MetricWriter, trim_metrics
 from farmer_jax.train.optim import make_optimizer
-from farmer_jax.train.report import (eval_scalars, evaluate, format_test_bpd, res_summary,
-                                     write_report)
+from farmer_jax.eval.likelihood import eval_scalars
+from farmer_jax.train.report import evaluate, format_test_bpd, res_summary, write_report
 from farmer_jax.train.state import abstract_state, init_state, state_shardings
 from farmer_jax.train.step import make_train_step
 
