@@ -178,13 +178,8 @@ def _train(argv):
   summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet,
                                 config_change_ok=FLAGS.config_change_ok,
                                 abandon=_preempted_during_startup)
-  if summary.get("preempted") and summary.get("saved"):
-    # SIGTERM: exit 0 so that a preemptible scheduler re-runs the same command
-    print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to "
-          "resume")
+  if _preempted(summary):
     return
-  if summary.get("preempted"):
-    _preempted_during_startup()
   # class-conditional -log p(x|y) and unconditional -log p(x|null)
   print(format_test_bpd(summary))
   if "sample_quality" in summary:   # config.eval.mnist_quality
@@ -205,12 +200,8 @@ def _distill(argv):
   summary, _ = distill_and_report(FLAGS.config, FLAGS.workdir, FLAGS.teacher, quiet=FLAGS.quiet,
                                   config_change_ok=FLAGS.config_change_ok,
                                   abandon=_preempted_during_startup)
-  if summary.get("preempted") and summary.get("saved"):
-    print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to "
-          "resume")
+  if _preempted(summary):
     return
-  if summary.get("preempted"):
-    _preempted_during_startup()
   print(f"student reconstruction error (relative MSE): {summary['recon_rel_mse_student']:.4g} "
         f"(undistilled copy: {summary['recon_rel_mse_copy']:.4g})")
 
@@ -657,6 +648,18 @@ def _flags_parser(cmd, debug):
             keep_stderr=debug)
     return rest
   return parse
+
+
+def _preempted(summary):
+  """Whether the run was preempted (SIGTERM), after saying so: exit 0 then, so that a preemptible
+  scheduler re-runs the same command."""
+  if not summary.get("preempted"):
+    return False
+  if not summary.get("saved"):
+    _preempted_during_startup()
+  print(f"preempted at step {summary['steps']}; checkpoint saved; re-run the same command to "
+        "resume")
+  return True
 
 
 def _preempted_during_startup(*_):

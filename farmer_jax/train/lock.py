@@ -5,14 +5,15 @@ under a scheduler, the run's identity {run, attempt} (``run_identity``). Every v
 is written whole, so a reader sees a complete lock or none:
 
 * local (or NFS) file: created by linking a complete temporary file into place (``link`` fails if
-  the name exists), refreshed by ``os.replace``;
+  the name exists);
 * ``gs://`` bucket: google-cloud-storage uploads with a generation precondition
   (``if_generation_match=0`` creates, ``=<generation we read>`` replaces).
 
-Taking over is compare-and-swap against the exact version judged stale: in a bucket the generation
-precondition; locally the stale file is renamed to a unique name (one renamer gets it), checked to
-be the version that was judged, and only then is the new lock linked in; a runner-up that renamed
-a fresh lock puts it back. Of two runs that read the same stale lock, exactly one holds it.
+Taking over, refreshing and releasing are compare-and-swap against the exact version judged (or
+last written): in a bucket the generation precondition; locally the file is renamed to a unique
+name (one renamer gets it), checked to be that version, and only then is the new lock linked in
+(or the old one deleted); a runner-up that renamed another version puts it back. Of two runs that
+read the same stale lock, exactly one holds it, and a heartbeat never overwrites a takeover.
 
 A lock is taken over, with a message, when its holder is on this host and its pid is gone, when it
 is an earlier process of this run (same ``run`` identity, newer ``attempt``, another host: a SLURM
@@ -40,6 +41,7 @@ import uuid
 from typing import NamedTuple
 
 from farmer_jax import storage
+from farmer_jax.errors import brief
 from farmer_jax.runs import RunDir
 
 
@@ -240,8 +242,7 @@ class _GcsObject:
         raise
       denied = isinstance(e, (auth_exceptions.GoogleAuthError, exceptions.Unauthorized,
                               exceptions.Forbidden))
-      raise OSError(errno.EACCES if denied else errno.EIO, f"{type(e).__name__}: {e}",
-                    self.url) from e
+      raise OSError(errno.EACCES if denied else errno.EIO, brief(e), self.url) from e
 
   def _bucket(self):
     if self._client is None:
@@ -380,6 +381,7 @@ class WorkdirLock:
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
     if self.run is not None:
       self.me.update(run=self.run, attempt=self.attempt)
+    took = ""                       # why a holder's lock was taken over, if one was
     for _ in range(5):
       seen = self._file.read()
       if seen is None:
@@ -399,15 +401,15 @@ class WorkdirLock:
         self._version = self._file.swap(self._text(), seen)
       except _Changed:              # another run changed it first: judge the new version
         continue
-      self.held = True
-      if why:
-        self.say(f"took over the workdir lock {self.path}: {why}")
+      took = why
       break
     else:
       raise WorkdirBusyError(f"could not take the workdir lock {self.path}: other runs keep "
                              "changing it. Fix: make sure one training uses "
                              f"{self.workdir} at a time, then re-run")
-    self.held = True   # (at once: a start-up SIGTERM's release must see it)
+    self.held = True   # before anything else: a start-up SIGTERM's release must see it
+    if took:
+      self.say(f"took over the workdir lock {self.path}: {took}")
     self._last_ok = time.monotonic()
     self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lock")
     self._thread.start()
@@ -465,25 +467,27 @@ class WorkdirLock:
         except OSError as e:        # transient (full disk, NFS or bucket hiccup): retry
           failing = time.monotonic() - self._last_ok
           if failing > self.give_up:
-            self.lost = WorkdirLockLost(
-                f"the workdir lock {self.path} could not be refreshed for {failing:.0f}s "
-                f"({e}): this run saved a checkpoint and stopped rather than train on without "
-                f"proving it owns {self.workdir}. Fix: check that the storage is reachable and "
-                "writable (disk space, bucket access), then re-run the same command to resume",
-                taken=False)
+            self.lost = self._unrefreshable(
+                f"for {failing:.0f}s ({e})", "check that the storage is reachable and writable "
+                "(disk space, bucket access), then re-run the same command to resume")
             return
           wait, backoff = min(backoff, self.heartbeat), backoff * 2
           continue
         except Exception as e:  # noqa: BLE001 - a heartbeat that cannot run must not die silently
-          self.lost = WorkdirLockLost(
-              f"the workdir lock {self.path} could not be refreshed ({type(e).__name__}: "
-              f"{str(e)[:120]}): this run saved a checkpoint and stopped rather than train on "
-              f"without proving it owns {self.workdir}. Fix: re-run the same command to resume "
-              "(--debug shows where it failed)", taken=False)
+          self.lost = self._unrefreshable(
+              f"({brief(e)})", "re-run the same command to resume (--debug shows where it failed)")
           self.lost.__cause__ = e
           return
         self._last_ok = time.monotonic()
         wait, backoff = self.heartbeat, 1.0
+
+  def _unrefreshable(self, detail, fix):
+    """The WorkdirLockLost of a lock that is still ours but could not be refreshed: the run saves,
+    then stops."""
+    return WorkdirLockLost(
+        f"the workdir lock {self.path} could not be refreshed {detail}: this run saved a "
+        f"checkpoint and stopped rather than train on without proving it owns {self.workdir}. "
+        f"Fix: {fix}", taken=False)
 
   def release(self):
     """Stops the heartbeat and removes the lock if it is still ours (best effort: a lock left
