@@ -1,9 +1,16 @@
-"""Errors shared by every layer: ``ConfigError`` (a bad run config or flag) and ``brief``, an
-exception's text as a person reads it in a one-line message (Orbax and TensorStore errors can
-carry a whole JSON spec or pytree dump)."""
+"""Errors shared by every layer. ``UserError``: an expected failure caused by the user's input or
+environment (a bad config value, flag, path or file); its message is the one line the CLI prints
+(``farmer_jax <cmd>: <message>``, exit 2) and names the bad value and the fix. Anything else that
+escapes a command is a bug and keeps its traceback. ``brief``: an exception's text as a person reads
+it in a one-line message (Orbax and TensorStore errors can carry a whole JSON spec or pytree
+dump)."""
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+  """An expected failure caused by the user's input or environment; the message is shown as is."""
+
+
+class ConfigError(UserError):
   """A run config is invalid. The message names the field, the bad value and how to fix it."""
 
 
