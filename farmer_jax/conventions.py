@@ -28,7 +28,6 @@ import numpy as np
 from farmer_jax.config import PIXELS
 
 BIN_WIDTH = 1.0 / 128.0
-LOG_BIN_WIDTH = math.log(BIN_WIDTH)
 LN2 = math.log(2.0)
 
 

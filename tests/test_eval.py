@@ -6,14 +6,35 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import TINY, fake_devices_env, init_farmer
 from farmer_jax import conventions
-from farmer_jax.eval.likelihood import evaluate_bpd, reference_nats, summarize
+from farmer_jax.eval.likelihood import dequantize_examples, evaluate_bpd, summarize
 
 HERE = os.path.dirname(__file__)
+
+
+def reference_nats(model, params, images, labels, seed=0, samples=1):
+  """The slow reference path: one example at a time, unbatched and unjitted, the model's
+  ``log_prob`` for the true label and the null label -> {'log_prob', 'log_prob_uncond'}: (n, K)
+  nats. Same per-example dequantization keys as the eval step."""
+  cfg = model.cfg
+  out = {"log_prob": [], "log_prob_uncond": []}
+  for i in range(len(images)):
+    row_c, row_u = [], []
+    for k in range(samples):
+      x = dequantize_examples(seed, jnp.asarray([i]), k, images[i:i + 1], cfg.pixels)
+      y = jnp.asarray(labels[i:i + 1], jnp.int32) if cfg.num_classes else None
+      null = jnp.full((1,), cfg.null_class, jnp.int32)
+      row_u.append(float(model.apply({"params": params}, x, null)["log_prob"][0]))
+      row_c.append(float(model.apply({"params": params}, x, y)["log_prob"][0])
+                   if y is not None else row_u[-1])
+    out["log_prob"].append(row_c)
+    out["log_prob_uncond"].append(row_u)
+  return {t: np.asarray(v) for t, v in out.items()}
 
 
 @pytest.fixture(scope="module")

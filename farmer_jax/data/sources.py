@@ -23,7 +23,6 @@ import numpy as np
 from farmer_jax.errors import ConfigError
 
 TFDS_PREFIX, FOLDER_PREFIX = "tfds:", "folder:"
-BUILTIN = ("mnist5k",)
 KNOWN_FORMS = ("mnist5k", "tfds:NAME", "folder:PATH (via farmer_jax prepare)")
 
 

@@ -271,33 +271,6 @@ def convert_pytorch_fid(state_dict):
   return params
 
 
-def random_state_dict(seed=0, num_batches_tracked=True):
-  """A pytorch-fid-layout FIDInceptionV3 state_dict (numpy) with random weights and BatchNorm
-  statistics that keep activations O(1) (He-scaled convs): for tests, without the real weights."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for key, shape in torch_shapes().items():
-    kind = key.rsplit(".", 1)[-1]
-    if key == "fc.weight":
-      value = rng.normal(0, 1 / np.sqrt(shape[1]), shape)
-    elif key == "fc.bias":
-      value = rng.normal(0, 0.1, shape)
-    elif kind == "weight" and len(shape) == 4:
-      value = rng.normal(0, np.sqrt(2 / np.prod(shape[1:])), shape)
-    elif kind == "weight":
-      value = rng.uniform(0.5, 1.5, shape)
-    elif kind == "bias":
-      value = rng.normal(0, 0.2, shape)
-    elif kind == "running_mean":
-      value = rng.normal(0, 0.2, shape)
-    else:  # running_var
-      value = rng.uniform(0.5, 2.0, shape)
-    out[key] = value.astype(np.float32)
-    if num_batches_tracked and kind == "running_var":
-      out[key[:-len("running_var")] + "num_batches_tracked"] = np.array(1000, np.int64)
-  return out
-
-
 def resize_299(images):
   """float (B, H, W, C) -> (B, 299, 299, C) like ``F.interpolate(.., size=(299, 299),
   mode='bilinear', align_corners=False)``: half-pixel centres, edge clamping, no antialiasing

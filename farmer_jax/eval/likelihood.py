@@ -169,23 +169,3 @@ def evaluate_bpd(model, params, images, labels, batch_size, seed=0, samples=1, p
   batches, steps = padded_batches(ArraySource(images, labels), batch_size)
   return evaluate_batches(model, params, batches, steps, seed=seed, samples=samples,
                           progress=progress, per_example=per_example)
-
-
-def reference_nats(model, params, images, labels, seed=0, samples=1):
-  """The slow reference path: one example at a time, unbatched and unjitted, the model's
-  ``log_prob`` for the true label and the null label -> {'log_prob', 'log_prob_uncond'}: (n, K)
-  nats. Same per-example dequantization keys as the eval step."""
-  cfg = model.cfg
-  out = {"log_prob": [], "log_prob_uncond": []}
-  for i in range(len(images)):
-    row_c, row_u = [], []
-    for k in range(samples):
-      x = dequantize_examples(seed, jnp.asarray([i]), k, images[i:i + 1], cfg.pixels)
-      y = jnp.asarray(labels[i:i + 1], jnp.int32) if cfg.num_classes else None
-      null = jnp.full((1,), cfg.null_class, jnp.int32)
-      row_u.append(float(model.apply({"params": params}, x, null)["log_prob"][0]))
-      row_c.append(float(model.apply({"params": params}, x, y)["log_prob"][0])
-                   if y is not None else row_u[-1])
-    out["log_prob"].append(row_c)
-    out["log_prob_uncond"].append(row_u)
-  return {t: np.asarray(v) for t, v in out.items()}

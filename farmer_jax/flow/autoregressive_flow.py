@@ -153,9 +153,6 @@ def _flip(flip, x, axis=1):
   return jnp.where(flip, jnp.flip(x, axis), x)
 
 
-GUIDE_WHAT = AF_GUIDE_WHAT
-
-
 def check_guidance(guidance, guide_what, attn_temp):
   """Validates ``AutoregressiveFlow.inverse``'s guidance arguments; returns (guidance, attn_temp)
   as Python floats. They select the traced program, so they must be static (not traced)."""
@@ -164,8 +161,8 @@ def check_guidance(guidance, guide_what, attn_temp):
   except TypeError as e:          # a tracer (jax.errors.ConcretizationTypeError is a TypeError)
     raise TypeError("guidance and attn_temp must be static Python numbers (they choose the traced "
                     "program): pass them outside jit / as static arguments") from e
-  if guide_what not in GUIDE_WHAT:
-    raise ValueError(f"guide_what={guide_what!r} is unknown; use one of {GUIDE_WHAT}")
+  if guide_what not in AF_GUIDE_WHAT:
+    raise ValueError(f"guide_what={guide_what!r} is unknown; use one of {AF_GUIDE_WHAT}")
   if not guidance >= 0:
     raise ValueError(f"guidance={guidance} must be >= 0 (0 = no guidance)")
   if not attn_temp > 0:

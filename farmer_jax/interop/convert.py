@@ -34,7 +34,6 @@ from farmer_jax.config import (ConfigError, DataConfig, ModelConfig, TrainConfig
 from farmer_jax.interop import tarflow
 from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
 
-FORMATS = ("tarflow",)
 _ARCH_FIELDS = ("image_size", "channels", "num_classes", "patch_size", "flow_width", "flow_heads",
                 "flow_blocks", "flow_layers", "mlp_ratio", "flow_class_conditional",
                 "flow_final_norm")
