@@ -9,6 +9,7 @@ is further sharded over the ``axis`` mesh axis on its largest dimension that is 
 divisible by the axis size (big_vision's strategy). Optimizer moments mirror the params' shardings.
 """
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -74,6 +75,19 @@ def make_mesh(mesh_spec, devices=None):
   devices = jax.devices() if devices is None else list(devices)
   names, sizes = mesh_shape(mesh_spec, len(devices))
   return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def logical_rules(sharding_rules):
+  """``config.sharding_rules`` (pairs in any sequence type, e.g. lists from a JSON config) -> the
+  tuple of (logical name, mesh axes) tuples that flax's logical-axis functions take."""
+  return tuple(tuple(r) for r in sharding_rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh, rules):
+  """``mesh`` and the logical-axis ``rules`` active while tracing / running jitted code."""
+  with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
+    yield
 
 
 def batch_mesh_axes(rules):

@@ -45,6 +45,15 @@ def within(path, parent) -> bool:
   return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+def nearest_existing(path) -> str:
+  """The absolute local ``path`` if it exists, else its nearest existing ancestor: the folder a
+  missing path would be created under, so the one to check (a file there, no write permission)."""
+  path = os.path.abspath(os.fspath(path))
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
 def P(path) -> epath.Path:
   """The epath.Path of a local path or URL."""
   return epath.Path(os.fspath(path))
@@ -194,10 +203,7 @@ def staged_dir(out, may_replace):
   """
   out = os.path.abspath(os.fspath(out))
   parent, name = os.path.split(out)
-  created = None    # the outermost missing ancestor: removed again on failure
-  up = parent
-  while not os.path.exists(up):
-    created, up = up, os.path.dirname(up)
+  existing = nearest_existing(parent)   # folders below it are created here, removed on failure
   os.makedirs(parent, exist_ok=True)
   tag = secrets.token_hex(6)
   tmp, aside, done = os.path.join(parent, f".{name}.tmp-{tag}"), None, False
@@ -220,13 +226,11 @@ def staged_dir(out, may_replace):
         os.rename(aside, out)                      # interrupted between the renames: put it back
     if os.path.lexists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-    if created is not None and not os.path.lexists(out):
+    if not os.path.lexists(out):
       d = parent
-      while True:
+      while d != existing:
         try:
           os.rmdir(d)
         except OSError:
-          break
-        if d == created:
           break
         d = os.path.dirname(d)

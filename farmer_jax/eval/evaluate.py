@@ -60,7 +60,7 @@ def eval_mesh(config, say=print):
   try:
     return sharding.make_mesh(config.mesh)
   except (ConfigError, ValueError) as e:
-    rules = tuple(tuple(r) for r in config.sharding_rules)
+    rules = sharding.logical_rules(config.sharding_rules)
     names = [n for n, _ in config.mesh]
     batch_axes = [a for a in sharding.batch_mesh_axes(rules) if a in names] or names[:1]
     spec = tuple((n, -1 if n == batch_axes[0] else 1) for n in names)
@@ -112,15 +112,14 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
   sources.require_dataset(data, model_dir or workdir)
   sources.require_split(data, split, f"--split={split}", "pass one of them")
   mesh = eval_mesh(config, say)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
+  rules = sharding.logical_rules(config.sharding_rules)
   gb = sharding.eval_batch_size(batch_size or e.batch_size, mesh, rules)
   batches, steps, n = pipeline.eval_batches(data, split, gb, jax.process_index(),
                                             jax.process_count())
   batch_sh = sharding.batch_sharding(mesh, rules)
-  import flax.linen as nn
   param_sh = sharding.param_shardings(abstract_params(mcfg, boxed=True), mesh, rules,
                                       config.get("fsdp"))
-  with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
+  with sharding.mesh_context(mesh, rules):
     dev_params = _put_params(params, param_sh)
     show = not quiet and jax.process_index() == 0
     say(f"bits/dim of {data.name} split {split!r}: {n} images, {k} dequantization draw(s) each, "

@@ -123,9 +123,7 @@ def check_export_target(workdir, out, overwrite):
   if not os.path.exists(out):
     if os.path.lexists(out):
       raise ExportError(f"--out={out} is a broken symbolic link; remove it or choose another --out")
-    up = os.path.dirname(out)
-    while not os.path.exists(up):
-      up = os.path.dirname(up)
+    up = storage.nearest_existing(os.path.dirname(out))
     if not os.path.isdir(up):
       raise ExportError(
           f"--out={out} cannot be created: {up} is a file, not a directory; choose another --out")

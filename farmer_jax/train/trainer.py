@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -76,7 +75,7 @@ class Trainer:
     t = self.t
     # ---- mesh ----
     self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = tuple(tuple(r) for r in config.sharding_rules)
+    self.rules = sharding.logical_rules(config.sharding_rules)
     # ---- input pipeline ----
     self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     self.input = TrainInput(DataConfig.from_config(config), t.batch_size, t.seed,
@@ -232,11 +231,9 @@ class Trainer:
           "--config.<key>=<saved value>), use a fresh --workdir, or pass --config_change_ok if "
           "the change is intended")
 
-  @contextlib.contextmanager
   def mesh_context(self):
     """Mesh + logical-axis rules active while tracing / running jitted code."""
-    with nn.logical_axis_rules(self.rules), jax.set_mesh(self.mesh):
-      yield
+    return sharding.mesh_context(self.mesh, self.rules)
 
   def log(self, msg):
     if not self.quiet and jax.process_index() == 0:
