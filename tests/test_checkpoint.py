@@ -118,7 +118,8 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(traine
   assert any(
       f"{ckdir / '400'}" in m and f"aside to {ckdir / '400.unreadable'}" in m for m in said), said
   assert any("restored checkpoint step 200" in m for m in said), said
-  # the resumed run reaches step 400 again: saving it must work (was: StepAlreadyExistsError)
+  # the resumed run reaches step 400 again: saving it must work (a step moved aside is not
+  # listed, so Orbax does not raise StepAlreadyExistsError)
   ck.save(400, state400, dict(meta, step=400, data_step=400))
   ck.close()
   ck = Checkpointer(str(ckdir))

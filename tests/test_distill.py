@@ -113,7 +113,7 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
 
 def test_distill_into_the_teachers_own_folder_is_named_as_such(tmp_path):
   """--workdir = --teacher (or a link to it) is refused before anything is read or written, with
-  the real mistake named (it was a corrupt-checkpoint message with a pytree dump)."""
+  the real mistake named, not reported as a corrupt checkpoint with a pytree dump."""
   from farmer_jax import configlib
   from farmer_jax.config import ConfigError
   from farmer_jax.distill.trainer import DistillTrainer

@@ -99,7 +99,7 @@ def test_overwrite_replaces_a_previous_export_safely(trained_run, tmp_path, monk
   m2 = export_model(str(wd), str(out), dtype="bfloat16", overwrite=True)
   assert load_model(str(out))[3] == m2 and m2["dtype"] == "bfloat16"
   assert sorted(os.listdir(tmp_path)) == ["model"]
-  # a format-1 export written before the "kind" marker is still recognised
+  # a format-1 export.json without the "kind" marker is recognised too
   meta = json.loads((out / "export.json").read_text())
   del meta["kind"]
   (out / "export.json").write_text(json.dumps(meta))
@@ -263,7 +263,7 @@ def test_sample_cli_errors(exported, tmp_path):
   assert r.returncode == 2 and "t_sigma=0" in r.stderr
   r = run(f"--model={tmp_path}/missing", f"--out={tmp_path}/x.png")
   assert r.returncode == 2 and "does not exist" in r.stderr
-  # an output that cannot fit is refused before sampling (it was a 37 GiB allocation traceback)
+  # an output that cannot fit is refused before sampling, not a traceback from a 37 GiB allocation
   r = run(f"--model={out}", "--num=1000000000", f"--npz={tmp_path}/x.npz")
   last = r.stderr.strip().splitlines()[-1]
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]

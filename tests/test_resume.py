@@ -195,8 +195,8 @@ def _assert_clean_preemption(wd, code, out, err, where):
 
 def test_sigterm_during_compilation_exits_0(tmp_path):
   """SIGTERM while XLA compiles (the state's initialisation, on a thread of XLA's): exit 0 with
-  one line and nothing written. Interpreter shutdown while that thread still compiled was a
-  segfault (exit 139)."""
+  one line and nothing written, without interpreter shutdown: that, while the thread still
+  compiles, is a segfault (exit 139)."""
   wd = str(tmp_path / "run")
   lowered = []   # when the init function went to XLA's compiler (the line right before)
 

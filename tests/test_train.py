@@ -85,7 +85,7 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
 
 
 def test_run_and_export_folder_names_are_a_file_format():
-  """Runs and exports written by earlier releases must stay loadable: the names runs.py spells."""
+  """The names runs.py spells are a file format: runs and exports on disk are found by them."""
   from farmer_jax import runs
   assert (runs.CONFIG, runs.CHECKPOINTS, runs.METRICS, runs.TENSORBOARD, runs.SAMPLES, runs.SUMMARY,
           runs.LOCK) == ("config.json", "checkpoints", "metrics.jsonl", "tb", "samples.png",

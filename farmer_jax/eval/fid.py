@@ -307,7 +307,7 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
       raise ValueError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
   from farmer_jax.config import resolved_config
   mcfg, params, config, meta = load_model(model_dir)
-  config = resolved_config(config)   # an export made before some config fields existed
+  config = resolved_config(config)   # an export's config.json may lack fields: their defaults
   if features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
     raise ValueError(f"--features=mnist scores 32x32x1 digits; this model makes "
                      f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "

@@ -82,9 +82,9 @@ def make_guarded_step(batch_loss, tx, lr_fn, ema_decay=0.0):
            "opt_state": keep(opt_state, state["opt_state"]), "step": s + 1,
            "bad_step": jnp.where((state["bad_step"] < 0) & ~ok, s, state["bad_step"])}
     if "ema" in state:
-      # d * ema + (1 - d) * params. optax computes step_size * new + (1 - step_size) * old; XLA
-      # fuses a*b + c*d into an FMA, so the operand order is part of the numbers: this order keeps
-      # them bit-identical to the former hand-written update (and to checkpoints that used it).
+      # d * ema + (1 - d) * params, as optax.incremental_update computes it (step_size * new +
+      # (1 - step_size) * old). XLA fuses a*b + c*d into an FMA, so the operand order is part of
+      # the numbers: an EMA written another way would not reproduce saved runs' EMA bit for bit.
       ema = optax.incremental_update(state["ema"], params, ema_decay)
       new["ema"] = keep(ema, state["ema"])
     metrics = {"loss": loss, "lr": lr_fn(s), "grad_norm": gnorm, **aux}
