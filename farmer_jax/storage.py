@@ -45,13 +45,31 @@ def within(path, parent) -> bool:
   return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+def missing_dirs(path) -> list:
+  """The absolute local ``path`` and those of its ancestors that do not exist, deepest first (empty
+  if ``path`` exists): the folders ``makedirs(path)`` would create."""
+  out, path = [], os.path.abspath(os.fspath(path))
+  while not os.path.exists(path):
+    out.append(path)
+    path = os.path.dirname(path)
+  return out
+
+
 def nearest_existing(path) -> str:
   """The absolute local ``path`` if it exists, else its nearest existing ancestor: the folder a
   missing path would be created under, so the one to check (a file there, no write permission)."""
-  path = os.path.abspath(os.fspath(path))
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  return path
+  missing = missing_dirs(path)
+  return os.path.dirname(missing[-1]) if missing else os.path.abspath(os.fspath(path))
+
+
+def remove_empty_dirs(dirs):
+  """Removes the folders ``dirs`` (deepest first, e.g. what ``missing_dirs`` listed before they
+  were made) while they are empty: stops at the first one that cannot be removed."""
+  for d in dirs:
+    try:
+      os.rmdir(d)
+    except OSError:
+      return
 
 
 def P(path) -> epath.Path:
@@ -203,7 +221,7 @@ def staged_dir(out, may_replace):
   """
   out = os.path.abspath(os.fspath(out))
   parent, name = os.path.split(out)
-  existing = nearest_existing(parent)   # folders below it are created here, removed on failure
+  created = missing_dirs(parent)   # made here, removed again on failure while empty
   os.makedirs(parent, exist_ok=True)
   tag = secrets.token_hex(6)
   tmp, aside, done = os.path.join(parent, f".{name}.tmp-{tag}"), None, False
@@ -227,10 +245,4 @@ def staged_dir(out, may_replace):
     if os.path.lexists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
     if not os.path.lexists(out):
-      d = parent
-      while d != existing:
-        try:
-          os.rmdir(d)
-        except OSError:
-          break
-        d = os.path.dirname(d)
+      remove_empty_dirs(created)

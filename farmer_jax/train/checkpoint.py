@@ -217,9 +217,8 @@ class Checkpointer:
 
   def close(self):
     if self._mngr is not None:
+      self.wait()
       with self._writing():
-        self._mngr.wait_until_finished()
-        self._saving = None
         self._mngr.close()
       self._mngr = None
 

@@ -3,7 +3,6 @@ step -> loop), checkpoint/resume and SIGTERM. The step is train/step.py's, the s
 train/state.py's; the post-training report is train/report.py's."""
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -151,11 +150,9 @@ class Trainer:
     a busy workdir stops them all at once instead of leaving the others in a collective."""
     error = None
     if jax.process_index() == 0:
-      created, d = [], self.workdir   # a bucket has no empty directories to clean up
-      while not storage.is_url(d) and not os.path.exists(d):
-        created.append(d)
-        d = os.path.dirname(os.path.abspath(d))
-      self._created_dirs = created
+      # a bucket has no empty folders to clean up
+      self._created_dirs = ([] if storage.is_url(self.workdir) else
+                            storage.missing_dirs(self.workdir))
       self.lock = WorkdirLock(self.workdir, say=self.log)   # seen by a start-up SIGTERM
       try:
         self.lock.acquire()
@@ -184,11 +181,7 @@ class Trainer:
     if self.lock is not None:
       self.lock.release()
       self.lock = None
-    for d in self._created_dirs:        # deepest first; rmdir only succeeds if empty
-      try:
-        os.rmdir(d)
-      except OSError:
-        break
+    storage.remove_empty_dirs(self._created_dirs)
     self._created_dirs = []
 
   def _restore(self):
