@@ -27,7 +27,7 @@ import os
 import ml_collections
 
 from farmer_jax import storage
-from farmer_jax.config import upgrade_saved_config
+
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -77,12 +77,12 @@ class ExportDir(_Layout):
 
 
 def read_saved_config(directory):
-  """The config.json of a run or export folder, upgraded to today's keys (``upgrade_saved_config``);
-  None if the folder has none. A corrupt file raises (json.JSONDecodeError, OSError)."""
+  """The config.json of a run or export folder (a ConfigDict); None if the folder has none. A
+  corrupt file raises (json.JSONDecodeError, OSError)."""
   path = storage.join(directory, CONFIG)
   if not storage.exists(path):
     return None
-  return upgrade_saved_config(ml_collections.ConfigDict(json.loads(storage.read_text(path))))
+  return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
 
 
 def write_saved_config(directory, config):
