@@ -16,11 +16,12 @@ from farmer_jax.errors import ConfigError, UserError
 
 
 class FieldError(ConfigError):
-  """``config.<field>=<value>`` is refused: ``why`` it is wrong and the ``fix``."""
+  """``config.<field>=<value>`` is refused: ``why`` it is wrong and the ``fix``. ``end`` closes the
+  message (a sampler setting's fix, which ends in a parenthesis, has none)."""
 
-  def __init__(self, field: str, value: Any, why: str, fix: str):
+  def __init__(self, field: str, value: Any, why: str, fix: str, end: str = "."):
     self.field, self.value, self.why, self.fix = field, value, why, fix
-    super().__init__(f"config.{field}={value!r} is invalid: {why}. Fix: {fix}.")
+    super().__init__(f"config.{field}={value!r} is invalid: {why}. Fix: {fix}{end}")
 
 
 def require(ok, field, value, why, fix):
@@ -44,7 +45,7 @@ class SettingError(UserError):
     key = next((k for k in self.names if k in settings), self.names[0])
     fix = fix or (f"set --config.{section}.{key} to a valid value (at sampling time: farmer_jax "
                   "sample --cfg/--guidance/--sampler)")
-    return FieldError(f"{section}.{key}", settings.get(key, "<default>"), self.why, fix)
+    return FieldError(f"{section}.{key}", settings.get(key, "<default>"), self.why, fix, end="")
 
 
 @dataclasses.dataclass(frozen=True)
