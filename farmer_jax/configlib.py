@@ -93,13 +93,12 @@ def base(section_cls, **updates):
 
 def base_model(**updates):
   """``config.model``: every ModelConfig field but the data shape (config.data's) at its default,
-  updated with ``updates``. The given fields come first, in the order given, then the rest in field
-  order: the order a run's config.json lists them."""
-  d = dict(updates)
-  for f in dataclasses.fields(ModelConfig):
-    if f.name not in DATA_SHAPE_FIELDS:
-      d.setdefault(f.name, f.default)
-  return ml_collections.ConfigDict(d)
+  updated with ``updates`` (see ``base``)."""
+  d = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+       if f.name not in DATA_SHAPE_FIELDS}
+  out = ml_collections.ConfigDict(d)
+  out.update(updates)
+  return out
 
 
 def base_data(**updates):

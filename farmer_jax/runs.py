@@ -86,5 +86,7 @@ def read_saved_config(directory):
 
 
 def write_saved_config(directory, config):
-  """Writes ``config`` (a ConfigDict) as the folder's config.json, atomically."""
-  storage.write_text(storage.join(directory, CONFIG), config.to_json_best_effort(indent=2))
+  """Writes ``config`` (a ConfigDict) as the folder's config.json, atomically; keys sorted, so the
+  file is the same for the same settings however a config file ordered them."""
+  storage.write_text(storage.join(directory, CONFIG),
+                     config.to_json_best_effort(indent=2, sort_keys=True))

@@ -398,20 +398,33 @@ def test_saved_config_is_resolved():
     parse(c)
 
 
-def test_every_model_field_is_settable():
-  """configlib.base_model lists every ModelConfig field but the data shape (the given ones first),
-  so a model section started from it takes an override of any of them."""
+@pytest.mark.parametrize("spec", ["quickstart", "quickstart:tiny", "imagenet256",
+                                  "imagenet256:1.9B/8", "tarflow:tiny", "tarflow:imagenet64"])
+def test_every_model_field_is_settable(spec):
+  """Every shipped config starts config.model from configlib.base_model, so it lists every
+  ModelConfig field but the data shape, and ``--config.model.<any field>=...`` overrides it."""
   import dataclasses
   from farmer_jax.config.schema import DATA_SHAPE_FIELDS, ModelConfig
+  c = configlib.load(spec)
+  assert set(c.model) == {f.name for f in dataclasses.fields(ModelConfig)} - set(DATA_SHAPE_FIELDS)
   base = configlib.base_model(patch_size=8)
-  assert list(base.keys()) and base.patch_size == 8
-  assert set(base) == {f.name for f in dataclasses.fields(ModelConfig)} - set(DATA_SHAPE_FIELDS)
+  assert base.patch_size == 8 and set(base) == set(c.model)
+
+
+def test_an_override_of_a_field_a_config_file_does_not_write_is_taken(tmp_path):
+  """`farmer_jax check --config=configs/quickstart.py:tiny --config.model.prior=standard_normal`
+  (quickstart writes no 'prior') parses, and the parsed model has that prior."""
+  import dataclasses
+  out = subprocess.run(
+      [sys.executable, "-m", "farmer_jax", "check", "--config=configs/quickstart.py:tiny",
+       "--config.model.prior=standard_normal", f"--workdir={tmp_path / 'run'}"],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("config OK:"), out.stdout
   c = configlib.load("quickstart:tiny")
-  c.model = configlib.base_model(**c.model.to_dict())
   c.model.prior = "standard_normal"
-  run = parse(c)
-  assert run.model == dataclasses.replace(parse(configlib.load("quickstart:tiny")).model,
-                                          prior="standard_normal")
+  assert parse(c).model == dataclasses.replace(parse(configlib.load("quickstart:tiny")).model,
+                                               prior="standard_normal")
 
 
 def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
