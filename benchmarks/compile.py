@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from farmer_jax import configlib
-from farmer_jax.config import TrainConfig, validate
+from farmer_jax.config.parse import parse
 from farmer_jax.model import Farmer
 from farmer_jax.train.optim import make_optimizer
 from farmer_jax.train.state import abstract_state
@@ -23,8 +23,8 @@ from farmer_jax.train.step import make_train_step
 def compile_seconds(blocks, width, batch):
   c = configlib.load("quickstart")
   c.model.update(flow_blocks=blocks, flow_width=width)
-  m = validate(c)
-  t = TrainConfig.from_config(c)
+  run = parse(c)
+  m, t = run.model, run.train
   tx, lr = make_optimizer(t)
   state = abstract_state(m, tx, ema=t.ema_decay > 0)
   batch_s = {"image": jax.ShapeDtypeStruct((batch, m.image_size, m.image_size, m.channels),

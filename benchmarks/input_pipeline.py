@@ -59,13 +59,13 @@ def pipeline_rate(data, batch, batches):
 
 def step_rate(config, steps):
   import jax
-  from farmer_jax.config import TrainConfig, validate
+  from farmer_jax.config.parse import parse
   from farmer_jax.model import Farmer
   from farmer_jax.train.optim import make_optimizer
   from farmer_jax.train.state import init_state
   from farmer_jax.train.step import make_train_step
-  m = validate(config)
-  t = TrainConfig.from_config(config)
+  run = parse(config)
+  m, t = run.model, run.train
   tx, lr = make_optimizer(t)
   state = jax.jit(lambda r: init_state(m, tx, r, False))(jax.random.key(0))
   step = jax.jit(make_train_step(Farmer(m), m, t, tx, lr), donate_argnums=(0,))
@@ -92,7 +92,7 @@ def main():
   a = ap.parse_args()
   flags.FLAGS.mark_as_parsed()   # grain worker processes read an absl flag
   from farmer_jax import configlib
-  from farmer_jax.config import DataConfig
+  from farmer_jax.config.schema import DataConfig
   from farmer_jax.data.prepare import Options, prepare
   tmp = tempfile.mkdtemp(prefix="farmer_input_bench_")
   try:
@@ -112,7 +112,7 @@ def main():
       rates[w] = pipeline_rate(d, a.batch, a.batches)
       print(f"pipeline alone, {w} worker process(es), 2 read threads: {rates[w]:8.0f} images/s")
     qs = configlib.load("quickstart")
-    mnist = pipeline_rate(DataConfig.from_config(qs), a.batch, a.batches * 4)
+    mnist = pipeline_rate(DataConfig.from_section(qs.data), a.batch, a.batches * 4)
     print(f"pipeline alone, quickstart mnist5k 32x32, 0 workers: {mnist:8.0f} images/s")
     big = configlib.load("quickstart")
     big.data.update(name="tfds:bench_photos", data_dir=os.path.join(tmp, "tfds"),

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from farmer_jax.config import ModelConfig, SamplerConfig
+from farmer_jax.config.schema import ModelConfig, SamplerConfig
 from farmer_jax.distill.student import student_decode
 from farmer_jax.model import Farmer, decode_latents, init_params
 from farmer_jax.sampling.sampler import sample_keys, sample_latents
@@ -111,11 +111,11 @@ def main():
 
 
 def real_models(a):
-  from farmer_jax.config import validate_model_config
+  from farmer_jax.config.parse import parse_model
   from farmer_jax.runs import read_saved_config
   from farmer_jax.sampling.export import latest_run_params
   from farmer_jax.sampling.images import save_grid
-  cfg = validate_model_config(read_saved_config(a.teacher))
+  cfg = parse_model(read_saved_config(a.teacher))
   params, _, _ = latest_run_params(a.teacher, say=lambda _: None)
   student, step, _ = latest_run_params(a.student, say=lambda _: None)
   y = jnp.repeat(jnp.arange(10, dtype=jnp.int32), 2)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from farmer_jax import configlib
-from farmer_jax.config import validate_model_config
+from farmer_jax.config.parse import parse_model
 from farmer_jax.model import abstract_params
 from farmer_jax.sharding import fsdp_spec
 
@@ -30,7 +30,7 @@ def state_bytes_per_device(preset, fsdp, ema=False):
   c = configlib.load("imagenet256:" + preset)
   # The config's logical rules map only activations (batch); params are sharded by the FSDP pass
   # alone.
-  shapes = abstract_params(validate_model_config(c))
+  shapes = abstract_params(parse_model(c))
   total = per_dev = 0
   for a in jax.tree.leaves(shapes):
     n = int(np.prod(a.shape))

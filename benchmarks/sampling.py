@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import configlib
-from farmer_jax.config import validate
+from farmer_jax.config.parse import parse
 from farmer_jax.model import decode_latents, init_params
-from farmer_jax.config import ResamplingCFG, SamplerConfig
+from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
 from farmer_jax.sampling.sampler import sample_keys, sample_latents
 
 
@@ -51,7 +51,7 @@ def main():
     from farmer_jax.sampling.export import load_model
     mcfg, params, _, _ = load_model(a.model)
   else:
-    mcfg = validate(configlib.load("quickstart"))
+    mcfg = parse(configlib.load("quickstart")).model
     params = jax.jit(lambda rng: init_params(mcfg, rng))(jax.random.key(0))
   s = SamplerConfig(
       guidance=a.guidance, cfg=ResamplingCFG(w=a.cfg if a.guidance != "none" else 0.0))

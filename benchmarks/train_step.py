@@ -43,7 +43,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from farmer_jax import configlib, flops  # noqa: E402
-from farmer_jax.config import REMAT_POLICIES, TrainConfig, validate_model_config  # noqa: E402
+from farmer_jax.config.schema import REMAT_POLICIES, TrainConfig  # noqa: E402
+from farmer_jax.config.parse import parse_model  # noqa: E402
 from farmer_jax.model import Farmer  # noqa: E402
 from farmer_jax.train.optim import make_optimizer  # noqa: E402
 from farmer_jax.train.state import init_state  # noqa: E402
@@ -105,8 +106,8 @@ def build(config, batch, remat=None):
     config.model.remat = remat != "none"
     if remat != "none":
       config.model.remat_policy = remat
-  m = validate_model_config(config)
-  t = dataclasses.replace(TrainConfig.from_config(config), batch_size=batch)
+  m = parse_model(config)
+  t = dataclasses.replace(TrainConfig.from_section(config.train), batch_size=batch)
   tx, lr_fn = make_optimizer(t)
   step = jax.jit(make_train_step(Farmer(m), m, t, tx, lr_fn), donate_argnums=(0,))
   rng = np.random.default_rng(0)
@@ -170,7 +171,7 @@ def main():
   for name in names:
     config, batch = config_for(name, dtype, on_cpu)
     batch = a.batch or batch
-    m = validate_model_config(config)
+    m = parse_model(config)
     fpi = flops.flops_per_image(m)
     row = dict(config=name, batch=batch, gflop_per_image=fpi / 1e9)
     if not a.memory_only:

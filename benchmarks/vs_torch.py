@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
-from farmer_jax.config import ModelConfig  # noqa: E402
+from farmer_jax.config.schema import ModelConfig  # noqa: E402
 from farmer_jax.flow.autoregressive_flow import AutoregressiveFlow  # noqa: E402
 from farmer_jax.flow.patchify import patchify, unpatchify  # noqa: E402
 from farmer_jax.interop.tarflow import (config_for_tarflow, patch_permutation,  # noqa: E402

@@ -75,7 +75,7 @@ def get_config(arg=None):
   c.data = configlib.base_data(name=a.data, data_dir=a.data_dir, image_size=256, channels=3,
                                num_classes=1000, resize=a.resize, random_flip=True,
                                read_threads=16, prefetch=4)
-  c.model = dict(
+  c.model = configlib.base_model(
       patch_size=int(patch),
       flow_class_conditional=False,
       flow_final_norm=True,

@@ -18,7 +18,7 @@ def get_config(arg=None):
   a = common.parse_arg(arg, size="base", distill=False)
   c = ml_collections.ConfigDict()
   c.data = common.base_data(name="mnist5k", image_size=32, channels=1, num_classes=10)
-  c.model = dict(
+  c.model = common.base_model(
       patch_size=4,
       # a class-conditional AF (TARFlow's; the paper's AF is unconditional) and a deeper AR
       # with 8 class repeats: measured on the MNIST class consistency of CFG samples, docs/eval.md

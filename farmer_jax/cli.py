@@ -34,7 +34,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from farmer_jax.config import (  # config.py does not import jax
+from farmer_jax.config.schema import (  # the config package does not import jax
     DTYPE_NAMES, GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS, SamplerConfig)
 
 FLAGS = flags.FLAGS
@@ -170,12 +170,12 @@ def _train(argv):
   if FLAGS.compilation_cache_dir:
     import jax
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
-  from farmer_jax.config import validate
-  validate(FLAGS.config,
-           FLAGS.workdir)  # the whole run config + workdir, before anything is written
+  from farmer_jax.config.parse import parse
+  # the whole run config + workdir, before anything is written
+  run = parse(FLAGS.config, FLAGS.workdir)
   from farmer_jax.train.report import format_test_bpd
   from farmer_jax.train.trainer import train_and_report
-  summary, _ = train_and_report(FLAGS.config, FLAGS.workdir, quiet=FLAGS.quiet,
+  summary, _ = train_and_report(run, FLAGS.workdir, quiet=FLAGS.quiet,
                                 config_change_ok=FLAGS.config_change_ok,
                                 abandon=_preempted_during_startup)
   if _preempted(summary):
@@ -291,7 +291,6 @@ def _sample(argv):
     SamplerConfig.from_config(over)
   except ValueError as e:
     raise _sampler_error(e) from e
-  from farmer_jax.config import check_sampler_for_model
   from farmer_jax.sampling.export import ExportError, load_latent_var, load_model, load_student
   from farmer_jax.sampling.generate import (
       check_output_size, describe_stats, generate, parse_classes, write_outputs)
@@ -303,7 +302,7 @@ def _sample(argv):
   sc.update(over)
   try:
     sampler = SamplerConfig.from_config(sc)
-    check_sampler_for_model(sampler, mcfg)
+    sampler.check_model(mcfg)
   except ValueError as e:
     raise _sampler_error(e) from e
   student = None
@@ -394,9 +393,9 @@ def _check(argv):
   processes = FLAGS.processes or 1
   if FLAGS.devices is not None and FLAGS.devices % processes:
     raise ValueError(f"--devices={FLAGS.devices} is not a multiple of --processes={processes}")
-  from farmer_jax.config import DataConfig, TrainConfig, validate
-  m = validate(FLAGS.config, FLAGS.workdir, num_devices=FLAGS.devices, num_processes=processes)
-  d, t = DataConfig.from_config(FLAGS.config), TrainConfig.from_config(FLAGS.config)
+  from farmer_jax.config.parse import parse
+  run = parse(FLAGS.config, FLAGS.workdir, num_devices=FLAGS.devices, num_processes=processes)
+  m, d, t = run.model, run.data, run.train
   from farmer_jax import storage
   where = "a bucket" if storage.is_url(FLAGS.workdir) else "a local path"
   print(f"config OK: {m.num_tokens} tokens of d={m.token_dim}, data {d.name}, global batch "
@@ -521,7 +520,7 @@ def _raised_in_package(e):
 def failure(e, cmd="train"):
   """(exit code, one-line message) for an expected failure of ``cmd``, None for a bug (shown as a
   traceback)."""
-  from farmer_jax.config import ConfigError
+  from farmer_jax.errors import ConfigError
   from farmer_jax.sampling.export import ExportError
   from farmer_jax.data.prepare import PrepareError
   from farmer_jax.train.lock import WorkdirBusyError

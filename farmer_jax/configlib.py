@@ -8,8 +8,9 @@ import os
 
 import ml_collections
 
-from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, SampleConfig, TrainConfig,
-                               sampler_defaults)
+from farmer_jax.config.schema import (DATA_SHAPE_FIELDS, DataConfig, EvalConfig, ModelConfig,
+                                      SampleConfig, SamplerConfig, TrainConfig)
+from farmer_jax.errors import ConfigError
 
 # configs/ sits next to the package: the repository root is the parent of farmer_jax/.
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -84,7 +85,17 @@ def base(section_cls, **updates):
   d = {f.name: f.default for f in dataclasses.fields(section_cls)
        if not f.metadata.get("derived")}
   if section_cls is SampleConfig:
-    d.update(sampler_defaults())
+    d.update(SamplerConfig().settings())
+  out = ml_collections.ConfigDict(d)
+  out.update(updates)
+  return out
+
+
+def base_model(**updates):
+  """``config.model``: every ModelConfig field but the data shape (config.data's) at its default,
+  updated with ``updates`` (see ``base``)."""
+  d = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+       if f.name not in DATA_SHAPE_FIELDS}
   out = ml_collections.ConfigDict(d)
   out.update(updates)
   return out

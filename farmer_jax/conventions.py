@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from farmer_jax.config import PIXELS
+from farmer_jax.config.schema import PIXELS
 
 BIN_WIDTH = 1.0 / 128.0
 LN2 = math.log(2.0)

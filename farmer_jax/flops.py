@@ -11,7 +11,7 @@ Shape letters: B batch, N tokens, d token dim, C width, F = mlp_ratio * C, L lay
 M class prefix, d_I / d_R informative / redundant dims, K_I / K_R mixtures.
 """
 
-from farmer_jax.config import ModelConfig
+from farmer_jax.config.schema import ModelConfig
 
 
 def transformer_flops(tokens, width, depth, mlp_ratio, batch=1):

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from farmer_jax.config import ModelConfig
+from farmer_jax.config.schema import ModelConfig
 from farmer_jax.flow.autoregressive_flow import NO_LABEL, AutoregressiveFlow
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.prior import gmm

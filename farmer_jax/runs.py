@@ -27,7 +27,7 @@ import os
 import ml_collections
 
 from farmer_jax import storage
-from farmer_jax.config import upgrade_saved_config
+
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -77,14 +77,16 @@ class ExportDir(_Layout):
 
 
 def read_saved_config(directory):
-  """The config.json of a run or export folder, upgraded to today's keys (``upgrade_saved_config``);
-  None if the folder has none. A corrupt file raises (json.JSONDecodeError, OSError)."""
+  """The config.json of a run or export folder (a ConfigDict); None if the folder has none. A
+  corrupt file raises (json.JSONDecodeError, OSError)."""
   path = storage.join(directory, CONFIG)
   if not storage.exists(path):
     return None
-  return upgrade_saved_config(ml_collections.ConfigDict(json.loads(storage.read_text(path))))
+  return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
 
 
 def write_saved_config(directory, config):
-  """Writes ``config`` (a ConfigDict) as the folder's config.json, atomically."""
-  storage.write_text(storage.join(directory, CONFIG), config.to_json_best_effort(indent=2))
+  """Writes ``config`` (a ConfigDict) as the folder's config.json, atomically; keys sorted, so the
+  file is the same for the same settings however a config file ordered them."""
+  storage.write_text(storage.join(directory, CONFIG),
+                     config.to_json_best_effort(indent=2, sort_keys=True))

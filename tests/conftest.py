@@ -15,7 +15,7 @@ if os.environ.get("FARMER_TEST_XLA_OPT") != "1":
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from farmer_jax.config import ModelConfig  # noqa: E402
+from farmer_jax.config.schema import ModelConfig  # noqa: E402
 from farmer_jax.model import Farmer, init_params  # noqa: E402
 
 TINY = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, flow_blocks=2,

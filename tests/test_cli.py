@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from farmer_jax import cli
-from farmer_jax.config import ConfigError
+from farmer_jax.errors import ConfigError
 from farmer_jax.sampling import generate as gen
-from farmer_jax.config import SamplerConfig, sampler_from_config
+from farmer_jax.config.schema import SamplerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
@@ -248,23 +248,23 @@ def test_sampler_flag_values_keep_integers():
   over = cli.sampler_overrides(None, None, "s_c=5,s_u=3,t_sigma=0.9,redundant_var_scale=1")
   assert over == {"s_c": 5, "s_u": 3, "t_sigma": 0.9, "redundant_var_scale": 1}
   assert isinstance(over["s_c"], int)
-  s = sampler_from_config({**over, "guidance": "resampling"})
+  s = SamplerConfig.from_config({**over, "guidance": "resampling"})
   assert (s.cfg.s_c, s.cfg.s_u) == (5, 3)
   for bad, msg in [("s_c=2.5", "s_c=2.5 must be an integer"),
                    ("redundant_candidates=16.5", "must be an integer"),
                    ("redundant_candidates=true", "is not a number")]:
     with pytest.raises(ValueError, match=msg):
-      sampler_from_config(cli.sampler_overrides(None, None, bad))
+      SamplerConfig.from_config(cli.sampler_overrides(None, None, bad))
   with pytest.raises(ValueError, match="unknown setting 'temp'"):
     cli.sampler_overrides(None, None, "temp=1")
   with pytest.raises(ValueError, match="must be key=value"):
     cli.sampler_overrides(None, None, "s_c")
   with pytest.raises(ValueError, match="cfg=nan must be a finite number"):
-    sampler_from_config(cli.sampler_overrides(float("nan"), None, None))
+    SamplerConfig.from_config(cli.sampler_overrides(float("nan"), None, None))
   with pytest.raises(ValueError, match="cfg=inf must be a finite number"):
-    sampler_from_config(cli.sampler_overrides(float("inf"), None, None))
+    SamplerConfig.from_config(cli.sampler_overrides(float("inf"), None, None))
   assert cli.sampler_overrides(2.0, None, "guidance=naive")["guidance"] == "naive"
-  assert sampler_from_config(cli.sampler_overrides(None, None,
+  assert SamplerConfig.from_config(cli.sampler_overrides(None, None,
                                                    "naive_proposals=1e3")).naive_proposals == 1000
 
 
@@ -330,7 +330,7 @@ def test_failure_classification():
     except Exception as caught:  # noqa: BLE001
       return caught
 
-  from farmer_jax.config import validate_workdir
+  from farmer_jax.config.parse import validate_workdir
   try:
     validate_workdir("")
   except ConfigError as e:

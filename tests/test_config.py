@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from farmer_jax import configlib
-from farmer_jax.config import ConfigError, validate, validate_model_config
+from farmer_jax.errors import ConfigError
+from farmer_jax.config.parse import parse, parse_model
 from farmer_jax.model import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ BAD_CONFIGS = [
     ("eval.batch_size", 0, r"config.eval.batch_size=0.*integer >= 1", False),
     ("eval.split", "validation",
      r"config.eval.split='validation'.*mnist5k has the splits \['train', 'test'\]", False),
-    # sample: keys, per_class/seed, and the sampler settings (sampler_from_config's errors, naming
+    # sample: keys, per_class/seed, and the sampler settings (SamplerConfig's errors, naming
     # the key)
     ("sample.per_class", 0, r"config.sample.per_class=0.*integer >= 1", False),
     ("sample.seed", 1.5, r"config.sample.seed=1.5.*integer", False),
@@ -143,7 +144,7 @@ BAD_CONFIGS = [
 def test_bad_config_raises_naming_field(tmp_path, field, value, pattern, trainer):
   c = config_with({field: value})
   with pytest.raises(ConfigError, match=pattern):
-    validate(c)
+    parse(c)
   if trainer:  # a few representative cases through the Trainer: it refuses before writing anything
     from farmer_jax.train.trainer import Trainer
     workdir = tmp_path / "run"
@@ -158,13 +159,13 @@ def test_good_configs_pass():
   integer-valued floats where floats belong, and the validation functions return the model config
   without touching anything."""
   for size in ("tiny", "base"):
-    assert validate(configlib.load("quickstart:" + size)).num_classes == 10
-  assert validate(config_with({"data.num_classes": 0, "train.lr": 1, "train.ema_decay": 0.999,
-                               "train.noise_steps": 50, "sample.s_c": 5.0})).num_classes == 0
-  m = validate_model_config(configlib.load("imagenet256:1.1B/16"))   # model only: no data needed
+    assert parse(configlib.load("quickstart:" + size)).model.num_classes == 10
+  assert parse(config_with({"data.num_classes": 0, "train.lr": 1, "train.ema_decay": 0.999,
+                               "train.noise_steps": 50, "sample.s_c": 5.0})).model.num_classes == 0
+  m = parse_model(configlib.load("imagenet256:1.1B/16"))   # model only: no data needed
   assert m.num_classes == 1000
   with pytest.raises(ConfigError, match="config.data.name='tfds:imagenet2012'.*not prepared"):
-    validate(configlib.load("imagenet256:1.1B/16"))
+    parse(configlib.load("imagenet256:1.1B/16"))
 
 
 @pytest.mark.parametrize("changes,devices,processes,pattern", [
@@ -194,7 +195,7 @@ def test_good_configs_pass():
 def test_mesh_and_batch_against_devices(changes, devices, processes, pattern):
   c = config_with(changes)
   with pytest.raises(ConfigError, match=pattern):
-    validate(c, num_devices=devices, num_processes=processes)
+    parse(c, num_devices=devices, num_processes=processes)
 
 
 def test_mesh_and_batch_controls():
@@ -203,9 +204,9 @@ def test_mesh_and_batch_controls():
   assert mesh_shape((("data", -1), ("fsdp", 1)), 8) == (("data", "fsdp"), (8, 1))
   assert mesh_shape([["data", 4], ["fsdp", -1]],
                     8) == (("data", "fsdp"), (4, 2))  # as saved in JSON
-  validate(config_with({"mesh": (("data", 4), ("fsdp", 2)), "train.batch_size": 16}), num_devices=8,
+  parse(config_with({"mesh": (("data", 4), ("fsdp", 2)), "train.batch_size": 16}), num_devices=8,
            num_processes=2)
-  validate(config_with({"sharding_rules": (("batch", "data"),), "mesh": (("data", 2), ("fsdp", 4)),
+  parse(config_with({"sharding_rules": (("batch", "data"),), "mesh": (("data", 2), ("fsdp", 4)),
                         "train.batch_size": 6}), num_devices=8, num_processes=2)
 
 
@@ -214,12 +215,12 @@ def test_workdir_checks_create_nothing(tmp_path):
   afile = tmp_path / "file"
   afile.write_text("x")
   with pytest.raises(ConfigError, match=rf"--workdir={afile} is invalid: it is an existing file"):
-    validate(c, str(afile))
+    parse(c, str(afile))
   with pytest.raises(ConfigError, match=rf"--workdir={afile}/run is invalid: {afile} is a file"):
-    validate(c, str(afile / "run"))
-  validate(c, str(tmp_path / "new" / "deeper" /
+    parse(c, str(afile / "run"))
+  parse(c, str(tmp_path / "new" / "deeper" /
                   "run"))  # creatable: fine, and not created by the check
-  validate(c, str(tmp_path))  # an existing directory (a run to resume): fine
+  parse(c, str(tmp_path))  # an existing directory (a run to resume): fine
   assert sorted(os.listdir(tmp_path)) == ["file"]
   if os.geteuid() != 0:                                       # root may write anywhere
     locked = tmp_path / "locked"
@@ -227,10 +228,10 @@ def test_workdir_checks_create_nothing(tmp_path):
     try:
       with pytest.raises(
           ConfigError, match=rf"--workdir={locked}/run is invalid: .*{locked} is not writable"):
-        validate(c, str(locked / "run"))
+        parse(c, str(locked / "run"))
       with pytest.raises(
           ConfigError, match=rf"--workdir={locked} is invalid: the directory is not writable"):
-        validate(c, str(locked))
+        parse(c, str(locked))
     finally:
       locked.chmod(0o700)
 
@@ -240,12 +241,12 @@ def test_labels_outside_num_classes_are_an_error(monkeypatch):
   config.data.num_classes; never mapped to the null class. num_classes=0 (unconditional) makes every
   label null."""
   import dataclasses
-  from farmer_jax.config import DataConfig
+  from farmer_jax.config.schema import DataConfig
   from farmer_jax.data import mnist, sources
   images = np.zeros((6, 32, 32, 1), np.uint8)
   monkeypatch.setattr(mnist, "load_mnist5k", lambda split, pad_to:
                       (images, np.array([0, 3, 9, 10, 12, -1])))
-  data = DataConfig.from_config(config_with({}))
+  data = DataConfig.from_section(config_with({}).data)
   with pytest.raises(
       ConfigError,
       match=r"3 of 6 labels in mnist5k split 'train' lie outside \[0, 10\) \(labels "
@@ -263,31 +264,7 @@ def test_unknown_model_field():
   c.model.unlock() if hasattr(c.model, "unlock") else None
   c.model["flow_depth"] = 3
   with pytest.raises(ConfigError, match="flow_depth"):
-    validate(c)
-
-
-@pytest.mark.parametrize("final_flip,blocks,order", [(True, 4, "same"), (True, 3, "alternate"),
-                                                     (False, 4, "alternate"), (False, 3, "same")])
-def test_removed_final_flip_names_its_replacement(final_flip, blocks, order):
-  """An old config with model.final_flip fails with the value of model.ar_order that reproduces it,
-  and that value does reproduce it: the old flag flipped the AF output before the AR prior iff
-  final_flip."""
-  from farmer_jax.config import ModelConfig, legacy_ar_order
-  c = configlib.load("quickstart:tiny")
-  c.model["flow_blocks"] = blocks
-  c.model["final_flip"] = final_flip
-  with pytest.raises(
-      ConfigError,
-      match=rf"model.final_flip={final_flip}.*replaced by model.ar_order.*"
-      rf"ar_order={order} .*flow_blocks={blocks}"):
-    validate(c)
-  assert legacy_ar_order(final_flip, blocks) == order
-  assert ModelConfig(flow_blocks=blocks, ar_order=order).ar_flip == final_flip
-  # a config.json SAVED by an older release (run workdir, export) is upgraded to the order it was
-  # trained with
-  from farmer_jax.config import upgrade_saved_config
-  m = validate(upgrade_saved_config(c))
-  assert m.ar_order == order and m.ar_flip == final_flip and "final_flip" not in c.model
+    parse(c)
 
 
 def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
@@ -364,7 +341,7 @@ def test_paper_presets_parameter_count(preset):
   that makes them match must also update this test and configs/imagenet256.py's docstring.
   """
   size, patch = preset.split("/")
-  m = validate_model_config(configlib.load("imagenet256:" + preset))
+  m = parse_model(configlib.load("imagenet256:" + preset))
   shapes = abstract_params(m)
   count = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree))
   af, ar = count(shapes["flow"]), count(shapes["prior"])
@@ -385,7 +362,7 @@ def test_paper_presets_parameter_count(preset):
 
 
 def test_table6_sampling_presets():
-  from farmer_jax.config import sampler_from_config
+  from farmer_jax.config.schema import SamplerConfig
   expect = {
       "1.1B/16": (2.5, 0.9, 0.2, 0.9),
       "1.1B/8": (2.0, 1.0, 0.2, 0.9),
@@ -393,20 +370,21 @@ def test_table6_sampling_presets():
       "1.9B/8": (1.5, 1.0, 0.1, 1.0)
   }
   for preset, (w, t_sigma, t_pi_v, t_sigma_v) in expect.items():
-    s = sampler_from_config(configlib.load("imagenet256:" + preset).sample)
+    s = SamplerConfig.from_config(configlib.load("imagenet256:" + preset).sample)
     assert s.guidance == "resampling"
     assert (s.cfg.w, s.cfg.t_sigma, s.cfg.t_pi_v, s.cfg.t_sigma_v) == (w, t_sigma, t_pi_v,
                                                                        t_sigma_v)
     assert (s.cfg.t_pi, s.cfg.s_c, s.cfg.s_u, s.cfg.t_s) == (1.0, 5, 5, 1.1)
 
 
-def test_saved_config_is_resolved_and_old_saved_configs_keep_their_meaning():
-  """config.json lists every model field (a later default change cannot change a saved model); a
-  config saved before model.flow_final_norm existed loads as a model without the norm; implicit
-  defaults are no diff."""
-  from farmer_jax.config import ModelConfig, config_changes, resolved_config, upgrade_saved_config
+def test_saved_config_is_resolved():
+  """config.json lists every model field (a later default change cannot change a saved model);
+  implicit defaults are no diff; a field no section has (e.g. the removed model.final_flip) is
+  refused like any unknown field."""
   import dataclasses
-  import ml_collections
+  from farmer_jax.config.parse import resolved_config
+  from farmer_jax.config.resume import config_changes
+  from farmer_jax.config.schema import ModelConfig
   c = configlib.load("quickstart:tiny")
   del c.model["flow_final_norm"]
   r = resolved_config(c)
@@ -415,9 +393,38 @@ def test_saved_config_is_resolved_and_old_saved_configs_keep_their_meaning():
       "image_size", "channels", "num_classes"
   }
   assert config_changes(r, c) == []
-  old = ml_collections.ConfigDict(c.to_dict())              # as written by the previous release
-  assert validate(upgrade_saved_config(old)).flow_final_norm is False
-  assert config_changes(old, c) == ["model.flow_final_norm: False -> True"]
+  c.model["final_flip"] = True
+  with pytest.raises(ConfigError, match=r"config.model has unknown field\(s\) \['final_flip'\]"):
+    parse(c)
+
+
+@pytest.mark.parametrize("spec", ["quickstart", "quickstart:tiny", "imagenet256",
+                                  "imagenet256:1.9B/8", "tarflow:tiny", "tarflow:imagenet64"])
+def test_every_model_field_is_settable(spec):
+  """Every shipped config starts config.model from configlib.base_model, so it lists every
+  ModelConfig field but the data shape, and ``--config.model.<any field>=...`` overrides it."""
+  import dataclasses
+  from farmer_jax.config.schema import DATA_SHAPE_FIELDS, ModelConfig
+  c = configlib.load(spec)
+  assert set(c.model) == {f.name for f in dataclasses.fields(ModelConfig)} - set(DATA_SHAPE_FIELDS)
+  base = configlib.base_model(patch_size=8)
+  assert base.patch_size == 8 and set(base) == set(c.model)
+
+
+def test_an_override_of_a_field_a_config_file_does_not_write_is_taken(tmp_path):
+  """`farmer_jax check --config=configs/quickstart.py:tiny --config.model.prior=standard_normal`
+  (quickstart writes no 'prior') parses, and the parsed model has that prior."""
+  import dataclasses
+  out = subprocess.run(
+      [sys.executable, "-m", "farmer_jax", "check", "--config=configs/quickstart.py:tiny",
+       "--config.model.prior=standard_normal", f"--workdir={tmp_path / 'run'}"],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("config OK:"), out.stdout
+  c = configlib.load("quickstart:tiny")
+  c.model.prior = "standard_normal"
+  assert parse(c).model == dataclasses.replace(parse(configlib.load("quickstart:tiny")).model,
+                                               prior="standard_normal")
 
 
 def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
@@ -426,8 +433,8 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   --sampler) are the sampler fields, and configlib.load gives a config by name (an unknown name
   lists the others)."""
   import dataclasses
-  from farmer_jax.config import (EvalConfig, ResamplingCFG, SAMPLER_KEYS, SampleConfig,
-                                 SamplerConfig, TrainConfig)
+  from farmer_jax.config.schema import (EvalConfig, ResamplingCFG, SAMPLER_KEYS, SampleConfig,
+                                        SamplerConfig, TrainConfig)
   assert configlib.base_train().to_dict() == dataclasses.asdict(TrainConfig())
   assert configlib.base_eval().to_dict() == dataclasses.asdict(EvalConfig())
   assert EvalConfig.from_section(configlib.base_eval()) == EvalConfig()
@@ -435,7 +442,7 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   assert sorted(base_sample) == sorted(SAMPLER_KEYS + ("per_class", "seed"))
   assert SampleConfig.from_section(base_sample) == SampleConfig()
   assert SampleConfig.from_section(base_sample).sampler == SamplerConfig()
-  grid = SampleConfig.from_config(configlib.load("imagenet256:1.1B/16"))
+  grid = SampleConfig.from_section(configlib.load("imagenet256:1.1B/16").sample)
   assert (grid.per_class, grid.sampler.cfg.w, grid.sampler.guidance) == (4, 2.5, "resampling")
   with pytest.raises(ConfigError, match=r"config.eval lacks field\(s\) \['split'\].*base_eval"):
     EvalConfig.from_section({k: v for k, v in configlib.base_eval().items() if k != "split"})
@@ -444,7 +451,7 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   with pytest.raises(ConfigError, match=r"config.eval.dequant_samples=0"):
     EvalConfig.from_section(dict(configlib.base_eval(), dequant_samples=0))
   c = configlib.load("quickstart:tiny")
-  t = TrainConfig.from_config(c)
+  t = TrainConfig.from_section(c.train)
   assert (t.steps, t.lr, t.get("ckpt_keep", 99), t.noise_anneal_steps) == (200, 3e-3, 2, 200)
   flat = ([f for f in SamplerConfig._fields if f != "cfg"]
           + ["cfg" if f == "w" else f for f in ResamplingCFG._fields])

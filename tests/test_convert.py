@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from farmer_jax import conventions
-from farmer_jax.config import SamplerConfig
+from farmer_jax.config.schema import SamplerConfig
 from farmer_jax.eval.likelihood import dequantize_examples, evaluate_bpd
 from farmer_jax.interop import convert
 from farmer_jax.interop.tarflow import config_for_tarflow, params_to_tarflow, patch_permutation
@@ -137,7 +137,7 @@ def _random_state_dict(hp=HP, seed=0):
   """A TARFlow state_dict from random farmer_jax params (no torch)."""
   import dataclasses
 
-  from farmer_jax.config import ModelConfig
+  from farmer_jax.config.schema import ModelConfig
   from farmer_jax.model import make_flow
   mcfg = dataclasses.replace(ModelConfig(), **config_for_tarflow(**hp))
   x = jnp.zeros((1, mcfg.num_tokens, mcfg.token_dim))
@@ -226,9 +226,9 @@ def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
   import ml_collections
 
   from farmer_jax import configlib
-  from farmer_jax.config import validate_model_config
+  from farmer_jax.config.parse import parse_model
   cfg = configlib.load("quickstart:tiny")
-  params = init_params(validate_model_config(cfg), jax.random.key(0))
+  params = init_params(parse_model(cfg), jax.random.key(0))
   model_dir = str(tmp_path / "farmer")
   meta = {"kind": export.EXPORT_KIND, "format_version": export.FORMAT_VERSION, "step": 0,
           "params": "raw", "dtype": "float32"}
@@ -244,7 +244,7 @@ def test_denoise_is_a_tweedie_step_and_names_are_read():
   so the self-denoising step x + s^2 grad log p(x) is exactly (1 - s^2) x."""
   import dataclasses
 
-  from farmer_jax.config import ModelConfig, check_sampler_for_model
+  from farmer_jax.config.schema import ModelConfig, SamplerConfig
   from farmer_jax.sampling.sampler import denoise
   m = dataclasses.replace(ModelConfig(), prior="standard_normal", flow_final_norm=False)
   params = init_params(m, jax.random.key(0))
@@ -257,8 +257,8 @@ def test_denoise_is_a_tweedie_step_and_names_are_read():
   assert convert.training_noise("imagenet64_model_2_768_8_8_uniform.pth") == ("uniform", None)
   assert convert.training_noise("model.pth") == (None, None)
   with pytest.raises(ValueError, match="does nothing here"):    # unconditional AF, attn_temp 1
-    check_sampler_for_model(SamplerConfig(af_guidance=2.0), m)
-  check_sampler_for_model(SamplerConfig(af_guidance=2.0, af_attn_temp=0.8), m)
+    SamplerConfig(af_guidance=2.0).check_model(m)
+  SamplerConfig(af_guidance=2.0, af_attn_temp=0.8).check_model(m)
 
 
 def test_pixel_mappings():
@@ -281,7 +281,7 @@ def test_init_flow_starts_farmer_from_a_tarflow_checkpoint(tmp_path):
   init); a checkpoint that does not fit the model is refused naming the field, before the workdir
   exists."""
   from farmer_jax import configlib
-  from farmer_jax.config import ConfigError
+  from farmer_jax.errors import ConfigError
   from farmer_jax.interop.tarflow import tarflow_to_params
   from farmer_jax.train.trainer import Trainer
   cfg = configlib.load("quickstart:tiny")
@@ -308,12 +308,12 @@ def test_init_flow_starts_farmer_from_a_tarflow_checkpoint(tmp_path):
 
 def test_tarflow_presets_validate():
   from farmer_jax import configlib
-  from farmer_jax.config import validate_model_config
+  from farmer_jax.config.parse import parse_model
   for preset in configlib.module("tarflow").PRESETS:
-    m = validate_model_config(configlib.load(f"tarflow:{preset}"))
+    m = parse_model(configlib.load(f"tarflow:{preset}"))
     assert (m.prior, m.pixels, m.flow_final_norm) == ("standard_normal", "tarflow", False)
     assert m.flow_heads * 64 == m.flow_width
-  m = validate_model_config(configlib.load("tarflow:afhq256"))
+  m = parse_model(configlib.load("tarflow:afhq256"))
   assert (m.image_size, m.patch_size, m.flow_blocks, m.flow_layers, m.num_classes) == (
       256, 8, 8, 8, 3)
 

@@ -90,7 +90,7 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(tr.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the export carries the student; `sample --inverse=student` decodes with it
-  from farmer_jax.config import SamplerConfig
+  from farmer_jax.config.schema import SamplerConfig
   from farmer_jax.sampling.export import export_model, load_model, load_student
   from farmer_jax.sampling.generate import generate
   out = tmp_path / "export"
@@ -115,7 +115,7 @@ def test_distill_into_the_teachers_own_folder_is_named_as_such(tmp_path):
   """--workdir = --teacher (or a link to it) is refused before anything is read or written, with
   the real mistake named, not reported as a corrupt checkpoint with a pytree dump."""
   from farmer_jax import configlib
-  from farmer_jax.config import ConfigError
+  from farmer_jax.errors import ConfigError
   from farmer_jax.distill.trainer import DistillTrainer
   wd = tmp_path / "run"
   wd.mkdir()

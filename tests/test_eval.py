@@ -164,7 +164,7 @@ def test_feature_dump_resumes_an_interrupted_run_with_the_same_samples(tiny, tmp
   """sample_features with a dump: interrupted after 2 batches, the same call continues from the
   chunks on disk (with another --batch: sample j is the same in any chunking) and the features
   equal an uninterrupted run's; a dump made with other settings is refused, nothing mixed."""
-  from farmer_jax.config import SamplerConfig
+  from farmer_jax.config.schema import SamplerConfig
   from farmer_jax.eval import fid
   cfg, _, params = tiny
   s = SamplerConfig()
@@ -255,10 +255,11 @@ def test_training_reports_mnist_sample_quality(tmp_path):
 
 def test_mnist_quality_needs_class_conditional_mnist():
   from farmer_jax import configlib
-  from farmer_jax.config import ConfigError, validate
+  from farmer_jax.errors import ConfigError
+  from farmer_jax.config.parse import parse
   c = configlib.load("quickstart:tiny")
   c.eval.mnist_quality = True
-  validate(c)
+  parse(c)
   c.data.num_classes = 0
   with pytest.raises(ConfigError, match="eval.mnist_quality.*10 classes.*0 classes"):
-    validate(c)
+    parse(c)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from farmer_jax.config import ModelConfig, SamplerConfig
+from farmer_jax.config.schema import ModelConfig, SamplerConfig
 from farmer_jax.flow.patchify import patchify
 from farmer_jax.model import Farmer, init_params, make_flow
 from farmer_jax.sampling.sampler import sample_latents, sample_keys

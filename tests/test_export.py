@@ -18,7 +18,7 @@ from farmer_jax.runs import CHECKPOINTS
 from farmer_jax.sampling import export as export_lib
 from farmer_jax.sampling.export import ExportError, export_model, load_model
 from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
-from farmer_jax.config import ResamplingCFG, SamplerConfig
+from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
 
 
 def test_export_roundtrip(exported):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from farmer_jax import flops
-from farmer_jax.config import ModelConfig
+from farmer_jax.config.schema import ModelConfig
 from farmer_jax.model import Farmer, init_params
 from farmer_jax.train.step import make_loss
 

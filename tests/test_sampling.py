@@ -12,9 +12,9 @@ from scipy.special import logsumexp, log_softmax
 from conftest import init_farmer, variant
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
-from farmer_jax.config import ResamplingCFG
+from farmer_jax.config.schema import ResamplingCFG
 from farmer_jax.sampling.guidance import naive_cfg_draw, resample
-from farmer_jax.config import SamplerConfig
+from farmer_jax.config.schema import SamplerConfig
 from farmer_jax.sampling.sampler import (draw_informative, draw_redundant, sample_images,
                                          sample_keys, sample_latents)
 
@@ -388,16 +388,16 @@ def test_sampled_latents_decode_and_reencode(tiny):
 
 
 def test_bad_sampler_settings_raise():
-  from farmer_jax.config import sampler_from_config, validate_sampler
+  from farmer_jax.config.schema import SamplerConfig
   with pytest.raises(ValueError, match="cfg=-1"):
-    validate_sampler(SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=-1.0)))
+    SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=-1.0)).check()
   with pytest.raises(ValueError, match="t_sigma=0"):
-    validate_sampler(SamplerConfig(cfg=ResamplingCFG(t_sigma=0.0)))
+    SamplerConfig(cfg=ResamplingCFG(t_sigma=0.0)).check()
   with pytest.raises(ValueError, match=r"guidance='cfg\+\+' is unknown"):
-    validate_sampler(SamplerConfig(guidance="cfg++"))
+    SamplerConfig(guidance="cfg++").check()
   for bad, pattern in [(dict(cfg=float("nan")), "cfg=nan"), (dict(cfg=float("inf")), "cfg=inf"),
                        (dict(s_c=2.5), "s_c=2.5 must be an integer"),
                        (dict(redundant_candidates=0), "redundant_candidates=0"),
                        (dict(t_s=float("inf")), "t_s=inf")]:
     with pytest.raises(ValueError, match=pattern):
-      sampler_from_config(dict(guidance="resampling", **bad))
+      SamplerConfig.from_config(dict(guidance="resampling", **bad))

@@ -137,7 +137,7 @@ def test_resume_refuses_a_changed_model_setting_shapes_cannot_see(trained_run):
   """The AR order (or the scale function) changes no param shape: resuming the finished run with
   another value must be refused with the diff, not silently restore params that now mean something
   else."""
-  from farmer_jax.config import ConfigError
+  from farmer_jax.errors import ConfigError
   workdir, _, _ = trained_run
   c = configlib.load("quickstart:tiny")
   c.model.ar_order = "same"
@@ -165,14 +165,14 @@ def test_step_with_nonfinite_updated_params_is_not_applied(tiny):
   step must not be applied and bad_step records it, so nothing non-finite can be checkpointed."""
   import jax.numpy as jnp
   import optax
-  from farmer_jax.config import TrainConfig
+  from farmer_jax.config.schema import TrainConfig
   from farmer_jax.model import Farmer
   from farmer_jax.train.state import new_state
   from farmer_jax.train.step import make_train_step
   cfg, _, params = tiny
   c = configlib.load("quickstart:tiny")
   tx = optax.chain(optax.scale_by_adam(), optax.scale(-jnp.inf))
-  t = TrainConfig.from_config(c)
+  t = TrainConfig.from_section(c.train)
   step = jax.jit(make_train_step(Farmer(cfg), cfg, t, tx, lambda s: 0.0))
   new, m = step(new_state(params, tx), _tiny_batch(cfg), jax.random.key(0))
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
@@ -191,13 +191,13 @@ def test_ema_follows_the_applied_params(tiny):
   """With train.ema_decay = d the step keeps ema <- d * ema + (1 - d) * params (the new params)."""
   import dataclasses
   import optax
-  from farmer_jax.config import TrainConfig
+  from farmer_jax.config.schema import TrainConfig
   from farmer_jax.model import Farmer
   from farmer_jax.train.state import new_state
   from farmer_jax.train.step import make_train_step
   cfg, _, params = tiny
   d = 0.9
-  t = dataclasses.replace(TrainConfig.from_config(configlib.load("quickstart:tiny")), ema_decay=d)
+  t = dataclasses.replace(TrainConfig.from_section(configlib.load("quickstart:tiny").train), ema_decay=d)
   tx = optax.sgd(0.1)
   step = jax.jit(make_train_step(Farmer(cfg), cfg, t, tx, lambda s: 0.1))
   state = new_state(params, tx, ema=True)

@@ -32,7 +32,7 @@ import math
 import grain
 import numpy as np
 
-from farmer_jax.config import ConfigError
+from farmer_jax.errors import ConfigError
 from farmer_jax.data import preprocess, sources
 
 

@@ -83,7 +83,8 @@ def check_options(o: Options):
     raise PrepareError(f"--quality={o.quality} must be in [1, 100]")
   if o.workers < 0:
     raise PrepareError(f"--workers={o.workers} must be >= 0 (0 = decode in this process)")
-  from farmer_jax.config import ConfigError, validate_workdir
+  from farmer_jax.errors import ConfigError
+  from farmer_jax.config.parse import validate_workdir
   try:
     validate_workdir(o.data_dir, flag="--data_dir")
   except ConfigError as e:

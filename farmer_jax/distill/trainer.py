@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from farmer_jax import conventions, runs, sharding, storage
-from farmer_jax.config import ConfigError, EvalConfig, config_changes
+from farmer_jax.errors import ConfigError
+from farmer_jax.config.resume import config_changes
 from farmer_jax.distill.student import (MAX_NOISE, distill_loss, init_student, make_student,
                                         teacher_path)
 from farmer_jax.model import flow_label
@@ -176,7 +177,7 @@ def _distill(tr, teacher, t0):
              "student_noise_max": MAX_NOISE, "total_seconds": time.time() - t0}
   if jax.process_index() == 0:
     storage.write_text(tr.rundir.summary, json.dumps(summary, indent=2))
-  split = EvalConfig.from_config(tr.config).split
+  split = tr.run.eval.split
   tr.log(f"student reconstruction error (relative MSE on {split}): {student:.3g} (the "
          f"undistilled copy: {copy:.3g})")
   return summary, tr

@@ -8,6 +8,7 @@ the devices at hand), one compiled step, K uniform dequantization draws per imag
 ``eval_<split>/*`` at the checkpoint's step.
 """
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -18,8 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import sharding, storage
-from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, resolved_config,
-                               validate_model_config)
+from farmer_jax.errors import ConfigError
+from farmer_jax.config.schema import DataConfig, EvalConfig
+from farmer_jax.config.parse import parse_model
 from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.model import Farmer, abstract_params
 
@@ -27,24 +29,22 @@ EVAL_DIR = "eval"
 
 
 def load_params(workdir=None, model_dir=None, say=print):
-  """(resolved run config, ModelConfig, host params, source) of a training run (its newest readable
+  """(run config, ModelConfig, host params, source) of a training run (its newest readable
   checkpoint, EMA params if kept) or of an export."""
   from farmer_jax.sampling.export import latest_run_params, load_model, load_run_config
   if (workdir is None) == (model_dir is None):
     raise ValueError("pass exactly one of --workdir (a training run) and --model (an export)")
   if workdir is not None:
     config = load_run_config(workdir)
-    validate_model_config(config)
+    mcfg = parse_model(config)
     params, step, ema = latest_run_params(workdir, say=say)
     source = {"workdir": storage.absolute(workdir), "step": int(step),
               "params": "ema" if ema else "raw"}
   else:
-    _, params, config, meta = load_model(model_dir)
+    mcfg, params, config, meta = load_model(model_dir)
     source = {"model": storage.absolute(model_dir), "step": meta.get("step"),
               "params": meta.get("params"), "dtype": meta.get("dtype")}
   params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
-  config = resolved_config(config)
-  mcfg = validate_model_config(config)
   want = jax.tree.structure(abstract_params(mcfg))
   if jax.tree.structure(params) != want:
     where = workdir if workdir is not None else model_dir
@@ -100,15 +100,15 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"--batch={batch_size} must be >= 1")
   config, mcfg, params, source = load_params(workdir, model_dir, say=say)
-  e = EvalConfig.from_config(config)
+  e = EvalConfig.from_section(config.eval)
   split = split or e.split
   k = dequant_samples or e.dequant_samples
   path = output_path(workdir, model_dir, split, out)
   check_output(path)
-  if data_dir is not None:
-    config.data.data_dir = data_dir
   from farmer_jax.data import pipeline, sources
-  data = DataConfig.from_config(config)
+  data = DataConfig.from_section(config.data)
+  if data_dir is not None:
+    data = dataclasses.replace(data, data_dir=data_dir)
   sources.require_dataset(data, model_dir or workdir)
   sources.require_split(data, split, f"--split={split}", "pass one of them")
   mesh = eval_mesh(config, say)

@@ -122,28 +122,26 @@ def reference_from_file(net, path):
 SPLIT_PREFIX = "split:"
 
 
-def check_split(config, split):
-  """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset does not have."""
-  from farmer_jax.config import DataConfig
+def check_split(data, split):
+  """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset (``data``, its DataConfig)
+  does not have."""
   from farmer_jax.data import sources
-  data = DataConfig.from_config(config)
   sources.require_dataset(data, f"--ref={SPLIT_PREFIX}{split}: the model")
   sources.require_split(data, split, f"--ref={SPLIT_PREFIX}{split}",
                         "use one of them, or a reference .npz")
 
 
-def reference_from_split(net, config, split, cache=None, say=print, progress=True):
+def reference_from_split(net, data, split, cache=None, say=print, progress=True):
   """Reference statistics and features of every image of a split of the model's dataset
-  (``config.data``), cached as a statistics ``.npz`` at ``cache`` (reused when present)."""
-  from farmer_jax.config import DataConfig
+  (``data``, its DataConfig), cached as a statistics ``.npz`` at ``cache`` (reused when
+  present)."""
   from farmer_jax.data import pipeline
-  data = DataConfig.from_config(config)
   what = f"{data.name} split {split!r}"
   if cache and os.path.exists(cache):
     ref = metrics.reference_statistics(cache)
     say(f"reference: {what} statistics from {cache}")
     return Reference(ref.mu, ref.sigma, ref.features, what)
-  check_split(config, split)
+  check_split(data, split)
   batches, steps, n = pipeline.eval_batches(data, split, 250)
   feats = []
   bar = tqdm(total=n, desc=f"reference {net.name} features", disable=not progress,
@@ -305,25 +303,24 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
   for path, flag in ((inception, "--inception"), (None if ref_split else ref, "--ref")):
     if path and not os.path.isfile(path):
       raise ValueError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
-  from farmer_jax.config import resolved_config
   mcfg, params, config, meta = load_model(model_dir)
-  config = resolved_config(config)   # an export's config.json may lack fields: their defaults
+  from farmer_jax.config.schema import SAMPLER_KEYS, DataConfig, SamplerConfig
   if features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
     raise ValueError(f"--features=mnist scores 32x32x1 digits; this model makes "
                      f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
                      "--features=inception")
-  from farmer_jax.config import SAMPLER_KEYS, SamplerConfig, check_sampler_for_model
   sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
   sc.update(sampler or {})
   s = SamplerConfig.from_config(sc)
-  check_sampler_for_model(s, mcfg)
+  s.check_model(mcfg)
+  data = DataConfig.from_section(config.data)
   student = None
   if s.inverse == "student":
     student = load_student(model_dir, mcfg, meta)
     if student is None:
       raise ExportError(f"--inverse=student: {model_dir} carries no distilled student")
   if ref_split is not None:
-    check_split(config, ref_split)
+    check_split(data, ref_split)
   settings_hash = hashlib.sha256(json.dumps(sc, sort_keys=True).encode()).hexdigest()[:8]
   tag = f"{features}_n{num}_cfg{s.cfg.w:g}_seed{seed}_{settings_hash}"
   out = out or os.path.join(model_dir, "eval", f"fid_{tag}.json")
@@ -340,13 +337,12 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
   if ref_split is None:
     reference = reference_from_file(net, ref)
   else:   # cached next to the results, keyed by the feature network, the data and the split
-    from farmer_jax.config import DataConfig
     ident = {"net": net.signature, "split": ref_split,
-             "data": dataclasses.asdict(DataConfig.from_config(config))}
+             "data": dataclasses.asdict(data)}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     cache = os.path.join(os.path.dirname(os.path.abspath(out)),
                          f"ref_{ref_split}_{net.name}_{key}.npz")
-    reference = reference_from_split(net, config, ref_split, cache, say=say,
+    reference = reference_from_split(net, data, ref_split, cache, say=say,
                                      progress=not quiet)
   feats = sample_features(mcfg, params, s, num, net, seed=seed, batch=batch, dump=dump,
                           signature=signature, progress=not quiet, say=say,

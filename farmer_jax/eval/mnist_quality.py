@@ -6,7 +6,6 @@ eval/mnist_classifier.py through the same code path as `farmer_jax fid --feature
 import jax
 
 from farmer_jax import sharding
-from farmer_jax.config import SampleConfig
 from farmer_jax.eval import fid
 
 
@@ -14,7 +13,7 @@ def settings(sampler):
   """[(name, SamplerConfig)]: plain ancestral sampling (cfg 0, every temperature and the redundant
   variance scale at 1, the exact inverse) and, if the run's config.sample guides, its own
   settings."""
-  from farmer_jax.config import ResamplingCFG, SamplerConfig
+  from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
   plain = SamplerConfig(guidance="none", cfg=ResamplingCFG())
   out = [("cfg0", plain)]
   if sampler.guidance != "none" and sampler.cfg.w > 0:
@@ -46,7 +45,7 @@ def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=Fal
 def score_run(tr, e, say=print):
   """``score_model`` on a finished Trainer's eval params with its config.sample sampler, on its
   mesh (replicated outputs)."""
-  s = SampleConfig.from_config(tr.config)
+  s = tr.run.sample
   with tr.mesh_context():
     out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
                       say=say, progress=not tr.quiet and jax.process_index() == 0,

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from farmer_jax.config import AF_GUIDE_WHAT
+from farmer_jax.config.schema import AF_GUIDE_WHAT
 from farmer_jax.nn import transformer as tfm
 
 NO_LABEL = -1     # the AF label meaning 'no class' (model.flow_label maps the AR null class to it)

@@ -29,8 +29,9 @@ import re
 import numpy as np
 
 from farmer_jax import storage
-from farmer_jax.config import (ConfigError, DataConfig, ModelConfig, TrainConfig,
-                               validate_model_config)
+from farmer_jax.errors import ConfigError
+from farmer_jax.config.schema import DATA_SHAPE_FIELDS, DataConfig, ModelConfig, TrainConfig
+from farmer_jax.config.parse import parse_model
 from farmer_jax.interop import tarflow
 from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
 
@@ -61,8 +62,8 @@ def tarflow_run_config(hp, pixels="tarflow", noise_std=0.05, data_name=""):
   c = ml_collections.ConfigDict()
   c.data = configlib.base_data(name=data_name, image_size=hp["img_size"],
                                channels=hp["in_channels"], num_classes=classes)
-  c.model = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
-             if f.name not in ("image_size", "channels", "num_classes")}
+  c.model = configlib.base_model(**{f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+                                    if f.name not in DATA_SHAPE_FIELDS})
   noise = dict(noise_kind="uniform") if noise_std is None else dict(
       noise_kind="gaussian", noise_max=noise_std, noise_min=noise_std)
   c.train = configlib.base_train(lr=1e-4, min_lr=1e-6, b1=0.9, b2=0.95, weight_decay=1e-4,
@@ -100,7 +101,7 @@ def training_noise(ckpt):
 def _arch_mismatch(config, mcfg_ckpt):
   """['data.image_size=32 (the checkpoint: 64)', ...] where a user config disagrees with the
   checkpoint's architecture."""
-  mine = validate_model_config(config)
+  mine = parse_model(config)
   out = []
   for f in _ARCH_FIELDS:
     want = getattr(mcfg_ckpt, f)
@@ -123,8 +124,8 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
   checkpoints ``*_uniform.pth``, whose inputs are (v + u)/128 - 1, else 'tarflow').
   ``noise_std``: the Gaussian noise it was trained with (default: read off TARFlow's file name,
   ``..._0.07.pth``), the self-denoising sigma of its samples."""
-  from farmer_jax.config import (PIXELS, check_sampler_for_model, resolved_config,
-                                 sampler_from_config)
+  from farmer_jax.config.schema import PIXELS, SamplerConfig
+  from farmer_jax.config.parse import resolved_config, section
   from farmer_jax.sampling import export
   kind, sigma = training_noise(ckpt)
   if pixels is None:    # from the file name: uniform-noise bits/dim checkpoints use (v + u)/128 - 1
@@ -172,7 +173,7 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
       say(f"convert: model.prior='standard_normal' (TARFlow's N(0, I)), model.pixels={pixels!r}")
     config.model.prior = "standard_normal"
     config.model.pixels = pixels
-    ckpt_mcfg = validate_model_config(base)
+    ckpt_mcfg = parse_model(base)
     try:
       bad = _arch_mismatch(config, ckpt_mcfg)
     except ConfigError as e:
@@ -182,7 +183,7 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
       raise ConvertError(f"--config does not describe --ckpt={ckpt} (TARFlow Model({hp_text})): "
                          + "; ".join(bad))
     try:
-      check_sampler_for_model(sampler_from_config(config.sample), validate_model_config(config))
+      SamplerConfig.from_config(config.sample).check_model(parse_model(config))
     except (ValueError, ConfigError) as e:
       if config.sample.get("guidance", "none") == "none":
         raise ConvertError(f"--config: {e}") from None    # not the AR guidance: the user's to fix
@@ -195,13 +196,13 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
           "training noise)")
       config.sample.denoise_sigma = sigma
   try:    # the whole final config, as `sample` / `eval` / `train` will read it, before any write
-    DataConfig.from_config(config)
-    TrainConfig.from_config(config)
-    check_sampler_for_model(sampler_from_config(config.sample), validate_model_config(config))
+    DataConfig.from_section(section(config, "data"))
+    TrainConfig.from_section(section(config, "train"))
+    SamplerConfig.from_config(config.sample).check_model(parse_model(config))
   except (ValueError, ConfigError) as e:
     raise ConvertError(f"--config: {e}") from None
   try:
-    mcfg = validate_model_config(config)
+    mcfg = parse_model(config)
     flow = tarflow.tarflow_to_params(sd, mcfg)
   except (ValueError, ConfigError) as e:
     raise ConvertError(f"--ckpt={ckpt}: {e}") from None

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from farmer_jax.config import ModelConfig
+from farmer_jax.config.schema import ModelConfig
 from farmer_jax.nn import transformer as tfm
 from farmer_jax.prior import gmm
 

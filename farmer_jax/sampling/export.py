@@ -17,7 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from farmer_jax import runs, storage, untrusted
-from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
+from farmer_jax.config.schema import DTYPE_NAMES, jnp_dtype
+from farmer_jax.errors import ConfigError
+from farmer_jax.config.parse import parse_model
 from farmer_jax.errors import brief
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
 
@@ -174,7 +176,7 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print, stud
     raise ExportError(f"--dtype={dtype!r} is not supported; use one of {sorted(PARAM_DTYPES)}")
   out = check_export_target(workdir, out, overwrite)
   config = load_run_config(workdir)
-  validate_model_config(config)
+  parse_model(config)
   params, step, used_ema = latest_run_params(workdir, say=say)
   report = _non_finite_report(params)
   if report:
@@ -242,7 +244,7 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
 
 def _student_of(student_run, config, say):
   """(student params, metadata) of a distill run, refused unless it distilled this model."""
-  from farmer_jax.config import config_changes
+  from farmer_jax.config.resume import config_changes
   student_config = runs.read_saved_config(student_run)
   if student_config is None:
     raise ExportError(f"--student={student_run} is not a `farmer_jax distill` run (no "
@@ -370,7 +372,7 @@ def load_model(model_dir):
   except (ValueError, TypeError, AttributeError, OSError) as e:   # not JSON, or not an object
     raise ExportError(f"{d.config}: unreadable ({brief(e)}). Fix: re-run `farmer_jax export`") from None
   try:
-    mcfg = validate_model_config(config)
+    mcfg = parse_model(config)
   except ConfigError as e:
     raise ExportError(f"{model_dir}: its {runs.CONFIG} is invalid: {e}") from e
   dt = PARAM_DTYPES[meta["dtype"]]

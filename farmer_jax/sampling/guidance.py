@@ -32,7 +32,7 @@ independently from N_c^{1+w} / N_u^w of component k by rejection sampling.
 import jax
 import jax.numpy as jnp
 
-from farmer_jax.config import ResamplingCFG
+from farmer_jax.config.schema import ResamplingCFG
 from farmer_jax.prior import gmm
 
 

@@ -18,8 +18,7 @@ depends on its own key, not on the batch it was drawn in.
 import jax
 import jax.numpy as jnp
 
-from farmer_jax.config import (ModelConfig, SamplerConfig, check_sampler_for_model,
-                               validate_sampler)
+from farmer_jax.config.schema import ModelConfig, SamplerConfig
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
 from farmer_jax.reduction.split import merge_channels
@@ -100,8 +99,8 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
   (out of s_c + s_u), and ``ess_redundant`` (B,) = the same over the N redundant draws (out of
   2 * redundant_candidates).
   """
-  validate_sampler(s)
-  check_sampler_for_model(s, cfg)
+  s.check()
+  s.check_model(cfg)
   if cfg.prior == "standard_normal":
     z = standard_normal_latents(cfg, keys, s, latent_var)
     return (z, {}) if return_stats else z

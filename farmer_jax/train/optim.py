@@ -8,7 +8,7 @@ with its attribute names, e.g. the validated ConfigDict).
 import jax
 import optax
 
-from farmer_jax.config import TrainConfig
+from farmer_jax.config.schema import TrainConfig
 
 
 def lr_schedule(t: TrainConfig):

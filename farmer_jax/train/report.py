@@ -9,7 +9,6 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding, storage
-from farmer_jax.config import EvalConfig, SampleConfig
 from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes
 from farmer_jax.sampling.images import save_grid
@@ -24,7 +23,7 @@ def evaluate(tr, leave=True):
   """Test bits/dim of the trainer's eval params over every example of ``config.eval.split``
   with ``config.eval.dequant_samples`` draws per image (see ``eval.likelihood.evaluate_batches``),
   sharded over the training mesh (``Trainer.eval_batches``)."""
-  e = EvalConfig.from_config(tr.config)
+  e = tr.run.eval
   batches, steps, n = tr.eval_batches()
   bar = tqdm(total=n, desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True,
              leave=leave)
@@ -46,7 +45,7 @@ def sample_grid(tr, path):
   replicated outputs: every process gets the images, process 0 writes them. Non-finite samples
   raise (ValueError from ``generate``) before anything is written.
   """
-  s = SampleConfig.from_config(tr.config)
+  s = tr.run.sample
   classes = parse_classes("all", tr.mcfg.num_classes)
   with tr.mesh_context():
     images, labels = generate(tr.mcfg, tr.eval_params(), classes, s.per_class,
@@ -75,7 +74,7 @@ def write_report(tr, history, train_s, t0):
   # a re-run of a finished run reports again but logs its final eval once
   logged = jax.process_index() == 0 and has_row(run.metrics, step, "eval")
   scalars = eval_scalars(res)
-  e = EvalConfig.from_config(tr.config)
+  e = tr.run.eval
   if e.mnist_quality:
     from farmer_jax.eval.mnist_quality import score_run
     summary["sample_quality"] = score_run(tr, e, say=tr.log)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from farmer_jax import sharding
-from farmer_jax.config import ModelConfig
+from farmer_jax.config.schema import ModelConfig
 from farmer_jax.model import init_params
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from farmer_jax import conventions
-from farmer_jax.config import ModelConfig, TrainConfig
+from farmer_jax.config.schema import ModelConfig, TrainConfig
 from farmer_jax.model import Farmer
 
 

@@ -13,8 +13,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import runs, sharding, storage
-from farmer_jax.config import (ConfigError, DataConfig, EvalConfig, TrainConfig, config_changes,
-                               resolved_config, validate)
+from farmer_jax.config.parse import RunConfig, parse, resolved_config
+from farmer_jax.config.resume import config_changes
+from farmer_jax.errors import ConfigError
 from farmer_jax.data.pipeline import TrainInput, eval_batches, state_holder
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.checkpoint import Checkpointer
@@ -28,15 +29,19 @@ from farmer_jax.train.step import make_train_step
 
 
 class Trainer:
-  """Builds everything from a validated config (resuming from the workdir); ``fit()`` trains."""
+  """Builds everything from a parsed run config (resuming from the workdir); ``fit()`` trains.
+
+  ``config``: a RunConfig parsed for this workdir and these devices (``config.parse``), or a
+  ConfigDict, parsed here (the whole run config, the workdir and the mesh vs these devices: raises
+  before any file is written)."""
 
   def __init__(self, config, workdir: str, quiet: bool = False, devices=None,
                config_change_ok: bool = False, stop: "threading.Event | None" = None):
-    self.config = config
-    # the whole run config, the workdir and the mesh vs these devices: raises before any file is
-    # written
-    self.mcfg = validate(config, workdir,
-                         num_devices=len(devices) if devices is not None else None)
+    if not isinstance(config, RunConfig):
+      config = parse(config, workdir, num_devices=len(devices) if devices is not None else None)
+    self.run = config
+    self.config = config.source
+    self.mcfg = config.model
     self.config_change_ok = config_change_ok
     # set by SIGTERM (see install_sigterm)
     self.stop = stop if stop is not None else threading.Event()
@@ -46,7 +51,7 @@ class Trainer:
     self.workdir = workdir
     self.rundir = runs.RunDir(workdir)
     self.quiet = quiet
-    self.t = TrainConfig.from_config(config)
+    self.t = config.train
     # ---- one run per workdir: the lock is the first file written, before anything is built, so
     # a busy workdir is refused at once; then build and resume from its newest checkpoint ----
     # A SIGTERM during the build ends the process at once, releasing this lock first (nothing
@@ -55,7 +60,7 @@ class Trainer:
     _STARTING.append(self)
     try:
       self._take_lock()
-      self._build(config, devices)
+      self._build(devices)
       _ABANDONABLE.clear()
       _STARTING.remove(self)
       self._restore()
@@ -68,23 +73,23 @@ class Trainer:
     self.preempted = self.preempt_saved = False
     self._trace_from = None   # the first traced step while a profiler trace is open
 
-  def _build(self, config, devices):
+  def _build(self, devices):
     """Mesh -> input pipeline -> model and optimizer from shapes -> the sharded state and the
     jitted step."""
-    t = self.t
+    t, run = self.t, self.run
     # ---- mesh ----
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.logical_rules(config.sharding_rules)
+    self.mesh = sharding.make_mesh(run.mesh, devices)
+    self.rules = run.sharding_rules
     # ---- input pipeline ----
     self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
-    self.input = TrainInput(DataConfig.from_config(config), t.batch_size, t.seed,
+    self.input = TrainInput(run.data, t.batch_size, t.seed,
                             jax.process_index(), jax.process_count(),
                             put=lambda b: sharding.global_batch(b, self.mesh, self.batch_sh))
     # ---- model and optimizer from shapes ----
     self.model = Farmer(self.mcfg)
     self.tx, self.lr_fn = make_optimizer(t)
     self.param_sh = sharding.param_shardings(abstract_params(self.mcfg, boxed=True), self.mesh,
-                                             self.rules, config.get("fsdp"))
+                                             self.rules, run.fsdp)
     # the state (born sharded) and the one jitted, donating step
     self.step_args = ()   # extra (never donated) arguments of train_step after (state, batch, rng)
     self._build_state_and_step()
@@ -135,7 +140,7 @@ class Trainer:
   @property
   def eval_every(self):
     """Steps between bits/dim evaluations during training (``config.eval.every``; 0 = none)."""
-    return EvalConfig.from_config(self.config).every
+    return self.run.eval.every
 
   def periodic_eval(self, writer, step):
     """Bits/dim of the eval split at ``step`` (``config.eval.every``) -> metrics.jsonl and
@@ -381,8 +386,8 @@ class Trainer:
     """(this process's batches, number of batches, number of examples) of ``config.eval.split``
     (data/pipeline.py ``eval_batches``: every example once, masked padding). The eval batch is
     rounded up to a multiple of the mesh's data-parallel slots and of the process count."""
-    e = EvalConfig.from_config(self.config)
-    return eval_batches(DataConfig.from_config(self.config), e.split,
+    e = self.run.eval
+    return eval_batches(self.run.data, e.split,
                         sharding.eval_batch_size(e.batch_size, self.mesh, self.rules),
                         jax.process_index(), jax.process_count())
 
