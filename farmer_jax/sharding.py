@@ -26,8 +26,8 @@ def mesh_shape(mesh_spec, num_devices):
   devices) -> (names, sizes) for ``num_devices`` devices. Raises ConfigError naming config.mesh and
   the fix.
 
-  The one place that decides whether a mesh spec fits a device count (make_mesh and config.validate
-  use it).
+  The one place that decides whether a mesh spec fits a device count (make_mesh and config.parse use
+  it).
   """
   bad = lambda why, fix: ConfigError(f"config.mesh={mesh_spec!r} is invalid: {why}. Fix: {fix}.")
   example = "e.g. (('data', -1), ('fsdp', 1))"

@@ -1,6 +1,7 @@
 """Config validation (clear errors naming the field, before any file is written) and paper-size
 presets."""
 
+import json
 import os
 import subprocess
 import sys
@@ -396,6 +397,29 @@ def test_saved_config_is_resolved():
   c.model["final_flip"] = True
   with pytest.raises(ConfigError, match=r"config.model has unknown field\(s\) \['final_flip'\]"):
     parse(c)
+
+
+def test_saved_config_file_does_not_depend_on_the_order_a_config_file_wrote(tmp_path):
+  """config.json is the same bytes for the same settings, whatever order the config file set them
+  in and whether it wrote a model field at its default or left it out (keys sorted), and reads
+  back as the same config."""
+  from farmer_jax import runs
+  from farmer_jax.config.parse import resolved_config
+  c = configlib.load("quickstart:tiny")
+  shuffled = ml_collections.ConfigDict()
+  for name in reversed(list(c.keys())):
+    sec = c[name]
+    shuffled[name] = (ml_collections.ConfigDict({k: sec[k] for k in reversed(list(sec.keys()))})
+                      if isinstance(sec, ml_collections.ConfigDict) else sec)
+  del shuffled.model["prior"], shuffled.model["pixels"]   # left at their defaults
+  assert (c.model.prior, c.model.pixels) == ("ar", "farmer")
+  for name, cfg in (("a", c), ("b", shuffled)):
+    os.makedirs(tmp_path / name)
+    runs.write_saved_config(str(tmp_path / name), resolved_config(cfg))
+  a, b = ((tmp_path / n / "config.json").read_bytes() for n in "ab")
+  assert a == b
+  assert runs.read_saved_config(str(tmp_path / "a")).to_dict() == json.loads(
+      resolved_config(c).to_json_best_effort())
 
 
 @pytest.mark.parametrize("spec", ["quickstart", "quickstart:tiny", "imagenet256",
