@@ -22,6 +22,13 @@ def define_config(fv, help_text="Path to a configs/*.py file (optionally ':arg')
   config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, lock_config=True)
 
 
+def define_config_change_ok(fv):
+  flags.DEFINE_bool(
+      "config_change_ok", False, "Allow resuming a workdir whose saved config.json differs in "
+      "data/model settings (refused by default: the checkpoint's params would mean something "
+      "else).", flag_values=fv)
+
+
 def define_compilation_cache(fv):
   flags.DEFINE_string("compilation_cache_dir", None,
                       "Persistent XLA compilation cache (local or gs://), shared by restarts.",

@@ -17,10 +17,7 @@ def define_flags(fv):
                       flag_values=fv)
   flags.DEFINE_string("workdir", None, "The student's run directory (logs, checkpoints).",
                       flag_values=fv)
-  flags.DEFINE_bool(
-      "config_change_ok", False, "Allow resuming a workdir whose saved config.json differs in "
-      "data/model settings (refused by default: the checkpoint's params would mean something "
-      "else).", flag_values=fv)
+  common.define_config_change_ok(fv)
   common.define_launch(fv)
   common.define_output(fv)
 
