@@ -11,14 +11,17 @@ writes, non-finite samples, failure classification) are tested in-process below.
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from farmer_jax import cli
+from farmer_jax.commands import exits, sampler_flags
 from farmer_jax.errors import ConfigError
 from farmer_jax.sampling import generate as gen
 from farmer_jax.config.schema import SamplerConfig
@@ -110,6 +113,12 @@ def bad_cli(exported, tmp_path_factory):
           "sample", f"--model={model}", "--classes=3", "--num=2", "--batch=2", "--cfg=0",
           "--sampler=s_c=5,t_sigma=0.9", f"--out={work}/ok.png", f"--npz={work}/ok.npz", "--quiet"
       ]
+  })
+  cases.append({   # check takes train's command line as is (launch/tpu_vm.sh passes it)
+      "id": "ok_check",
+      "watch": [str(work)],
+      "args": ["check", f"--config={QUICKSTART}:tiny", f"--workdir={work}/run", "--devices=1",
+               "--config_change_ok", "--distributed=auto", "--config.train.steps=3"]
   })
   return run_cli_cases(cases, base), paths
 
@@ -203,6 +212,21 @@ BAD_CASES = [
     ("convert_to_with_from_flags", "convert",
      ["convert", "--to=tarflow", "--model={M}", "--ckpt={W}/a_file", "--out={W}/t.pth"],
      ["--ckpt does not apply to convert --to=tarflow"]),
+    # a flag of another command is refused (named with the commands that take it), as is an
+    # unknown one and a --config override where the command takes no --config
+    ("export_foreign_flag", "export",
+     ["export", "--workdir={W}/norun", "--out={W}/exp", "--cfg=3", "--teacher=x"],
+     ["unknown flag --cfg (a flag of: sample, fid)", "Fix:", "farmer_jax export --help"]),
+    ("sample_foreign_bool", "sample", ["sample", "--model={M}", "--out={W}/x.png", "--nooverwrite"],
+     ["unknown flag --nooverwrite (a flag of: export, prepare, convert)"]),
+    ("export_config_override", "export",
+     ["export", "--workdir={W}/norun", "--out={W}/exp", "--config.train.steps=3"],
+     ["unknown flag --config.train.steps (a flag of: train, distill, check, convert)"]),
+    ("unknown_flag", "eval", ["eval", "--model={M}", "--splitz=test"],
+     ["Unknown command line flag 'splitz'", "Fix: see farmer_jax eval --helpfull"]),
+    ("convert_from_with_export_flag", "convert",
+     ["convert", "--from=tarflow", "--ckpt={W}/a_file", "--dtype=bfloat16", "--out={W}/m"],
+     ["unknown flag --dtype (a flag of: export)"]),
     ("sample_af_guidance_with_jacobi", "sample",
      ["sample", "--model={M}", "--inverse=jacobi", "--sampler=af_guidance=2", "--out={W}/x.png"],
      ["af_guidance=2", "inverse='jacobi'"]),
@@ -241,11 +265,95 @@ def test_cli_control_sample_succeeds(bad_cli):
       p.startswith(work) for p in r["changed"]), "the export must not be modified by sampling"
 
 
+def test_cli_control_check_takes_train_flags(bad_cli):
+  results, _ = bad_cli
+  r = results["ok_check"]
+  assert r["rc"] == 0, r["stderr"][-3000:]
+  assert r["stdout"].startswith("config OK: 64 tokens of d=16") and r["changed"] == []
+
+
 # --------------------------------------------------------------------------------------- in-process
+
+# every command's flags: a flag not listed for a command is refused by it
+FLAGS_OF = {
+    "train": "config workdir config_change_ok distributed coordinator_address num_processes "
+             "process_id compilation_cache_dir",
+    "distill": "config teacher workdir config_change_ok distributed coordinator_address "
+               "num_processes process_id compilation_cache_dir",
+    "export": "workdir out dtype student overwrite",
+    "sample": "model classes num cfg inverse guidance sampler seed batch out npz",
+    "eval": "workdir model split dequant_samples batch data_dir seed out distributed "
+            "coordinator_address num_processes process_id compilation_cache_dir",
+    "fid": "model num features inception ref cfg inverse guidance sampler seed batch out dump "
+           "compilation_cache_dir",
+    "prepare": "folder data_dir name image_size val_fraction val_folder channels encoding quality "
+               "workers overwrite",
+    "check": "devices processes config workdir config_change_ok distributed coordinator_address "
+             "num_processes process_id compilation_cache_dir",
+    "convert": "from to ckpt ckpt_key model out config pixels noise_std channels overwrite",
+}
+
+
+@pytest.mark.parametrize("cmd", list(FLAGS_OF))
+def test_command_help_lists_only_its_own_flags(cmd, capsys):
+  """``farmer_jax <cmd> --help`` (and -h, --helpfull) prints the command's purpose, an example and
+  exactly its flags (plus --quiet/--verbose/--debug), and exits 0."""
+  outs = []
+  for flag in ("--help", "-h", "--helpfull"):
+    with pytest.raises(SystemExit) as e:
+      cli.run(["farmer_jax", cmd, "--workdir=/x", flag])
+    assert e.value.code == 0
+    outs.append(capsys.readouterr().out)
+  assert outs[0] == outs[1] == outs[2]
+  out = outs[0]
+  assert out.startswith(f"farmer_jax {cmd}: ") and f"\nexample: farmer_jax {cmd} --" in out
+  listed = re.findall(r"^  --(?:\[no\])?(\w+)", out, re.M)
+  assert listed == FLAGS_OF[cmd].split() + ["quiet", "verbose", "debug"]
+  assert max(len(line) for line in out.splitlines()[2:]) <= 100
+
+
+def test_sample_help_shows_cfg_not_teacher(capsys):
+  with pytest.raises(SystemExit):
+    cli.run(["farmer_jax", "sample", "--help"])
+  out = capsys.readouterr().out
+  assert "  --cfg (default" not in out and "\n  --cfg\n      Guidance scale w" in out
+  assert "--teacher" not in out and "--dtype" not in out
+
+
+def test_foreign_flag_names_the_commands_that_take_it():
+  assert cli.owners("cfg", "export") == ["sample", "fid"]
+  assert cli.owners("teacher", "export") == ["distill"]
+  assert cli.owners("nooverwrite", "sample") == ["export", "prepare", "convert"]
+  assert cli.owners("config.model.prior", "sample") == ["train", "distill", "check", "convert"]
+  assert cli.owners("bogus", "sample") == []
+  argv = ["farmer_jax export", "--cfg=3"]
+  e = flags.UnrecognizedFlagError("cfg", "3")
+  assert exits.flag_error_message(e, argv, lambda n: cli.owners(n, "export")) == (
+      "unknown flag --cfg (a flag of: sample, fid). Fix: drop it; farmer_jax export --help lists "
+      "the flags of export")
+
+
+def test_usage_and_unknown_command(capsys):
+  for argv, code in ((["farmer_jax"], 2), (["farmer_jax", "--help"], 0),
+                     (["farmer_jax", "help"], 0)):
+    with pytest.raises(SystemExit) as e:
+      cli.run(argv)
+    assert e.value.code == code
+    out = capsys.readouterr().out
+    assert out.startswith("usage: farmer_jax <command> [--flags]\ncommands: train, distill, "
+                          "export, sample, eval, fid, prepare, check, convert\n")
+  with pytest.raises(SystemExit) as e:
+    cli.run(["farmer_jax", "bogus", "--help"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      "farmer_jax: unknown command 'bogus'; commands: train, distill, export, sample, eval, fid, "
+      "prepare, check, convert (farmer_jax --help)\n")
+
 
 
 def test_sampler_flag_values_keep_integers():
-  over = cli.sampler_overrides(None, None, "s_c=5,s_u=3,t_sigma=0.9,redundant_var_scale=1")
+  over = sampler_flags.sampler_overrides(None, None,
+                                         "s_c=5,s_u=3,t_sigma=0.9,redundant_var_scale=1")
   assert over == {"s_c": 5, "s_u": 3, "t_sigma": 0.9, "redundant_var_scale": 1}
   assert isinstance(over["s_c"], int)
   s = SamplerConfig.from_config({**over, "guidance": "resampling"})
@@ -254,17 +362,17 @@ def test_sampler_flag_values_keep_integers():
                    ("redundant_candidates=16.5", "must be an integer"),
                    ("redundant_candidates=true", "is not a number")]:
     with pytest.raises(ValueError, match=msg):
-      SamplerConfig.from_config(cli.sampler_overrides(None, None, bad))
+      SamplerConfig.from_config(sampler_flags.sampler_overrides(None, None, bad))
   with pytest.raises(ValueError, match="unknown setting 'temp'"):
-    cli.sampler_overrides(None, None, "temp=1")
+    sampler_flags.sampler_overrides(None, None, "temp=1")
   with pytest.raises(ValueError, match="must be key=value"):
-    cli.sampler_overrides(None, None, "s_c")
+    sampler_flags.sampler_overrides(None, None, "s_c")
   with pytest.raises(ValueError, match="cfg=nan must be a finite number"):
-    SamplerConfig.from_config(cli.sampler_overrides(float("nan"), None, None))
+    SamplerConfig.from_config(sampler_flags.sampler_overrides(float("nan"), None, None))
   with pytest.raises(ValueError, match="cfg=inf must be a finite number"):
-    SamplerConfig.from_config(cli.sampler_overrides(float("inf"), None, None))
-  assert cli.sampler_overrides(2.0, None, "guidance=naive")["guidance"] == "naive"
-  assert SamplerConfig.from_config(cli.sampler_overrides(None, None,
+    SamplerConfig.from_config(sampler_flags.sampler_overrides(float("inf"), None, None))
+  assert sampler_flags.sampler_overrides(2.0, None, "guidance=naive")["guidance"] == "naive"
+  assert SamplerConfig.from_config(sampler_flags.sampler_overrides(None, None,
                                                    "naive_proposals=1e3")).naive_proposals == 1000
 
 
@@ -334,33 +442,34 @@ def test_failure_classification():
   try:
     validate_workdir("")
   except ConfigError as e:
-    assert cli.failure(e) == (2, str(e))
+    assert exits.failure(e) == (2, str(e))
   try:
     gen.check_output_path("x.gif", "--out")  # a ValueError raised by our own validation
   except ValueError as e:
-    assert cli.failure(e)[0] == 2
-  assert cli.failure(raised_here(
+    assert exits.failure(e)[0] == 2
+  assert exits.failure(raised_here(
       ValueError("inside a library"))) is None  # not raised by farmer_jax: a bug
-  assert cli.failure(raised_here(RuntimeError("bug"))) is None
-  assert cli.failure(raised_here(KeyError("k"))) is None
-  code, msg = cli.failure(raised_here(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt")))
+  assert exits.failure(raised_here(RuntimeError("bug"))) is None
+  assert exits.failure(raised_here(KeyError("k"))) is None
+  code, msg = exits.failure(
+      raised_here(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt")))
   assert code == 2 and msg.startswith("disk full: [Errno 28] No space left on device: '/x/ckpt'")
-  code, msg = cli.failure(raised_here(PermissionError(errno.EACCES, "Permission denied", "/x")))
+  code, msg = exits.failure(raised_here(PermissionError(errno.EACCES, "Permission denied", "/x")))
   assert code == 2 and "Permission denied: '/x'" in msg
-  assert cli.failure(raised_here(FloatingPointError("non-finite loss at step 3")))[0] == 1
+  assert exits.failure(raised_here(FloatingPointError("non-finite loss at step 3")))[0] == 1
   from farmer_jax.sampling.export import ExportError
   from farmer_jax.train.lock import WorkdirBusyError
-  assert cli.failure(raised_here(
+  assert exits.failure(raised_here(
       ExportError("/m is not a complete export"))) == (2, "/m is not a complete export")
-  assert cli.failure(raised_here(WorkdirBusyError("held by pid 7")))[0] == 2
-  assert cli.one_line("a\n  b\tc\n") == "a b c"
+  assert exits.failure(raised_here(WorkdirBusyError("held by pid 7")))[0] == 2
+  assert exits.one_line("a\n  b\tc\n") == "a b c"
 
 
 def test_flag_error_messages_keep_the_suggestion():
   argv = ["farmer_jax train", f"--config={QUICKSTART}:tiny", "--config.model.flow_blockz=3"]
   e = AttributeError(
       KeyError("'flow_blockz'\nDid you mean \"flow_blocks\" instead of \"flow_blockz\"?"))
-  msg = cli.flag_error_message(e, argv)
+  msg = exits.flag_error_message(e, argv)
   assert msg.startswith(
       "--config.model.flow_blockz: config.model has no field 'flow_blockz'. Did you mean "
       "\"flow_blocks\" instead of \"flow_blockz\"?"), msg
@@ -368,4 +477,4 @@ def test_flag_error_messages_keep_the_suggestion():
       "flag --config=x.py: Error whilst parsing config file:\n\nTraceback ...\n  File ...\n"
       "ValueError: quickstart size must be 'base' or 'tiny', got 'huge'\n")
   assert ("the config file raised ValueError: quickstart size must be 'base' or 'tiny'"
-          in cli.flag_error_message(e, argv))
+          in exits.flag_error_message(e, argv))

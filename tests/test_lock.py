@@ -364,7 +364,7 @@ def test_training_stops_without_writing_when_another_run_took_its_lock(tiny_run)
 def test_training_saves_and_stops_when_its_lock_cannot_be_refreshed(tiny_run, monkeypatch):
   """The lock is still ours but unwritable (full disk): a checkpoint is saved, then the run stops
   with one line (exit 2)."""
-  from farmer_jax import cli
+  from farmer_jax.commands import exits
   from farmer_jax.train.trainer import Trainer
   c, workdir = tiny_run
   link, lock_path = os.link, str(workdir / LOCK)
@@ -380,7 +380,7 @@ def test_training_saves_and_stops_when_its_lock_cannot_be_refreshed(tiny_run, mo
   with pytest.raises(WorkdirLockLost) as e:
     tr.fit()
   tr.close()
-  code, msg = cli.failure(e.value)
+  code, msg = exits.failure(e.value)
   assert code == 2 and msg.startswith("at step 1: the workdir lock") and "saved a checkpoint" in msg
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1"]
   assert not (workdir / LOCK).exists()

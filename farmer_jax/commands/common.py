@@ -1,0 +1,66 @@
+"""Flags and steps that several commands share, written once: the output switches every command
+takes (--quiet/--verbose/--debug), the --config file, the multi-process launch flags and the jax
+start-up they configure."""
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def define_output(fv):
+  """--quiet, --verbose, --debug: every command takes them."""
+  flags.DEFINE_bool("quiet", False, "No progress bars or console logs.", flag_values=fv)
+  flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).", flag_values=fv)
+  flags.DEFINE_bool(
+      "debug", False,
+      "On an expected failure, also print the full traceback (tracebacks are otherwise "
+      "shown only for bugs).", flag_values=fv)
+
+
+def define_config(fv, help_text="Path to a configs/*.py file (optionally ':arg')."):
+  """--config=FILE[:arg] with --config.a.b=value overrides. config_flags reads the overrides from
+  sys.argv when --config is parsed (cli.run sets it to the command's arguments)."""
+  config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, lock_config=True)
+
+
+def define_config_change_ok(fv):
+  flags.DEFINE_bool(
+      "config_change_ok", False, "Allow resuming a workdir whose saved config.json differs in "
+      "data/model settings (refused by default: the checkpoint's params would mean something "
+      "else).", flag_values=fv)
+
+
+def define_compilation_cache(fv):
+  flags.DEFINE_string("compilation_cache_dir", None,
+                      "Persistent XLA compilation cache (local or gs://), shared by restarts.",
+                      flag_values=fv)
+
+
+def define_launch(fv):
+  """The multi-process (multi-host) launch flags, and the compilation cache."""
+  flags.DEFINE_enum(
+      "distributed", "off", ["off", "auto", "explicit"],
+      "'auto' = jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM); "
+      "'explicit' = use --coordinator_address/--num_processes/--process_id.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (with --distributed=explicit).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None,
+                       "Number of processes (with --distributed=explicit).", flag_values=fv)
+  flags.DEFINE_integer("process_id", None,
+                       "This process's index (with --distributed=explicit).", flag_values=fv)
+  define_compilation_cache(fv)
+
+
+def start_jax(f):
+  """Joins the multi-process job (commands with --distributed) and points XLA at the compilation
+  cache; before any other jax call."""
+  if "distributed" in f:
+    from farmer_jax.distributed import initialize
+    initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
+  if f.compilation_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", f.compilation_cache_dir)
+
+
+def say(f):
+  """print, or nothing under --quiet."""
+  return (lambda _: None) if f.quiet else print

@@ -1,0 +1,49 @@
+"""`farmer_jax prepare`: an image folder (one subfolder per class) as a tfds dataset that
+`train --config.data.name=tfds:NAME` reads: ADM center crop, JPEG or PNG, optional validation
+split."""
+
+import os
+
+from absl import app, flags
+
+from farmer_jax.commands import common
+
+PURPOSE = "turn an image folder (one subfolder per class) into a tfds dataset"
+EXAMPLE = ("farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos "
+           "[--image_size=256]")
+
+
+def define_flags(fv):
+  flags.DEFINE_string("folder", None, "Image folder, one subfolder per class.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "Where the dataset is written (DIR/NAME/1.0.0).",
+                      flag_values=fv)
+  flags.DEFINE_string("name", None, "Dataset name; train with data.name=tfds:NAME.",
+                      flag_values=fv)
+  flags.DEFINE_integer("image_size", 256, "Side of the square images (ADM center crop).",
+                       flag_values=fv)
+  flags.DEFINE_float("val_fraction", 0.0,
+                     "Fraction of each class in the 'validation' split (by path hash).",
+                     flag_values=fv)
+  flags.DEFINE_string("val_folder", None,
+                      "A second folder (same class names) for the 'validation' split.",
+                      flag_values=fv)
+  flags.DEFINE_integer("channels", 3, "3 (RGB) or 1 (grayscale).", flag_values=fv)
+  flags.DEFINE_enum("encoding", "jpeg", ["jpeg", "png"], "How images are stored.", flag_values=fv)
+  flags.DEFINE_integer("quality", 95, "JPEG quality.", flag_values=fv)
+  flags.DEFINE_integer("workers", None,
+                       "Decoding processes (default: the CPU count, at most 16; 0 = none).",
+                       flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.", flag_values=fv)
+  common.define_output(fv)
+
+
+def main(f):
+  if not f.folder or not f.data_dir or not f.name:
+    raise app.UsageError("--folder (one subfolder per class), --data_dir and --name are required")
+  from farmer_jax.data.prepare import Options, prepare
+  workers = f.workers if f.workers is not None else min(16, os.cpu_count() or 1)
+  prepare(Options(folder=f.folder, data_dir=f.data_dir, name=f.name, image_size=f.image_size,
+                  val_fraction=f.val_fraction, channels=f.channels, encoding=f.encoding,
+                  quality=f.quality, workers=workers, overwrite=f.overwrite,
+                  val_folder=f.val_folder or ""),
+          say=common.say(f))

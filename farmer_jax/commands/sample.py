@@ -1,0 +1,77 @@
+"""`farmer_jax sample`: class-conditional (or unconditional) samples of an exported model, written
+as a PNG grid and/or an .npz. Everything that does not need the model is checked before it is
+loaded."""
+
+from absl import app, flags
+
+from farmer_jax.commands import common, sampler_flags
+from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
+
+PURPOSE = "draw samples from an exported model into a PNG grid and/or an .npz"
+EXAMPLE = ("farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 "
+           "--out=grid.png [--npz=s.npz]")
+
+
+def define_flags(fv):
+  flags.DEFINE_string("model", None, "An exported model directory (farmer_jax export).",
+                      flag_values=fv)
+  flags.DEFINE_string("classes", "all", "Comma-separated class ids, 'null' for unconditional, or "
+                      "'all'.", flag_values=fv)
+  flags.DEFINE_integer("num", 8, "Samples per class.", flag_values=fv)
+  sampler_flags.define(fv)
+  flags.DEFINE_integer("seed", 0, "RNG seed (sample j uses fold_in(seed, j)).", flag_values=fv)
+  flags.DEFINE_integer("batch", 64, "Batch size (results do not depend on it).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output PNG grid (*.png).", flag_values=fv)
+  flags.DEFINE_string("npz", None, "Also write uint8 images + labels to this .npz (for FID tools).",
+                      flag_values=fv)
+  common.define_output(fv)
+
+
+def main(f):
+  if not f.model or not (f.out or f.npz):
+    raise app.UsageError(
+        "--model (an export directory) and --out (PNG) or --npz are required")
+  if f.num < 1:
+    raise ValueError(f"--num={f.num} must be >= 1 (samples per class)")
+  if f.batch < 1:
+    raise ValueError(f"--batch={f.batch} must be >= 1")
+  from farmer_jax.sampling.generate import check_output_path
+  for path, flag in ((f.out, "--out"), (f.npz, "--npz")):
+    if path:
+      check_output_path(path, flag)
+  over = sampler_flags.checked_overrides(f)
+
+  from farmer_jax.sampling.export import ExportError, load_latent_var, load_model, load_student
+  from farmer_jax.sampling.generate import (
+      check_output_size, describe_stats, generate, parse_classes, write_outputs)
+  mcfg, params, config, meta = load_model(f.model)
+  classes = parse_classes(f.classes, mcfg.num_classes)
+  check_output_size(mcfg, classes, f.num, bool(f.out))
+  sample = dict(config.get("sample", {}))
+  sc = {k: v for k, v in sample.items() if k in SAMPLER_KEYS}   # the model's defaults
+  sc.update(over)
+  try:
+    sampler = SamplerConfig.from_config(sc)
+    sampler.check_model(mcfg)
+  except ValueError as e:
+    raise sampler_flags.sampler_error(e) from e
+  student = None
+  if sampler.inverse == "student":
+    student = load_student(f.model, mcfg, meta)
+    if student is None:
+      raise ExportError(f"--inverse=student: {f.model} carries no distilled student. Fix: "
+                        "export with `farmer_jax export --workdir=RUN --student=DISTILL_RUN`, or "
+                        "use --inverse=exact|jacobi")
+
+  images, labels, stats = generate(
+      mcfg, params, classes, f.num, sampler, f.seed, f.batch, progress=not f.quiet,
+      return_stats=True, student_params=student,
+      latent_var=load_latent_var(f.model, mcfg, meta))
+  write_outputs(images, labels, f.out, f.npz, stats)
+
+  line = describe_stats(stats, sampler)
+  if line:
+    print(line)
+  af = f", AF guidance {sampler.af_guidance}" if sampler.af_guidance else ""
+  print(f"{images.shape[0] * images.shape[1]} samples ({sampler.guidance}, w={sampler.cfg.w}{af}) "
+        f"-> {', '.join(p for p in (f.out, f.npz) if p)}")

@@ -1,0 +1,90 @@
+"""The sampler flags of `sample` and `fid` (--cfg, --guidance, --inverse, --sampler) and their
+translation into config.sample overrides; the model's config.sample supplies the rest."""
+
+import re
+
+from absl import flags
+
+from farmer_jax.config.schema import (GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS,
+                                      SamplerConfig)
+
+
+def define(fv):
+  flags.DEFINE_float("cfg", None, "Guidance scale w (default: the model config's sample.cfg).",
+                     flag_values=fv)
+  flags.DEFINE_enum("inverse", None, list(INVERSES),
+                    "The AF inverse: exact (sequential), jacobi (parallel fixed-point; "
+                    "--sampler=jacobi_tol=...,jacobi_max_iters=...) or student (the distilled "
+                    "one-step inverse the export carries). Default: the config's.", flag_values=fv)
+  flags.DEFINE_enum("guidance", None, list(GUIDANCE_MODES),
+                    "Guidance method (default: resampling if cfg > 0 else the config's).",
+                    flag_values=fv)
+  # --sampler takes every sampler setting; the help lists those without their own flag
+  rest = ", ".join(k for k in SAMPLER_KEYS if k not in ("guidance", "cfg", "inverse"))
+  flags.DEFINE_string("sampler", None, f"Extra sampler settings 'k=v,...' ({rest}).",
+                      flag_values=fv)
+
+
+def _number(text):
+  """'5' -> 5, '2.5' -> 2.5, 'nan' -> nan (validation refuses it with its own message); None if not
+  a number."""
+  text = text.strip()
+  if re.fullmatch(r"[+-]?\d+", text):
+    return int(text)
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
+def sampler_overrides(cfg_w, guidance, extra, inverse=None):
+  """CLI flags -> dict of config.sample overrides. Integers stay integers (so ``s_c=2.5`` is
+  refused, ``s_c=5`` accepted by SamplerConfig.from_config); unknown keys and non-numbers are
+  refused here. The keys, and which are text (guidance), come from SAMPLER_FIELDS."""
+  out = {}
+  if cfg_w is not None:
+    out["cfg"] = cfg_w
+    if guidance is None:
+      out["guidance"] = "resampling" if cfg_w > 0 else "none"
+  if guidance is not None:
+    out["guidance"] = guidance
+  if inverse is not None:
+    out["inverse"] = inverse
+  if extra:
+    for item in extra.split(","):
+      if "=" not in item:
+        raise ValueError(
+            f"--sampler entry {item!r} must be key=value (keys: {', '.join(SAMPLER_KEYS)})")
+      k, v = (p.strip() for p in item.split("=", 1))
+      if k not in SAMPLER_KEYS:
+        raise ValueError(
+            f"--sampler={extra}: unknown setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
+      if SAMPLER_FIELDS[k][2] is str:
+        out[k] = v
+        continue
+      num = _number(v)
+      if SAMPLER_FIELDS[k][2] is bool:   # true/false/1/0; SamplerConfig refuses anything else
+        out[k] = v if num is None else num
+        continue
+      if num is None:
+        raise ValueError(f"--sampler={extra}: {k}={v!r} is not a number")
+      out[k] = num
+  return out
+
+
+def sampler_error(e):
+  return ValueError(
+      f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value "
+      "(the rest come from "
+      "the model's config.sample)")
+
+
+def checked_overrides(f):
+  """The sampler flags as config.sample overrides, checked on their own (defaults elsewhere) so
+  that a bad value fails before any model is loaded."""
+  over = sampler_overrides(f.cfg, f.guidance, f.sampler, f.inverse)
+  try:
+    SamplerConfig.from_config(over)
+  except ValueError as e:
+    raise sampler_error(e) from e
+  return over
