@@ -82,8 +82,8 @@ def parse(config, workdir=None, num_devices=None, num_processes=None) -> RunConf
   sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
   require(not e.mnist_quality or (d.name == "mnist5k" and d.image_size == 32 and d.channels == 1
                                   and d.num_classes == 10),
-          "eval.mnist_quality", True, f"its digit classifier scores class-conditional 32x32x1 MNIST "
-          f"samples only (10 classes), and this run trains on {d.name} ({d.image_size}x"
+          "eval.mnist_quality", True, "its digit classifier scores class-conditional 32x32x1 "
+          f"MNIST samples only (10 classes), and this run trains on {d.name} ({d.image_size}x"
           f"{d.image_size}x{d.channels}, {d.num_classes} classes)",
           "set --config.eval.mnist_quality=False (score other data with `farmer_jax fid`)")
   m = parse_model(config)

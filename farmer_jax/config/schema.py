@@ -2,8 +2,8 @@
 and whose fields carry their rules (rules.py): ``ModelConfig`` (``config.model`` + the shape fields
 of ``config.data``), ``DataConfig``, ``TrainConfig``, ``EvalConfig`` and ``SampleConfig`` (the grid
 a run samples, and its ``SamplerConfig``: the sampler settings, also set by ``farmer_jax sample
---cfg/--guidance/--sampler``). Each is built by ``from_section`` from its ConfigDict section; parse.py
-builds the whole run config from them. This module does not import jax."""
+--cfg/--guidance/--sampler``). Each is built by ``from_section`` from its ConfigDict section;
+parse.py builds the whole run config from them. This module does not import jax."""
 
 import dataclasses
 import math
@@ -148,14 +148,23 @@ class ModelConfig(Section):
   unroll: bool = rules.field(False, _bool("unroll"))
   # query chunk size of the AF's causal attention in full-sequence passes with attention='einsum';
   # chunk i reads the keys of chunks <= i only (0 or >= tokens: one chunk)
-  flow_attn_chunk: int = rules.field(64, rules.Rule(lambda v: rules.is_int(v) and v >= 0, "must be an integer >= 0", "e.g. 64 (0 = one chunk)"))
+  flow_attn_chunk: int = rules.field(64, rules.Rule(lambda v: rules.is_int(v) and v >= 0,
+                                                    "must be an integer >= 0",
+                                                    "e.g. 64 (0 = one chunk)"))
   # AR prior vs the last AF block: "alternate" (opposite order) | "same"
-  ar_order: str = rules.field("alternate", _choice(AR_ORDERS, "unknown AR prior direction", f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final permute)"))
+  ar_order: str = rules.field("alternate", _choice(
+      AR_ORDERS, "unknown AR prior direction",
+      f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
+      "permute)"))
   # the density of the AF's latents: "ar" (FARMER) | "standard_normal" (TARFlow; the ar_* and
   # GMM fields below are then unused); PRIORS
-  prior: str = rules.field("ar", _choice(PRIORS, "unknown prior over the AF latents", f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))"))
+  prior: str = rules.field("ar", _choice(
+      PRIORS, "unknown prior over the AF latents",
+      f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))"))
   # uint8 <-> model space: "farmer" ((v + 0.5)/128 - 1) | "tarflow" (2v/255 - 1); PIXELS
-  pixels: str = rules.field("farmer", _choice(PIXELS, "unknown pixel mapping", f"use one of {PIXELS} ('tarflow' for models trained on 2v/255 - 1)"))
+  pixels: str = rules.field("farmer", _choice(
+      PIXELS, "unknown pixel mapping",
+      f"use one of {PIXELS} ('tarflow' for models trained on 2v/255 - 1)"))
   # AR prior
   ar_width: int = rules.field(128, _pos("model.ar_width"))
   ar_depth: int = rules.field(2, _pos("model.ar_depth"))
@@ -163,22 +172,30 @@ class ModelConfig(Section):
   # M
   class_repeats: int = rules.field(4, _CLASS_REPEATS)
   # farmer | jetformer | none
-  dimred: str = rules.field("farmer", _choice(DIMRED_MODES, "unknown dimension-reduction mode", f"use one of {DIMRED_MODES}"))
+  dimred: str = rules.field("farmer", _choice(DIMRED_MODES, "unknown dimension-reduction mode",
+                                              f"use one of {DIMRED_MODES}"))
   d_informative: int = 8              # d_I (ignored for dimred='none', where d_I = d)
   # K_I
   mixtures_informative: int = rules.field(8, _pos("model.mixtures_informative"))
   mixtures_redundant: int = 8         # K_R
-  scale_fn: str = rules.field("squareplus", _choice(SCALE_FNS, "unknown scale parameterisation", f"use one of {SCALE_FNS}"))
-  scale_floor: float = rules.field(1e-6, rules.Rule(lambda v: v > 0, "must be > 0", "use e.g. 1e-6"))
+  scale_fn: str = rules.field("squareplus", _choice(SCALE_FNS, "unknown scale parameterisation",
+                                                    f"use one of {SCALE_FNS}"))
+  scale_floor: float = rules.field(1e-6, rules.Rule(lambda v: v > 0, "must be > 0",
+                                                    "use e.g. 1e-6"))
   # common
   mlp_ratio: int = rules.field(4, _pos("model.mlp_ratio"))
-  dtype: str = rules.field("float32", _choice(DTYPE_NAMES, "unknown compute dtype", f"use one of {sorted(DTYPE_NAMES)}"))
+  dtype: str = rules.field("float32", _choice(DTYPE_NAMES, "unknown compute dtype",
+                                              f"use one of {sorted(DTYPE_NAMES)}"))
   remat: bool = rules.field(False, _bool("remat"))
   # REMAT_POLICIES; used when remat=True
-  remat_policy: str = rules.field("nothing_saveable", _choice(REMAT_POLICIES, "unknown rematerialisation policy", f"use one of {REMAT_POLICIES} (or model.remat=False for none)"))
+  remat_policy: str = rules.field("nothing_saveable", _choice(
+      REMAT_POLICIES, "unknown rematerialisation policy",
+      f"use one of {REMAT_POLICIES} (or model.remat=False for none)"))
   # attention implementation (ATTENTION_IMPLS): 'xla' (jax.nn.dot_product_attention), 'cudnn' (its
   # fused GPU kernel; bf16), 'einsum' (two einsums + fp32 softmax, chunked causal: fastest on CPU)
-  attention: str = rules.field("xla", _choice(ATTENTION_IMPLS, "unknown attention implementation", f"use one of {ATTENTION_IMPLS} ('einsum' on CPU, 'cudnn' on GPU with bf16)"))
+  attention: str = rules.field("xla", _choice(
+      ATTENTION_IMPLS, "unknown attention implementation",
+      f"use one of {ATTENTION_IMPLS} ('einsum' on CPU, 'cudnn' on GPU with bf16)"))
 
 
   @property
@@ -239,7 +256,8 @@ class ModelConfig(Section):
             f"does not divide model.flow_width={self.flow_width}",
             "pick a head count dividing the width")
     require(not self.ar_width % self.ar_heads, "model.ar_heads", self.ar_heads,
-            f"does not divide model.ar_width={self.ar_width}", "pick a head count dividing the width")
+            f"does not divide model.ar_width={self.ar_width}",
+            "pick a head count dividing the width")
     if self.dimred != "none" and self.prior == "ar":    # (a standard_normal prior splits nothing)
       d = self.token_dim
       require(
@@ -353,8 +371,9 @@ class TrainConfig(Section):
 
   def check(self):
     """Cross-field checks of config.train (each field already passed its rule)."""
-    rules.require(self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"it exceeds train.lr={self.lr}",
-           "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
+    rules.require(self.min_lr <= self.lr, "train.min_lr", self.min_lr,
+                  f"it exceeds train.lr={self.lr}",
+                  "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
     rules.require(self.noise_min <= self.noise_max, "train.noise_min", self.noise_min,
            f"it exceeds train.noise_max={self.noise_max}",
            "the cosine schedule anneals from noise_max down to noise_min")
@@ -439,8 +458,8 @@ class ResamplingCFG(NamedTuple):
 class SamplerConfig(NamedTuple):
   """How to sample: the sampler settings of ``config.sample`` (``from_config``), flat: SAMPLER_KEYS.
 
-  Adding a sampler option = a field here (or in ResamplingCFG) and its rule in SAMPLER_RULES (or check);
-  the config.sample keys, the CLI's --sampler keys and their help follow from the fields.
+  Adding a sampler option = a field here (or in ResamplingCFG) and its rule in SAMPLER_RULES (or
+  check); the config.sample keys, the CLI's --sampler keys and their help follow from the fields.
   """
   guidance: str = "none"                 # GUIDANCE_MODES
   # w and temperatures; the proposal temperatures are also used by 'none' and 'naive'
