@@ -30,6 +30,8 @@ import importlib.metadata
 import os
 import sys
 
+from farmer_jax.errors import UserError
+
 ENV = "FARMER_JAX_MALLOC"
 MODES = ("auto", "keep", "system")
 # glibc's mallopt parameter numbers (malloc.h)
@@ -56,8 +58,8 @@ def resolve(mode=None, environ=None, accelerator=None) -> str:
   value = str(given).strip().lower() or "auto"
   if value not in MODES:
     source = "mode" if mode is not None else f"${ENV}"
-    raise ValueError(f"{source}={given!r} is not one of {', '.join(MODES)}; unset it or use "
-                     f"'auto' (the default), 'keep' or 'system'")
+    raise UserError(f"{source}={given!r} is not one of {', '.join(MODES)}; unset it or use "
+                    f"'auto' (the default), 'keep' or 'system'")
   if value != "auto":
     return value
   platforms = environ.get("JAX_PLATFORMS", "").strip().lower()

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from farmer_jax import runs, storage, untrusted
 from farmer_jax.config import DTYPE_NAMES, ConfigError, jnp_dtype, validate_model_config
-from farmer_jax.errors import brief
+from farmer_jax.errors import UserError, brief
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
 
 FORMAT_VERSION = 1
@@ -27,7 +27,7 @@ EXPORT_KIND = "farmer_jax_export"
 PARAM_DTYPES = {name: jnp_dtype(name) for name in DTYPE_NAMES}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """A model directory is missing, incomplete or corrupt, or an export target is not usable."""
 
 
