@@ -36,6 +36,7 @@ from ml_collections import config_flags
 
 from farmer_jax.config import (  # config.py does not import jax
     DTYPE_NAMES, GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS, SamplerConfig)
+from farmer_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally ':arg').",
@@ -149,7 +150,6 @@ flags.DEFINE_float("noise_std", None, "convert: the Gaussian noise std the TARFl
                    "trained with (default: from its file name, e.g. ..._0.07.pth); its samples "
                    "are self-denoised with it.")
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
 _EXPECTED_ERRNOS = {
     errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
@@ -245,11 +245,11 @@ def sampler_overrides(cfg_w, guidance, extra, inverse=None):
   if extra:
     for item in extra.split(","):
       if "=" not in item:
-        raise ValueError(
+        raise UserError(
             f"--sampler entry {item!r} must be key=value (keys: {', '.join(SAMPLER_KEYS)})")
       k, v = (p.strip() for p in item.split("=", 1))
       if k not in SAMPLER_KEYS:
-        raise ValueError(
+        raise UserError(
             f"--sampler={extra}: unknown setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
       if SAMPLER_FIELDS[k][2] is str:
         out[k] = v
@@ -259,13 +259,13 @@ def sampler_overrides(cfg_w, guidance, extra, inverse=None):
         out[k] = v if num is None else num
         continue
       if num is None:
-        raise ValueError(f"--sampler={extra}: {k}={v!r} is not a number")
+        raise UserError(f"--sampler={extra}: {k}={v!r} is not a number")
       out[k] = num
   return out
 
 
 def _sampler_error(e):
-  return ValueError(
+  return UserError(
       f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value "
       "(the rest come from "
       "the model's config.sample)")
@@ -278,9 +278,9 @@ def _sample(argv):
   # Everything that does not need the model is checked before it is loaded and before any
   # sampling.
   if FLAGS.num < 1:
-    raise ValueError(f"--num={FLAGS.num} must be >= 1 (samples per class)")
+    raise UserError(f"--num={FLAGS.num} must be >= 1 (samples per class)")
   if FLAGS.batch < 1:
-    raise ValueError(f"--batch={FLAGS.batch} must be >= 1")
+    raise UserError(f"--batch={FLAGS.batch} must be >= 1")
   from farmer_jax.sampling.generate import check_output_path
   for path, flag in ((FLAGS.out, "--out"), (FLAGS.npz, "--npz")):
     if path:
@@ -390,10 +390,10 @@ def _check(argv):
   for name in ("devices", "processes"):
     v = getattr(FLAGS, name)
     if v is not None and v < 1:
-      raise ValueError(f"--{name}={v} must be >= 1")
+      raise UserError(f"--{name}={v} must be >= 1")
   processes = FLAGS.processes or 1
   if FLAGS.devices is not None and FLAGS.devices % processes:
-    raise ValueError(f"--devices={FLAGS.devices} is not a multiple of --processes={processes}")
+    raise UserError(f"--devices={FLAGS.devices} is not a multiple of --processes={processes}")
   from farmer_jax.config import DataConfig, TrainConfig, validate
   m = validate(FLAGS.config, FLAGS.workdir, num_devices=FLAGS.devices, num_processes=processes)
   d, t = DataConfig.from_config(FLAGS.config), TrainConfig.from_config(FLAGS.config)
@@ -507,30 +507,14 @@ def _fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
   sys.exit(code)
 
 
-def _raised_in_package(e):
-  """Whether ``e`` was raised by farmer_jax's own code (our validation) rather than inside a
-  library."""
-  tb = e.__traceback__
-  last = None
-  while tb is not None:
-    last = tb.tb_frame.f_code.co_filename
-    tb = tb.tb_next
-  return last is not None and os.path.abspath(last).startswith(_PACKAGE_DIR + os.sep)
-
-
 def failure(e, cmd="train"):
   """(exit code, one-line message) for an expected failure of ``cmd``, None for a bug (shown as a
   traceback)."""
-  from farmer_jax.config import ConfigError
-  from farmer_jax.sampling.export import ExportError
-  from farmer_jax.data.prepare import PrepareError
-  from farmer_jax.train.lock import WorkdirBusyError
-  expected = (ConfigError, ExportError, WorkdirBusyError, PrepareError)
   if isinstance(e, FloatingPointError):  # non-finite training loss: nothing was saved
     return 1, str(e)
   if isinstance(e, app.UsageError):
     return 2, f"{e} (farmer_jax --help lists the commands)"
-  if isinstance(e, expected):
+  if isinstance(e, UserError):
     return 2, str(e)
   if isinstance(e, OSError) and e.errno in _EXPECTED_ERRNOS:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -540,8 +524,6 @@ def failure(e, cmd="train"):
     if e.errno == errno.EFBIG:
       return 2, f"{e}. Fix: raise the file size limit (ulimit -f) or write elsewhere"
     return 2, f"{e}. Fix: check the path and its permissions"
-  if isinstance(e, ValueError) and _raised_in_package(e):
-    return 2, str(e)
   return None
 
 

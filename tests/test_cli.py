@@ -336,11 +336,15 @@ def test_failure_classification():
   except ConfigError as e:
     assert cli.failure(e) == (2, str(e))
   try:
-    gen.check_output_path("x.gif", "--out")  # a ValueError raised by our own validation
+    gen.check_output_path("x.gif", "--out")  # a UserError raised by our own validation
   except ValueError as e:
     assert cli.failure(e)[0] == 2
   assert cli.failure(raised_here(
       ValueError("inside a library"))) is None  # not raised by farmer_jax: a bug
+  from farmer_jax.conventions import pixel_mapping
+  with pytest.raises(ValueError) as bug:   # an invariant of ours (config refuses it first): a bug
+    pixel_mapping("nope")
+  assert cli.failure(bug.value) is None
   assert cli.failure(raised_here(RuntimeError("bug"))) is None
   assert cli.failure(raised_here(KeyError("k"))) is None
   code, msg = cli.failure(raised_here(OSError(errno.ENOSPC, "No space left on device", "/x/ckpt")))
