@@ -52,7 +52,7 @@ def accelerator_plugin_installed() -> bool:
 
 def resolve(mode=None, environ=None, accelerator=None) -> str:
   """The mode that applies: ``mode``, else ``$FARMER_JAX_MALLOC``, else 'auto'; 'auto' becomes
-  'keep' or 'system' (see the module docstring). A value not in MODES raises ValueError."""
+  'keep' or 'system' (see the module docstring). A value not in MODES raises UserError."""
   environ = os.environ if environ is None else environ
   given = mode if mode is not None else environ.get(ENV, "auto")
   value = str(given).strip().lower() or "auto"
@@ -83,7 +83,7 @@ def _libc():
 
 def configure(mode=None) -> str:
   """Apply the malloc mode (see the module docstring); returns what was done: 'keep', 'system',
-  or 'unsupported' (not glibc: nothing to set). Raises ValueError on a bad mode."""
+  or 'unsupported' (not glibc: nothing to set). Raises UserError on a bad mode."""
   value = resolve(mode)
   if value == "system":
     return "system"

@@ -180,7 +180,7 @@ def require_dataset(data, where):
 
 
 def require_split(data, split, flag, fix):
-  """Refuses (ValueError, naming ``flag``) a split that ``data``'s dataset lacks or that is empty;
+  """Refuses (UserError, naming ``flag``) a split that ``data``'s dataset lacks or that is empty;
   reads only metadata."""
   splits = describe(data).splits
   if splits.get(split, 0) < 1:

@@ -124,7 +124,7 @@ SPLIT_PREFIX = "split:"
 
 
 def check_split(config, split):
-  """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset does not have."""
+  """Refuses (UserError) a ``--ref=split:NAME`` the model's dataset does not have."""
   from farmer_jax.config import DataConfig
   from farmer_jax.data import sources
   data = DataConfig.from_config(config)

@@ -262,7 +262,7 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
   * only images under 'images' or 'arr_0', uint8 (N, H, W, c): returned with mu = sigma = None, for
     the caller to compute features.
 
-  Raises ValueError naming the keys found and the ones expected."""
+  Raises UserError naming the keys found and the ones expected."""
   path = os.fspath(path)
   try:
     data = untrusted.Npz(path)

@@ -71,7 +71,7 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
   """Samples ``start .. start + len(labels) - 1`` of a seed (sample j: key fold_in(key(seed), j))
   with ``fn`` (``make_sample_fn``) -> (uint8 images (m, H, W, c), {stat: (m, ...)}). ``pad_to``
   pads the batch (repeating the last label) so every call has one jit shape. Non-finite samples
-  raise ValueError (never turned into black pixels)."""
+  raise UserError (never turned into black pixels)."""
   y = np.asarray(labels, np.int32)
   m = len(y)
   pad = max((pad_to or m) - m, 0)
