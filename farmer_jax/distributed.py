@@ -3,6 +3,8 @@ tests."""
 
 import jax
 
+from farmer_jax.errors import UserError
+
 
 def initialize(mode="off", coordinator_address=None, num_processes=None, process_id=None):
   """Calls ``jax.distributed.initialize`` for multi-process runs; must run before any other JAX
@@ -19,9 +21,9 @@ def initialize(mode="off", coordinator_address=None, num_processes=None, process
                        ("num_processes", num_processes), ("process_id", process_id)) if v is None
     ]
     if missing:
-      raise ValueError(f"--distributed=explicit needs --{', --'.join(missing)}")
+      raise UserError(f"--distributed=explicit needs --{', --'.join(missing)}")
   elif mode != "auto":
-    raise ValueError(f"--distributed={mode!r} must be off, auto or explicit")
+    raise UserError(f"--distributed={mode!r} must be off, auto or explicit")
   try:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   except Exception:  # noqa: BLE001 - option absent on some builds; only matters for CPU runs

@@ -30,6 +30,8 @@ import importlib.metadata
 import os
 import sys
 
+from farmer_jax.errors import UserError
+
 ENV = "FARMER_JAX_MALLOC"
 MODES = ("auto", "keep", "system")
 # glibc's mallopt parameter numbers (malloc.h)
@@ -50,14 +52,14 @@ def accelerator_plugin_installed() -> bool:
 
 def resolve(mode=None, environ=None, accelerator=None) -> str:
   """The mode that applies: ``mode``, else ``$FARMER_JAX_MALLOC``, else 'auto'; 'auto' becomes
-  'keep' or 'system' (see the module docstring). A value not in MODES raises ValueError."""
+  'keep' or 'system' (see the module docstring). A value not in MODES raises UserError."""
   environ = os.environ if environ is None else environ
   given = mode if mode is not None else environ.get(ENV, "auto")
   value = str(given).strip().lower() or "auto"
   if value not in MODES:
     source = "mode" if mode is not None else f"${ENV}"
-    raise ValueError(f"{source}={given!r} is not one of {', '.join(MODES)}; unset it or use "
-                     f"'auto' (the default), 'keep' or 'system'")
+    raise UserError(f"{source}={given!r} is not one of {', '.join(MODES)}; unset it or use "
+                    f"'auto' (the default), 'keep' or 'system'")
   if value != "auto":
     return value
   platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
@@ -81,7 +83,7 @@ def _libc():
 
 def configure(mode=None) -> str:
   """Apply the malloc mode (see the module docstring); returns what was done: 'keep', 'system',
-  or 'unsupported' (not glibc: nothing to set). Raises ValueError on a bad mode."""
+  or 'unsupported' (not glibc: nothing to set). Raises UserError on a bad mode."""
   value = resolve(mode)
   if value == "system":
     return "system"

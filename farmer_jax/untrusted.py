@@ -19,9 +19,9 @@ import zlib
 
 import numpy as np
 
-from farmer_jax.errors import brief
+from farmer_jax.errors import UserError, brief
 
-class UnreadableFileError(ValueError):
+class UnreadableFileError(UserError):
   """A file that cannot be read safely; the message names the file and the problem."""
 
 

@@ -444,11 +444,15 @@ def test_failure_classification():
   except ConfigError as e:
     assert exits.failure(e) == (2, str(e))
   try:
-    gen.check_output_path("x.gif", "--out")  # a ValueError raised by our own validation
+    gen.check_output_path("x.gif", "--out")  # a UserError raised by our own validation
   except ValueError as e:
     assert exits.failure(e)[0] == 2
   assert exits.failure(raised_here(
       ValueError("inside a library"))) is None  # not raised by farmer_jax: a bug
+  from farmer_jax.conventions import pixel_mapping
+  with pytest.raises(ValueError) as bug:   # an invariant of ours (config refuses it first): a bug
+    pixel_mapping("nope")
+  assert exits.failure(bug.value) is None
   assert exits.failure(raised_here(RuntimeError("bug"))) is None
   assert exits.failure(raised_here(KeyError("k"))) is None
   code, msg = exits.failure(

@@ -5,6 +5,7 @@ machines. It takes every `train` flag, so a launcher passes train's arguments un
 from absl import app, flags
 
 from farmer_jax.commands import train
+from farmer_jax.errors import UserError
 
 PURPOSE = "check a train command line for a target machine count, starting nothing"
 EXAMPLE = ("farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run "
@@ -25,10 +26,10 @@ def main(f):
   for name in ("devices", "processes"):
     v = f[name].value
     if v is not None and v < 1:
-      raise ValueError(f"--{name}={v} must be >= 1")
+      raise UserError(f"--{name}={v} must be >= 1")
   processes = f.processes or 1
   if f.devices is not None and f.devices % processes:
-    raise ValueError(f"--devices={f.devices} is not a multiple of --processes={processes}")
+    raise UserError(f"--devices={f.devices} is not a multiple of --processes={processes}")
 
   from farmer_jax.config.parse import parse
   run = parse(f.config, f.workdir, num_devices=f.devices, num_processes=processes)

@@ -14,8 +14,8 @@ import traceback
 
 from absl import app, flags, logging
 
-# the package root: a ValueError raised from a file under it is our own validation
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from farmer_jax.errors import UserError
+
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
 _EXPECTED_ERRNOS = {
     errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
@@ -51,30 +51,14 @@ def fail(cmd, message, code=2, show_traceback=False, keep_stderr=False):
   sys.exit(code)
 
 
-def _raised_in_package(e):
-  """Whether ``e`` was raised by farmer_jax's own code (our validation) rather than inside a
-  library."""
-  tb = e.__traceback__
-  last = None
-  while tb is not None:
-    last = tb.tb_frame.f_code.co_filename
-    tb = tb.tb_next
-  return last is not None and os.path.abspath(last).startswith(_PACKAGE_DIR + os.sep)
-
-
 def failure(e, cmd="train"):
   """(exit code, one-line message) for an expected failure of ``cmd``, None for a bug (shown as a
   traceback)."""
-  from farmer_jax.data.prepare import PrepareError
-  from farmer_jax.errors import ConfigError, UserError
-  from farmer_jax.sampling.export import ExportError
-  from farmer_jax.train.lock import WorkdirBusyError
-  expected = (UserError, ConfigError, ExportError, WorkdirBusyError, PrepareError)
   if isinstance(e, FloatingPointError):  # non-finite training loss: nothing was saved
     return 1, str(e)
   if isinstance(e, app.UsageError):
     return 2, f"{e} (farmer_jax --help lists the commands)"
-  if isinstance(e, expected):
+  if isinstance(e, UserError):
     return 2, str(e)
   if isinstance(e, OSError) and e.errno in _EXPECTED_ERRNOS:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -84,8 +68,6 @@ def failure(e, cmd="train"):
     if e.errno == errno.EFBIG:
       return 2, f"{e}. Fix: raise the file size limit (ulimit -f) or write elsewhere"
     return 2, f"{e}. Fix: check the path and its permissions"
-  if isinstance(e, ValueError) and _raised_in_package(e):
-    return 2, str(e)
   return None
 
 

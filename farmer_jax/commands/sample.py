@@ -6,6 +6,7 @@ from absl import app, flags
 
 from farmer_jax.commands import common, sampler_flags
 from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
+from farmer_jax.errors import UserError
 
 PURPOSE = "draw samples from an exported model into a PNG grid and/or an .npz"
 EXAMPLE = ("farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 "
@@ -32,9 +33,9 @@ def main(f):
     raise app.UsageError(
         "--model (an export directory) and --out (PNG) or --npz are required")
   if f.num < 1:
-    raise ValueError(f"--num={f.num} must be >= 1 (samples per class)")
+    raise UserError(f"--num={f.num} must be >= 1 (samples per class)")
   if f.batch < 1:
-    raise ValueError(f"--batch={f.batch} must be >= 1")
+    raise UserError(f"--batch={f.batch} must be >= 1")
   from farmer_jax.sampling.generate import check_output_path
   for path, flag in ((f.out, "--out"), (f.npz, "--npz")):
     if path:

@@ -7,6 +7,7 @@ from absl import flags
 
 from farmer_jax.config.schema import (GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS,
                                       SamplerConfig)
+from farmer_jax.errors import UserError
 
 
 def define(fv):
@@ -53,11 +54,11 @@ def sampler_overrides(cfg_w, guidance, extra, inverse=None):
   if extra:
     for item in extra.split(","):
       if "=" not in item:
-        raise ValueError(
+        raise UserError(
             f"--sampler entry {item!r} must be key=value (keys: {', '.join(SAMPLER_KEYS)})")
       k, v = (p.strip() for p in item.split("=", 1))
       if k not in SAMPLER_KEYS:
-        raise ValueError(
+        raise UserError(
             f"--sampler={extra}: unknown setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
       if SAMPLER_FIELDS[k][2] is str:
         out[k] = v
@@ -67,13 +68,13 @@ def sampler_overrides(cfg_w, guidance, extra, inverse=None):
         out[k] = v if num is None else num
         continue
       if num is None:
-        raise ValueError(f"--sampler={extra}: {k}={v!r} is not a number")
+        raise UserError(f"--sampler={extra}: {k}={v!r} is not a number")
       out[k] = num
   return out
 
 
 def sampler_error(e):
-  return ValueError(
+  return UserError(
       f"sampler setting {e}. Fix: pass a valid --cfg, --guidance or --sampler value "
       "(the rest come from "
       "the model's config.sample)")

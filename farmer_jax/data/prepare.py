@@ -26,6 +26,7 @@ import sys
 
 from farmer_jax import storage
 from farmer_jax.data import preprocess
+from farmer_jax.errors import UserError
 
 VERSION = "1.0.0"
 REPORT = "farmer_jax_prepare.json"
@@ -34,7 +35,7 @@ DATASET_KIND = "farmer_jax_dataset"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
   """Bad arguments or input folder; the message names the problem and the fix."""
 
 

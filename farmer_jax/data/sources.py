@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from farmer_jax.errors import ConfigError
+from farmer_jax.errors import ConfigError, UserError
 
 TFDS_PREFIX, FOLDER_PREFIX = "tfds:", "folder:"
 KNOWN_FORMS = ("mnist5k", "tfds:NAME", "folder:PATH (via farmer_jax prepare)")
@@ -173,18 +173,18 @@ def require_dataset(data, where):
   """A model converted without --config (``farmer_jax convert``) names no dataset: say how to
   give it one instead of the generic unknown-dataset error."""
   if not data.name:
-    raise ValueError(f"{where} names no dataset (config.data.name is empty: a converted "
-                     "checkpoint). Fix: convert again with --config=configs/tarflow.py:PRESET "
-                     "--config.data.name=tfds:NAME (and --config.data.data_dir=...)")
+    raise UserError(f"{where} names no dataset (config.data.name is empty: a converted "
+                    "checkpoint). Fix: convert again with --config=configs/tarflow.py:PRESET "
+                    "--config.data.name=tfds:NAME (and --config.data.data_dir=...)")
 
 
 def require_split(data, split, flag, fix):
-  """Refuses (ValueError, naming ``flag``) a split that ``data``'s dataset lacks or that is empty;
+  """Refuses (UserError, naming ``flag``) a split that ``data``'s dataset lacks or that is empty;
   reads only metadata."""
   splits = describe(data).splits
   if splits.get(split, 0) < 1:
-    raise ValueError(f"{flag}: {data.name} has no (non-empty) split {split!r}; its splits: "
-                     f"{sorted(splits)}. Fix: {fix}")
+    raise UserError(f"{flag}: {data.name} has no (non-empty) split {split!r}; its splits: "
+                    f"{sorted(splits)}. Fix: {fix}")
 
 
 def open_split(data, split):

@@ -22,6 +22,7 @@ from farmer_jax import sharding, storage
 from farmer_jax.errors import ConfigError
 from farmer_jax.config.schema import DataConfig, EvalConfig
 from farmer_jax.config.parse import parse_model
+from farmer_jax.errors import UserError
 from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.model import Farmer, abstract_params
 
@@ -33,7 +34,7 @@ def load_params(workdir=None, model_dir=None, say=print):
   checkpoint, EMA params if kept) or of an export."""
   from farmer_jax.sampling.export import latest_run_params, load_model, load_run_config
   if (workdir is None) == (model_dir is None):
-    raise ValueError("pass exactly one of --workdir (a training run) and --model (an export)")
+    raise UserError("pass exactly one of --workdir (a training run) and --model (an export)")
   if workdir is not None:
     config = load_run_config(workdir)
     mcfg = parse_model(config)
@@ -48,9 +49,9 @@ def load_params(workdir=None, model_dir=None, say=print):
   want = jax.tree.structure(abstract_params(mcfg))
   if jax.tree.structure(params) != want:
     where = workdir if workdir is not None else model_dir
-    raise ValueError(f"{where} does not hold a FARMER model's params (e.g. a `farmer_jax distill` "
-                     "run holds only the student). Fix: evaluate the teacher's training run or an "
-                     "export (farmer_jax export)")
+    raise UserError(f"{where} does not hold a FARMER model's params (e.g. a `farmer_jax distill` "
+                    "run holds only the student). Fix: evaluate the teacher's training run or an "
+                    "export (farmer_jax export)")
   return config, mcfg, params, source
 
 
@@ -83,11 +84,11 @@ def output_path(workdir, model_dir, split, out=None):
 def check_output(path):
   """Refuses, before any work, a JSON output that cannot be written (local paths)."""
   if not str(path).endswith(".json"):
-    raise ValueError(f"--out={path}: the result is JSON. Fix: name it *.json")
+    raise UserError(f"--out={path}: the result is JSON. Fix: name it *.json")
   if storage.is_url(path):
     return
   if os.path.isdir(path):
-    raise ValueError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
+    raise UserError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
 
 
 def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=None,
@@ -95,10 +96,10 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
   """Runs the evaluation (module doc) and returns the result dict (what the JSON holds)."""
   t0 = time.time()
   if dequant_samples is not None and dequant_samples < 1:
-    raise ValueError(f"--dequant_samples={dequant_samples} must be >= 1 (uniform dequantization "
-                     "draws per image)")
+    raise UserError(f"--dequant_samples={dequant_samples} must be >= 1 (uniform dequantization "
+                    "draws per image)")
   if batch_size is not None and batch_size < 1:
-    raise ValueError(f"--batch={batch_size} must be >= 1")
+    raise UserError(f"--batch={batch_size} must be >= 1")
   config, mcfg, params, source = load_params(workdir, model_dir, say=say)
   e = EvalConfig.from_section(config.eval)
   split = split or e.split

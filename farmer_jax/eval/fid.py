@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import storage, untrusted
+from farmer_jax.errors import UserError
 from farmer_jax.eval import metrics
 
 DUMP_MANIFEST = "manifest.json"
@@ -123,7 +124,7 @@ SPLIT_PREFIX = "split:"
 
 
 def check_split(data, split):
-  """Refuses (ValueError) a ``--ref=split:NAME`` the model's dataset (``data``, its DataConfig)
+  """Refuses (UserError) a ``--ref=split:NAME`` the model's dataset (``data``, its DataConfig)
   does not have."""
   from farmer_jax.data import sources
   sources.require_dataset(data, f"--ref={SPLIT_PREFIX}{split}: the model")
@@ -164,8 +165,8 @@ def score(pool, logits, ref: Reference, k=3):
   when the reference has features) of generated features."""
   mu, sigma = metrics.feature_statistics(pool)
   if mu.shape != ref.mu.shape:
-    raise ValueError(f"the reference statistics are {ref.mu.shape[0]}-d but the feature network "
-                     f"gives {mu.shape[0]}-d features; use a reference made with the same network")
+    raise UserError(f"the reference statistics are {ref.mu.shape[0]}-d but the feature network "
+                    f"gives {mu.shape[0]}-d features; use a reference made with the same network")
   out = {"fid": float(metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma)),
          "count": int(len(pool))}
   is_mean, is_std = metrics.inception_score(logits, splits=min(10, len(logits)))
@@ -201,9 +202,9 @@ def _open_dump(dump, signature, say):
       saved = json.load(f)
     if saved != signature:
       diff = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
-      raise ValueError(f"the feature dump {dump} was made with other settings ({', '.join(diff)} "
-                       "differ); nothing was changed. Fix: pass another --dump directory, or "
-                       "delete this one to start over")
+      raise UserError(f"the feature dump {dump} was made with other settings ({', '.join(diff)} "
+                      "differ); nothing was changed. Fix: pass another --dump directory, or "
+                      "delete this one to start over")
     chunks = {}
     for start, path in _dump_chunks(dump).items():
       with untrusted.Npz(path) as z:
@@ -213,9 +214,9 @@ def _open_dump(dump, signature, say):
           "already there")
     return chunks
   if os.path.isdir(dump) and _dump_chunks(dump):
-    raise ValueError(f"{dump} holds feature chunks but no {DUMP_MANIFEST}, so nothing says which "
-                     "settings made them; nothing was changed. Fix: pass another --dump directory, "
-                     "or delete this one to start over")
+    raise UserError(f"{dump} holds feature chunks but no {DUMP_MANIFEST}, so nothing says which "
+                    "settings made them; nothing was changed. Fix: pass another --dump directory, "
+                    "or delete this one to start over")
   os.makedirs(dump, exist_ok=True)
   with storage.atomic_file(manifest, "w") as f:
     json.dump(signature, f, indent=2)
@@ -271,9 +272,9 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   out = {"pool": np.concatenate([done[s][0] for s in order]),
          "logits": np.concatenate([done[s][1] for s in order]), "labels": labels}
   if len(out["pool"]) != num:
-    raise ValueError(f"the feature dump {dump} holds {len(out['pool'])} samples' features for "
-                     f"--num={num} (overlapping or extra chunks); nothing was changed. Fix: pass "
-                     "another --dump directory, or delete this one to start over")
+    raise UserError(f"the feature dump {dump} holds {len(out['pool'])} samples' features for "
+                    f"--num={num} (overlapping or extra chunks); nothing was changed. Fix: pass "
+                    "another --dump directory, or delete this one to start over")
   return out
 
 
@@ -284,31 +285,31 @@ def fid_command(model_dir, num, features="inception", inception=None, ref=None, 
                                          load_student)
   t0 = time.time()
   if num < 2:
-    raise ValueError(f"--num={num} must be >= 2 (a covariance needs two samples; the paper's "
-                     "protocol uses 50000)")
+    raise UserError(f"--num={num} must be >= 2 (a covariance needs two samples; the paper's "
+                    "protocol uses 50000)")
   if batch < 1:
-    raise ValueError(f"--batch={batch} must be >= 1")
+    raise UserError(f"--batch={batch} must be >= 1")
   if features not in ("inception", "mnist"):
-    raise ValueError(f"--features={features!r} is unknown; use 'inception' or 'mnist'")
+    raise UserError(f"--features={features!r} is unknown; use 'inception' or 'mnist'")
   if features == "inception":
     if not inception:
-      raise ValueError("--inception is required with --features=inception: the FID Inception "
-                       "weights file (see docs/eval.md; nothing is downloaded)")
+      raise UserError("--inception is required with --features=inception: the FID Inception "
+                      "weights file (see docs/eval.md; nothing is downloaded)")
     if not ref:
-      raise ValueError("--ref is required with --features=inception: a reference .npz (mu and "
-                       "sigma, and/or images under 'arr_0'), e.g. the ADM reference batch, or "
-                       "split:NAME for a split of the model's own dataset")
+      raise UserError("--ref is required with --features=inception: a reference .npz (mu and "
+                      "sigma, and/or images under 'arr_0'), e.g. the ADM reference batch, or "
+                      "split:NAME for a split of the model's own dataset")
   ref = ref or SPLIT_PREFIX + "test"
   ref_split = ref[len(SPLIT_PREFIX):] if ref.startswith(SPLIT_PREFIX) else None
   for path, flag in ((inception, "--inception"), (None if ref_split else ref, "--ref")):
     if path and not os.path.isfile(path):
-      raise ValueError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
+      raise UserError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
   mcfg, params, config, meta = load_model(model_dir)
   from farmer_jax.config.schema import SAMPLER_KEYS, DataConfig, SamplerConfig
   if features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
-    raise ValueError(f"--features=mnist scores 32x32x1 digits; this model makes "
-                     f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
-                     "--features=inception")
+    raise UserError(f"--features=mnist scores 32x32x1 digits; this model makes "
+                    f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
+                    "--features=inception")
   sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
   sc.update(sampler or {})
   s = SamplerConfig.from_config(sc)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from farmer_jax.errors import UserError
 from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -313,7 +314,7 @@ class FIDFeatures:
   def __call__(self, images):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape[1:]:
-      raise ValueError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
+      raise UserError(f"images must be (B, H, W, 1 or 3), got shape {images.shape}")
     if images.dtype != np.uint8:
       if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype,
                                                                         np.integer)):

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from farmer_jax import storage, untrusted
+from farmer_jax.errors import UserError
 from farmer_jax.untrusted import short_repr
 
 
@@ -36,15 +37,15 @@ def feature_statistics(features):
     raise ValueError(f"features must be 2-D (N, F), got shape {x.shape}; flatten each sample's "
                      "features to one row")
   if x.shape[0] < 2:
-    raise ValueError(f"feature statistics need at least 2 samples, got {x.shape[0]} (shape "
-                     f"{x.shape}); a covariance needs N >= 2 (FID is only meaningful for "
-                     "thousands)")
+    raise UserError(f"feature statistics need at least 2 samples, got {x.shape[0]} (shape "
+                    f"{x.shape}); a covariance needs N >= 2 (FID is only meaningful for "
+                    "thousands)")
   x = x.astype(np.float64)
   if not np.all(np.isfinite(x)):
     bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
-    raise ValueError(f"features hold non-finite values (NaN/inf) in {bad.size} of {x.shape[0]} "
-                     f"rows, first rows {bad[:5].tolist()}; check the images/feature network "
-                     "that produced them")
+    raise UserError(f"features hold non-finite values (NaN/inf) in {bad.size} of {x.shape[0]} "
+                    f"rows, first rows {bad[:5].tolist()}; check the images/feature network "
+                    "that produced them")
   mu = x.mean(axis=0)
   sigma = np.atleast_2d(np.cov(x, rowvar=False, ddof=1))
   return mu, sigma
@@ -54,13 +55,13 @@ def _check_stats(mu, sigma, name):
   mu = np.asarray(mu, np.float64)
   sigma = np.asarray(sigma, np.float64)
   if mu.ndim != 1:
-    raise ValueError(f"{name}: mu must be 1-D (F,), got shape {mu.shape}")
+    raise UserError(f"{name}: mu must be 1-D (F,), got shape {mu.shape}")
   f = mu.shape[0]
   if sigma.shape != (f, f):
-    raise ValueError(f"{name}: sigma must be (F, F) = ({f}, {f}) to match mu (F={f}), got shape "
-                     f"{sigma.shape}")
+    raise UserError(f"{name}: sigma must be (F, F) = ({f}, {f}) to match mu (F={f}), got shape "
+                    f"{sigma.shape}")
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-    raise ValueError(f"{name}: mu/sigma hold non-finite values (NaN/inf)")
+    raise UserError(f"{name}: mu/sigma hold non-finite values (NaN/inf)")
   return mu, sigma
 
 
@@ -169,7 +170,7 @@ def knn_radii(x, k=3, batch=2048):
   x = np.asarray(x, np.float64)
   n = x.shape[0]
   if not 1 <= k < n:
-    raise ValueError(f"k={k} must be in [1, N-1] for N={n} points (the k-th nearest other point)")
+    raise UserError(f"k={k} must be in [1, N-1] for N={n} points (the k-th nearest other point)")
   sq = np.einsum("ij,ij->i", x, x)
   out = np.empty(n)
   for i in range(0, n, batch):
@@ -205,7 +206,7 @@ def precision_recall(real, fake, k=3, batch=2048):
     raise ValueError(f"real and fake must be 2-D (N, F) with the same F, got {real.shape} and "
                      f"{fake.shape}")
   if not (np.all(np.isfinite(real)) and np.all(np.isfinite(fake))):
-    raise ValueError("real/fake features hold non-finite values (NaN/inf)")
+    raise UserError("real/fake features hold non-finite values (NaN/inf)")
   if batch < 1:
     raise ValueError(f"batch={batch} must be >= 1")
   r_real = knn_radii(real, k, batch)
@@ -242,11 +243,11 @@ _IMAGE_KEYS = ("images", "arr_0")
 
 def _check_images(images, key, path):
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"{path}: images under {key!r} must be (N, H, W, c) with c in (1, 3), got "
-                     f"shape {images.shape}; add a channel axis to grayscale images (x[..., None])")
+    raise UserError(f"{path}: images under {key!r} must be (N, H, W, c) with c in (1, 3), got "
+                    f"shape {images.shape}; add a channel axis to grayscale images (x[..., None])")
   if images.dtype != np.uint8:
-    raise ValueError(f"{path}: images under {key!r} must be uint8 in [0, 255], got {images.dtype}; "
-                     "store np.clip(np.round(x), 0, 255).astype(np.uint8)")
+    raise UserError(f"{path}: images under {key!r} must be uint8 in [0, 255], got {images.dtype}; "
+                    "store np.clip(np.round(x), 0, 255).astype(np.uint8)")
   return images
 
 
@@ -261,7 +262,7 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
   * only images under 'images' or 'arr_0', uint8 (N, H, W, c): returned with mu = sigma = None, for
     the caller to compute features.
 
-  Raises ValueError naming the keys found and the ones expected."""
+  Raises UserError naming the keys found and the ones expected."""
   path = os.fspath(path)
   try:
     data = untrusted.Npz(path)
@@ -272,28 +273,28 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
     image_key = next((k for k in _IMAGE_KEYS if k in keys), None)
     has_mu, has_sigma = "mu" in keys, "sigma" in keys
     if has_mu != has_sigma:
-      raise ValueError(f"{path} holds {'mu' if has_mu else 'sigma'} without "
-                       f"{'sigma' if has_mu else 'mu'} (keys found: {short_repr(keys, 200)}); "
-                       "expected both 'mu' and 'sigma'")
+      raise UserError(f"{path} holds {'mu' if has_mu else 'sigma'} without "
+                      f"{'sigma' if has_mu else 'mu'} (keys found: {short_repr(keys, 200)}); "
+                      "expected both 'mu' and 'sigma'")
     features = None
     if "features" in keys:
       features = np.asarray(data["features"])
       if features.ndim != 2:
-        raise ValueError(f"{path}: 'features' must be 2-D (N, F), got shape {features.shape}")
+        raise UserError(f"{path}: 'features' must be 2-D (N, F), got shape {features.shape}")
     if has_mu:
       mu, sigma = _check_stats(data["mu"], data["sigma"], path)
       if features is not None and features.shape[1] != mu.shape[0]:
-        raise ValueError(f"{path}: 'features' have F={features.shape[1]} but 'mu' has "
-                         f"F={mu.shape[0]}")
+        raise UserError(f"{path}: 'features' have F={features.shape[1]} but 'mu' has "
+                        f"F={mu.shape[0]}")
     elif features is not None:
       mu, sigma = feature_statistics(features)
     elif image_key is not None:
       mu = sigma = None
     else:
-      raise ValueError(f"{path} holds none of the expected keys (keys found: "
-                       f"{short_repr(keys, 200)}); expected 'mu' and 'sigma' (precomputed "
-                       "statistics), 'features' (N, F), or uint8 images (N, H, W, c) under "
-                       "'images' or 'arr_0'")
+      raise UserError(f"{path} holds none of the expected keys (keys found: "
+                      f"{short_repr(keys, 200)}); expected 'mu' and 'sigma' (precomputed "
+                      "statistics), 'features' (N, F), or uint8 images (N, H, W, c) under "
+                      "'images' or 'arr_0'")
     images = None
     if image_key is not None and (mu is None or load_images):
       images = _check_images(np.asarray(data[image_key]), image_key, path)

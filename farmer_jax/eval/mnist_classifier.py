@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from farmer_jax.errors import UserError
 from farmer_jax.eval import metrics
 
 IMAGE_SHAPE = (32, 32, 1)
@@ -105,10 +106,10 @@ def _trainer(steps, lr):
 def _check_images(images):
   x = np.asarray(images)
   if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-    raise ValueError(f"images must be (B, 32, 32, 1), got shape {x.shape}; MNIST-5k digits are "
-                     "28x28 zero-padded to 32x32 (load_mnist5k(pad_to=32)): pad 28x28 digits with "
-                     "np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) and add a channel axis "
-                     "(x[..., None]) to (B, 32, 32) arrays")
+    raise UserError(f"images must be (B, 32, 32, 1), got shape {x.shape}; MNIST-5k digits are "
+                    "28x28 zero-padded to 32x32 (load_mnist5k(pad_to=32)): pad 28x28 digits with "
+                    "np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) and add a channel axis "
+                    "(x[..., None]) to (B, 32, 32) arrays")
   if x.dtype != np.uint8:
     raise ValueError(f"images must be uint8 in [0, 255], got dtype {x.dtype}; quantize with "
                      "np.clip(np.round(x), 0, 255).astype(np.uint8)")

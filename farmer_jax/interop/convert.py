@@ -32,6 +32,7 @@ from farmer_jax import storage
 from farmer_jax.errors import ConfigError
 from farmer_jax.config.schema import DATA_SHAPE_FIELDS, DataConfig, ModelConfig, TrainConfig
 from farmer_jax.config.parse import parse_model
+from farmer_jax.errors import UserError
 from farmer_jax.interop import tarflow
 from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
 
@@ -40,7 +41,7 @@ _ARCH_FIELDS = ("image_size", "channels", "num_classes", "patch_size", "flow_wid
                 "flow_final_norm")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
   """A conversion that cannot be done; the message names the file or setting and the fix."""
 
 

@@ -71,6 +71,8 @@ import re
 
 import numpy as np
 
+from farmer_jax.errors import UserError
+
 HEAD_DIM = 64          # TARFlow's MetaBlock head_dim (never overridden by its Model)
 BUFFERS = ("attn_mask", "var")
 
@@ -115,8 +117,8 @@ def config_for_tarflow(in_channels, img_size, patch_size, channels, num_blocks,
   """
   del nvp
   if channels % HEAD_DIM:
-    raise ValueError(f"TARFlow width channels={channels} is not a multiple of its head dim "
-                     f"{HEAD_DIM}: not a TARFlow Model")
+    raise UserError(f"TARFlow width channels={channels} is not a multiple of its head dim "
+                    f"{HEAD_DIM}: not a TARFlow Model")
   if img_size % patch_size:
     raise ValueError(f"patch_size={patch_size} does not divide img_size={img_size}")
   out = dict(image_size=img_size, channels=in_channels, patch_size=patch_size,

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from farmer_jax.errors import UserError
+
 Dtype = Any
 Cache = Optional[dict]
 
@@ -107,8 +109,8 @@ def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):
   divisible by it) runs query chunk i (``chunk`` tokens) on the keys of chunks <= i only, so the
   masked upper blocks cost nothing (2 chunks: 3/4 of the logits work, 4: 5/8)."""
   if impl == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"model.attention='cudnn' needs a GPU (this backend is "
-                     f"{jax.default_backend()!r}); use 'xla', or 'einsum' on CPU")
+    raise UserError(f"model.attention='cudnn' needs a GPU (this backend is "
+                    f"{jax.default_backend()!r}); use 'xla', or 'einsum' on CPU")
   if impl != "einsum":
     sw = lambda a: jnp.swapaxes(a, 1, 2)                      # (B, T, H, Dh), jax's layout
     out = jax.nn.dot_product_attention(

@@ -18,9 +18,8 @@ import orbax.checkpoint as ocp
 
 from farmer_jax import runs, storage, untrusted
 from farmer_jax.config.schema import DTYPE_NAMES, jnp_dtype
-from farmer_jax.errors import ConfigError
 from farmer_jax.config.parse import parse_model
-from farmer_jax.errors import brief
+from farmer_jax.errors import ConfigError, UserError, brief
 from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
 
 FORMAT_VERSION = 1
@@ -29,7 +28,7 @@ EXPORT_KIND = "farmer_jax_export"
 PARAM_DTYPES = {name: jnp_dtype(name) for name in DTYPE_NAMES}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """A model directory is missing, incomplete or corrupt, or an export target is not usable."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax.conventions import to_uint8
+from farmer_jax.errors import UserError
 from farmer_jax.sampling.images import grid_image
 from farmer_jax.storage import atomic_file
 from farmer_jax.sampling.sampler import sample_images, sample_keys
@@ -33,10 +34,10 @@ def parse_classes(spec, num_classes):
     try:
       c = int(tok)
     except ValueError:
-      raise ValueError(
+      raise UserError(
           f"--classes entry {tok!r} is not an integer class id (or 'null'/'all')") from None
     if not 0 <= c < num_classes:
-      raise ValueError(
+      raise UserError(
           f"class id {c} is out of range: this model has {num_classes} classes "
           f"(0..{num_classes - 1}); use 'null' for unconditional samples")
     out.append(c)
@@ -70,7 +71,7 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
   """Samples ``start .. start + len(labels) - 1`` of a seed (sample j: key fold_in(key(seed), j))
   with ``fn`` (``make_sample_fn``) -> (uint8 images (m, H, W, c), {stat: (m, ...)}). ``pad_to``
   pads the batch (repeating the last label) so every call has one jit shape. Non-finite samples
-  raise ValueError (never turned into black pixels)."""
+  raise UserError (never turned into black pixels)."""
   y = np.asarray(labels, np.int32)
   m = len(y)
   pad = max((pad_to or m) - m, 0)
@@ -81,7 +82,7 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
   bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
   if bad:
     of = f" of {total}" if total else ""
-    raise ValueError(
+    raise UserError(
         f"{bad} of {m} samples (samples {start}..{start + m - 1}{of}) are not finite (NaN/inf); "
         "sampling stopped and nothing was written. Fix: check the run's training loss and the "
         "export (a diverged or corrupt model), try a bfloat16 export again as float32, or lower "
@@ -112,13 +113,13 @@ def check_output_size(mcfg, classes, num, png, available=None):
   need = n * per
   available = available_memory() if available is None else available
   if available is not None and need > 0.8 * available:
-    raise ValueError(
+    raise UserError(
         f"--num={num} x {len(classes)} class(es) = {n} samples of {h}x{w}x{c} need about "
         f"{need / 2**30:.1f} GiB of memory; {available / 2**30:.1f} GiB is available. Fix: lower "
         "--num, or draw in several runs with different --seed values")
   if png and num * (w + 2) + 2 >= 2**31:
-    raise ValueError(f"--num={num}: a PNG grid {num} images wide exceeds the PNG size limit. Fix: "
-                     "lower --num, or write only --npz")
+    raise UserError(f"--num={num}: a PNG grid {num} images wide exceeds the PNG size limit. Fix: "
+                    "lower --num, or write only --npz")
 
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
@@ -129,9 +130,9 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progres
 
   ``out_sharding``: see ``make_sample_fn``."""
   if num < 1:
-    raise ValueError(f"--num={num} must be >= 1")
+    raise UserError(f"--num={num} must be >= 1")
   if batch_size < 1:
-    raise ValueError(f"--batch={batch_size} must be >= 1")
+    raise UserError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
   fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var)
@@ -186,21 +187,21 @@ def check_output_path(path, flag):
   if ext not in exts:
     what = "a lossless PNG grid" if flag == "--out" else "uint8 images + labels as .npz"
     found = repr(ext) if ext else "(no extension)"
-    raise ValueError(
+    raise UserError(
         f"{flag}={path}: unsupported file type {found}; {flag} writes {what} only. Fix: name it "
         f"*{exts[0]}")
   if os.path.isdir(path):
-    raise ValueError(
+    raise UserError(
         f"{flag}={path} is a directory. Fix: pass a file path, e.g. "
         f"{os.path.join(path, 'x' + exts[0])}"
     )
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
-    raise ValueError(
+    raise UserError(
         f"{flag}={path}: the directory {parent} does not exist. Fix: create it first (mkdir -p) or "
         "choose another path")
   if not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(
+    raise UserError(
         f"{flag}={path}: the directory {parent} is not writable. Fix: choose a writable directory")
 
 

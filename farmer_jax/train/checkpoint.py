@@ -28,12 +28,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from farmer_jax import storage
-from farmer_jax.errors import brief
+from farmer_jax.errors import UserError, brief
 
 ITEMS = ("state", "meta", "data")
 
 
-class UnreadableCheckpoints(ValueError):
+class UnreadableCheckpoints(UserError):
   """No checkpoint of a directory could be restored; ``errors`` has one line per step tried."""
 
   def __init__(self, directory, errors):
@@ -279,8 +279,8 @@ class Checkpointer:
         try:
           storage.rename(src, dst)
         except OSError as e:
-          raise ValueError(f"checkpoint {src} is unreadable and could not be moved aside ({e}); "
-                           f"move it out of {self.directory} yourself, then rerun") from e
+          raise UserError(f"checkpoint {src} is unreadable and could not be moved aside ({e}); "
+                          f"move it out of {self.directory} yourself, then rerun") from e
         say(f"moved unreadable checkpoint {src} aside to {dst} (kept for inspection; delete it "
             "when done)")
     if jax.process_count() > 1:

@@ -41,12 +41,13 @@ import uuid
 from typing import NamedTuple
 
 from farmer_jax import storage
-from farmer_jax.errors import brief
+from farmer_jax.errors import UserError, brief
 from farmer_jax.runs import RunDir
 
 
-class WorkdirBusyError(RuntimeError):
-  """Another live run holds the workdir, or its lock file is not a lock."""
+class WorkdirBusyError(UserError, RuntimeError):
+  """Another live run holds the workdir, or its lock file is not a lock. Also a RuntimeError, so
+  that ``except RuntimeError`` around a run still catches it."""
 
 
 class WorkdirLockLost(WorkdirBusyError):

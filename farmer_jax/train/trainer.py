@@ -17,6 +17,7 @@ from farmer_jax.config.parse import RunConfig, parse, resolved_config
 from farmer_jax.config.resume import config_changes
 from farmer_jax.errors import ConfigError
 from farmer_jax.data.pipeline import TrainInput, eval_batches, state_holder
+from farmer_jax.errors import UserError
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.checkpoint import Checkpointer
 from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
@@ -202,9 +203,9 @@ class Trainer:
       return
     self.state, meta, self.restored_step = restored
     if meta.get("seed") != t.seed:
-      raise ValueError(f"the checkpoint in {self.ckpt.directory} was written with "
-                       f"train.seed={meta.get('seed')}, this run has {t.seed}; resume with the "
-                       "same config or use a fresh --workdir")
+      raise UserError(f"the checkpoint in {self.ckpt.directory} was written with "
+                      f"train.seed={meta.get('seed')}, this run has {t.seed}; resume with the "
+                      "same config or use a fresh --workdir")
     holder = state_holder()
     has_state = self.ckpt.restore_data(self.restored_step, holder)
     how = self.input.start(int(self.state["step"]), (meta.get("data", {}),
