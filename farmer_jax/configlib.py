@@ -81,9 +81,10 @@ def parse_arg(arg, **defaults):
 def base(section_cls, **updates):
   """A config section with every field at its default (the section dataclass's defaults, where
   they live), updated with ``updates``: a ConfigDict, so ``--config.<section>.x=...`` overrides
-  work and unknown keys are refused."""
+  work and unknown keys are refused. The model section has no data-shape fields (config.data's)."""
   d = {f.name: f.default for f in dataclasses.fields(section_cls)
-       if not f.metadata.get("derived")}
+       if not f.metadata.get("derived") and not (section_cls is ModelConfig
+                                                  and f.name in DATA_SHAPE_FIELDS)}
   if section_cls is SampleConfig:
     d.update(SamplerConfig().settings())
   out = ml_collections.ConfigDict(d)
@@ -92,13 +93,8 @@ def base(section_cls, **updates):
 
 
 def base_model(**updates):
-  """``config.model``: every ModelConfig field but the data shape (config.data's) at its default,
-  updated with ``updates`` (see ``base``)."""
-  d = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-       if f.name not in DATA_SHAPE_FIELDS}
-  out = ml_collections.ConfigDict(d)
-  out.update(updates)
-  return out
+  """``config.model``: every ModelConfig field but the data shape at its default (see ``base``)."""
+  return base(ModelConfig, **updates)
 
 
 def base_data(**updates):

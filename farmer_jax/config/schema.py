@@ -169,14 +169,12 @@ class ModelConfig(Section):
   ar_width: int = rules.field(128, _pos("model.ar_width"))
   ar_depth: int = rules.field(2, _pos("model.ar_depth"))
   ar_heads: int = rules.field(2, _pos("model.ar_heads"))
-  # M
-  class_repeats: int = rules.field(4, _CLASS_REPEATS)
-  # farmer | jetformer | none
+  class_repeats: int = rules.field(4, _CLASS_REPEATS)     # M
+  # DIMRED_MODES: farmer | jetformer | none
   dimred: str = rules.field("farmer", _choice(DIMRED_MODES, "unknown dimension-reduction mode",
                                               f"use one of {DIMRED_MODES}"))
   d_informative: int = 8              # d_I (ignored for dimred='none', where d_I = d)
-  # K_I
-  mixtures_informative: int = rules.field(8, _pos("model.mixtures_informative"))
+  mixtures_informative: int = rules.field(8, _pos("model.mixtures_informative"))   # K_I
   mixtures_redundant: int = 8         # K_R
   scale_fn: str = rules.field("squareplus", _choice(SCALE_FNS, "unknown scale parameterisation",
                                                     f"use one of {SCALE_FNS}"))
