@@ -110,8 +110,9 @@ def _bool(name):
   return rules.boolean(f"set --config.model.{name}=true or false")
 
 
-def _choice(choices, why, fix):
-  return rules.one_of(choices, fix, why)
+def _choice(choices, why, hint=""):
+  """A model field naming one of ``choices``; the fix lists them (and the ``hint``)."""
+  return rules.one_of(choices, f"use one of {choices}" + (f" ({hint})" if hint else ""), why)
 
 
 _NUM_CLASSES = rules.Rule(lambda v: isinstance(v, int) and v >= 0,
@@ -154,46 +155,40 @@ class ModelConfig(Section):
   # AR prior vs the last AF block: "alternate" (opposite order) | "same"
   ar_order: str = rules.field("alternate", _choice(
       AR_ORDERS, "unknown AR prior direction",
-      f"use one of {AR_ORDERS} ('alternate': opposite to the last AF block, the paper's final "
-      "permute)"))
+      "'alternate': opposite to the last AF block, the paper's final permute"))
   # the density of the AF's latents: "ar" (FARMER) | "standard_normal" (TARFlow; the ar_* and
   # GMM fields below are then unused); PRIORS
-  prior: str = rules.field("ar", _choice(
-      PRIORS, "unknown prior over the AF latents",
-      f"use one of {PRIORS} ('standard_normal' = TARFlow's N(0, I))"))
+  prior: str = rules.field("ar", _choice(PRIORS, "unknown prior over the AF latents",
+                                         "'standard_normal' = TARFlow's N(0, I)"))
   # uint8 <-> model space: "farmer" ((v + 0.5)/128 - 1) | "tarflow" (2v/255 - 1); PIXELS
-  pixels: str = rules.field("farmer", _choice(
-      PIXELS, "unknown pixel mapping",
-      f"use one of {PIXELS} ('tarflow' for models trained on 2v/255 - 1)"))
+  pixels: str = rules.field("farmer", _choice(PIXELS, "unknown pixel mapping",
+                                              "'tarflow' for models trained on 2v/255 - 1"))
   # AR prior
   ar_width: int = rules.field(128, _pos("model.ar_width"))
   ar_depth: int = rules.field(2, _pos("model.ar_depth"))
   ar_heads: int = rules.field(2, _pos("model.ar_heads"))
   class_repeats: int = rules.field(4, _CLASS_REPEATS)     # M
   # DIMRED_MODES: farmer | jetformer | none
-  dimred: str = rules.field("farmer", _choice(DIMRED_MODES, "unknown dimension-reduction mode",
-                                              f"use one of {DIMRED_MODES}"))
+  dimred: str = rules.field("farmer", _choice(DIMRED_MODES, "unknown dimension-reduction mode"))
   d_informative: int = 8              # d_I (ignored for dimred='none', where d_I = d)
   mixtures_informative: int = rules.field(8, _pos("model.mixtures_informative"))   # K_I
   mixtures_redundant: int = 8         # K_R
-  scale_fn: str = rules.field("squareplus", _choice(SCALE_FNS, "unknown scale parameterisation",
-                                                    f"use one of {SCALE_FNS}"))
+  scale_fn: str = rules.field("squareplus", _choice(SCALE_FNS, "unknown scale parameterisation"))
   scale_floor: float = rules.field(1e-6, rules.Rule(lambda v: v > 0, "must be > 0",
                                                     "use e.g. 1e-6"))
   # common
   mlp_ratio: int = rules.field(4, _pos("model.mlp_ratio"))
-  dtype: str = rules.field("float32", _choice(DTYPE_NAMES, "unknown compute dtype",
-                                              f"use one of {sorted(DTYPE_NAMES)}"))
+  dtype: str = rules.field("float32", rules.one_of(DTYPE_NAMES,
+                                                   f"use one of {sorted(DTYPE_NAMES)}",
+                                                   "unknown compute dtype"))
   remat: bool = rules.field(False, _bool("remat"))
   # REMAT_POLICIES; used when remat=True
   remat_policy: str = rules.field("nothing_saveable", _choice(
-      REMAT_POLICIES, "unknown rematerialisation policy",
-      f"use one of {REMAT_POLICIES} (or model.remat=False for none)"))
+      REMAT_POLICIES, "unknown rematerialisation policy", "or model.remat=False for none"))
   # attention implementation (ATTENTION_IMPLS): 'xla' (jax.nn.dot_product_attention), 'cudnn' (its
   # fused GPU kernel; bf16), 'einsum' (two einsums + fp32 softmax, chunked causal: fastest on CPU)
-  attention: str = rules.field("xla", _choice(
-      ATTENTION_IMPLS, "unknown attention implementation",
-      f"use one of {ATTENTION_IMPLS} ('einsum' on CPU, 'cudnn' on GPU with bf16)"))
+  attention: str = rules.field("xla", _choice(ATTENTION_IMPLS, "unknown attention implementation",
+                                              "'einsum' on CPU, 'cudnn' on GPU with bf16"))
 
 
   @property
