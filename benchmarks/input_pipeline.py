@@ -100,7 +100,7 @@ def main():
     make_photos(os.path.join(tmp, "photos"), a.images)
     t1 = time.perf_counter()
     prepare(Options(folder=os.path.join(tmp, "photos"), data_dir=os.path.join(tmp, "tfds"),
-                    name="bench_photos", image_size=256, workers=2), say=lambda _: None)
+                    name="bench_photos", image_size=256, workers=2))
     t2 = time.perf_counter()
     print(f"made {a.images} JPEG photos (~300x340) in {t1 - t0:.1f} s; prepare -> 256x256 "
           f"ArrayRecord: {a.images / (t2 - t1):.0f} images/s (2 workers)")

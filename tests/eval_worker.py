@@ -15,7 +15,7 @@ import numpy as np
 from farmer_jax import sharding
 from farmer_jax.data.pipeline import padded_batches
 from farmer_jax.data.sources import ArraySource
-from farmer_jax.eval.evaluate import likelihood_eval
+from farmer_jax import cli
 from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.model import Farmer
 
@@ -40,8 +40,10 @@ def main(out_dir, export_dir):
                            per_example=True)
   np.savez(os.path.join(out_dir, "per_example.npz"), bpd=res["bpd"],
            bpd_uncond=res["bpd_uncond"], **res["per_example"])
-  likelihood_eval(model_dir=export_dir, batch_size=48, out=os.path.join(out_dir, "cli.json"),
-                  quiet=True, say=print)
+  fv = cli.flag_values("eval")
+  fv(["farmer_jax eval", f"--model={export_dir}", "--batch=48",
+      f"--out={os.path.join(out_dir, 'cli.json')}"])
+  cli.COMMANDS["eval"].main(fv)
 
 
 if __name__ == "__main__":

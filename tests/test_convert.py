@@ -1,8 +1,8 @@
-"""`farmer_jax convert` (interop/convert.py): a TARFlow checkpoint becomes an export that `sample`
-and `eval` use exactly as TARFlow would (AF + N(0, I) prior, TARFlow's pixel mapping, its guided
-reverse, a VP model's latent variance), `--to=tarflow` writes it back, and `train.init_flow`
-starts FARMER's AF from it. The torch tests compare with ``tarflow_reference.TARFlowReference``
-(random non-zero weights); the rest needs no torch.
+"""`farmer_jax convert` (commands/convert.py, interop/convert.py): a TARFlow checkpoint becomes an
+export that `sample` and `eval` use exactly as TARFlow would (AF + N(0, I) prior, TARFlow's pixel
+mapping, its guided reverse, a VP model's latent variance), `--to=tarflow` writes it back, and
+`train.init_flow` starts FARMER's AF from it. The torch tests compare with
+``tarflow_reference.TARFlowReference`` (random non-zero weights); the rest needs no torch.
 """
 
 import math
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from farmer_jax import conventions
+from farmer_jax.commands.convert import from_tarflow, to_tarflow
 from farmer_jax.config.schema import SamplerConfig
 from farmer_jax.eval.likelihood import dequantize_examples, evaluate_bpd
 from farmer_jax.interop import convert
@@ -62,7 +63,7 @@ def test_converted_export_is_tarflow(tmp_path):
   ref = _reference(torch)
   ckpt = _save_pth(torch, ref, tmp_path / "cond_model_2_64_2_1_0.05.pth")
   out = tmp_path / "model"
-  meta = convert.from_tarflow(ckpt, str(out), say=lambda _: None)
+  meta = from_tarflow(ckpt, str(out), say=lambda _: None)
   assert meta["tarflow"]["nvp"] and not meta["latent_var"]
   mcfg, params, config, _ = export.load_model(str(out))
   assert (mcfg.prior, mcfg.pixels, mcfg.flow_final_norm) == ("standard_normal", "tarflow", False)
@@ -100,7 +101,7 @@ def test_converted_export_is_tarflow(tmp_path):
 
   # --to=tarflow gives back the very state_dict (torch.load of a file written without torch)
   back = tmp_path / "back.pth"
-  convert.to_tarflow(str(out), str(back), say=lambda _: None)
+  to_tarflow(str(out), str(back), say=lambda _: None)
   sd, sd_back = ref.state_dict(), torch.load(str(back), weights_only=True)
   assert list(sd_back) == list(sd)
   for k in sd:
@@ -114,7 +115,7 @@ def test_vp_model_keeps_its_latent_variance(tmp_path):
   ref = _reference(torch, hp, var=var)
   ckpt = _save_pth(torch, ref, tmp_path / "vp.pth")
   out = str(tmp_path / "vp")
-  meta = convert.from_tarflow(ckpt, out, say=lambda _: None)
+  meta = from_tarflow(ckpt, out, say=lambda _: None)
   assert meta["latent_var"] and not meta["tarflow"]["nvp"]
   mcfg, params, _, meta = export.load_model(out)
   lv = export.load_latent_var(out, mcfg, meta)
@@ -127,7 +128,7 @@ def test_vp_model_keeps_its_latent_variance(tmp_path):
   x_t = ref.reverse(z_t, None)                                  # multiplies by sqrt(var) itself
   np.testing.assert_allclose(np.asarray(imgs), x_t.numpy().transpose(0, 2, 3, 1), atol=1e-4)
   back = tmp_path / "vp_back.npz"
-  convert.to_tarflow(out, str(back), say=lambda _: None)
+  to_tarflow(out, str(back), say=lambda _: None)
   with np.load(back) as f:
     np.testing.assert_array_equal(f["var"], var)
     assert f["blocks.0.proj_out.weight"].shape == (4, 64)         # still the VP layout
@@ -156,7 +157,7 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
 
   def refused(match, **kw):
     with pytest.raises(ValueError, match=match):
-      convert.from_tarflow(kw.pop("ckpt", ckpt), str(out), say=say, **kw)
+      from_tarflow(kw.pop("ckpt", ckpt), str(out), say=say, **kw)
     assert sorted(os.listdir(tmp_path)) == sorted(before)
 
   before = os.listdir(tmp_path)
@@ -168,7 +169,7 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   # a config that does not describe the checkpoint: every offending field and its fix
   cfg = configlib.load("tarflow:tiny")
   with pytest.raises(ValueError) as e:
-    convert.from_tarflow(ckpt, str(out), config=cfg, say=say)
+    from_tarflow(ckpt, str(out), config=cfg, say=say)
   msg = str(e.value)
   for fix in ("data.image_size=8", "model.patch_size=2", "data.num_classes=3"):
     assert fix in msg, msg
@@ -198,24 +199,24 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   said = []
   uniform = str(tmp_path / "x_model_2_64_2_1_uniform.npz")
   np.savez(uniform, **sd)
-  convert.from_tarflow(uniform, str(tmp_path / "farmer_cfg"), config=cfg, say=said.append)
+  from_tarflow(uniform, str(tmp_path / "farmer_cfg"), config=cfg, say=said.append)
   _, _, saved, _ = export.load_model(str(tmp_path / "farmer_cfg"))
   assert (saved.sample.guidance, saved.model.pixels) == ("none", "farmer")
   assert any("sample.guidance=none" in s for s in said)
   # a good conversion, then the same --out again without --overwrite
-  convert.from_tarflow(ckpt, str(out), say=say)
+  from_tarflow(ckpt, str(out), say=say)
   before = os.listdir(tmp_path)
   refused("already exists")
   with pytest.raises(ValueError, match="exists"):
-    convert.to_tarflow(str(out), str(tmp_path / "m.npz"), say=say)
+    to_tarflow(str(out), str(tmp_path / "m.npz"), say=say)
   with pytest.raises(ValueError, match=r"\.pth .* or \.npz"):
-    convert.to_tarflow(str(out), str(tmp_path / "m.bin"), say=say)
+    to_tarflow(str(out), str(tmp_path / "m.bin"), say=say)
   os.mkdir(tmp_path / "adir.pth")
   with pytest.raises(ValueError, match="is a directory"):
-    convert.to_tarflow(str(out), str(tmp_path / "adir.pth"), say=say)
+    to_tarflow(str(out), str(tmp_path / "adir.pth"), say=say)
   os.rmdir(tmp_path / "adir.pth")
   with pytest.raises(ValueError, match="inside the export"):
-    convert.to_tarflow(str(out), str(out / "back.pth"), say=say)
+    to_tarflow(str(out), str(out / "back.pth"), say=say)
   assert sorted(os.listdir(tmp_path)) == sorted(before)
   assert not os.path.exists(out / "back.pth")
 
@@ -234,7 +235,7 @@ def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
           "params": "raw", "dtype": "float32"}
   export.write_export(model_dir, params, ml_collections.ConfigDict(cfg.to_dict()), meta)
   with pytest.raises(ValueError, match="flow_final_norm"):
-    convert.to_tarflow(model_dir, str(tmp_path / "x.pth"), say=lambda _: None)
+    to_tarflow(model_dir, str(tmp_path / "x.pth"), say=lambda _: None)
   assert not os.path.exists(tmp_path / "x.pth")
 
 
@@ -331,6 +332,6 @@ def test_train_tarflow_here_then_convert_back(tmp_path):
   export.export_model(str(tmp_path / "run"), str(tmp_path / "model"), say=lambda _: None)
   mcfg, _, _, _ = export.load_model(str(tmp_path / "model"))
   assert mcfg.prior == "standard_normal"
-  convert.to_tarflow(str(tmp_path / "model"), str(tmp_path / "t.npz"), say=lambda _: None)
+  to_tarflow(str(tmp_path / "model"), str(tmp_path / "t.npz"), say=lambda _: None)
   with np.load(tmp_path / "t.npz") as f:
     assert f["blocks.0.pos_embed"].shape == (64, 64)

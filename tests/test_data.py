@@ -50,7 +50,7 @@ def prepared(tmp_path_factory):
   root = _write_folder(tmp_path_factory.mktemp("folder"))
   o = Options(folder=str(root), data_dir=str(tmp_path_factory.mktemp("tfds")), name="toy_set",
               image_size=16, val_fraction=0.25, encoding="png")
-  return o, prepare(o, say=lambda _: None)
+  return o, prepare(o)
 
 
 def _data(o, **kw):
@@ -130,7 +130,7 @@ def test_prepare_refuses_bad_input_and_leaves_nothing_on_failure(tmp_path, monke
       (dataclasses.replace(ok, data_dir="gs://b/tfds"), r"prepare writes to a local directory"),
   ]:
     with pytest.raises(PrepareError, match=pattern):
-      prepare(opts, say=lambda _: None)
+      prepare(opts)
   assert not out.exists()
   # a failure half-way (here: the 5th image cannot be encoded) leaves no dataset, no temp dir
   calls = {"n": 0}
@@ -144,19 +144,18 @@ def test_prepare_refuses_bad_input_and_leaves_nothing_on_failure(tmp_path, monke
 
   monkeypatch.setattr(preprocess, "encode", failing)
   with pytest.raises(RuntimeError, match="disk on fire"):
-    prepare(ok, say=lambda _: None)
+    prepare(ok)
   assert not out.exists()   # nor the data_dir it created
   monkeypatch.setattr(preprocess, "encode", real_encode)
-  first = prepare(ok, say=lambda _: None)
+  first = prepare(ok)
   with pytest.raises(PrepareError, match=r"already exists.*--overwrite"):
-    prepare(ok, say=lambda _: None)
+    prepare(ok)
   # --val_folder: a second folder with the same class names is the validation split
   val = tmp_path / "val"
   for c in ("ant", "cow"):
     (val / c).mkdir(parents=True)
     (val / c / "v.png").write_bytes((root / c / "0.png").read_bytes())
-  rep = prepare(dataclasses.replace(ok, image_size=12, overwrite=True, val_folder=str(val)),
-                say=lambda _: None)
+  rep = prepare(dataclasses.replace(ok, image_size=12, overwrite=True, val_folder=str(val)))
   assert rep["counts"]["validation"] == {"ant": 1, "cow": 1}
   assert sorted(os.listdir(out)) == ["ds"]
   info = sources.describe(_data(ok, image_size=12))
@@ -164,7 +163,7 @@ def test_prepare_refuses_bad_input_and_leaves_nothing_on_failure(tmp_path, monke
   (val / "yak").mkdir()
   (val / "yak" / "y.png").write_bytes((root / "ant" / "0.png").read_bytes())
   with pytest.raises(PrepareError, match=r"class folder\(s\) \['yak'\] that --folder=.* lacks"):
-    prepare(dataclasses.replace(ok, overwrite=True, val_folder=str(val)), say=lambda _: None)
+    prepare(dataclasses.replace(ok, overwrite=True, val_folder=str(val)))
   assert first["path"] == os.path.join(str(out), "ds", "1.0.0")
 
 
@@ -181,18 +180,17 @@ def test_prepare_overwrite_replaces_only_a_prepared_dataset(tmp_path, monkeypatc
   before = _pngs(raw)
   opts = Options(folder=str(raw), data_dir=str(ds), name="cats", image_size=8, overwrite=True)
   with pytest.raises(PrepareError, match=r"--folder=.*raw lies inside the dataset folder"):
-    prepare(opts, say=lambda _: None)
+    prepare(opts)
   assert _pngs(raw) == before
   src = _write_folder(tmp_path / "src", per_class=2)
   val = ds / "cats" / "val"
   (val / "ant").mkdir(parents=True)
   (val / "ant" / "v.png").write_bytes((src / "ant" / "0.png").read_bytes())
   with pytest.raises(PrepareError, match=r"--val_folder=.*val lies inside the dataset folder"):
-    prepare(dataclasses.replace(opts, folder=str(src), val_folder=str(val)), say=lambda _: None)
+    prepare(dataclasses.replace(opts, folder=str(src), val_folder=str(val)))
   assert (val / "ant" / "v.png").exists()
   with pytest.raises(PrepareError, match=r"would lie inside --folder=.*choose a --data_dir"):
-    prepare(dataclasses.replace(opts, folder=str(src), data_dir=str(src), name="ds"),
-            say=lambda _: None)
+    prepare(dataclasses.replace(opts, folder=str(src), data_dir=str(src), name="ds"))
   assert not (src / "ds").exists() and not any(p.name.startswith(".") for p in src.iterdir())
   foreign = tmp_path / "out" / "ds"
   foreign.mkdir(parents=True)
@@ -200,20 +198,20 @@ def test_prepare_overwrite_replaces_only_a_prepared_dataset(tmp_path, monkeypatc
   ok = Options(folder=str(src), data_dir=str(tmp_path / "out"), name="ds", image_size=8,
                overwrite=True)
   with pytest.raises(PrepareError, match=r"not a dataset written by farmer_jax prepare"):
-    prepare(ok, say=lambda _: None)
+    prepare(ok)
   assert (foreign / "keep.txt").read_text() == "mine"
   os.rename(foreign, tmp_path / "kept")
   os.symlink(tmp_path / "kept", foreign)
   with pytest.raises(PrepareError, match=r"is a symbolic link"):
-    prepare(ok, say=lambda _: None)
+    prepare(ok)
   assert (tmp_path / "kept" / "keep.txt").exists()
   os.remove(foreign)
-  first = prepare(ok, say=lambda _: None)
-  second = prepare(ok, say=lambda _: None)   # a previous dataset is replaced
+  first = prepare(ok)
+  second = prepare(ok)   # a previous dataset is replaced
   assert first["path"] == second["path"] and os.listdir(foreign) == ["1.0.0"]
   (foreign / "notes.txt").write_text("mine")
   with pytest.raises(PrepareError, match=r"other files beside it"):
-    prepare(ok, say=lambda _: None)
+    prepare(ok)
   assert (foreign / "notes.txt").exists()
   os.remove(foreign / "notes.txt")
   # swapped for a foreign folder while the new dataset is built: refused at the rename
@@ -229,13 +227,13 @@ def test_prepare_overwrite_replaces_only_a_prepared_dataset(tmp_path, monkeypatc
 
   monkeypatch.setattr(preprocess, "encode", swapping)
   with pytest.raises(PrepareError, match=r"not a dataset written by farmer_jax prepare"):
-    prepare(ok, say=lambda _: None)
+    prepare(ok)
   assert os.listdir(foreign) == ["keep.txt"]
   assert sorted(os.listdir(tmp_path / "out")) == ["ds"]   # no temporary left
   # without --overwrite, a dataset that appears at the target during the build is not replaced
   import shutil
   shutil.rmtree(foreign)
-  other = prepare(dataclasses.replace(ok, data_dir=str(tmp_path / "other")), say=lambda _: None)
+  other = prepare(dataclasses.replace(ok, data_dir=str(tmp_path / "other")))
   before = _pngs(src)
 
   def appearing(*a, **k):
@@ -245,7 +243,7 @@ def test_prepare_overwrite_replaces_only_a_prepared_dataset(tmp_path, monkeypatc
 
   monkeypatch.setattr(preprocess, "encode", appearing)
   with pytest.raises(PrepareError, match=r"appeared while the dataset was built"):
-    prepare(dataclasses.replace(ok, overwrite=False), say=lambda _: None)
+    prepare(dataclasses.replace(ok, overwrite=False))
   assert os.listdir(foreign) == ["1.0.0"] and _pngs(src) == before
 
 

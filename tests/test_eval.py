@@ -124,17 +124,30 @@ def test_eval_is_independent_of_the_batch_size(tiny):
   assert a["count"] == b["count"] == 13
 
 
+def run_command(cmd, *args):
+  """Runs ``farmer_jax <cmd> <args>``'s main in this process (its exceptions propagate)."""
+  from farmer_jax import cli
+  fv = cli.flag_values(cmd)
+  fv([f"farmer_jax {cmd}", *args])
+  return cli.COMMANDS[cmd].main(fv)
+
+
 def test_eval_command_refuses_bad_input(exported, tmp_path):
-  from farmer_jax.eval.evaluate import likelihood_eval
+  from absl import app
+
+  from farmer_jax.eval.evaluate import load_params
   _, export_dir, _, _ = exported
+  model = f"--model={export_dir}"
   with pytest.raises(ValueError, match="--dequant_samples=0 must be >= 1"):
-    likelihood_eval(model_dir=str(export_dir), dequant_samples=0, say=lambda _: None)
+    run_command("eval", model, "--dequant_samples=0", "--quiet")
   with pytest.raises(Exception, match="'nope'.*splits"):
-    likelihood_eval(model_dir=str(export_dir), split="nope", say=lambda _: None)
+    run_command("eval", model, "--split=nope", "--quiet")
+  with pytest.raises(app.UsageError, match="exactly one of --workdir"):
+    run_command("eval", "--quiet")
   with pytest.raises(ValueError, match="exactly one of --workdir"):
-    likelihood_eval(say=lambda _: None)
+    load_params(say=lambda _: None)
   with pytest.raises(ValueError, match=r"\*\.json"):
-    likelihood_eval(model_dir=str(export_dir), out=str(tmp_path / "x.txt"), say=lambda _: None)
+    run_command("eval", model, f"--out={tmp_path / 'x.txt'}", "--quiet")
   assert not list(tmp_path.iterdir())
 
 
@@ -213,17 +226,17 @@ def test_score_uses_the_reference_and_the_metrics():
 def test_fid_command_mnist_features_end_to_end(exported, tmp_path):
   """`farmer_jax fid --features=mnist` on the tiny export: JSON with FID, IS, precision/recall and
   class consistency; a second run reuses the dump (no sampling) and gives the same numbers."""
-  from farmer_jax.eval.fid import fid_command
   _, export_dir, _, _ = exported
   out = str(tmp_path / "fid.json")
-  r = fid_command(str(export_dir), 20, "mnist", batch=10, out=out, quiet=True,
-                  say=lambda _: None)
-  on_disk = json.loads(open(out).read())
-  assert on_disk["fid"] == r["fid"] > 0 and on_disk["num"] == 20
+  run_command("fid", f"--model={export_dir}", "--num=20", "--features=mnist", "--batch=10",
+              f"--out={out}", "--quiet")
+  r = json.loads(open(out).read())
+  assert r["fid"] > 0 and r["num"] == 20
   assert 0 <= r["class_consistency"] <= 1 and len(r["class_consistency_per_class"]) == 10
   assert {"precision", "recall", "inception_score"} <= set(r)
-  again = fid_command(str(export_dir), 20, "mnist", batch=7, out=out, quiet=True,
-                      say=lambda _: None)
+  run_command("fid", f"--model={export_dir}", "--num=20", "--features=mnist", "--batch=7",
+              f"--out={out}", "--quiet")
+  again = json.loads(open(out).read())
   assert again["fid"] == pytest.approx(r["fid"], rel=1e-9)
 
 

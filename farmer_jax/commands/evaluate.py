@@ -1,9 +1,14 @@
 """`farmer_jax eval`: the test bits/dim of a training run or an export (every example once, K
-dequantization draws), written as JSON (and TensorBoard for a run)."""
+dequantization draws), written as JSON (``--out``, or next to the model) and, for a run, as
+TensorBoard scalars ``eval_<split>/*`` at its checkpoint's step."""
+
+import os
+import time
 
 from absl import app, flags
 
 from farmer_jax.commands import common
+from farmer_jax.errors import UserError
 
 PURPOSE = "bits/dim of a training run or an export on a data split"
 EXAMPLE = ("farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=test] "
@@ -31,12 +36,56 @@ def define_flags(fv):
   common.define_output(fv)
 
 
+def check_json_out(path):
+  """Refuses, before any work, a JSON result path that cannot be written (local paths)."""
+  from farmer_jax import storage
+  if not str(path).endswith(".json"):
+    raise UserError(f"--out={path}: the result is JSON. Fix: name it *.json")
+  if storage.is_url(path):
+    return
+  if os.path.isdir(path):
+    raise UserError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
+
+
 def main(f):
   if bool(f.workdir) == bool(f.model):
     raise app.UsageError("pass exactly one of --workdir (a training run) and --model (an export "
                          "directory)")
   common.start_jax(f)
-  from farmer_jax.eval.evaluate import likelihood_eval
-  likelihood_eval(workdir=f.workdir or None, model_dir=f.model or None, split=f.split,
-                  dequant_samples=f.dequant_samples, batch_size=f.batch, data_dir=f.data_dir,
-                  seed=f.seed, out=f.out, quiet=f.quiet, say=common.say(f))
+  t0 = time.time()
+  if f.dequant_samples is not None and f.dequant_samples < 1:
+    raise UserError(f"--dequant_samples={f.dequant_samples} must be >= 1 (uniform dequantization "
+                    "draws per image)")
+  if f.batch is not None and f.batch < 1:
+    raise UserError(f"--batch={f.batch} must be >= 1")
+  say = common.say(f)
+  workdir, model_dir = f.workdir or None, f.model or None
+
+  from farmer_jax.config.schema import EvalConfig
+  from farmer_jax.data import sources
+  from farmer_jax.eval import evaluate
+  config, mcfg, params, source = evaluate.load_params(workdir, model_dir, say=say)
+  e = EvalConfig.from_section(config.eval)
+  split = f.split or e.split
+  path = f.out or evaluate.result_path(workdir or model_dir, split)
+  check_json_out(path)
+  data = evaluate.eval_data(config, f.data_dir)
+  sources.require_dataset(data, model_dir or workdir)
+  sources.require_split(data, split, f"--split={split}", "pass one of them")
+
+  res, gb = evaluate.evaluate_split(config, mcfg, params, data, split,
+                                    f.dequant_samples or e.dequant_samples,
+                                    f.batch or e.batch_size, seed=f.seed, progress=not f.quiet,
+                                    say=say)
+  result = evaluate.bpd_result(res, source, data, mcfg, split, f.seed, gb, time.time() - t0)
+  evaluate.write_result(path, result)
+  if workdir is not None and source.get("step") is not None:   # TensorBoard, at its step
+    from farmer_jax.eval.likelihood import eval_scalars
+    from farmer_jax.train.metrics import MetricWriter
+    w = MetricWriter(workdir, jsonl=False)
+    try:
+      w.write(int(source["step"]), eval_scalars(res), prefix=f"eval_{split}")
+    finally:
+      w.close()
+  say(evaluate.format_result(result))
+  say(f"-> {path}")

@@ -1,9 +1,13 @@
 """`farmer_jax fid`: FID / IS / precision-recall of an exported model's class-balanced samples
 against reference statistics (a resumable feature dump)."""
 
+import os
+import time
+
 from absl import app, flags
 
 from farmer_jax.commands import common, sampler_flags
+from farmer_jax.errors import UserError
 
 PURPOSE = "FID, IS and precision/recall of an exported model's samples"
 EXAMPLE = ("farmer_jax fid --model=/tmp/model --ref=ref.npz --inception=pt_inception.pth "
@@ -34,12 +38,75 @@ def define_flags(fv):
   common.define_output(fv)
 
 
+def _checked_reference(f):
+  """(--ref, or the default split:test of --features=mnist; the split it names or None), after
+  refusing flags that cannot work, before the model is loaded."""
+  if f.num < 2:
+    raise UserError(f"--num={f.num} must be >= 2 (a covariance needs two samples; the paper's "
+                    "protocol uses 50000)")
+  if f.batch < 1:
+    raise UserError(f"--batch={f.batch} must be >= 1")
+  if f.features == "inception":
+    if not f.inception:
+      raise UserError("--inception is required with --features=inception: the FID Inception "
+                      "weights file (see docs/eval.md; nothing is downloaded)")
+    if not f.ref:
+      raise UserError("--ref is required with --features=inception: a reference .npz (mu and "
+                      "sigma, and/or images under 'arr_0'), e.g. the ADM reference batch, or "
+                      "split:NAME for a split of the model's own dataset")
+  from farmer_jax.eval.fid import SPLIT_PREFIX
+  ref = f.ref or SPLIT_PREFIX + "test"
+  ref_split = ref[len(SPLIT_PREFIX):] if ref.startswith(SPLIT_PREFIX) else None
+  for path, flag in ((f.inception, "--inception"), (None if ref_split else ref, "--ref")):
+    if path and not os.path.isfile(path):
+      raise UserError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
+  return ref, ref_split
+
+
 def main(f):
   if not f.model:
     raise app.UsageError("--model (an export directory) is required, e.g. farmer_jax fid "
                          "--model=models/m --inception=pt_inception.pth --ref=ref.npz --num=50000")
   over = sampler_flags.checked_overrides(f)
   common.start_jax(f)
-  from farmer_jax.eval.fid import fid_command
-  fid_command(f.model, f.num, f.features, f.inception, f.ref, over, seed=f.seed, batch=f.batch,
-              out=f.out, dump=f.dump, quiet=f.quiet, say=common.say(f))
+  t0 = time.time()
+  say = common.say(f)
+  ref, ref_split = _checked_reference(f)
+
+  from farmer_jax.commands.evaluate import check_json_out
+  from farmer_jax.config.schema import DataConfig
+  from farmer_jax.eval import fid
+  from farmer_jax.sampling.export import load_model
+  from farmer_jax.sampling.generate import export_sampler
+  mcfg, params, config, meta = load_model(f.model)
+  if f.features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
+    raise UserError(f"--features=mnist scores 32x32x1 digits; this model makes "
+                    f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
+                    "--features=inception")
+  drawn = export_sampler(f.model, mcfg, config, meta, over)
+  data = DataConfig.from_section(config.data)
+  if ref_split is not None:
+    fid.check_split(data, ref_split)
+  out = f.out or fid.default_out(
+      f.model, fid.settings_tag(f.features, f.num, drawn.sampler, drawn.settings, f.seed))
+  check_json_out(out)
+  dump = f.dump or fid.default_dump(out)
+
+  net, clf = fid.feature_net(f.features, f.inception, say=say if not f.quiet else None)
+  if ref_split is None:
+    reference = fid.reference_from_file(net, ref)
+  else:
+    reference = fid.reference_from_split(net, data, ref_split,
+                                         fid.split_cache(out, net, data, ref_split), say=say,
+                                         progress=not f.quiet)
+  feats = fid.sample_features(
+      mcfg, params, drawn.sampler, f.num, net, seed=f.seed, batch=f.batch, dump=dump,
+      signature=fid.dump_signature(f.model, meta, drawn.settings, f.seed, f.num, net),
+      progress=not f.quiet, say=say, student_params=drawn.student, latent_var=drawn.latent_var)
+  result = fid.fid_result(f.model, net, reference, f.num, f.seed, drawn.sampler, drawn.settings,
+                          feats, dump, t0)
+  if f.features == "mnist" and mcfg.num_classes == 10:   # labels are digits only then
+    result.update(fid.class_consistency(clf, feats))
+  fid.write_result(out, result)
+  say(fid.format_scores(result))
+  say(f"-> {out}")

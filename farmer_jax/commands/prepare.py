@@ -40,10 +40,15 @@ def define_flags(fv):
 def main(f):
   if not f.folder or not f.data_dir or not f.name:
     raise app.UsageError("--folder (one subfolder per class), --data_dir and --name are required")
-  from farmer_jax.data.prepare import Options, prepare
+  from farmer_jax.data import prepare
+  say = common.say(f)
   workers = f.workers if f.workers is not None else min(16, os.cpu_count() or 1)
-  prepare(Options(folder=f.folder, data_dir=f.data_dir, name=f.name, image_size=f.image_size,
-                  val_fraction=f.val_fraction, channels=f.channels, encoding=f.encoding,
-                  quality=f.quality, workers=workers, overwrite=f.overwrite,
-                  val_folder=f.val_folder or ""),
-          say=common.say(f))
+  o = prepare.Options(folder=f.folder, data_dir=f.data_dir, name=f.name,
+                      image_size=f.image_size, val_fraction=f.val_fraction, channels=f.channels,
+                      encoding=f.encoding, quality=f.quality, workers=workers,
+                      overwrite=f.overwrite, val_folder=f.val_folder or "")
+  prepare.check_options(o)
+  plan = prepare.plan(o)
+  say(prepare.describe_plan(o, plan))
+  report = prepare.write_dataset(o, plan)
+  say(prepare.summary(report))

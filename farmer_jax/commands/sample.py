@@ -5,12 +5,14 @@ loaded."""
 from absl import app, flags
 
 from farmer_jax.commands import common, sampler_flags
-from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
+from farmer_jax.config.rules import SettingError
 from farmer_jax.errors import UserError
 
 PURPOSE = "draw samples from an exported model into a PNG grid and/or an .npz"
 EXAMPLE = ("farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 "
            "--out=grid.png [--npz=s.npz]")
+_STUDENT_FIX = (". Fix: export with `farmer_jax export --workdir=RUN --student=DISTILL_RUN`, or "
+                "use --inverse=exact|jacobi")
 
 
 def define_flags(fv):
@@ -42,32 +44,21 @@ def main(f):
       check_output_path(path, flag)
   over = sampler_flags.checked_overrides(f)
 
-  from farmer_jax.sampling.export import ExportError, load_latent_var, load_model, load_student
+  from farmer_jax.sampling.export import load_model
   from farmer_jax.sampling.generate import (
-      check_output_size, describe_stats, generate, parse_classes, write_outputs)
+      check_output_size, describe_stats, export_sampler, generate, parse_classes, write_outputs)
   mcfg, params, config, meta = load_model(f.model)
   classes = parse_classes(f.classes, mcfg.num_classes)
   check_output_size(mcfg, classes, f.num, bool(f.out))
-  sample = dict(config.get("sample", {}))
-  sc = {k: v for k, v in sample.items() if k in SAMPLER_KEYS}   # the model's defaults
-  sc.update(over)
   try:
-    sampler = SamplerConfig.from_config(sc)
-    sampler.check_model(mcfg)
-  except ValueError as e:
+    drawn = export_sampler(f.model, mcfg, config, meta, over, student_fix=_STUDENT_FIX)
+  except SettingError as e:   # a sampler setting the model refuses
     raise sampler_flags.sampler_error(e) from e
-  student = None
-  if sampler.inverse == "student":
-    student = load_student(f.model, mcfg, meta)
-    if student is None:
-      raise ExportError(f"--inverse=student: {f.model} carries no distilled student. Fix: "
-                        "export with `farmer_jax export --workdir=RUN --student=DISTILL_RUN`, or "
-                        "use --inverse=exact|jacobi")
+  sampler = drawn.sampler
 
   images, labels, stats = generate(
       mcfg, params, classes, f.num, sampler, f.seed, f.batch, progress=not f.quiet,
-      return_stats=True, student_params=student,
-      latent_var=load_latent_var(f.model, mcfg, meta))
+      return_stats=True, student_params=drawn.student, latent_var=drawn.latent_var)
   write_outputs(images, labels, f.out, f.npz, stats)
 
   line = describe_stats(stats, sampler)

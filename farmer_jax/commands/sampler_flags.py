@@ -7,6 +7,7 @@ from absl import flags
 
 from farmer_jax.config.schema import (GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS,
                                       SamplerConfig)
+from farmer_jax.config.rules import SettingError
 from farmer_jax.errors import UserError
 
 
@@ -86,6 +87,6 @@ def checked_overrides(f):
   over = sampler_overrides(f.cfg, f.guidance, f.sampler, f.inverse)
   try:
     SamplerConfig.from_config(over)
-  except ValueError as e:
+  except SettingError as e:
     raise sampler_error(e) from e
   return over

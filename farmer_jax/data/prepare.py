@@ -261,10 +261,20 @@ def _builder_class(o, classes, split_items, pool, bar, report):
   return Prepared
 
 
-def prepare(o: Options, say=print):
-  """Writes the dataset ``o.data_dir/o.name/1.0.0`` (see module doc); returns the report dict
-  {'counts': {split: {class: n}}, 'skipped': [(path, reason)], 'path': ...}."""
-  check_options(o)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What ``write_dataset`` converts: the class names, every file found ([(relative path, class
+  index)], both folders), the files of each split ({split: [(folder, relative path, class
+  index)]}) and the files skipped while scanning ([(path, reason)])."""
+  classes: list
+  files: list
+  split_items: dict
+  skipped: list
+
+
+def plan(o: Options) -> Plan:
+  """Scans ``o.folder`` (and ``o.val_folder``) into a Plan; PrepareError for class folders that
+  do not match or an empty train split."""
   classes, files, skipped = scan(o.folder)
   split_items = {"train": [], "validation": []}
   for rel, label in files:
@@ -282,14 +292,26 @@ def prepare(o: Options, say=print):
   if not split_items["train"]:
     raise PrepareError(f"no file of {o.folder} fell in the train split (val_fraction="
                        f"{o.val_fraction}). Fix: lower --val_fraction")
-  say(f"prepare: {len(files)} files in {len(classes)} classes -> {o.name} "
-      f"({len(split_items['train'])} train, {len(split_items['validation'])} validation "
-      f"candidates), {o.image_size}x{o.image_size}x{o.channels} {o.encoding}")
+  return Plan(classes, files, split_items, skipped)
+
+
+def describe_plan(o: Options, p: Plan):
+  """One line: what ``write_dataset`` is about to write."""
+  return (f"prepare: {len(p.files)} files in {len(p.classes)} classes -> {o.name} "
+          f"({len(p.split_items['train'])} train, {len(p.split_items['validation'])} validation "
+          f"candidates), {o.image_size}x{o.image_size}x{o.channels} {o.encoding}")
+
+
+def write_dataset(o: Options, p: Plan):
+  """Converts the files of ``p`` and writes the dataset ``o.data_dir/o.name/1.0.0`` (see module
+  doc), swapped into place once complete; returns the report dict {'counts': {split: {class:
+  n}}, 'skipped': [(path, reason)], 'path': ...}."""
   import tensorflow_datasets as tfds
   from tqdm import tqdm
   tfds.disable_progress_bar()
   target = os.path.join(o.data_dir, o.name)
-  report = {"counts": {s: collections.Counter() for s in split_items}, "skipped": list(skipped)}
+  report = {"counts": {s: collections.Counter() for s in p.split_items},
+            "skipped": list(p.skipped)}
   pool = None
   try:
     if o.workers:
@@ -297,35 +319,48 @@ def prepare(o: Options, say=print):
                                          mp_context=multiprocessing.get_context("spawn"))
     with storage.staged_dir(target, lambda t: _may_replace(o, t)) as tmp:
       build = os.path.join(tmp, ".build")   # tfds writes DATA_DIR/NAME/VERSION
-      with tqdm(total=len(files), desc="prepare", unit="img", file=sys.stderr,
+      with tqdm(total=len(p.files), desc="prepare", unit="img", file=sys.stderr,
                 dynamic_ncols=True) as bar:
-        builder = _builder_class(o, classes, split_items, pool, bar, report)(
+        builder = _builder_class(o, p.classes, p.split_items, pool, bar, report)(
             data_dir=build, file_format="array_record")
         builder.download_and_prepare()
-      kept = {s: sum(c.values()) for s, c in report["counts"].items()}
-      if not kept["train"]:
-        raise PrepareError(f"none of the {len(split_items['train'])} train files of {o.folder} "
-                           "could be read (see the skipped list); nothing was written")
-      missing = [c for c in classes if not report["counts"]["train"][c]]
-      if missing:
-        raise PrepareError(f"class(es) {missing} have no readable train image; nothing was "
-                           "written. Fix: add readable images or remove those folders")
-      out = {"kind": DATASET_KIND,
-             "path": os.path.abspath(os.path.join(target, VERSION)), "classes": classes,
-             "counts": {s: dict(c) for s, c in report["counts"].items()},
-             "skipped": [list(x) for x in report["skipped"]],
-             "options": dataclasses.asdict(o)}
-      written = os.path.join(tmp, VERSION)
-      os.rename(os.path.join(build, o.name, VERSION), written)
-      shutil.rmtree(build)
-      out["bytes"] = sum(os.path.getsize(os.path.join(written, f)) for f in os.listdir(written))
-      with open(os.path.join(written, REPORT), "w") as f:   # written last: the marker
-        json.dump(out, f, indent=2)
+      out = _finish(o, p, report, target, tmp, build)
   finally:
     if pool is not None:
       pool.shutdown(cancel_futures=True)
-  say(summary(out))
   return out
+
+
+def _finish(o, p, report, target, tmp, build):
+  """Refuses a dataset missing its train split or a class; else moves the built version folder
+  to ``tmp`` and writes its report (last: the marker). Returns the report."""
+  kept = {s: sum(c.values()) for s, c in report["counts"].items()}
+  if not kept["train"]:
+    raise PrepareError(f"none of the {len(p.split_items['train'])} train files of {o.folder} "
+                       "could be read (see the skipped list); nothing was written")
+  missing = [c for c in p.classes if not report["counts"]["train"][c]]
+  if missing:
+    raise PrepareError(f"class(es) {missing} have no readable train image; nothing was "
+                       "written. Fix: add readable images or remove those folders")
+  out = {"kind": DATASET_KIND,
+         "path": os.path.abspath(os.path.join(target, VERSION)), "classes": p.classes,
+         "counts": {s: dict(c) for s, c in report["counts"].items()},
+         "skipped": [list(x) for x in report["skipped"]],
+         "options": dataclasses.asdict(o)}
+  written = os.path.join(tmp, VERSION)
+  os.rename(os.path.join(build, o.name, VERSION), written)
+  shutil.rmtree(build)
+  out["bytes"] = sum(os.path.getsize(os.path.join(written, f)) for f in os.listdir(written))
+  with open(os.path.join(written, REPORT), "w") as f:   # written last: the marker
+    json.dump(out, f, indent=2)
+  return out
+
+
+def prepare(o: Options):
+  """Checks ``o``, scans its folders and writes the dataset (``write_dataset``); returns the
+  report."""
+  check_options(o)
+  return write_dataset(o, plan(o))
 
 
 def summary(report):

@@ -1,18 +1,16 @@
-"""The `farmer_jax eval` command: exact bits/dim of a training run or an export over a whole split.
+"""Exact bits/dim of a training run or an export over a whole split (what `farmer_jax eval` runs).
 
 Every example exactly once (masked padding), sharded over all devices and processes with the run's
 own mesh and sharding rules (falling back to a pure data-parallel mesh when that mesh does not fit
 the devices at hand), one compiled step, K uniform dequantization draws per image
-(eval/likelihood.py). Writes a JSON result next to the model (``RUN/eval/bpd_<split>.json`` or
-``EXPORT/eval/bpd_<split>.json``, or ``--out``) and, for a run, TensorBoard scalars
-``eval_<split>/*`` at the checkpoint's step.
+(eval/likelihood.py). The result is JSON, by default next to the model
+(``RUN/eval/bpd_<split>.json`` or ``EXPORT/eval/bpd_<split>.json``).
 """
 
 import dataclasses
 import json
 import os
 import posixpath
-import time
 
 import jax
 import numpy as np
@@ -20,10 +18,10 @@ from tqdm import tqdm
 
 from farmer_jax import sharding, storage
 from farmer_jax.errors import ConfigError
-from farmer_jax.config.schema import DataConfig, EvalConfig
+from farmer_jax.config.schema import DataConfig
 from farmer_jax.config.parse import parse_model
 from farmer_jax.errors import UserError
-from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
+from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.model import Farmer, abstract_params
 
 EVAL_DIR = "eval"
@@ -76,45 +74,29 @@ def _put_params(params, shardings):
       lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), params, shardings)
 
 
-def output_path(workdir, model_dir, split, out=None):
-  base = workdir if workdir is not None else model_dir
-  return out or storage.join(base, EVAL_DIR, f"bpd_{split}.json")
+def result_path(base, split):
+  """Where the result of evaluating a run or export at ``base`` on ``split`` goes by default."""
+  return storage.join(base, EVAL_DIR, f"bpd_{split}.json")
 
 
-def check_output(path):
-  """Refuses, before any work, a JSON output that cannot be written (local paths)."""
-  if not str(path).endswith(".json"):
-    raise UserError(f"--out={path}: the result is JSON. Fix: name it *.json")
-  if storage.is_url(path):
-    return
-  if os.path.isdir(path):
-    raise UserError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
-
-
-def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=None,
-                    batch_size=None, data_dir=None, seed=0, out=None, quiet=False, say=print):
-  """Runs the evaluation (module doc) and returns the result dict (what the JSON holds)."""
-  t0 = time.time()
-  if dequant_samples is not None and dequant_samples < 1:
-    raise UserError(f"--dequant_samples={dequant_samples} must be >= 1 (uniform dequantization "
-                    "draws per image)")
-  if batch_size is not None and batch_size < 1:
-    raise UserError(f"--batch={batch_size} must be >= 1")
-  config, mcfg, params, source = load_params(workdir, model_dir, say=say)
-  e = EvalConfig.from_section(config.eval)
-  split = split or e.split
-  k = dequant_samples or e.dequant_samples
-  path = output_path(workdir, model_dir, split, out)
-  check_output(path)
-  from farmer_jax.data import pipeline, sources
+def eval_data(config, data_dir=None):
+  """The run config's DataConfig, read from ``data_dir`` when given."""
   data = DataConfig.from_section(config.data)
   if data_dir is not None:
     data = dataclasses.replace(data, data_dir=data_dir)
-  sources.require_dataset(data, model_dir or workdir)
-  sources.require_split(data, split, f"--split={split}", "pass one of them")
+  return data
+
+
+def evaluate_split(config, mcfg, params, data, split, samples, batch_size, seed=0,
+                   progress=True, say=print):
+  """Bits/dim of host ``params`` over every example of ``split`` of ``data`` (``samples``
+  dequantization draws each), sharded with the run ``config``'s mesh and rules (``eval_mesh``) at
+  about ``batch_size`` globally. Returns (the result of ``evaluate_batches``, the global batch);
+  refuses (FloatingPointError) a non-finite bits/dim."""
+  from farmer_jax.data import pipeline
   mesh = eval_mesh(config, say)
   rules = sharding.logical_rules(config.sharding_rules)
-  gb = sharding.eval_batch_size(batch_size or e.batch_size, mesh, rules)
+  gb = sharding.eval_batch_size(batch_size, mesh, rules)
   batches, steps, n = pipeline.eval_batches(data, split, gb, jax.process_index(),
                                             jax.process_count())
   batch_sh = sharding.batch_sharding(mesh, rules)
@@ -122,37 +104,38 @@ def likelihood_eval(workdir=None, model_dir=None, split=None, dequant_samples=No
                                       config.get("fsdp"))
   with sharding.mesh_context(mesh, rules):
     dev_params = _put_params(params, param_sh)
-    show = not quiet and jax.process_index() == 0
-    say(f"bits/dim of {data.name} split {split!r}: {n} images, {k} dequantization draw(s) each, "
-        f"batch {gb} on mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")
+    show = progress and jax.process_index() == 0
+    say(f"bits/dim of {data.name} split {split!r}: {n} images, {samples} dequantization draw(s) "
+        f"each, batch {gb} on mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")
     bar = tqdm(total=n, desc="eval bpd", disable=not show, dynamic_ncols=True)
     res = evaluate_batches(Farmer(mcfg), dev_params, batches, steps,
                            put=lambda b: sharding.global_batch(b, mesh, batch_sh), seed=seed,
-                           samples=k, progress=lambda done: bar.update(done - bar.n),
+                           samples=samples, progress=lambda done: bar.update(done - bar.n),
                            out_sharding=sharding.replicated(mesh))
     bar.close()
   if not (np.isfinite(res["bpd"]) and np.isfinite(res["bpd_uncond"])):
     raise FloatingPointError(f"bits/dim is not finite ({res['bpd']}, unconditional "
                              f"{res['bpd_uncond']}); nothing was written. Fix: check the model "
                              "(a diverged run or a corrupt export)")
-  result = {"split": split, "dataset": data.name, "prior": mcfg.prior, "seed": int(seed),
-            "batch_size": gb,
-            "devices": jax.device_count(), "processes": jax.process_count(), **source, **res,
-            "seconds": time.time() - t0}
+  return res, gb
+
+
+def bpd_result(res, source, data, mcfg, split, seed, batch_size, seconds):
+  """The result JSON of an evaluation: ``res`` (``evaluate_split``) with what was evaluated
+  (``source``: ``load_params``'), on what, and how."""
+  return {"split": split, "dataset": data.name, "prior": mcfg.prior, "seed": int(seed),
+          "batch_size": batch_size,
+          "devices": jax.device_count(), "processes": jax.process_count(), **source, **res,
+          "seconds": seconds}
+
+
+def write_result(path, result):
+  """Writes ``result`` as JSON at ``path`` (local or a bucket; its folder is created), from
+  process 0."""
   if jax.process_index() == 0:
     storage.makedirs(posixpath.dirname(path) if storage.is_url(path)
                      else os.path.dirname(os.path.abspath(path)))
     storage.write_text(path, json.dumps(result, indent=2))
-  if workdir is not None and source.get("step") is not None:
-    from farmer_jax.train.metrics import MetricWriter
-    w = MetricWriter(workdir, jsonl=False)
-    try:
-      w.write(int(source["step"]), eval_scalars(res), prefix=f"eval_{split}")
-    finally:
-      w.close()
-  say(format_result(result))
-  say(f"-> {path}")
-  return result
 
 
 def format_result(r):

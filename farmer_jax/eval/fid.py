@@ -1,4 +1,4 @@
-"""Sample quality: the `farmer_jax fid` command and the scoring the training report shares.
+"""Sample quality: what `farmer_jax fid` computes, and the scoring the training report shares.
 
 One code path for every feature network: samples -> a ``FeatureNet`` (uint8 images -> pool features
 (B, F) and class logits (B, L)) -> FID against reference statistics, Inception Score from the
@@ -278,88 +278,59 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   return out
 
 
-def fid_command(model_dir, num, features="inception", inception=None, ref=None, sampler=None,
-                seed=0, batch=64, out=None, dump=None, quiet=False, say=print):
-  """The `farmer_jax fid` command (module doc); returns the result dict written to ``out``."""
-  from farmer_jax.sampling.export import (ExportError, load_latent_var, load_model,
-                                         load_student)
-  t0 = time.time()
-  if num < 2:
-    raise UserError(f"--num={num} must be >= 2 (a covariance needs two samples; the paper's "
-                    "protocol uses 50000)")
-  if batch < 1:
-    raise UserError(f"--batch={batch} must be >= 1")
-  if features not in ("inception", "mnist"):
-    raise UserError(f"--features={features!r} is unknown; use 'inception' or 'mnist'")
+def feature_net(features, inception=None, say=None):
+  """(FeatureNet, the MNIST Classifier or None) of ``features``: 'inception' (weights from the
+  file ``inception``) or 'mnist' (``say``: the classifier's training lines, or None)."""
   if features == "inception":
-    if not inception:
-      raise UserError("--inception is required with --features=inception: the FID Inception "
-                      "weights file (see docs/eval.md; nothing is downloaded)")
-    if not ref:
-      raise UserError("--ref is required with --features=inception: a reference .npz (mu and "
-                      "sigma, and/or images under 'arr_0'), e.g. the ADM reference batch, or "
-                      "split:NAME for a split of the model's own dataset")
-  ref = ref or SPLIT_PREFIX + "test"
-  ref_split = ref[len(SPLIT_PREFIX):] if ref.startswith(SPLIT_PREFIX) else None
-  for path, flag in ((inception, "--inception"), (None if ref_split else ref, "--ref")):
-    if path and not os.path.isfile(path):
-      raise UserError(f"{flag}={path} does not exist (nothing is downloaded; see docs/eval.md)")
-  mcfg, params, config, meta = load_model(model_dir)
-  from farmer_jax.config.schema import SAMPLER_KEYS, DataConfig, SamplerConfig
-  if features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
-    raise UserError(f"--features=mnist scores 32x32x1 digits; this model makes "
-                    f"{mcfg.image_size}x{mcfg.image_size}x{mcfg.channels} images. Fix: use "
-                    "--features=inception")
-  sc = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
-  sc.update(sampler or {})
-  s = SamplerConfig.from_config(sc)
-  s.check_model(mcfg)
-  data = DataConfig.from_section(config.data)
-  student = None
-  if s.inverse == "student":
-    student = load_student(model_dir, mcfg, meta)
-    if student is None:
-      raise ExportError(f"--inverse=student: {model_dir} carries no distilled student")
-  if ref_split is not None:
-    check_split(data, ref_split)
-  settings_hash = hashlib.sha256(json.dumps(sc, sort_keys=True).encode()).hexdigest()[:8]
-  tag = f"{features}_n{num}_cfg{s.cfg.w:g}_seed{seed}_{settings_hash}"
-  out = out or os.path.join(model_dir, "eval", f"fid_{tag}.json")
-  from farmer_jax.eval.evaluate import check_output
-  check_output(out)
-  dump = dump or out[:-len(".json")] + ".features"
-  if features == "inception":
-    net = inception_net(inception)
-  else:
-    net, clf = mnist_net(say=say if not quiet else None)
-  signature = {"model": os.path.abspath(model_dir), "export": meta,
-               "sampler": sc, "seed": int(seed), "num": int(num), "features": net.name,
-               "net": net.signature}
-  if ref_split is None:
-    reference = reference_from_file(net, ref)
-  else:   # cached next to the results, keyed by the feature network, the data and the split
-    ident = {"net": net.signature, "split": ref_split,
-             "data": dataclasses.asdict(data)}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    cache = os.path.join(os.path.dirname(os.path.abspath(out)),
-                         f"ref_{ref_split}_{net.name}_{key}.npz")
-    reference = reference_from_split(net, data, ref_split, cache, say=say,
-                                     progress=not quiet)
-  feats = sample_features(mcfg, params, s, num, net, seed=seed, batch=batch, dump=dump,
-                          signature=signature, progress=not quiet, say=say,
-                          student_params=student,
-                          latent_var=load_latent_var(model_dir, mcfg, meta))
-  result = {"model": os.path.abspath(model_dir), "features": net.name, "reference": reference.what,
-            "num": num, "seed": seed, "guidance": s.guidance, "cfg": s.cfg.w,
-            "sampler": sc, **score(feats["pool"], feats["logits"], reference),
-            "net": net.signature, "dump": os.path.abspath(dump), "seconds": time.time() - t0}
-  if features == "mnist" and mcfg.num_classes == 10:   # labels are digits only then
-    result.update(class_consistency(clf, feats))
+    return inception_net(inception), None
+  return mnist_net(say=say)
+
+
+def settings_tag(features, num, sampler, settings, seed):
+  """The name of a result for these settings (``settings``: the config.sample keys used, of which
+  ``sampler`` is the SamplerConfig)."""
+  settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+  return f"{features}_n{num}_cfg{sampler.cfg.w:g}_seed{seed}_{settings_hash}"
+
+
+def default_out(model_dir, tag):
+  """Where a result goes by default: next to the model."""
+  return os.path.join(model_dir, "eval", f"fid_{tag}.json")
+
+
+def default_dump(out):
+  """The feature dump directory of the result ``out`` (a .json path)."""
+  return out[:-len(".json")] + ".features"
+
+
+def dump_signature(model_dir, meta, settings, seed, num, net):
+  """What a feature dump's samples depend on (``sample_features`` refuses a dump made with
+  another)."""
+  return {"model": os.path.abspath(model_dir), "export": meta, "sampler": settings,
+          "seed": int(seed), "num": int(num), "features": net.name, "net": net.signature}
+
+
+def split_cache(out, net, data, split):
+  """Where the statistics of ``split`` of ``data`` go: next to the result ``out``, keyed by the
+  feature network, the data and the split."""
+  ident = {"net": net.signature, "split": split, "data": dataclasses.asdict(data)}
+  key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(os.path.dirname(os.path.abspath(out)), f"ref_{split}_{net.name}_{key}.npz")
+
+
+def fid_result(model_dir, net, reference, num, seed, sampler, settings, feats, dump, t0):
+  """The result JSON: the scores of the sample features ``feats`` against ``reference`` and what
+  made them (``t0``: when the command started)."""
+  return {"model": os.path.abspath(model_dir), "features": net.name, "reference": reference.what,
+          "num": num, "seed": seed, "guidance": sampler.guidance, "cfg": sampler.cfg.w,
+          "sampler": settings, **score(feats["pool"], feats["logits"], reference),
+          "net": net.signature, "dump": os.path.abspath(dump), "seconds": time.time() - t0}
+
+
+def write_result(out, result):
+  """Writes ``result`` as JSON at ``out`` (its folder is created)."""
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   storage.write_text(out, json.dumps(result, indent=2))
-  say(format_scores(result))
-  say(f"-> {out}")
-  return result
 
 
 def class_consistency(clf, feats):

@@ -1,5 +1,5 @@
-"""``farmer_jax convert``: TARFlow checkpoints <-> farmer_jax exports, and TARFlow weights as the
-start of a FARMER run's AF.
+"""TARFlow checkpoints <-> farmer_jax exports (what ``farmer_jax convert`` does), and TARFlow
+weights as the start of a FARMER run's AF.
 
     farmer_jax convert --from=tarflow --ckpt=afhq_model_8_768_8_8_0.07.pth --out=/tmp/afhq
     farmer_jax sample --model=/tmp/afhq --classes=0,1,2 --num=4 --sampler=af_guidance=2 --out=a.png
@@ -34,7 +34,6 @@ from farmer_jax.config.schema import DATA_SHAPE_FIELDS, DataConfig, ModelConfig,
 from farmer_jax.config.parse import parse_model
 from farmer_jax.errors import UserError
 from farmer_jax.interop import tarflow
-from farmer_jax.interop.torch_checkpoint import CheckpointError, load_state_dict
 
 _ARCH_FIELDS = ("image_size", "channels", "num_classes", "patch_size", "flow_width", "flow_heads",
                 "flow_blocks", "flow_layers", "mlp_ratio", "flow_class_conditional",
@@ -76,20 +75,6 @@ def tarflow_run_config(hp, pixels="tarflow", noise_std=0.05, data_name=""):
   return c
 
 
-def _read(ckpt, key=None):
-  if not os.path.isfile(ckpt):
-    raise ConvertError(f"--ckpt={ckpt} does not exist or is not a file; pass a TARFlow "
-                       "model.state_dict() file (.pth, or .npz of the same names)")
-  try:
-    return load_state_dict(ckpt, key=key)
-  except CheckpointError as e:
-    msg = str(e)
-    if "pass key=" in msg:
-      raise ConvertError(msg.replace("pass key=", "pass --ckpt_key=")) from None
-    raise ConvertError(f"{msg}. Fix: pass a TARFlow model.state_dict() file as torch.save writes "
-                       f"it (or an np.savez of one)") from None
-
-
 def training_noise(ckpt):
   """TARFlow's checkpoint name ``{dataset}_model_{p}_{C}_{blocks}_{layers}_{noise}.pth`` ->
   ('gaussian', sigma) | ('uniform', None) | (None, None) when the name does not say."""
@@ -114,52 +99,28 @@ def _arch_mismatch(config, mcfg_ckpt):
   return out
 
 
-def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrite=False,
-                 key=None, noise_std=None, say=print):
-  """Converts a TARFlow state_dict file into an export at ``out``; returns its metadata.
-
-  ``config``: a run config whose data/model fields describe the checkpoint (None: read them off
-  it); ``in_channels``: the image channels (default: config.data.channels, else 3 if the token dim
-  fits, else 1; TARFlow stores only c*p^2). ``key``: the entry of a wrapping dict holding the
-  state_dict. ``pixels``: the pixel mapping (default: 'farmer' for TARFlow's uniform-noise bits/dim
-  checkpoints ``*_uniform.pth``, whose inputs are (v + u)/128 - 1, else 'tarflow').
-  ``noise_std``: the Gaussian noise it was trained with (default: read off TARFlow's file name,
-  ``..._0.07.pth``), the self-denoising sigma of its samples."""
-  from farmer_jax.config.schema import PIXELS, SamplerConfig
-  from farmer_jax.config.parse import resolved_config, section
-  from farmer_jax.sampling import export
-  kind, sigma = training_noise(ckpt)
-  if pixels is None:    # from the file name: uniform-noise bits/dim checkpoints use (v + u)/128 - 1
-    pixels = "farmer" if kind == "uniform" else "tarflow"
-  if noise_std is not None:
-    if not (isinstance(noise_std, (int, float)) and np.isfinite(noise_std) and noise_std > 0):
-      raise ConvertError(f"--noise_std={noise_std} must be a finite number > 0 (the Gaussian "
-                         "noise std the TARFlow model was trained with, e.g. 0.07)")
-    kind, sigma = "gaussian", float(noise_std)
-  if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
-    raise ConvertError(f"--channels={in_channels} must be an integer >= 1 (the image channels, "
-                       "e.g. 3 for RGB)")
-  if pixels not in PIXELS:
-    raise ConvertError(f"--pixels={pixels!r} is unknown; use one of {list(PIXELS)}")
-  out = export.check_export_target(ckpt if os.path.exists(ckpt) else None, out, overwrite)
-  sd = _read(ckpt, key)
-  if in_channels is None and config is not None:
-    in_channels = config.data.get("channels")
-    if not isinstance(in_channels, int) or in_channels < 1:
-      raise ConvertError(f"--config: data.channels={in_channels!r} must be an integer >= 1 (set "
-                         "--config.data.channels=3 for RGB)")
-  hp, err = None, None
+def checkpoint_hparams(sd, in_channels=None):
+  """TARFlow's ``Model`` hyperparameters of the state_dict ``sd`` with ``in_channels`` image
+  channels (None: 3 if the token dim fits, else 1; TARFlow stores only c*p^2). ValueError if it
+  is not a TARFlow state_dict (the first reason)."""
+  err = None
   for c in ((in_channels,) if in_channels is not None else (3, 1)):
     try:
-      hp = tarflow.tarflow_hparams(sd, c)
-      break
+      return tarflow.tarflow_hparams(sd, c)
     except ValueError as e:
       err = err or e
-  if hp is None:
-    raise ConvertError(f"--ckpt={ckpt}: {err} (image channels: pass --channels, or a --config "
-                       "with data.channels)")
-  if in_channels is None and hp["in_channels"] == 1:
-    say("convert: token dim fits 1 image channel, not 3 (pass --channels to choose)")
+  raise err
+
+
+def converted_config(hp, pixels, kind, sigma, noise_std=None, config=None, ckpt="",
+                     say=print):
+  """The run config of the converted checkpoint ``ckpt`` (TARFlow ``Model(**hp)``), checked as
+  `sample` / `eval` / `train` will read it. ``kind, sigma``: its training noise
+  (``training_noise``; ``noise_std`` if given, None when unknown). ``config``: the user's run config
+  describing it (its prior, pixels and sampler are fitted to a TARFlow, said), else
+  ``tarflow_run_config``'s. ConvertError names what to fix."""
+  from farmer_jax.config.parse import section
+  from farmer_jax.config.schema import SamplerConfig
   # the training noise: the name's (or --noise_std); unknown: TARFlow's default 0.05 for training
   # here, and no denoising of samples
   base = tarflow_run_config(hp, pixels, noise_std={"gaussian": sigma, "uniform": None}.get(
@@ -169,45 +130,61 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
   if config is None:
     config = base
   else:
-    config = resolved_config(config)
-    if config.model.get("prior") != "standard_normal" or config.model.get("pixels") != pixels:
-      say(f"convert: model.prior='standard_normal' (TARFlow's N(0, I)), model.pixels={pixels!r}")
-    config.model.prior = "standard_normal"
-    config.model.pixels = pixels
-    ckpt_mcfg = parse_model(base)
-    try:
-      bad = _arch_mismatch(config, ckpt_mcfg)
-    except ConfigError as e:
-      raise ConvertError(f"--config: {e}") from None
-    hp_text = ", ".join(f"{k}={v}" for k, v in hp.items())
-    if bad:
-      raise ConvertError(f"--config does not describe --ckpt={ckpt} (TARFlow Model({hp_text})): "
-                         + "; ".join(bad))
-    try:
-      SamplerConfig.from_config(config.sample).check_model(parse_model(config))
-    except (ValueError, ConfigError) as e:
-      if config.sample.get("guidance", "none") == "none":
-        raise ConvertError(f"--config: {e}") from None    # not the AR guidance: the user's to fix
-      say(f"convert: config.sample.guidance=none, cfg=0 (a standard-normal prior has no GMMs to "
-          f"guide: {e})")
-      config.sample.update(guidance="none", cfg=0.0)
-    # --noise_std wins over the config; else the file name's sigma fills an unset denoise_sigma
-    if kind == "gaussian" and (noise_std is not None or not config.sample.get("denoise_sigma")):
-      say(f"convert: config.sample.denoise_sigma={sigma} (TARFlow's self-denoising at its "
-          "training noise)")
-      config.sample.denoise_sigma = sigma
+    config = _fitted(config, base, hp, pixels, kind, sigma, noise_std, ckpt, say)
   try:    # the whole final config, as `sample` / `eval` / `train` will read it, before any write
     DataConfig.from_section(section(config, "data"))
     TrainConfig.from_section(section(config, "train"))
     SamplerConfig.from_config(config.sample).check_model(parse_model(config))
   except (ValueError, ConfigError) as e:
     raise ConvertError(f"--config: {e}") from None
+  return config
+
+
+def _fitted(config, base, hp, pixels, kind, sigma, noise_std, ckpt, say):
+  """The user's run ``config`` made a TARFlow's (``converted_config``): refused when its
+  architecture is not the checkpoint's (``base``: the run config read off it)."""
+  from farmer_jax.config.parse import resolved_config
+  from farmer_jax.config.schema import SamplerConfig
+  config = resolved_config(config)
+  if config.model.get("prior") != "standard_normal" or config.model.get("pixels") != pixels:
+    say(f"convert: model.prior='standard_normal' (TARFlow's N(0, I)), model.pixels={pixels!r}")
+  config.model.prior = "standard_normal"
+  config.model.pixels = pixels
+  ckpt_mcfg = parse_model(base)
+  try:
+    bad = _arch_mismatch(config, ckpt_mcfg)
+  except ConfigError as e:
+    raise ConvertError(f"--config: {e}") from None
+  hp_text = ", ".join(f"{k}={v}" for k, v in hp.items())
+  if bad:
+    raise ConvertError(f"--config does not describe --ckpt={ckpt} (TARFlow Model({hp_text})): "
+                       + "; ".join(bad))
+  try:
+    SamplerConfig.from_config(config.sample).check_model(parse_model(config))
+  except (ValueError, ConfigError) as e:
+    if config.sample.get("guidance", "none") == "none":
+      raise ConvertError(f"--config: {e}") from None    # not the AR guidance: the user's to fix
+    say(f"convert: config.sample.guidance=none, cfg=0 (a standard-normal prior has no GMMs to "
+        f"guide: {e})")
+    config.sample.update(guidance="none", cfg=0.0)
+  # --noise_std wins over the config; else the file name's sigma fills an unset denoise_sigma
+  if kind == "gaussian" and (noise_std is not None or not config.sample.get("denoise_sigma")):
+    say(f"convert: config.sample.denoise_sigma={sigma} (TARFlow's self-denoising at its "
+        "training noise)")
+    config.sample.denoise_sigma = sigma
+  return config
+
+
+def converted_params(sd, config, ckpt=""):
+  """(ModelConfig, the AF params, the VP latent variance or None) of the TARFlow state_dict
+  ``sd`` under the run ``config``; ConvertError for weights that cannot be used."""
+  from farmer_jax.sampling.export import _non_finite_report
   try:
     mcfg = parse_model(config)
     flow = tarflow.tarflow_to_params(sd, mcfg)
   except (ValueError, ConfigError) as e:
     raise ConvertError(f"--ckpt={ckpt}: {e}") from None
-  report = export._non_finite_report(flow)
+  report = _non_finite_report(flow)
   if report:
     raise ConvertError(f"--ckpt={ckpt} holds non-finite weights ({report}); nothing was written")
   var = tarflow.tarflow_var(sd, mcfg) if "var" in sd else None
@@ -215,52 +192,30 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
     raise ConvertError(f"--ckpt={ckpt}: its 'var' buffer has non-finite or negative values")
   if var is not None and np.all(var == 1):
     var = None
-  nvp = hp["nvp"]
-  meta = {
+  return mcfg, flow, var
+
+
+def export_meta(ckpt, hp, latent_var):
+  """The export metadata of a converted TARFlow checkpoint file ``ckpt``."""
+  from farmer_jax.sampling import export
+  return {
       "kind": export.EXPORT_KIND,
       "format_version": export.FORMAT_VERSION,
       "source_checkpoint": os.path.abspath(ckpt),
       "source_format": "tarflow",
       "source_sha256": _sha256(ckpt),
-      "tarflow": {"nvp": bool(nvp), "hparams": hp},
+      "tarflow": {"nvp": bool(hp["nvp"]), "hparams": hp},
       "step": None,
       "params": "raw",
       "dtype": "float32",
-      "latent_var": var is not None,
+      "latent_var": latent_var is not None,
   }
-  export.write_export(out, {"flow": flow}, config, meta, overwrite, ckpt, latent_var=var)
-  denoise = config.sample.get("denoise_sigma", 0.0)
-  say(f"converted TARFlow Model({', '.join(f'{k}={v}' for k, v in hp.items())}) -> {out} "
-      f"(prior standard_normal, pixels {pixels}, sample.denoise_sigma {denoise}"
-      + (", VP latent variance kept" if var is not None else "") + ")")
-  if not kind and noise_std is None:
-    say("note: the training noise is not in the file name (TARFlow's ..._0.07.pth): pass "
-        "--noise_std to denoise samples as TARFlow does (sample --sampler=denoise_sigma=S)")
-  if not config.data.name:
-    say("note: the export names no dataset (config.data.name is empty); to `farmer_jax eval` "
-        "it, convert with --config=FILE --config.data.name=tfds:NAME")
-  return meta
 
 
-def to_tarflow(model_dir, out, overwrite=False, say=print):
-  """Writes the AF of an export as a TARFlow ``Model.state_dict()``: ``out`` ending in .pth
-  (torch.load-able; written without torch) or .npz. A FARMER export's AR prior is dropped (said).
-  Returns the TARFlow hparams."""
-  from farmer_jax.interop.torch_checkpoint import save_state_dict
+def tarflow_state_dict(model_dir, mcfg, params, meta):
+  """(TARFlow ``Model.state_dict()`` of the AF of the export at ``model_dir``, its ``Model``
+  hyperparameters); ConvertError for an AF TARFlow cannot hold."""
   from farmer_jax.sampling import export
-  if not out.lower().endswith((".pth", ".pt", ".npz")):
-    raise ConvertError(f"--out={out}: write a .pth / .pt (PyTorch) or .npz file")
-  if os.path.isdir(out):
-    raise ConvertError(f"--out={out} is a directory; name the file to write, e.g. "
-                       f"--out={os.path.join(out, 'model.pth')}")
-  if os.path.lexists(out) and not overwrite:
-    raise ConvertError(f"--out={out} exists; pass --overwrite to replace the file, or choose "
-                       "another --out")
-  inside = os.path.abspath(model_dir)
-  if os.path.commonpath([inside, os.path.abspath(out)]) == inside:
-    raise ConvertError(f"--out={out} is inside the export --model={model_dir}; write the TARFlow "
-                       "file elsewhere (the export's folder holds only what `export` wrote)")
-  mcfg, params, _, meta = export.load_model(model_dir)
   try:
     tarflow._check_config(mcfg)
   except ValueError as e:
@@ -272,20 +227,20 @@ def to_tarflow(model_dir, out, overwrite=False, say=print):
     sd = tarflow.params_to_tarflow(params["flow"], mcfg, nvp=nvp, var=var)
   except ValueError as e:
     raise ConvertError(f"--model={model_dir}: {e}") from None
-  if mcfg.prior != "standard_normal":
-    say(f"note: {model_dir} is a FARMER model; only its AF is written (TARFlow has no AR prior)")
-  if mcfg.pixels != "tarflow":
-    say(f"note: this model expects pixels={mcfg.pixels!r}; TARFlow's code maps 2v/255 - 1")
-  if out.lower().endswith(".npz"):
-    _save_npz(out, sd)
-  else:
-    save_state_dict(out, sd)
   hp = dict(in_channels=mcfg.channels, img_size=mcfg.image_size, patch_size=mcfg.patch_size,
             channels=mcfg.flow_width, num_blocks=mcfg.flow_blocks,
             layers_per_block=mcfg.flow_layers,
             num_classes=mcfg.num_classes if mcfg.flow_class_conditional else 0, nvp=nvp)
-  say(f"wrote TARFlow Model({', '.join(f'{k}={v}' for k, v in hp.items())}) state_dict -> {out}")
-  return hp
+  return sd, hp
+
+
+def save_state_dict(out, sd):
+  """Writes a state_dict to ``out``: .npz, else a torch.load-able .pth (written without torch)."""
+  from farmer_jax.interop.torch_checkpoint import save_state_dict as save_pth
+  if out.lower().endswith(".npz"):
+    _save_npz(out, sd)
+  else:
+    save_pth(out, sd)
 
 
 def _save_npz(out, sd):

@@ -1,5 +1,5 @@
-"""The `farmer_jax sample` command's engine: batched, seeded, batch-size-independent generation from
-an export.
+"""Batched, seeded, batch-size-independent generation from a model (what `farmer_jax sample` and
+`fid` draw with), and the sampler of an export (``export_sampler``).
 
 Shape letters: R requested classes, K samples per class, H W c image.
 Sample j of the flattened (class-major) grid always uses key fold_in(key(seed), j), so a sample does
@@ -7,6 +7,7 @@ not depend on the batch size or on which other samples are drawn with it.
 """
 
 import contextlib
+import dataclasses
 import os
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
 from farmer_jax.conventions import to_uint8
 from farmer_jax.errors import UserError
 from farmer_jax.sampling.images import grid_image
@@ -42,6 +44,37 @@ def parse_classes(spec, num_classes):
           f"(0..{num_classes - 1}); use 'null' for unconditional samples")
     out.append(c)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSampler:
+  """What draws an export's samples: the checked ``sampler``, the config.sample ``settings`` it was
+  built from (the export's, with the overrides on top), the distilled ``student`` params
+  (inverse=student, else None) and the export's ``latent_var`` (or None)."""
+  sampler: SamplerConfig
+  settings: dict
+  student: object
+  latent_var: object
+
+
+def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""):
+  """The sampler of the export at ``model_dir`` (``mcfg, config, meta`` from
+  ``export.load_model``): its config.sample sampler settings with ``overrides`` (config.sample
+  keys) on top, checked against the model (ValueError), with its student when the inverse is
+  ``student`` (ExportError when it carries none; ``student_fix`` ends that message) and its latent
+  variance."""
+  from farmer_jax.sampling.export import ExportError, load_latent_var, load_student
+  settings = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
+  settings.update(overrides or {})
+  sampler = SamplerConfig.from_config(settings)
+  sampler.check_model(mcfg)
+  student = None
+  if sampler.inverse == "student":
+    student = load_student(model_dir, mcfg, meta)
+    if student is None:
+      raise ExportError(f"--inverse=student: {model_dir} carries no distilled student"
+                        + student_fix)
+  return ExportSampler(sampler, settings, student, load_latent_var(model_dir, mcfg, meta))
 
 
 def make_sample_fn(mcfg, sampler, out_sharding=None, latent_var=None):
