@@ -112,8 +112,8 @@ def main():
 
 def real_models(a):
   from farmer_jax.config.parse import parse_model
-  from farmer_jax.runs import read_saved_config
-  from farmer_jax.sampling.export import latest_run_params
+  from farmer_jax.artifacts.runs import read_saved_config
+  from farmer_jax.artifacts.export import latest_run_params
   from farmer_jax.sampling.images import save_grid
   cfg = parse_model(read_saved_config(a.teacher))
   params, _, _ = latest_run_params(a.teacher, say=lambda _: None)

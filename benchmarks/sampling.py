@@ -48,7 +48,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   if a.model:
-    from farmer_jax.sampling.export import load_model
+    from farmer_jax.artifacts.export import load_model
     mcfg, params, _, _ = load_model(a.model)
   else:
     mcfg = parse(configlib.load("quickstart")).model

@@ -75,7 +75,7 @@ def trained_run(tmp_path_factory):
 def exported(trained_run, tmp_path_factory):
   """``trained_run`` exported once per session: (workdir, export directory, export metadata,
   trainer)."""
-  from farmer_jax.sampling.export import export_model
+  from farmer_jax.artifacts.export import export_model
   workdir, _, tr = trained_run
   out = tmp_path_factory.mktemp("exports") / "model"
   meta = export_model(str(workdir), str(out))

@@ -44,7 +44,7 @@ def fake_gcs(root):
   fns.update(copy=two, rename=two, replace=two)
   client = FakeGcsClient(root)
   with epath_testing.mock_epath(**fns), mock.patch.object(ocp, "CheckpointManager", manager), \
-      mock.patch("farmer_jax.train.lock._gcs_client", lambda: client):
+      mock.patch("farmer_jax.artifacts.lock._gcs_client", lambda: client):
     yield seen
 
 

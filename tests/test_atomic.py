@@ -9,7 +9,7 @@ import secrets
 import numpy as np
 import pytest
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 
 
 def _names(d):

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from farmer_jax.runs import CHECKPOINTS, RunDir
-from farmer_jax.train.checkpoint import Checkpointer
+from farmer_jax.artifacts.runs import CHECKPOINTS, RunDir
+from farmer_jax.artifacts.checkpoint import Checkpointer
 
 
 def snapshot(root):
@@ -159,7 +159,7 @@ import resource, signal, sys
 import numpy as np
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-from farmer_jax.train.checkpoint import Checkpointer
+from farmer_jax.artifacts.checkpoint import Checkpointer
 ck = Checkpointer(sys.argv[1])
 try:
   ck.save(7, {"w": np.random.default_rng(0).random((1024, 1024), np.float32)}, {"step": 7})

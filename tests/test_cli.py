@@ -32,7 +32,7 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 DRIVER = r'''
 import json, os, sys, traceback
 import jax, orbax.checkpoint  # the expensive imports, once, before forking
-import farmer_jax.cli, farmer_jax.config, farmer_jax.sampling.export, farmer_jax.sampling.generate
+import farmer_jax.cli, farmer_jax.config, farmer_jax.artifacts.export, farmer_jax.sampling.generate
 import farmer_jax.train.trainer
 
 def snapshot(dirs):
@@ -461,8 +461,8 @@ def test_failure_classification():
   code, msg = exits.failure(raised_here(PermissionError(errno.EACCES, "Permission denied", "/x")))
   assert code == 2 and "Permission denied: '/x'" in msg
   assert exits.failure(raised_here(FloatingPointError("non-finite loss at step 3")))[0] == 1
-  from farmer_jax.sampling.export import ExportError
-  from farmer_jax.train.lock import WorkdirBusyError
+  from farmer_jax.artifacts.export import ExportError
+  from farmer_jax.artifacts.lock import WorkdirBusyError
   assert exits.failure(raised_here(
       ExportError("/m is not a complete export"))) == (2, "/m is not a complete export")
   assert exits.failure(raised_here(WorkdirBusyError("held by pid 7")))[0] == 2

@@ -403,7 +403,7 @@ def test_saved_config_file_does_not_depend_on_the_order_a_config_file_wrote(tmp_
   """config.json is the same bytes for the same settings, whatever order the config file set them
   in and whether it wrote a model field at its default or left it out (keys sorted), and reads
   back as the same config."""
-  from farmer_jax import runs
+  from farmer_jax.artifacts import runs
   from farmer_jax.config.parse import resolved_config
   c = configlib.load("quickstart:tiny")
   shuffled = ml_collections.ConfigDict()

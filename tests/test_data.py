@@ -257,7 +257,7 @@ def test_train_stream_resumes_exactly_through_an_orbax_checkpoint(prepared, tmp_
   """The batch sequence across save (grain iterator state in the checkpoint) and restore equals
   the uninterrupted sequence, with random flips; every epoch is a reshuffled pass over all
   training examples."""
-  from farmer_jax.train.checkpoint import Checkpointer
+  from farmer_jax.artifacts.checkpoint import Checkpointer
   o, _ = prepared
   data = _data(o, random_flip=True)
   straight = pipeline.TrainInput(data, global_batch=4, seed=3)

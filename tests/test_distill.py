@@ -91,7 +91,7 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the export carries the student; `sample --inverse=student` decodes with it
   from farmer_jax.config.schema import SamplerConfig
-  from farmer_jax.sampling.export import export_model, load_model, load_student
+  from farmer_jax.artifacts.export import export_model, load_model, load_student
   from farmer_jax.sampling.generate import generate
   out = tmp_path / "export"
   meta = export_model(str(teacher), str(out), say=lambda _: None,

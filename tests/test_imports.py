@@ -121,6 +121,45 @@ def test_library_modules_do_not_import_commands():
   assert not bad, bad
 
 
+# What each layer may import, lowest first (a module may import its own layer and those below).
+# The network (model.py and what builds it, the distilled student included) stands on the
+# foundation only; artifacts (what runs leave on disk) on the network; eval never imports train.
+FOUNDATION = ("farmer_jax.errors", "farmer_jax.config.schema", "farmer_jax.config.rules",
+              "farmer_jax.conventions",
+              "farmer_jax.untrusted", "farmer_jax.sharding", "farmer_jax.flops",
+              "farmer_jax.host_memory", "farmer_jax.distributed")
+NETWORK = ("farmer_jax.nn", "farmer_jax.flow", "farmer_jax.prior", "farmer_jax.reduction",
+           "farmer_jax.model", "farmer_jax.distill.student")
+
+
+# packages whose __init__ any layer may import (a docstring; its modules have their own layer)
+PACKAGES = ("farmer_jax", "farmer_jax.config", "farmer_jax.distill")
+
+
+def _in(module, prefixes):
+  return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("layer,allowed", [
+    (FOUNDATION, FOUNDATION),
+    (NETWORK, FOUNDATION + NETWORK),
+    (("farmer_jax.artifacts",), FOUNDATION + NETWORK + (
+        "farmer_jax.artifacts", "farmer_jax.config.parse", "farmer_jax.config.resume")),
+], ids=["foundation", "network", "artifacts"])
+def test_layers_import_only_what_is_below_them(layer, allowed):
+  graph = import_graph()
+  bad = sorted(f"{m} imports {d}" for m, deps in graph.items() if _in(m, layer)
+               for d in deps if d not in PACKAGES and not _in(d, allowed))
+  assert not bad, bad
+
+
+def test_eval_does_not_import_train():
+  graph = import_graph()
+  bad = sorted(f"{m} imports {d}" for m, deps in graph.items() if _in(m, ("farmer_jax.eval",))
+               for d in deps if _in(d, ("farmer_jax.train", "farmer_jax.distill")))
+  assert not bad, bad
+
+
 def _write(root, name, text):
   path = os.path.join(root, *name.split("/"))
   os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,5 +1,5 @@
-"""The workdir lock (train/lock.py): one run per workdir, kept while the run lives, taken over only
-from a dead holder or an earlier process of the same run, and exactly once when runs race.
+"""The workdir lock (artifacts/lock.py): one run per workdir, kept while the run lives, taken over
+only from a dead holder or an earlier process of the same run, and exactly once when runs race.
 
 Bucket workdirs use google-cloud-storage's conditional writes, which cannot be reached offline:
 those tests run the lock against tests/fake_gcs.py's FakeGcsClient (generations and
@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from farmer_jax import storage
-from farmer_jax.runs import LOCK
-from farmer_jax.train import lock as lockmod
-from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
+from farmer_jax.artifacts import storage
+from farmer_jax.artifacts.runs import LOCK
+from farmer_jax.artifacts import lock as lockmod
+from farmer_jax.artifacts.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
 
 QUIET = lambda _: None  # noqa: E731
 

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from farmer_jax.runs import RunDir
+from farmer_jax.artifacts.runs import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from farmer_jax import configlib  # noqa: E402
@@ -240,7 +240,8 @@ def _distill_cmd(teacher, workdir):
           "--quiet"]
 
 
-@pytest.mark.parametrize("when", ["compilation", pytest.param("first steps", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("when",
+                         ["compilation", pytest.param("first steps", marks=pytest.mark.slow)])
 def test_distill_sigterm_exits_0(trained_run, tmp_path, when):
   """`farmer_jax distill` keeps the same contract as train: SIGTERM during start-up (here while
   the student's state compiles) exits 0 with one line and nothing written; during training it

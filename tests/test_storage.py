@@ -12,8 +12,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fake_gcs import fake_gcs  # noqa: E402
 
-from farmer_jax import configlib, storage  # noqa: E402
-from farmer_jax.runs import RunDir  # noqa: E402
+from farmer_jax import configlib  # noqa: E402
+from farmer_jax.artifacts import storage  # noqa: E402
+from farmer_jax.artifacts.runs import RunDir  # noqa: E402
 
 URL = "gs://fake-bucket/runs/a"
 

@@ -714,8 +714,8 @@ def test_npy_reader_refuses_non_numeric_dtypes(tmp_path):
     assert untrusted.load_npy(tmp_path / "ok.npy").dtype == dtype
 
   import types
-  from farmer_jax import runs
-  from farmer_jax.sampling import export
+  from farmer_jax.artifacts import runs
+  from farmer_jax.artifacts import export
   mcfg = types.SimpleNamespace(num_tokens=2, token_dim=1)
   path = runs.ExportDir(str(tmp_path)).latent_var
   for values, match in ((np.array([["ab"], ["cd"]]), r"could not be read .*has dtype"),

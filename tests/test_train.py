@@ -16,7 +16,7 @@ from farmer_jax.conventions import bits_per_dim  # noqa: E402
 from farmer_jax.data.mnist import load_mnist5k  # noqa: E402
 from farmer_jax.eval.likelihood import (dequantize_examples, evaluate_bpd,  # noqa: E402
                                         make_eval_step)
-from farmer_jax.runs import RunDir  # noqa: E402
+from farmer_jax.artifacts.runs import RunDir  # noqa: E402
 from farmer_jax.train.report import format_test_bpd  # noqa: E402
 from farmer_jax.train.trainer import Trainer, train_and_report  # noqa: E402
 
@@ -85,8 +85,9 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
 
 
 def test_run_and_export_folder_names_are_a_file_format():
-  """The names runs.py spells are a file format: runs and exports on disk are found by them."""
-  from farmer_jax import runs
+  """The names artifacts/runs.py spells are a file format: runs and exports on disk are found by
+  them."""
+  from farmer_jax.artifacts import runs
   assert (runs.CONFIG, runs.CHECKPOINTS, runs.METRICS, runs.TENSORBOARD, runs.SAMPLES, runs.SUMMARY,
           runs.LOCK) == ("config.json", "checkpoints", "metrics.jsonl", "tb", "samples.png",
                          "summary.json", ".farmer_jax.lock")
@@ -197,7 +198,8 @@ def test_ema_follows_the_applied_params(tiny):
   from farmer_jax.train.step import make_train_step
   cfg, _, params = tiny
   d = 0.9
-  t = dataclasses.replace(TrainConfig.from_section(configlib.load("quickstart:tiny").train), ema_decay=d)
+  t = dataclasses.replace(TrainConfig.from_section(configlib.load("quickstart:tiny").train),
+                          ema_decay=d)
   tx = optax.sgd(0.1)
   step = jax.jit(make_train_step(Farmer(cfg), cfg, t, tx, lambda s: 0.1))
   state = new_state(params, tx, ema=True)
@@ -218,8 +220,8 @@ def test_workdir_lock(tmp_path):
   stale and taken over; release removes only our own lock."""
   import socket
   import subprocess
-  from farmer_jax.runs import LOCK
-  from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock
+  from farmer_jax.artifacts.runs import LOCK
+  from farmer_jax.artifacts.lock import WorkdirBusyError, WorkdirLock
   lock_path = tmp_path / LOCK
   lock_path.write_text(
       json.dumps({
@@ -253,7 +255,7 @@ def test_workdir_lock(tmp_path):
 
 
 def test_trim_metrics_drops_rows_past_the_restored_step(tmp_path):
-  from farmer_jax.train.metrics import trim_metrics
+  from farmer_jax.artifacts.metrics import trim_metrics
   p = tmp_path / "metrics.jsonl"
   p.write_text("".join(json.dumps({
       "step": s,
@@ -267,7 +269,7 @@ def test_trim_metrics_drops_rows_past_the_restored_step(tmp_path):
 def test_trim_metrics_keeps_the_good_rows_of_a_corrupt_file_and_says_what_it_dropped(tmp_path):
   """A non-UTF-8 line, JSON that is not an object, a row without an integer step: dropped and
   named; every good row before the restored step kept; has_row reads the same file."""
-  from farmer_jax.train.metrics import has_row, trim_metrics
+  from farmer_jax.artifacts.metrics import has_row, trim_metrics
   p = tmp_path / "metrics.jsonl"
   good = [json.dumps({"step": s, "train/loss": 1.0}).encode() for s in (10, 20, 30)]
   p.write_bytes(b"\n".join([good[0], b"\xff\xfe garbage", b"[1, 2]", b'"text"',

@@ -35,7 +35,7 @@ def main(f):
   run = parse(f.config, f.workdir, num_devices=f.devices, num_processes=processes)
   m, d, t = run.model, run.data, run.train
 
-  from farmer_jax import storage
+  from farmer_jax.artifacts import storage
   where = "a bucket" if storage.is_url(f.workdir) else "a local path"
   print(f"config OK: {m.num_tokens} tokens of d={m.token_dim}, data {d.name}, global batch "
         f"{t.batch_size} on {f.devices or 'the local'} device(s) / {processes} process(es), "

@@ -110,7 +110,7 @@ def from_tarflow(ckpt, out, config=None, in_channels=None, pixels=None, overwrit
   ``noise_std``: the Gaussian noise it was trained with (default: read off TARFlow's file name,
   ``..._0.07.pth``), the self-denoising sigma of its samples."""
   from farmer_jax.interop import convert
-  from farmer_jax.sampling import export
+  from farmer_jax.artifacts import export
   kind, sigma = convert.training_noise(ckpt)
   if pixels is None:    # from the file name: uniform-noise bits/dim checkpoints use (v + u)/128 - 1
     pixels = "farmer" if kind == "uniform" else "tarflow"
@@ -153,7 +153,7 @@ def to_tarflow(model_dir, out, overwrite=False, say=print):
   ``Model.state_dict()`` at ``out`` (.pth / .pt, torch.load-able, or .npz). A FARMER export's AR
   prior is dropped (said). Returns the TARFlow hparams."""
   from farmer_jax.interop import convert
-  from farmer_jax.sampling import export
+  from farmer_jax.artifacts import export
   if not out.lower().endswith((".pth", ".pt", ".npz")):
     raise convert.ConvertError(f"--out={out}: write a .pth / .pt (PyTorch) or .npz file")
   if os.path.isdir(out):

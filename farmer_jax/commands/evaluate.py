@@ -38,7 +38,7 @@ def define_flags(fv):
 
 def check_json_out(path):
   """Refuses, before any work, a JSON result path that cannot be written (local paths)."""
-  from farmer_jax import storage
+  from farmer_jax.artifacts import storage
   if not str(path).endswith(".json"):
     raise UserError(f"--out={path}: the result is JSON. Fix: name it *.json")
   if storage.is_url(path):
@@ -81,7 +81,7 @@ def main(f):
   evaluate.write_result(path, result)
   if workdir is not None and source.get("step") is not None:   # TensorBoard, at its step
     from farmer_jax.eval.likelihood import eval_scalars
-    from farmer_jax.train.metrics import MetricWriter
+    from farmer_jax.artifacts.metrics import MetricWriter
     w = MetricWriter(workdir, jsonl=False)
     try:
       w.write(int(source["step"]), eval_scalars(res), prefix=f"eval_{split}")

@@ -26,6 +26,6 @@ def main(f):
     raise app.UsageError(
         "--workdir (a training run) and --out (the export directory) are required")
   # checks --out before reading any checkpoint
-  from farmer_jax.sampling.export import export_model
+  from farmer_jax.artifacts.export import export_model
   meta = export_model(f.workdir, f.out, f.dtype, f.overwrite, student=f.student)
   print(f"exported step {meta['step']} ({meta['params']} params, {meta['dtype']}) -> {f.out}")

@@ -76,7 +76,7 @@ def main(f):
   from farmer_jax.commands.evaluate import check_json_out
   from farmer_jax.config.schema import DataConfig
   from farmer_jax.eval import fid
-  from farmer_jax.sampling.export import load_model
+  from farmer_jax.artifacts.export import load_model
   from farmer_jax.sampling.generate import export_sampler
   mcfg, params, config, meta = load_model(f.model)
   if f.features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):

@@ -44,7 +44,7 @@ def main(f):
       check_output_path(path, flag)
   over = sampler_flags.checked_overrides(f)
 
-  from farmer_jax.sampling.export import load_model
+  from farmer_jax.artifacts.export import load_model
   from farmer_jax.sampling.generate import (
       check_output_size, describe_stats, export_sampler, generate, parse_classes, write_outputs)
   mcfg, params, config, meta = load_model(f.model)

@@ -176,7 +176,7 @@ def validate_workdir(workdir, flag="--workdir"):
     if not os.access(path, os.W_OK | os.X_OK):
       raise bad("the directory is not writable", f"fix its permissions or choose another {flag}")
     return
-  from farmer_jax import storage
+  from farmer_jax.artifacts import storage
   parent = storage.nearest_existing(os.path.dirname(path))
   if not os.path.isdir(parent):
     raise bad(f"{parent} is a file, so the directory cannot be created under it",

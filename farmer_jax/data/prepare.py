@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 from farmer_jax.data import preprocess
 from farmer_jax.errors import UserError
 

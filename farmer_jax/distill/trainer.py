@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from farmer_jax import conventions, runs, sharding, storage
+from farmer_jax import conventions, sharding
+from farmer_jax.artifacts import runs, storage
 from farmer_jax.errors import ConfigError
 from farmer_jax.config.resume import config_changes
 from farmer_jax.distill.student import (MAX_NOISE, distill_loss, init_student, make_student,
@@ -29,7 +30,7 @@ from farmer_jax.train.trainer import Trainer, closing, preemptible
 def load_teacher(path, say=print):
   """(run config, params) of a teacher: an export directory or a training run (its newest
   readable checkpoint, EMA params if kept)."""
-  from farmer_jax.sampling.export import ExportError, is_export_dir, latest_run_params, load_model
+  from farmer_jax.artifacts.export import ExportError, is_export_dir, latest_run_params, load_model
   f32 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)  # noqa: E731
   if storage.is_url(path) and storage.exists(storage.join(path, runs.EXPORT_META)):
     raise ConfigError(f"--teacher={path} is an export in a bucket; exports are read locally. Fix: "

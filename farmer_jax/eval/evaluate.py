@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from farmer_jax import sharding, storage
+from farmer_jax import sharding
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import ConfigError
 from farmer_jax.config.schema import DataConfig
 from farmer_jax.config.parse import parse_model
@@ -30,7 +31,7 @@ EVAL_DIR = "eval"
 def load_params(workdir=None, model_dir=None, say=print):
   """(run config, ModelConfig, host params, source) of a training run (its newest readable
   checkpoint, EMA params if kept) or of an export."""
-  from farmer_jax.sampling.export import latest_run_params, load_model, load_run_config
+  from farmer_jax.artifacts.export import latest_run_params, load_model, load_run_config
   if (workdir is None) == (model_dir is None):
     raise UserError("pass exactly one of --workdir (a training run) and --model (an export)")
   if workdir is not None:

@@ -31,7 +31,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from farmer_jax import storage, untrusted
+from farmer_jax import untrusted
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import UserError
 from farmer_jax.eval import metrics
 

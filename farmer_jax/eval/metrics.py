@@ -20,7 +20,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from farmer_jax import storage, untrusted
+from farmer_jax import untrusted
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import UserError
 from farmer_jax.untrusted import short_repr
 

@@ -28,7 +28,7 @@ import re
 
 import numpy as np
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import ConfigError
 from farmer_jax.config.schema import DATA_SHAPE_FIELDS, DataConfig, ModelConfig, TrainConfig
 from farmer_jax.config.parse import parse_model
@@ -178,7 +178,7 @@ def _fitted(config, base, hp, pixels, kind, sigma, noise_std, ckpt, say):
 def converted_params(sd, config, ckpt=""):
   """(ModelConfig, the AF params, the VP latent variance or None) of the TARFlow state_dict
   ``sd`` under the run ``config``; ConvertError for weights that cannot be used."""
-  from farmer_jax.sampling.export import _non_finite_report
+  from farmer_jax.artifacts.export import _non_finite_report
   try:
     mcfg = parse_model(config)
     flow = tarflow.tarflow_to_params(sd, mcfg)
@@ -197,7 +197,7 @@ def converted_params(sd, config, ckpt=""):
 
 def export_meta(ckpt, hp, latent_var):
   """The export metadata of a converted TARFlow checkpoint file ``ckpt``."""
-  from farmer_jax.sampling import export
+  from farmer_jax.artifacts import export
   return {
       "kind": export.EXPORT_KIND,
       "format_version": export.FORMAT_VERSION,
@@ -215,7 +215,7 @@ def export_meta(ckpt, hp, latent_var):
 def tarflow_state_dict(model_dir, mcfg, params, meta):
   """(TARFlow ``Model.state_dict()`` of the AF of the export at ``model_dir``, its ``Model``
   hyperparameters); ConvertError for an AF TARFlow cannot hold."""
-  from farmer_jax.sampling import export
+  from farmer_jax.artifacts import export
   try:
     tarflow._check_config(mcfg)
   except ValueError as e:

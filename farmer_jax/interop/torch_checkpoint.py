@@ -59,7 +59,8 @@ import zipfile
 
 import numpy as np
 
-from farmer_jax import storage, untrusted
+from farmer_jax import untrusted
+from farmer_jax.artifacts import storage
 from farmer_jax.untrusted import short_repr
 
 

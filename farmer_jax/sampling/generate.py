@@ -19,7 +19,7 @@ from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
 from farmer_jax.conventions import to_uint8
 from farmer_jax.errors import UserError
 from farmer_jax.sampling.images import grid_image
-from farmer_jax.storage import atomic_file
+from farmer_jax.artifacts.storage import atomic_file
 from farmer_jax.sampling.sampler import sample_images, sample_keys
 
 
@@ -63,7 +63,7 @@ def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""
   keys) on top, checked against the model (ValueError), with its student when the inverse is
   ``student`` (ExportError when it carries none; ``student_fix`` ends that message) and its latent
   variance."""
-  from farmer_jax.sampling.export import ExportError, load_latent_var, load_student
+  from farmer_jax.artifacts.export import ExportError, load_latent_var, load_student
   settings = {k: v for k, v in dict(config.get("sample", {})).items() if k in SAMPLER_KEYS}
   settings.update(overrides or {})
   sampler = SamplerConfig.from_config(settings)

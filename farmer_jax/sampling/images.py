@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 from farmer_jax.conventions import to_uint8
 
 

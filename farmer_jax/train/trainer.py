@@ -12,16 +12,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from farmer_jax import runs, sharding, storage
+from farmer_jax import sharding
+from farmer_jax.artifacts import runs, storage
 from farmer_jax.config.parse import RunConfig, parse, resolved_config
 from farmer_jax.config.resume import config_changes
 from farmer_jax.errors import ConfigError
 from farmer_jax.data.pipeline import TrainInput, eval_batches, state_holder
 from farmer_jax.errors import UserError
 from farmer_jax.model import Farmer, abstract_params
-from farmer_jax.train.checkpoint import Checkpointer
-from farmer_jax.train.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
-from farmer_jax.train.metrics import MetricWriter, trim_metrics
+from farmer_jax.artifacts.checkpoint import Checkpointer
+from farmer_jax.artifacts.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
+from farmer_jax.artifacts.metrics import MetricWriter, trim_metrics
 from farmer_jax.train.optim import make_optimizer
 from farmer_jax.eval.likelihood import eval_scalars
 from farmer_jax.train.report import evaluate, format_test_bpd, res_summary, write_report

@@ -12,8 +12,8 @@ import time
 
 import jax
 
-from farmer_jax import runs, storage
-from farmer_jax.runs import RunDir
+from farmer_jax.artifacts import runs, storage
+from farmer_jax.artifacts.runs import RunDir
 
 
 class MetricWriter:

@@ -27,7 +27,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import UserError, brief
 
 ITEMS = ("state", "meta", "data")

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from farmer_jax import runs, storage, untrusted
+from farmer_jax import untrusted
+from farmer_jax.artifacts import runs, storage
 from farmer_jax.config.schema import DTYPE_NAMES, jnp_dtype
 from farmer_jax.config.parse import parse_model
 from farmer_jax.errors import ConfigError, UserError, brief
-from farmer_jax.train.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
+from farmer_jax.artifacts.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
 
 FORMAT_VERSION = 1
 # the export.json marker: only a directory carrying it is ever replaced
@@ -268,7 +269,8 @@ def load_student(model_dir, mcfg, meta):
   dt = PARAM_DTYPES[meta["dtype"]]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
   return _restore_checked(runs.ExportDir(os.path.abspath(model_dir)).student, abstract["flow"],
-                          f"{model_dir}: the student's params", "re-run `farmer_jax export --student=...`")
+                          f"{model_dir}: the student's params",
+                          "re-run `farmer_jax export --student=...`")
 
 
 def _restore_checked(path, abstract, what, fix):
@@ -369,7 +371,8 @@ def load_model(model_dir):
   try:
     config = runs.read_saved_config(model_dir)
   except (ValueError, TypeError, AttributeError, OSError) as e:   # not JSON, or not an object
-    raise ExportError(f"{d.config}: unreadable ({brief(e)}). Fix: re-run `farmer_jax export`") from None
+    raise ExportError(
+        f"{d.config}: unreadable ({brief(e)}). Fix: re-run `farmer_jax export`") from None
   try:
     mcfg = parse_model(config)
   except ConfigError as e:

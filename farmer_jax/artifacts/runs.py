@@ -5,15 +5,15 @@ Every file name of both layouts is spelled here and nowhere else.
 A run folder (``RunDir``)::
 
   WORKDIR/config.json        the resolved run config (every model field written out)
-  WORKDIR/checkpoints/       Orbax checkpoints (train/checkpoint.py), one sub-folder per step
-  WORKDIR/metrics.jsonl      one JSON row per logged step (train/metrics.py)
+  WORKDIR/checkpoints/       Orbax checkpoints (artifacts/checkpoint.py), one sub-folder per step
+  WORKDIR/metrics.jsonl      one JSON row per logged step (artifacts/metrics.py)
   WORKDIR/tb/                TensorBoard events
   WORKDIR/samples.png        the class grid sampled after training
   WORKDIR/summary.json       test bits/dim and timings (train/report.py)
-  WORKDIR/.farmer_jax.lock   held while a run trains (train/lock.py)
+  WORKDIR/.farmer_jax.lock   held while a run trains (artifacts/lock.py)
   WORKDIR/profile/           profiler traces (train.profile_steps > 0)
 
-An export folder (``ExportDir``; sampling/export.py)::
+An export folder (``ExportDir``; artifacts/export.py)::
 
   OUT/export.json            marker, format version, source run + step, params kind, dtype
   OUT/config.json            the run's config (the model is rebuilt from it)
@@ -26,7 +26,7 @@ import os
 
 import ml_collections
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 
 
 CONFIG = "config.json"
@@ -48,7 +48,7 @@ EXPORT_ENTRIES = frozenset({EXPORT_META, CONFIG, EXPORT_PARAMS, EXPORT_STUDENT, 
 class _Layout:
   """Paths of a folder laid out as ``_FILES`` says: ``attribute -> (file name, absolute?)``.
   ``path`` is kept as given (messages show it so); absolute entries are for Orbax and the lock. A
-  URL (``gs://bucket/run``) stays a URL (storage.py)."""
+  URL (``gs://bucket/run``) stays a URL (artifacts/storage.py)."""
   _FILES = {}
 
   def __init__(self, path):

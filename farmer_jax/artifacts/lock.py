@@ -40,9 +40,9 @@ import time
 import uuid
 from typing import NamedTuple
 
-from farmer_jax import storage
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import UserError, brief
-from farmer_jax.runs import RunDir
+from farmer_jax.artifacts.runs import RunDir
 
 
 class WorkdirBusyError(UserError, RuntimeError):
