@@ -2,21 +2,24 @@
 --devices / --processes without starting anything: what a launcher runs before it pays for
 machines. It takes every `train` flag, so a launcher passes train's arguments unchanged."""
 
-from absl import app, flags
+from absl import app
 
-from farmer_jax.commands import train
+from farmer_jax.commands import common, train
+from farmer_jax.commands.common import Flag
 from farmer_jax.errors import UserError
 
 PURPOSE = "check a train command line for a target machine count, starting nothing"
 EXAMPLE = ("farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run "
            "--devices=64 --processes=16")
 
+FLAGS = (
+    Flag("devices", None, "Devices of the target machine(s) (default: these).", int),
+    Flag("processes", None, "Processes (hosts) of the target (default: 1).", int),
+)
+
 
 def define_flags(fv):
-  flags.DEFINE_integer("devices", None, "Devices of the target machine(s) (default: these).",
-                       flag_values=fv)
-  flags.DEFINE_integer("processes", None, "Processes (hosts) of the target (default: 1).",
-                       flag_values=fv)
+  common.define(fv, FLAGS)
   train.define_flags(fv)
 
 

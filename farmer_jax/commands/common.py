@@ -1,9 +1,38 @@
-"""Flags and steps that several commands share, written once: the output switches every command
-takes (--quiet/--verbose/--debug), the --config file, the multi-process launch flags and the jax
-start-up they configure."""
+"""Flags and steps that several commands share, written once: how a command declares its flags
+(``Flag`` rows, ``define``), the output switches every command takes (--quiet/--verbose/--debug),
+the --config file, the multi-process launch flags and the jax start-up they configure."""
+
+import dataclasses
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+  """One flag of a command: ``--name`` (``default``; its kind follows the default's type, ``kind``
+  says it where the default is None), one of ``choices`` when given, and its help text."""
+  name: str
+  default: Any
+  help: str
+  kind: type = str
+  choices: tuple = ()
+
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           bool: flags.DEFINE_bool}
+
+
+def define(fv, table):
+  """Defines each ``Flag`` of ``table`` on the command's FlagValues ``fv``, in order (the order
+  its --help lists them)."""
+  for f in table:
+    if f.choices:
+      flags.DEFINE_enum(f.name, f.default, list(f.choices), f.help, flag_values=fv)
+    else:
+      kind = f.kind if f.default is None else type(f.default)
+      _DEFINE[kind](f.name, f.default, f.help, flag_values=fv)
 
 
 def define_output(fv):

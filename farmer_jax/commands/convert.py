@@ -3,9 +3,10 @@ or an export's AF into a TARFlow state_dict (--to=tarflow)."""
 
 import os
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common
+from farmer_jax.commands.common import Flag
 
 PURPOSE = "convert a TARFlow checkpoint into an export, or an export's AF into one"
 EXAMPLE = ("farmer_jax convert --from=tarflow --ckpt=afhq_model_8_768_8_8_0.07.pth --out=/tmp/afhq "
@@ -16,29 +17,34 @@ _FROM_ONLY = ("ckpt", "config", "pixels", "noise_std", "channels", "ckpt_key")
 _TO_ONLY = ("model",)
 
 
+FLAGS = (
+    Flag("from", None, "The format of --ckpt (a TARFlow model.state_dict() .pth/.npz) to convert "
+         "into an export at --out.", choices=("tarflow",)),
+    Flag("to", None, "Write the AF of the export --model as a TARFlow state_dict at --out (.pth "
+         "or .npz).", choices=("tarflow",)),
+    Flag("ckpt", None, "The checkpoint file to convert."),
+    Flag("ckpt_key", None, "The entry of a wrapping dict that holds the state_dict (e.g. "
+         "'model')."),
+    Flag("model", None, "The export to convert (with --to)."),
+    Flag("out", None, "The export directory (--from) or the TARFlow file (--to)."),
+)
+DESCRIBED = (
+    Flag("pixels", None, "The pixel mapping the converted model expects: tarflow (2v/255 - 1, "
+         "what TARFlow trains on; the default) or farmer ((v + 0.5)/128 - 1; the default for "
+         "*_uniform.pth).", choices=("tarflow", "farmer")),
+    Flag("noise_std", None, "The Gaussian noise std the TARFlow model was trained with (default: "
+         "from its file name, e.g. ..._0.07.pth); its samples are self-denoised with it.", float),
+    Flag("channels", None, "The image channels (default: config.data.channels, else 3 if the "
+         "checkpoint's token dim fits, else 1).", int),
+    Flag("overwrite", False, "Replace an existing --out."),
+)
+
+
 def define_flags(fv):
-  flags.DEFINE_enum("from", None, ["tarflow"], "The format of --ckpt (a TARFlow "
-                    "model.state_dict() .pth/.npz) to convert into an export at --out.",
-                    flag_values=fv)
-  flags.DEFINE_enum("to", None, ["tarflow"], "Write the AF of the export --model as a TARFlow "
-                    "state_dict at --out (.pth or .npz).", flag_values=fv)
-  flags.DEFINE_string("ckpt", None, "The checkpoint file to convert.", flag_values=fv)
-  flags.DEFINE_string("ckpt_key", None, "The entry of a wrapping dict that holds the state_dict "
-                      "(e.g. 'model').", flag_values=fv)
-  flags.DEFINE_string("model", None, "The export to convert (with --to).", flag_values=fv)
-  flags.DEFINE_string("out", None, "The export directory (--from) or the TARFlow file (--to).",
-                      flag_values=fv)
+  common.define(fv, FLAGS)
   common.define_config(fv, "A run config whose data/model fields describe the checkpoint "
                        "(optionally ':arg'; default: read them off it).")
-  flags.DEFINE_enum("pixels", None, ["tarflow", "farmer"], "The pixel mapping the converted "
-                    "model expects: tarflow (2v/255 - 1, what TARFlow trains on; the default) or "
-                    "farmer ((v + 0.5)/128 - 1; the default for *_uniform.pth).", flag_values=fv)
-  flags.DEFINE_float("noise_std", None, "The Gaussian noise std the TARFlow model was trained "
-                     "with (default: from its file name, e.g. ..._0.07.pth); its samples are "
-                     "self-denoised with it.", flag_values=fv)
-  flags.DEFINE_integer("channels", None, "The image channels (default: config.data.channels, "
-                       "else 3 if the checkpoint's token dim fits, else 1).", flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=fv)
+  common.define(fv, DESCRIBED)
   common.define_output(fv)
 
 

@@ -5,33 +5,32 @@ TensorBoard scalars ``eval_<split>/*`` at its checkpoint's step."""
 import os
 import time
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common
+from farmer_jax.commands.common import Flag
 from farmer_jax.errors import UserError
 
 PURPOSE = "bits/dim of a training run or an export on a data split"
 EXAMPLE = ("farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=test] "
            "[--dequant_samples=4]")
 
+FLAGS = (
+    Flag("workdir", None, "A training run (or pass --model)."),
+    Flag("model", None, "An exported model directory (or pass --workdir)."),
+    Flag("split", None, "The split to evaluate (default: the run's config.eval.split)."),
+    Flag("dequant_samples", None,
+         "Uniform dequantization draws per image (default: config.eval's).", int),
+    Flag("batch", None, "Global batch (default: config.eval.batch_size).", int),
+    Flag("data_dir", None,
+         "Where the run's tfds dataset is (default: its config.data.data_dir)."),
+    Flag("seed", 0, "The dequantization seed."),
+    Flag("out", None, "The JSON result (default: next to the model)."),
+)
+
 
 def define_flags(fv):
-  flags.DEFINE_string("workdir", None, "A training run (or pass --model).", flag_values=fv)
-  flags.DEFINE_string("model", None, "An exported model directory (or pass --workdir).",
-                      flag_values=fv)
-  flags.DEFINE_string("split", None,
-                      "The split to evaluate (default: the run's config.eval.split).",
-                      flag_values=fv)
-  flags.DEFINE_integer("dequant_samples", None,
-                       "Uniform dequantization draws per image (default: config.eval's).",
-                       flag_values=fv)
-  flags.DEFINE_integer("batch", None, "Global batch (default: config.eval.batch_size).",
-                       flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "Where the run's tfds dataset is (default: its "
-                      "config.data.data_dir).", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "The dequantization seed.", flag_values=fv)
-  flags.DEFINE_string("out", None, "The JSON result (default: next to the model).",
-                      flag_values=fv)
+  common.define(fv, FLAGS)
   common.define_launch(fv)
   common.define_output(fv)
 

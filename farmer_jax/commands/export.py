@@ -1,23 +1,27 @@
 """`farmer_jax export`: a training run's latest checkpoint as a self-contained model directory
 (config, params in the chosen dtype, optionally a distilled student) that sample/eval/fid read."""
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common
+from farmer_jax.commands.common import Flag
 from farmer_jax.config.schema import DTYPE_NAMES
 
 PURPOSE = "write a training run's latest checkpoint as a model directory"
 EXAMPLE = "farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]"
 
 
+FLAGS = (
+    Flag("workdir", None, "The training run to export."),
+    Flag("out", None, "Output model directory."),
+    Flag("dtype", "float32", "Param dtype to store.", choices=DTYPE_NAMES),
+    Flag("student", None, "Also export the distilled student of this distill --workdir."),
+    Flag("overwrite", False, "Replace an existing --out directory."),
+)
+
+
 def define_flags(fv):
-  flags.DEFINE_string("workdir", None, "The training run to export.", flag_values=fv)
-  flags.DEFINE_string("out", None, "Output model directory.", flag_values=fv)
-  flags.DEFINE_enum("dtype", "float32", list(DTYPE_NAMES), "Param dtype to store.", flag_values=fv)
-  flags.DEFINE_string("student", None,
-                      "Also export the distilled student of this distill --workdir.",
-                      flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.", flag_values=fv)
+  common.define(fv, FLAGS)
   common.define_output(fv)
 
 

@@ -4,36 +4,41 @@ against reference statistics (a resumable feature dump)."""
 import os
 import time
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common, sampler_flags
+from farmer_jax.commands.common import Flag
 from farmer_jax.errors import UserError
 
 PURPOSE = "FID, IS and precision/recall of an exported model's samples"
 EXAMPLE = ("farmer_jax fid --model=/tmp/model --ref=ref.npz --inception=pt_inception.pth "
            "--num=50000 [--cfg=2.0] [--out=fid.json]")
 
+FLAGS = (
+    Flag("model", None, "An exported model directory (farmer_jax export)."),
+    Flag("num", 50000, "Samples in all (class-balanced)."),
+    Flag("features", "inception",
+         "The feature network: the FID Inception-v3 (--inception weights, --ref statistics) or "
+         "the MNIST digit CNN (offline; reference: the MNIST-5k test split).",
+         choices=("inception", "mnist")),
+    Flag("inception", None, "The FID Inception weights file (pytorch-fid's "
+         "pt_inception-2015-12-05-6726825d.pth, or the same state_dict as .npz)."),
+    Flag("ref", None, "Reference .npz: mu/sigma (e.g. the ADM reference batch) and/or images "
+         "under 'arr_0'."),
+)
+OUTPUT = (
+    Flag("seed", 0, "RNG seed (sample j uses fold_in(seed, j))."),
+    Flag("batch", 64, "Sampling batch size."),
+    Flag("out", None, "The JSON result (default: next to the model)."),
+    Flag("dump", None, "The resumable feature dump directory (default: next to the JSON "
+         "result)."),
+)
+
 
 def define_flags(fv):
-  flags.DEFINE_string("model", None, "An exported model directory (farmer_jax export).",
-                      flag_values=fv)
-  flags.DEFINE_integer("num", 50000, "Samples in all (class-balanced).", flag_values=fv)
-  flags.DEFINE_enum("features", "inception", ["inception", "mnist"],
-                    "The feature network: the FID Inception-v3 (--inception weights, --ref "
-                    "statistics) or the MNIST digit CNN (offline; reference: the MNIST-5k test "
-                    "split).", flag_values=fv)
-  flags.DEFINE_string("inception", None, "The FID Inception weights file (pytorch-fid's "
-                      "pt_inception-2015-12-05-6726825d.pth, or the same state_dict as .npz).",
-                      flag_values=fv)
-  flags.DEFINE_string("ref", None, "Reference .npz: mu/sigma (e.g. the ADM reference batch) "
-                      "and/or images under 'arr_0'.", flag_values=fv)
+  common.define(fv, FLAGS)
   sampler_flags.define(fv)
-  flags.DEFINE_integer("seed", 0, "RNG seed (sample j uses fold_in(seed, j)).", flag_values=fv)
-  flags.DEFINE_integer("batch", 64, "Sampling batch size.", flag_values=fv)
-  flags.DEFINE_string("out", None, "The JSON result (default: next to the model).",
-                      flag_values=fv)
-  flags.DEFINE_string("dump", None, "The resumable feature dump directory (default: next to "
-                      "the JSON result).", flag_values=fv)
+  common.define(fv, OUTPUT)
   common.define_compilation_cache(fv)
   common.define_output(fv)
 

@@ -4,36 +4,33 @@ split."""
 
 import os
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common
+from farmer_jax.commands.common import Flag
 
 PURPOSE = "turn an image folder (one subfolder per class) into a tfds dataset"
 EXAMPLE = ("farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos "
            "[--image_size=256]")
 
+FLAGS = (
+    Flag("folder", None, "Image folder, one subfolder per class."),
+    Flag("data_dir", None, "Where the dataset is written (DIR/NAME/1.0.0)."),
+    Flag("name", None, "Dataset name; train with data.name=tfds:NAME."),
+    Flag("image_size", 256, "Side of the square images (ADM center crop)."),
+    Flag("val_fraction", 0.0, "Fraction of each class in the 'validation' split (by path hash)."),
+    Flag("val_folder", None, "A second folder (same class names) for the 'validation' split."),
+    Flag("channels", 3, "3 (RGB) or 1 (grayscale)."),
+    Flag("encoding", "jpeg", "How images are stored.", choices=("jpeg", "png")),
+    Flag("quality", 95, "JPEG quality."),
+    Flag("workers", None, "Decoding processes (default: the CPU count, at most 16; 0 = none).",
+         int),
+    Flag("overwrite", False, "Replace an existing dataset."),
+)
+
 
 def define_flags(fv):
-  flags.DEFINE_string("folder", None, "Image folder, one subfolder per class.", flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "Where the dataset is written (DIR/NAME/1.0.0).",
-                      flag_values=fv)
-  flags.DEFINE_string("name", None, "Dataset name; train with data.name=tfds:NAME.",
-                      flag_values=fv)
-  flags.DEFINE_integer("image_size", 256, "Side of the square images (ADM center crop).",
-                       flag_values=fv)
-  flags.DEFINE_float("val_fraction", 0.0,
-                     "Fraction of each class in the 'validation' split (by path hash).",
-                     flag_values=fv)
-  flags.DEFINE_string("val_folder", None,
-                      "A second folder (same class names) for the 'validation' split.",
-                      flag_values=fv)
-  flags.DEFINE_integer("channels", 3, "3 (RGB) or 1 (grayscale).", flag_values=fv)
-  flags.DEFINE_enum("encoding", "jpeg", ["jpeg", "png"], "How images are stored.", flag_values=fv)
-  flags.DEFINE_integer("quality", 95, "JPEG quality.", flag_values=fv)
-  flags.DEFINE_integer("workers", None,
-                       "Decoding processes (default: the CPU count, at most 16; 0 = none).",
-                       flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "Replace an existing dataset.", flag_values=fv)
+  common.define(fv, FLAGS)
   common.define_output(fv)
 
 

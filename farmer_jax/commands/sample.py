@@ -2,9 +2,10 @@
 as a PNG grid and/or an .npz. Everything that does not need the model is checked before it is
 loaded."""
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common, sampler_flags
+from farmer_jax.commands.common import Flag
 from farmer_jax.config.rules import SettingError
 from farmer_jax.errors import UserError
 
@@ -15,18 +16,23 @@ _STUDENT_FIX = (". Fix: export with `farmer_jax export --workdir=RUN --student=D
                 "use --inverse=exact|jacobi")
 
 
+WHAT = (
+    Flag("model", None, "An exported model directory (farmer_jax export)."),
+    Flag("classes", "all", "Comma-separated class ids, 'null' for unconditional, or 'all'."),
+    Flag("num", 8, "Samples per class."),
+)
+OUTPUT = (
+    Flag("seed", 0, "RNG seed (sample j uses fold_in(seed, j))."),
+    Flag("batch", 64, "Batch size (results do not depend on it)."),
+    Flag("out", None, "Output PNG grid (*.png)."),
+    Flag("npz", None, "Also write uint8 images + labels to this .npz (for FID tools)."),
+)
+
+
 def define_flags(fv):
-  flags.DEFINE_string("model", None, "An exported model directory (farmer_jax export).",
-                      flag_values=fv)
-  flags.DEFINE_string("classes", "all", "Comma-separated class ids, 'null' for unconditional, or "
-                      "'all'.", flag_values=fv)
-  flags.DEFINE_integer("num", 8, "Samples per class.", flag_values=fv)
+  common.define(fv, WHAT)
   sampler_flags.define(fv)
-  flags.DEFINE_integer("seed", 0, "RNG seed (sample j uses fold_in(seed, j)).", flag_values=fv)
-  flags.DEFINE_integer("batch", 64, "Batch size (results do not depend on it).", flag_values=fv)
-  flags.DEFINE_string("out", None, "Output PNG grid (*.png).", flag_values=fv)
-  flags.DEFINE_string("npz", None, "Also write uint8 images + labels to this .npz (for FID tools).",
-                      flag_values=fv)
+  common.define(fv, OUTPUT)
   common.define_output(fv)
 
 
