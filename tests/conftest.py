@@ -65,9 +65,11 @@ def trained_run(tmp_path_factory):
   """The reduced quickstart (real MNIST-5k, 200 steps) trained once per session: (workdir, summary,
   trainer)."""
   from farmer_jax import configlib
+  from farmer_jax.config.parse import parse
   from farmer_jax.train.trainer import train_and_report
   workdir = tmp_path_factory.mktemp("quickstart_tiny")
-  summary, tr = train_and_report(configlib.load("quickstart:tiny"), str(workdir), quiet=True)
+  summary, tr = train_and_report(parse(configlib.load("quickstart:tiny"), str(workdir)),
+                                 str(workdir), quiet=True)
   return workdir, summary, tr
 
 

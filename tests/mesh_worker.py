@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from farmer_jax import configlib  # noqa: E402
-from farmer_jax.train.trainer import Trainer  # noqa: E402
+from farmer_jax.config.parse import parse  # noqa: E402
+from farmer_jax.train.trainer import start  # noqa: E402
 
 MESHES = {
     "single": ((("data", 1), ("fsdp", 1)), 1),
@@ -30,7 +31,8 @@ def run(name, out_dir, min_params):
   c.mesh = spec
   c.fsdp.min_params = min_params
   c.train.update(batch_size=16, warmup_steps=0)
-  tr = Trainer(c, os.path.join(out_dir, "unused_workdir"), quiet=True, devices=jax.devices()[:ndev])
+  workdir = os.path.join(out_dir, "unused_workdir")
+  tr = start(parse(c, workdir, num_devices=ndev), workdir, quiet=True, devices=jax.devices()[:ndev])
   batch = next(tr.input)   # global batch 0, already a global array on the mesh
   with tr.mesh_context():
     compiled = tr.train_step.lower(tr.state, batch, tr.rng).compile()

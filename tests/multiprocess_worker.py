@@ -14,7 +14,8 @@ def main():
     initialize("explicit", sys.argv[5], 2, int(sys.argv[6]))
   import jax
   from farmer_jax import configlib
-  from farmer_jax.train.trainer import Trainer
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start
   assert jax.device_count() == 8, jax.device_count()
   c = configlib.load("quickstart:tiny")
   # A gentle lr keeps the dynamics non-chaotic: at lr 3e-3 fp32 round-off from the different (gloo
@@ -26,7 +27,7 @@ def main():
   # data=4 x fsdp=2.
   c.mesh = (("data", 2), ("fsdp", 4)) if os.environ.get("RESUME_MESH") else (("data", 4), ("fsdp",
                                                                                            2))
-  tr = Trainer(c, workdir, quiet=True)
+  tr = start(parse(c, workdir), workdir, quiet=True)
   hist = tr.fit(stop_at=stop_at)
   if jax.process_index() == 0:
     print("LOSSES " + json.dumps({h["step"]: h["loss"] for h in hist}), flush=True)

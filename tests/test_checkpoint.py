@@ -51,7 +51,7 @@ def copy_run_with_new_step(trained_run, dest, new_step, mutate=None):
   workdir, _, tr = trained_run
   shutil.copytree(workdir, dest)
   ck = Checkpointer(RunDir(dest).checkpoints)
-  state, meta, step = ck.restore_latest(tr.abstract_state, tr.state_sh)
+  state, meta, step = ck.restore_latest(tr.task.abstract_state, tr.task.state_sh)
   assert step == 200
   if mutate is not None:
     state = mutate(state)
@@ -109,7 +109,7 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(traine
   bad = snapshot(ckdir / "400")
   said = []
   ck = Checkpointer(str(ckdir))
-  state, meta, step = ck.restore_latest(tr.abstract_state, tr.state_sh, say=said.append)
+  state, meta, step = ck.restore_latest(tr.task.abstract_state, tr.task.state_sh, say=said.append)
   assert step == 200 and meta["step"] == 200
   # moved aside, byte-for-byte, to a name orbax does not list as a step; gone from the step list
   assert not (ckdir / "400").exists()
@@ -124,14 +124,14 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(traine
   ck.close()
   ck = Checkpointer(str(ckdir))
   assert ck.steps() == [200, 400]
-  state, meta, step = ck.restore_latest(tr.abstract_state, tr.state_sh, say=said.append)
+  state, meta, step = ck.restore_latest(tr.task.abstract_state, tr.task.state_sh, say=said.append)
   assert step == 400 and meta["step"] == 400
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(state400))
   ck.close()
   # a second corruption of the same step keeps the first one's remains too
   truncate_tree(ckdir / "400" / "state")
   ck = Checkpointer(str(ckdir))
-  assert ck.restore_latest(tr.abstract_state, tr.state_sh, say=said.append)[2] == 200
+  assert ck.restore_latest(tr.task.abstract_state, tr.task.state_sh, say=said.append)[2] == 200
   assert (ckdir / "400.unreadable").is_dir() and (
       ckdir / "400.unreadable-2").is_dir() and ck.steps() == [200]
 
@@ -142,13 +142,13 @@ def test_checkpoints_of_another_config_are_refused_and_left_alone(trained_run, t
   wd = tmp_path / "run"
   shutil.copytree(workdir, wd)
   before = snapshot(wd)
-  other = dict(tr.abstract_state)
+  other = dict(tr.task.abstract_state)
   other["params"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape + (2,), a.dtype),
                                  other["params"])
   with pytest.raises(
       ValueError,
       match="could be restored for this config: they were written by a different config"):
-    Checkpointer(RunDir(wd).checkpoints).restore_latest(other, tr.state_sh, say=lambda m: None)
+    Checkpointer(RunDir(wd).checkpoints).restore_latest(other, tr.task.state_sh, say=lambda m: None)
   assert snapshot(wd) == before
 
 
@@ -215,7 +215,7 @@ def test_a_failed_save_is_reported_not_the_lock_it_leaves(monkeypatch):
     def close(self):
       raise PermissionError(errno.EACCES, "Permission denied", "/w/.farmer_jax.lock")
 
-  monkeypatch.setattr(trainer_lib, "Trainer", Run)
+  monkeypatch.setattr(trainer_lib, "start", Run)
   with pytest.raises(OSError) as e:
     trainer_lib.train_and_report(None, "/w")
   assert e.value is save_error

@@ -40,7 +40,7 @@ def config_with(changes, base="tiny"):
 
 
 NAN, INF = float("nan"), float("inf")
-# (field, value, pattern the message must match, also check that Trainer(c, workdir) writes nothing)
+# (field, value, pattern the message must match, also check that `farmer_jax train` writes nothing)
 BAD_CONFIGS = [
     # model
     ("model.patch_size", 5, r"model.patch_size=5.*does not divide data.image_size=32", True),
@@ -138,6 +138,16 @@ BAD_CONFIGS = [
 ]
 
 
+def train_command(config, workdir):
+  """`farmer_jax train --workdir=WORKDIR` (commands/train.py main) on an in-memory config."""
+  from farmer_jax import cli
+  from farmer_jax.commands import train
+  flags = cli.flag_values("train")
+  flags(["farmer_jax train", f"--workdir={workdir}", "--quiet"])
+  flags["config"].value = config
+  train.main(flags)
+
+
 @pytest.mark.parametrize(
     "field,value,pattern,trainer",
     BAD_CONFIGS,
@@ -146,11 +156,10 @@ def test_bad_config_raises_naming_field(tmp_path, field, value, pattern, trainer
   c = config_with({field: value})
   with pytest.raises(ConfigError, match=pattern):
     parse(c)
-  if trainer:  # a few representative cases through the Trainer: it refuses before writing anything
-    from farmer_jax.train.trainer import Trainer
+  if trainer:  # a few representative cases through the train command: refused before any write
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match=pattern):
-      Trainer(c, str(workdir))
+      train_command(c, str(workdir))
     assert not workdir.exists(), "nothing may be written for an invalid config"
     assert not os.listdir(tmp_path)
 

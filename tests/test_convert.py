@@ -284,7 +284,8 @@ def test_init_flow_starts_farmer_from_a_tarflow_checkpoint(tmp_path):
   from farmer_jax import configlib
   from farmer_jax.errors import ConfigError
   from farmer_jax.interop.tarflow import tarflow_to_params
-  from farmer_jax.train.trainer import Trainer
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start
   cfg = configlib.load("quickstart:tiny")
   cfg.model.update(flow_final_norm=False, flow_width=64, flow_heads=1)
   hp = dict(in_channels=1, img_size=32, patch_size=4, channels=64, num_blocks=2,
@@ -293,7 +294,7 @@ def test_init_flow_starts_farmer_from_a_tarflow_checkpoint(tmp_path):
   ckpt = str(tmp_path / "tf.npz")
   np.savez(ckpt, **sd)
   cfg.train.init_flow = ckpt
-  tr = Trainer(cfg, str(tmp_path / "run"), quiet=True)
+  tr = start(parse(cfg, str(tmp_path / "run")), str(tmp_path / "run"), quiet=True)
   try:
     want = tarflow_to_params(sd, tr.mcfg)
     got = jax.tree.map(np.asarray, tr.state["params"])
@@ -303,7 +304,7 @@ def test_init_flow_starts_farmer_from_a_tarflow_checkpoint(tmp_path):
     tr.close()
   cfg.model.flow_blocks = 3
   with pytest.raises(ConfigError, match="train.init_flow.*flow_blocks"):
-    Trainer(cfg, str(tmp_path / "run2"), quiet=True)
+    start(parse(cfg, str(tmp_path / "run2")), str(tmp_path / "run2"), quiet=True)
   assert not os.path.exists(tmp_path / "run2")
 
 
@@ -324,10 +325,12 @@ def test_train_tarflow_here_then_convert_back(tmp_path):
   """configs/tarflow.py:tiny trains TARFlow in farmer_jax (N(0, I) prior, TARFlow pixels) end to
   end: bits/dim, the sample grid, export, and --to=tarflow."""
   from farmer_jax import configlib
+  from farmer_jax.config.parse import parse
   from farmer_jax.train.trainer import train_and_report
   cfg = configlib.load("tarflow:tiny")
   cfg.train.steps = 20
-  summary, _ = train_and_report(cfg, str(tmp_path / "run"), quiet=True)
+  wd = str(tmp_path / "run")
+  summary, _ = train_and_report(parse(cfg, wd), wd, quiet=True)
   assert math.isfinite(summary["test_bpd"]) and summary["test_bpd"] < 9
   export.export_model(str(tmp_path / "run"), str(tmp_path / "model"), say=lambda _: None)
   mcfg, _, _, _ = export.load_model(str(tmp_path / "model"))

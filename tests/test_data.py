@@ -377,7 +377,8 @@ def test_train_and_report_on_a_prepared_dataset(prepared, tmp_path):
   """`farmer_jax train` end to end on a `tfds:` dataset: trains, checkpoints with the iterator
   state, resumes with it, and measures bits/dim on every validation example."""
   from farmer_jax import configlib
-  from farmer_jax.train.trainer import Trainer, train_and_report
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start, train_and_report
   o, report = prepared
   c = configlib.load("quickstart:tiny")
   c.data.update(name=f"tfds:{o.name}", data_dir=o.data_dir, image_size=16, channels=3,
@@ -388,13 +389,13 @@ def test_train_and_report_on_a_prepared_dataset(prepared, tmp_path):
   c.eval.update(split="validation", batch_size=4)
   c.sample.update(per_class=1)
   wd = str(tmp_path / "run")
-  tr = Trainer(c, wd, quiet=True)
+  tr = start(parse(c, wd), wd, quiet=True)
   tr.fit(stop_at=2)
   tr.close()
-  tr = Trainer(c, wd, quiet=True)
+  tr = start(parse(c, wd), wd, quiet=True)
   assert tr.restored_step == 2 and tr.input._it.get_state() == {"next_index": 2}
   tr.close()
-  summary, _ = train_and_report(c, wd, quiet=True)
+  summary, _ = train_and_report(parse(c, wd), wd, quiet=True)
   assert summary["steps"] == 4 and np.isfinite(summary["test_bpd"])
   traces = [f for _, _, fs in os.walk(os.path.join(wd, "profile")) for f in fs]
   assert any(f.endswith(".xplane.pb") for f in traces), traces   # train.profile_steps

@@ -73,20 +73,32 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
   checkpoint and resumed ends with bit-identical student params and optimizer state to an
   uninterrupted one; the student's reconstruction beats the undistilled copy's."""
   from farmer_jax import configlib
-  from farmer_jax.distill.trainer import DistillTrainer, distill_and_report
+  from farmer_jax.commands.distill import load_teacher, teacher_config
+  from farmer_jax.config.parse import parse
+  from farmer_jax.distill.trainer import distill_and_report, distillation
+  from farmer_jax.train.trainer import start
   teacher, _, _ = trained_run
   c = configlib.load("quickstart:tiny,distill=1")
   c.train.update(steps=8, log_every=4)
-  summary, straight = distill_and_report(c, str(tmp_path / "straight"), str(teacher), quiet=True)
+
+  def student(workdir):
+    """(the student's RunConfig, the Teacher) as `farmer_jax distill` builds them."""
+    teacher_run, loaded = load_teacher(str(teacher), say=lambda _: None)
+    return parse(teacher_config(c, teacher_run), workdir), loaded
+
+  wd = str(tmp_path / "straight")
+  run, loaded = student(wd)
+  summary, straight = distill_and_report(run, wd, loaded, quiet=True)
   assert summary["recon_rel_mse_student"] < summary["recon_rel_mse_copy"]
   assert set(summary["final_block_losses"]) == {"block_0", "block_1"}
-  tr = DistillTrainer(c, str(tmp_path / "staged"), str(teacher), quiet=True)
-  tr.fit(stop_at=4)
-  tr.close()
-  tr = DistillTrainer(c, str(tmp_path / "staged"), str(teacher), quiet=True)
-  assert tr.restored_step == 4
-  tr.fit()
-  tr.close()
+  assert summary["teacher"] == str(teacher)
+  wd = str(tmp_path / "staged")
+  for stop_at, restored in ((4, None), (None, 4)):   # interrupted after step 4, then resumed
+    run, loaded = student(wd)
+    tr = start(run, wd, distillation(loaded), quiet=True)
+    assert tr.restored_step == restored
+    tr.fit(stop_at=stop_at)
+    tr.close()
   for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(tr.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the export carries the student; `sample --inverse=student` decodes with it
@@ -114,15 +126,19 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
 def test_distill_into_the_teachers_own_folder_is_named_as_such(tmp_path):
   """--workdir = --teacher (or a link to it) is refused before anything is read or written, with
   the real mistake named, not reported as a corrupt checkpoint with a pytree dump."""
-  from farmer_jax import configlib
+  from farmer_jax import cli
+  from farmer_jax.commands import distill
   from farmer_jax.errors import ConfigError
-  from farmer_jax.distill.trainer import DistillTrainer
   wd = tmp_path / "run"
   wd.mkdir()
   (wd / "config.json").write_text("{}")
   os.symlink(wd, tmp_path / "link")
   before = sorted(os.listdir(wd))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for workdir in (str(wd), str(tmp_path / "link")):
+    flags = cli.flag_values("distill")
+    flags(["farmer_jax distill", f"--config={root}/configs/quickstart.py:tiny,distill=1",
+           f"--teacher={wd}", f"--workdir={workdir}", "--quiet"])
     with pytest.raises(ConfigError, match=r"is the teacher's own folder.*Fix: pass a new --workdir"):
-      DistillTrainer(configlib.load("quickstart:tiny,distill=1"), workdir, str(wd), quiet=True)
+      distill.main(flags)
   assert sorted(os.listdir(wd)) == before

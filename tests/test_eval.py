@@ -246,12 +246,13 @@ def test_training_reports_mnist_sample_quality(tmp_path):
   config's own guidance (summary.json, metrics.jsonl eval/* and the console line)."""
   from farmer_jax import configlib
   from farmer_jax.eval.mnist_quality import format_quality
+  from farmer_jax.config.parse import parse
   from farmer_jax.train.trainer import train_and_report
   c = configlib.load("quickstart:tiny")
   c.train.steps = 20
   c.eval.update(mnist_quality=True, quality_per_class=3)
   c.sample.update(guidance="resampling", cfg=2.0)
-  summary, _ = train_and_report(c, str(tmp_path), quiet=True)
+  summary, _ = train_and_report(parse(c, str(tmp_path)), str(tmp_path), quiet=True)
   q = summary["sample_quality"]
   assert q["samples_per_class"] == 3 and q["classifier_test_accuracy"] > 0.95
   for name in ("cfg0", "resampling_cfg2"):

@@ -268,22 +268,30 @@ def test_busy_workdir_is_refused_before_anything_is_built(tmp_path, monkeypatch)
   """The lock is taken before the input pipeline, the model and the jitted step are built, so a
   second run is refused at once; the holder's lock is untouched."""
   from farmer_jax import configlib
+  from farmer_jax.config.parse import parse
   from farmer_jax.train import trainer as trainer_mod
 
   def built(*_, **__):
     raise AssertionError("built before the workdir lock was taken")
 
+  def start(workdir):
+    trainer_mod.start(parse(configlib.load("quickstart:tiny"), workdir), workdir, built,
+                      quiet=True)
+
   monkeypatch.setattr(trainer_mod, "TrainInput", built)
-  monkeypatch.setattr(trainer_mod.Trainer, "_build_state_and_step", built)
   theirs = _holder(pid=os.getppid(), host=socket.gethostname())
   (tmp_path / LOCK).write_text(theirs)
   with pytest.raises(WorkdirBusyError, match=f"pid {os.getppid()} on host"):
-    trainer_mod.Trainer(configlib.load("quickstart:tiny"), str(tmp_path), quiet=True)
+    start(str(tmp_path))
   assert (tmp_path / LOCK).read_text() == theirs
   # a build that fails after the lock was taken releases it and leaves no workdir behind
   with pytest.raises(AssertionError, match="built before"):
-    trainer_mod.Trainer(configlib.load("quickstart:tiny"), str(tmp_path / "new" / "run"),
-                        quiet=True)
+    start(str(tmp_path / "new" / "run"))
+  assert not (tmp_path / "new").exists()
+  # ... also when the task's build fails (the input pipeline built and stopped again)
+  monkeypatch.undo()
+  with pytest.raises(AssertionError, match="built before"):
+    start(str(tmp_path / "new" / "run"))
   assert not (tmp_path / "new").exists()
 
 
@@ -337,8 +345,8 @@ def test_bucket_lock_heartbeat_and_release_prove_ownership(bucket):
 def tiny_run(tmp_path, monkeypatch):
   """(config, workdir) of a 4-step tiny training whose lock beats every 0.05 s."""
   from farmer_jax import configlib
-  from farmer_jax.train import trainer as trainer_mod
-  monkeypatch.setattr(trainer_mod, "WorkdirLock",
+  from farmer_jax.train import session as session_mod
+  monkeypatch.setattr(session_mod, "WorkdirLock",
                       functools.partial(WorkdirLock, heartbeat=0.05, stale_after=0.5))
   c = configlib.load("quickstart:tiny")
   c.train.update(steps=4, log_every=2, warmup_steps=1)
@@ -346,9 +354,10 @@ def tiny_run(tmp_path, monkeypatch):
 
 
 def test_training_stops_without_writing_when_another_run_took_its_lock(tiny_run):
-  from farmer_jax.train.trainer import Trainer
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start
   c, workdir = tiny_run
-  tr = Trainer(c, str(workdir), quiet=True)
+  tr = start(parse(c, str(workdir)), str(workdir), quiet=True)
   theirs = _holder()
   assert _overwritten(workdir / LOCK, theirs, tr.lock)
   with pytest.raises(WorkdirLockLost, match="at step 0: another training run took over .*pid "
@@ -365,7 +374,8 @@ def test_training_saves_and_stops_when_its_lock_cannot_be_refreshed(tiny_run, mo
   """The lock is still ours but unwritable (full disk): a checkpoint is saved, then the run stops
   with one line (exit 2)."""
   from farmer_jax.commands import exits
-  from farmer_jax.train.trainer import Trainer
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start
   c, workdir = tiny_run
   link, lock_path = os.link, str(workdir / LOCK)
 
@@ -374,7 +384,7 @@ def test_training_saves_and_stops_when_its_lock_cannot_be_refreshed(tiny_run, mo
       raise OSError(errno.ENOSPC, "No space left on device", dst)
     link(src, dst, **kw)
 
-  tr = Trainer(c, str(workdir), quiet=True)
+  tr = start(parse(c, str(workdir)), str(workdir), quiet=True)
   monkeypatch.setattr(os, "link", broken)
   assert _wait_for(lambda: tr.lock.lost is not None)
   with pytest.raises(WorkdirLockLost) as e:

@@ -121,10 +121,11 @@ def test_sigterm_saves_then_exits_and_corrupt_latest_falls_back(tmp_path):
       path = os.path.join(root, f)
       with open(path, "r+b") as fh:
         fh.truncate(max(os.path.getsize(path) // 3, 1))
-  from farmer_jax.train.trainer import Trainer
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start
   c = configlib.load("quickstart:tiny")
   c.train.update(steps=100_000, ckpt_every=EVERY, log_every=10, warmup_steps=5)
-  tr = Trainer(c, str(wd), quiet=True)
+  tr = start(parse(c, str(wd)), str(wd), quiet=True)
   tr.close()
   assert tr.restored_step == steps[-2]
   assert int(tr.state["step"]) == steps[-2]

@@ -31,7 +31,8 @@ def test_url_paths_are_never_rewritten():
 @pytest.mark.slow  # ~25-35 s on 2 cores; CI runs it
 def test_training_run_checkpoints_into_and_resumes_from_a_bucket(tmp_path, monkeypatch):
   from farmer_jax.sampling.images import save_grid
-  from farmer_jax.train.trainer import Trainer
+  from farmer_jax.config.parse import parse
+  from farmer_jax.train.trainer import start
   root, cwd = tmp_path / "bucket", tmp_path / "cwd"
   root.mkdir()
   cwd.mkdir()
@@ -40,12 +41,12 @@ def test_training_run_checkpoints_into_and_resumes_from_a_bucket(tmp_path, monke
   c.train.update(steps=4, log_every=2, warmup_steps=1)
   bucket = root / "fake-bucket" / "runs" / "a"
   with fake_gcs(str(root)) as orbax_dirs:
-    tr = Trainer(c, URL, quiet=True)
+    tr = start(parse(c, URL), URL, quiet=True)
     assert (bucket / ".farmer_jax.lock").exists()     # the lock is in the bucket
     tr.fit(stop_at=2)
     tr.close()
     assert not (bucket / ".farmer_jax.lock").exists()
-    tr = Trainer(c, URL, quiet=True)
+    tr = start(parse(c, URL), URL, quiet=True)
     assert tr.restored_step == 2
     tr.fit()
     tr.close()

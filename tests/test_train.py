@@ -18,7 +18,8 @@ from farmer_jax.eval.likelihood import (dequantize_examples, evaluate_bpd,  # no
                                         make_eval_step)
 from farmer_jax.artifacts.runs import RunDir  # noqa: E402
 from farmer_jax.train.report import format_test_bpd  # noqa: E402
-from farmer_jax.train.trainer import Trainer, train_and_report  # noqa: E402
+from farmer_jax.config.parse import parse  # noqa: E402
+from farmer_jax.train.trainer import start, train_and_report  # noqa: E402
 
 
 def test_mnist5k_split_is_fixed_and_disjoint():
@@ -77,7 +78,7 @@ def test_quickstart_tiny_trains_and_loss_goes_down(trained_run):
   assert os.path.isdir(run.tensorboard)
   # Re-running on the finished workdir resumes from its checkpoint: no further training, identical
   # test bpd.
-  again, tr2 = train_and_report(c, str(tmp_path), quiet=True)
+  again, tr2 = train_and_report(parse(c, str(tmp_path)), str(tmp_path), quiet=True)
   assert tr2.restored_step == 200 and again["steps"] == 200
   assert again["test_bpd"] == summary["test_bpd"] and again["test_bpd_uncond"] == summary[
       "test_bpd_uncond"]
@@ -146,13 +147,13 @@ def test_resume_refuses_a_changed_model_setting_shapes_cannot_see(trained_run):
   with pytest.raises(
       ConfigError,
       match=r"model.ar_order: 'alternate' -> 'same'; model.scale_fn: 'squareplus' -> "):
-    Trainer(c, str(workdir), quiet=True)
+    start(parse(c, str(workdir)), str(workdir), quiet=True)
 
 
 def test_nonfinite_loss_stops_before_saving(tmp_path):
   c = configlib.load("quickstart:tiny")
   c.train.update(lr=1e30, min_lr=1e29, warmup_steps=0, grad_clip=0.0, steps=4, log_every=2)
-  tr = Trainer(c, str(tmp_path), quiet=True)
+  tr = start(parse(c, str(tmp_path)), str(tmp_path), quiet=True)
   with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
     tr.fit()
   assert not (tmp_path / "checkpoints").exists()

@@ -7,9 +7,7 @@ import errno
 import logging as std_logging
 import os
 import re
-import signal
 import sys
-import threading
 import traceback
 
 from absl import app, flags, logging
@@ -236,7 +234,7 @@ def preempted_during_startup(*_):
   would free the XLA client under a compilation still running on a thread of XLA's: a segfault).
   Called from a signal handler: the line is written to fd 1 directly, as the interrupted code may
   be inside a print. Nothing but the workdir lock has been written, and the trainer releases it
-  before this runs (train/trainer.py install_sigterm)."""
+  before this runs (train/preemption.py)."""
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
@@ -250,5 +248,5 @@ def early_sigterm():
   """Until the trainer installs its own handler, a SIGTERM (preemption during imports, config
   parsing or jax start-up) exits cleanly with status 0 and one line, instead of the default kill
   (status 143)."""
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, preempted_during_startup)
+  from farmer_jax.train.preemption import exit_on_sigterm
+  exit_on_sigterm(preempted_during_startup)

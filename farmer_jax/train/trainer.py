@@ -1,11 +1,16 @@
-"""FARMER training loop (big_vision shape: mesh -> input -> model from shapes -> shard -> one jitted
-step -> loop), checkpoint/resume and SIGTERM. The step is train/step.py's, the state
-train/state.py's; the post-training report is train/report.py's."""
+"""The training loop of pretraining and distillation, in big_vision's shape: mesh -> input -> model
+and optimizer from shapes -> the task's sharded state and one jitted step -> restore -> loop.
+
+What differs between pretraining and distillation is a ``Task`` value (the state, the step and its
+extra arguments, what the progress bar shows, the periodic evaluation), built by a function of the
+``Setup`` they share (``pretraining`` here; distill/trainer.py ``distillation``). ``start`` takes
+the workdir (train/session.py), builds the Setup and the Task and restores; ``Trainer.fit`` is
+the loop. SIGTERM: train/preemption.py. The post-training report: train/report.py."""
 
 import contextlib
-import signal
-import threading
+import dataclasses
 import time
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -14,356 +19,301 @@ from tqdm import tqdm
 
 from farmer_jax import sharding
 from farmer_jax.artifacts import runs, storage
-from farmer_jax.config.parse import RunConfig, parse, resolved_config
-from farmer_jax.config.resume import config_changes
+from farmer_jax.config.parse import RunConfig
+from farmer_jax.data.pipeline import TrainInput, eval_batches
 from farmer_jax.errors import ConfigError
-from farmer_jax.data.pipeline import TrainInput, eval_batches, state_holder
-from farmer_jax.errors import UserError
-from farmer_jax.model import Farmer, abstract_params
-from farmer_jax.artifacts.checkpoint import Checkpointer
-from farmer_jax.artifacts.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
-from farmer_jax.artifacts.metrics import MetricWriter, trim_metrics
-from farmer_jax.train.optim import make_optimizer
 from farmer_jax.eval.likelihood import eval_scalars
+from farmer_jax.model import Farmer, abstract_params
+from farmer_jax.train.optim import make_optimizer
+from farmer_jax.train.preemption import Preemption, preemptible
 from farmer_jax.train.report import evaluate, format_test_bpd, res_summary, write_report
+from farmer_jax.train.session import TAKEN, UNREFRESHABLE, Session, has_checkpoints
 from farmer_jax.train.state import abstract_state, init_state, state_shardings
 from farmer_jax.train.step import make_train_step
 
 
-class Trainer:
-  """Builds everything from a parsed run config (resuming from the workdir); ``fit()`` trains.
-
-  ``config``: a RunConfig parsed for this workdir and these devices (``config.parse``), or a
-  ConfigDict, parsed here (the whole run config, the workdir and the mesh vs these devices: raises
-  before any file is written)."""
-
-  def __init__(self, config, workdir: str, quiet: bool = False, devices=None,
-               config_change_ok: bool = False, stop: "threading.Event | None" = None):
-    if not isinstance(config, RunConfig):
-      config = parse(config, workdir, num_devices=len(devices) if devices is not None else None)
-    self.run = config
-    self.config = config.source
-    self.mcfg = config.model
-    self.config_change_ok = config_change_ok
-    # set by SIGTERM (see install_sigterm)
-    self.stop = stop if stop is not None else threading.Event()
-    self.lock = None
-    self.input = None
-    self._created_dirs = []   # directories the lock created, removed on close if still empty
-    self.workdir = workdir
-    self.rundir = runs.RunDir(workdir)
-    self.quiet = quiet
-    self.t = config.train
-    # ---- one run per workdir: the lock is the first file written, before anything is built, so
-    # a busy workdir is refused at once; then build and resume from its newest checkpoint ----
-    # A SIGTERM during the build ends the process at once, releasing this lock first (nothing
-    # else is written yet); from the restore on (it may move a bad checkpoint aside) it only sets
-    # stop: fit() stops before its first step and close() releases the lock (install_sigterm).
-    _STARTING.append(self)
-    try:
-      self._take_lock()
-      self._build(devices)
-      _ABANDONABLE.clear()
-      _STARTING.remove(self)
-      self._restore()
-    except BaseException:
-      with contextlib.suppress(OSError):   # reported: the failure itself, not the close's
-        self.close()
-      if self in _STARTING:
-        _STARTING.remove(self)
-      raise
-    self.preempted = self.preempt_saved = False
-    self._trace_from = None   # the first traced step while a profiler trace is open
-
-  def _build(self, devices):
-    """Mesh -> input pipeline -> model and optimizer from shapes -> the sharded state and the
-    jitted step."""
-    t, run = self.t, self.run
-    # ---- mesh ----
-    self.mesh = sharding.make_mesh(run.mesh, devices)
-    self.rules = run.sharding_rules
-    # ---- input pipeline ----
-    self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
-    self.input = TrainInput(run.data, t.batch_size, t.seed,
-                            jax.process_index(), jax.process_count(),
-                            put=lambda b: sharding.global_batch(b, self.mesh, self.batch_sh))
-    # ---- model and optimizer from shapes ----
-    self.model = Farmer(self.mcfg)
-    self.tx, self.lr_fn = make_optimizer(t)
-    self.param_sh = sharding.param_shardings(abstract_params(self.mcfg, boxed=True), self.mesh,
-                                             self.rules, run.fsdp)
-    # the state (born sharded) and the one jitted, donating step
-    self.step_args = ()   # extra (never donated) arguments of train_step after (state, batch, rng)
-    self._build_state_and_step()
-    self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.state["params"]))
-    self.rng = jax.random.key(t.seed + 1)
-
-  def _build_state_and_step(self):
-    """Pretraining: a freshly initialised Farmer state and its train step (distill/trainer.py
-    overrides this for the student)."""
-    t, ema = self.t, self.t.ema_decay > 0
-    self.abstract_state = abstract_state(self.mcfg, self.tx, ema)
-    self.state_sh = state_shardings(self.tx, self.abstract_state, self.param_sh, self.mesh)
-    flow = self._init_flow() if t.init_flow else None
-    with self.mesh_context():
-      self.state = jax.jit(lambda rng, f: init_state(self.mcfg, self.tx, rng, ema, flow=f),
-                           out_shardings=self.state_sh)(jax.random.key(t.seed), flow)
-    rep = sharding.replicated(self.mesh)
-    step = make_train_step(self.model, self.mcfg, t, self.tx, self.lr_fn)
-    self.train_step = jax.jit(step, in_shardings=(self.state_sh, self.batch_sh, rep),
-                              out_shardings=(self.state_sh, rep), donate_argnums=(0,))
-
-  def _init_flow(self):
-    """The AF params of ``train.init_flow`` (a TARFlow checkpoint) for a fresh run; None when the
-    run has checkpoints (resume restores them instead). ConfigError naming the field if the file
-    is unreadable or does not fit model.* (before anything is written)."""
-    from farmer_jax.interop.tarflow import tarflow_to_params
-    from farmer_jax.interop.torch_checkpoint import load_state_dict
-    ckpt = Checkpointer(self.rundir.checkpoints, read_only=True)
-    try:
-      if storage.isdir(ckpt.directory) and ckpt.steps():
-        return None
-    finally:
-      ckpt.close()
-    path = self.t.init_flow
-    try:
-      flow = tarflow_to_params(load_state_dict(path), self.mcfg)
-    except (OSError, ValueError) as e:
-      raise ConfigError(f"config.train.init_flow={path!r} cannot start this model's AF: {e}. "
-                        "Fix: pass a TARFlow checkpoint of this AF, or set the model.* fields "
-                        "named above") from None
-    self.log(f"AF initialised from the TARFlow checkpoint {path}")
-    return flow
-
-  def progress_postfix(self, avg):
-    """What the progress bar shows from a logged row of metrics."""
-    return {"loss(nats/dim)": f"{avg['loss']:.3f}", "sigma": f"{avg['noise_sigma']:.3f}"}
-
-  @property
-  def eval_every(self):
-    """Steps between bits/dim evaluations during training (``config.eval.every``; 0 = none)."""
-    return self.run.eval.every
-
-  def periodic_eval(self, writer, step):
-    """Bits/dim of the eval split at ``step`` (``config.eval.every``) -> metrics.jsonl and
-    TensorBoard as ``eval/bpd``, ``eval/bpd_uncond`` and the NLL terms."""
-    self._check_finite()
-    res = evaluate(self, leave=False)
-    writer.write(step, eval_scalars(res), prefix="eval")
-    self.log(f"step {step}: {format_test_bpd(res_summary(res))}")
-
-  def _take_lock(self):
-    """Process 0 takes the workdir lock; with several processes every one learns the outcome, so
-    a busy workdir stops them all at once instead of leaving the others in a collective."""
-    error = None
-    if jax.process_index() == 0:
-      # a bucket has no empty folders to clean up
-      self._created_dirs = ([] if storage.is_url(self.workdir) else
-                            storage.missing_dirs(self.workdir))
-      self.lock = WorkdirLock(self.workdir, say=self.log)   # seen by a start-up SIGTERM
-      try:
-        self.lock.acquire()
-      except Exception as e:  # noqa: BLE001 - every process learns the outcome before one raises
-        with contextlib.suppress(Exception):
-          self.lock.release()          # a no-op unless it failed after taking the lock
-        self.lock = None
-        error = e
-    if jax.process_count() > 1:
-      busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-      if int(busy) and error is None:
-        raise WorkdirBusyError(f"process 0 could not take the workdir lock of {self.workdir} "
-                               "(its message says why: another run, or the storage)")
-    if error is not None:
-      raise error
-
-  def close(self):
-    """Stops the input's threads/workers, releases the workdir lock (and removes the directories
-    this run created but never wrote to)."""
-    if self.input is not None:
-      self.input.close()
-    self.release_lock()
-
-  def release_lock(self):
-    """Releases the workdir lock and removes the directories it created, if still empty."""
-    if self.lock is not None:
-      self.lock.release()
-      self.lock = None
-    storage.remove_empty_dirs(self._created_dirs)
-    self._created_dirs = []
-
-  def _restore(self):
-    t = self.t
-    self.ckpt = Checkpointer(
-        self.rundir.checkpoints, keep=t.ckpt_keep, keep_period=t.ckpt_keep_period)
-    self.restored_step = None
-    if self.ckpt.steps():   # compare configs first: a clear diff beats an Orbax tree-mismatch error
-      self._check_same_model()
-    restored = self.ckpt.restore_latest(self.abstract_state, self.state_sh, say=self.log)
-    if restored is None:
-      self.input.start(0)
-      return
-    self.state, meta, self.restored_step = restored
-    if meta.get("seed") != t.seed:
-      raise UserError(f"the checkpoint in {self.ckpt.directory} was written with "
-                      f"train.seed={meta.get('seed')}, this run has {t.seed}; resume with the "
-                      "same config or use a fresh --workdir")
-    holder = state_holder()
-    has_state = self.ckpt.restore_data(self.restored_step, holder)
-    how = self.input.start(int(self.state["step"]), (meta.get("data", {}),
-                                                      holder.state if has_state else None))
-    self.log(f"resumed from {self.ckpt.directory} at step {self.restored_step}; {how}")
-
-  def _check_same_model(self):
-    """Resuming must not silently change what the checkpoint's params mean: settings that shapes
-    cannot detect (the AR order, the scale function, the data) are compared with the run's saved
-    config."""
-    saved = runs.read_saved_config(self.workdir)
-    if saved is None:
-      return
-    diff = config_changes(saved, self.config)
-    if diff and self.config_change_ok:
-      self.log("resuming with a changed data/model config (--config_change_ok): "
-               + "; ".join(diff))
-    elif diff:
-      raise ConfigError(
-          f"the checkpoint in {self.workdir} was trained with another data/model config: "
-          f"{'; '.join(diff)}. Fix: resume with the run's own settings (e.g. "
-          "--config.<key>=<saved value>), use a fresh --workdir, or pass --config_change_ok if "
-          "the change is intended")
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every task builds on: the run config, the mesh and its logical-axis rules, the input
+  pipeline with its batch sharding, the model and its optimizer, and the shardings of the model's
+  params."""
+  run: RunConfig
+  workdir: str
+  log: Callable[[str], None]
+  mesh: Any
+  batch_sh: Any
+  input: TrainInput
+  model: Farmer
+  tx: Any
+  lr_fn: Callable
+  param_sh: Any
 
   def mesh_context(self):
     """Mesh + logical-axis rules active while tracing / running jitted code."""
-    return sharding.mesh_context(self.mesh, self.rules)
+    return sharding.mesh_context(self.mesh, self.run.sharding_rules)
 
-  def log(self, msg):
-    if not self.quiet and jax.process_index() == 0:
+  def born_sharded(self, init, state_sh, *args):
+    """``init(*args)`` jitted straight into ``state_sh``: a state that never exists unsharded."""
+    with self.mesh_context():
+      return jax.jit(init, out_shardings=state_sh)(*args)
+
+  def jit_step(self, step, state_sh, arg_shardings=()):
+    """``step(state, batch, rng, *args) -> (state, metrics)`` jitted on the mesh, the state
+    donated; ``arg_shardings``: those of the extra (never donated) arguments."""
+    rep = sharding.replicated(self.mesh)
+    return jax.jit(step, in_shardings=(state_sh, self.batch_sh, rep) + tuple(arg_shardings),
+                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a run trains: the fresh ``state`` (born sharded) with its shapes and shardings, the
+  jitted ``step`` (``Setup.jit_step``) and its extra arguments, what the progress bar shows of a
+  logged row, and ``evaluate(trainer, writer, step)`` every ``eval_every`` steps (0: never)."""
+  state: Any
+  abstract_state: Any
+  state_sh: Any
+  step: Callable
+  step_args: tuple = ()
+  postfix: Callable[[dict], dict] = lambda row: {}
+  eval_every: int = 0
+  evaluate: Optional[Callable] = None
+
+
+# ------------------------------------------------------------------------------------- pretraining
+
+
+def pretraining(setup):
+  """Pretraining: a freshly initialised Farmer state (its AF from ``train.init_flow`` if set), the
+  train step, bits/dim every ``config.eval.every`` steps."""
+  run, t, mcfg, tx = setup.run, setup.run.train, setup.run.model, setup.tx
+  ema = t.ema_decay > 0
+  abstract = abstract_state(mcfg, tx, ema)
+  state_sh = state_shardings(tx, abstract, setup.param_sh, setup.mesh)
+  flow = _init_flow(setup) if t.init_flow else None
+  state = setup.born_sharded(lambda rng, f: init_state(mcfg, tx, rng, ema, flow=f), state_sh,
+                             jax.random.key(t.seed), flow)
+  step = make_train_step(setup.model, mcfg, t, tx, setup.lr_fn)
+  return Task(state, abstract, state_sh, setup.jit_step(step, state_sh),
+              postfix=lambda row: {"loss(nats/dim)": f"{row['loss']:.3f}",
+                                   "sigma": f"{row['noise_sigma']:.3f}"},
+              eval_every=run.eval.every, evaluate=_periodic_eval)
+
+
+def _init_flow(setup):
+  """The AF params of ``train.init_flow`` (a TARFlow checkpoint) for a fresh run; None when the
+  run has checkpoints (resume restores them instead). ConfigError naming the field if the file
+  is unreadable or does not fit model.* (before anything is written)."""
+  from farmer_jax.interop.tarflow import tarflow_to_params
+  from farmer_jax.interop.torch_checkpoint import load_state_dict
+  if has_checkpoints(setup.workdir):
+    return None
+  path = setup.run.train.init_flow
+  try:
+    flow = tarflow_to_params(load_state_dict(path), setup.run.model)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.train.init_flow={path!r} cannot start this model's AF: {e}. "
+                      "Fix: pass a TARFlow checkpoint of this AF, or set the model.* fields "
+                      "named above") from None
+  setup.log(f"AF initialised from the TARFlow checkpoint {path}")
+  return flow
+
+
+def _periodic_eval(tr, writer, step):
+  """Bits/dim of the eval split at ``step`` -> metrics.jsonl and TensorBoard as ``eval/bpd``,
+  ``eval/bpd_uncond`` and the NLL terms."""
+  tr.check_finite()
+  res = evaluate(tr, leave=False)
+  writer.write(step, eval_scalars(res), prefix="eval")
+  tr.log(f"step {step}: {format_test_bpd(res_summary(res))}")
+
+
+# ------------------------------------------------------------------------------------- start-up
+
+
+def start(run: RunConfig, workdir: str, task=pretraining, *, quiet=False, devices=None,
+          config_change_ok=False, preemption: Optional[Preemption] = None):
+  """A Trainer for ``run`` (parsed for this workdir and these ``devices``, default all) training
+  ``task(setup) -> Task``, resumed from the workdir's newest checkpoint.
+
+  One run per workdir: the lock is the first file written, before anything is built, so a busy
+  workdir is refused at once. A SIGTERM during the build (``preemption`` with ``abandon``) ends the
+  process after releasing the lock; from the restore on it only sets ``preemption.stop``, and
+  ``fit`` stops before its first step. A failed start stops the input and releases the lock."""
+  log = _logger(quiet)
+  preemption = preemption if preemption is not None else Preemption()
+  session = Session(run, workdir, log, config_change_ok)
+  inp = None
+  preemption.starting(session.release)
+  try:
+    session.acquire()
+    mesh = sharding.make_mesh(run.mesh, devices)
+    batch_sh = sharding.batch_sharding(mesh, run.sharding_rules)
+    t = run.train
+    inp = TrainInput(run.data, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
+                     put=lambda b: sharding.global_batch(b, mesh, batch_sh))
+    tx, lr_fn = make_optimizer(t)
+    param_sh = sharding.param_shardings(abstract_params(run.model, boxed=True), mesh,
+                                        run.sharding_rules, run.fsdp)
+    setup = Setup(run, workdir, log, mesh, batch_sh, inp, Farmer(run.model), tx, lr_fn, param_sh)
+    built = task(setup)
+    preemption.started()
+    state, restored_step = _restore(session, built, inp, log)
+  except BaseException:
+    with contextlib.suppress(OSError):   # reported: the failure itself, not the close's
+      _close(inp, session)
+    preemption.starting(None)
+    raise
+  return Trainer(setup, built, session, state, restored_step, preemption, quiet)
+
+
+def _restore(session, task, inp, log):
+  """(state, restored step or None): the newest checkpoint's, or the task's fresh one; starts the
+  input where that state stopped."""
+  restored = session.restore(task.abstract_state, task.state_sh)
+  if restored is None:
+    inp.start(0)
+    return task.state, None
+  state, step, data_meta, data_state = restored
+  how = inp.start(int(state["step"]), (data_meta, data_state))
+  log(f"resumed from {session.ckpt.directory} at step {step}; {how}")
+  return state, step
+
+
+def _logger(quiet):
+  def log(msg):
+    if not quiet and jax.process_index() == 0:
       tqdm.write(msg)
+  return log
 
-  def _check_finite(self):
-    bad = int(self.state["bad_step"])
-    if bad >= 0:
-      raise FloatingPointError(
-          f"non-finite loss or gradient at step {bad}; stopping before anything is saved. "
-          "Lower train.lr, enable train.grad_clip, or raise train.noise_min.")
+
+def _close(inp, session):
+  if inp is not None:
+    inp.close()
+  session.release()
+
+
+def _any_process(values, reduce):
+  """``reduce`` (np.any, np.max) of ``values`` over every process (a sync of all of them)."""
+  if jax.process_count() == 1:
+    return values
+  gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+  return reduce(gathered.reshape((-1,) + np.shape(values)), axis=0)
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+  """A started run (see ``start``): its Setup, Task and state, and the workdir it holds; ``fit()``
+  trains, ``close()`` stops the input and releases the workdir."""
+
+  def __init__(self, setup, task, session, state, restored_step, preemption, quiet):
+    self.setup, self.task, self.session = setup, task, session
+    self.state, self.restored_step = state, restored_step
+    self.preemption, self.quiet = preemption, quiet
+    self.run, self.t, self.mcfg = setup.run, setup.run.train, setup.run.model
+    self.workdir, self.rundir = session.workdir, session.rundir
+    self.mesh, self.batch_sh, self.input, self.model = (setup.mesh, setup.batch_sh, setup.input,
+                                                        setup.model)
+    self.train_step, self.log, self.mesh_context = task.step, setup.log, setup.mesh_context
+    self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state["params"]))
+    self.rng = jax.random.key(self.t.seed + 1)
+    self.preempted = self.preempt_saved = False
+    self._trace_from = None   # the first traced step while a profiler trace is open
+
+  @property
+  def lock(self):
+    return self.session.lock
 
   def fit(self, stop_at=None):
     """Trains to ``train.steps`` (or only up to step ``stop_at``, e.g. for a staged run), then
-    checkpoints."""
+    checkpoints; returns the logged rows ({'step', metrics..., 'steps_per_s'})."""
     t = self.t
     end = t.steps if stop_at is None else min(int(stop_at), t.steps)
     start = int(self.state["step"])
-    stopped = self.stop.is_set()
-    if jax.process_count() > 1:   # all processes stop, or none (a lone one would hang a step)
-      stopped = bool(np.asarray(multihost_utils.process_allgather(np.array(stopped))).any())
-    if stopped:
+    # all processes stop, or none (a lone one would hang a step)
+    if _any_process(self.preemption.stop.is_set(), np.any):
       self.log("SIGTERM before training started: exiting; nothing new to save")
       self.preempted = True
       return []
-    self._check_owned()
-    storage.makedirs(self.workdir)
-    if jax.process_index() == 0:
-      # every model field, defaults written out
-      runs.write_saved_config(self.workdir, resolved_config(self.config))
-      dropped = trim_metrics(self.rundir.metrics, start)
-      if dropped:
-        self.log(dropped)
-    writer = MetricWriter(self.workdir)
-    prior = (f"dimred={self.mcfg.dimred}" if self.mcfg.prior == "ar"
-             else f"prior={self.mcfg.prior}")
-    self.log(f"{'FARMER' if self.mcfg.prior == 'ar' else 'AF'}: {self.num_params / 1e6:.2f}M "
-             f"params, N={self.mcfg.num_tokens} tokens of d={self.mcfg.token_dim}, {prior}, "
-             f"mesh={dict(self.mesh.shape)}")
-    pending, history = [], []
+    writer = self._begin(start)
+    history, rows = [], _Rows(start)
     bar = tqdm(total=t.steps, initial=start, disable=self.quiet or jax.process_index() != 0,
                desc="train", dynamic_ncols=True)
-    tick, tick_step = time.time(), start
-    stop = self.stop
-    eval_every = self.eval_every   # config.eval.every, parsed once (not on every step)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(
-        signal.SIGTERM) in (signal.SIG_DFL, None):
-      install_sigterm(stop)
+    self.preemption.catch_unhandled()
     try:
       with self.mesh_context():
         for s in range(start, end):
           self._trace_before(s)
-          batch = next(self.input)
-          self.state, m = self.train_step(self.state, batch, self.rng, *self.step_args)
-          pending.append(m)
+          self.state, m = self.train_step(self.state, next(self.input), self.rng,
+                                          *self.task.step_args)
+          rows.add(m)
           self._trace_after(s)
           bar.update(1)
-          preempted, lock_state = self._stop_signals(s, stop)
-          if lock_state:
-            self._stop_unowned(lock_state)
-          if preempted:
-            self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same "
-                     "command to resume")
-            self.save_checkpoint()
-            self.preempted = self.preempt_saved = True
+          if self._preempted(s):
             break
           if t.ckpt_every and (s + 1) % t.ckpt_every == 0 and s + 1 < end:
             self.save_checkpoint()
           if (s + 1) % t.log_every == 0 or s + 1 == end:
-            self._check_finite()
-            vals = jax.device_get(pending)
-            avg = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
-            now = time.time()
-            avg["steps_per_s"] = (s + 1 - tick_step) / max(now - tick, 1e-9)
-            tick, tick_step = now, s + 1
-            pending = []
-            writer.write(s + 1, avg)
-            history.append({"step": s + 1, **avg})
-            bar.set_postfix(self.progress_postfix(avg))
-          if eval_every and (s + 1) % eval_every == 0 and s + 1 < t.steps:
-            self.periodic_eval(writer, s + 1)
+            self.check_finite()
+            history.append(rows.log(s + 1, writer))
+            bar.set_postfix(self.task.postfix(history[-1]))
+          if self.task.eval_every and (s + 1) % self.task.eval_every == 0 and s + 1 < t.steps:
+            self.task.evaluate(self, writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
       if not self.preempted and int(self.state["step"]) > start:
         self._check_owned()
         self.save_checkpoint()
     finally:   # also on a non-finite step or Ctrl-C: pending saves finish, metrics reach the run
       bar.close()
-      self.ckpt.close()
-      lost = self.lock.lost if self.lock is not None else None
-      writer.close(sync=not (lost and lost.taken))   # never over another run's metrics
+      self.session.end(writer)
     return history
+
+  def _begin(self, start):
+    """Before the first step: the workdir must still be ours; config.json, the metrics trimmed
+    to ``start``, the model's line on the console; returns the metric writer."""
+    self._check_owned()
+    writer = self.session.begin(start)
+    m = self.mcfg
+    prior = f"dimred={m.dimred}" if m.prior == "ar" else f"prior={m.prior}"
+    self.log(f"{'FARMER' if m.prior == 'ar' else 'AF'}: {self.num_params / 1e6:.2f}M "
+             f"params, N={m.num_tokens} tokens of d={m.token_dim}, {prior}, "
+             f"mesh={dict(self.mesh.shape)}")
+    return writer
+
+  def _preempted(self, s):
+    """After step execution ``s``: stops (raises) once the workdir is no longer provably ours;
+    on SIGTERM saves a checkpoint and returns True. Checked every step with one process, with
+    several every ``train.preempt_check_every`` steps (an all-process sync)."""
+    if jax.process_count() > 1 and (s + 1) % self.t.preempt_check_every:
+      return False
+    stop, lock_state = _any_process(
+        np.array([int(self.preemption.stop.is_set()), self.session.lock_state()]), np.max)
+    if lock_state:
+      self._stop_unowned(int(lock_state))
+    if stop:
+      self.log(f"SIGTERM: saving a checkpoint at step {s + 1} and exiting; re-run the same "
+               "command to resume")
+      self.save_checkpoint()
+      self.preempted = self.preempt_saved = True
+    return bool(stop)
 
   def _check_owned(self):
     """Before a write outside the step loop's checks (the config at the start, the final
     checkpoint): stops, as the loop would, if another run took the workdir lock meanwhile."""
-    lost = self.lock.lost if self.lock is not None else None
-    state = 0 if lost is None else 2 if lost.taken else 1
-    if jax.process_count() > 1:
-      state = int(np.asarray(multihost_utils.process_allgather(np.array(state))).max())
-    if state == 2:
-      self._stop_unowned(state)
-
-  def _stop_signals(self, s, stop):
-    """(whether SIGTERM reached any process, the workdir lock's state: 0 owned, 1 not refreshable
-    but still ours, 2 taken by another run); every step with one process, with several every
-    ``train.preempt_check_every`` steps (the check is an all-process sync)."""
-    lost = self.lock.lost if self.lock is not None else None
-    lock_state = 0 if lost is None else 2 if lost.taken else 1
-    if jax.process_count() == 1:
-      return stop.is_set(), lock_state
-    if (s + 1) % self.t.preempt_check_every:
-      return False, 0
-    flags = multihost_utils.process_allgather(np.array([int(stop.is_set()), lock_state]))
-    flags = np.asarray(flags).reshape(-1, 2).max(axis=0)
-    return bool(flags[0]), int(flags[1])
+    lock_state = int(_any_process(self.session.lock_state(), np.max))
+    if lock_state == TAKEN:
+      self._stop_unowned(lock_state)
 
   def _stop_unowned(self, lock_state):
     """Stops training once this run can no longer prove it owns the workdir: it saves first only
     if the lock is still its own (not refreshable, e.g. a full disk), never into a workdir that
     another run has taken."""
     step = int(self.state["step"])
-    if lock_state == 1:
+    if lock_state == UNREFRESHABLE:
       self.save_checkpoint()
-    lost = self.lock.lost if self.lock is not None else None
-    if lost is None:    # another process's view: process 0 holds the lock and its message
-      lost = WorkdirLockLost(
-          f"process 0 lost the workdir lock of {self.workdir} "
-          f"({'taken by another run' if lock_state == 2 else 'not refreshable'}); its message "
-          "says more", taken=lock_state == 2)
-    raise WorkdirLockLost(f"at step {step}: {lost}", lost.taken) from None
+    raise self.session.lost(step, lock_state) from None
 
   def _trace_before(self, s):
     """Starts the profiler trace before step execution s = train.profile_start (if
@@ -384,66 +334,63 @@ class Trainer:
                f"{storage.join(self.workdir, runs.PROFILE)}")
       self._trace_from = None
 
+  def check_finite(self):
+    """FloatingPointError if a step was not applied for a non-finite loss or gradient."""
+    bad = int(self.state["bad_step"])
+    if bad >= 0:
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {bad}; stopping before anything is saved. "
+          "Lower train.lr, enable train.grad_clip, or raise train.noise_min.")
+
+  def save_checkpoint(self):
+    """Async save of the full train state (never of a state that saw a non-finite step)."""
+    self.check_finite()
+    self.session.save(self.state, self.input.checkpoint())
+
   def eval_batches(self):
     """(this process's batches, number of batches, number of examples) of ``config.eval.split``
     (data/pipeline.py ``eval_batches``: every example once, masked padding). The eval batch is
     rounded up to a multiple of the mesh's data-parallel slots and of the process count."""
     e = self.run.eval
     return eval_batches(self.run.data, e.split,
-                        sharding.eval_batch_size(e.batch_size, self.mesh, self.rules),
+                        sharding.eval_batch_size(e.batch_size, self.mesh, self.run.sharding_rules),
                         jax.process_index(), jax.process_count())
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])
 
-  def save_checkpoint(self):
-    """Async save of the full train state (never of a state that saw a non-finite step)."""
-    self._check_finite()
-    step = int(self.state["step"])
-    data_meta, data_state = self.input.checkpoint()
-    self.ckpt.save(step, self.state, {"step": step, "seed": int(self.t.seed), "data": data_meta},
-                   data=data_state)
+  def close(self):
+    """Stops the input's threads/workers, releases the workdir lock (and removes the directories
+    this run created but never wrote to)."""
+    _close(self.input, self.session)
 
 
-# Start-up, until the build is done: a SIGTERM may end the process at once (install_sigterm),
-# after releasing the workdir lock of the Trainer being built (the only file written so far).
-_ABANDONABLE = threading.Event()
-_STARTING = []
+class _Rows:
+  """The step metrics since the last logged row, averaged into the next one with steps/s."""
+
+  def __init__(self, step):
+    self.pending, self.tick, self.tick_step = [], time.time(), step
+
+  def add(self, metrics):
+    self.pending.append(metrics)
+
+  def log(self, step, writer):
+    vals = jax.device_get(self.pending)
+    avg = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    now = time.time()
+    avg["steps_per_s"] = (step - self.tick_step) / max(now - self.tick, 1e-9)
+    self.tick, self.tick_step, self.pending = now, step, []
+    writer.write(step, avg)
+    return {"step": step, **avg}
 
 
-def install_sigterm(stop: threading.Event, abandon=None):
-  """SIGTERM (preemption) sets ``stop``; the training loop saves at the next step boundary and
-  exits cleanly. With ``abandon`` (a function that ends the process), a SIGTERM while
-  ``_ABANDONABLE`` is set (start-up until the build is done: config, lock, data, model,
-  compilation; nothing but the lock is written yet) releases the lock and calls it instead. From
-  the restore on, start-up completes and fit() stops before its first step. Returns a function
-  restoring the previous handler.
-
-  The handler never raises: an exception from it can land inside a gc callback, where Python drops
-  it, and unwinding out of an XLA compilation leaves that compilation running on a thread of XLA's,
-  under which interpreter shutdown frees the XLA client (a segfault)."""
-  if threading.current_thread() is not threading.main_thread():
-    return lambda: None
-
-  def handler(*_):
-    stop.set()
-    if abandon is not None and _ABANDONABLE.is_set():
-      _ABANDONABLE.clear()   # once: a second SIGTERM while this one releases only sets stop
-      try:
-        for tr in list(_STARTING):
-          tr.release_lock()
-      except BaseException:  # noqa: BLE001 - best effort: a lock left behind goes stale
-        pass
-      finally:
-        abandon()
-
-  prev = signal.signal(signal.SIGTERM, handler)
-  return lambda: signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+# ------------------------------------------------------------------------------------ the command
 
 
-def train_and_report(config, workdir, quiet=False, config_change_ok=False, abandon=None):
+def train_and_report(run, workdir, quiet=False, config_change_ok=False, abandon=None):
   """The `farmer_jax train` command: train, then report (train/report.py: test bits/dim,
-  samples.png, summary.json); returns (summary dict, trainer). ``abandon``: see install_sigterm.
+  samples.png, summary.json); returns (summary dict, trainer). ``abandon``: what a SIGTERM during
+  start-up calls (train/preemption.py).
 
   The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd``
   with the true labels, -log p(x|y), and ``test_bpd_uncond`` with the null label, -log p(x|null)
@@ -451,29 +398,21 @@ def train_and_report(config, workdir, quiet=False, config_change_ok=False, aband
   (``class_conditional`` False).
   """
   t0 = time.time()
-  with preemptible(abandon) as stop:
-    tr = Trainer(config, workdir, quiet=quiet, config_change_ok=config_change_ok, stop=stop)
+  with preemptible(abandon) as preemption:
+    tr = start(run, workdir, quiet=quiet, config_change_ok=config_change_ok,
+               preemption=preemption)
     with closing(tr):
       history = tr.fit()
       train_s = time.time() - t0
       if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, sampling
-        return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}, tr
+        return preempted_summary(tr), tr
       summary = write_report(tr, history, train_s, t0)
   return summary, tr
 
 
-@contextlib.contextmanager
-def preemptible(abandon=None):
-  """A command's SIGTERM handling (install_sigterm) for its whole run; yields the stop Event its
-  Trainer takes. Start-up is abandonable until the Trainer is built."""
-  stop = threading.Event()
-  _ABANDONABLE.set()
-  restore = install_sigterm(stop, abandon)
-  try:
-    yield stop
-  finally:
-    _ABANDONABLE.clear()
-    restore()   # after the Trainer's close: the previous handler may end the process at once
+def preempted_summary(tr):
+  """What a preempted run reports (commands/exits.py ``preempted`` says it)."""
+  return {"steps": int(tr.state["step"]), "preempted": True, "saved": tr.preempt_saved}
 
 
 @contextlib.contextmanager
