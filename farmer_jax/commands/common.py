@@ -51,11 +51,19 @@ def define_config(fv, help_text="Path to a configs/*.py file (optionally ':arg')
   config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, lock_config=True)
 
 
-def define_config_change_ok(fv):
-  flags.DEFINE_bool(
-      "config_change_ok", False, "Allow resuming a workdir whose saved config.json differs in "
-      "data/model settings (refused by default: the checkpoint's params would mean something "
-      "else).", flag_values=fv)
+def define_run(fv, workdir_help, before_workdir=()):
+  """The flags of a command that trains into a workdir (train, distill): --config, the
+  ``before_workdir`` Flags, --workdir, --config_change_ok, the launch flags and the output
+  switches."""
+  define_config(fv)
+  define(fv, tuple(before_workdir) + (
+      Flag("workdir", None, workdir_help),
+      Flag("config_change_ok", False, "Allow resuming a workdir whose saved config.json differs in "
+           "data/model settings (refused by default: the checkpoint's params would mean "
+           "something else)."),
+  ))
+  define_launch(fv)
+  define_output(fv)
 
 
 def define_compilation_cache(fv):

@@ -4,7 +4,7 @@ training workdir or an export) into its own --workdir; prints its reconstruction
 import os
 import time
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common, exits
 from farmer_jax.errors import ConfigError
@@ -15,15 +15,9 @@ EXAMPLE = ("farmer_jax distill --config=configs/quickstart.py:distill=1 --teache
 
 
 def define_flags(fv):
-  common.define_config(fv)
-  flags.DEFINE_string("teacher", None,
-                      "The pretrained model, a training workdir or an export directory.",
-                      flag_values=fv)
-  flags.DEFINE_string("workdir", None, "The student's run directory (logs, checkpoints).",
-                      flag_values=fv)
-  common.define_config_change_ok(fv)
-  common.define_launch(fv)
-  common.define_output(fv)
+  common.define_run(fv, "The student's run directory (logs, checkpoints).", before_workdir=(
+      common.Flag("teacher", None,
+                  "The pretrained model, a training workdir or an export directory."),))
 
 
 def main(f):

@@ -16,6 +16,7 @@ EXAMPLE = ("farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=tes
            "[--dequant_samples=4]")
 
 FLAGS = (
+    # what is evaluated: exactly one of --workdir and --model
     Flag("workdir", None, "A training run (or pass --model)."),
     Flag("model", None, "An exported model directory (or pass --workdir)."),
     Flag("split", None, "The split to evaluate (default: the run's config.eval.split)."),

@@ -1,7 +1,7 @@
 """`farmer_jax train`: pretrains a model from a run config into --workdir, resuming the run found
 there; prints the test bits/dim (and the MNIST sample quality when the config asks for it)."""
 
-from absl import app, flags
+from absl import app
 
 from farmer_jax.commands import common, exits
 
@@ -11,12 +11,7 @@ EXAMPLE = ("farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run "
 
 
 def define_flags(fv):
-  common.define_config(fv)
-  flags.DEFINE_string("workdir", None, "Directory for logs, checkpoints and samples.",
-                      flag_values=fv)
-  common.define_config_change_ok(fv)
-  common.define_launch(fv)
-  common.define_output(fv)
+  common.define_run(fv, "Directory for logs, checkpoints and samples.")
 
 
 def main(f):
