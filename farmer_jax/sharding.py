@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from farmer_jax.errors import ConfigError
+from farmer_jax.config.rules import FieldError
 
 
 def mesh_shape(mesh_spec, num_devices):
@@ -29,7 +29,7 @@ def mesh_shape(mesh_spec, num_devices):
   The one place that decides whether a mesh spec fits a device count (make_mesh and config.parse use
   it).
   """
-  bad = lambda why, fix: ConfigError(f"config.mesh={mesh_spec!r} is invalid: {why}. Fix: {fix}.")
+  bad = lambda why, fix: FieldError("mesh", mesh_spec, why, fix)
   example = "e.g. (('data', -1), ('fsdp', 1))"
   if isinstance(mesh_spec, (str, bytes)) or not hasattr(mesh_spec, "__len__") or not len(mesh_spec):
     raise bad("it must be a non-empty sequence of (axis name, size) pairs",

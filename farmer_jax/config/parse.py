@@ -96,8 +96,9 @@ def parse(config, workdir=None, num_devices=None, num_processes=None) -> RunConf
   try:
     grid.sampler.check_model(m)
   except rules.SettingError as err:
-    raise ConfigError(f"config.sample.guidance={grid.sampler.guidance!r} is invalid: {err}. Fix: "
-                      "set --config.sample.guidance=none and --config.sample.cfg=0") from None
+    raise rules.FieldError("sample.guidance", grid.sampler.guidance, str(err),
+                           "set --config.sample.guidance=none and --config.sample.cfg=0",
+                           end="") from None
   rules_ = _check_mesh(config, t, info.splits.get(d.train_split), num_devices, num_processes)
   if workdir is not None:
     validate_workdir(workdir)

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from farmer_jax.config.rules import FieldError
 from farmer_jax.errors import ConfigError, UserError
 
 TFDS_PREFIX, FOLDER_PREFIX = "tfds:", "folder:"
@@ -51,7 +52,7 @@ class ArraySource:
 
 
 def _bad(field, value, why, fix):
-  return ConfigError(f"config.{field}={value!r} is invalid: {why}. Fix: {fix}.")
+  return FieldError(field, value, why, fix)
 
 
 def _folder_refusal(name):
