@@ -12,8 +12,7 @@ from farmer_jax.commands.common import Flag
 from farmer_jax.errors import UserError
 
 PURPOSE = "bits/dim of a training run or an export on a data split"
-EXAMPLE = ("farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=test] "
-           "[--dequant_samples=4]")
+EXAMPLE = "farmer_jax eval --workdir=/tmp/run | --model=/tmp/m [--split=test] [--dequant_samples=4]"
 
 FLAGS = (
     # what is evaluated: exactly one of --workdir and --model
