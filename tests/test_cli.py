@@ -22,7 +22,7 @@ from absl import flags
 
 from farmer_jax import cli
 from farmer_jax.commands import exits, sampler_flags
-from farmer_jax.errors import ConfigError
+from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.sampling import generate as gen
 from farmer_jax.config.schema import SamplerConfig
 
@@ -361,15 +361,15 @@ def test_sampler_flag_values_keep_integers():
   for bad, msg in [("s_c=2.5", "s_c=2.5 must be an integer"),
                    ("redundant_candidates=16.5", "must be an integer"),
                    ("redundant_candidates=true", "is not a number")]:
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UserError, match=msg):
       SamplerConfig.from_config(sampler_flags.sampler_overrides(None, None, bad))
-  with pytest.raises(ValueError, match="unknown setting 'temp'"):
+  with pytest.raises(UserError, match="unknown setting 'temp'"):
     sampler_flags.sampler_overrides(None, None, "temp=1")
-  with pytest.raises(ValueError, match="must be key=value"):
+  with pytest.raises(UserError, match="must be key=value"):
     sampler_flags.sampler_overrides(None, None, "s_c")
-  with pytest.raises(ValueError, match="cfg=nan must be a finite number"):
+  with pytest.raises(UserError, match="cfg=nan must be a finite number"):
     SamplerConfig.from_config(sampler_flags.sampler_overrides(float("nan"), None, None))
-  with pytest.raises(ValueError, match="cfg=inf must be a finite number"):
+  with pytest.raises(UserError, match="cfg=inf must be a finite number"):
     SamplerConfig.from_config(sampler_flags.sampler_overrides(float("inf"), None, None))
   assert sampler_flags.sampler_overrides(2.0, None, "guidance=naive")["guidance"] == "naive"
   assert SamplerConfig.from_config(sampler_flags.sampler_overrides(None, None,
@@ -388,7 +388,7 @@ def test_output_paths_checked_before_sampling(tmp_path):
          ("--out", "dir.png", r"dir.png is a directory"),
          ("--npz", "missing/s.npz", r"the directory .*missing does not exist")]
   for flag, name, msg in bad:
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UserError, match=msg):
       gen.check_output_path(str(tmp_path / name), flag)
   assert sorted(os.listdir(tmp_path)) == ["dir.png"]
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from farmer_jax.errors import UserError
 from farmer_jax import conventions
 from farmer_jax.commands.convert import from_tarflow, to_tarflow
 from farmer_jax.config.schema import SamplerConfig
@@ -156,7 +157,7 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   say = lambda _: None
 
   def refused(match, **kw):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
       from_tarflow(kw.pop("ckpt", ckpt), str(out), say=say, **kw)
     assert sorted(os.listdir(tmp_path)) == sorted(before)
 
@@ -168,7 +169,7 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   refused("not a TARFlow state_dict", ckpt=bad)
   # a config that does not describe the checkpoint: every offending field and its fix
   cfg = configlib.load("tarflow:tiny")
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(UserError) as e:
     from_tarflow(ckpt, str(out), config=cfg, say=say)
   msg = str(e.value)
   for fix in ("data.image_size=8", "model.patch_size=2", "data.num_classes=3"):
@@ -207,15 +208,15 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path):
   from_tarflow(ckpt, str(out), say=say)
   before = os.listdir(tmp_path)
   refused("already exists")
-  with pytest.raises(ValueError, match="exists"):
+  with pytest.raises(UserError, match="exists"):
     to_tarflow(str(out), str(tmp_path / "m.npz"), say=say)
-  with pytest.raises(ValueError, match=r"\.pth .* or \.npz"):
+  with pytest.raises(UserError, match=r"\.pth .* or \.npz"):
     to_tarflow(str(out), str(tmp_path / "m.bin"), say=say)
   os.mkdir(tmp_path / "adir.pth")
-  with pytest.raises(ValueError, match="is a directory"):
+  with pytest.raises(UserError, match="is a directory"):
     to_tarflow(str(out), str(tmp_path / "adir.pth"), say=say)
   os.rmdir(tmp_path / "adir.pth")
-  with pytest.raises(ValueError, match="inside the export"):
+  with pytest.raises(UserError, match="inside the export"):
     to_tarflow(str(out), str(out / "back.pth"), say=say)
   assert sorted(os.listdir(tmp_path)) == sorted(before)
   assert not os.path.exists(out / "back.pth")
@@ -234,7 +235,7 @@ def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
   meta = {"kind": export.EXPORT_KIND, "format_version": export.FORMAT_VERSION, "step": 0,
           "params": "raw", "dtype": "float32"}
   export.write_export(model_dir, params, ml_collections.ConfigDict(cfg.to_dict()), meta)
-  with pytest.raises(ValueError, match="flow_final_norm"):
+  with pytest.raises(UserError, match="flow_final_norm"):
     to_tarflow(model_dir, str(tmp_path / "x.pth"), say=lambda _: None)
   assert not os.path.exists(tmp_path / "x.pth")
 
@@ -257,7 +258,7 @@ def test_denoise_is_a_tweedie_step_and_names_are_read():
   assert convert.training_noise("/a/afhq_model_8_768_8_8_0.07.pth") == ("gaussian", 0.07)
   assert convert.training_noise("imagenet64_model_2_768_8_8_uniform.pth") == ("uniform", None)
   assert convert.training_noise("model.pth") == (None, None)
-  with pytest.raises(ValueError, match="does nothing here"):    # unconditional AF, attn_temp 1
+  with pytest.raises(UserError, match="does nothing here"):    # unconditional AF, attn_temp 1
     SamplerConfig(af_guidance=2.0).check_model(m)
   SamplerConfig(af_guidance=2.0, af_attn_temp=0.8).check_model(m)
 

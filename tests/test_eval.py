@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, fake_devices_env, init_farmer
+from farmer_jax.errors import UserError
 from farmer_jax import conventions
 from farmer_jax.eval.likelihood import dequantize_examples, evaluate_bpd, summarize
 
@@ -138,15 +139,15 @@ def test_eval_command_refuses_bad_input(exported, tmp_path):
   from farmer_jax.eval.evaluate import load_params
   _, export_dir, _, _ = exported
   model = f"--model={export_dir}"
-  with pytest.raises(ValueError, match="--dequant_samples=0 must be >= 1"):
+  with pytest.raises(UserError, match="--dequant_samples=0 must be >= 1"):
     run_command("eval", model, "--dequant_samples=0", "--quiet")
   with pytest.raises(Exception, match="'nope'.*splits"):
     run_command("eval", model, "--split=nope", "--quiet")
   with pytest.raises(app.UsageError, match="exactly one of --workdir"):
     run_command("eval", "--quiet")
-  with pytest.raises(ValueError, match="exactly one of --workdir"):
+  with pytest.raises(UserError, match="exactly one of --workdir"):
     load_params(say=lambda _: None)
-  with pytest.raises(ValueError, match=r"\*\.json"):
+  with pytest.raises(UserError, match=r"\*\.json"):
     run_command("eval", model, f"--out={tmp_path / 'x.txt'}", "--quiet")
   assert not list(tmp_path.iterdir())
 
@@ -197,11 +198,11 @@ def test_feature_dump_resumes_an_interrupted_run_with_the_same_samples(tiny, tmp
   assert net.calls == 1                      # only samples 8..10 were drawn
   np.testing.assert_allclose(again["pool"], full["pool"], rtol=1e-6)
   np.testing.assert_array_equal(again["labels"], np.arange(11) % 3)
-  with pytest.raises(ValueError, match=r"other settings \(seed differ\).*nothing was changed"):
+  with pytest.raises(UserError, match=r"other settings \(seed differ\).*nothing was changed"):
     fid.sample_features(cfg, params, s, 11, fid.FeatureNet("t", _CountingNet(), {}), seed=6,
                         batch=4, dump=dump, signature=dict(sig, seed=6), progress=False, say=say)
   os.remove(os.path.join(dump, fid.DUMP_MANIFEST))   # chunks nobody can vouch for: refused
-  with pytest.raises(ValueError, match="feature chunks but no manifest.json"):
+  with pytest.raises(UserError, match="feature chunks but no manifest.json"):
     fid.sample_features(cfg, params, s, 11, fid.FeatureNet("t", _CountingNet(), {}), seed=5,
                         batch=4, dump=dump, signature=sig, progress=False, say=say)
   assert not os.path.exists(os.path.join(dump, fid.DUMP_MANIFEST))
@@ -218,7 +219,7 @@ def test_score_uses_the_reference_and_the_metrics():
   assert abs(r["fid"]) < 1e-6 and r["precision"] == 1.0 and r["recall"] == 1.0
   r2 = fid.score(pool + 3.0, logits, fid.Reference(mu, sigma, None, "stats only"))
   assert r2["fid"] == pytest.approx(8 * 9.0, rel=1e-6) and "precision" not in r2
-  with pytest.raises(ValueError, match="same network"):
+  with pytest.raises(UserError, match="same network"):
     fid.score(pool[:, :4], logits, fid.Reference(mu, sigma, None, "x"))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from test_checkpoint import copy_run_with_new_step, snapshot, truncate_tree
 
+from farmer_jax.errors import UserError
 from farmer_jax.artifacts.runs import CHECKPOINTS
 from farmer_jax.artifacts import export as export_lib
 from farmer_jax.artifacts.export import ExportError, export_model, load_model
@@ -242,9 +243,9 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
 def test_parse_classes():
   assert parse_classes("all", 10) == list(range(10))
   assert parse_classes("2,null", 10) == [2, 10]
-  with pytest.raises(ValueError, match="class id 12 is out of range"):
+  with pytest.raises(UserError, match="class id 12 is out of range"):
     parse_classes("1,12", 10)
-  with pytest.raises(ValueError, match="not an integer"):
+  with pytest.raises(UserError, match="not an integer"):
     parse_classes("cat", 10)
 
 
@@ -276,9 +277,9 @@ def test_output_size_check():
   from farmer_jax.sampling.generate import check_output_size
   from conftest import TINY
   check_output_size(TINY, [0, 1, 2], 1000, png=True, available=2**30)
-  with pytest.raises(ValueError, match=r"--num=10000000 x 3 class\(es\) = 30000000 samples"):
+  with pytest.raises(UserError, match=r"--num=10000000 x 3 class\(es\) = 30000000 samples"):
     check_output_size(TINY, [0, 1, 2], 10**7, png=False, available=2**30)
-  with pytest.raises(ValueError, match=r"exceeds the PNG size limit"):
+  with pytest.raises(UserError, match=r"exceeds the PNG size limit"):
     check_output_size(TINY, [0], 2**28, png=True, available=2**60)
 
 

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from farmer_jax.errors import UserError
 from farmer_jax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +29,10 @@ def test_resolve(mode, environ, accel, want):
 
 
 def test_resolve_refuses_a_bad_value():
-  with pytest.raises(ValueError, match=r"\$FARMER_JAX_MALLOC='kept' is not one of auto, keep, "
+  with pytest.raises(UserError, match=r"\$FARMER_JAX_MALLOC='kept' is not one of auto, keep, "
                      "system"):
     host_memory.resolve(None, {"FARMER_JAX_MALLOC": "kept"}, accelerator=False)
-  with pytest.raises(ValueError, match="mode=1"):
+  with pytest.raises(UserError, match="mode=1"):
     host_memory.resolve(1, {}, accelerator=False)
 
 

@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial.distance
 
+from farmer_jax.errors import UserError
 from farmer_jax.eval import metrics
 
 
@@ -40,11 +41,11 @@ def test_feature_statistics_matches_numpy():
 
 
 def test_feature_statistics_refuses_bad_input():
-  with pytest.raises(ValueError, match="at least 2 samples"):
+  with pytest.raises(UserError, match="at least 2 samples"):
     metrics.feature_statistics(np.zeros((1, 4)))
   bad = np.zeros((5, 4))
   bad[3, 1] = np.nan
-  with pytest.raises(ValueError, match="non-finite.*first rows \\[3\\]"):
+  with pytest.raises(UserError, match="non-finite.*first rows \\[3\\]"):
     metrics.feature_statistics(bad)
   with pytest.raises(ValueError, match="2-D"):
     metrics.feature_statistics(np.zeros((5, 4, 2)))
@@ -105,9 +106,9 @@ def test_frechet_diagonal_closed_form():
 def test_frechet_names_shape_mismatch():
   with pytest.raises(ValueError, match=r"mu1 \(4,\) vs mu2 \(3,\)"):
     metrics.frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(3))
-  with pytest.raises(ValueError, match=r"sigma must be \(F, F\) = \(4, 4\).*\(4, 3\)"):
+  with pytest.raises(UserError, match=r"sigma must be \(F, F\) = \(4, 4\).*\(4, 3\)"):
     metrics.frechet_distance(np.zeros(4), np.zeros((4, 3)), np.zeros(4), np.eye(4))
-  with pytest.raises(ValueError, match="1-D"):
+  with pytest.raises(UserError, match="1-D"):
     metrics.frechet_distance(np.zeros((4, 1)), np.eye(4), np.zeros(4), np.eye(4))
 
 
@@ -212,7 +213,7 @@ def test_precision_recall_batched_equals_unbatched():
 
 
 def test_precision_recall_errors():
-  with pytest.raises(ValueError, match="k=5"):
+  with pytest.raises(UserError, match="k=5"):
     metrics.precision_recall(np.zeros((5, 2)), np.ones((8, 2)), k=5)
   with pytest.raises(ValueError, match="same F"):
     metrics.precision_recall(np.zeros((5, 2)), np.ones((8, 3)))
@@ -277,30 +278,30 @@ def test_reference_features_only(tmp_path):
 def test_reference_errors(tmp_path):
   path = tmp_path / "bad.npz"
   np.savez(path, means=np.zeros(3), covs=np.eye(3))
-  with pytest.raises(ValueError, match=r"keys found: \['covs', 'means'\].*expected 'mu' and "
+  with pytest.raises(UserError, match=r"keys found: \['covs', 'means'\].*expected 'mu' and "
                      "'sigma'"):
     metrics.reference_statistics(path)
   np.savez(path, mu=np.zeros(3))
-  with pytest.raises(ValueError, match="mu without sigma"):
+  with pytest.raises(UserError, match="mu without sigma"):
     metrics.reference_statistics(path)
   np.savez(path, mu=np.zeros(3), sigma=np.eye(4))
-  with pytest.raises(ValueError, match=r"\(3, 3\)"):
+  with pytest.raises(UserError, match=r"\(3, 3\)"):
     metrics.reference_statistics(path)
   np.savez(path, arr_0=np.zeros((2, 4, 4, 3), np.float32))
-  with pytest.raises(ValueError, match="uint8"):
+  with pytest.raises(UserError, match="uint8"):
     metrics.reference_statistics(path)
   np.savez(path, images=np.zeros((2, 4, 4), np.uint8))
-  with pytest.raises(ValueError, match="channel axis"):
+  with pytest.raises(UserError, match="channel axis"):
     metrics.reference_statistics(path)
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     metrics.reference_statistics(tmp_path / "missing.npz")
   # a deflate bomb (64 MB of zeros in ~64 KB) is refused from its header, before inflating
   np.savez_compressed(path, mu=np.zeros(8 << 20), sigma=np.eye(2))
-  with pytest.raises(ValueError, match=r"bad.npz: array 'mu' declares shape \(8388608,\) of "
+  with pytest.raises(UserError, match=r"bad.npz: array 'mu' declares shape \(8388608,\) of "
                      r"float64 \(67108864 bytes\), more than the file can hold"):
     metrics.reference_statistics(path)
   np.save(tmp_path / "single.npy", np.zeros(3))
-  with pytest.raises(ValueError, match=r"single.npy: not an .npz archive"):
+  with pytest.raises(UserError, match=r"single.npy: not an .npz archive"):
     metrics.reference_statistics(tmp_path / "single.npy")
 
 
@@ -366,7 +367,7 @@ def test_mnist_fid(classifier, mnist):
 def test_classifier_input_errors(classifier):
   with pytest.raises(ValueError, match="uint8"):
     classifier.features(np.zeros((2, 32, 32, 1), np.float32))
-  with pytest.raises(ValueError, match=r"\(B, 32, 32, 1\), got shape \(2, 28, 28, 1\)"):
+  with pytest.raises(UserError, match=r"\(B, 32, 32, 1\), got shape \(2, 28, 28, 1\)"):
     classifier.features(np.zeros((2, 28, 28, 1), np.uint8))
   with pytest.raises(ValueError, match=r"labels must be \(B,\) = \(2,\)"):
     classifier.class_consistency(np.zeros((2, 32, 32, 1), np.uint8), np.zeros(3, int))

@@ -10,6 +10,7 @@ from scipy import stats
 from scipy.special import logsumexp, log_softmax
 
 from conftest import init_farmer, variant
+from farmer_jax.errors import UserError
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
 from farmer_jax.config.schema import ResamplingCFG
@@ -389,15 +390,15 @@ def test_sampled_latents_decode_and_reencode(tiny):
 
 def test_bad_sampler_settings_raise():
   from farmer_jax.config.schema import SamplerConfig
-  with pytest.raises(ValueError, match="cfg=-1"):
+  with pytest.raises(UserError, match="cfg=-1"):
     SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=-1.0)).check()
-  with pytest.raises(ValueError, match="t_sigma=0"):
+  with pytest.raises(UserError, match="t_sigma=0"):
     SamplerConfig(cfg=ResamplingCFG(t_sigma=0.0)).check()
-  with pytest.raises(ValueError, match=r"guidance='cfg\+\+' is unknown"):
+  with pytest.raises(UserError, match=r"guidance='cfg\+\+' is unknown"):
     SamplerConfig(guidance="cfg++").check()
   for bad, pattern in [(dict(cfg=float("nan")), "cfg=nan"), (dict(cfg=float("inf")), "cfg=inf"),
                        (dict(s_c=2.5), "s_c=2.5 must be an integer"),
                        (dict(redundant_candidates=0), "redundant_candidates=0"),
                        (dict(t_s=float("inf")), "t_s=inf")]:
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(UserError, match=pattern):
       SamplerConfig.from_config(dict(guidance="resampling", **bad))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from farmer_jax.errors import UserError
 from farmer_jax.config.schema import ModelConfig
 from farmer_jax.flow.autoregressive_flow import AutoregressiveFlow
 from farmer_jax.flow.patchify import patchify, unpatchify
@@ -304,7 +305,7 @@ def test_config_mapping():
                      flow_blocks=8, flow_layers=8, mlp_ratio=4, flow_class_conditional=True,
                      flow_final_norm=False, num_classes=1000)
   assert "num_classes" not in config_for_tarflow(3, 64, 2, 768, 8, 8)
-  with pytest.raises(ValueError, match="multiple of its head dim"):
+  with pytest.raises(UserError, match="multiple of its head dim"):
     config_for_tarflow(3, 64, 2, 100, 8, 8)
 
 
