@@ -83,20 +83,26 @@ _FIELDS = dict(
     flow_layers="model.flow_layers", flow_class_conditional="model.flow_class_conditional",
     flow_final_norm="model.flow_final_norm", mlp_ratio="model.mlp_ratio")
 
+def _norm(torch_name, ours):
+  """A LayerNorm's (weight, bias) keys -> our (scale, bias) under ``ours``."""
+  return ((f"{torch_name}.weight", ours + ("ln", "scale"), "vec"),
+          (f"{torch_name}.bias", ours + ("ln", "bias"), "vec"))
+
+
+def _dense(torch_name, ours, weight_kind, bias_kind="vec"):
+  """A linear layer's (weight, bias) keys -> our (kernel, bias) under ``ours``."""
+  return ((f"{torch_name}.weight", ours + ("kernel",), weight_kind),
+          (f"{torch_name}.bias", ours + ("bias",), bias_kind))
+
+
 # per-layer TARFlow keys (under blocks.{b}.attn_blocks.{l}.) -> (our path under layers, kind)
 _LAYER_KEYS = (
-    ("attention.norm.weight", ("attn", "norm", "ln", "scale"), "vec"),
-    ("attention.norm.bias", ("attn", "norm", "ln", "bias"), "vec"),
-    ("attention.qkv.weight", ("attn", "qkv", "kernel"), "qkv_w"),
-    ("attention.qkv.bias", ("attn", "qkv", "bias"), "qkv_b"),
-    ("attention.proj.weight", ("attn", "proj", "kernel"), "proj_w"),
-    ("attention.proj.bias", ("attn", "proj", "bias"), "vec"),
-    ("mlp.norm.weight", ("mlp", "norm", "ln", "scale"), "vec"),
-    ("mlp.norm.bias", ("mlp", "norm", "ln", "bias"), "vec"),
-    ("mlp.main.0.weight", ("mlp", "fc1", "kernel"), "linear"),
-    ("mlp.main.0.bias", ("mlp", "fc1", "bias"), "vec"),
-    ("mlp.main.2.weight", ("mlp", "fc2", "kernel"), "linear"),
-    ("mlp.main.2.bias", ("mlp", "fc2", "bias"), "vec"),
+    *_norm("attention.norm", ("attn", "norm")),
+    *_dense("attention.qkv", ("attn", "qkv"), "qkv_w", "qkv_b"),
+    *_dense("attention.proj", ("attn", "proj"), "proj_w"),
+    *_norm("mlp.norm", ("mlp", "norm")),
+    *_dense("mlp.main.0", ("mlp", "fc1"), "linear"),
+    *_dense("mlp.main.2", ("mlp", "fc2"), "linear"),
 )
 
 
