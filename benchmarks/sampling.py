@@ -24,8 +24,8 @@ import numpy as np
 
 from farmer_jax import configlib
 from farmer_jax.config.parse import parse
-from farmer_jax.model import decode_latents, init_params
 from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
+from farmer_jax.model import decode_latents, init_params
 from farmer_jax.sampling.sampler import sample_keys, sample_latents
 
 

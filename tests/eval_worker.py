@@ -12,10 +12,9 @@ import sys
 import jax
 import numpy as np
 
-from farmer_jax import sharding
+from farmer_jax import cli, sharding
 from farmer_jax.data.pipeline import padded_batches
 from farmer_jax.data.sources import ArraySource
-from farmer_jax import cli
 from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.model import Farmer
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from farmer_jax.artifacts.runs import CHECKPOINTS, RunDir
 from farmer_jax.artifacts.checkpoint import Checkpointer
+from farmer_jax.artifacts.runs import CHECKPOINTS, RunDir
 
 
 def snapshot(root):

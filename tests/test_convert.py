@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from farmer_jax.errors import UserError
 from farmer_jax import conventions
+from farmer_jax.artifacts import export
 from farmer_jax.commands.convert import from_tarflow, to_tarflow
 from farmer_jax.config.schema import SamplerConfig
+from farmer_jax.errors import UserError
 from farmer_jax.eval.likelihood import dequantize_examples, evaluate_bpd
 from farmer_jax.interop import convert
 from farmer_jax.interop.tarflow import config_for_tarflow, params_to_tarflow, patch_permutation
 from farmer_jax.model import Farmer, init_params
-from farmer_jax.artifacts import export
 from farmer_jax.sampling.sampler import sample_images, sample_keys, standard_normal_latents
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from farmer_jax.errors import ConfigError
 from farmer_jax.config.schema import DataConfig
 from farmer_jax.data import pipeline, preprocess, sources
 from farmer_jax.data.prepare import Options, PrepareError, prepare
+from farmer_jax.errors import ConfigError
 
 CLASSES = ("ant", "bee", "cow")
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY, fake_devices_env, init_farmer
-from farmer_jax.errors import UserError
 from farmer_jax import conventions
+from farmer_jax.errors import UserError
 from farmer_jax.eval.likelihood import dequantize_examples, evaluate_bpd, summarize
 
 HERE = os.path.dirname(__file__)

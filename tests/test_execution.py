@@ -14,7 +14,7 @@ import pytest
 from farmer_jax.config.schema import ModelConfig, SamplerConfig
 from farmer_jax.flow.patchify import patchify
 from farmer_jax.model import Farmer, init_params, make_flow
-from farmer_jax.sampling.sampler import sample_latents, sample_keys
+from farmer_jax.sampling.sampler import sample_keys, sample_latents
 from farmer_jax.train.step import make_loss
 
 BASE = ModelConfig(image_size=16, channels=3, patch_size=2, num_classes=3, flow_blocks=2,

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from test_checkpoint import copy_run_with_new_step, snapshot, truncate_tree
 
-from farmer_jax.errors import UserError
-from farmer_jax.artifacts.runs import CHECKPOINTS
 from farmer_jax.artifacts import export as export_lib
 from farmer_jax.artifacts.export import ExportError, export_model, load_model
-from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
+from farmer_jax.artifacts.runs import CHECKPOINTS
 from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
+from farmer_jax.errors import UserError
+from farmer_jax.sampling.generate import generate, parse_classes, write_outputs
 
 
 def test_export_roundtrip(exported):

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from farmer_jax.errors import UserError
 from farmer_jax import host_memory
+from farmer_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

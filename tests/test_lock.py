@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from farmer_jax.artifacts import storage
-from farmer_jax.artifacts.runs import LOCK
 from farmer_jax.artifacts import lock as lockmod
+from farmer_jax.artifacts import storage
 from farmer_jax.artifacts.lock import WorkdirBusyError, WorkdirLock, WorkdirLockLost
+from farmer_jax.artifacts.runs import LOCK
 
 QUIET = lambda _: None  # noqa: E731
 

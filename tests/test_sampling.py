@@ -10,12 +10,11 @@ from scipy import stats
 from scipy.special import logsumexp, log_softmax
 
 from conftest import init_farmer, variant
+from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
 from farmer_jax.errors import UserError
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
-from farmer_jax.config.schema import ResamplingCFG
 from farmer_jax.sampling.guidance import naive_cfg_draw, resample
-from farmer_jax.config.schema import SamplerConfig
 from farmer_jax.sampling.sampler import (draw_informative, draw_redundant, sample_images,
                                          sample_keys, sample_latents)
 

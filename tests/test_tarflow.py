@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from farmer_jax.errors import UserError
 from farmer_jax.config.schema import ModelConfig
+from farmer_jax.errors import UserError
 from farmer_jax.flow.autoregressive_flow import AutoregressiveFlow
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.interop.tarflow import (config_for_tarflow, params_to_tarflow, patch_permutation,

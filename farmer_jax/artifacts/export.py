@@ -18,10 +18,10 @@ import orbax.checkpoint as ocp
 
 from farmer_jax import untrusted
 from farmer_jax.artifacts import runs, storage
-from farmer_jax.config.schema import DTYPE_NAMES, jnp_dtype
-from farmer_jax.config.parse import parse_model
-from farmer_jax.errors import ConfigError, UserError, brief
 from farmer_jax.artifacts.checkpoint import Checkpointer, UnreadableCheckpoints, os_error_in
+from farmer_jax.config.parse import parse_model
+from farmer_jax.config.schema import DTYPE_NAMES, jnp_dtype
+from farmer_jax.errors import ConfigError, UserError, brief
 
 FORMAT_VERSION = 1
 # the export.json marker: only a directory carrying it is ever replaced

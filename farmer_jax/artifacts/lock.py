@@ -41,8 +41,8 @@ import uuid
 from typing import NamedTuple
 
 from farmer_jax.artifacts import storage
-from farmer_jax.errors import UserError, brief
 from farmer_jax.artifacts.runs import RunDir
+from farmer_jax.errors import UserError, brief
 
 
 class WorkdirBusyError(UserError, RuntimeError):

@@ -1,12 +1,16 @@
 """Flags and steps that several commands share, written once: how a command declares its flags
 (``Flag`` rows, ``define``), the output switches every command takes (--quiet/--verbose/--debug),
-the --config file, the multi-process launch flags and the jax start-up they configure."""
+the --config file, the multi-process launch flags and the jax start-up they configure, and the
+check of a JSON result path (eval, fid)."""
 
 import dataclasses
+import os
 from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
+
+from farmer_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,17 @@ def define_launch(fv):
   flags.DEFINE_integer("process_id", None,
                        "This process's index (with --distributed=explicit).", flag_values=fv)
   define_compilation_cache(fv)
+
+
+def check_json_out(path):
+  """Refuses, before any work, a JSON result path that cannot be written (local paths)."""
+  from farmer_jax.artifacts import storage
+  if not str(path).endswith(".json"):
+    raise UserError(f"--out={path}: the result is JSON. Fix: name it *.json")
+  if storage.is_url(path):
+    return
+  if os.path.isdir(path):
+    raise UserError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
 
 
 def start_jax(f):

@@ -2,7 +2,6 @@
 dequantization draws), written as JSON (``--out``, or next to the model) and, for a run, as
 TensorBoard scalars ``eval_<split>/*`` at its checkpoint's step."""
 
-import os
 import time
 
 from absl import app
@@ -35,17 +34,6 @@ def define_flags(fv):
   common.define_output(fv)
 
 
-def check_json_out(path):
-  """Refuses, before any work, a JSON result path that cannot be written (local paths)."""
-  from farmer_jax.artifacts import storage
-  if not str(path).endswith(".json"):
-    raise UserError(f"--out={path}: the result is JSON. Fix: name it *.json")
-  if storage.is_url(path):
-    return
-  if os.path.isdir(path):
-    raise UserError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
-
-
 def main(f):
   if bool(f.workdir) == bool(f.model):
     raise app.UsageError("pass exactly one of --workdir (a training run) and --model (an export "
@@ -67,7 +55,7 @@ def main(f):
   e = EvalConfig.from_section(config.eval)
   split = f.split or e.split
   path = f.out or evaluate.result_path(workdir or model_dir, split)
-  check_json_out(path)
+  common.check_json_out(path)
   data = evaluate.eval_data(config, f.data_dir)
   sources.require_dataset(data, model_dir or workdir)
   sources.require_split(data, split, f"--split={split}", "pass one of them")

@@ -78,7 +78,6 @@ def main(f):
   say = common.say(f)
   ref, ref_split = _checked_reference(f)
 
-  from farmer_jax.commands.evaluate import check_json_out
   from farmer_jax.config.schema import DataConfig
   from farmer_jax.eval import fid
   from farmer_jax.artifacts.export import load_model
@@ -94,7 +93,7 @@ def main(f):
     fid.check_split(data, ref_split)
   out = f.out or fid.default_out(
       f.model, fid.settings_tag(f.features, f.num, drawn.sampler, drawn.settings, f.seed))
-  check_json_out(out)
+  common.check_json_out(out)
   dump = f.dump or fid.default_dump(out)
 
   net, clf = fid.feature_net(f.features, f.inception, say=say if not f.quiet else None)

@@ -3,28 +3,30 @@ translation into config.sample overrides; the model's config.sample supplies the
 
 import re
 
-from absl import flags
-
+from farmer_jax.commands import common
+from farmer_jax.commands.common import Flag
 from farmer_jax.config.schema import (GUIDANCE_MODES, INVERSES, SAMPLER_FIELDS, SAMPLER_KEYS,
                                       SamplerConfig)
 from farmer_jax.config.rules import SettingError
 from farmer_jax.errors import UserError
 
 
+# --sampler takes every sampler setting; its help lists those without a flag of their own
+_OWN_FLAG = ("guidance", "cfg", "inverse")
+FLAGS = (
+    Flag("cfg", None, "Guidance scale w (default: the model config's sample.cfg).", float),
+    Flag("inverse", None, "The AF inverse: exact (sequential), jacobi (parallel fixed-point; "
+         "--sampler=jacobi_tol=...,jacobi_max_iters=...) or student (the distilled one-step "
+         "inverse the export carries). Default: the config's.", choices=INVERSES),
+    Flag("guidance", None, "Guidance method (default: resampling if cfg > 0 else the config's).",
+         choices=GUIDANCE_MODES),
+    Flag("sampler", None, "Extra sampler settings 'k=v,...' ("
+         + ", ".join(k for k in SAMPLER_KEYS if k not in _OWN_FLAG) + ")."),
+)
+
+
 def define(fv):
-  flags.DEFINE_float("cfg", None, "Guidance scale w (default: the model config's sample.cfg).",
-                     flag_values=fv)
-  flags.DEFINE_enum("inverse", None, list(INVERSES),
-                    "The AF inverse: exact (sequential), jacobi (parallel fixed-point; "
-                    "--sampler=jacobi_tol=...,jacobi_max_iters=...) or student (the distilled "
-                    "one-step inverse the export carries). Default: the config's.", flag_values=fv)
-  flags.DEFINE_enum("guidance", None, list(GUIDANCE_MODES),
-                    "Guidance method (default: resampling if cfg > 0 else the config's).",
-                    flag_values=fv)
-  # --sampler takes every sampler setting; the help lists those without their own flag
-  rest = ", ".join(k for k in SAMPLER_KEYS if k not in ("guidance", "cfg", "inverse"))
-  flags.DEFINE_string("sampler", None, f"Extra sampler settings 'k=v,...' ({rest}).",
-                      flag_values=fv)
+  common.define(fv, FLAGS)
 
 
 def _number(text):

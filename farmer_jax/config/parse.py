@@ -153,9 +153,8 @@ def _check_mesh(config, t, train_size, num_devices, num_processes):
   if fsdp:
     require(fsdp.get("axis") in shape, "fsdp.axis", fsdp.get("axis"),
             f"it is not an axis of config.mesh={config.mesh!r}", f"use one of {list(names)}")
-    rule = rules.int_at_least(0, "e.g. --config.fsdp.min_params=65536")
-    v = fsdp.get("min_params", 0)
-    require(rule.ok(v), "fsdp.min_params", v, rule.why, rule.fix)
+    rules.int_at_least(0, "e.g. --config.fsdp.min_params=65536").require(
+        "fsdp.min_params", fsdp.get("min_params", 0))
   return sharding.logical_rules(rules_)
 
 

@@ -56,6 +56,10 @@ class Rule:
   why: str
   fix: str = ""
 
+  def require(self, field, value):
+    """FieldError naming ``config.<field>`` unless ``value`` passes."""
+    require(self.ok(value), field, value, self.why, self.fix)
+
 
 def is_int(v):
   """An integer (Python or numpy), not a bool."""
@@ -118,5 +122,4 @@ def check_fields(sec, prefix):
     rule = f.metadata.get("rule")
     if rule is None:
       continue
-    v = getattr(sec, f.name)
-    require(rule.ok(v), f.metadata.get("name", f"{prefix}.{f.name}"), v, rule.why, rule.fix)
+    rule.require(f.metadata.get("name", f"{prefix}.{f.name}"), getattr(sec, f.name))

@@ -260,9 +260,8 @@ class ModelConfig(Section):
           f"dimred={self.dimred!r}",
           f"choose d_I below {d}, or set --config.model.dimred=none to model all {d} channels")
     if self.dimred == "farmer":
-      rule = _pos("model.mixtures_redundant")
-      require(rule.ok(self.mixtures_redundant), "model.mixtures_redundant",
-              self.mixtures_redundant, rule.why, rule.fix)
+      _pos("model.mixtures_redundant").require("model.mixtures_redundant",
+                                               self.mixtures_redundant)
 
 
 def _field(default, spec=None, **metadata):
@@ -368,15 +367,17 @@ class TrainConfig(Section):
                   f"it exceeds train.lr={self.lr}",
                   "the cosine schedule decays from train.lr down to train.min_lr; lower min_lr")
     rules.require(self.noise_min <= self.noise_max, "train.noise_min", self.noise_min,
-           f"it exceeds train.noise_max={self.noise_max}",
-           "the cosine schedule anneals from noise_max down to noise_min")
+                  f"it exceeds train.noise_max={self.noise_max}",
+                  "the cosine schedule anneals from noise_max down to noise_min")
     rules.require(not self.init_flow or os.path.isfile(self.init_flow), "train.init_flow",
-           self.init_flow, "no such file",
-           "pass the path of a TARFlow checkpoint (.pth / .npz) on this machine, or '' for none")
+                  self.init_flow, "no such file",
+                  "pass the path of a TARFlow checkpoint (.pth / .npz) on this machine, or '' "
+                  "for none")
     rules.require(is_int(self.noise_steps) and (self.noise_steps == -1 or self.noise_steps >= 1),
-           "train.noise_steps", self.noise_steps,
-           "must be an integer >= 1 (steps over which the noise anneals) or -1 (= train.steps)",
-           "use -1 to anneal over the whole run")
+                  "train.noise_steps", self.noise_steps,
+                  "must be an integer >= 1 (steps over which the noise anneals) or -1 "
+                  "(= train.steps)",
+                  "use -1 to anneal over the whole run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,8 +570,7 @@ SAMPLER_KEYS = tuple(SAMPLER_FIELDS)
 
 def _finite_at_least(lo, text, lo_open=False):
   """A finite number >= lo (> lo with lo_open); ``text`` is the SettingError template."""
-  return rules.Rule(
-      lambda v: is_real(v) and (v > lo if lo_open else v >= lo) and math.isfinite(v), text)
+  return rules.Rule(lambda v: is_real(v) and (v > lo if lo_open else v >= lo), text)
 
 
 # The rule of each sampler setting that has one; the why is the whole text, ``{v}`` the value.

@@ -32,8 +32,8 @@ import math
 import grain
 import numpy as np
 
-from farmer_jax.errors import ConfigError
 from farmer_jax.data import preprocess, sources
+from farmer_jax.errors import ConfigError
 
 
 class Preprocess(grain.transforms.Map):

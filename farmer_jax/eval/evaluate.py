@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from farmer_jax import sharding
 from farmer_jax.artifacts import storage
-from farmer_jax.errors import ConfigError
-from farmer_jax.config.schema import DataConfig
 from farmer_jax.config.parse import parse_model
-from farmer_jax.errors import UserError
+from farmer_jax.config.schema import DataConfig
+from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.model import Farmer, abstract_params
 

@@ -29,10 +29,9 @@ import re
 import numpy as np
 
 from farmer_jax.artifacts import storage
-from farmer_jax.errors import ConfigError
-from farmer_jax.config.schema import DATA_SHAPE_FIELDS, DataConfig, ModelConfig, TrainConfig
 from farmer_jax.config.parse import parse_model
-from farmer_jax.errors import UserError
+from farmer_jax.config.schema import DATA_SHAPE_FIELDS, DataConfig, ModelConfig, TrainConfig
+from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.interop import tarflow
 
 _ARCH_FIELDS = ("image_size", "channels", "num_classes", "patch_size", "flow_width", "flow_heads",

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from farmer_jax.artifacts.storage import atomic_file
 from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
 from farmer_jax.conventions import to_uint8
 from farmer_jax.errors import UserError
 from farmer_jax.sampling.images import grid_image
-from farmer_jax.artifacts.storage import atomic_file
 from farmer_jax.sampling.sampler import sample_images, sample_keys
 
 
@@ -60,7 +60,7 @@ class ExportSampler:
 def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""):
   """The sampler of the export at ``model_dir`` (``mcfg, config, meta`` from
   ``export.load_model``): its config.sample sampler settings with ``overrides`` (config.sample
-  keys) on top, checked against the model (ValueError), with its student when the inverse is
+  keys) on top, checked against the model (SettingError), with its student when the inverse is
   ``student`` (ExportError when it carries none; ``student_fix`` ends that message) and its latent
   variance."""
   from farmer_jax.artifacts.export import ExportError, load_latent_var, load_student

@@ -1,8 +1,8 @@
 """Optimizer and schedules: AdamW (kernels decayed), linear warmup + cosine decay, optional
 global-norm clip.
 
-``t`` is the run's ``config.train`` section: a ``farmer_jax.config.TrainConfig`` (or anything
-with its attribute names, e.g. the validated ConfigDict).
+``t`` is the run's ``config.train`` section: a ``farmer_jax.config.schema.TrainConfig`` (or
+anything with its attribute names).
 """
 
 import jax

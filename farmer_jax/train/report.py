@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from farmer_jax import sharding
 from farmer_jax.artifacts import runs, storage
+from farmer_jax.artifacts.metrics import MetricWriter, has_row
 from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes
 from farmer_jax.sampling.images import save_grid
-from farmer_jax.artifacts.metrics import MetricWriter, has_row
 
 
 def _progress(tr):
