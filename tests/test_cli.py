@@ -22,9 +22,9 @@ from absl import flags
 
 from farmer_jax import cli
 from farmer_jax.commands import exits, sampler_flags
+from farmer_jax.config.schema import SamplerConfig
 from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.sampling import generate as gen
-from farmer_jax.config.schema import SamplerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
@@ -127,6 +127,11 @@ TRAIN = ["train", "--config={Q}:tiny", "--workdir={W}/run"]
 # (case id, command, argv, substrings the one-line message must contain)
 BAD_CASES = [
     ("missing_config", "train", ["train", "--config={W}/nope.py", "--workdir={W}/run"],
+     ["--config={W}/nope.py: cannot load the config file", "No such file", "Fix:"]),
+    ("check_missing_config", "check", ["check", "--config={W}/nope.py", "--workdir={W}/run"],
+     ["--config={W}/nope.py: cannot load the config file", "No such file", "Fix:"]),
+    ("distill_missing_config", "distill",
+     ["distill", "--config={W}/nope.py", "--workdir={W}/s", "--teacher={M}"],
      ["--config={W}/nope.py: cannot load the config file", "No such file", "Fix:"]),
     ("config_raises", "train", ["train", "--config={W}/raises.py:big", "--workdir={W}/run"],
      ["--config={W}/raises.py:big", "RuntimeError: no preset called 'big'"]),

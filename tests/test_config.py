@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from farmer_jax import configlib
-from farmer_jax.errors import ConfigError
 from farmer_jax.config.parse import parse, parse_model
+from farmer_jax.errors import ConfigError
 from farmer_jax.model import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -406,6 +406,15 @@ def test_saved_config_is_resolved():
   c.model["final_flip"] = True
   with pytest.raises(ConfigError, match=r"config.model has unknown field\(s\) \['final_flip'\]"):
     parse(c)
+
+
+def test_the_data_shape_comes_from_config_data():
+  """ModelConfig's image_size / channels / num_classes are config.data's, also when config.model
+  holds a key of the same name."""
+  c = configlib.load("quickstart:tiny")
+  c.model["image_size"] = 64
+  m = parse_model(c)
+  assert (m.image_size, m.channels, m.num_classes) == (32, 1, 10)
 
 
 def test_saved_config_file_does_not_depend_on_the_order_a_config_file_wrote(tmp_path):

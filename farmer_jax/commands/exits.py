@@ -132,7 +132,7 @@ def parse_flags(cmd, flag_values, argv, debug, owners):
     rest = flag_values(argv)
   except Exception as e:  # noqa: BLE001 - flag and config-file errors become one line
     fail(cmd, flag_error_message(e, argv, owners), 2, show_traceback=debug, keep_stderr=debug)
-  if cmd in ("train", "convert") and flag_values["config"].present:
+  if "config" in flag_values and flag_values["config"].present:
     config = flag_values.config
     spec = _config_spec(argv)
     if config is None:

@@ -92,7 +92,9 @@ class Section:
         raise ConfigError(
             f"config.{cls.SECTION} lacks field(s) {missing}. Fix: start config.{cls.SECTION} from "
             f"farmer_jax.configlib.base({cls.__name__}) (base_{cls.SECTION}()) and update it")
-    out = cls(**{k: t[k] for k in known if k in t}, **given)  # derived fields keep their defaults
+    # derived fields keep their defaults; ``given`` (ModelConfig's data shape, from config.data)
+    # wins over a same-named key of the section
+    out = cls(**{k: t[k] for k in known if k in t and k not in given}, **given)
     rules.check_fields(out, cls.SECTION)
     out.check()
     floats = {f.name: float(getattr(out, f.name))
