@@ -111,4 +111,7 @@ def get_config(arg=None):
       redundant_var_scale=1.0,
       **SAMPLING[a.model])
   configlib.base_mesh(c)
+  # FSDP over every device: the state of the larger presets replicated per chip does not fit
+  # v5e's 15.75 GiB (docs/scaling.md); on one host (8 GPUs) this is fsdp=8
+  c.mesh = (("data", 1), ("fsdp", -1))
   return c

@@ -71,10 +71,26 @@ def mesh_shape(mesh_spec, num_devices):
 def make_mesh(mesh_spec, devices=None):
   """``(('data', -1), ('fsdp', 1))`` -> an Auto-typed Mesh over ``devices`` (default: all); -1
   takes the remaining devices. ``jax.make_mesh`` orders the devices (TPU: along the physical
-  torus; GPU: by device id; CPU: as given)."""
+  torus; GPU: by device id; CPU: as given). Devices of several TPU slices (multi-slice, DCN
+  between them): the mesh's first axis spans the slices (data parallel over DCN, every other
+  axis inside a slice over ICI), so its size must be a multiple of the slice count."""
   devices = jax.devices() if devices is None else list(devices)
   names, sizes = mesh_shape(mesh_spec, len(devices))
-  return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+  axis_types = (AxisType.Auto,) * len(names)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+  if sizes[0] % slices:
+    raise FieldError("mesh", mesh_spec,
+                     f"its first axis {names[0]!r} (size {sizes[0]}) spans the {slices} slices, "
+                     f"and {sizes[0]} is not a multiple of {slices}",
+                     f"make the first axis a multiple of {slices}, e.g. (('data', {slices}), "
+                     "('fsdp', -1))")
+  from jax.experimental import mesh_utils
+  ici = (sizes[0] // slices,) + tuple(sizes[1:])
+  dcn = (slices,) + (1,) * (len(sizes) - 1)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return jax.sharding.Mesh(grid, names, axis_types=axis_types)
 
 
 def logical_rules(sharding_rules):
@@ -106,10 +122,12 @@ def batch_slots(mesh, rules):
   return int(np.prod([mesh.shape[a] for a in batch_mesh_axes(rules)], dtype=np.int64))
 
 
-def eval_batch_size(requested, mesh, rules):
-  """An eval batch rounded up to a multiple of the mesh's data-parallel slots and of the process
-  count (so every process holds an equal, shardable slice of every padded batch)."""
-  unit = math.lcm(batch_slots(mesh, rules), jax.process_count())
+def padded_batch_size(requested, mesh, rules, processes=None):
+  """A global batch (eval, sampling) rounded up to a multiple of the mesh's data-parallel slots
+  and of the process count (default this run's), so every process holds an equal, shardable slice
+  of every padded batch."""
+  processes = jax.process_count() if processes is None else processes
+  unit = math.lcm(batch_slots(mesh, rules), processes)
   return -(-int(requested) // unit) * unit
 
 
@@ -174,3 +192,14 @@ def global_batch(local_batch, mesh, sharding):
   """Assembles a global array from this process's slice of the batch (multi-host safe)."""
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
                       local_batch)
+
+
+def place(tree, shardings):
+  """``tree`` put on ``shardings`` (``jax.device_put``). Abstract leaves (ShapeDtypeStructs: the
+  arguments of a program compiled for a target slice, aot/programs.py) get the sharding attached
+  instead."""
+  def put(a, s):
+    if isinstance(a, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    return jax.device_put(a, s)
+  return jax.tree.map(put, tree, shardings)

@@ -1,6 +1,13 @@
 """`farmer_jax check`: validates a train command line (run config, data, workdir) for a target of
 --devices / --processes without starting anything: what a launcher runs before it pays for
-machines. It takes every `train` flag, so a launcher passes train's arguments unchanged."""
+machines. It takes every `train` flag, so a launcher passes train's arguments unchanged.
+
+With --compile (implied by --topology) it also compiles every program the run will execute for
+the target's devices (a Cloud TPU slice that need not exist, through libtpu; or this machine's),
+says per program whether it fits the device memory, and projects the train step's time and cost
+(aot/). Exit 2 when a program does not fit or does not compile."""
+
+import json
 
 from absl import app
 
@@ -8,13 +15,32 @@ from farmer_jax.commands import common, train
 from farmer_jax.commands.common import Flag
 from farmer_jax.errors import UserError
 
-PURPOSE = "check a train command line for a target machine count, starting nothing"
+PURPOSE = ("check a train command line for a target machine count, or compile every program of "
+           "the run for a TPU slice, starting nothing")
 EXAMPLE = ("farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run "
-           "--devices=64 --processes=16")
+           "--devices=64 --processes=16 | farmer_jax check "
+           "--config=configs/imagenet256.py:1.9B/8 --topology=v5p-64 [--out=fit.json]")
 
 FLAGS = (
     Flag("devices", None, "Devices of the target machine(s) (default: these).", int),
     Flag("processes", None, "Processes (hosts) of the target (default: 1).", int),
+    Flag("compile", False, "Compile every program the run executes (train or distill step, "
+         "eval, sample grid; an export's sampler and FID features) for the target and check "
+         "each fits its device memory. The data is not read."),
+    Flag("topology", None, "Compile for this Cloud TPU slice, which need not exist: v4-N, "
+         "v5litepod-N (or v5e-N), v5p-N, v6e-N as Cloud TPU names them, e.g. v5p-64. Implies "
+         "--compile; needs libtpu (pip install 'farmer_jax[tpu-aot]'); no TPU or credentials."),
+    Flag("num_slices", 1, "Slices of --topology (multi-slice over DCN)."),
+    Flag("programs", "train,eval,grid,sampler,fid",
+         "Which programs --compile compiles (comma-separated): the train (or distill) step, the "
+         "eval (or reconstruction error) step, the end-of-run sample grid, an export's sampler "
+         "(sample/fid), fid's Inception-v3 features."),
+    Flag("distill", False, "The run is `farmer_jax distill` (its step and reconstruction error), "
+         "with the config's model as the teacher's."),
+    Flag("mfu", 0.4, "Model FLOPs utilisation the time projection assumes (0-1]."),
+    Flag("price", None, "USD per chip-hour of the cost projection (default: the slice's "
+         "on-demand list price).", float),
+    Flag("out", None, "Write the compile report as JSON here."),
 )
 
 
@@ -24,8 +50,10 @@ def define_flags(fv):
 
 
 def main(f):
-  if f.config is None or not f.workdir:
-    raise app.UsageError("--config and --workdir are required")
+  compiling = bool(f.compile or f.topology)
+  if f.config is None or not (f.workdir or compiling):
+    raise app.UsageError("--config and --workdir are required (--workdir is optional with "
+                         "--compile or --topology)")
   for name in ("devices", "processes"):
     v = f[name].value
     if v is not None and v < 1:
@@ -33,16 +61,84 @@ def main(f):
   processes = f.processes or 1
   if f.devices is not None and f.devices % processes:
     raise UserError(f"--devices={f.devices} is not a multiple of --processes={processes}")
+  if not 0 < f.mfu <= 1:
+    raise UserError(f"--mfu={f.mfu} must be in (0, 1], e.g. --mfu=0.4")
+  if f.price is not None and f.price < 0:
+    raise UserError(f"--price={f.price} must be >= 0 (USD per chip-hour)")
+  if f.out:
+    common.check_json_out(f.out)
+  from farmer_jax.aot.programs import KEYS
+  keys = tuple(k.strip() for k in f.programs.split(",") if k.strip())
+  unknown = [k for k in keys if k not in KEYS]
+  if unknown or not keys:
+    raise UserError(f"--programs={f.programs}: unknown program(s) {unknown}. Fix: a "
+                    f"comma-separated subset of {','.join(KEYS)}")
+
+  target = None
+  if f.topology:
+    if f.devices is not None or f.processes is not None:
+      raise UserError(f"--topology={f.topology} sets the devices and processes. Fix: drop "
+                      "--devices and --processes")
+    target = _slice_target(f.topology, f.num_slices)
+  elif compiling:
+    if f.devices is not None or f.processes is not None:
+      raise UserError("--compile without --topology compiles for this machine's devices. Fix: "
+                      "drop --devices/--processes, or name a TPU slice with --topology")
+    common.start_jax(f)
+    from farmer_jax.aot.report import local_target
+    target = local_target()
 
   from farmer_jax.config.parse import parse
-  run = parse(f.config, f.workdir, num_devices=f.devices, num_processes=processes)
+  if target is not None:
+    run = parse(f.config, f.workdir or None, num_devices=len(target.devices),
+                num_processes=target.processes, read_data=False)
+  else:
+    run = parse(f.config, f.workdir, num_devices=f.devices, num_processes=processes)
   m, d, t = run.model, run.data, run.train
 
   from farmer_jax.artifacts import storage
-  where = "a bucket" if storage.is_url(f.workdir) else "a local path"
-  print(f"config OK: {m.num_tokens} tokens of d={m.token_dim}, data {d.name}, global batch "
-        f"{t.batch_size} on {f.devices or 'the local'} device(s) / {processes} process(es), "
-        f"workdir {f.workdir} ({where})")
-  if processes > 1 and not storage.is_url(f.workdir):
+  where = ("" if not f.workdir else
+           f", workdir {f.workdir} ({'a bucket' if storage.is_url(f.workdir) else 'a local path'})")
+  count = (f"{len(target.devices)} device(s) / {target.processes} process(es)" if target else
+           f"{f.devices or 'the local'} device(s) / {processes} process(es)")
+  data = f"data {d.name}" + (" (not read)" if target else "")
+  print(f"config OK: {m.num_tokens} tokens of d={m.token_dim}, {data}, global batch "
+        f"{t.batch_size} on {count}{where}")
+  if not target and processes > 1 and f.workdir and not storage.is_url(f.workdir):
     print(f"note: {processes} processes with a local --workdir: it must be one filesystem shared "
           "by every host (e.g. NFS), or each host checkpoints to its own disk")
+  if target is not None:
+    _compile(f, run, target, keys)
+
+
+def _slice_target(name, num_slices):
+  """The Target of a Cloud TPU slice name (UserError for an unknown one, or without libtpu)."""
+  from farmer_jax.aot import slices
+  from farmer_jax.aot.report import Target
+  s = slices.parse_slice(name, num_slices)
+  devices = slices.slice_devices(s)
+  print(f"target: {s.describe()}; {slices.processes(devices)} host(s)")
+  return Target.of_slice(s, devices)
+
+
+def _compile(f, run, target, keys):
+  """Compiles and reports every program; UserError (exit 2) when one does not fit or compile."""
+  from farmer_jax.aot import programs, report
+  results = report.compile_all(run, target, distill=f.distill, keys=keys, say=print)
+  price_source = "--price" if f.price is not None else target.price_source
+  pr = report.projection(run, results, target, f.mfu, f.price)
+  print(report.describe_projection(pr, target, price_source))
+  skipped = programs.not_compiled(run)
+  for line in skipped:
+    print(f"not compiled: {line}")
+  if f.out:
+    from farmer_jax.artifacts import storage
+    storage.write_text(f.out, json.dumps(
+        report.as_json(run, target, results, pr, skipped, price_source), indent=2))
+    print(f"-> {f.out}")
+  bad = [c for c in results if not c.ok]
+  if bad:
+    names = "; ".join(f"{c.program.name}: {c.error or c.verdict.describe()}" for c in bad)
+    raise UserError(f"{len(bad)} of {len(results)} programs cannot run on {target.name}: {names}. "
+                    f"Fix: {bad[0].program.fix}")
+  print(f"every program fits {target.name}")

@@ -63,7 +63,8 @@ def parse_model(config) -> ModelConfig:
   return ModelConfig.from_section(config.model, **{f: config.data[f] for f in DATA_SHAPE_FIELDS})
 
 
-def parse(config, workdir=None, num_devices=None, num_processes=None) -> RunConfig:
+def parse(config, workdir=None, num_devices=None, num_processes=None,
+          read_data=True) -> RunConfig:
   """A full run config (and, if given, the workdir) -> RunConfig.
 
   Raises ConfigError naming the field, its value and the fix, before anything is written: data (a
@@ -71,15 +72,17 @@ def parse(config, workdir=None, num_devices=None, num_processes=None) -> RunConf
   config.train field, eval, sample (and its sampler settings), mesh + sharding rules against
   ``num_devices`` (default jax.device_count()) and the batch against the data-parallel slots and
   ``num_processes`` (default jax.process_count()), and the workdir (an existing file, or no way
-  to create it, is refused).
+  to create it, is refused). ``read_data`` False leaves the dataset unread (what compiling for a
+  target needs is config.data's shapes alone): its existence, splits and sizes are not checked.
   """
   for name in SECTIONS:
     section(config, name)
   from farmer_jax.data import sources
   d = DataConfig.from_section(config.data)
-  info = sources.describe(d)
   e = EvalConfig.from_section(config.eval)
-  sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
+  info = sources.describe(d) if read_data else None
+  if info is not None:
+    sources.check_config(d, info, (("data.train_split", d.train_split), ("eval.split", e.split)))
   require(not e.mnist_quality or (d.name == "mnist5k" and d.image_size == 32 and d.channels == 1
                                   and d.num_classes == 10),
           "eval.mnist_quality", True, "its digit classifier scores class-conditional 32x32x1 "
@@ -99,7 +102,8 @@ def parse(config, workdir=None, num_devices=None, num_processes=None) -> RunConf
     raise rules.FieldError("sample.guidance", grid.sampler.guidance, str(err),
                            "set --config.sample.guidance=none and --config.sample.cfg=0",
                            end="") from None
-  rules_ = _check_mesh(config, t, info.splits.get(d.train_split), num_devices, num_processes)
+  train_size = info.splits.get(d.train_split) if info is not None else None
+  rules_ = _check_mesh(config, t, train_size, num_devices, num_processes)
   if workdir is not None:
     validate_workdir(workdir)
   fsdp = config.get("fsdp")

@@ -630,10 +630,14 @@ def _sampler_value(key, v, typ):
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(Section):
   """``config.sample``: the sample grid a training run writes (``per_class`` samples of every
-  class, ``seed``) and how to sample it: the SAMPLER_KEYS, flat, parsed into ``sampler``."""
+  class, ``seed``, ``batch_size`` at once) and how to sample it: the SAMPLER_KEYS, flat, parsed
+  into ``sampler``."""
   SECTION = "sample"
   per_class: int = _field(8, ("int", 1, None, "e.g. --config.sample.per_class=8"))
   seed: int = _field(0, ("int", 0, None, "e.g. --config.sample.seed=0"))
+  # samples drawn at once (the global batch, split over the mesh's data-parallel slots): bounds
+  # the grid's device memory however many classes the model has
+  batch_size: int = _field(256, ("int", 1, None, "e.g. --config.sample.batch_size=256"))
   sampler: SamplerConfig = dataclasses.field(default=SamplerConfig(), metadata={"derived": True})
 
   @classmethod

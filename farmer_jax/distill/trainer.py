@@ -30,7 +30,8 @@ from farmer_jax.train.trainer import Task, closing, preempted_summary, start
 @dataclasses.dataclass
 class Teacher:
   """The pretrained model a student learns to invert: ``name`` (what summary.json records) and its
-  params (fp32). The params are handed over: ``distillation`` places them on the mesh and drops
+  params (fp32; ShapeDtypeStructs for a step compiled for a target slice, aot/programs.py). The
+  params are handed over: ``distillation`` places them on the mesh and drops
   this reference, so that no unsharded copy stays alive while the student trains."""
   name: str
   params: Any
@@ -48,12 +49,13 @@ def distillation(teacher):
                         "starts as a copy of its teacher's AF. Fix: set "
                         "--config.train.init_flow=''")
     with setup.mesh_context():
-      params = jax.device_put(teacher.params, setup.param_sh)
+      params = sharding.place(teacher.params, setup.param_sh)
     teacher.params = None
     ema = t.ema_decay > 0
     abstract = jax.eval_shape(lambda p: new_state(init_student(p), tx, ema), params)
     state_sh = state_shardings(tx, abstract, setup.param_sh["flow"], setup.mesh)
-    state = setup.born_sharded(lambda p: new_state(init_student(p), tx, ema), state_sh, params)
+    init = lambda: setup.born_sharded(lambda p: new_state(init_student(p), tx, ema), state_sh,
+                                      params)
 
     def batch_loss(params, batch, rng, s, teacher):
       k_noise, k_s = jax.random.split(rng)
@@ -63,19 +65,16 @@ def distillation(teacher):
       return loss, {f"block_{i}": per_block[i] for i in range(mcfg.flow_blocks)}
 
     step = make_guarded_step(batch_loss, tx, setup.lr_fn, t.ema_decay)
-    return Task(state, abstract, state_sh, setup.jit_step(step, state_sh, (setup.param_sh,)),
+    return Task(init, abstract, state_sh, setup.jit_step(step, state_sh, (setup.param_sh,)),
                 step_args=(params,), postfix=lambda row: {"mse": f"{row['loss']:.4g}"})
 
   return build
 
 
-def reconstruction_error(tr, student_params):
-  """Relative squared error ||G(F(x)) - x||^2 / ||x||^2 of the student over every example of the
-  eval split (x: patchified bin centres, the teacher's Z^0), sharded over the training mesh like
-  the pretraining eval (train/report.py)."""
-  batches, steps, _ = tr.eval_batches()
-  student, cfg = make_student(tr.mcfg), tr.mcfg
-  (teacher,) = tr.task.step_args
+def make_reconstruction_error(cfg):
+  """Jitted f(student params, teacher params, eval batch {'image', 'label', 'mask'}) -> (sum over
+  the real rows of ||G(F(x)) - x||^2, of ||x||^2); x: patchified bin centres, the teacher's Z^0."""
+  student = make_student(cfg)
 
   @jax.jit
   def errs(sp, teacher, b):
@@ -86,6 +85,16 @@ def reconstruction_error(tr, student_params):
     return (jnp.sum(m * jnp.sum((xr - zs[0]) ** 2, axis=(1, 2))),
             jnp.sum(m * jnp.sum(zs[0] ** 2, axis=(1, 2))))
 
+  return errs
+
+
+def reconstruction_error(tr, student_params):
+  """Relative squared error ||G(F(x)) - x||^2 / ||x||^2 of the student over every example of the
+  eval split (``make_reconstruction_error``), sharded over the training mesh like the
+  pretraining eval (train/report.py)."""
+  batches, steps, _ = tr.eval_batches()
+  errs = make_reconstruction_error(tr.mcfg)
+  (teacher,) = tr.task.step_args
   num = den = 0.0
   it = iter(batches)
   for _ in range(steps):

@@ -96,7 +96,7 @@ def evaluate_split(config, mcfg, params, data, split, samples, batch_size, seed=
   from farmer_jax.data import pipeline
   mesh = eval_mesh(config, say)
   rules = sharding.logical_rules(config.sharding_rules)
-  gb = sharding.eval_batch_size(batch_size, mesh, rules)
+  gb = sharding.padded_batch_size(batch_size, mesh, rules)
   batches, steps, n = pipeline.eval_batches(data, split, gb, jax.process_index(),
                                             jax.process_count())
   batch_sh = sharding.batch_sharding(mesh, rules)

@@ -39,6 +39,7 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
                "pt_inception-2015-12-05-6726825d.pth")
 SIZE = 299  # input height and width of the network
 MIN_SIZE = 75  # the smallest input the stride-2 stages leave a non-empty map for
+FEATURE_BATCH = 50  # images per network call (FIDFeatures' default chunk)
 NUM_CLASSES = 1008
 POOL_FEATURES = 2048
 BN_EPS = 1e-3
@@ -198,11 +199,15 @@ class FIDInceptionV3(nn.Module):
 
 
 @functools.cache
+def abstract_params():
+  """FIDInceptionV3's params as ShapeDtypeStructs (abstract init: no compute)."""
+  return jax.eval_shape(FIDInceptionV3().init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32))["params"]
+
+
 def _param_shapes():
   """{flax param path (tuple of names): shape} of FIDInceptionV3 (abstract init: no compute)."""
-  abstract = jax.eval_shape(FIDInceptionV3().init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32))
-  flat = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params())[0]
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
@@ -284,7 +289,7 @@ def resize_299(images):
 
 
 @jax.jit
-def _preprocess(images):
+def preprocess(images):
   """images (B, H, W, C) uint8 or float in [0, 255], C 1 or 3 -> the network's input float32
   (B, 299, 299, 3) in [-1, 1], in pytorch-fid's order: x / 255, resize, 2x - 1. Jitted apart
   from the network so that a new image shape only compiles this."""
@@ -296,7 +301,7 @@ def _preprocess(images):
 
 
 @jax.jit
-def _network(params, x):
+def network(params, x):
   return FIDInceptionV3().apply({"params": params}, x)
 
 
@@ -305,7 +310,7 @@ class FIDFeatures:
   uint8 or float in [0, 255], (B, H, W, 1 or 3), any H, W (resized to 299x299). Runs jitted
   chunks of ``batch_size`` images (the last one zero-padded), so one compile per image shape."""
 
-  def __init__(self, params, batch_size=50):
+  def __init__(self, params, batch_size=FEATURE_BATCH):
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
     self.params = jax.device_put(params)
@@ -335,12 +340,12 @@ class FIDFeatures:
       if len(chunk) < bs:
         pad = np.zeros((bs - len(chunk),) + chunk.shape[1:], chunk.dtype)
         chunk = np.concatenate([chunk, pad])
-      outs.append(_network(self.params, _preprocess(chunk)))
+      outs.append(network(self.params, preprocess(chunk)))
     return {k: np.concatenate([np.asarray(o[k]) for o in outs])[:n].astype(np.float32)
             for k in ("pool", "logits")}
 
 
-def load_fid_inception(path, batch_size=50):
+def load_fid_inception(path, batch_size=FEATURE_BATCH):
   """FIDFeatures (``features(images)``) with pytorch-fid's FID Inception weights from the local
   file ``path``: ``pt_inception-2015-12-05-6726825d.pth`` (``.pth``/``.pt``) or the same state_dict
   as ``.npz``. Nothing is downloaded; a missing or wrong file raises CheckpointError saying what

@@ -77,24 +77,38 @@ def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""
   return ExportSampler(sampler, settings, student, load_latent_var(model_dir, mcfg, meta))
 
 
-def make_sample_fn(mcfg, sampler, out_sharding=None, latent_var=None):
-  """The jitted sampler: f(params, keys (B,), labels (B,), student_params) -> (images in model
-  space (B, H, W, c), per-sample stats). ``out_sharding``: where it puts its outputs (a training
-  run passes its mesh's replicated sharding, so that every process can read the images).
-  ``latent_var``: an export's latent variance (``export.load_latent_var``), or None. The
-  function's ``pixels`` attribute names the model's pixel mapping (``draw_batch`` reads it)."""
+def make_sample_fn(mcfg, sampler, out_sharding=None, latent_var=None, batch_sharding=None):
+  """The jitted sampler: f(params, key_data (B, 2) uint32, labels (B,), student_params) -> (images
+  in model space (B, H, W, c), per-sample stats); ``key_data``: the samples' keys
+  (``sample_keys``) as ``jax.random.key_data``. ``out_sharding``: where it puts its outputs (a
+  training run passes its mesh's replicated sharding, so that every process can read the images).
+  ``batch_sharding``: where the keys and labels go (``SampleFn.put``), so that the batch is split
+  over a mesh's data-parallel slots; None: one device. ``latent_var``: an export's latent variance
+  (``export.load_latent_var``), or None. The returned ``SampleFn`` also names the model's pixel
+  mapping (``draw_batch`` reads it)."""
   jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
-  fn = jax.jit(lambda p, k, y, sp: sample_images(mcfg, p, k, y, sampler, return_stats=True,
-                                                 student_params=sp, latent_var=latent_var),
-               **jit_kw)
-  return _Sampler(fn, mcfg.pixels)
+
+  def sample(params, key_data, labels, student_params):
+    return sample_images(mcfg, params, jax.random.wrap_key_data(key_data), labels, sampler,
+                         return_stats=True, student_params=student_params, latent_var=latent_var)
+
+  return SampleFn(jax.jit(sample, **jit_kw), mcfg.pixels, batch_sharding)
 
 
-class _Sampler:
-  """A jitted sampler and the pixel mapping its images are in."""
+@dataclasses.dataclass(frozen=True)
+class SampleFn:
+  """A jitted sampler (``make_sample_fn``), the pixel mapping its images are in, and the sharding
+  of its batch inputs (None: one device)."""
+  fn: object
+  pixels: str
+  batch_sharding: object = None
 
-  def __init__(self, fn, pixels):
-    self.fn, self.pixels = fn, pixels
+  def put(self, host_array):
+    """A batch input (the same numpy array on every process) where the sampler takes it."""
+    if self.batch_sharding is None:
+      return jnp.asarray(host_array)
+    return jax.make_array_from_callback(host_array.shape, self.batch_sharding,
+                                        lambda index: host_array[index])
 
   def __call__(self, *args):
     return self.fn(*args)
@@ -108,9 +122,9 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
   y = np.asarray(labels, np.int32)
   m = len(y)
   pad = max((pad_to or m) - m, 0)
-  keys = sample_keys(seed, start, m + pad)
+  keys = np.asarray(jax.random.key_data(sample_keys(seed, start, m + pad)))
   yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
-  x, st = fn(params, keys, jnp.asarray(yy), student_params)
+  x, st = fn(params, fn.put(keys), fn.put(yy), student_params)
   x = np.asarray(x)[:m]
   bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
   if bad:
@@ -156,26 +170,28 @@ def check_output_size(mcfg, classes, num, png, available=None):
 
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
-             return_stats=False, out_sharding=None, student_params=None, latent_var=None):
+             return_stats=False, out_sharding=None, student_params=None, latent_var=None,
+             batch_sharding=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
   docs/sampling.md)].
 
-  ``out_sharding``: see ``make_sample_fn``."""
+  ``out_sharding``, ``batch_sharding``: see ``make_sample_fn``; with ``batch_sharding`` every
+  batch is padded to ``batch_size`` (a multiple of the mesh's data-parallel slots)."""
   if num < 1:
     raise UserError(f"--num={num} must be >= 1")
   if batch_size < 1:
     raise UserError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var)
+  fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var, batch_sharding)
+  pad_to = batch_size if total > batch_size or batch_sharding is not None else None
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
   try:
     for start in range(0, total, batch_size):
       y = labels[start:start + batch_size]
-      x, st = draw_batch(fn, params, y, start, seed, batch_size if total > batch_size else None,
-                         student_params, total)
+      x, st = draw_batch(fn, params, y, start, seed, pad_to, student_params, total)
       out.append(x)
       for k, v in st.items():
         stats.setdefault(k, []).append(v)

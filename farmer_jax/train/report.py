@@ -42,20 +42,31 @@ def sample_grid(tr, path):
   """One row per class (``config.sample.per_class`` samples each; one row of the null class for an
   unconditional model) written as a PNG at ``path``; returns the uint8 images (R, K, H, W, c).
 
-  The `farmer_jax sample` engine (``generate`` + ``write_outputs``), run on the training mesh with
-  replicated outputs: every process gets the images, process 0 writes them. Non-finite samples
-  raise (ValueError from ``generate``) before anything is written.
+  The `farmer_jax sample` engine (``generate`` + ``write_outputs``) on the training mesh: batches
+  of ``grid_batch_size`` samples split over the mesh's data-parallel slots, outputs replicated
+  (every process gets the images, process 0 writes them). Non-finite samples raise (UserError from
+  ``generate``) before anything is written.
   """
   s = tr.run.sample
   classes = parse_classes("all", tr.mcfg.num_classes)
   with tr.mesh_context():
     images, labels = generate(tr.mcfg, tr.eval_params(), classes, s.per_class,
                               s.sampler, seed=s.seed,
-                              batch_size=len(classes) * s.per_class, progress=_progress(tr),
-                              out_sharding=sharding.replicated(tr.mesh))
+                              batch_size=grid_batch_size(tr.run, tr.mesh),
+                              progress=_progress(tr),
+                              out_sharding=sharding.replicated(tr.mesh),
+                              batch_sharding=tr.batch_sh)
   if jax.process_index() == 0:
     save_grid(images, path)
   return images
+
+
+def grid_batch_size(run, mesh, processes=None):
+  """The sample grid's global batch on ``mesh``: ``config.sample.batch_size`` (at most the whole
+  grid), rounded up to a multiple of the data-parallel slots and of the processes."""
+  s = run.sample
+  grid = max(run.model.num_classes, 1) * s.per_class
+  return sharding.padded_batch_size(min(s.batch_size, grid), mesh, run.sharding_rules, processes)
 
 
 def write_report(tr, history, train_s, t0):

@@ -23,16 +23,6 @@ from farmer_jax.errors import ConfigError, UserError
 OWNED, UNREFRESHABLE, TAKEN = 0, 1, 2
 
 
-def has_checkpoints(workdir):
-  """Whether the run in ``workdir`` has checkpoints to resume from (read-only: nothing is
-  created)."""
-  ckpt = Checkpointer(runs.RunDir(workdir).checkpoints, read_only=True)
-  try:
-    return bool(storage.isdir(ckpt.directory) and ckpt.steps())
-  finally:
-    ckpt.close()
-
-
 class Session:
   """The workdir of one run (``run``: its RunConfig). Nothing is written until ``acquire``.
   ``say``: the run's console log."""

@@ -27,7 +27,7 @@ from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.optim import make_optimizer
 from farmer_jax.train.preemption import Preemption, preemptible
 from farmer_jax.train.report import evaluate, format_test_bpd, res_summary, write_report
-from farmer_jax.train.session import TAKEN, UNREFRESHABLE, Session, has_checkpoints
+from farmer_jax.train.session import TAKEN, UNREFRESHABLE, Session
 from farmer_jax.train.state import abstract_state, init_state, state_shardings
 from farmer_jax.train.step import make_train_step
 
@@ -67,10 +67,14 @@ class Setup:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """What a run trains: the fresh ``state`` (born sharded) with its shapes and shardings, the
-  jitted ``step`` (``Setup.jit_step``) and its extra arguments, what the progress bar shows of a
-  logged row, and ``evaluate(trainer, writer, step)`` every ``eval_every`` steps (0: never)."""
-  state: Any
+  """What a run trains: ``init()`` -> the fresh state (born sharded; called only when there is no
+  checkpoint to resume), the state's shapes and shardings, the jitted ``step``
+  (``Setup.jit_step``) and its extra arguments, what the progress bar shows of a logged row, and
+  ``evaluate(trainer, writer, step)`` every ``eval_every`` steps (0: never).
+
+  Building a Task runs nothing on the devices, so the same Task also serves a program compiled
+  for a slice this machine does not have (aot/programs.py: abstract step arguments)."""
+  init: Callable[[], Any]
   abstract_state: Any
   state_sh: Any
   step: Callable
@@ -90,24 +94,25 @@ def pretraining(setup):
   ema = t.ema_decay > 0
   abstract = abstract_state(mcfg, tx, ema)
   state_sh = state_shardings(tx, abstract, setup.param_sh, setup.mesh)
-  flow = _init_flow(setup) if t.init_flow else None
-  state = setup.born_sharded(lambda rng, f: init_state(mcfg, tx, rng, ema, flow=f), state_sh,
-                             jax.random.key(t.seed), flow)
+
+  def init():
+    flow = _init_flow(setup) if t.init_flow else None
+    return setup.born_sharded(lambda rng, f: init_state(mcfg, tx, rng, ema, flow=f), state_sh,
+                              jax.random.key(t.seed), flow)
+
   step = make_train_step(setup.model, mcfg, t, tx, setup.lr_fn)
-  return Task(state, abstract, state_sh, setup.jit_step(step, state_sh),
+  return Task(init, abstract, state_sh, setup.jit_step(step, state_sh),
               postfix=lambda row: {"loss(nats/dim)": f"{row['loss']:.3f}",
                                    "sigma": f"{row['noise_sigma']:.3f}"},
               eval_every=run.eval.every, evaluate=_periodic_eval)
 
 
 def _init_flow(setup):
-  """The AF params of ``train.init_flow`` (a TARFlow checkpoint) for a fresh run; None when the
-  run has checkpoints (resume restores them instead). ConfigError naming the field if the file
-  is unreadable or does not fit model.* (before anything is written)."""
+  """The AF params of ``train.init_flow`` (a TARFlow checkpoint) for a fresh run (a resumed one
+  restores its checkpoint instead). ConfigError naming the field if the file is unreadable or
+  does not fit model.* (before training writes anything)."""
   from farmer_jax.interop.tarflow import tarflow_to_params
   from farmer_jax.interop.torch_checkpoint import load_state_dict
-  if has_checkpoints(setup.workdir):
-    return None
   path = setup.run.train.init_flow
   try:
     flow = tarflow_to_params(load_state_dict(path), setup.run.model)
@@ -147,15 +152,11 @@ def start(run: RunConfig, workdir: str, task=pretraining, *, quiet=False, device
   preemption.starting(session.release)
   try:
     session.acquire()
-    mesh = sharding.make_mesh(run.mesh, devices)
-    batch_sh = sharding.batch_sharding(mesh, run.sharding_rules)
-    t = run.train
+    setup = make_setup(run, sharding.make_mesh(run.mesh, devices), workdir, log)
+    t, mesh, batch_sh = run.train, setup.mesh, setup.batch_sh
     inp = TrainInput(run.data, t.batch_size, t.seed, jax.process_index(), jax.process_count(),
                      put=lambda b: sharding.global_batch(b, mesh, batch_sh))
-    tx, lr_fn = make_optimizer(t)
-    param_sh = sharding.param_shardings(abstract_params(run.model, boxed=True), mesh,
-                                        run.sharding_rules, run.fsdp)
-    setup = Setup(run, workdir, log, mesh, batch_sh, inp, Farmer(run.model), tx, lr_fn, param_sh)
+    setup = dataclasses.replace(setup, input=inp)
     built = task(setup)
     preemption.started()
     state, restored_step = _restore(session, built, inp, log)
@@ -167,13 +168,24 @@ def start(run: RunConfig, workdir: str, task=pretraining, *, quiet=False, device
   return Trainer(setup, built, session, state, restored_step, preemption, quiet)
 
 
+def make_setup(run: RunConfig, mesh, workdir=None, log=lambda msg: None, input=None):
+  """The Setup of ``run`` on ``mesh``: batch and param shardings, model, optimizer. ``start`` adds
+  the input pipeline; a program compiled for a target slice has none (aot/programs.py)."""
+  tx, lr_fn = make_optimizer(run.train)
+  param_sh = sharding.param_shardings(abstract_params(run.model, boxed=True), mesh,
+                                      run.sharding_rules, run.fsdp)
+  return Setup(run, workdir, log, mesh, sharding.batch_sharding(mesh, run.sharding_rules), input,
+               Farmer(run.model), tx, lr_fn, param_sh)
+
+
 def _restore(session, task, inp, log):
   """(state, restored step or None): the newest checkpoint's, or the task's fresh one; starts the
   input where that state stopped."""
   restored = session.restore(task.abstract_state, task.state_sh)
   if restored is None:
+    state = task.init()
     inp.start(0)
-    return task.state, None
+    return state, None
   state, step, data_meta, data_state = restored
   how = inp.start(int(state["step"]), (data_meta, data_state))
   log(f"resumed from {session.ckpt.directory} at step {step}; {how}")
@@ -352,9 +364,8 @@ class Trainer:
     (data/pipeline.py ``eval_batches``: every example once, masked padding). The eval batch is
     rounded up to a multiple of the mesh's data-parallel slots and of the process count."""
     e = self.run.eval
-    return eval_batches(self.run.data, e.split,
-                        sharding.eval_batch_size(e.batch_size, self.mesh, self.run.sharding_rules),
-                        jax.process_index(), jax.process_count())
+    batch = sharding.padded_batch_size(e.batch_size, self.mesh, self.run.sharding_rules)
+    return eval_batches(self.run.data, e.split, batch, jax.process_index(), jax.process_count())
 
   def eval_params(self):
     return self.state.get("ema", self.state["params"])
