@@ -36,7 +36,8 @@ def make_flow(c: ModelConfig, cls=AutoregressiveFlow):
       num_blocks=c.flow_blocks, layers_per_block=c.flow_layers, num_heads=c.flow_heads,
       num_classes=c.num_classes if c.flow_class_conditional else 0, mlp_ratio=c.mlp_ratio,
       dtype=c.jnp_dtype, remat=c.remat, final_norm=c.flow_final_norm, unroll=c.unroll,
-      attn_chunk=c.flow_attn_chunk, attention=c.attention, remat_policy=c.remat_policy)
+      attn_chunk=c.flow_attn_chunk, attention=c.attention, remat_policy=c.remat_policy,
+      remat_blocks=c.remat_blocks)
 
 
 def standard_normal_log_prob(z):

@@ -69,6 +69,44 @@ def test_verdict_counts_donated_state_once_and_names_the_margin():
   assert not Compiled(prog, None, None, None, 0.0, error="INTERNAL: boom").ok
 
 
+class _FakeCompiled:
+  """A compiled program needing ``gib(batch)`` GiB of temporaries."""
+
+  def __init__(self, temp):
+    self.temp = temp
+
+  def memory_analysis(self):
+    class M:
+      argument_size_in_bytes = output_size_in_bytes = alias_size_in_bytes = 0
+      generated_code_size_in_bytes = 0
+    m = M()
+    m.temp_size_in_bytes = self.temp
+    return m
+
+  def cost_analysis(self):
+    return {"flops": 1.0}
+
+
+def _fake_program(batch, gib, compiled):
+  import contextlib
+  fn = type("Fn", (), {"lower": lambda self, *a: type("L", (), {
+      "compile": lambda _: (compiled.append(batch), _FakeCompiled(int(gib(batch) * GIB)))[1]})()})
+  return programs.Program("sampler", "s", "", fn(), (), contextlib.nullcontext, 1, batch=batch,
+                          at_batch=lambda b: _fake_program(b, gib, compiled))
+
+
+def test_a_sampler_that_does_not_fit_is_halved_until_it_does():
+  from farmer_jax.aot.compile import compile_fitting
+  seen = []
+  c = compile_fitting(_fake_program(64, lambda b: 4 + b / 2, seen), 16 * GIB)  # 4 + b/2 GiB
+  assert not c.ok and c.verdict.needed == 36 * GIB and c.fits_at == 16 and seen == [64, 32, 16]
+  seen = []
+  c = compile_fitting(_fake_program(64, lambda b: 20 + b, seen), 16 * GIB)     # never fits
+  assert c.fits_at is None and seen == [64, 32, 16, 8, 4, 2, 1]
+  seen = []
+  assert compile_fitting(_fake_program(64, lambda b: 1, seen), 16 * GIB).ok and seen == [64]
+
+
 def test_libtpu_out_of_memory_message_is_read():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (116.18G) exceeds available HBM (15.75G).")
@@ -217,6 +255,12 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
   assert "Fix: lower config.eval.batch_size" in r.stderr
   rep = json.loads(out2.read_text())
   assert rep["fits"] is False and rep["programs"][0]["bytes_needed"] > int(15.75 * GIB)
+
+  # a distillation: its step and the student's reconstruction error
+  r = _check("--config=configs/quickstart.py:tiny", "--topology=v5litepod-4", "--distill")
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "distill step (global batch 32" in r.stdout and "student reconstruction error" in r.stdout
+  assert "distill step at 40% MFU" in r.stdout
 
   # two slices: the mesh's data axis spans them over DCN
   r = _check("--config=configs/quickstart.py:tiny", "--topology=v5litepod-4", "--num_slices=2",

@@ -169,3 +169,25 @@ def test_class_conditional_af_uses_mean_for_unlabelled():
   inv = jax.jit(lambda p, z, y: flow.apply({"params": p}, z, y, method=AutoregressiveFlow.inverse))
   xr = inv(p, z_lab, jnp.array([0, 1, 2]))
   assert float(jnp.abs(xr - x).max()) <= 1e-5
+
+
+def test_block_remat_changes_memory_only():
+  """model.remat_blocks (each scanned AF block rematerialised whole) is execution only: the same
+  params from the same key, the same loss and gradients to the last bit."""
+  import dataclasses
+  from farmer_jax.config.schema import ModelConfig
+  from farmer_jax.model import Farmer, init_params
+  from farmer_jax.train.step import make_loss
+  m = ModelConfig(flow_blocks=3, flow_layers=2, ar_depth=1, flow_width=64, ar_width=64,
+                  remat=True)
+  mb = dataclasses.replace(m, remat_blocks=True)
+  p, pb = init_params(m, jax.random.key(0)), init_params(mb, jax.random.key(0))
+  assert jax.tree.structure(p) == jax.tree.structure(pb)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(pb)))
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)) * 2 - 1
+  y = jnp.arange(4)
+  grads = [jax.value_and_grad(lambda q, c=c: make_loss(Farmer(c), c)(q, x, y)[0])(p)
+           for c in (m, mb)]
+  assert float(grads[0][0]) == float(grads[1][0])
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(grads[0][1]),
+                                                  jax.tree.leaves(grads[1][1])))

@@ -94,13 +94,16 @@ def parse_oom(message):
 @dataclasses.dataclass
 class Compiled:
   """What compiling one program gave: its memory (None if it did not compile), verdict, XLA's
-  FLOPs per device, compile seconds, and the error when it failed for another reason."""
+  FLOPs per device, compile seconds, the error when it failed for another reason, and for a
+  program whose batch is the user's (``Program.at_batch``) the largest power-of-two fraction of
+  it that fits when it does not (``compile_fitting``)."""
   program: object
   memory: Optional[Memory]
   verdict: Optional[Verdict]
   xla_flops: Optional[float]
   seconds: float
   error: Optional[str] = None
+  fits_at: Optional[int] = None   # a batch that fits, for a program that does not
 
   @property
   def ok(self):
@@ -153,3 +156,18 @@ def project(step_flops, steps, chips, peak_flops, mfu, price_per_chip_hour=None)
   chip_hours = hours * chips
   cost = None if price_per_chip_hour is None else chip_hours * price_per_chip_hour
   return Projection(mfu, step, int(steps), hours, chip_hours, cost)
+
+
+def compile_fitting(p, available):
+  """``compile_program``; when ``p`` does not fit and its batch is the user's to choose, also the
+  largest batch ``p.batch / 2^k`` that does (``Compiled.fits_at``; None when not even 1 does)."""
+  c = compile_program(p, available)
+  if c.verdict is None or c.verdict.fits is not False or p.at_batch is None:
+    return c
+  b = p.batch // 2
+  while b >= 1:
+    if compile_program(p.at_batch(b), available).ok:
+      c.fits_at = b
+      break
+    b //= 2
+  return c

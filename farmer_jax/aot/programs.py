@@ -42,7 +42,8 @@ class Program:
   (the mesh and its logical-axis rules), on ``devices`` devices. ``flops``: its analytic matmul
   FLOPs on the whole batch (flops.py); ``flops_loops_once`` the same with each scanned loop body
   counted once, as XLA's cost analysis counts; None where no closed form is kept. ``train_step``:
-  the step the time projection is of. ``fix``: what makes it fit when it does not."""
+  the step the time projection is of. ``fix``: what makes it fit when it does not. ``at_batch``
+  (where the batch is the user's to choose): the same program at another ``batch``."""
   key: str
   name: str
   what: str
@@ -54,6 +55,8 @@ class Program:
   flops_loops_once: Optional[float] = None
   train_step: bool = False
   fix: str = ""
+  batch: int = 0
+  at_batch: Optional[Callable[[int], "Program"]] = None
 
 
 def _abstract(shape, dtype, sh=None):
@@ -157,8 +160,13 @@ def export_programs(run: RunConfig, device, batch=EXPORT_BATCH):
   context = contextlib.nullcontext   # the commands run without a mesh, on one device
   rep = jax.sharding.SingleDeviceSharding(device)
   params = sharding.place(abstract_params(m), jax.tree.map(lambda _: rep, abstract_params(m)))
-  out = [_sample_program("sampler", "sample / fid sampler (export)", f"batch {batch}; 1 chip", m,
-                         run.sampler, params, batch, context, 1, rep, rep, EXPORT_FIX)]
+
+  def sampler_at(b):
+    p = _sample_program("sampler", "sample / fid sampler (export)", f"batch {b}; 1 chip", m,
+                        run.sampler, params, b, context, 1, rep, rep, EXPORT_FIX)
+    return dataclasses.replace(p, batch=b, at_batch=sampler_at)
+
+  out = [sampler_at(batch)]
   net = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, rep), inception.abstract_params())
   x = _abstract((inception.FEATURE_BATCH, inception.SIZE, inception.SIZE, 3), jnp.float32, rep)
   out.append(Program("fid", "fid Inception-v3 features", f"batch {inception.FEATURE_BATCH}; 1 chip",

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Optional
 
 from farmer_jax.aot import programs as progs
-from farmer_jax.aot.compile import compile_program, project, size
+from farmer_jax.aot.compile import compile_fitting, project, size
 
 # dense bf16 peak per device of the GPUs a local --compile may find (device_kind prefix -> FLOP/s)
 GPU_PEAK = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
@@ -62,7 +62,7 @@ def compile_all(run, target: Target, distill=False, keys=progs.KEYS, say=print):
       "here)")
   out = []
   for p in todo:
-    c = compile_program(p, target.memory)
+    c = compile_fitting(p, target.memory)
     out.append(c)
     say(describe(c))
   return out
@@ -74,7 +74,8 @@ def describe(c):
   head = f"  {p.name} ({p.what}): "
   if c.error:
     return head + f"DOES NOT COMPILE: {c.error}"
-  lines = [head + c.verdict.describe() + f"; compiled in {c.seconds:.0f} s"]
+  fits_at = "" if c.fits_at is None else f"; fits at batch {c.fits_at}"
+  lines = [head + c.verdict.describe() + fits_at + f"; compiled in {c.seconds:.0f} s"]
   if c.memory is not None:
     m = c.memory
     lines.append(f"      per device: arguments {size(m.arguments)}, outputs {size(m.outputs)} "
@@ -88,7 +89,8 @@ def describe(c):
 
 
 def projection(run, results, target: Target, mfu, price=None):
-  """The train (or distill) step's projection on ``target`` at ``mfu``, or None without a peak."""
+  """The train (or distill) step's projection on ``target`` at ``mfu``; None without that step
+  among ``results`` or without the device's peak."""
   step = next((c.program for c in results if c.program.train_step), None)
   if step is None or target.peak_flops is None:
     return None
@@ -96,15 +98,15 @@ def projection(run, results, target: Target, mfu, price=None):
   return project(step.flops, run.train.steps, len(target.devices), target.peak_flops, mfu, price)
 
 
-def describe_projection(pr, target, price_source):
+def describe_projection(pr, target, price_source, step="train step"):
   if pr is None:
-    return ("no time projection: this device's peak FLOP/s is unknown (compile for a TPU "
-            "--topology, or a GPU of aot/report.py GPU_PEAK)")
+    return (f"no time projection: the {step} was not compiled, or this device's peak FLOP/s is "
+            "unknown (compile for a TPU --topology, or a GPU of aot/report.py GPU_PEAK)")
   days = pr.hours / 24
   price = pr.cost / pr.chip_hours if pr.chip_hours else 0.0
   cost = ("" if pr.cost is None else
           f", ${pr.cost:,.0f} at ${price:.2f} per chip-hour ({price_source})")
-  return (f"train step at {pr.mfu:.0%} MFU: {pr.step_seconds:.3g} s; {pr.steps:,} steps -> "
+  return (f"{step} at {pr.mfu:.0%} MFU: {pr.step_seconds:.3g} s; {pr.steps:,} steps -> "
           f"{pr.hours:,.1f} h ({days:.1f} days) on {len(target.devices)} chips, "
           f"{pr.chip_hours:,.1f} chip-hours{cost}")
 
@@ -118,7 +120,7 @@ def as_json(run, target, results, pr, not_compiled, price_source):
            "compiled": c.memory is not None, "compile_seconds": round(c.seconds, 1),
            "error": c.error}
     if c.verdict is not None:
-      row.update(fits=c.verdict.fits, bytes_needed=c.verdict.needed,
+      row.update(fits=c.verdict.fits, fits_at_batch=c.fits_at, bytes_needed=c.verdict.needed,
                  bytes_available=c.verdict.available, bytes_margin=c.verdict.margin)
     if c.memory is not None:
       row["memory"] = dataclasses.asdict(c.memory)

@@ -127,7 +127,8 @@ def _compile(f, run, target, keys):
   results = report.compile_all(run, target, distill=f.distill, keys=keys, say=print)
   price_source = "--price" if f.price is not None else target.price_source
   pr = report.projection(run, results, target, f.mfu, f.price)
-  print(report.describe_projection(pr, target, price_source))
+  print(report.describe_projection(pr, target, price_source,
+                                   "distill step" if f.distill else "train step"))
   skipped = programs.not_compiled(run)
   for line in skipped:
     print(f"not compiled: {line}")
@@ -139,6 +140,10 @@ def _compile(f, run, target, keys):
   bad = [c for c in results if not c.ok]
   if bad:
     names = "; ".join(f"{c.program.name}: {c.error or c.verdict.describe()}" for c in bad)
+    fix = bad[0].program.fix
+    if bad[0].fits_at:
+      fix = (f"pass --batch={bad[0].fits_at} to `farmer_jax sample` / `fid` (it fits), or export "
+             "with --dtype=bfloat16")
     raise UserError(f"{len(bad)} of {len(results)} programs cannot run on {target.name}: {names}. "
-                    f"Fix: {bad[0].program.fix}")
+                    f"Fix: {fix}")
   print(f"every program fits {target.name}")

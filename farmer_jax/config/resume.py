@@ -9,7 +9,8 @@ from farmer_jax.config.schema import DataConfig
 
 # how the same model executes (same params, same function up to float rounding): a resumed run
 # may change these
-EXECUTION_FIELDS = ("unroll", "flow_attn_chunk", "attention", "remat", "remat_policy")
+EXECUTION_FIELDS = ("unroll", "flow_attn_chunk", "attention", "remat", "remat_policy",
+                    "remat_blocks")
 RESUME_NEUTRAL = tuple(f"data.{f.name}" for f in dataclasses.fields(DataConfig)
                        if f.metadata.get("resume_neutral")) + tuple(
                            f"model.{f}" for f in EXECUTION_FIELDS)

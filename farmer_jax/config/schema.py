@@ -187,6 +187,9 @@ class ModelConfig(Section):
   # REMAT_POLICIES; used when remat=True
   remat_policy: str = rules.field("nothing_saveable", _choice(
       REMAT_POLICIES, "unknown rematerialisation policy", "or model.remat=False for none"))
+  # also rematerialise each AF block whole (under scan): the backward keeps only the blocks'
+  # inputs (B, N, d), not every layer's (B, N, C), for one more AF forward per step
+  remat_blocks: bool = rules.field(False, _bool("remat_blocks"))
   # attention implementation (ATTENTION_IMPLS): 'xla' (jax.nn.dot_product_attention), 'cudnn' (its
   # fused GPU kernel; bf16), 'einsum' (two einsums + fp32 softmax, chunked causal: fastest on CPU)
   attention: str = rules.field("xla", _choice(ATTENTION_IMPLS, "unknown attention implementation",

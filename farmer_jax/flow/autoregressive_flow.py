@@ -188,6 +188,7 @@ class FlowShape(nn.Module):
   attn_chunk: int = 64    # query chunk size of the blocks' causal attention ('einsum' only)
   attention: str = "xla"  # ``tfm.attend``'s impl: 'xla' | 'cudnn' | 'einsum'
   remat_policy: str = "nothing_saveable"
+  remat_blocks: bool = False  # rematerialise each scanned block whole (``AutoregressiveFlow``)
 
   def block_kwargs(self):
     return dict(
@@ -221,7 +222,10 @@ class AutoregressiveFlow(FlowShape):
       for t in range(self.num_blocks):
         carry, _ = block.apply({"params": block_t(t)}, carry, t % 2 == 1, y)
       return carry
-    scanned = nn.scan(AFBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+    # remat_blocks: the backward keeps each block's input (B, N, d) only, not every layer's
+    # (B, N, C), and recomputes the block's forward once more
+    block = nn.remat(AFBlock, prevent_cse=False) if self.remat_blocks else AFBlock
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast), length=self.num_blocks,
                       metadata_params={nn.PARTITION_NAME: "blocks"})
     blocks = scanned(**self.block_kwargs(), name="blocks")
