@@ -29,14 +29,18 @@ def main():
   ap.add_argument("--programs", default="train,eval,grid,sampler,fid")
   ap.add_argument("--mfu", type=float, default=0.4)
   ap.add_argument("--out", default="/tmp/slice_fit")
+  ap.add_argument("--table", action="store_true",
+                  help="only print the table of the JSON results already in --out")
   a = ap.parse_args()
+  if a.table:
+    print(table(saved(a.out, a.presets.split(","), a.slices.split(","))))
+    return
   from farmer_jax import configlib
   from farmer_jax.aot import report, slices
   from farmer_jax.config.parse import parse
   os.makedirs(a.out, exist_ok=True)
   keys = tuple(a.programs.split(","))
   seen = set()
-  rows = []
   for name in a.slices.split(","):
     s = slices.parse_slice(name)
     devices = slices.slice_devices(s)
@@ -55,19 +59,52 @@ def main():
       pr = report.projection(run, results, target, a.mfu)
       print(report.describe_projection(pr, target, target.price_source), flush=True)
       rep = report.as_json(run, target, results, pr, [], target.price_source)
-      path = os.path.join(a.out, f"{preset.replace('/', '_')}_{s.name}.json")
+      path = _path(a.out, preset, s.name)
       with open(path, "w") as f:
         json.dump(rep, f, indent=2)
-      rows.append((preset, s, rep))
       print(f"   ({time.time() - t0:.0f} s)", flush=True)
-  print(table(rows))
+  print(table(saved(a.out, a.presets.split(","), a.slices.split(","))))
+
+
+def _path(out, preset, slice_name):
+  return os.path.join(out, f"{preset.replace('/', '_')}_{slice_name}.json")
+
+
+def saved(out, presets, slice_names):
+  """(preset, Slice, report) of the JSON results in ``out``, in preset-then-slice order. The
+  one-chip programs, compiled on the first slice of each chip (the sampler per preset, fid's
+  programs once), are copied to the other slices of that chip."""
+  from farmer_jax.aot import slices
+  rows, one_chip = [], {}
+  for preset in presets:
+    for name in slice_names:
+      path = _path(out, preset, name)
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        rep = json.load(f)
+      s = slices.parse_slice(name)
+      for p in rep["programs"]:
+        if p["devices"] == 1:
+          sampler = p["program"].startswith("sample")
+          one_chip[(s.chip.name, preset if sampler else None, p["program"])] = p
+      rows.append((preset, s, rep))
+  for preset, s, rep in rows:
+    have = {p["program"] for p in rep["programs"]}
+    for (chip, of_preset, name), p in one_chip.items():
+      if chip == s.chip.name and of_preset in (None, preset) and name not in have:
+        rep["programs"].append(p)
+  return rows
 
 
 def _cell(p):
   if p.get("error"):
     return "does not compile"
   gib = p["bytes_needed"] / 2 ** 30
-  return f"{gib:.1f} {'fits' if p['fits'] else '**DOES NOT FIT**'}"
+  if p["fits"]:
+    return f"{gib:.1f} fits"
+  at = f" (fits at batch {p['fits_at_batch']})" if p.get("fits_at_batch") else ""
+  return f"{gib:.1f} **DOES NOT FIT**{at}"
 
 
 def table(rows):

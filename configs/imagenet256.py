@@ -90,6 +90,9 @@ def get_config(arg=None):
       mlp_ratio=4,
       dtype="bfloat16",
       remat=True,
+      # 1.9B/8's per-layer saved activations (6 x 32 layers of (B, 1024, 768)) overflow a v5e
+      # chip at batch 16 per chip (16.2 of 15.75 GiB; 7.2 with this): docs/scaling.md
+      remat_blocks=a.model == "1.9B/8",
       **MODELS[size])
   c.train = configlib.base_train()
   c.train.update(batch_size=a.batch, steps=a.epochs * IMAGENET_TRAIN_IMAGES // a.batch, lr=1e-4,

@@ -85,7 +85,7 @@ def train_programs(run: RunConfig, mesh, processes=1, distill=False):
   b = t.batch_size
   img = (m.image_size, m.image_size, m.channels)
   batch = {"image": _abstract((b,) + img, jnp.uint8), "label": _abstract((b,), jnp.int32)}
-  slots = f"{len(mesh.devices.flat)} devices, mesh {dict(mesh.shape)}"
+  slots = f"{mesh.size} device{'s' if mesh.size > 1 else ''}, mesh {dict(mesh.shape)}"
   params = sharding.place(abstract_params(m), setup.param_sh)
   out = []
   if distill:
@@ -162,18 +162,18 @@ def export_programs(run: RunConfig, device, batch=EXPORT_BATCH):
   params = sharding.place(abstract_params(m), jax.tree.map(lambda _: rep, abstract_params(m)))
 
   def sampler_at(b):
-    p = _sample_program("sampler", "sample / fid sampler (export)", f"batch {b}; 1 chip", m,
+    p = _sample_program("sampler", "sample / fid sampler (export)", f"batch {b}; 1 device", m,
                         run.sampler, params, b, context, 1, rep, rep, EXPORT_FIX)
     return dataclasses.replace(p, batch=b, at_batch=sampler_at)
 
   out = [sampler_at(batch)]
+  n = inception.FEATURE_BATCH
   net = jax.tree.map(lambda a: _abstract(a.shape, a.dtype, rep), inception.abstract_params())
-  x = _abstract((inception.FEATURE_BATCH, inception.SIZE, inception.SIZE, 3), jnp.float32, rep)
-  out.append(Program("fid", "fid Inception-v3 features", f"batch {inception.FEATURE_BATCH}; 1 chip",
+  x = _abstract((n, inception.SIZE, inception.SIZE, 3), jnp.float32, rep)
+  out.append(Program("fid", "fid Inception-v3 features", f"batch {n}; 1 device",
                      inception.network, (net, x), context, 1, fix=EXPORT_FIX))
-  raw = _abstract((inception.FEATURE_BATCH, m.image_size, m.image_size, m.channels), jnp.uint8,
-                  rep)
-  out.append(Program("fid", "fid image preprocessing", f"batch {inception.FEATURE_BATCH}; 1 chip",
+  raw = _abstract((n, m.image_size, m.image_size, m.channels), jnp.uint8, rep)
+  out.append(Program("fid", "fid image preprocessing", f"batch {n}; 1 device",
                      inception.preprocess, (raw,), context, 1, fix=EXPORT_FIX))
   return out
 

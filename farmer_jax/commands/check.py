@@ -17,9 +17,8 @@ from farmer_jax.errors import UserError
 
 PURPOSE = ("check a train command line for a target machine count, or compile every program of "
            "the run for a TPU slice, starting nothing")
-EXAMPLE = ("farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run "
-           "--devices=64 --processes=16 | farmer_jax check "
-           "--config=configs/imagenet256.py:1.9B/8 --topology=v5p-64 [--out=fit.json]")
+EXAMPLE = ("farmer_jax check --config=configs/imagenet256.py:1.9B/8 --topology=v5p-64 "
+           "[--out=fit.json]   (or --workdir=gs://b/run --devices=64 --processes=16)")
 
 FLAGS = (
     Flag("devices", None, "Devices of the target machine(s) (default: these).", int),
@@ -146,4 +145,7 @@ def _compile(f, run, target, keys):
              "with --dtype=bfloat16")
     raise UserError(f"{len(bad)} of {len(results)} programs cannot run on {target.name}: {names}. "
                     f"Fix: {fix}")
-  print(f"every program fits {target.name}")
+  if target.memory is None:
+    print(f"every program compiled for {target.name} (its memory is unknown: no fit verdict)")
+  else:
+    print(f"every program fits {target.name}")

@@ -31,8 +31,8 @@ from farmer_jax.train.trainer import Task, closing, preempted_summary, start
 class Teacher:
   """The pretrained model a student learns to invert: ``name`` (what summary.json records) and its
   params (fp32; ShapeDtypeStructs for a step compiled for a target slice, aot/programs.py). The
-  params are handed over: ``distillation`` places them on the mesh and drops
-  this reference, so that no unsharded copy stays alive while the student trains."""
+  params are handed over: ``distillation`` places them on the mesh and drops this reference, so
+  that no unsharded copy stays alive while the student trains."""
   name: str
   params: Any
 
