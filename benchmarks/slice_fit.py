@@ -108,13 +108,19 @@ def _cell(p):
 
 
 def table(rows):
-  """Markdown: one row per (preset, slice), one column per program, then the projection."""
+  """Markdown: one row per (preset, slice), one column per program (GiB per chip, fits or not),
+  then the projection."""
   names = []
   for _, _, rep in rows:
     for p in rep["programs"]:
       if p["program"] not in names:
         names.append(p["program"])
-  head = ["preset", "slice (chips, GiB/chip)"] + [f"{n} (GiB/chip)" for n in names] + [
+  short = {"train step": "train step", "distill step": "distill step",
+           "eval bits/dim": "eval bits/dim", "sample grid (end of run)": "sample grid",
+           "sample / fid sampler (export)": "sample/fid sampler, 1 chip, batch 64",
+           "fid Inception-v3 features": "fid Inception-v3, 1 chip",
+           "fid image preprocessing": "fid preprocessing"}
+  head = ["preset", "slice (chips, HBM GiB)"] + [short.get(n, n) for n in names] + [
       "step at 40% MFU", "320 epochs: days, chip-hours, list price"]
   out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for preset, s, rep in rows:
