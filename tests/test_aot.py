@@ -221,6 +221,17 @@ def test_a_multislice_mesh_spans_the_slices_with_its_first_axis():
     sharding.make_mesh((("data", 1), ("fsdp", -1)), [Dev(i) for i in range(8)])
 
 
+def test_compile_flags_without_compile_are_refused(capsys):
+  from farmer_jax import cli
+  for flag in ("--num_slices=2", "--distill", "--out=x.json"):
+    with pytest.raises(SystemExit) as e:
+      cli.run(["farmer_jax", "check", "--config=configs/quickstart.py:tiny", "--workdir=/tmp/x",
+               flag])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"farmer_jax check: {flag.split('=')[0]} applies to what --compile compiles" in err
+
+
 @pytest.mark.slow
 def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path):
   """Through libtpu, with no TPU: every mesh program of the quickstart compiles for a v5e 2x2

@@ -60,6 +60,12 @@ def main(f):
   processes = f.processes or 1
   if f.devices is not None and f.devices % processes:
     raise UserError(f"--devices={f.devices} is not a multiple of --processes={processes}")
+  if not compiling:
+    given = [n for n in ("num_slices", "programs", "distill", "mfu", "price", "out")
+             if f[n].present]
+    if given:
+      raise UserError(f"--{given[0]} applies to what --compile compiles. Fix: add --compile or "
+                      "--topology=SLICE, or drop it")
   if not 0 < f.mfu <= 1:
     raise UserError(f"--mfu={f.mfu} must be in (0, 1], e.g. --mfu=0.4")
   if f.price is not None and f.price < 0:
