@@ -28,8 +28,8 @@ import textwrap
 
 from absl import app, flags
 
-from farmer_jax.commands import (check, convert, distill, evaluate, exits, export, fid, prepare,
-                                 sample, train)
+from farmer_jax.commands import (check, common, convert, distill, evaluate, exits, export, fid,
+                                 prepare, sample, train)
 
 COMMANDS = {"train": train, "distill": distill, "export": export, "sample": sample,
             "eval": evaluate, "fid": fid, "prepare": prepare, "check": check,
@@ -98,6 +98,7 @@ def run(argv=None):
   except ValueError as e:
     print(f"farmer_jax {cmd}: {e}", file=sys.stderr)
     sys.exit(2)
+  common.skip_absent_tpu()
   if cmd in ("train", "distill"):
     exits.early_sigterm()
   prog_argv = [f"farmer_jax {cmd}"] + argv[2:]

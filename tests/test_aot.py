@@ -5,6 +5,7 @@ report's), and (slow) the quickstart compiled for a real TPU topology through li
 program that does not fit refused by exit status 2."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -219,6 +220,25 @@ def test_a_multislice_mesh_spans_the_slices_with_its_first_axis():
   with pytest.raises(FieldError, match=r"config.mesh=.*first axis 'data' \(size 1\) spans the 2 "
                      r"slices.*Fix: make the first axis a multiple of 2"):
     sharding.make_mesh((("data", 1), ("fsdp", -1)), [Dev(i) for i in range(8)])
+
+
+def test_libtpu_without_a_tpu_leaves_jax_on_the_cpu():
+  """With the tpu-aot extra on a machine without a TPU, commands run jax on the CPU without
+  starting libtpu's TPU backend (whose warnings would break the one-line failure contract); a
+  JAX_PLATFORMS the user set is kept."""
+  from farmer_jax.commands import common
+  if slices.libtpu_missing():
+    pytest.skip("libtpu is not installed: nothing to leave out")
+  env = {}
+  common.skip_absent_tpu(env)
+  assert env == {"JAX_PLATFORMS": "cpu"} and jax.default_backend() == "cpu"
+  env = {"JAX_PLATFORMS": "cuda"}
+  common.skip_absent_tpu(env)
+  assert env == {"JAX_PLATFORMS": "cuda"}
+  r = subprocess.run([sys.executable, "-m", "farmer_jax", "export", "--workdir=/nonexistent",
+                      "--out=/tmp/never"], capture_output=True, text=True, timeout=300,
+                     env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_compile_flags_without_compile_are_refused(capsys):
