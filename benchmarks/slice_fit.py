@@ -129,7 +129,7 @@ def table(rows):
     cells = [preset, f"{s.name} ({s.devices_total}, {s.chip.hbm_bytes / 2 ** 30:.2f})"]
     cells += [_cell(by[n]) if n in by else "" for n in names]
     cells += [f"{pr['step_seconds']:.2f} s",
-              f"{pr['hours'] / 24:.0f} d, {pr['chip_hours']:,.0f}, ${pr['cost']:,.0f}"]
+              f"{pr['hours'] / 24:.1f} d, {pr['chip_hours']:,.0f}, ${pr['cost']:,.0f}"]
     out.append("| " + " | ".join(cells) + " |")
   return "\n".join(out)
 
