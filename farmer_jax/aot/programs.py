@@ -6,7 +6,8 @@ A pretraining run (`farmer_jax train`) executes, on its mesh: the train step at 
 the bits/dim eval step at the padded eval batch, and the end-of-run sample grid at its batch
 (train/report.py ``grid_batch_size``). A distillation (`farmer_jax distill`): its step and the
 student's reconstruction error. On one chip, from an export: `farmer_jax sample` / `fid` draw
-with the export's sampler (``EXPORT_BATCH``), and `fid` runs the Inception-v3 feature network.
+with the export's sampler (at their default --batch, ``SAMPLE_BATCH``), and `fid` runs the
+Inception-v3 feature network.
 """
 
 import contextlib
@@ -18,14 +19,12 @@ import jax.numpy as jnp
 
 from farmer_jax import flops, sharding
 from farmer_jax.config.parse import RunConfig
+from farmer_jax.config.schema import SAMPLE_BATCH
 from farmer_jax.model import abstract_params
 
 # what `check --programs` selects: the train (or distill) step, the eval (or reconstruction
 # error) step, the end-of-run sample grid, an export's sampler, fid's Inception-v3 features
 KEYS = ("train", "eval", "grid", "sampler", "fid")
-
-# the --batch that `farmer_jax sample` and `fid` draw with by default (commands/sample.py, fid.py)
-EXPORT_BATCH = 64
 
 TRAIN_FIX = ("shard the state further (a larger fsdp axis in config.mesh), lower the per-device "
              "batch (config.train.batch_size or more devices), keep config.model.remat=True, or "
@@ -152,7 +151,7 @@ def _sample_program(key, name, what, m, sampler, params, b, context, devices, ba
   return Program(key, name, what, fn.fn, args, context, devices, fix=fix)
 
 
-def export_programs(run: RunConfig, device, batch=EXPORT_BATCH):
+def export_programs(run: RunConfig, device, batch=SAMPLE_BATCH):
   """The programs `farmer_jax sample` and `fid` run on one ``device`` from an fp32 export of
   ``run``'s model: the sampler of config.sample at ``batch``, and fid's Inception-v3 features."""
   from farmer_jax.eval import inception

@@ -8,6 +8,7 @@ from absl import app
 
 from farmer_jax.commands import common, sampler_flags
 from farmer_jax.commands.common import Flag
+from farmer_jax.config.schema import SAMPLE_BATCH
 from farmer_jax.errors import UserError
 
 PURPOSE = "FID, IS and precision/recall of an exported model's samples"
@@ -28,7 +29,7 @@ FLAGS = (
 )
 OUTPUT = (
     Flag("seed", 0, "RNG seed (sample j uses fold_in(seed, j))."),
-    Flag("batch", 64, "Sampling batch size."),
+    Flag("batch", SAMPLE_BATCH, "Sampling batch size."),
     Flag("out", None, "The JSON result (default: next to the model)."),
     Flag("dump", None, "The resumable feature dump directory (default: next to the JSON "
          "result)."),

@@ -7,6 +7,7 @@ from absl import app
 from farmer_jax.commands import common, sampler_flags
 from farmer_jax.commands.common import Flag
 from farmer_jax.config.rules import SettingError
+from farmer_jax.config.schema import SAMPLE_BATCH
 from farmer_jax.errors import UserError
 
 PURPOSE = "draw samples from an exported model into a PNG grid and/or an .npz"
@@ -23,7 +24,7 @@ WHAT = (
 )
 OUTPUT = (
     Flag("seed", 0, "RNG seed (sample j uses fold_in(seed, j))."),
-    Flag("batch", 64, "Batch size (results do not depend on it)."),
+    Flag("batch", SAMPLE_BATCH, "Batch size (results do not depend on it)."),
     Flag("out", None, "Output PNG grid (*.png)."),
     Flag("npz", None, "Also write uint8 images + labels to this .npz (for FID tools)."),
 )

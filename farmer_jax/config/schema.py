@@ -35,6 +35,8 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 # which of the AF's (log-scale a, shift b) the guided AF inverse extrapolates (sample.af_guide_what)
 AF_GUIDE_WHAT = ("a", "b", "ab")
+# samples drawn at once by `farmer_jax sample` and `fid` unless --batch says otherwise
+SAMPLE_BATCH = 64
 # the fields of ModelConfig that config.data sets
 DATA_SHAPE_FIELDS = ("image_size", "channels", "num_classes")
 

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax.artifacts.storage import atomic_file
-from farmer_jax.config.schema import SAMPLER_KEYS, SamplerConfig
+from farmer_jax.config.schema import SAMPLE_BATCH, SAMPLER_KEYS, SamplerConfig
 from farmer_jax.conventions import to_uint8
 from farmer_jax.errors import UserError
 from farmer_jax.sampling.images import grid_image
@@ -169,9 +169,9 @@ def check_output_size(mcfg, classes, num, png, available=None):
                     "lower --num, or write only --npz")
 
 
-def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=64, progress=True,
-             return_stats=False, out_sharding=None, student_params=None, latent_var=None,
-             batch_sharding=None):
+def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=SAMPLE_BATCH,
+             progress=True, return_stats=False, out_sharding=None, student_params=None,
+             latent_var=None, batch_sharding=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
   docs/sampling.md)].
