@@ -58,7 +58,7 @@ def main():
                                    say=lambda m: print(m, flush=True))
       pr = report.projection(run, results, target, a.mfu)
       print(report.describe_projection(pr, target, target.price_source), flush=True)
-      rep = report.as_json(run, target, results, pr, [], target.price_source)
+      rep = report.as_json(target, results, pr, [], target.price_source)
       path = _path(a.out, preset, s.name)
       with open(path, "w") as f:
         json.dump(rep, f, indent=2)

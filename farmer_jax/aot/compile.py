@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 from farmer_jax.aot.slices import GIB
+from farmer_jax.errors import brief
 
 # libtpu: "... the total memory required for HLO temporaries (116.18G) exceeds available HBM
 # (15.75G)"
@@ -122,7 +123,7 @@ def compile_program(p, available):
   except jax.errors.JaxRuntimeError as e:
     oom = parse_oom(e)
     if oom is None:
-      return Compiled(p, None, None, None, time.perf_counter() - t0, _first_line(e))
+      return Compiled(p, None, None, None, time.perf_counter() - t0, brief(e, 400))
     return Compiled(p, None, Verdict(False, oom[0], oom[1] if available is None else available),
                     None, time.perf_counter() - t0)
   memory = Memory.of(compiled)
@@ -132,30 +133,30 @@ def compile_program(p, available):
   return Compiled(p, memory, verdict(memory, available), flops, time.perf_counter() - t0)
 
 
-def _first_line(e):
-  return str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-
-
 @dataclasses.dataclass(frozen=True)
 class Projection:
-  """A train step's time at ``mfu`` of ``chips`` chips' peak, and the whole schedule's."""
+  """The time of ``step`` (a train or distill step) at ``mfu`` of ``chips`` chips' peak, and the
+  whole schedule's, at ``price`` per chip-hour (None: no cost)."""
+  step: str
   mfu: float
   step_seconds: float
   steps: int
   hours: float
   chip_hours: float
+  price: Optional[float]
   cost: Optional[float]
 
 
-def project(step_flops, steps, chips, peak_flops, mfu, price_per_chip_hour=None):
-  """The projection of ``steps`` train steps of ``step_flops`` (analytic, the global batch) on
-  ``chips`` chips of ``peak_flops`` each at ``mfu``; cost at ``price_per_chip_hour`` (None: no
-  cost)."""
-  step = step_flops / (chips * peak_flops * mfu)
-  hours = step * steps / 3600
+def project(step_flops, steps, chips, peak_flops, mfu, price_per_chip_hour=None,
+            step="train step"):
+  """The projection of ``steps`` steps named ``step`` of ``step_flops`` (analytic, the global
+  batch) on ``chips`` chips of ``peak_flops`` each at ``mfu``; cost at ``price_per_chip_hour``
+  (None: no cost)."""
+  seconds = step_flops / (chips * peak_flops * mfu)
+  hours = seconds * steps / 3600
   chip_hours = hours * chips
   cost = None if price_per_chip_hour is None else chip_hours * price_per_chip_hour
-  return Projection(mfu, step, int(steps), hours, chip_hours, cost)
+  return Projection(step, mfu, seconds, int(steps), hours, chip_hours, price_per_chip_hour, cost)
 
 
 def compile_fitting(p, available):

@@ -29,8 +29,7 @@ class Target:
   def of_slice(cls, s, devices):
     """The Target of slice ``s`` (aot/slices.py) with its ``devices``."""
     from farmer_jax.aot.slices import processes
-    name = s.name if s.num_slices == 1 else f"{s.name} x {s.num_slices} slices"
-    return cls(name, devices, processes(devices), s.chip.hbm_bytes, s.chip.peak_flops,
+    return cls(s.label, devices, processes(devices), s.chip.hbm_bytes, s.chip.peak_flops,
                s.chip.price_per_chip_hour, "on-demand list price")
 
 
@@ -94,23 +93,24 @@ def projection(run, results, target: Target, mfu, price=None):
   if step is None or target.peak_flops is None:
     return None
   price = target.price if price is None else price
-  return project(step.flops, run.train.steps, len(target.devices), target.peak_flops, mfu, price)
+  return project(step.flops, run.train.steps, len(target.devices), target.peak_flops, mfu, price,
+                 step.name)
 
 
-def describe_projection(pr, target, price_source, step="train step"):
+def describe_projection(pr, target, price_source):
   if pr is None:
-    return (f"no time projection: the {step} was not compiled, or this device's peak FLOP/s is "
-            "unknown (compile for a TPU --topology, or a GPU of aot/report.py GPU_PEAK)")
+    return ("no time projection: the train (or distill) step was not compiled, or this device's "
+            "peak FLOP/s is unknown (compile for a TPU --topology, or a GPU of aot/report.py "
+            "GPU_PEAK)")
   days = pr.hours / 24
-  price = pr.cost / pr.chip_hours if pr.chip_hours else 0.0
   cost = ("" if pr.cost is None else
-          f", ${pr.cost:,.0f} at ${price:.2f} per chip-hour ({price_source})")
-  return (f"{step} at {pr.mfu:.0%} MFU: {pr.step_seconds:.3g} s; {pr.steps:,} steps -> "
+          f", ${pr.cost:,.0f} at ${pr.price:.2f} per chip-hour ({price_source})")
+  return (f"{pr.step} at {pr.mfu:.0%} MFU: {pr.step_seconds:.3g} s; {pr.steps:,} steps -> "
           f"{pr.hours:,.1f} h ({days:.1f} days) on {len(target.devices)} chips, "
           f"{pr.chip_hours:,.1f} chip-hours{cost}")
 
 
-def as_json(run, target, results, pr, not_compiled, price_source):
+def as_json(target, results, pr, not_compiled, price_source):
   """The report as a JSON-ready dict (``fits``: every program compiled and fits)."""
   rows = []
   for c in results:

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import re
 
-from farmer_jax.errors import UserError
+from farmer_jax.errors import UserError, brief
 
 GIB = 2 ** 30
 
@@ -38,14 +38,9 @@ class Chip:
   shapes: dict
 
 
-def _shapes(*pairs):
-  return dict(pairs)
-
-
-_3D = _shapes((4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"), (32, "2x4x4"), (64, "4x4x4"),
-              (128, "4x4x8"), (256, "4x8x8"))
-_2D = _shapes((4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"),
-              (256, "16x16"))
+_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+       256: "4x8x8"}
+_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 CHIPS = (
     Chip("v4", ("v4",), "v4", "megacore", 2, int(30.75 * GIB), 275e12, 3.22, _3D),
@@ -71,9 +66,13 @@ class Slice:
   def devices_total(self):
     return self.chips * self.num_slices
 
+  @property
+  def label(self):
+    """'v5p-64', or 'v5p-64 x 2 slices'."""
+    return self.name if self.num_slices == 1 else f"{self.name} x {self.num_slices} slices"
+
   def describe(self):
-    many = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
-    return (f"{self.name}{many}: {self.devices_total} TPU {self.chip.name} chips "
+    return (f"{self.label}: {self.devices_total} TPU {self.chip.name} chips "
             f"({self.topology}), {self.chip.hbm_bytes / GIB:.2f} GiB HBM per chip")
 
 
@@ -122,9 +121,8 @@ def slice_devices(s: Slice):
   try:
     return _devices(s.topology, s.chip.chip_config, s.num_slices)
   except jax.errors.JaxRuntimeError as e:
-    raise UserError(f"libtpu cannot describe {s.topology} x {s.num_slices}: "
-                    f"{str(e).strip().splitlines()[0]}. Fix: check that libtpu matches jax "
-                    f"({INSTALL})") from None
+    raise UserError(f"libtpu cannot describe {s.topology} x {s.num_slices}: {brief(e)}. Fix: "
+                    f"check that libtpu matches jax ({INSTALL})") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -121,9 +121,9 @@ def _slice_target(name, num_slices):
   from farmer_jax.aot import slices
   from farmer_jax.aot.report import Target
   s = slices.parse_slice(name, num_slices)
-  devices = slices.slice_devices(s)
-  print(f"target: {s.describe()}; {slices.processes(devices)} host(s)")
-  return Target.of_slice(s, devices)
+  target = Target.of_slice(s, slices.slice_devices(s))
+  print(f"target: {s.describe()}; {target.processes} host(s)")
+  return target
 
 
 def _compile(f, run, target, keys):
@@ -132,15 +132,14 @@ def _compile(f, run, target, keys):
   results = report.compile_all(run, target, distill=f.distill, keys=keys, say=print)
   price_source = "--price" if f.price is not None else target.price_source
   pr = report.projection(run, results, target, f.mfu, f.price)
-  print(report.describe_projection(pr, target, price_source,
-                                   "distill step" if f.distill else "train step"))
+  print(report.describe_projection(pr, target, price_source))
   skipped = programs.not_compiled(run)
   for line in skipped:
     print(f"not compiled: {line}")
   if f.out:
     from farmer_jax.artifacts import storage
     storage.write_text(f.out, json.dumps(
-        report.as_json(run, target, results, pr, skipped, price_source), indent=2))
+        report.as_json(target, results, pr, skipped, price_source), indent=2))
     print(f"-> {f.out}")
   bad = [c for c in results if not c.ok]
   if bad:
