@@ -83,6 +83,7 @@ _FIELDS = dict(
     flow_layers="model.flow_layers", flow_class_conditional="model.flow_class_conditional",
     flow_final_norm="model.flow_final_norm", mlp_ratio="model.mlp_ratio")
 
+
 def _norm(torch_name, ours):
   """A LayerNorm's (weight, bias) keys -> our (scale, bias) under ``ours``."""
   return ((f"{torch_name}.weight", ours + ("ln", "scale"), "vec"),
