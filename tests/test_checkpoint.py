@@ -182,16 +182,26 @@ def test_failed_checkpoint_write_is_one_oserror_and_leaves_no_tmp(tmp_path):
   assert os.listdir(ckdir) == []
 
 
-def test_checkpoints_removed_during_a_save(tmp_path):
+def test_checkpoints_removed_during_a_save(tmp_path, monkeypatch):
   """`rm -rf checkpoints` while a save is in flight: one OSError (ENOENT) naming the directory,
   and no half-written temporary directory is left."""
+  import orbax.checkpoint as ocp
   ckdir = tmp_path / "ck"
   ck = Checkpointer(str(ckdir))
-  state = {f"w{i}": np.random.default_rng(i).random((2048, 2048), np.float32) for i in range(4)}
+  state = {f"w{i}": np.random.default_rng(i).random((64, 64), np.float32) for i in range(4)}
   ck.save(1, state, {"step": 1})
   ck.wait()
-  ck.save(2, state, {"step": 2})   # 64 MB: still being written when the directory goes
-  shutil.rmtree(ckdir, ignore_errors=True)   # rm -rf, racing Orbax's writers
+  # The removal lands at a fixed point of the background write (its data written, its commit
+  # not yet made), not wherever a race between two threads happens to put it.
+  temporary = ocp.path.atomicity.AtomicRenameTemporaryPath
+  finalize = temporary.finalize
+
+  async def removed_first(self):
+    shutil.rmtree(ckdir, ignore_errors=True)   # rm -rf
+    return await finalize(self)
+
+  monkeypatch.setattr(temporary, "finalize", removed_first)
+  ck.save(2, state, {"step": 2})
   with pytest.raises(OSError, match=f"checkpoint step 2 to {ckdir} failed: No such file or "
                      "directory") as e:
     ck.close()
