@@ -19,6 +19,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from farmer_jax.config.rules import FieldError
+from farmer_jax.errors import ConfigError
 
 
 def mesh_shape(mesh_spec, num_devices):
@@ -188,6 +189,45 @@ def opt_state_shardings(tx, abstract_opt_state, param_sh, mesh):
       tx, lambda _, s: s, base, param_sh, transform_non_params=lambda _: rep)
 
 
+def host_to_global(tree, shardings):
+  """Host arrays that every process holds in full (params read from a checkpoint or an export, a
+  batch's keys and labels) -> global arrays with ``shardings``; each device gets its slice."""
+  return jax.tree.map(
+      lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), tree, shardings)
+
+
+def local_rows(x):
+  """(row indices, rows) of the leading axis of the array ``x`` that this process holds, each row
+  once and in order (all of them for an array on this process's devices only)."""
+  if x.is_fully_addressable:
+    return np.arange(x.shape[0]), np.asarray(x)
+  parts = {}
+  for s in x.addressable_shards:
+    parts.setdefault(s.index[0].start or 0, s.data)
+  starts = sorted(parts)
+  data = [np.asarray(parts[a]) for a in starts]
+  return np.concatenate([np.arange(a, a + len(d)) for a, d in zip(starts, data)]), np.concatenate(
+      data)
+
+
+def gather_rows(rows, tree, size):
+  """Every process's rows of a batch of ``size`` (``rows`` and a tree of host arrays with those
+  rows, the same count on every process, e.g. from ``local_rows``) -> the whole batch in row order,
+  on every process. A collective: every process calls it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    rows, tree = multihost_utils.process_allgather((rows, tree))
+  rows = np.asarray(rows).reshape(-1)
+
+  def place(a):
+    a = np.asarray(a)
+    a = a.reshape((-1,) + a.shape[2:]) if jax.process_count() > 1 else a
+    out = np.zeros((size,) + a.shape[1:], a.dtype)
+    out[rows] = a   # a row held by several processes is the same row
+    return out
+  return jax.tree.map(place, tree)
+
+
 def global_batch(local_batch, mesh, sharding):
   """Assembles a global array from this process's slice of the batch (multi-host safe)."""
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)),
@@ -203,3 +243,19 @@ def place(tree, shardings):
       return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
     return jax.device_put(a, s)
   return jax.tree.map(put, tree, shardings)
+
+
+def fitting_mesh(config, say=print):
+  """The run ``config``'s mesh on these devices, or, if its fixed axis sizes do not fit them, the
+  same axes with every device on the first batch axis (data parallel): how a trained model is
+  evaluated and sampled on whatever devices are at hand."""
+  try:
+    return make_mesh(config.mesh)
+  except (ConfigError, ValueError) as e:
+    rules = logical_rules(config.sharding_rules)
+    names = [n for n, _ in config.mesh]
+    batch_axes = [a for a in batch_mesh_axes(rules) if a in names] or names[:1]
+    spec = tuple((n, -1 if n == batch_axes[0] else 1) for n in names)
+    say(f"the run's mesh {tuple(map(tuple, config.mesh))} does not fit {jax.device_count()} "
+        f"device(s) ({str(e).splitlines()[0]}); using data-parallel {spec}")
+    return make_mesh(spec)

@@ -170,7 +170,7 @@ def test_compiled_programs_are_the_runs_own(tmp_path):
                                                          g["label"], g["mask"], 0, 0, 0)
     n = grid_batch_size(run, mesh)
     assert got["grid"].args[2].shape == (n,) == (run.model.num_classes * run.sample.per_class,)
-    fn = make_sample_fn(tr.mcfg, run.sampler, sharding.replicated(mesh), None, tr.batch_sh)
+    fn = make_sample_fn(tr.mcfg, run.sampler, None, tr.batch_sh)
     keys = fn.put(np.zeros((n, 2), np.uint32))
     assert hlo(got["grid"].fn, *got["grid"].args) == hlo(fn.fn, tr.eval_params(), keys,
                                                          fn.put(np.zeros((n,), np.int32)), None)

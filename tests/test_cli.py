@@ -265,7 +265,7 @@ def test_cli_control_sample_succeeds(bad_cli):
   work = paths["W"]
   assert sorted(
       p for p in os.listdir(work) if p.startswith("ok") or ".tmp-" in p) == ["ok.npz", "ok.png"]
-  assert np.load(os.path.join(work, "ok.npz"))["images"].shape == (2, 32, 32, 1)
+  assert np.load(os.path.join(work, "ok.npz"))["arr_0"].shape == (2, 32, 32, 1)
   assert all(
       p.startswith(work) for p in r["changed"]), "the export must not be modified by sampling"
 
@@ -286,11 +286,12 @@ FLAGS_OF = {
     "distill": "config teacher workdir config_change_ok distributed coordinator_address "
                "num_processes process_id compilation_cache_dir",
     "export": "workdir out dtype student overwrite",
-    "sample": "model classes num cfg inverse guidance sampler seed batch out npz",
+    "sample": "model classes num cfg inverse guidance sampler seed batch out npz distributed "
+              "coordinator_address num_processes process_id compilation_cache_dir",
     "eval": "workdir model split dequant_samples batch data_dir seed out distributed "
             "coordinator_address num_processes process_id compilation_cache_dir",
     "fid": "model num features inception ref cfg inverse guidance sampler seed batch out dump "
-           "compilation_cache_dir",
+           "distributed coordinator_address num_processes process_id compilation_cache_dir",
     "prepare": "folder data_dir name image_size val_fraction val_folder channels encoding quality "
                "workers overwrite",
     "check": "devices processes compile topology num_slices programs distill mfu price out "
@@ -415,7 +416,7 @@ def test_writes_are_atomic_and_leave_no_temporaries(tmp_path, monkeypatch):
   monkeypatch.undo()
   gen.write_outputs(images, labels, png, npz, {"ess": np.ones(6)})
   assert sorted(os.listdir(tmp_path)) == ["g.npz", "g.png"]
-  assert np.load(npz)["images"].shape == (6, 4, 4, 1)
+  assert np.load(npz)["arr_0"].shape == (6, 4, 4, 1)
   with pytest.raises(
       ValueError, match="unsupported file type"):  # refused before the PNG is replaced
     gen.write_outputs(images + 1, labels, png, str(tmp_path / "g.txt"))

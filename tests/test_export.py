@@ -228,7 +228,7 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   assert np.mean(a != c) > 0.01
   write_outputs(a, la, str(tmp_path / "g.png"), str(tmp_path / "g.npz"), st)
   z = np.load(tmp_path / "g.npz")
-  assert z["images"].shape == (6, 32, 32, 1) and list(z["labels"]) == [3, 3, 3, 7, 7, 7]
+  assert z["arr_0"].shape == (6, 32, 32, 1) and list(z["labels"]) == [3, 3, 3, 7, 7, 7]
   np.testing.assert_array_equal(z["ess_redundant"], st["ess_redundant"])
   # the Jacobi AF inverse (sampler.inverse): the same images as the exact one, with its iterations
   sj = s._replace(inverse="jacobi", jacobi_tol=1e-4)

@@ -107,7 +107,7 @@ def train_programs(run: RunConfig, mesh, processes=1, distill=False):
   n = grid_batch_size(run, mesh, processes)
   out.append(_sample_program("grid", "sample grid (end of run)", f"batch {n} of the grid; {slots}",
                              m, run.sampler, params, n, setup.mesh_context, mesh.size,
-                             setup.batch_sh, sharding.replicated(mesh), fix=GRID_FIX))
+                             setup.batch_sh, fix=GRID_FIX))
   return out
 
 
@@ -142,10 +142,10 @@ def _recon_program(setup, teacher, slots, processes):
                  setup.mesh.size, fix=EVAL_FIX)
 
 
-def _sample_program(key, name, what, m, sampler, params, b, context, devices, batch_sh, out_sh, fix,
+def _sample_program(key, name, what, m, sampler, params, b, context, devices, batch_sh, fix,
                     student=None):
   from farmer_jax.sampling.generate import make_sample_fn
-  fn = make_sample_fn(m, sampler, out_sh, None, batch_sh)
+  fn = make_sample_fn(m, sampler, None, batch_sh)
   args = (params, _abstract((b, 2), jnp.uint32, batch_sh), _abstract((b,), jnp.int32, batch_sh),
           student)
   return Program(key, name, what, fn.fn, args, context, devices, fix=fix)
@@ -162,7 +162,7 @@ def export_programs(run: RunConfig, device, batch=SAMPLE_BATCH):
 
   def sampler_at(b):
     p = _sample_program("sampler", "sample / fid sampler (export)", f"batch {b}; 1 device", m,
-                        run.sampler, params, b, context, 1, rep, rep, EXPORT_FIX)
+                        run.sampler, params, b, context, 1, rep, EXPORT_FIX)
     return dataclasses.replace(p, batch=b, at_batch=sampler_at)
 
   out = [sampler_at(batch)]

@@ -275,9 +275,17 @@ def load_student(model_dir, mcfg, meta):
 
 def _restore_checked(path, abstract, what, fix):
   """Restores the Orbax pytree at ``path`` as ``abstract`` after checking that its stored tree and
-  shapes are exactly those (Orbax itself restores the stored shapes whatever it is asked for)."""
+  shapes are exactly those (Orbax itself restores the stored shapes whatever it is asked for).
+
+  Each process of a multi-process job reads the whole tree by itself, onto its first local device,
+  with no cross-process barrier (an export is read, never written, here)."""
+  me = jax.process_index()
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
+                          abstract)
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
       item = ckptr.metadata(path).item_metadata
       stored = dict(_shapes(getattr(item, "tree", item))) if item is not None else {}
       if not stored:

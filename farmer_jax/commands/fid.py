@@ -8,7 +8,6 @@ from absl import app
 
 from farmer_jax.commands import common, sampler_flags
 from farmer_jax.commands.common import Flag
-from farmer_jax.config.schema import SAMPLE_BATCH
 from farmer_jax.errors import UserError
 
 PURPOSE = "FID, IS and precision/recall of an exported model's samples"
@@ -29,7 +28,7 @@ FLAGS = (
 )
 OUTPUT = (
     Flag("seed", 0, "RNG seed (sample j uses fold_in(seed, j))."),
-    Flag("batch", SAMPLE_BATCH, "Sampling batch size."),
+    Flag("batch", None, sampler_flags.BATCH_HELP, int),
     Flag("out", None, "The JSON result (default: next to the model)."),
     Flag("dump", None, "The resumable feature dump directory (default: next to the JSON "
          "result)."),
@@ -40,7 +39,7 @@ def define_flags(fv):
   common.define(fv, FLAGS)
   sampler_flags.define(fv)
   common.define(fv, OUTPUT)
-  common.define_compilation_cache(fv)
+  common.define_launch(fv)
   common.define_output(fv)
 
 
@@ -50,7 +49,7 @@ def _checked_reference(f):
   if f.num < 2:
     raise UserError(f"--num={f.num} must be >= 2 (a covariance needs two samples; the paper's "
                     "protocol uses 50000)")
-  if f.batch < 1:
+  if f.batch is not None and f.batch < 1:
     raise UserError(f"--batch={f.batch} must be >= 1")
   if f.features == "inception":
     if not f.inception:
@@ -97,17 +96,26 @@ def main(f):
   common.check_json_out(out)
   dump = f.dump or fid.default_dump(out)
 
-  net, clf = fid.feature_net(f.features, f.inception, say=say if not f.quiet else None)
-  if ref_split is None:
+  import jax
+  lead = jax.process_index() == 0
+  net, clf = fid.feature_net(f.features, f.inception, say=say if not f.quiet and lead else None)
+  reference = None   # process 0 scores; the others draw their share of the samples
+  if lead and ref_split is None:
     reference = fid.reference_from_file(net, ref)
-  else:
+  elif lead:
     reference = fid.reference_from_split(net, data, ref_split,
                                          fid.split_cache(out, net, data, ref_split), say=say,
                                          progress=not f.quiet)
-  feats = fid.sample_features(
-      mcfg, params, drawn.sampler, f.num, net, seed=f.seed, batch=f.batch, dump=dump,
-      signature=fid.dump_signature(f.model, meta, drawn.settings, f.seed, f.num, net),
-      progress=not f.quiet, say=say, student_params=drawn.student, latent_var=drawn.latent_var)
+  placed = sampler_flags.on_mesh(config, mcfg, params, drawn.student, f.batch,
+                                 say if lead else lambda _: None)
+  with placed.context():
+    feats = fid.sample_features(
+        mcfg, placed.params, drawn.sampler, f.num, net, seed=f.seed, batch=placed.batch,
+        dump=dump, signature=fid.dump_signature(f.model, meta, drawn.settings, f.seed, f.num, net),
+        progress=not f.quiet, say=say, student_params=placed.student,
+        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding)
+  if not lead:
+    return
   result = fid.fid_result(f.model, net, reference, f.num, f.seed, drawn.sampler, drawn.settings,
                           feats, dump, t0)
   if f.features == "mnist" and mcfg.num_classes == 10:   # labels are digits only then

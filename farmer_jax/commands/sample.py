@@ -7,7 +7,6 @@ from absl import app
 from farmer_jax.commands import common, sampler_flags
 from farmer_jax.commands.common import Flag
 from farmer_jax.config.rules import SettingError
-from farmer_jax.config.schema import SAMPLE_BATCH
 from farmer_jax.errors import UserError
 
 PURPOSE = "draw samples from an exported model into a PNG grid and/or an .npz"
@@ -24,9 +23,10 @@ WHAT = (
 )
 OUTPUT = (
     Flag("seed", 0, "RNG seed (sample j uses fold_in(seed, j))."),
-    Flag("batch", SAMPLE_BATCH, "Batch size (results do not depend on it)."),
+    Flag("batch", None, sampler_flags.BATCH_HELP, int),
     Flag("out", None, "Output PNG grid (*.png)."),
-    Flag("npz", None, "Also write uint8 images + labels to this .npz (for FID tools)."),
+    Flag("npz", None, "Also write the uint8 images (as 'arr_0', what the ADM evaluator reads) and "
+         "their labels to this .npz."),
 )
 
 
@@ -34,6 +34,7 @@ def define_flags(fv):
   common.define(fv, WHAT)
   sampler_flags.define(fv)
   common.define(fv, OUTPUT)
+  common.define_launch(fv)
   common.define_output(fv)
 
 
@@ -43,14 +44,17 @@ def main(f):
         "--model (an export directory) and --out (PNG) or --npz are required")
   if f.num < 1:
     raise UserError(f"--num={f.num} must be >= 1 (samples per class)")
-  if f.batch < 1:
+  if f.batch is not None and f.batch < 1:
     raise UserError(f"--batch={f.batch} must be >= 1")
   from farmer_jax.sampling.generate import check_output_path
   for path, flag in ((f.out, "--out"), (f.npz, "--npz")):
     if path:
       check_output_path(path, flag)
   over = sampler_flags.checked_overrides(f)
+  common.start_jax(f)
+  say = common.say(f)
 
+  import jax
   from farmer_jax.artifacts.export import load_model
   from farmer_jax.sampling.generate import (
       check_output_size, describe_stats, export_sampler, generate, parse_classes, write_outputs)
@@ -62,10 +66,16 @@ def main(f):
   except SettingError as e:   # a sampler setting the model refuses
     raise sampler_flags.sampler_error(e) from e
   sampler = drawn.sampler
-
-  images, labels, stats = generate(
-      mcfg, params, classes, f.num, sampler, f.seed, f.batch, progress=not f.quiet,
-      return_stats=True, student_params=drawn.student, latent_var=drawn.latent_var)
+  lead = jax.process_index() == 0
+  placed = sampler_flags.on_mesh(config, mcfg, params, drawn.student, f.batch,
+                                 say if lead else lambda _: None)
+  with placed.context():
+    images, labels, stats = generate(
+        mcfg, placed.params, classes, f.num, sampler, f.seed, placed.batch,
+        progress=not f.quiet and lead, return_stats=True, student_params=placed.student,
+        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding)
+  if not lead:   # every process holds the samples; process 0 writes them
+    return
   write_outputs(images, labels, f.out, f.npz, stats)
 
   line = describe_stats(stats, sampler)

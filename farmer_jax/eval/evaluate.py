@@ -20,7 +20,7 @@ from farmer_jax import sharding
 from farmer_jax.artifacts import storage
 from farmer_jax.config.parse import parse_model
 from farmer_jax.config.schema import DataConfig
-from farmer_jax.errors import ConfigError, UserError
+from farmer_jax.errors import UserError
 from farmer_jax.eval.likelihood import evaluate_batches
 from farmer_jax.model import Farmer, abstract_params
 
@@ -53,25 +53,14 @@ def load_params(workdir=None, model_dir=None, say=print):
   return config, mcfg, params, source
 
 
-def eval_mesh(config, say=print):
-  """The run's mesh on these devices, or, if its fixed axis sizes do not fit them, the same axes
-  with every device on the first batch axis (data parallel)."""
-  try:
-    return sharding.make_mesh(config.mesh)
-  except (ConfigError, ValueError) as e:
-    rules = sharding.logical_rules(config.sharding_rules)
-    names = [n for n, _ in config.mesh]
-    batch_axes = [a for a in sharding.batch_mesh_axes(rules) if a in names] or names[:1]
-    spec = tuple((n, -1 if n == batch_axes[0] else 1) for n in names)
-    say(f"the run's mesh {tuple(map(tuple, config.mesh))} does not fit {jax.device_count()} "
-        f"device(s) ({str(e).splitlines()[0]}); evaluating data-parallel on {spec}")
-    return sharding.make_mesh(spec)
-
-
-def _put_params(params, shardings):
-  """Host params (the same on every process) -> global arrays with ``shardings``."""
-  return jax.tree.map(
-      lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: a[idx]), params, shardings)
+def params_on_mesh(config, mcfg, params, say=print):
+  """Host ``params`` of the model ``mcfg`` on the run ``config``'s mesh (``sharding.fitting_mesh``)
+  with its sharding rules and FSDP, as in training: (mesh, logical rules, global params)."""
+  mesh = sharding.fitting_mesh(config, say)
+  rules = sharding.logical_rules(config.sharding_rules)
+  param_sh = sharding.param_shardings(abstract_params(mcfg, boxed=True), mesh, rules,
+                                      config.get("fsdp"))
+  return mesh, rules, sharding.host_to_global(params, param_sh)
 
 
 def result_path(base, split):
@@ -90,20 +79,16 @@ def eval_data(config, data_dir=None):
 def evaluate_split(config, mcfg, params, data, split, samples, batch_size, seed=0,
                    progress=True, say=print):
   """Bits/dim of host ``params`` over every example of ``split`` of ``data`` (``samples``
-  dequantization draws each), sharded with the run ``config``'s mesh and rules (``eval_mesh``) at
-  about ``batch_size`` globally. Returns (the result of ``evaluate_batches``, the global batch);
+  dequantization draws each), sharded with the run ``config``'s mesh and rules
+  (``params_on_mesh``) at about ``batch_size`` globally. Returns (the result of ``evaluate_batches``, the global batch);
   refuses (FloatingPointError) a non-finite bits/dim."""
   from farmer_jax.data import pipeline
-  mesh = eval_mesh(config, say)
-  rules = sharding.logical_rules(config.sharding_rules)
+  mesh, rules, dev_params = params_on_mesh(config, mcfg, params, say)
   gb = sharding.padded_batch_size(batch_size, mesh, rules)
   batches, steps, n = pipeline.eval_batches(data, split, gb, jax.process_index(),
                                             jax.process_count())
   batch_sh = sharding.batch_sharding(mesh, rules)
-  param_sh = sharding.param_shardings(abstract_params(mcfg, boxed=True), mesh, rules,
-                                      config.get("fsdp"))
   with sharding.mesh_context(mesh, rules):
-    dev_params = _put_params(params, param_sh)
     show = progress and jax.process_index() == 0
     say(f"bits/dim of {data.name} split {split!r}: {n} images, {samples} dequantization draw(s) "
         f"each, batch {gb} on mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")

@@ -28,6 +28,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -226,25 +227,35 @@ def _open_dump(dump, signature, say):
 
 def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None,
                     signature=None, progress=True, say=print, student_params=None,
-                    out_sharding=None, latent_var=None):
-  """Draws ``num`` class-balanced samples (``balanced_labels``) in batches and returns their
-  features {'pool': (num, F), 'logits': (num, L), 'labels': (num,)}.
+                    latent_var=None, batch_sharding=None):
+  """Draws ``num`` class-balanced samples (``balanced_labels``) in batches of ``batch`` and returns
+  their features {'pool': (num, F), 'logits': (num, L), 'labels': (num,)} on process 0 (None on
+  the others).
 
-  With ``dump`` (a local directory) every batch's features are written there as it is done
-  (``chunk_<start>.npz``, atomically) under a manifest holding ``signature``; a later call with
-  the same signature continues from the chunks present (any --batch: sample j is the same in any
-  chunking), another signature is refused. ``out_sharding``: see ``make_sample_fn``."""
+  ``batch_sharding`` (a mesh's batch sharding, see ``make_sample_fn``; ``batch`` then a multiple of
+  its data-parallel slots and of the processes): each process draws its share of every batch and
+  computes its share's features on its own devices; the features, not the images, are gathered.
+
+  With ``dump`` (a local directory of process 0) every batch's features are written there as it
+  is done (``chunk_<start>.npz``, atomically) under a manifest holding ``signature``; a later call
+  with the same signature continues from the chunks present (any --batch, any device or process
+  count: sample j is the same in any chunking), another signature is refused."""
   from farmer_jax.sampling.generate import draw_batch, make_sample_fn
+  lead = jax.process_index() == 0
   labels = balanced_labels(num, mcfg.num_classes)
   if mcfg.num_classes == 0:
     labels[:] = mcfg.null_class
-  done = _open_dump(dump, signature or {}, say) if dump else {}
+  done = _open_dump(dump, signature or {}, say) if dump and lead else {}
   covered = np.zeros((num,), bool)
   for start, (pool, _) in done.items():
     covered[start:start + len(pool)] = True
-  fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var)
+  if jax.process_count() > 1:   # every process draws the batches process 0's dump lacks
+    from jax.experimental import multihost_utils
+    covered = np.asarray(multihost_utils.broadcast_one_to_all(covered))
+  fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding)
+  pad_to = batch if num > batch or batch_sharding is not None else None
   bar = tqdm(total=num, initial=int(covered.sum()), desc=f"sample + {net.name} features",
-             disable=not progress, dynamic_ncols=True)
+             disable=not (progress and lead), dynamic_ncols=True)
   try:
     start = 0
     while start < num:
@@ -254,21 +265,24 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
       end = start
       while end < num and end - start < batch and not covered[end]:
         end += 1
-      images, _ = draw_batch(fn, params, labels[start:end], start, seed,
-                             pad_to=batch if num > batch else None,
-                             student_params=student_params, total=num)
-      f = net.fn(images)
-      pool, logits = np.asarray(f["pool"], np.float32), np.asarray(f["logits"], np.float32)
-      done[start] = (pool, logits)
-      if dump:
-        path = os.path.join(dump, f"chunk_{start:09d}.npz")
-        with storage.atomic_file(path) as fh:
-          np.savez(fh, pool=pool, logits=logits)
+      drawn = draw_batch(fn, params, labels[start:end], start, seed, pad_to=pad_to,
+                         student_params=student_params, total=num)
+      f = net.fn(drawn.images)
+      f = drawn.gathered({"pool": np.asarray(f["pool"], np.float32),
+                          "logits": np.asarray(f["logits"], np.float32)})
+      if lead:
+        done[start] = (f["pool"], f["logits"])
+        if dump:
+          path = os.path.join(dump, f"chunk_{start:09d}.npz")
+          with storage.atomic_file(path) as fh:
+            np.savez(fh, pool=f["pool"], logits=f["logits"])
       covered[start:end] = True
       bar.update(end - start)
       start = end
   finally:
     bar.close()
+  if not lead:
+    return None
   order = sorted(done)
   out = {"pool": np.concatenate([done[s][0] for s in order]),
          "logits": np.concatenate([done[s][1] for s in order]), "labels": labels}

@@ -22,10 +22,11 @@ def settings(sampler):
 
 
 def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=False,
-                out_sharding=None, batch=500):
+                batch_sharding=None, batch=500):
   """{'classifier_test_accuracy', 'samples_per_class', '<setting>': {'mnist_fid',
   'class_consistency', 'class_consistency_per_class', 'inception_score' (of the classifier's
-  logits), 'precision', 'recall'}} for each of ``settings(sampler)``."""
+  logits), 'precision', 'recall'}} for each of ``settings(sampler)``, on process 0 (None on the
+  others). ``batch_sharding``, ``batch``: see ``fid.sample_features``."""
   net, clf = fid.mnist_net(seed=0, say=say)
   from farmer_jax.data.mnist import load_mnist5k
   images, _ = load_mnist5k("test")
@@ -34,7 +35,9 @@ def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=Fal
   for name, s in settings(sampler):
     feats = fid.sample_features(mcfg, params, s, per_class * mcfg.num_classes, net, seed=seed,
                                 batch=batch, progress=progress, say=say or (lambda _: None),
-                                out_sharding=out_sharding)
+                                batch_sharding=batch_sharding)
+    if feats is None:
+      return None
     r = fid.score(feats["pool"], feats["logits"], ref)
     r["mnist_fid"] = r.pop("fid")
     r.update(fid.class_consistency(clf, feats))
@@ -44,12 +47,13 @@ def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=Fal
 
 def score_run(tr, e, say=print):
   """``score_model`` on a finished Trainer's eval params with its config.sample sampler, on its
-  mesh (replicated outputs)."""
+  mesh (each process draws its share of every batch); None on processes other than 0."""
   s = tr.run.sample
   with tr.mesh_context():
     out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
                       say=say, progress=not tr.quiet and jax.process_index() == 0,
-                      out_sharding=sharding.replicated(tr.mesh))
+                      batch_sharding=tr.batch_sh,
+                      batch=sharding.padded_batch_size(500, tr.mesh, tr.run.sharding_rules))
   return out
 
 

@@ -13,8 +13,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from farmer_jax import sharding
 from farmer_jax.artifacts.storage import atomic_file
 from farmer_jax.config.schema import SAMPLE_BATCH, SAMPLER_KEYS, SamplerConfig
 from farmer_jax.conventions import to_uint8
@@ -77,20 +79,27 @@ def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""
   return ExportSampler(sampler, settings, student, load_latent_var(model_dir, mcfg, meta))
 
 
-def make_sample_fn(mcfg, sampler, out_sharding=None, latent_var=None, batch_sharding=None):
+def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None):
   """The jitted sampler: f(params, key_data (B, 2) uint32, labels (B,), student_params) -> (images
-  in model space (B, H, W, c), per-sample stats); ``key_data``: the samples' keys
-  (``sample_keys``) as ``jax.random.key_data``. ``out_sharding``: where it puts its outputs (a
-  training run passes its mesh's replicated sharding, so that every process can read the images).
-  ``batch_sharding``: where the keys and labels go (``SampleFn.put``), so that the batch is split
-  over a mesh's data-parallel slots; None: one device. ``latent_var``: an export's latent variance
-  (``export.load_latent_var``), or None. The returned ``SampleFn`` also names the model's pixel
-  mapping (``draw_batch`` reads it)."""
-  jit_kw = {} if out_sharding is None else {"out_shardings": out_sharding}
+  in model space (B, H, W, c), finite (B,) bool, per-sample stats); ``key_data``: the samples' keys
+  (``sample_keys``) as ``jax.random.key_data``. ``batch_sharding``: a mesh's batch sharding (the
+  keys, labels and images are split over its data-parallel slots, across processes; ``finite`` and
+  the stats, small, are replicated so every process sees them), or None: one device.
+  ``latent_var``: an export's latent variance (``export.load_latent_var``), or None. The returned
+  ``SampleFn`` also names the model's pixel mapping (``draw_batch`` reads it)."""
+  jit_kw = {}
+  if isinstance(batch_sharding, NamedSharding):
+    rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    jit_kw = {"out_shardings": (batch_sharding, rep, rep)}
+  elif batch_sharding is not None:   # one device, named
+    jit_kw = {"out_shardings": batch_sharding}
 
   def sample(params, key_data, labels, student_params):
-    return sample_images(mcfg, params, jax.random.wrap_key_data(key_data), labels, sampler,
-                         return_stats=True, student_params=student_params, latent_var=latent_var)
+    x, stats = sample_images(mcfg, params, jax.random.wrap_key_data(key_data), labels, sampler,
+                             return_stats=True, student_params=student_params,
+                             latent_var=latent_var)
+    finite = jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+    return x, finite, stats
 
   return SampleFn(jax.jit(sample, **jit_kw), mcfg.pixels, batch_sharding)
 
@@ -98,7 +107,7 @@ def make_sample_fn(mcfg, sampler, out_sharding=None, latent_var=None, batch_shar
 @dataclasses.dataclass(frozen=True)
 class SampleFn:
   """A jitted sampler (``make_sample_fn``), the pixel mapping its images are in, and the sharding
-  of its batch inputs (None: one device)."""
+  of its batch (None: one device)."""
   fn: object
   pixels: str
   batch_sharding: object = None
@@ -107,26 +116,44 @@ class SampleFn:
     """A batch input (the same numpy array on every process) where the sampler takes it."""
     if self.batch_sharding is None:
       return jnp.asarray(host_array)
-    return jax.make_array_from_callback(host_array.shape, self.batch_sharding,
-                                        lambda index: host_array[index])
+    return sharding.host_to_global(host_array, self.batch_sharding)
 
   def __call__(self, *args):
     return self.fn(*args)
 
 
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+  """This process's part of a drawn batch: ``rows`` (indices into the padded batch, the same
+  count on every process), their uint8 ``images`` (len(rows), H, W, c), and the ``stats`` of the
+  batch's ``count`` requested samples ({stat: (count, ...)}, the same on every process)."""
+  rows: np.ndarray
+  images: np.ndarray
+  stats: dict
+  count: int
+  size: int   # the padded batch
+
+  def gathered(self, tree=None):
+    """``tree`` (default: the images), a tree of arrays with one row per ``rows``, from every
+    process, as the batch's ``count`` requested samples in order; a collective."""
+    tree = self.images if tree is None else tree
+    return jax.tree.map(lambda a: a[:self.count],
+                        sharding.gather_rows(self.rows, tree, self.size))
+
+
 def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None, total=None):
   """Samples ``start .. start + len(labels) - 1`` of a seed (sample j: key fold_in(key(seed), j))
-  with ``fn`` (``make_sample_fn``) -> (uint8 images (m, H, W, c), {stat: (m, ...)}). ``pad_to``
-  pads the batch (repeating the last label) so every call has one jit shape. Non-finite samples
-  raise UserError (never turned into black pixels)."""
+  with ``fn`` (``make_sample_fn``) -> ``Drawn``: this process's share of them as uint8 images
+  (``Drawn.gathered`` brings every process's together). ``pad_to`` pads the batch (repeating the
+  last label) so every call has one jit shape. Non-finite samples raise UserError on every process
+  (never turned into black pixels)."""
   y = np.asarray(labels, np.int32)
   m = len(y)
   pad = max((pad_to or m) - m, 0)
   keys = np.asarray(jax.random.key_data(sample_keys(seed, start, m + pad)))
   yy = np.concatenate([y, np.full((pad,), y[-1], np.int32)])
-  x, st = fn(params, fn.put(keys), fn.put(yy), student_params)
-  x = np.asarray(x)[:m]
-  bad = int(np.sum(~np.isfinite(x.reshape(m, -1)).all(axis=1)))
+  x, finite, st = fn(params, fn.put(keys), fn.put(yy), student_params)
+  bad = int(np.sum(~np.asarray(finite)[:m]))
   if bad:
     of = f" of {total}" if total else ""
     raise UserError(
@@ -134,7 +161,9 @@ def draw_batch(fn, params, labels, start, seed, pad_to=None, student_params=None
         "sampling stopped and nothing was written. Fix: check the run's training loss and the "
         "export (a diverged or corrupt model), try a bfloat16 export again as float32, or lower "
         "the temperatures (--sampler=t_sigma=...) / guidance (--cfg)")
-  return to_uint8(x, fn.pixels), {k: np.asarray(v)[:m] for k, v in st.items()}
+  rows, local = sharding.local_rows(x)
+  return Drawn(rows, to_uint8(local, fn.pixels), {k: np.asarray(v)[:m] for k, v in st.items()},
+               m, m + pad)
 
 
 def available_memory():
@@ -170,30 +199,31 @@ def check_output_size(mcfg, classes, num, png, available=None):
 
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=SAMPLE_BATCH,
-             progress=True, return_stats=False, out_sharding=None, student_params=None,
-             latent_var=None, batch_sharding=None):
+             progress=True, return_stats=False, student_params=None, latent_var=None,
+             batch_sharding=None):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
-  docs/sampling.md)].
+  docs/sampling.md)], on every process.
 
-  ``out_sharding``, ``batch_sharding``: see ``make_sample_fn``; with ``batch_sharding`` every
-  batch is padded to ``batch_size`` (a multiple of the mesh's data-parallel slots)."""
+  ``batch_sharding``: see ``make_sample_fn``; with it every batch is padded to ``batch_size`` (a
+  multiple of the mesh's data-parallel slots and of the processes: ``sharding.padded_batch_size``)
+  and each process draws its share of it."""
   if num < 1:
     raise UserError(f"--num={num} must be >= 1")
   if batch_size < 1:
     raise UserError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  fn = make_sample_fn(mcfg, sampler, out_sharding, latent_var, batch_sharding)
+  fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding)
   pad_to = batch_size if total > batch_size or batch_sharding is not None else None
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
   try:
     for start in range(0, total, batch_size):
       y = labels[start:start + batch_size]
-      x, st = draw_batch(fn, params, y, start, seed, pad_to, student_params, total)
-      out.append(x)
-      for k, v in st.items():
+      drawn = draw_batch(fn, params, y, start, seed, pad_to, student_params, total)
+      out.append(drawn.gathered())
+      for k, v in drawn.stats.items():
         stats.setdefault(k, []).append(v)
       bar.update(len(y))
   finally:
@@ -255,8 +285,9 @@ def check_output_path(path, flag):
 
 
 def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
-  """PNG grid (rows = classes) and/or .npz with uint8 'images' (n, H, W, c), 'labels' (n,) and any
-  per-sample ``stats`` arrays (n,). Atomic and all-or-nothing: both files are written to unique
+  """PNG grid (rows = classes) and/or .npz with uint8 images under 'arr_0' (n, H, W, c: the name
+  the ADM / guided-diffusion evaluator reads), 'labels' (n,) and any per-sample ``stats`` arrays
+  (n,). Atomic and all-or-nothing: both files are written to unique
   temporary names first and renamed into place only once both are complete; a failure leaves no file
   and no temporary behind."""
   for path, flag in ((out_png, "--out"), (out_npz, "--npz")):
@@ -267,5 +298,5 @@ def write_outputs(images, labels, out_png=None, out_npz=None, stats=None):
       grid_image(images).save(stack.enter_context(atomic_file(out_png)), format="PNG")
     if out_npz:
       np.savez(stack.enter_context(atomic_file(out_npz)),   # a file object: no suffix added
-               images=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1),
+               arr_0=images.reshape(-1, *images.shape[2:]), labels=labels.reshape(-1),
                **(stats or {}))

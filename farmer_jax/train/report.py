@@ -43,8 +43,8 @@ def sample_grid(tr, path):
   unconditional model) written as a PNG at ``path``; returns the uint8 images (R, K, H, W, c).
 
   The `farmer_jax sample` engine (``generate`` + ``write_outputs``) on the training mesh: batches
-  of ``grid_batch_size`` samples split over the mesh's data-parallel slots, outputs replicated
-  (every process gets the images, process 0 writes them). Non-finite samples raise (UserError from
+  of ``grid_batch_size`` samples split over the mesh's data-parallel slots, each process drawing
+  its share (every process gets the images, process 0 writes them). Non-finite samples raise (UserError from
   ``generate``) before anything is written.
   """
   s = tr.run.sample
@@ -53,9 +53,7 @@ def sample_grid(tr, path):
     images, labels = generate(tr.mcfg, tr.eval_params(), classes, s.per_class,
                               s.sampler, seed=s.seed,
                               batch_size=grid_batch_size(tr.run, tr.mesh),
-                              progress=_progress(tr),
-                              out_sharding=sharding.replicated(tr.mesh),
-                              batch_sharding=tr.batch_sh)
+                              progress=_progress(tr), batch_sharding=tr.batch_sh)
   if jax.process_index() == 0:
     save_grid(images, path)
   return images
@@ -89,8 +87,10 @@ def write_report(tr, history, train_s, t0):
   e = tr.run.eval
   if e.mnist_quality:
     from farmer_jax.eval.mnist_quality import score_run
-    summary["sample_quality"] = score_run(tr, e, say=tr.log)
-    scalars.update(quality_scalars(summary["sample_quality"]))
+    quality = score_run(tr, e, say=tr.log)
+    if quality is not None:   # process 0's
+      summary["sample_quality"] = quality
+      scalars.update(quality_scalars(quality))
   if not logged:
     writer = MetricWriter(tr.workdir)
     try:
