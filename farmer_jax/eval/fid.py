@@ -251,7 +251,7 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
     covered[start:start + len(pool)] = True
   if jax.process_count() > 1:   # every process draws the batches process 0's dump lacks
     from jax.experimental import multihost_utils
-    covered = np.asarray(multihost_utils.broadcast_one_to_all(covered))
+    covered = np.array(multihost_utils.broadcast_one_to_all(covered))
   fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding)
   pad_to = batch if num > batch or batch_sharding is not None else None
   bar = tqdm(total=num, initial=int(covered.sum()), desc=f"sample + {net.name} features",

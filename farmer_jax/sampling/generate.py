@@ -95,6 +95,11 @@ def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None):
     jit_kw = {"out_shardings": batch_sharding}
 
   def sample(params, key_data, labels, student_params):
+    if jit_kw and isinstance(batch_sharding, NamedSharding):
+      # The weights are gathered once per call and every device runs the whole model on its own
+      # samples: no per-token collectives in the decode loop, and each sample computed as on one
+      # device (a contraction split over FSDP shards would sum in another order).
+      params, student_params = jax.lax.with_sharding_constraint((params, student_params), rep)
     x, stats = sample_images(mcfg, params, jax.random.wrap_key_data(key_data), labels, sampler,
                              return_stats=True, student_params=student_params,
                              latent_var=latent_var)
