@@ -556,7 +556,7 @@ def test_slurm_header_one_process_per_gpu():
   opts = sbatch_header()
   assert opts["ntasks-per-node"] == opts["gpus-per-node"]
   assert opts["signal"].startswith("TERM@") and "requeue" in opts
-  assert "gpus-per-task" not in opts
+  assert "gpus-per-task" not in opts and "gpu-bind" not in opts
 
 
 def test_slurm_dry_run_requeues_only_without_summary(tmp_path):
@@ -565,8 +565,10 @@ def test_slurm_dry_run_requeues_only_without_summary(tmp_path):
   rc, out, err, cmds = run(SBATCH, "--config.x=1", env=env)
   assert rc == 0, err
   srun, check, requeue = cmds
-  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12"]
-  assert srun[3:7] == [sys.executable, "-m", "farmer_jax", "train"]
+  # every task sees all GPUs of its node (SLURM_LOCALID indexes them), consecutive ids per node
+  assert srun[:5] == ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none", "--distribution=block",
+                      "--cpus-per-task=12"]
+  assert srun[5:9] == [sys.executable, "-m", "farmer_jax", "train"]
   assert "--distributed=auto" in srun and f"--workdir={tmp_path}" in srun
   assert srun[-1] == "--config.x=1" and "--config.mesh=(('data', -1), ('fsdp', 8))" in srun
   assert check[:2] == [sys.executable, "-c"] and "epath" in check[2] and check[3] == str(tmp_path)
@@ -586,12 +588,37 @@ def test_slurm_srun_gets_cpus_per_task_only_from_the_job():
   assert cmds[-1] == ["scontrol", "requeue", "dry-run"]       # gs:// in a dry run: not read
 
 
+GPU_XLA_FLAGS = re.search(r"^GPU_XLA_FLAGS=(\S+)", SBATCH.read_text(), re.M)[1]
+
+
+def test_gpu_launchers_xla_flags_exist_in_the_pinned_jaxlib(tmp_path):
+  """The GPU launchers' default XLA_FLAGS, the same in both, are flags the pinned jaxlib knows (an
+  unknown flag aborts the process at the first computation); XLA_FLAGS set by the user, even
+  empty, is left alone."""
+  single = re.search(r"^GPU_XLA_FLAGS=(\S+)", (LAUNCH / "gpu_single_node.sh").read_text(), re.M)
+  assert single[1] == GPU_XLA_FLAGS and "latency_hiding_scheduler=true" in GPU_XLA_FLAGS
+  env = {**os.environ, "XLA_FLAGS": GPU_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and "3.0" in r.stdout, r.stderr[-2000:]
+  env["XLA_FLAGS"] = "--xla_gpu_no_such_flag=true"            # what an unknown one does
+  r = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "Unknown flag in XLA_FLAGS" in r.stderr
+  base = {"DRY_RUN": "1", "CONFIG": "c.py", "WORKDIR": str(tmp_path), "PYTHON": sys.executable}
+  for script in (LAUNCH / "gpu_single_node.sh", SBATCH):
+    for mine in ("--xla_dump_to=/tmp/d", ""):
+      rc, out, err, _ = run(script, env={**base, "XLA_FLAGS": mine})
+      assert rc == 0 and f"XLA_FLAGS={mine}\n" in out, (script, err)
+
+
 def fake_slurm(tmp_path, srun_rc):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   for name, rc in (("srun", srun_rc), ("scontrol", 0)):
     (bin_dir / name).write_text(
-        f"#!/usr/bin/env bash\necho {name} \"$@\" >> {tmp_path}/calls\nexit {rc}\n")
+        f"#!/usr/bin/env bash\necho {name} \"$@\" >> {tmp_path}/calls\n"
+        f"echo \"XLA_FLAGS=${{XLA_FLAGS-unset}}\" >> {tmp_path}/{name}.env\nexit {rc}\n")
     (bin_dir / name).chmod(0o755)
   return bin_dir
 
@@ -605,6 +632,8 @@ def test_slurm_requeues_after_time_limit_but_not_after_a_crash(tmp_path, srun_rc
   rc, out, err, cmds = run(SBATCH, env=env, bin_dir=bin_dir)
   calls = (tmp_path / "calls").read_text().splitlines()
   assert rc == srun_rc
+  assert calls[0].startswith("srun --kill-on-bad-exit=1 --gpu-bind=none --distribution=block ")
+  assert (tmp_path / "srun.env").read_text() == f"XLA_FLAGS={GPU_XLA_FLAGS}\n"
   if srun_rc:
     assert len(calls) == 1 and "not requeueing" in err
   else:
@@ -653,8 +682,9 @@ def test_slurm_needs_a_job_outside_dry_run():
 
 def test_single_node_launchers_dry_run():
   env = {"DRY_RUN": "1", "CONFIG": "configs/quickstart.py", "WORKDIR": "/tmp/w"}
-  rc, _, err, cmds = run(LAUNCH / "gpu_single_node.sh", "--config.x=1", env=env)
+  rc, out, err, cmds = run(LAUNCH / "gpu_single_node.sh", "--config.x=1", env=env)
   assert rc == 0, err
+  assert f"XLA_FLAGS={GPU_XLA_FLAGS}\n" in out
   assert cmds == [["python", "-m", "farmer_jax", "train", "--config=configs/quickstart.py",
                    "--workdir=/tmp/w", f"--config.mesh={FSDP_MESH}", "--config.x=1"]]
   rc, _, err, cmds = run(LAUNCH / "local.sh", "configs/quickstart.py", "/tmp/w", "--x=1",
@@ -867,3 +897,39 @@ def test_gpu_install_hints_are_one_constrained_install():
     text = path.read_text()
     assert hint in " ".join(text.replace("#", " ").replace("`", " ").split()), path
     assert "pip install -U" not in text, path
+
+
+def test_check_read_records_reads_the_data_smoke_reads_on_every_worker(tmp_path, capsys):
+  """`farmer_jax check --read_records=N` (what `smoke` runs on every worker) reads N records of the
+  train and eval splits through the pipeline's record checks; a dataset file it cannot read is
+  one line naming the record, the split and the fix, not a traceback."""
+  from PIL import Image
+
+  from farmer_jax import configlib
+  from farmer_jax.commands import check
+  from farmer_jax.config.parse import parse
+  from farmer_jax.data.prepare import Options, prepare
+  from farmer_jax.errors import UserError
+  for c in ("cat", "dog"):
+    (tmp_path / "img" / c).mkdir(parents=True)
+    for i in range(6):
+      Image.new("RGB", (40 + i, 36), (40 * i, 0, 0)).save(tmp_path / "img" / c / f"{i}.png")
+  o = Options(folder=str(tmp_path / "img"), data_dir=str(tmp_path / "tfds"), name="pets",
+              image_size=32, val_fraction=0.3)
+  prepare(o)
+  cfg = configlib.load("quickstart:tiny")
+  cfg.data.update(name="tfds:pets", data_dir=o.data_dir, channels=3, num_classes=2)
+  cfg.eval.split = "validation"
+  cfg.train.batch_size = 4
+  run_ = parse(cfg, None, num_devices=1, num_processes=1)
+  capsys.readouterr()
+  check._read_records(run_, 3)
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and all(f"from {o.data_dir} in " in x for x in lines), lines
+  assert lines[0].startswith("data read: 3 of ") and "split 'train'" in lines[0]
+  assert "split 'validation'" in lines[1]
+  for f in (tmp_path / "tfds" / "pets").rglob("*train.array_record*"):
+    f.write_bytes(b"")                                  # a truncated copy in the bucket
+  with pytest.raises(UserError, match=r"record 0 of tfds:pets split 'train' in .*cannot be read"
+                     r".*Fix: give this machine read access"):
+    check._read_records(run_, 3)
