@@ -127,7 +127,7 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
                        text=True, check=True).stdout.strip()
   tarball = f"/tmp/farmer_jax-{sha}.tar.gz"
   (archive,) = find(cmds, "git", "-C", str(ROOT), "archive")
-  assert archive[-3:] == ["-o", tarball, "HEAD"] and "--format=tar.gz" in archive
+  assert archive[-3:] == ["-o", tarball, sha] and "--format=tar.gz" in archive
   (scp,) = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
   assert tarball in scp and "tpu1:/tmp/" in scp and flag(scp, "--worker") == "all"
   assert flag(scp, "--zone") == zone
@@ -144,15 +144,20 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
   assert "apt-get" not in script and "pip install --user" not in script
 
   words = remote_words(train)
-  # the queued resource names the run: a recreated slice takes over its own workdir lock at once
-  assert words[:9] == ["cd", "~/farmer_jax", "&&", f"FARMER_RUN_ID=tpu-qr:proj/{zone}/tpu1-qr",
-                       "bash", "launch/tpu_worker.sh", "start", "train", "gs://bkt/runs/r1/logs"]
-  assert words[9:11] == [".venv/bin/farmer_jax", "train"]
-  assert words[11:] == [
+  # the queued resource names the run: a recreated slice takes over its own workdir lock at once;
+  # a worker holding another commit than the run's refuses to start
+  assert words[:10] == ["cd", "~/farmer_jax", "&&", f"FARMER_RUN_ID=tpu-qr:proj/{zone}/tpu1-qr",
+                        f"FARMER_COMMIT={sha}", "bash", "launch/tpu_worker.sh", "start", "train",
+                        "gs://bkt/runs/r1/logs"]
+  assert words[10:12] == [".venv/bin/farmer_jax", "train"]
+  assert words[12:] == [
       "--config=configs/imagenet256.py:1.1B/16", "--workdir=gs://bkt/runs/r1",
       "--distributed=auto", "--compilation_cache_dir=gs://bkt/xla_cache",
       f"--config.mesh={FSDP_MESH}", "--config.train.steps=7", "--config.x=a b"]
-  order = [out.index(" ".join(shlex.quote(w) for w in c[:5])) for c in (create, scp, train)]
+  # the run's commit: read before shipping (none: a first launch), recorded before the first start
+  (read,) = find(cmds, "gcloud", "storage", "cat", "gs://bkt/runs/r1/launch/commit")
+  (record,) = find(cmds, "gcloud", "storage", "cp", "-", "gs://bkt/runs/r1/launch/commit")
+  order = [cmds.index(c) for c in (read, create, scp, record, train)]
   assert order == sorted(order)
 
 
@@ -317,7 +322,7 @@ def test_tpu_resume_dry_run_resets_a_suspended_queued_resource():
   assert names.index("gcloud compute tpus queued-resources reset") < names.index(
       "gcloud compute tpus tpu-vm scp")
   words = remote_words(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[-1])
-  assert words[6:8] == ["start", "train"] and words[-1] == "--config.x=1"
+  assert words[7:9] == ["start", "train"] and words[-1] == "--config.x=1"
   assert "--workdir=gs://bkt/runs/r1" in words
   assert find(cmds, "gcloud", "storage", "ls", "gs://bkt/runs/r1/summary.json")
 
@@ -351,14 +356,21 @@ case "$*" in
       echo "farmer_jax-probe tpu1-w-$i train=${w%:*} venv=${w#*:}"
       i=$((i + 1))
     done ;;
-  "storage ls"*) exit 1 ;;
+  "storage ls "*) [[ -e @TMP@/gcs/${3#gs://} ]] ;;
+  "storage cat "*)
+    [[ -e @TMP@/gcs/${3#gs://} ]] || {
+      printf 'ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:\n%s\n' \
+        "$3" >&2; exit 1; }
+    cat "@TMP@/gcs/${3#gs://}" ;;
+  "storage cp - "*) mkdir -p "$(dirname "@TMP@/gcs/${4#gs://}")"; cat > "@TMP@/gcs/${4#gs://}" ;;
 esac
 """
 
 
 def fake_gcloud(tmp_path, qr_state=None):
   """A gcloud that logs its calls and keeps a queued resource's state in a file (absent: describe
-  says NOT_FOUND; FAIL: describe fails otherwise). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
+  says NOT_FOUND; FAIL: describe fails otherwise), and a bucket's objects under tmp_path/gcs
+  (`storage ls`, `cat`, `cp -`). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
   FAIL: a failed query); FAKE_WORKERS: the workers' answers to resume's probe, e.g. "running:ok
   stopped:missing"; FAKE_RESET_FAILS=1: `queued-resources reset` fails."""
   bin_dir = tmp_path / "bin"
@@ -392,20 +404,24 @@ def test_tpu_up_and_resume_for_real_with_a_fake_gcloud(tmp_path):
   rc, out, err, cmds = run(TPU_VM, "up", env=env, bin_dir=bin_dir)
   assert rc == 0, err
   assert _verbs(calls) == [
-      "compute tpus queued-resources describe", "compute tpus queued-resources create",
-      "compute tpus queued-resources describe", "compute tpus tpu-vm scp",
-      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
+      "storage cat gs://bkt/runs/r1/launch/commit", "compute tpus queued-resources describe",
+      "compute tpus queued-resources create", "compute tpus queued-resources describe",
+      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
+      "storage cp - gs://bkt/runs/r1/launch/commit", "compute tpus tpu-vm ssh"]
   assert _ssh_kinds(calls) == ["unpack", "start"]
   tarball = find(cmds, "git")[0][-2]
   assert not os.path.exists(tarball)                   # made, copied, removed
+  sha = find(cmds, "git")[0][-1]
+  assert (tmp_path / "gcs/bkt/runs/r1/launch/commit").read_text() == sha + "\n"
   calls.unlink()
   (tmp_path / "qr_state").write_text("SUSPENDED")      # Spot preemption: the TPU is deleted
   rc, out, err, _ = run(TPU_VM, "resume", env=env, bin_dir=bin_dir)
   assert rc == 0, err
   assert _verbs(calls) == [
-      "storage ls gs://bkt/runs/r1/summary.json", "compute tpus queued-resources describe",
-      "compute tpus queued-resources reset", "compute tpus queued-resources describe",
-      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
+      "storage cat gs://bkt/runs/r1/launch/commit", "storage ls gs://bkt/runs/r1/summary.json",
+      "compute tpus queued-resources describe", "compute tpus queued-resources reset",
+      "compute tpus queued-resources describe", "compute tpus tpu-vm scp",
+      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]    # the record stands
   assert _ssh_kinds(calls) == ["unpack", "start"]
   calls.unlink()
   rc, out, err, _ = run(TPU_VM, "resume", env={**env, "FAKE_TPU_STATE": "READY",
@@ -477,7 +493,7 @@ def test_tpu_resume_on_a_ready_slice_restarts_all_workers_together(tmp_path, wor
     assert remote_words(ssh[1])[-4:] == ["stop", "train", "77;", "fi"]
   if "start" in expected:
     words = remote_words(ssh[-1])
-    assert words[6:8] == ["start", "train"] and words[-1] == "--config.x=1"
+    assert words[7:9] == ["start", "train"] and words[-1] == "--config.x=1"
   assert not re.search(r"queued-resources (create|delete|reset)", calls.read_text())
 
 
@@ -527,7 +543,12 @@ def test_tpu_status_reports_a_failed_query(tmp_path):
 def test_tpu_smoke(tpu_type, batch, devices, processes):
   rc, out, err, cmds = run(TPU_VM, "smoke", env=tpu_env(TYPE=tpu_type))
   assert rc == 0, err
-  probe, smoke = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  probe, data, smoke = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  assert flag(data, "--worker") == "all"
+  assert remote_words(data)[3:] == [
+      ".venv/bin/farmer_jax", "check", "--config=configs/imagenet256.py:1.1B/16",
+      "--workdir=gs://bkt/runs/r1", f"--config.mesh={FSDP_MESH}", f"--devices={devices}",
+      f"--processes={processes}", "--read_records=16"]
   probe = remote_words(probe)
   assert probe[3:5] == [".venv/bin/python", "-c"]
   assert "jax.device_count()" in probe[5] and "jax.process_count()" in probe[5]
