@@ -239,7 +239,7 @@ run_commit() {
     fi
   fi
   if [[ $RUN_SHA != "$SHIP_SHA" ]]; then
-    printf '%s\n' "$SHIP_SHA" | run_cmd gcloud storage cp - "$WORKDIR/launch/commit"
+    run_cmd gcloud storage cp - "$WORKDIR/launch/commit" <<<"$SHIP_SHA"
     RUN_SHA=$SHIP_SHA
   fi
 }

@@ -350,13 +350,27 @@ case "$*" in
       FAIL) flaky ;;
       *) echo "$FAKE_TPU_STATE" ;;
     esac ;;
+  *"tpu-vm ssh"*"tpu_worker.sh start"*)
+    if [[ -e @TMP@/workers && -z $FAKE_CRASH ]]; then sed -i 's/stopped/running/g' @TMP@/workers; fi ;;
   *"tpu-vm ssh"*farmer_jax-probe*)
     i=0
-    for w in $FAKE_WORKERS; do
+    for w in $(cat @TMP@/workers 2>/dev/null || echo "$FAKE_WORKERS"); do
       echo "farmer_jax-probe tpu1-w-$i train=${w%:*} venv=${w#*:}"
       i=$((i + 1))
     done ;;
-  "storage ls "*) [[ -e @TMP@/gcs/${3#gs://} ]] ;;
+  "storage ls "*)
+    if [[ $3 == */summary.json ]]; then      # one per supervise step: apply that step's events
+      n=$(( $(cat @TMP@/polls 2>/dev/null || echo 0) + 1 )); echo "$n" > @TMP@/polls
+      while read -r k what; do
+        [[ $k == "$n" ]] || continue
+        case $what in
+          qr=*) echo "${what#qr=}" > @STATE@ ;;
+          workers=*) echo "${what#workers=}" > @TMP@/workers ;;
+          finish) mkdir -p "$(dirname "@TMP@/gcs/${3#gs://}")"; echo '{}' > "@TMP@/gcs/${3#gs://}" ;;
+        esac
+      done < <(cat @TMP@/events 2>/dev/null)
+    fi
+    [[ -e @TMP@/gcs/${3#gs://} ]] ;;
   "storage cat "*)
     [[ -e @TMP@/gcs/${3#gs://} ]] || {
       printf 'ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:\n%s\n' \
@@ -371,8 +385,11 @@ def fake_gcloud(tmp_path, qr_state=None):
   """A gcloud that logs its calls and keeps a queued resource's state in a file (absent: describe
   says NOT_FOUND; FAIL: describe fails otherwise), and a bucket's objects under tmp_path/gcs
   (`storage ls`, `cat`, `cp -`). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
-  FAIL: a failed query); FAKE_WORKERS: the workers' answers to resume's probe, e.g. "running:ok
-  stopped:missing"; FAKE_RESET_FAILS=1: `queued-resources reset` fails."""
+  FAIL: a failed query); FAKE_WORKERS (or the file tmp_path/workers): the workers' answers to
+  resume's probe, e.g. "running:ok stopped:missing"; a start sets the file's workers running
+  (FAKE_CRASH=1: not); FAKE_RESET_FAILS=1: `queued-resources reset` fails. tmp_path/events: lines
+  "N qr=STATE", "N workers=...", "N finish" (summary.json appears), applied at the N-th check of
+  summary.json (one per supervise step)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   state = tmp_path / "qr_state"
@@ -389,12 +406,14 @@ def _verbs(calls):
 
 
 def _ssh_kinds(calls):
-  """What each `tpu-vm ssh` did: probe, stop, install, start (or ensure, fg, ...)."""
+  """What each `tpu-vm ssh` did: probe, stop, unpack (install), start (or ensure, fg, ...), and
+  smoke's devices (python) and data (check) probes."""
   kinds = []
   for line in calls.read_text().splitlines():
     if line.startswith("compute tpus tpu-vm ssh"):
-      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)", line)
-      kinds.append("probe" if m[0] == "farmer_jax-probe" else m[1])
+      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)|farmer_jax check|bin/python", line)
+      kinds.append({"farmer_jax-probe": "probe", "farmer_jax check": "check",
+                    "bin/python": "python"}.get(m[0], m[1]))
   return kinds
 
 
@@ -954,3 +973,120 @@ def test_check_read_records_reads_the_data_smoke_reads_on_every_worker(tmp_path,
   with pytest.raises(UserError, match=r"record 0 of tfds:pets split 'train' in .*cannot be read"
                      r".*Fix: give this machine read access"):
     check._read_records(run_, 3)
+
+
+def _qr_changes(calls):
+  return [v.split()[-1] for v in _verbs(calls)
+          if re.fullmatch(r"compute tpus queued-resources (reset|delete|create)", v)]
+
+
+def test_tpu_supervise_resumes_after_preemptions_and_deletes_when_finished(tmp_path):
+  """supervise with a fake gcloud whose state changes between its steps: first launch (create,
+  install, smoke, train), a step with training running (nothing), a Spot preemption (reset,
+  install, train), training gone on a READY slice (restart), summary.json (delete, exit 0)."""
+  bin_dir, calls = fake_gcloud(tmp_path)
+  (tmp_path / "workers").write_text("running:ok")
+  (tmp_path / "events").write_text("3 qr=SUSPENDED\n4 workers=stopped:ok\n5 finish\n")
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", SUPERVISE_POLL_S="0",
+                FAKE_TPU_STATE="READY")
+  rc, out, err, _ = run(TPU_VM, "supervise", "--config.x=1", env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  assert _ssh_kinds(calls) == [
+      "unpack", "python", "check", "fg", "start",     # first launch: install, smoke, train
+      "probe",                                        # step 2: training runs
+      "unpack", "start",                              # step 3: preempted (queued resource reset)
+      "probe", "start"]                               # step 4: training gone on a READY slice
+  assert _qr_changes(calls) == ["create", "reset", "delete"]
+  assert out.count("training restarted") == 2 and "the run has finished" in out
+  starts = [line for line in calls.read_text().splitlines() if "tpu_worker.sh start" in line]
+  assert all(line.endswith("--config.x=1") for line in starts)
+  assert "--config.x=1" not in [ln for ln in calls.read_text().splitlines() if " fg " in ln][0]
+  sha = (tmp_path / "gcs/bkt/runs/r1/launch/commit").read_text().strip()
+  assert all(f"FARMER_COMMIT={sha}" in line for line in starts)
+  calls.unlink()                    # supervising a finished run whose slice is gone: nothing to do
+  rc, out, err, _ = run(TPU_VM, "supervise", env=env, bin_dir=bin_dir)
+  assert rc == 0 and _ssh_kinds(calls) == [] and _qr_changes(calls) == [], err
+
+
+@pytest.mark.parametrize("keep", ["0", "1"])
+def test_tpu_supervise_gives_up_on_a_crash_loop(tmp_path, keep):
+  """Training that never stays up: more than MAX_RESTARTS restarts, then supervise stops and
+  deletes the slice (SUPERVISE_KEEP=1: keeps it), exit status non-zero."""
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  (tmp_path / "workers").write_text("stopped:ok")
+  (tmp_path / "gcs/bkt/runs/r1/launch").mkdir(parents=True)
+  sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                       text=True, check=True).stdout.strip()
+  (tmp_path / "gcs/bkt/runs/r1/launch/commit").write_text(sha + "\n")   # launched before
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", SUPERVISE_POLL_S="0",
+                FAKE_TPU_STATE="READY", FAKE_CRASH="1", MAX_RESTARTS="2", SUPERVISE_KEEP=keep)
+  rc, out, err, _ = run(TPU_VM, "supervise", env=env, bin_dir=bin_dir)
+  assert rc != 0 and "giving up after more than 2 restarts" in err, err
+  assert _ssh_kinds(calls) == ["probe", "start"] * 3            # no first launch: a record exists
+  assert _qr_changes(calls) == ([] if keep == "1" else ["delete"])
+
+
+def _two_commit_repo(tmp_path):
+  """_temp_repo with a second commit: (repo, first sha, second sha)."""
+  repo = _temp_repo(tmp_path)
+  git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+  head = lambda: subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,  # noqa
+                                check=True).stdout.strip()
+  first = head()
+  (repo / "configs" / "other.py").write_text("# a fix\n")
+  subprocess.run(git + ["add", "-A"], check=True)
+  subprocess.run(git + ["commit", "-q", "-m", "fix"], check=True)
+  return repo, git, first, head()
+
+
+def test_tpu_resume_ships_the_runs_recorded_commit(tmp_path):
+  """The first training start records its commit in WORKDIR/launch/commit; a resume from a checkout
+  at another commit changes nothing and says how to go on: check out the run's commit (then that
+  one is shipped), or FORCE_COMMIT=1 (HEAD is shipped and becomes the run's commit)."""
+  repo, git, first, second = _two_commit_repo(tmp_path)
+  subprocess.run(git + ["checkout", "-q", first], check=True)
+  bin_dir, calls = fake_gcloud(tmp_path)
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", ALLOW_DIRTY=None)
+  tpu_vm = repo / "launch" / "tpu_vm.sh"
+  record = tmp_path / "gcs/bkt/runs/r1/launch/commit"
+  rc, out, err, _ = run(tpu_vm, "up", env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and record.read_text() == first + "\n", err
+  (tmp_path / "qr_state").write_text("SUSPENDED")
+  subprocess.run(git + ["checkout", "-q", second], check=True)
+  for action in ("resume", "up", "install", "supervise"):
+    calls.unlink()
+    rc, out, err, _ = run(tpu_vm, action, env=env, bin_dir=bin_dir, cwd=repo)
+    assert rc == 2 and f"launched from commit {first[:12]}" in err, (action, err)
+    assert f"git checkout {first}" in err and "FORCE_COMMIT=1" in err
+    assert _verbs(calls) == ["storage cat gs://bkt/runs/r1/launch/commit"], action
+  subprocess.run(git + ["checkout", "-q", first], check=True)   # the run's own code
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "resume", env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0, err
+  assert find(cmds, "git")[0][-1] == first and f"FARMER_COMMIT={first}" in calls.read_text()
+  subprocess.run(git + ["checkout", "-q", second], check=True)
+  (tmp_path / "qr_state").write_text("SUSPENDED")
+  rc, out, err, cmds = run(tpu_vm, "resume", env={**env, "FORCE_COMMIT": "1"}, bin_dir=bin_dir,
+                           cwd=repo)
+  assert rc == 0 and "FORCE_COMMIT=1" in err, err
+  assert find(cmds, "git")[0][-1] == second and record.read_text() == second + "\n"
+  assert f"FARMER_COMMIT={second}" in calls.read_text().splitlines()[-1]
+  # `train` alone (no install): the workers must hold the run's commit, whatever HEAD is here
+  subprocess.run(git + ["checkout", "-q", first], check=True)
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "train", env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and f"FARMER_COMMIT={second}" in calls.read_text().splitlines()[-1], err
+  assert "storage cp" not in calls.read_text()
+
+
+def test_tpu_worker_refuses_to_start_another_commit(tmp_path):
+  home = tmp_path / "farmer_jax"
+  home.mkdir()
+  (home / "COMMIT").write_text("abc123\n")
+  env = {"FARMER_HOME": str(home), "WORKER_INDEX": "0", "FARMER_COMMIT": "def456"}
+  for mode in ("start", "ensure"):
+    rc, out, err, _ = run(WORKER, mode, "train", "gs://b/r/logs", sys.executable, "-c", "1",
+                          env=env)
+    assert rc == 2 and "holds commit abc123, not the run's def456" in err, err
+    assert "nothing was started" in err and not (home / "train.pid").exists()
+  assert not (home / "train.log").exists()
