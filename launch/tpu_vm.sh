@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cloud TPU VM slices (v4, v5e, v5p): request the slice as a queued resource, ship this commit to
 # every worker, install, run the same `farmer_jax train` on every worker, read logs, resume after a
-# preemption, delete. Walkthrough, defaults and costs: docs/launch.md.
+# preemption (with the commit the run started with, WORKDIR/launch/commit), delete; or supervise
+# all of it unattended. Walkthrough, defaults and costs: docs/launch.md.
 #
 #   PROJECT=my-proj TPU=farmer-v4 TYPE=v4-32 WORKDIR=gs://my-bucket/farmer_1.1b_p16 \
 #   CONFIG=configs/imagenet256.py:1.1B/16,data_dir=gs://my-bucket/tfds \
@@ -592,6 +593,7 @@ poll() {
   parse_workdir
   need PROJECT TPU CONFIG
   need_gcloud
+  check_run_commit                             # supervise's commit (SHIP_SHA), or HEAD
   if finished; then
     must_describe qr ACTIVE
     if [[ $STATE != NOT_FOUND ]]; then delete_qr; fi

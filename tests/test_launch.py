@@ -1006,6 +1006,10 @@ def test_tpu_supervise_resumes_after_preemptions_and_deletes_when_finished(tmp_p
   calls.unlink()                    # supervising a finished run whose slice is gone: nothing to do
   rc, out, err, _ = run(TPU_VM, "supervise", env=env, bin_dir=bin_dir)
   assert rc == 0 and _ssh_kinds(calls) == [] and _qr_changes(calls) == [], err
+  rc, out, err, cmds = run(TPU_VM, "supervise", env=tpu_env(TYPE="v4-8"))   # DRY_RUN=1
+  assert rc == 0 and "one supervision step shown" in out and "failed" not in out + err, err
+  assert [c[4] for c in find(cmds, "gcloud", "compute", "tpus", "queued-resources")] == [
+      "describe", "create", "describe", "describe", "reset", "describe"]
 
 
 @pytest.mark.parametrize("keep", ["0", "1"])
@@ -1053,7 +1057,7 @@ def test_tpu_resume_ships_the_runs_recorded_commit(tmp_path):
   assert rc == 0 and record.read_text() == first + "\n", err
   (tmp_path / "qr_state").write_text("SUSPENDED")
   subprocess.run(git + ["checkout", "-q", second], check=True)
-  for action in ("resume", "up", "install", "supervise"):
+  for action in ("resume", "up", "install", "supervise", "poll"):
     calls.unlink()
     rc, out, err, _ = run(tpu_vm, action, env=env, bin_dir=bin_dir, cwd=repo)
     assert rc == 2 and f"launched from commit {first[:12]}" in err, (action, err)
