@@ -392,7 +392,8 @@ install() {
     pause 30
   done
   if [[ $DRY_RUN != 1 ]]; then rm -f "$tarball"; fi
-  remote="set -eu; bash /tmp/tpu_worker.sh unpack $(shell_join "$tarball" "$SHIP_SHA"); cd ~/farmer_jax"
+  remote="set -eu; bash /tmp/tpu_worker.sh unpack $(shell_join "$tarball" "$SHIP_SHA")"
+  remote+="; cd ~/farmer_jax"
   remote+="; bash launch/tpu_worker.sh install $(shell_join "jax[tpu]==$jax_version")"
   ssh_to all "$remote"
 }

@@ -355,7 +355,9 @@ case "$*" in
       *) echo "$FAKE_TPU_STATE" ;;
     esac ;;
   *"tpu-vm ssh"*"tpu_worker.sh start"*)
-    if [[ -e @TMP@/workers && -z $FAKE_CRASH ]]; then sed -i 's/stopped/running/g' @TMP@/workers; fi ;;
+    if [[ -e @TMP@/workers && -z $FAKE_CRASH ]]; then
+      sed -i 's/stopped/running/g' @TMP@/workers
+    fi ;;
   *"tpu-vm ssh"*farmer_jax-probe*)
     i=0
     for w in $(cat @TMP@/workers 2>/dev/null || echo "$FAKE_WORKERS"); do
@@ -370,7 +372,8 @@ case "$*" in
         case $what in
           qr=*) echo "${what#qr=}" > @STATE@ ;;
           workers=*) echo "${what#workers=}" > @TMP@/workers ;;
-          finish) mkdir -p "$(dirname "@TMP@/gcs/${3#gs://}")"; echo '{}' > "@TMP@/gcs/${3#gs://}" ;;
+          finish) mkdir -p "$(dirname "@TMP@/gcs/${3#gs://}")"
+            echo '{}' > "@TMP@/gcs/${3#gs://}" ;;
         esac
       done < <(cat @TMP@/events 2>/dev/null)
     fi
@@ -943,33 +946,39 @@ def test_gpu_install_hints_are_one_constrained_install():
     assert "pip install -U" not in text, path
 
 
-def test_check_read_records_reads_the_data_smoke_reads_on_every_worker(tmp_path, capsys):
-  """`farmer_jax check --read_records=N` (what `smoke` runs on every worker) reads N records of the
-  train and eval splits through the pipeline's record checks; a dataset file it cannot read is
-  one line naming the record, the split and the fix, not a traceback."""
+def _prepare_pets(tmp_path, data_dir):
+  """A two-class dataset 'pets' of 12 32x32 images written by `prepare` to data_dir (train and
+  validation splits)."""
   from PIL import Image
 
-  from farmer_jax import configlib
-  from farmer_jax.commands import check
-  from farmer_jax.config.parse import parse
   from farmer_jax.data.prepare import Options, prepare
-  from farmer_jax.errors import UserError
   for c in ("cat", "dog"):
     (tmp_path / "img" / c).mkdir(parents=True)
     for i in range(6):
       Image.new("RGB", (40 + i, 36), (40 * i, 0, 0)).save(tmp_path / "img" / c / f"{i}.png")
-  o = Options(folder=str(tmp_path / "img"), data_dir=str(tmp_path / "tfds"), name="pets",
-              image_size=32, val_fraction=0.3)
-  prepare(o)
+  prepare(Options(folder=str(tmp_path / "img"), data_dir=str(data_dir), name="pets",
+                  image_size=32, val_fraction=0.3))
+
+
+def test_check_read_records_reads_the_data_smoke_reads_on_every_worker(tmp_path, capsys):
+  """`farmer_jax check --read_records=N` (what `smoke` runs on every worker) reads N records of the
+  train and eval splits through the pipeline's record checks; a dataset file it cannot read is
+  one line naming the record, the split and the fix, not a traceback."""
+  from farmer_jax import configlib
+  from farmer_jax.commands import check
+  from farmer_jax.config.parse import parse
+  from farmer_jax.errors import UserError
+  data_dir = str(tmp_path / "tfds")
+  _prepare_pets(tmp_path, data_dir)
   cfg = configlib.load("quickstart:tiny")
-  cfg.data.update(name="tfds:pets", data_dir=o.data_dir, channels=3, num_classes=2)
+  cfg.data.update(name="tfds:pets", data_dir=data_dir, channels=3, num_classes=2)
   cfg.eval.split = "validation"
   cfg.train.batch_size = 4
   run_ = parse(cfg, None, num_devices=1, num_processes=1)
   capsys.readouterr()
   check._read_records(run_, 3)
   lines = capsys.readouterr().out.splitlines()
-  assert len(lines) == 2 and all(f"from {o.data_dir} in " in x for x in lines), lines
+  assert len(lines) == 2 and all(f"from {data_dir} in " in x for x in lines), lines
   assert lines[0].startswith("data read: 3 of ") and "split 'train'" in lines[0]
   assert "split 'validation'" in lines[1]
   for f in (tmp_path / "tfds" / "pets").rglob("*train.array_record*"):
@@ -1178,16 +1187,8 @@ def test_smoke_data_read_from_a_bucket(tmp_path, gcs_stub):
   `prepare`d dataset in a bucket (a local Cloud Storage stub), data_dir=gs://...; TFDS finds it
   through gcsfs and ArrayRecord reads the records with its own Cloud Storage reader (ranged
   reads of the shard files), nothing copied to a local disk."""
-  from PIL import Image
-
-  from farmer_jax.data.prepare import Options, prepare
   root, env, paths = gcs_stub
-  for c in ("cat", "dog"):
-    (tmp_path / "img" / c).mkdir(parents=True)
-    for i in range(6):
-      Image.new("RGB", (40 + i, 36), (40 * i, 0, 0)).save(tmp_path / "img" / c / f"{i}.png")
-  prepare(Options(folder=str(tmp_path / "img"), data_dir=str(root / "bkt" / "tfds"), name="pets",
-                  image_size=32, val_fraction=0.3))
+  _prepare_pets(tmp_path, root / "bkt" / "tfds")
   r = subprocess.run(
       [sys.executable, "-m", "farmer_jax", "check", "--config=configs/quickstart.py:tiny",
        f"--workdir={tmp_path / 'run'}", "--config.data.name=tfds:pets",
