@@ -1204,3 +1204,15 @@ def test_smoke_data_read_from_a_bucket(tmp_path, gcs_stub):
   # the records through ArrayRecord's own reader (gcsfs would ask under /download/)
   ranged = [p for p in paths if "pets-train.array_record" in p and "alt=media" in p]
   assert ranged and not any(p.startswith("/download/") for p in ranged), paths
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--read_records=-1"], "--read_records=-1 must be >= 0"),
+    (["--read_records=2", "--compile"], "--read_records reads the data, which --compile does not"),
+])
+def test_check_read_records_refusals(flags, message, capsys):
+  from farmer_jax import cli
+  with pytest.raises(SystemExit) as e:
+    cli.run(["farmer_jax", "check", "--config=configs/quickstart.py:tiny", "--workdir=/tmp/x",
+             *flags])
+  assert e.value.code == 2 and f"farmer_jax check: {message}" in capsys.readouterr().err
