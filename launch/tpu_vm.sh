@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cloud TPU VM slices (v4, v5e, v5p): request the slice as a queued resource, ship this commit to
 # every worker, install, run the same `farmer_jax train` on every worker, read logs, resume after a
-# preemption, delete. Walkthrough, defaults and costs: docs/launch.md.
+# preemption (with the commit the run started with, WORKDIR/launch/commit), delete; or supervise
+# all of it unattended. Walkthrough, defaults and costs: docs/launch.md.
 #
 #   PROJECT=my-proj TPU=farmer-v4 TYPE=v4-32 WORKDIR=gs://my-bucket/farmer_1.1b_p16 \
 #   CONFIG=configs/imagenet256.py:1.1B/16,data_dir=gs://my-bucket/tfds \
@@ -20,6 +21,8 @@ QR_ID=${QR_ID:-${TPU:+$TPU-qr}}
 V5E_SIZES="1 4 8 16 32 64 128 256"           # v5litepod-N: the slice shapes Cloud TPU offers
 MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
 SMOKE_MESH="(('data', -1), ('fsdp', 1))"
+SMOKE_RECORDS=16                             # records of each split smoke reads on every worker
+STARTED=0                                    # 1 once this call has started training
 SCOPES=https://www.googleapis.com/auth/cloud-platform
 
 usage() {
@@ -38,6 +41,10 @@ actions ("\$" = creates or keeps paying for a TPU slice):
   stop          SIGTERM the training on every worker (it checkpoints and exits 0)
   resume      \$ after a preemption: reset/recreate the slice if it is gone, reinstall, train
                 (on a READY slice: restart training on ALL workers unless it runs on all)
+  supervise   \$ stays running here: create, install, smoke, train (first launch); then every
+                SUPERVISE_POLL_S (300) s: resume after a preemption, delete once summary.json
+                exists (opt-in unattended mode; run it under nohup/tmux)
+  poll          one step of supervise (exit 0 running, 3 restarted, 4 finished and deleted)
   delete        delete the queued resource and its TPU (the bucket is kept)
 
 settings (environment):
@@ -50,6 +57,8 @@ settings (environment):
   CACHE                    XLA compilation cache, default gs://BUCKET/xla_cache
   QR_ID                    queued resource name, default TPU-qr;  SERVICE_ACCOUNT (optional)
   SKIP_CHECK=1             skip the local farmer_jax check;  ALLOW_DIRTY=1: ship HEAD anyway
+  FORCE_COMMIT=1           ship HEAD to a run recorded (WORKDIR/launch/commit) with another commit
+  SUPERVISE_POLL_S, MAX_RESTARTS, MAX_FAILS, SUPERVISE_KEEP   supervise: 300, 20, 5, 0
   STOP_WAIT_S              resume: seconds a stopping run gets before SIGKILL (default 300)
   DRY_RUN=1                print the commands instead of running them
 EOF
@@ -149,24 +158,48 @@ train_args() {
     --compilation_cache_dir="$CACHE" --config.mesh="$MESH" "$@")
 }
 
-# Refuses to ship a commit that is not what the user is looking at, or that lacks the CONFIG file
-# (the part of CONFIG before ':') as it is here.
+# Sets RUN_SHA to the commit recorded for the run in WORKDIR/launch/commit ("" before its first
+# training start). A failed read other than "not found" stops: the record is what keeps a resumed
+# run on its own code. DRY_RUN=1: prints the read, assumes no record.
+read_run_commit() {
+  local out errf rc=0
+  RUN_SHA="" RUN_SHA_READ=1
+  if [[ $DRY_RUN == 1 ]]; then
+    run_cmd gcloud storage cat "$WORKDIR/launch/commit"
+    return 0
+  fi
+  errf=$(mktemp)
+  out=$(run_cmd -q gcloud storage cat "$WORKDIR/launch/commit" 2>"$errf") || rc=$?
+  if ((rc == 0)); then
+    RUN_SHA=$(head -n 1 <<<"$out" | tr -d '[:space:]')
+    [[ $RUN_SHA =~ ^[0-9a-f]{40}$ ]] ||
+      die "$WORKDIR/launch/commit holds '$RUN_SHA', not a commit; write the run's commit" \
+        "(git rev-parse HEAD of the checkout it was launched from) there, or remove it"
+  elif ! grep -Eq 'matched no objects|No URLs matched|HTTPError 404' "$errf"; then
+    die "could not read $WORKDIR/launch/commit (exit status $rc: $(tail -n 2 "$errf" |
+      tr '\n' ' ')); nothing was changed. Check gcloud and run the same command again"
+  fi
+  rm -f "$errf"
+}
+
+# SHIP_SHA = HEAD, the commit the workers get (git archive). Refuses a commit that is not what the
+# user is looking at, or that lacks the CONFIG file (the part of CONFIG before ':') as it is here.
 git_head() {
   local cfg
-  if [[ -n ${SHA:-} ]]; then return 0; fi
-  SHA=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit to ship"
+  if [[ -n ${SHIP_SHA:-} ]]; then return 0; fi
+  SHIP_SHA=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit to ship"
   if [[ -n ${CONFIG:-} ]]; then
     cfg=${CONFIG%%:*}
     if ! git -C "$ROOT" ls-files --error-unmatch -- "$cfg" >/dev/null 2>&1; then
       [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
         die "the config file $cfg is not tracked by git (or does not exist), so the commit the" \
           "workers get (git archive HEAD) does not contain it. git add and commit it, or set" \
-          "ALLOW_DIRTY=1 to ship HEAD ${SHA:0:12} anyway"
+          "ALLOW_DIRTY=1 to ship HEAD ${SHIP_SHA:0:12} anyway"
       echo "$PROG: ALLOW_DIRTY=1: $cfg is untracked; the workers will not have it" >&2
     elif ! git -C "$ROOT" diff --quiet HEAD -- "$cfg"; then
       [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
         die "the config file $cfg has uncommitted changes, and the workers get it as in HEAD" \
-          "${SHA:0:12} (git archive HEAD). Commit it, or set ALLOW_DIRTY=1 to ship HEAD anyway"
+          "${SHIP_SHA:0:12} (git archive HEAD). Commit it, or set ALLOW_DIRTY=1 to ship HEAD anyway"
       echo "$PROG: ALLOW_DIRTY=1: the workers get $cfg as in HEAD, not your edits" >&2
     fi
   fi
@@ -174,8 +207,41 @@ git_head() {
     [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
       die "the working tree has uncommitted changes to tracked files, and workers get the" \
         "commit (git archive HEAD), not your edits. Commit them, or set ALLOW_DIRTY=1 to ship" \
-        "HEAD ${SHA:0:12} without them"
-    echo "$PROG: ALLOW_DIRTY=1: shipping HEAD ${SHA:0:12}; uncommitted changes stay here" >&2
+        "HEAD ${SHIP_SHA:0:12} without them"
+    echo "$PROG: ALLOW_DIRTY=1: shipping HEAD ${SHIP_SHA:0:12}; uncommitted changes stay here" >&2
+  fi
+}
+
+# Refuses to ship (git_head's SHIP_SHA) to a run in WORKDIR recorded with another commit, unless
+# FORCE_COMMIT=1 (then HEAD becomes the run's commit at its next training start).
+check_run_commit() {
+  git_head
+  read_run_commit
+  if [[ -n $RUN_SHA && $RUN_SHA != "$SHIP_SHA" ]]; then
+    [[ ${FORCE_COMMIT:-0} == 1 ]] ||
+      die "the run in $WORKDIR was launched from commit ${RUN_SHA:0:12} ($WORKDIR/launch/commit)" \
+        "and this checkout is at ${SHIP_SHA:0:12}; nothing was changed. Resume it with its own" \
+        "code: git checkout $RUN_SHA, then the same command; or set FORCE_COMMIT=1 to ship" \
+        "${SHIP_SHA:0:12} and record it as the run's commit"
+    echo "$PROG: FORCE_COMMIT=1: shipping ${SHIP_SHA:0:12} to the run launched from" \
+      "${RUN_SHA:0:12}; it becomes the run's commit" >&2
+  fi
+}
+
+# The commit training starts with (SHIP_SHA): what install shipped in this call, else the run's
+# recorded commit, else (a first start, or FORCE_COMMIT=1) HEAD. Records it in WORKDIR/launch/commit
+# when that does not hold it yet: the run's commit is the one of its first training start.
+run_commit() {
+  [[ ${RUN_SHA_READ:-0} == 1 ]] || read_run_commit
+  if [[ -z ${SHIP_SHA:-} ]]; then
+    SHIP_SHA=$RUN_SHA
+    if [[ -z $SHIP_SHA || ${FORCE_COMMIT:-0} == 1 ]]; then
+      SHIP_SHA=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit"
+    fi
+  fi
+  if [[ $RUN_SHA != "$SHIP_SHA" ]]; then
+    run_cmd gcloud storage cp - "$WORKDIR/launch/commit" <<<"$SHIP_SHA"
+    RUN_SHA=$SHIP_SHA
   fi
 }
 
@@ -313,10 +379,10 @@ delete_qr() {
 # constraints' jax version and the package, on every worker.
 install() {
   git_head
-  local tarball=/tmp/farmer_jax-$SHA.tar.gz try jax_version remote
+  local tarball=/tmp/farmer_jax-$SHIP_SHA.tar.gz try jax_version remote
   jax_version=$(sed -n 's/^jax==//p' "$ROOT/launch/constraints.txt")
   [[ -n $jax_version ]] || die "launch/constraints.txt pins no jax version"
-  run_cmd git -C "$ROOT" archive --format=tar.gz -o "$tarball" HEAD
+  run_cmd git -C "$ROOT" archive --format=tar.gz -o "$tarball" "$SHIP_SHA"
   for try in 1 2 3 4 5; do                    # a fresh slice may refuse ssh for a minute
     run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$ROOT/launch/tpu_worker.sh" \
       "$ROOT/launch/constraints.txt" "$TPU:/tmp/" --worker=all --project="$PROJECT" \
@@ -326,7 +392,8 @@ install() {
     pause 30
   done
   if [[ $DRY_RUN != 1 ]]; then rm -f "$tarball"; fi
-  remote="set -eu; bash /tmp/tpu_worker.sh unpack $(shell_join "$tarball" "$SHA"); cd ~/farmer_jax"
+  remote="set -eu; bash /tmp/tpu_worker.sh unpack $(shell_join "$tarball" "$SHIP_SHA")"
+  remote+="; cd ~/farmer_jax"
   remote+="; bash launch/tpu_worker.sh install $(shell_join "jax[tpu]==$jax_version")"
   ssh_to all "$remote"
 }
@@ -336,11 +403,14 @@ train() {
   local mode=$1
   shift
   train_args "$@"
+  run_commit
   # the run's identity for the workdir lock: after a preemption the recreated slice's process
-  # takes over its own run's lock at once (docs/reliability.md)
+  # takes over its own run's lock at once (docs/reliability.md); FARMER_COMMIT: a worker whose
+  # ~/farmer_jax holds another commit refuses to start
   ssh_to all "cd ~/farmer_jax && FARMER_RUN_ID=$(shell_join "tpu-qr:$PROJECT/$ZONE/$QR_ID") \
-    $(shell_join bash launch/tpu_worker.sh "$mode" train \
+    FARMER_COMMIT=$SHIP_SHA $(shell_join bash launch/tpu_worker.sh "$mode" train \
     "$WORKDIR/logs" .venv/bin/farmer_jax train "${TRAIN_ARGS[@]}")"
+  STARTED=1
   cat <<EOF
 training runs on every worker of $TPU; each copies its log to $WORKDIR/logs/ every 60 s
   follow:  PROJECT=$PROJECT ZONE=$ZONE TPU=$TPU WORKDIR=$WORKDIR $PROG logs
@@ -371,6 +441,10 @@ smoke() {
   probe+="; assert (d, p) == ($DEVICES, $PROCESSES), 'expected $DEVICES devices, $PROCESSES"
   probe+=" processes for $TYPE'"
   ssh_to all "cd ~/farmer_jax && $(shell_join .venv/bin/python -c "$probe")"
+  # the run's data, as every worker reads it (e.g. from the bucket): a few records of each split
+  ssh_to all "cd ~/farmer_jax && $(shell_join .venv/bin/farmer_jax check --config="$CONFIG" \
+    --workdir="$WORKDIR" --config.mesh="$MESH" --devices="$DEVICES" --processes="$PROCESSES" \
+    --read_records="$SMOKE_RECORDS")"
   ssh_to all "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg smoke "$dir/logs" \
     .venv/bin/farmer_jax train "${args[@]:0:2}" --distributed=auto "${args[@]:2}")"
   echo "smoke run done: $dir (summary.json, logs/)"
@@ -421,6 +495,7 @@ preflight() {
   if [[ $ship == ship ]]; then git_head; fi
   need_gcloud
   check_local --config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH" "$@"
+  if [[ $ship == ship ]]; then check_run_commit; fi
 }
 
 # On a READY slice: nothing if training runs on every worker; otherwise a partial restart could not
@@ -462,14 +537,18 @@ restart_training() {
   train start "$@"
 }
 
-# Deletes or recreates the slice only when the queued resource is SUSPENDING, SUSPENDED, FAILED or
-# gone, or its TPU is PREEMPTED or TERMINATED; stops on any state it cannot read.
 resume() {
   preflight ship "$@"
   if finished; then
     echo "$WORKDIR/summary.json exists: the run has finished, nothing to resume"
     return 0
   fi
+  resume_slice "$@"
+}
+
+# Deletes or recreates the slice only when the queued resource is SUSPENDING, SUSPENDED, FAILED or
+# gone, or its TPU is PREEMPTED or TERMINATED; stops on any state it cannot read.
+resume_slice() {
   local qr tpu=""
   [[ $DRY_RUN != 1 ]] || echo "# dry run: assuming a Spot preemption (queued resource SUSPENDED)"
   must_describe qr SUSPENDED
@@ -507,6 +586,73 @@ resume() {
   train start "$@"
 }
 
+# One step of `supervise`, run as a process of its own (a refusal or a failed command ends the
+# step, not the supervisor). Exit status: 0 training runs on every worker, 3 training was
+# (re)started, 4 the run has finished and the slice is deleted; anything else: the step failed.
+poll() {
+  parse_type
+  parse_workdir
+  need PROJECT TPU CONFIG
+  need_gcloud
+  check_run_commit                             # supervise's commit (SHIP_SHA), or HEAD
+  if finished; then
+    must_describe qr ACTIVE
+    if [[ $STATE != NOT_FOUND ]]; then delete_qr; fi
+    echo "$WORKDIR/summary.json exists: the run has finished; queued resource $QR_ID and its" \
+      "TPU are deleted (the bucket is kept)"
+    exit 4
+  fi
+  resume_slice "$@"
+  if ((STARTED)); then exit 3; fi
+}
+
+# smoke, train, then every SUPERVISE_POLL_S: resume whatever a preemption took (the slice, or the
+# training on its workers), and delete the slice once WORKDIR/summary.json exists. Gives up (and
+# deletes the slice, unless SUPERVISE_KEEP=1) when training needed more than MAX_RESTARTS restarts
+# (a crash loop) or after MAX_FAILS failed steps in a row.
+supervise() {
+  local rc restarts=0 fails=0 max_restarts=${MAX_RESTARTS:-20} max_fails=${MAX_FAILS:-5} why
+  preflight ship "$@"
+  export SHIP_SHA                              # every step ships this commit, wherever HEAD goes
+  if [[ -z $RUN_SHA ]] && ! finished; then     # a first launch
+    create
+    install
+    smoke
+    train start "$@"
+  fi
+  while :; do
+    pause "${SUPERVISE_POLL_S:-300}"
+    echo "$(date -u +%H:%M:%SZ) supervise: checking $QR_ID and $WORKDIR"
+    rc=0
+    bash "$ROOT/launch/tpu_vm.sh" poll "$@" || rc=$?
+    case $rc in
+      0) fails=0 ;;
+      3) fails=0; restarts=$((restarts + 1))
+        echo "supervise: training restarted (restart $restarts; MAX_RESTARTS=$max_restarts)" ;;
+      4) return 0 ;;
+      *) fails=$((fails + 1))
+        echo "supervise: the step failed (exit status $rc, above); $fails of $max_fails" \
+          "failures in a row" >&2 ;;
+    esac
+    why=""
+    if ((restarts > max_restarts)); then why="more than $max_restarts restarts (MAX_RESTARTS)"; fi
+    if ((fails >= max_fails)); then why="$fails failed steps in a row (MAX_FAILS)"; fi
+    if [[ -n $why ]]; then
+      if [[ ${SUPERVISE_KEEP:-0} == 1 ]]; then
+        die "supervise: giving up after $why; SUPERVISE_KEEP=1: the slice is kept (and billed)"
+      fi
+      echo "$PROG: supervise: giving up after $why; deleting $QR_ID so that it stops billing" \
+        "(checkpoints and logs stay in $WORKDIR)" >&2
+      delete_qr || true
+      exit 1
+    fi
+    if [[ $DRY_RUN == 1 ]]; then
+      echo "# dry run: one supervision step shown"
+      return 0
+    fi
+  done
+}
+
 action=${1:-}
 if [[ $# -gt 0 ]]; then shift; fi
 case $action in
@@ -518,13 +664,17 @@ case $action in
   check) parse_type; parse_workdir; need CONFIG
     check_local --config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH" "$@" ;;
   create) preflight no "$@"; create ;;
-  install) need_zone; need_gcloud; install ;;
+  install) need_zone; need_gcloud
+    if [[ -n ${WORKDIR:-} ]]; then parse_workdir; check_run_commit; fi
+    install ;;
   train | run) need_zone; parse_workdir; need CONFIG; need_gcloud; train start "$@" ;;
-  smoke) parse_type; parse_workdir; need PROJECT TPU; need_gcloud; smoke "$@" ;;
+  smoke) parse_type; parse_workdir; need PROJECT TPU CONFIG; need_gcloud; smoke "$@" ;;
   logs) logs ;;
   status) need_zone; status ;;
   stop) need_zone; ssh_to all "cd ~/farmer_jax && bash launch/tpu_worker.sh stop train" ;;
   resume) resume "$@" ;;
+  supervise) supervise "$@" ;;
+  poll) poll "$@" ;;
   delete) need_zone; need_gcloud; delete ;;
   "" | -h | --help | help) usage; exit 2 ;;
   *) usage; die "unknown action '$action'" ;;

@@ -8,7 +8,8 @@
 #                           uv pip install -c launch/constraints.txt JAX_REQ . (e.g. "jax[tpu]==X")
 #   start NAME LOGDIR CMD   run CMD in ~/farmer_jax in the background, detached from ssh; output
 #                           appended to ~/farmer_jax/NAME.log, copied to LOGDIR/worker-I.log
-#                           every LOG_SYNC_S (60) s and at exit; refuses if NAME already runs
+#                           every LOG_SYNC_S (60) s and at exit; refuses if NAME already runs,
+#                           and (FARMER_COMMIT=SHA) if ~/farmer_jax holds another commit
 #   ensure NAME LOGDIR CMD  the same, but leaves a running NAME alone
 #   fg NAME LOGDIR CMD      the same in the foreground (also on the terminal); CMD's exit status
 #   stop NAME [WAIT_S]      SIGTERM to NAME (farmer_jax saves a checkpoint and exits 0); with
@@ -178,6 +179,11 @@ start() {
     echo "worker $i: $name already runs (pid $(cat "$DIR/$name.pid"))"
     [[ $mode == ensure ]] && return 0
     die "$name already runs; 'launch/tpu_vm.sh stop' stops it"
+  fi
+  if [[ -n ${FARMER_COMMIT:-} && $(cat "$DIR/COMMIT" 2>/dev/null) != "$FARMER_COMMIT" ]]; then
+    die "$DIR holds commit $(cat "$DIR/COMMIT" 2>/dev/null || echo none), not the run's" \
+      "$FARMER_COMMIT; nothing was started. Run launch/tpu_vm.sh install (it ships the run's" \
+      "commit), then train"
   fi
   rm -f "$DIR/$name.exit"
   nohup setsid bash "$SELF" supervise "$name" "$logdir" "$@" </dev/null >/dev/null 2>&1 &

@@ -1,6 +1,8 @@
 """The launchers under launch/: bash -n and shellcheck, their DRY_RUN=1 commands (no cloud, no
 SLURM, no network), their refusals, and the TPU worker's supervisor with a fake gcloud."""
 
+import http.server
+import json
 import os
 import pathlib
 import re
@@ -8,7 +10,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -127,7 +131,7 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
                        text=True, check=True).stdout.strip()
   tarball = f"/tmp/farmer_jax-{sha}.tar.gz"
   (archive,) = find(cmds, "git", "-C", str(ROOT), "archive")
-  assert archive[-3:] == ["-o", tarball, "HEAD"] and "--format=tar.gz" in archive
+  assert archive[-3:] == ["-o", tarball, sha] and "--format=tar.gz" in archive
   (scp,) = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
   assert tarball in scp and "tpu1:/tmp/" in scp and flag(scp, "--worker") == "all"
   assert flag(scp, "--zone") == zone
@@ -144,15 +148,20 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
   assert "apt-get" not in script and "pip install --user" not in script
 
   words = remote_words(train)
-  # the queued resource names the run: a recreated slice takes over its own workdir lock at once
-  assert words[:9] == ["cd", "~/farmer_jax", "&&", f"FARMER_RUN_ID=tpu-qr:proj/{zone}/tpu1-qr",
-                       "bash", "launch/tpu_worker.sh", "start", "train", "gs://bkt/runs/r1/logs"]
-  assert words[9:11] == [".venv/bin/farmer_jax", "train"]
-  assert words[11:] == [
+  # the queued resource names the run: a recreated slice takes over its own workdir lock at once;
+  # a worker holding another commit than the run's refuses to start
+  assert words[:10] == ["cd", "~/farmer_jax", "&&", f"FARMER_RUN_ID=tpu-qr:proj/{zone}/tpu1-qr",
+                        f"FARMER_COMMIT={sha}", "bash", "launch/tpu_worker.sh", "start", "train",
+                        "gs://bkt/runs/r1/logs"]
+  assert words[10:12] == [".venv/bin/farmer_jax", "train"]
+  assert words[12:] == [
       "--config=configs/imagenet256.py:1.1B/16", "--workdir=gs://bkt/runs/r1",
       "--distributed=auto", "--compilation_cache_dir=gs://bkt/xla_cache",
       f"--config.mesh={FSDP_MESH}", "--config.train.steps=7", "--config.x=a b"]
-  order = [out.index(" ".join(shlex.quote(w) for w in c[:5])) for c in (create, scp, train)]
+  # the run's commit: read before shipping (none: a first launch), recorded before the first start
+  (read,) = find(cmds, "gcloud", "storage", "cat", "gs://bkt/runs/r1/launch/commit")
+  (record,) = find(cmds, "gcloud", "storage", "cp", "-", "gs://bkt/runs/r1/launch/commit")
+  order = [cmds.index(c) for c in (read, create, scp, record, train)]
   assert order == sorted(order)
 
 
@@ -317,7 +326,7 @@ def test_tpu_resume_dry_run_resets_a_suspended_queued_resource():
   assert names.index("gcloud compute tpus queued-resources reset") < names.index(
       "gcloud compute tpus tpu-vm scp")
   words = remote_words(find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[-1])
-  assert words[6:8] == ["start", "train"] and words[-1] == "--config.x=1"
+  assert words[7:9] == ["start", "train"] and words[-1] == "--config.x=1"
   assert "--workdir=gs://bkt/runs/r1" in words
   assert find(cmds, "gcloud", "storage", "ls", "gs://bkt/runs/r1/summary.json")
 
@@ -345,22 +354,49 @@ case "$*" in
       FAIL) flaky ;;
       *) echo "$FAKE_TPU_STATE" ;;
     esac ;;
+  *"tpu-vm ssh"*"tpu_worker.sh start"*)
+    if [[ -e @TMP@/workers && -z $FAKE_CRASH ]]; then
+      sed -i 's/stopped/running/g' @TMP@/workers
+    fi ;;
   *"tpu-vm ssh"*farmer_jax-probe*)
     i=0
-    for w in $FAKE_WORKERS; do
+    for w in $(cat @TMP@/workers 2>/dev/null || echo "$FAKE_WORKERS"); do
       echo "farmer_jax-probe tpu1-w-$i train=${w%:*} venv=${w#*:}"
       i=$((i + 1))
     done ;;
-  "storage ls"*) exit 1 ;;
+  "storage ls "*)
+    if [[ $3 == */summary.json ]]; then      # one per supervise step: apply that step's events
+      n=$(( $(cat @TMP@/polls 2>/dev/null || echo 0) + 1 )); echo "$n" > @TMP@/polls
+      while read -r k what; do
+        [[ $k == "$n" ]] || continue
+        case $what in
+          qr=*) echo "${what#qr=}" > @STATE@ ;;
+          workers=*) echo "${what#workers=}" > @TMP@/workers ;;
+          finish) mkdir -p "$(dirname "@TMP@/gcs/${3#gs://}")"
+            echo '{}' > "@TMP@/gcs/${3#gs://}" ;;
+        esac
+      done < <(cat @TMP@/events 2>/dev/null)
+    fi
+    [[ -e @TMP@/gcs/${3#gs://} ]] ;;
+  "storage cat "*)
+    [[ -e @TMP@/gcs/${3#gs://} ]] || {
+      printf 'ERROR: (gcloud.storage.cat) The following URLs matched no objects or files:\n%s\n' \
+        "$3" >&2; exit 1; }
+    cat "@TMP@/gcs/${3#gs://}" ;;
+  "storage cp - "*) mkdir -p "$(dirname "@TMP@/gcs/${4#gs://}")"; cat > "@TMP@/gcs/${4#gs://}" ;;
 esac
 """
 
 
 def fake_gcloud(tmp_path, qr_state=None):
   """A gcloud that logs its calls and keeps a queued resource's state in a file (absent: describe
-  says NOT_FOUND; FAIL: describe fails otherwise). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
-  FAIL: a failed query); FAKE_WORKERS: the workers' answers to resume's probe, e.g. "running:ok
-  stopped:missing"; FAKE_RESET_FAILS=1: `queued-resources reset` fails."""
+  says NOT_FOUND; FAIL: describe fails otherwise), and a bucket's objects under tmp_path/gcs
+  (`storage ls`, `cat`, `cp -`). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
+  FAIL: a failed query); FAKE_WORKERS (or the file tmp_path/workers): the workers' answers to
+  resume's probe, e.g. "running:ok stopped:missing"; a start sets the file's workers running
+  (FAKE_CRASH=1: not); FAKE_RESET_FAILS=1: `queued-resources reset` fails. tmp_path/events: lines
+  "N qr=STATE", "N workers=...", "N finish" (summary.json appears), applied at the N-th check of
+  summary.json (one per supervise step)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   state = tmp_path / "qr_state"
@@ -377,12 +413,14 @@ def _verbs(calls):
 
 
 def _ssh_kinds(calls):
-  """What each `tpu-vm ssh` did: probe, stop, install, start (or ensure, fg, ...)."""
+  """What each `tpu-vm ssh` did: probe, stop, unpack (install), start (or ensure, fg, ...), and
+  smoke's devices (python) and data (check) probes."""
   kinds = []
   for line in calls.read_text().splitlines():
     if line.startswith("compute tpus tpu-vm ssh"):
-      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)", line)
-      kinds.append("probe" if m[0] == "farmer_jax-probe" else m[1])
+      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)|farmer_jax check|bin/python", line)
+      kinds.append({"farmer_jax-probe": "probe", "farmer_jax check": "check",
+                    "bin/python": "python"}.get(m[0], m[1]))
   return kinds
 
 
@@ -392,20 +430,24 @@ def test_tpu_up_and_resume_for_real_with_a_fake_gcloud(tmp_path):
   rc, out, err, cmds = run(TPU_VM, "up", env=env, bin_dir=bin_dir)
   assert rc == 0, err
   assert _verbs(calls) == [
-      "compute tpus queued-resources describe", "compute tpus queued-resources create",
-      "compute tpus queued-resources describe", "compute tpus tpu-vm scp",
-      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
+      "storage cat gs://bkt/runs/r1/launch/commit", "compute tpus queued-resources describe",
+      "compute tpus queued-resources create", "compute tpus queued-resources describe",
+      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
+      "storage cp - gs://bkt/runs/r1/launch/commit", "compute tpus tpu-vm ssh"]
   assert _ssh_kinds(calls) == ["unpack", "start"]
   tarball = find(cmds, "git")[0][-2]
   assert not os.path.exists(tarball)                   # made, copied, removed
+  sha = find(cmds, "git")[0][-1]
+  assert (tmp_path / "gcs/bkt/runs/r1/launch/commit").read_text() == sha + "\n"
   calls.unlink()
   (tmp_path / "qr_state").write_text("SUSPENDED")      # Spot preemption: the TPU is deleted
   rc, out, err, _ = run(TPU_VM, "resume", env=env, bin_dir=bin_dir)
   assert rc == 0, err
   assert _verbs(calls) == [
-      "storage ls gs://bkt/runs/r1/summary.json", "compute tpus queued-resources describe",
-      "compute tpus queued-resources reset", "compute tpus queued-resources describe",
-      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
+      "storage cat gs://bkt/runs/r1/launch/commit", "storage ls gs://bkt/runs/r1/summary.json",
+      "compute tpus queued-resources describe", "compute tpus queued-resources reset",
+      "compute tpus queued-resources describe", "compute tpus tpu-vm scp",
+      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]    # the record stands
   assert _ssh_kinds(calls) == ["unpack", "start"]
   calls.unlink()
   rc, out, err, _ = run(TPU_VM, "resume", env={**env, "FAKE_TPU_STATE": "READY",
@@ -477,7 +519,7 @@ def test_tpu_resume_on_a_ready_slice_restarts_all_workers_together(tmp_path, wor
     assert remote_words(ssh[1])[-4:] == ["stop", "train", "77;", "fi"]
   if "start" in expected:
     words = remote_words(ssh[-1])
-    assert words[6:8] == ["start", "train"] and words[-1] == "--config.x=1"
+    assert words[7:9] == ["start", "train"] and words[-1] == "--config.x=1"
   assert not re.search(r"queued-resources (create|delete|reset)", calls.read_text())
 
 
@@ -527,7 +569,12 @@ def test_tpu_status_reports_a_failed_query(tmp_path):
 def test_tpu_smoke(tpu_type, batch, devices, processes):
   rc, out, err, cmds = run(TPU_VM, "smoke", env=tpu_env(TYPE=tpu_type))
   assert rc == 0, err
-  probe, smoke = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  probe, data, smoke = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  assert flag(data, "--worker") == "all"
+  assert remote_words(data)[3:] == [
+      ".venv/bin/farmer_jax", "check", "--config=configs/imagenet256.py:1.1B/16",
+      "--workdir=gs://bkt/runs/r1", f"--config.mesh={FSDP_MESH}", f"--devices={devices}",
+      f"--processes={processes}", "--read_records=16"]
   probe = remote_words(probe)
   assert probe[3:5] == [".venv/bin/python", "-c"]
   assert "jax.device_count()" in probe[5] and "jax.process_count()" in probe[5]
@@ -556,7 +603,7 @@ def test_slurm_header_one_process_per_gpu():
   opts = sbatch_header()
   assert opts["ntasks-per-node"] == opts["gpus-per-node"]
   assert opts["signal"].startswith("TERM@") and "requeue" in opts
-  assert "gpus-per-task" not in opts
+  assert "gpus-per-task" not in opts and "gpu-bind" not in opts
 
 
 def test_slurm_dry_run_requeues_only_without_summary(tmp_path):
@@ -565,8 +612,10 @@ def test_slurm_dry_run_requeues_only_without_summary(tmp_path):
   rc, out, err, cmds = run(SBATCH, "--config.x=1", env=env)
   assert rc == 0, err
   srun, check, requeue = cmds
-  assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12"]
-  assert srun[3:7] == [sys.executable, "-m", "farmer_jax", "train"]
+  # every task sees all GPUs of its node (SLURM_LOCALID indexes them), consecutive ids per node
+  assert srun[:5] == ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none", "--distribution=block",
+                      "--cpus-per-task=12"]
+  assert srun[5:9] == [sys.executable, "-m", "farmer_jax", "train"]
   assert "--distributed=auto" in srun and f"--workdir={tmp_path}" in srun
   assert srun[-1] == "--config.x=1" and "--config.mesh=(('data', -1), ('fsdp', 8))" in srun
   assert check[:2] == [sys.executable, "-c"] and "epath" in check[2] and check[3] == str(tmp_path)
@@ -586,12 +635,37 @@ def test_slurm_srun_gets_cpus_per_task_only_from_the_job():
   assert cmds[-1] == ["scontrol", "requeue", "dry-run"]       # gs:// in a dry run: not read
 
 
+GPU_XLA_FLAGS = re.search(r"^GPU_XLA_FLAGS=(\S+)", SBATCH.read_text(), re.M)[1]
+
+
+def test_gpu_launchers_xla_flags_exist_in_the_pinned_jaxlib(tmp_path):
+  """The GPU launchers' default XLA_FLAGS, the same in both, are flags the pinned jaxlib knows (an
+  unknown flag aborts the process at the first computation); XLA_FLAGS set by the user, even
+  empty, is left alone."""
+  single = re.search(r"^GPU_XLA_FLAGS=(\S+)", (LAUNCH / "gpu_single_node.sh").read_text(), re.M)
+  assert single[1] == GPU_XLA_FLAGS and "latency_hiding_scheduler=true" in GPU_XLA_FLAGS
+  env = {**os.environ, "XLA_FLAGS": GPU_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and "3.0" in r.stdout, r.stderr[-2000:]
+  env["XLA_FLAGS"] = "--xla_gpu_no_such_flag=true"            # what an unknown one does
+  r = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "Unknown flag in XLA_FLAGS" in r.stderr
+  base = {"DRY_RUN": "1", "CONFIG": "c.py", "WORKDIR": str(tmp_path), "PYTHON": sys.executable}
+  for script in (LAUNCH / "gpu_single_node.sh", SBATCH):
+    for mine in ("--xla_dump_to=/tmp/d", ""):
+      rc, out, err, _ = run(script, env={**base, "XLA_FLAGS": mine})
+      assert rc == 0 and f"XLA_FLAGS={mine}\n" in out, (script, err)
+
+
 def fake_slurm(tmp_path, srun_rc):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   for name, rc in (("srun", srun_rc), ("scontrol", 0)):
     (bin_dir / name).write_text(
-        f"#!/usr/bin/env bash\necho {name} \"$@\" >> {tmp_path}/calls\nexit {rc}\n")
+        f"#!/usr/bin/env bash\necho {name} \"$@\" >> {tmp_path}/calls\n"
+        f"echo \"XLA_FLAGS=${{XLA_FLAGS-unset}}\" >> {tmp_path}/{name}.env\nexit {rc}\n")
     (bin_dir / name).chmod(0o755)
   return bin_dir
 
@@ -605,6 +679,8 @@ def test_slurm_requeues_after_time_limit_but_not_after_a_crash(tmp_path, srun_rc
   rc, out, err, cmds = run(SBATCH, env=env, bin_dir=bin_dir)
   calls = (tmp_path / "calls").read_text().splitlines()
   assert rc == srun_rc
+  assert calls[0].startswith("srun --kill-on-bad-exit=1 --gpu-bind=none --distribution=block ")
+  assert (tmp_path / "srun.env").read_text() == f"XLA_FLAGS={GPU_XLA_FLAGS}\n"
   if srun_rc:
     assert len(calls) == 1 and "not requeueing" in err
   else:
@@ -653,8 +729,9 @@ def test_slurm_needs_a_job_outside_dry_run():
 
 def test_single_node_launchers_dry_run():
   env = {"DRY_RUN": "1", "CONFIG": "configs/quickstart.py", "WORKDIR": "/tmp/w"}
-  rc, _, err, cmds = run(LAUNCH / "gpu_single_node.sh", "--config.x=1", env=env)
+  rc, out, err, cmds = run(LAUNCH / "gpu_single_node.sh", "--config.x=1", env=env)
   assert rc == 0, err
+  assert f"XLA_FLAGS={GPU_XLA_FLAGS}\n" in out
   assert cmds == [["python", "-m", "farmer_jax", "train", "--config=configs/quickstart.py",
                    "--workdir=/tmp/w", f"--config.mesh={FSDP_MESH}", "--config.x=1"]]
   rc, _, err, cmds = run(LAUNCH / "local.sh", "configs/quickstart.py", "/tmp/w", "--x=1",
@@ -867,3 +944,275 @@ def test_gpu_install_hints_are_one_constrained_install():
     text = path.read_text()
     assert hint in " ".join(text.replace("#", " ").replace("`", " ").split()), path
     assert "pip install -U" not in text, path
+
+
+def _prepare_pets(tmp_path, data_dir):
+  """A two-class dataset 'pets' of 12 32x32 images written by `prepare` to data_dir (train and
+  validation splits)."""
+  from PIL import Image
+
+  from farmer_jax.data.prepare import Options, prepare
+  for c in ("cat", "dog"):
+    (tmp_path / "img" / c).mkdir(parents=True)
+    for i in range(6):
+      Image.new("RGB", (40 + i, 36), (40 * i, 0, 0)).save(tmp_path / "img" / c / f"{i}.png")
+  prepare(Options(folder=str(tmp_path / "img"), data_dir=str(data_dir), name="pets",
+                  image_size=32, val_fraction=0.3))
+
+
+def test_check_read_records_reads_the_data_smoke_reads_on_every_worker(tmp_path, capsys):
+  """`farmer_jax check --read_records=N` (what `smoke` runs on every worker) reads N records of the
+  train and eval splits through the pipeline's record checks; a dataset file it cannot read is
+  one line naming the record, the split and the fix, not a traceback."""
+  from farmer_jax import configlib
+  from farmer_jax.commands import check
+  from farmer_jax.config.parse import parse
+  from farmer_jax.errors import UserError
+  data_dir = str(tmp_path / "tfds")
+  _prepare_pets(tmp_path, data_dir)
+  cfg = configlib.load("quickstart:tiny")
+  cfg.data.update(name="tfds:pets", data_dir=data_dir, channels=3, num_classes=2)
+  cfg.eval.split = "validation"
+  cfg.train.batch_size = 4
+  run_ = parse(cfg, None, num_devices=1, num_processes=1)
+  capsys.readouterr()
+  check._read_records(run_, 3)
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and all(f"from {data_dir} in " in x for x in lines), lines
+  assert lines[0].startswith("data read: 3 of ") and "split 'train'" in lines[0]
+  assert "split 'validation'" in lines[1]
+  for f in (tmp_path / "tfds" / "pets").rglob("*train.array_record*"):
+    f.write_bytes(b"")                                  # a truncated copy in the bucket
+  with pytest.raises(UserError, match=r"record 0 of tfds:pets split 'train' in .*cannot be read"
+                     r".*Fix: give this machine read access"):
+    check._read_records(run_, 3)
+
+
+def _qr_changes(calls):
+  return [v.split()[-1] for v in _verbs(calls)
+          if re.fullmatch(r"compute tpus queued-resources (reset|delete|create)", v)]
+
+
+def test_tpu_supervise_resumes_after_preemptions_and_deletes_when_finished(tmp_path):
+  """supervise with a fake gcloud whose state changes between its steps: first launch (create,
+  install, smoke, train), a step with training running (nothing), a Spot preemption (reset,
+  install, train), training gone on a READY slice (restart), summary.json (delete, exit 0)."""
+  bin_dir, calls = fake_gcloud(tmp_path)
+  (tmp_path / "workers").write_text("running:ok")
+  (tmp_path / "events").write_text("3 qr=SUSPENDED\n4 workers=stopped:ok\n5 finish\n")
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", SUPERVISE_POLL_S="0",
+                FAKE_TPU_STATE="READY")
+  rc, out, err, _ = run(TPU_VM, "supervise", "--config.x=1", env=env, bin_dir=bin_dir)
+  assert rc == 0, err
+  assert _ssh_kinds(calls) == [
+      "unpack", "python", "check", "fg", "start",     # first launch: install, smoke, train
+      "probe",                                        # step 2: training runs
+      "unpack", "start",                              # step 3: preempted (queued resource reset)
+      "probe", "start"]                               # step 4: training gone on a READY slice
+  assert _qr_changes(calls) == ["create", "reset", "delete"]
+  assert out.count("training restarted") == 2 and "the run has finished" in out
+  starts = [line for line in calls.read_text().splitlines() if "tpu_worker.sh start" in line]
+  assert all(line.endswith("--config.x=1") for line in starts)
+  assert "--config.x=1" not in [ln for ln in calls.read_text().splitlines() if " fg " in ln][0]
+  sha = (tmp_path / "gcs/bkt/runs/r1/launch/commit").read_text().strip()
+  assert all(f"FARMER_COMMIT={sha}" in line for line in starts)
+  calls.unlink()                    # supervising a finished run whose slice is gone: nothing to do
+  rc, out, err, _ = run(TPU_VM, "supervise", env=env, bin_dir=bin_dir)
+  assert rc == 0 and _ssh_kinds(calls) == [] and _qr_changes(calls) == [], err
+  rc, out, err, cmds = run(TPU_VM, "supervise", env=tpu_env(TYPE="v4-8"))   # DRY_RUN=1
+  assert rc == 0 and "one supervision step shown" in out and "failed" not in out + err, err
+  assert [c[4] for c in find(cmds, "gcloud", "compute", "tpus", "queued-resources")] == [
+      "describe", "create", "describe", "describe", "reset", "describe"]
+
+
+@pytest.mark.parametrize("keep", ["0", "1"])
+def test_tpu_supervise_gives_up_on_a_crash_loop(tmp_path, keep):
+  """Training that never stays up: more than MAX_RESTARTS restarts, then supervise stops and
+  deletes the slice (SUPERVISE_KEEP=1: keeps it), exit status non-zero."""
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  (tmp_path / "workers").write_text("stopped:ok")
+  (tmp_path / "gcs/bkt/runs/r1/launch").mkdir(parents=True)
+  sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                       text=True, check=True).stdout.strip()
+  (tmp_path / "gcs/bkt/runs/r1/launch/commit").write_text(sha + "\n")   # launched before
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", SUPERVISE_POLL_S="0",
+                FAKE_TPU_STATE="READY", FAKE_CRASH="1", MAX_RESTARTS="2", SUPERVISE_KEEP=keep)
+  rc, out, err, _ = run(TPU_VM, "supervise", env=env, bin_dir=bin_dir)
+  assert rc != 0 and "giving up after more than 2 restarts" in err, err
+  assert _ssh_kinds(calls) == ["probe", "start"] * 3            # no first launch: a record exists
+  assert _qr_changes(calls) == ([] if keep == "1" else ["delete"])
+
+
+def _two_commit_repo(tmp_path):
+  """_temp_repo with a second commit: (repo, first sha, second sha)."""
+  repo = _temp_repo(tmp_path)
+  git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+  head = lambda: subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,  # noqa
+                                check=True).stdout.strip()
+  first = head()
+  (repo / "configs" / "other.py").write_text("# a fix\n")
+  subprocess.run(git + ["add", "-A"], check=True)
+  subprocess.run(git + ["commit", "-q", "-m", "fix"], check=True)
+  return repo, git, first, head()
+
+
+def test_tpu_resume_ships_the_runs_recorded_commit(tmp_path):
+  """The first training start records its commit in WORKDIR/launch/commit; a resume from a checkout
+  at another commit changes nothing and says how to go on: check out the run's commit (then that
+  one is shipped), or FORCE_COMMIT=1 (HEAD is shipped and becomes the run's commit)."""
+  repo, git, first, second = _two_commit_repo(tmp_path)
+  subprocess.run(git + ["checkout", "-q", first], check=True)
+  bin_dir, calls = fake_gcloud(tmp_path)
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", ALLOW_DIRTY=None)
+  tpu_vm = repo / "launch" / "tpu_vm.sh"
+  record = tmp_path / "gcs/bkt/runs/r1/launch/commit"
+  rc, out, err, _ = run(tpu_vm, "up", env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and record.read_text() == first + "\n", err
+  (tmp_path / "qr_state").write_text("SUSPENDED")
+  subprocess.run(git + ["checkout", "-q", second], check=True)
+  for action in ("resume", "up", "install", "supervise", "poll"):
+    calls.unlink()
+    rc, out, err, _ = run(tpu_vm, action, env=env, bin_dir=bin_dir, cwd=repo)
+    assert rc == 2 and f"launched from commit {first[:12]}" in err, (action, err)
+    assert f"git checkout {first}" in err and "FORCE_COMMIT=1" in err
+    assert _verbs(calls) == ["storage cat gs://bkt/runs/r1/launch/commit"], action
+  subprocess.run(git + ["checkout", "-q", first], check=True)   # the run's own code
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "resume", env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0, err
+  assert find(cmds, "git")[0][-1] == first and f"FARMER_COMMIT={first}" in calls.read_text()
+  subprocess.run(git + ["checkout", "-q", second], check=True)
+  (tmp_path / "qr_state").write_text("SUSPENDED")
+  rc, out, err, cmds = run(tpu_vm, "resume", env={**env, "FORCE_COMMIT": "1"}, bin_dir=bin_dir,
+                           cwd=repo)
+  assert rc == 0 and "FORCE_COMMIT=1" in err, err
+  assert find(cmds, "git")[0][-1] == second and record.read_text() == second + "\n"
+  assert f"FARMER_COMMIT={second}" in calls.read_text().splitlines()[-1]
+  # `train` alone (no install): the workers must hold the run's commit, whatever HEAD is here
+  subprocess.run(git + ["checkout", "-q", first], check=True)
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "train", env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and f"FARMER_COMMIT={second}" in calls.read_text().splitlines()[-1], err
+  assert "storage cp" not in calls.read_text()
+
+
+def test_tpu_worker_refuses_to_start_another_commit(tmp_path):
+  home = tmp_path / "farmer_jax"
+  home.mkdir()
+  (home / "COMMIT").write_text("abc123\n")
+  env = {"FARMER_HOME": str(home), "WORKER_INDEX": "0", "FARMER_COMMIT": "def456"}
+  for mode in ("start", "ensure"):
+    rc, out, err, _ = run(WORKER, mode, "train", "gs://b/r/logs", sys.executable, "-c", "1",
+                          env=env)
+    assert rc == 2 and "holds commit abc123, not the run's def456" in err, err
+    assert "nothing was started" in err and not (home / "train.pid").exists()
+  assert not (home / "train.log").exists()
+
+
+class _GcsStub(http.server.BaseHTTPRequestHandler):
+  """The few Cloud Storage JSON API reads a dataset in a bucket needs, over files under
+  ``self.server.root/BUCKET/``: object metadata, media (with ranges, as ArrayRecord's reader asks
+  for them) and listings (gcsfs, for TFDS's metadata). Requests are logged in ``server.paths``."""
+  protocol_version = "HTTP/1.1"
+
+  def log_message(self, *args):
+    self.server.paths.append(urllib.parse.unquote(self.path))
+
+  def _send(self, code, body, extra=()):
+    self.send_response(code)
+    self.send_header("Content-Length", str(len(body)))
+    for k, v in extra:
+      self.send_header(k, v)
+    self.end_headers()
+    self.wfile.write(body)
+
+  def _object(self, path, name, media):
+    if not os.path.isfile(path):
+      return self._send(404, json.dumps({"error": {"code": 404, "message": name}}).encode())
+    data = pathlib.Path(path).read_bytes()
+    gen = str(os.stat(path).st_mtime_ns // 1000)
+    if not media:
+      return self._send(200, json.dumps({"name": name, "size": str(len(data)), "generation": gen,
+                                         "updated": "2026-01-01T00:00:00Z"}).encode())
+    extra = [("x-goog-generation", gen), ("x-goog-stored-content-length", str(len(data)))]
+    rng = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+    if not rng:
+      return self._send(200, data, extra)
+    first = len(data) - int(rng[2]) if rng[1] == "" else int(rng[1])
+    first, last = max(first, 0), min(int(rng[2]) if rng[1] and rng[2] else len(data) - 1,
+                                     len(data) - 1)
+    self._send(206, data[first:last + 1], extra + [
+        ("Content-Range", f"bytes {first}-{last}/{len(data)}")])
+
+  def do_GET(self):  # noqa: N802 - the http.server hook
+    url = urllib.parse.urlparse(self.path)
+    query = urllib.parse.parse_qs(url.query)
+    m = re.fullmatch(r"(?:/download)?/storage/v1/b/([^/]+)/o(?:/(.+))?", url.path)
+    if not m:
+      return self._send(404, b"{}")
+    bucket = os.path.join(self.server.root, m[1])
+    if m[2]:
+      name = urllib.parse.unquote(m[2])
+      return self._object(os.path.join(bucket, name), name, query.get("alt") == ["media"])
+    prefix, delim = query.get("prefix", [""])[0], query.get("delimiter", [""])[0]
+    items, prefixes = [], set()
+    for p in sorted(pathlib.Path(bucket).rglob("*")):
+      name = p.relative_to(bucket).as_posix()
+      if p.is_file() and name.startswith(prefix):
+        rest = name[len(prefix):]
+        if delim and delim in rest:
+          prefixes.add(prefix + rest.split(delim)[0] + delim)
+        else:
+          items.append({"name": name, "size": str(p.stat().st_size)})
+    self._send(200, json.dumps({"items": items, "prefixes": sorted(prefixes)}).encode())
+
+
+@pytest.fixture
+def gcs_stub(tmp_path):
+  """(root directory of the stub's buckets, environment pointing gcsfs and ArrayRecord's Cloud
+  Storage client at it, the list of request paths)."""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GcsStub)
+  server.root, server.paths = str(tmp_path / "gcs"), []
+  server.handle_error = lambda *a: None          # a client closing a connection early
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+  yield (tmp_path / "gcs", {"STORAGE_EMULATOR_HOST": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url},
+         server.paths)
+  server.shutdown()
+
+
+def test_smoke_data_read_from_a_bucket(tmp_path, gcs_stub):
+  """The supported TPU data path, end to end through the CLI as `smoke` runs it on a worker: a
+  `prepare`d dataset in a bucket (a local Cloud Storage stub), data_dir=gs://...; TFDS finds it
+  through gcsfs and ArrayRecord reads the records with its own Cloud Storage reader (ranged
+  reads of the shard files), nothing copied to a local disk."""
+  root, env, paths = gcs_stub
+  _prepare_pets(tmp_path, root / "bkt" / "tfds")
+  r = subprocess.run(
+      [sys.executable, "-m", "farmer_jax", "check", "--config=configs/quickstart.py:tiny",
+       f"--workdir={tmp_path / 'run'}", "--config.data.name=tfds:pets",
+       "--config.data.data_dir=gs://bkt/tfds", "--config.data.channels=3",
+       "--config.data.num_classes=2", "--config.eval.split=validation",
+       "--config.train.batch_size=4", "--devices=1", "--read_records=3"],
+      cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+      text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  reads = [line for line in r.stdout.splitlines() if line.startswith("data read: ")]
+  assert len(reads) == 2 and all("from gs://bkt/tfds in" in x for x in reads), r.stdout
+  assert reads[0].startswith("data read: 3 of ") and "split 'validation'" in reads[1]
+  # the records through ArrayRecord's own reader (gcsfs would ask under /download/)
+  ranged = [p for p in paths if "pets-train.array_record" in p and "alt=media" in p]
+  assert ranged and not any(p.startswith("/download/") for p in ranged), paths
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--read_records=-1"], "--read_records=-1 must be >= 0"),
+    (["--read_records=2", "--compile"], "--read_records reads the data, which --compile does not"),
+])
+def test_check_read_records_refusals(flags, message, capsys):
+  from farmer_jax import cli
+  with pytest.raises(SystemExit) as e:
+    cli.run(["farmer_jax", "check", "--config=configs/quickstart.py:tiny", "--workdir=/tmp/x",
+             *flags])
+  assert e.value.code == 2 and f"farmer_jax check: {message}" in capsys.readouterr().err

@@ -40,6 +40,11 @@ FLAGS = (
     Flag("price", None, "USD per chip-hour of the cost projection (default: the slice's "
          "on-demand list price).", float),
     Flag("out", None, "Write the compile report as JSON here."),
+    Flag("read_records", 0, "Also read this many records of the train split and of the eval "
+         "split from config.data.data_dir (spread over each split, through the pipeline's "
+         "per-record checks) and print the time per record: whether this machine can read the "
+         "data, e.g. a bucket (launch/tpu_vm.sh smoke runs it on every worker). Not with "
+         "--compile."),
 )
 
 
@@ -66,6 +71,11 @@ def main(f):
     if given:
       raise UserError(f"--{given[0]} applies to what --compile compiles. Fix: add --compile or "
                       "--topology=SLICE, or drop it")
+  if f.read_records < 0:
+    raise UserError(f"--read_records={f.read_records} must be >= 0")
+  if f.read_records and compiling:
+    raise UserError("--read_records reads the data, which --compile does not. Fix: check the "
+                    "data in a second run, without --compile/--topology")
   if not 0 < f.mfu <= 1:
     raise UserError(f"--mfu={f.mfu} must be in (0, 1], e.g. --mfu=0.4")
   if f.price is not None and f.price < 0:
@@ -112,8 +122,39 @@ def main(f):
   if not target and processes > 1 and f.workdir and not storage.is_url(f.workdir):
     print(f"note: {processes} processes with a local --workdir: it must be one filesystem shared "
           "by every host (e.g. NFS), or each host checkpoints to its own disk")
+  if f.read_records:
+    _read_records(run, f.read_records)
   if target is not None:
     _compile(f, run, target, keys)
+
+
+def _read_records(run, n):
+  """Reads ``n`` records of the train and eval splits, evenly spread (so several files of a split
+  are opened), through the pipeline's per-record map; prints where from and how fast. A record
+  that cannot be read (no access to the bucket, a missing file) is a UserError."""
+  import time
+  from farmer_jax.data import pipeline, sources
+  from farmer_jax.errors import brief
+  d = run.data
+  where = d.data_dir or "its default location"
+  prep = pipeline.Preprocess(d)
+  for split in dict.fromkeys((d.train_split, run.eval.split)):
+    start = time.perf_counter()
+    source = sources.open_split(d, split)
+    size = len(source)
+    picked = sorted({i * size // n for i in range(min(n, size))})
+    for i in picked:
+      try:
+        prep.map(source[i])
+      except (OSError, RuntimeError) as e:
+        raise UserError(f"--read_records: record {i} of {d.name} split {split!r} in {where} "
+                        f"cannot be read ({brief(e)}). Fix: give this machine read access to "
+                        "data_dir (on a TPU VM: its service account, e.g. roles/storage."
+                        "objectViewer on the bucket) and check the dataset is complete there"
+                        ) from None
+    took = time.perf_counter() - start
+    print(f"data read: {len(picked)} of {size} records of {d.name} split {split!r} from {where} "
+          f"in {took:.2f} s ({1000 * took / len(picked):.0f} ms per record, opening included)")
 
 
 def _slice_target(name, num_slices):
