@@ -507,8 +507,8 @@ def test_a_bucket_compilation_cache_is_refused_on_gpus(monkeypatch, tmp_path):
                                        "cannot hold the compilation cache on GPUs"), line
   assert "Fix: a directory on a filesystem every host mounts" in line and "\n" not in line
   assert jax.config.jax_compilation_cache_dir == before
-  common.check_compilation_cache(str(tmp_path / "xla_cache"), "gpu")
-  common.check_compilation_cache("gs://bkt/xla_cache", "cpu")
+  common.check_compilation_cache(str(tmp_path / "xla_cache"), lambda: "gpu")
+  common.check_compilation_cache("gs://bkt/xla_cache", lambda: "cpu")
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   try:
     common.start_jax(fv)

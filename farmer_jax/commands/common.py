@@ -132,17 +132,17 @@ def start_jax(f):
     initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
   if f.compilation_cache_dir:
     import jax
-    check_compilation_cache(f.compilation_cache_dir, jax.default_backend())
+    check_compilation_cache(f.compilation_cache_dir, jax.default_backend)
     jax.config.update("jax_compilation_cache_dir", f.compilation_cache_dir)
 
 
 def check_compilation_cache(path, backend):
-  """Refuses a bucket (``scheme://``) compilation cache on the ``backend`` 'gpu': jax gives XLA's
-  GPU compiler a directory under the cache for its autotuning results, and XLA writes it with its
-  own file layer, which has no bucket client (the path fails, or becomes a local folder 'gs:').
-  TPUs and CPUs keep the bucket."""
+  """Refuses a bucket (``scheme://``) compilation cache when ``backend()`` (asked only for a
+  bucket: it starts jax's backend) is 'gpu': jax gives XLA's GPU compiler a directory under the
+  cache for its autotuning results, and XLA writes it with its own file layer, which has no bucket
+  client (the path fails, or becomes a local folder 'gs:'). TPUs and CPUs keep the bucket."""
   from farmer_jax.artifacts import storage
-  if backend == "gpu" and storage.is_url(path):
+  if storage.is_url(path) and backend() == "gpu":
     raise UserError(f"--compilation_cache_dir={path}: a bucket cannot hold the compilation cache "
                     "on GPUs (XLA writes its autotuning cache there as a local path). Fix: a "
                     "directory on a filesystem every host mounts (e.g. NFS or Lustre; one node: a "
