@@ -144,7 +144,8 @@ def check_compilation_cache(path, backend):
   from farmer_jax.artifacts import storage
   if storage.is_url(path) and backend() == "gpu":
     raise UserError(f"--compilation_cache_dir={path}: a bucket cannot hold the compilation cache "
-                    "on GPUs (XLA writes its autotuning cache there as a local path). Fix: a "
+                    "on GPUs (XLA itself writes its autotuning cache under it, and cannot write "
+                    "a bucket). Fix: a "
                     "directory on a filesystem every host mounts (e.g. NFS or Lustre; one node: a "
                     "local disk), or drop the flag")
 
