@@ -3,6 +3,8 @@
   farmer_jax train --config=configs/imagenet256.py:1.1B/16,data_dir=gs://bucket/tfds \
       --workdir=gs://bucket/farmer_1.1b_p16
   farmer_jax train --config=configs/imagenet256.py:model=1.9B/8,batch=1024,data_dir=... ...
+  # on GPUs: cuDNN's fused attention (bf16), configlib.gpu (docs/performance.md "GPUs")
+  farmer_jax train --config=configs/imagenet256.py:1.1B/16,gpu,data_dir=/data/tfds ...
   # a dataset written by `farmer_jax prepare` (already 256x256): data=tfds:NAME,resize=none
   farmer_jax distill --config=configs/imagenet256.py:1.1B/16,distill=1,data_dir=... \
       --teacher=gs://bucket/farmer_1.1b_p16 --workdir=gs://bucket/farmer_1.1b_p16_student
@@ -64,7 +66,7 @@ SAMPLING = {
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320, data="tfds:imagenet2012",
-                         data_dir="", resize="center_crop", distill=False)
+                         data_dir="", resize="center_crop", distill=False, gpu=False)
   size, _, patch = a.model.partition("/")
   if size not in MODELS or patch not in ("8", "16"):
     raise ValueError(
@@ -117,4 +119,4 @@ def get_config(arg=None):
   # FSDP over every device: the state of the larger presets replicated per chip does not fit
   # v5e's 15.75 GiB (docs/scaling.md); on one host (8 GPUs) this is fsdp=8
   c.mesh = (("data", 1), ("fsdp", -1))
-  return c
+  return configlib.gpu(c) if a.gpu else c

@@ -53,7 +53,8 @@ def parse_arg(arg, **defaults):
   """Parses 'k1=v1,k2=v2' (or a bare preset name for the first key) into a ConfigDict over
   ``defaults``.
 
-  Values are converted to the type of the default; bools accept true/false/1/0.
+  Values are converted to the type of the default; bools accept true/false/1/0, and a bool key
+  alone after the first item means true ('1.1B/16,gpu' = 'model=1.1B/16,gpu=true').
   """
   out = ml_collections.ConfigDict(defaults)
   if not arg:
@@ -61,9 +62,13 @@ def parse_arg(arg, **defaults):
   keys = list(defaults)
   for i, item in enumerate(arg.split(",")):
     if "=" not in item:
-      if i:
-        raise ValueError(f"config arg {item!r} must be key=value (keys: {keys})")
-      item = f"{keys[0]}={item}"
+      if i and isinstance(defaults.get(item), bool):
+        item = f"{item}=true"
+      elif i:
+        raise ValueError(f"config arg {item!r} must be key=value or a bool key alone "
+                         f"(keys: {keys})")
+      else:
+        item = f"{keys[0]}={item}"
     k, v = item.split("=", 1)
     if k not in defaults:
       raise ValueError(f"unknown config arg {k!r}; known: {keys}")
@@ -115,6 +120,17 @@ def base_eval(**updates):
 def base_sample(**updates):
   """``config.sample``: SampleConfig's grid fields and every sampler key at its default."""
   return base(SampleConfig, **updates)
+
+
+def gpu(config):
+  """The GPU choices on a run config (the ``gpu`` arg of configs/imagenet256.py, e.g.
+  ``--config=configs/imagenet256.py:1.1B/16,gpu``): cuDNN's fused attention, which needs bf16
+  compute (params stay fp32). The ImageNet presets already compute in bf16, so there the overlay
+  changes the attention kernel only, an execution field (config/resume.py): a run may be resumed
+  with or without it. XLA's GPU flags and NCCL's environment are the launchers' (docs/launch.md,
+  docs/performance.md)."""
+  config.model.update(attention="cudnn", dtype="bfloat16")
+  return config
 
 
 def base_mesh(config):

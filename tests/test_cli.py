@@ -489,3 +489,30 @@ def test_flag_error_messages_keep_the_suggestion():
       "ValueError: quickstart size must be 'base' or 'tiny', got 'huge'\n")
   assert ("the config file raised ValueError: quickstart size must be 'base' or 'tiny'"
           in exits.flag_error_message(e, argv))
+
+
+def test_a_bucket_compilation_cache_is_refused_on_gpus(monkeypatch, tmp_path):
+  """On a GPU backend (faked: jax's backend query answers 'gpu') a gs:// --compilation_cache_dir
+  is refused at start-up with one line naming the flag and the fix, before jax is pointed at it
+  (XLA would write its GPU autotuning cache to a local folder 'gs:'); on TPUs the same bucket is
+  taken, and on GPUs a filesystem path."""
+  from farmer_jax.commands import common
+  before = jax.config.jax_compilation_cache_dir
+  fv = cli.flag_values("train")
+  fv(["farmer_jax train", "--compilation_cache_dir=gs://bkt/xla_cache"])
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(UserError) as e:
+    common.start_jax(fv)
+  code, line = exits.failure(e.value, "train")
+  assert code == 2 and line.startswith("--compilation_cache_dir=gs://bkt/xla_cache: a bucket "
+                                       "cannot hold the compilation cache on GPUs"), line
+  assert "Fix: a directory on a filesystem every host mounts" in line and "\n" not in line
+  assert jax.config.jax_compilation_cache_dir == before
+  common.check_compilation_cache(str(tmp_path / "xla_cache"), lambda: "gpu")
+  common.check_compilation_cache("gs://bkt/xla_cache", lambda: "cpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  try:
+    common.start_jax(fv)
+    assert jax.config.jax_compilation_cache_dir == "gs://bkt/xla_cache"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

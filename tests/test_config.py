@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from farmer_jax import configlib
+from farmer_jax import cli, configlib
 from farmer_jax.config.parse import parse, parse_model
 from farmer_jax.errors import ConfigError
 from farmer_jax.model import abstract_params
@@ -51,6 +51,9 @@ BAD_CONFIGS = [
     ("model.ar_order", "reversed",
      r"model.ar_order='reversed'.*unknown AR prior direction.*'alternate'", False),
     ("model.remat", "yes", r"config.model.remat='yes'.*True or False", False),
+    ("model.attention", "cudnn",
+     r"config.model.attention='cudnn' is invalid: cuDNN's fused attention takes bf16/fp16 inputs "
+     r"only, and model.dtype='float32'.*Fix: set --config.model.dtype=bfloat16", True),
     # data: a dataset load_split knows, with its channels, size and class count
     ("data.name", "imagenet2012",
      r"config.data.name='imagenet2012'.*unknown dataset \(did you mean tfds:imagenet2012\?\)",
@@ -509,3 +512,30 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   with pytest.raises(ConfigError, match=r"unknown config 'quickstar'; available configs: "
                                         r"\['imagenet256', 'quickstart', 'tarflow'\]"):
     configlib.load("quickstar:tiny")
+
+
+def test_the_gpu_overlay_selects_cudnn_attention_in_bf16(tmp_path, capsys):
+  """``configs/imagenet256.py:PRESET,gpu`` (a bool arg alone means true) is the preset with cuDNN's
+  fused attention in bf16 and nothing else changed: an execution choice a run resumes across.
+  configlib.gpu on the fp32 quickstart parses too, and `farmer_jax check` shows the choice."""
+  from farmer_jax.commands import check
+  from farmer_jax.config.resume import config_changes
+  plain = configlib.load("imagenet256:1.1B/16")
+  for spec in ("imagenet256:1.1B/16,gpu", "imagenet256:model=1.1B/16,gpu=true"):
+    gpu = configlib.load(spec)
+    m = parse_model(gpu)
+    assert (m.attention, m.dtype) == ("cudnn", "bfloat16"), spec
+    a, b = plain.to_dict(), gpu.to_dict()
+    assert (a["model"].pop("attention"), b["model"].pop("attention")) == ("xla", "cudnn")
+    assert a == b and config_changes(plain, gpu) == []
+  assert parse_model(plain).attention == "xla"
+  with pytest.raises(ValueError, match="config arg 'batch' must be key=value or a bool key alone"):
+    configlib.load("imagenet256:1.1B/16,batch")
+  fv = cli.flag_values("check")
+  fv(["farmer_jax check", f"--workdir={tmp_path / 'run'}", "--devices=1"])
+  fv["config"].value = configlib.gpu(configlib.load("quickstart:tiny"))
+  capsys.readouterr()
+  check.main(fv)
+  out = capsys.readouterr().out
+  assert out.startswith("config OK: 64 tokens of d=16 (compute bfloat16, attention cudnn), "), out
+  assert not (tmp_path / "run").exists()

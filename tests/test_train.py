@@ -1,6 +1,7 @@
 """End-to-end training on the real quickstart data (reduced model), test bpd (class-conditional and
 unconditional), non-finite handling, sampling."""
 
+import io
 import json
 import os
 import sys
@@ -282,3 +283,52 @@ def test_trim_metrics_keeps_the_good_rows_of_a_corrupt_file_and_says_what_it_dro
                "line 4: a JSON str, not an object", "line 5: no integer 'step'",
                "line 6: no integer 'step'", "1 row(s) past step 20"):
     assert part in said, part
+
+
+def test_progress_without_a_terminal_is_one_line_per_logged_row(tmp_path, capsys):
+  """On a log file (stderr not a terminal, as on pods and SLURM), even under quiet, training prints
+  one plain line every train.log_every steps (and at the last step) with the loss, steps/s and
+  the ETA, and no progress-bar frames (carriage returns)."""
+  c = configlib.load("quickstart:tiny")
+  c.train.update(steps=5, log_every=2, warmup_steps=1)
+  capsys.readouterr()
+  tr = start(parse(c, str(tmp_path)), str(tmp_path), quiet=True)
+  try:
+    assert not tr.bars    # pytest's captured stderr is no terminal
+    history = tr.fit()
+  finally:
+    tr.close()
+  out, err = capsys.readouterr()
+  lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
+  assert [ln.split(":")[0] for ln in lines] == ["step 2/5", "step 4/5", "step 5/5"], out
+  for ln, row in zip(lines, history):
+    assert f"loss(nats/dim) {row['loss']:.3f}, sigma {row['noise_sigma']:.3f}, " in ln, ln
+    assert f", {row['steps_per_s']:.3g} steps/s, ETA " in ln, ln
+  assert lines[-1].endswith("ETA 00:00"), lines[-1]
+  assert "\r" not in out + err and "train:" not in err
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_on_a_terminal_is_a_bar_and_no_lines():
+  """The control: on a terminal the same rows update a tqdm bar (frames redrawn with carriage
+  returns, the loss in its postfix) and print no lines; a closed or plain stream is no terminal."""
+  from farmer_jax.train import trainer
+  term, out = _Terminal(), io.StringIO()
+  p = trainer._Progress(0, 4, lambda row: {"loss": f"{row['loss']:.2f}"}, bar=True, lines=False,
+                        stream=term, out=out)
+  for s in (1, 2):
+    p.update()
+    p.update()
+    p.logged({"step": 2 * s, "loss": 1.5, "steps_per_s": 10.0})
+  p.close()
+  assert "\r" in term.getvalue() and "loss=1.50" in term.getvalue() and out.getvalue() == ""
+  assert trainer._terminal(term) and not trainer._terminal(io.StringIO())
+  closed = io.StringIO()
+  closed.close()     # isatty() raises ValueError
+  assert not trainer._terminal(closed) and not trainer._terminal(object())
+  assert trainer.progress_line({"step": 100, "steps_per_s": 2.0}, {"mse": "0.1"}, 7300) == \
+      "step 100/7300: mse 0.1, 2 steps/s, ETA 1:00:00"

@@ -117,7 +117,8 @@ def main(f):
   count = (f"{len(target.devices)} device(s) / {target.processes} process(es)" if target else
            f"{f.devices or 'the local'} device(s) / {processes} process(es)")
   data = f"data {d.name}" + (" (not read)" if target else "")
-  print(f"config OK: {m.num_tokens} tokens of d={m.token_dim}, {data}, global batch "
+  print(f"config OK: {m.num_tokens} tokens of d={m.token_dim} (compute {m.dtype}, attention "
+        f"{m.attention}), {data}, global batch "
         f"{t.batch_size} on {count}{where}")
   if not target and processes > 1 and f.workdir and not storage.is_url(f.workdir):
     print(f"note: {processes} processes with a local --workdir: it must be one filesystem shared "

@@ -41,7 +41,8 @@ def define(fv, table):
 
 def define_output(fv):
   """--quiet, --verbose, --debug: every command takes them."""
-  flags.DEFINE_bool("quiet", False, "No progress bars or console logs.", flag_values=fv)
+  flags.DEFINE_bool("quiet", False, "No progress bars or console messages (train and distill "
+                    "still print a progress line every train.log_every steps).", flag_values=fv)
   flags.DEFINE_bool("verbose", False, "Show library INFO logs (orbax, absl).", flag_values=fv)
   flags.DEFINE_bool(
       "debug", False,
@@ -72,8 +73,8 @@ def define_run(fv, workdir_help, before_workdir=()):
 
 def define_compilation_cache(fv):
   flags.DEFINE_string("compilation_cache_dir", None,
-                      "Persistent XLA compilation cache (local or gs://), shared by restarts.",
-                      flag_values=fv)
+                      "Persistent XLA compilation cache, shared by restarts: a local or shared "
+                      "filesystem path, or gs:// on TPUs (not on GPUs).", flag_values=fv)
 
 
 def define_launch(fv):
@@ -125,13 +126,28 @@ def skip_absent_tpu(environ=os.environ):
 
 def start_jax(f):
   """Joins the multi-process job (commands with --distributed) and points XLA at the compilation
-  cache; before any other jax call."""
+  cache (``check_compilation_cache``); before any other jax call."""
   if "distributed" in f:
     from farmer_jax.distributed import initialize
     initialize(f.distributed, f.coordinator_address, f.num_processes, f.process_id)
   if f.compilation_cache_dir:
     import jax
+    check_compilation_cache(f.compilation_cache_dir, jax.default_backend)
     jax.config.update("jax_compilation_cache_dir", f.compilation_cache_dir)
+
+
+def check_compilation_cache(path, backend):
+  """Refuses a bucket (``scheme://``) compilation cache when ``backend()`` (asked only for a
+  bucket: it starts jax's backend) is 'gpu': jax gives XLA's GPU compiler a directory under the
+  cache for its autotuning results, and XLA writes it with its own file layer, which has no bucket
+  client (the path fails, or becomes a local folder 'gs:'). TPUs and CPUs keep the bucket."""
+  from farmer_jax.artifacts import storage
+  if storage.is_url(path) and backend() == "gpu":
+    raise UserError(f"--compilation_cache_dir={path}: a bucket cannot hold the compilation cache "
+                    "on GPUs (XLA itself writes its autotuning cache under it, and cannot write "
+                    "a bucket). Fix: a "
+                    "directory on a filesystem every host mounts (e.g. NFS or Lustre; one node: a "
+                    "local disk), or drop the flag")
 
 
 def say(f):

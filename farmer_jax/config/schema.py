@@ -193,7 +193,8 @@ class ModelConfig(Section):
   # inputs (B, N, d), not every layer's (B, N, C), for one more AF forward per step
   remat_blocks: bool = rules.field(False, _bool("remat_blocks"))
   # attention implementation (ATTENTION_IMPLS): 'xla' (jax.nn.dot_product_attention), 'cudnn' (its
-  # fused GPU kernel; bf16), 'einsum' (two einsums + fp32 softmax, chunked causal: fastest on CPU)
+  # fused GPU kernel; needs dtype='bfloat16', check()), 'einsum' (two einsums + fp32 softmax,
+  # chunked causal: fastest on CPU)
   attention: str = rules.field("xla", _choice(ATTENTION_IMPLS, "unknown attention implementation",
                                               "'einsum' on CPU, 'cudnn' on GPU with bf16"))
 
@@ -269,6 +270,12 @@ class ModelConfig(Section):
     if self.dimred == "farmer":
       _pos("model.mixtures_redundant").require("model.mixtures_redundant",
                                                self.mixtures_redundant)
+    require(self.attention != "cudnn" or self.dtype != "float32", "model.attention",
+            self.attention, "cuDNN's fused attention takes bf16/fp16 inputs only, and "
+            "model.dtype='float32' computes in fp32",
+            "set --config.model.dtype=bfloat16 (the GPU overlay sets both, e.g. "
+            "--config=configs/imagenet256.py:1.1B/16,gpu), or --config.model.attention=xla in "
+            "fp32")
 
 
 def _field(default, spec=None, **metadata):

@@ -17,7 +17,7 @@ from farmer_jax.sampling.images import save_grid
 
 
 def _progress(tr):
-  return not tr.quiet and jax.process_index() == 0
+  return tr.bars
 
 
 def evaluate(tr, leave=True):

@@ -9,6 +9,7 @@ the loop. SIGTERM: train/preemption.py. The post-training report: train/report.p
 
 import contextlib
 import dataclasses
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -69,7 +70,7 @@ class Setup:
 class Task:
   """What a run trains: ``init()`` -> the fresh state (born sharded; called only when there is no
   checkpoint to resume), the state's shapes and shardings, the jitted ``step``
-  (``Setup.jit_step``) and its extra arguments, what the progress bar shows of a logged row, and
+  (``Setup.jit_step``) and its extra arguments, what the progress shows of a logged row, and
   ``evaluate(trainer, writer, step)`` every ``eval_every`` steps (0: never).
 
   Building a Task runs nothing on the devices, so the same Task also serves a program compiled
@@ -224,6 +225,9 @@ class Trainer:
     self.setup, self.task, self.session = setup, task, session
     self.state, self.restored_step = state, restored_step
     self.preemption, self.quiet = preemption, quiet
+    # progress bars (training, eval, sampling) on process 0's terminal only: in a log file (pods,
+    # SLURM) every bar frame would be a line; _Progress prints plain lines there instead
+    self.bars = not quiet and jax.process_index() == 0 and _terminal(sys.stderr)
     self.run, self.t, self.mcfg = setup.run, setup.run.train, setup.run.model
     self.workdir, self.rundir = session.workdir, session.rundir
     self.mesh, self.batch_sh, self.input, self.model = (setup.mesh, setup.batch_sh, setup.input,
@@ -251,8 +255,8 @@ class Trainer:
       return []
     writer = self._begin(start)
     history, rows = [], _Rows(start)
-    bar = tqdm(total=t.steps, initial=start, disable=self.quiet or jax.process_index() != 0,
-               desc="train", dynamic_ncols=True)
+    progress = _Progress(start, t.steps, self.task.postfix, bar=self.bars,
+                         lines=not self.bars and jax.process_index() == 0)
     self.preemption.catch_unhandled()
     try:
       with self.mesh_context():
@@ -262,7 +266,7 @@ class Trainer:
                                           *self.task.step_args)
           rows.add(m)
           self._trace_after(s)
-          bar.update(1)
+          progress.update()
           if self._preempted(s):
             break
           if t.ckpt_every and (s + 1) % t.ckpt_every == 0 and s + 1 < end:
@@ -270,7 +274,7 @@ class Trainer:
           if (s + 1) % t.log_every == 0 or s + 1 == end:
             self.check_finite()
             history.append(rows.log(s + 1, writer))
-            bar.set_postfix(self.task.postfix(history[-1]))
+            progress.logged(history[-1])
           if self.task.eval_every and (s + 1) % self.task.eval_every == 0 and s + 1 < t.steps:
             self.task.evaluate(self, writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
@@ -278,7 +282,7 @@ class Trainer:
         self._check_owned()
         self.save_checkpoint()
     finally:   # also on a non-finite step or Ctrl-C: pending saves finish, metrics reach the run
-      bar.close()
+      progress.close()
       self.session.end(writer)
     return history
 
@@ -374,6 +378,50 @@ class Trainer:
     """Stops the input's threads/workers, releases the workdir lock (and removes the directories
     this run created but never wrote to)."""
     _close(self.input, self.session)
+
+
+def _terminal(stream):
+  """Whether ``stream`` is a terminal (a file, a pipe or a closed stream is not)."""
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+class _Progress:
+  """The training progress: a tqdm bar on ``stream`` (``bar``: a terminal), or (``lines``) one plain
+  line per logged row on ``out`` (default stdout), every ``train.log_every`` steps:
+  ``step S/T: <the task's postfix>, R steps/s, ETA H:MM:SS``. A log file (pods, SLURM, --quiet)
+  gets these lines instead of a bar frame per step."""
+
+  def __init__(self, start, total, postfix, bar, lines, stream=None, out=None):
+    self.total, self.postfix, self.show_bar, self.lines, self.out = total, postfix, bar, lines, out
+    self.bar = tqdm(total=total, initial=start, disable=not bar, desc="train", dynamic_ncols=True,
+                    file=stream)
+
+  def update(self):
+    self.bar.update(1)
+
+  def logged(self, row):
+    """A logged row ({'step', metrics..., 'steps_per_s'}): the bar's postfix, or a line."""
+    if self.show_bar:
+      self.bar.set_postfix(self.postfix(row))
+    elif self.lines:
+      print(progress_line(row, self.postfix(row), self.total), file=self.out or sys.stdout,
+            flush=True)
+
+  def close(self):
+    self.bar.close()
+
+
+def progress_line(row, shown, total):
+  """'step 1200/400000: loss(nats/dim) 3.123, sigma 0.099, 2.41 steps/s, ETA 45:51:07': a logged
+  ``row`` with the task's ``shown`` metrics, its steps/s and the time left to step ``total`` at
+  that rate."""
+  rate, step = row["steps_per_s"], row["step"]
+  eta = tqdm.format_interval((total - step) / rate) if rate > 0 else "?"
+  metrics = "".join(f"{k} {v}, " for k, v in shown.items())
+  return f"step {step}/{total}: {metrics}{rate:.3g} steps/s, ETA {eta}"
 
 
 class _Rows:
