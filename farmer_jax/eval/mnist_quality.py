@@ -3,7 +3,6 @@ class consistency of samples at cfg 0 and at the run's own guidance, scored by t
 eval/mnist_classifier.py through the same code path as `farmer_jax fid --features=mnist`
 (eval/fid.py)."""
 
-import jax
 
 from farmer_jax import sharding
 from farmer_jax.eval import fid
@@ -51,7 +50,7 @@ def score_run(tr, e, say=print):
   s = tr.run.sample
   with tr.mesh_context():
     out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
-                      say=say, progress=not tr.quiet and jax.process_index() == 0,
+                      say=say, progress=tr.bars,
                       batch_sharding=tr.batch_sh,
                       batch=sharding.padded_batch_size(500, tr.mesh, tr.run.sharding_rules))
   return out

@@ -16,17 +16,13 @@ from farmer_jax.sampling.generate import generate, parse_classes
 from farmer_jax.sampling.images import save_grid
 
 
-def _progress(tr):
-  return tr.bars
-
-
 def evaluate(tr, leave=True):
   """Test bits/dim of the trainer's eval params over every example of ``config.eval.split``
   with ``config.eval.dequant_samples`` draws per image (see ``eval.likelihood.evaluate_batches``),
   sharded over the training mesh (``Trainer.eval_batches``)."""
   e = tr.run.eval
   batches, steps, n = tr.eval_batches()
-  bar = tqdm(total=n, desc="eval bpd", disable=not _progress(tr), dynamic_ncols=True,
+  bar = tqdm(total=n, desc="eval bpd", disable=not tr.bars, dynamic_ncols=True,
              leave=leave)
   with tr.mesh_context():
     res = evaluate_batches(tr.model, tr.eval_params(), batches, steps,
@@ -53,7 +49,7 @@ def sample_grid(tr, path):
     images, labels = generate(tr.mcfg, tr.eval_params(), classes, s.per_class,
                               s.sampler, seed=s.seed,
                               batch_size=grid_batch_size(tr.run, tr.mesh),
-                              progress=_progress(tr), batch_sharding=tr.batch_sh)
+                              progress=tr.bars, batch_sharding=tr.batch_sh)
   if jax.process_index() == 0:
     save_grid(images, path)
   return images
