@@ -3,7 +3,6 @@ class consistency of samples at cfg 0 and at the run's own guidance, scored by t
 eval/mnist_classifier.py through the same code path as `farmer_jax fid --features=mnist`
 (eval/fid.py)."""
 
-
 from farmer_jax import sharding
 from farmer_jax.eval import fid
 
