@@ -5,9 +5,10 @@ compiles for a mesh of devices that need not exist here.
 A pretraining run (`farmer_jax train`) executes, on its mesh: the train step at the global batch,
 the bits/dim eval step at the padded eval batch, and the end-of-run sample grid at its batch
 (train/report.py ``grid_batch_size``). A distillation (`farmer_jax distill`): its step and the
-student's reconstruction error. On one chip, from an export: `farmer_jax sample` / `fid` draw
-with the export's sampler (at their default --batch, ``SAMPLE_BATCH``), and `fid` runs the
-Inception-v3 feature network.
+student's reconstruction error. From an export, `farmer_jax sample` / `fid` draw on the run's mesh
+with the export's sampler, each device its share of the batch with the weights gathered (the
+program of one chip at the batch per device, their default --batch ``SAMPLE_BATCH`` per device),
+and `fid` runs the Inception-v3 feature network on each host's first chip.
 """
 
 import contextlib
@@ -31,8 +32,8 @@ TRAIN_FIX = ("shard the state further (a larger fsdp axis in config.mesh), lower
              "take chips with more HBM")
 EVAL_FIX = "lower config.eval.batch_size (it is split over the mesh's data-parallel slots)"
 GRID_FIX = "lower config.sample.batch_size (the grid is drawn in batches of it over the mesh)"
-EXPORT_FIX = ("pass a smaller --batch to `farmer_jax sample` / `fid`, or export with "
-              "--dtype=bfloat16")
+EXPORT_FIX = ("pass a smaller --batch to `farmer_jax sample` / `fid` (it is split over the mesh's "
+              "data-parallel slots), or export with --dtype=bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +153,10 @@ def _sample_program(key, name, what, m, sampler, params, b, context, devices, ba
 
 
 def export_programs(run: RunConfig, device, batch=SAMPLE_BATCH):
-  """The programs `farmer_jax sample` and `fid` run on one ``device`` from an fp32 export of
-  ``run``'s model: the sampler of config.sample at ``batch``, and fid's Inception-v3 features."""
+  """What each ``device`` runs of `farmer_jax sample` and `fid` from an fp32 export of ``run``'s
+  model: the sampler of config.sample at ``batch`` samples per device (on a mesh every device runs
+  the whole model on its share of the batch, the weights gathered once per call:
+  ``sampling.generate.make_sample_fn``), and fid's Inception-v3 features."""
   from farmer_jax.eval import inception
   m = run.model
   context = contextlib.nullcontext   # the commands run without a mesh, on one device
@@ -161,7 +164,7 @@ def export_programs(run: RunConfig, device, batch=SAMPLE_BATCH):
   params = sharding.place(abstract_params(m), jax.tree.map(lambda _: rep, abstract_params(m)))
 
   def sampler_at(b):
-    p = _sample_program("sampler", "sample / fid sampler (export)", f"batch {b}; 1 device", m,
+    p = _sample_program("sampler", "sample / fid sampler (export)", f"{b} per device", m,
                         run.sampler, params, b, context, 1, rep, EXPORT_FIX)
     return dataclasses.replace(p, batch=b, at_batch=sampler_at)
 

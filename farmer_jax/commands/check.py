@@ -187,9 +187,12 @@ def _compile(f, run, target, keys):
   if bad:
     names = "; ".join(f"{c.program.name}: {c.error or c.verdict.describe()}" for c in bad)
     fix = bad[0].program.fix
-    if bad[0].fits_at:
-      fix = (f"pass --batch={bad[0].fits_at} to `farmer_jax sample` / `fid` (it fits), or export "
-             "with --dtype=bfloat16")
+    if bad[0].fits_at:   # the sampler, per device: their --batch is split over the mesh
+      from farmer_jax import sharding
+      slots = sharding.batch_slots(sharding.make_mesh(run.mesh, target.devices),
+                                   run.sharding_rules)
+      fix = (f"pass --batch={bad[0].fits_at * slots} ({bad[0].fits_at} per data-parallel device) "
+             "to `farmer_jax sample` / `fid` (it fits), or export with --dtype=bfloat16")
     raise UserError(f"{len(bad)} of {len(results)} programs cannot run on {target.name}: {names}. "
                     f"Fix: {fix}")
   if target.memory is None:

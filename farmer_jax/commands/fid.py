@@ -113,7 +113,8 @@ def main(f):
         mcfg, placed.params, drawn.sampler, f.num, net, seed=f.seed, batch=placed.batch,
         dump=dump, signature=fid.dump_signature(f.model, meta, drawn.settings, f.seed, f.num, net),
         progress=not f.quiet, say=say, student_params=placed.student,
-        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding)
+        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding,
+        gather_weights=True)
   if not lead:
     return
   result = fid.fid_result(f.model, net, reference, f.num, f.seed, drawn.sampler, drawn.settings,

@@ -73,7 +73,8 @@ def main(f):
     images, labels, stats = generate(
         mcfg, placed.params, classes, f.num, sampler, f.seed, placed.batch,
         progress=not f.quiet and lead, return_stats=True, student_params=placed.student,
-        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding)
+        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding,
+        gather_weights=True)
   if not lead:   # every process holds the samples; process 0 writes them
     return
   write_outputs(images, labels, f.out, f.npz, stats)

@@ -227,13 +227,13 @@ def _open_dump(dump, signature, say):
 
 def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None,
                     signature=None, progress=True, say=print, student_params=None,
-                    latent_var=None, batch_sharding=None):
+                    latent_var=None, batch_sharding=None, gather_weights=False):
   """Draws ``num`` class-balanced samples (``balanced_labels``) in batches of ``batch`` and returns
   their features {'pool': (num, F), 'logits': (num, L), 'labels': (num,)} on process 0 (None on
   the others).
 
-  ``batch_sharding`` (a mesh's batch sharding, see ``make_sample_fn``; ``batch`` then a multiple of
-  its data-parallel slots and of the processes): each process draws its share of every batch and
+  ``batch_sharding`` (a mesh's batch sharding, see ``make_sample_fn`` with ``gather_weights``;
+  ``batch`` then a multiple of its data-parallel slots and of the processes): each process draws its share of every batch and
   computes its share's features on its own devices; the features, not the images, are gathered.
 
   With ``dump`` (a local directory of process 0) every batch's features are written there as it
@@ -252,7 +252,7 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   if jax.process_count() > 1:   # every process draws the batches process 0's dump lacks
     from jax.experimental import multihost_utils
     covered = np.array(multihost_utils.broadcast_one_to_all(covered))
-  fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding)
+  fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding, gather_weights)
   pad_to = batch if num > batch or batch_sharding is not None else None
   bar = tqdm(total=num, initial=int(covered.sum()), desc=f"sample + {net.name} features",
              disable=not (progress and lead), dynamic_ncols=True)

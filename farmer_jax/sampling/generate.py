@@ -79,13 +79,17 @@ def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""
   return ExportSampler(sampler, settings, student, load_latent_var(model_dir, mcfg, meta))
 
 
-def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None):
+def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None, gather_weights=False):
   """The jitted sampler: f(params, key_data (B, 2) uint32, labels (B,), student_params) -> (images
   in model space (B, H, W, c), finite (B,) bool, per-sample stats); ``key_data``: the samples' keys
   (``sample_keys``) as ``jax.random.key_data``. ``batch_sharding``: a mesh's batch sharding (the
   keys, labels and images are split over its data-parallel slots, across processes; ``finite`` and
   the stats, small, are replicated so every process sees them), or None: one device.
-  ``latent_var``: an export's latent variance (``export.load_latent_var``), or None. The returned
+  ``latent_var``: an export's latent variance (``export.load_latent_var``), or None.
+  ``gather_weights`` (with a mesh): the weights are gathered once per call and every device runs
+  the whole model on its own samples, computing each as one device would (a contraction split over
+  FSDP shards sums in another order) with no per-token collectives in the decode loop, at the cost
+  of a full copy of the weights per device; else they stay sharded as given. The returned
   ``SampleFn`` also names the model's pixel mapping (``draw_batch`` reads it)."""
   jit_kw = {}
   if isinstance(batch_sharding, NamedSharding):
@@ -95,10 +99,7 @@ def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None):
     jit_kw = {"out_shardings": batch_sharding}
 
   def sample(params, key_data, labels, student_params):
-    if jit_kw and isinstance(batch_sharding, NamedSharding):
-      # The weights are gathered once per call and every device runs the whole model on its own
-      # samples: no per-token collectives in the decode loop, and each sample computed as on one
-      # device (a contraction split over FSDP shards would sum in another order).
+    if gather_weights and isinstance(batch_sharding, NamedSharding):
       params, student_params = jax.lax.with_sharding_constraint((params, student_params), rep)
     x, stats = sample_images(mcfg, params, jax.random.wrap_key_data(key_data), labels, sampler,
                              return_stats=True, student_params=student_params,
@@ -205,12 +206,13 @@ def check_output_size(mcfg, classes, num, png, available=None):
 
 def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=SAMPLE_BATCH,
              progress=True, return_stats=False, student_params=None, latent_var=None,
-             batch_sharding=None):
+             batch_sharding=None, gather_weights=False):
   """Returns uint8 images (R, K, H, W, c) and labels (R, K) [, stats: per-sample arrays (R*K,), e.g.
   the resampling weights' effective sample sizes ``ess_informative`` / ``ess_redundant`` (see
   docs/sampling.md)], on every process.
 
-  ``batch_sharding``: see ``make_sample_fn``; with it every batch is padded to ``batch_size`` (a
+  ``batch_sharding``, ``gather_weights``: see ``make_sample_fn``; with a batch sharding every
+  batch is padded to ``batch_size`` (a
   multiple of the mesh's data-parallel slots and of the processes: ``sharding.padded_batch_size``)
   and each process draws its share of it."""
   if num < 1:
@@ -219,7 +221,7 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=SAMPLE_BATC
     raise UserError(f"--batch={batch_size} must be >= 1")
   labels = np.repeat(np.asarray(classes, np.int32), num)
   total = len(labels)
-  fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding)
+  fn = make_sample_fn(mcfg, sampler, latent_var, batch_sharding, gather_weights)
   pad_to = batch_size if total > batch_size or batch_sharding is not None else None
   out, stats = [], {}
   bar = tqdm(total=total, desc="sample", disable=not progress, dynamic_ncols=True)
