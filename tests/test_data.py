@@ -319,6 +319,62 @@ def test_process_shards_and_a_changed_process_count(prepared):
     h.close()
 
 
+def test_worker_slices_are_whole_batches_and_interleave_to_the_same_stream():
+  """grain's worker split (``set_slice(slice(w, None, W))``, called in each worker process) gives
+  worker w the process's batches w, w + W, ...: interleaved round robin they are the batches of
+  no workers, whole (never records of two workers in one batch), for every worker count."""
+  n = 23
+  images = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
+  stream = pipeline.train_stream(
+      DataConfig(name="x", image_size=1, channels=1, num_classes=3, random_flip=True),
+      sources.ArraySource(images, np.arange(n) % 3), seed=2)
+
+  def ids(batch):
+    return [int(v) for v in batch["image"].ravel()]
+
+  ref = pipeline.LocalBatches(stream, 6, 1, 2, first=2)
+  it = iter(ref)
+  want = [ids(next(it)) for _ in range(12)]
+  assert it.get_state() == {"next_index": 12}   # counted in batches, not records
+  for workers in (2, 3, 4):
+    its = []
+    for w in range(workers):
+      ds = pipeline.LocalBatches(stream, 6, 1, 2, first=2)
+      ds.set_slice(slice(w, None, workers))
+      its.append(iter(ds))
+    got = [ids(next(its[k % workers])) for k in range(12)]
+    assert got == want
+  # a restored state continues with exactly the batches that follow
+  again = iter(pipeline.LocalBatches(stream, 6, 1, 2, first=2))
+  again.set_state({"next_index": 7})
+  assert [ids(next(again)) for _ in range(5)] == want[7:]
+
+
+def test_the_records_of_one_batch_are_read_in_parallel():
+  """With ``read_threads`` T, T records are read at once even when only one batch is in flight
+  (``prefetch=1``): a batch's records are not read one after another."""
+  import threading
+  import time
+
+  class Slow(sources.ArraySource):
+    active = peak = 0
+    lock = threading.Lock()
+
+    def __getitem__(self, i):
+      with self.lock:
+        Slow.active += 1
+        Slow.peak = max(Slow.peak, Slow.active)
+      time.sleep(0.02)   # a read's latency (a bucket round trip, a decode)
+      with self.lock:
+        Slow.active -= 1
+      return super().__getitem__(i)
+
+  n = 32
+  src = Slow(np.zeros((n, 2, 2, 1), np.uint8), np.zeros(n, np.int64))
+  batches, _ = pipeline.padded_batches(src, 8, read_threads=4, prefetch=1)
+  assert len(list(batches)) == 4 and Slow.peak == 4
+
+
 @pytest.mark.parametrize("n,global_batch,processes", [(10, 4, 1), (10, 4, 2), (7, 6, 3),
                                                       (5, 8, 2), (12, 4, 4)])
 def test_eval_covers_every_example_exactly_once(n, global_batch, processes):

@@ -420,9 +420,11 @@ class DataConfig(Section):
   # grain worker processes (0: read in this process, with read_threads threads)
   worker_count: int = _field(0, ("int", 0, None, "e.g. --config.data.worker_count=8 (0 = none)"),
                              resume_neutral=True)
+  # records read and decoded at once (per worker): a batch's records are read in parallel
   read_threads: int = _field(2, ("int", 1, None, "e.g. --config.data.read_threads=16"),
                              resume_neutral=True)
-  # batches read ahead (per worker)
+  # batches read ahead (per worker): prefetch x local batch records in flight, and with workers
+  # prefetch finished batches buffered per worker
   prefetch: int = _field(4, ("int", 1, None, "e.g. --config.data.prefetch=4"),
                          resume_neutral=True)
 

@@ -6,9 +6,15 @@ flipped (seeded by the record's position in the stream). Global batch k is the r
 [k B, (k + 1) B) of that stream, in order; process p of P reads only its contiguous block
 [k B + p b, k B + (p + 1) b) of it (b = B / P), so the global array assembled from the P blocks
 is the same, element for element, for any process count, and no process reads another's
-records. Batching happens before any worker split, so ``data.worker_count`` changes nothing but
-speed. Images stay uint8 until the jitted step (``conventions.dequantize`` maps them to the model
-range; 4x less host->device traffic).
+records. Images stay uint8 until the jitted step (``conventions.dequantize`` maps them to the
+model range; 4x less host->device traffic).
+
+Reading (``LocalBatches``). A process's records are read and preprocessed one by one, by
+``data.read_threads`` threads with ``data.prefetch`` batches' worth of records in flight, then
+stacked into batches in stream order: the records of one batch are decoded in parallel, and a
+bucket's read latency overlaps across records. With ``data.worker_count`` worker processes, each
+worker reads whole batches (worker w of W: the process's batches w, w + W, ...) the same way, and
+grain interleaves them back in order, so the worker count changes nothing but speed.
 
 Resume. The iterator's grain state goes into every checkpoint (``TrainInput.checkpoint``, saved
 per process through ``grain.checkpoint.CheckpointSave``) and is restored on resume, so a resumed
@@ -83,22 +89,95 @@ def _local_batch(global_batch, process_count):
   return global_batch // process_count
 
 
-def train_dataset(data, source, global_batch, seed, process_index=0, process_count=1):
-  """grain.MapDataset whose element k is this process's share of global batch k (infinite)."""
-  b = _local_batch(global_batch, process_count)
+def train_stream(data, source, seed):
+  """grain.MapDataset of the training records (infinite): shuffled per epoch, preprocessed,
+  flipped (module doc)."""
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None).map(Preprocess(data))
   if data.random_flip:
     ds = ds.random_map(RandomFlip(), seed=seed)
-  # blocks of b records; global batch k = blocks k P .. k P + P - 1, process p takes block k P + p
-  return ds.batch(b, drop_remainder=True).slice(slice(process_index, None, process_count))
+  return ds
 
 
-def _iter_dataset(ds, data, put=None):
-  """MapDataset -> IterDataset read by ``data.read_threads`` threads (in each of
-  ``data.worker_count`` worker processes, if any); ``put`` (e.g. local batch -> global device
-  array) runs in a background thread two batches ahead."""
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                            prefetch_buffer_size=data.prefetch))
+class _Blocks(grain.MapDataset):
+  """The records of one process's batches first, first + stride, ... of a stream, in order:
+  record i is record j = i % b of batch k = first + stride * (i // b), i.e. stream record
+  k B + p b + j."""
+
+  def __init__(self, stream, b, global_batch, p, first, stride):
+    super().__init__(stream)
+    self._b, self._global, self._p, self._first, self._stride = b, global_batch, p, first, stride
+    self._batches = len(range(first, len(stream) // global_batch, stride))
+
+  def __len__(self):
+    return self._batches * self._b
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, j = divmod(index, self._b)
+    return self._parent[(self._first + self._stride * k) * self._global + self._p * self._b + j]
+
+  def __str__(self):
+    return f"_Blocks(b={self._b}, B={self._global}, p={self._p}, batches {self._first}::" \
+           f"{self._stride})"
+
+
+class _BatchPosition(grain.DatasetIterator):
+  """Batches of b records, with the iterator state counted in batches: {'next_index': batches
+  read} (the record reader's state counts records)."""
+
+  def __init__(self, batches, b):
+    super().__init__(batches)
+    self._b = b
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return {"next_index": self._parent.get_state()["next_index"] // self._b}
+
+  def set_state(self, state):
+    self._parent.set_state({"next_index": int(state["next_index"]) * self._b})
+
+
+class LocalBatches(grain.IterDataset):
+  """grain.IterDataset of process p's batches of a record stream (module doc): batch k holds the
+  stream records [k B + p b, k B + (p + 1) b), for k = first, first + stride, ... up to the end of
+  the stream. The records are read one by one by ``read_threads`` threads, ``prefetch`` batches
+  of records ahead, and stacked in order. ``mp_prefetch``'s worker split lands here
+  (``set_slice``) and picks whole batches, so batches never mix records of two workers."""
+
+  def __init__(self, stream, global_batch, process_index=0, process_count=1, read_threads=1,
+               prefetch=2, first=0, stride=1):
+    super().__init__(stream)
+    self._b = _local_batch(global_batch, process_count)
+    self._global, self._p, self._first, self._stride = global_batch, process_index, first, stride
+    self._read = grain.ReadOptions(num_threads=read_threads,
+                                   prefetch_buffer_size=prefetch * self._b)
+
+  def set_slice(self, sl, sequential_slice=False):
+    """Keeps batches sl.start, sl.start + sl.step, ... of these (a worker's share; grain calls
+    this in each worker process)."""
+    if sequential_slice or sl.stop is not None:
+      raise ValueError(f"LocalBatches takes strided worker slices, not {sl} "
+                       f"(sequential={sequential_slice})")
+    self._first += (sl.start or 0) * self._stride
+    self._stride *= sl.step or 1
+
+  def __iter__(self):
+    records = _Blocks(self._parent, self._b, self._global, self._p, self._first, self._stride)
+    batches = records.to_iter_dataset(self._read).batch(self._b, drop_remainder=True)
+    return _BatchPosition(iter(batches), self._b)
+
+  def __str__(self):
+    return f"LocalBatches(b={self._b}, batches {self._first}::{self._stride}, {self._read})"
+
+
+def _iter_dataset(batches, data, put=None):
+  """LocalBatches -> the IterDataset training reads: in ``data.worker_count`` worker processes
+  (each with ``data.prefetch`` batches buffered) if any; ``put`` (e.g. local batch -> global
+  device array) runs in a background thread two batches ahead."""
+  it = batches
   if data.worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count,
                                                      per_worker_buffer_size=data.prefetch))
@@ -147,8 +226,7 @@ class TrainInput:
       raise ConfigError(
           f"config.train.batch_size={self.global_batch} exceeds the {self.num_examples} examples "
           f"of {self.data.name} split {self.data.train_split!r}. Fix: lower train.batch_size")
-    self.dataset = train_dataset(self.data, self.source, self.global_batch, self.seed,
-                                 self.process_index, self.process_count)
+    self.stream = train_stream(self.data, self.source, self.seed)
     self.origin, self._it = 0, None
 
   @property
@@ -195,7 +273,10 @@ class TrainInput:
     return how
 
   def _iter_dataset(self):
-    return _iter_dataset(self.dataset.slice(slice(self.origin, None)), self.data, self.put)
+    d = self.data
+    return _iter_dataset(LocalBatches(self.stream, self.global_batch, self.process_index,
+                                      self.process_count, d.read_threads, d.prefetch,
+                                      first=self.origin), d, self.put)
 
   def __iter__(self):
     return self
@@ -254,12 +335,10 @@ def padded_batches(source, global_batch, process_index=0, process_count=1, prep=
   """(iterable of this process's local batches {'image', 'label', 'mask'}, number of batches)
   covering every record of ``source`` once: global batch k holds records [k B, (k + 1) B), the
   last one padded with masked-out copies of record 0 (see module doc)."""
-  b = _local_batch(global_batch, process_count)
   steps = math.ceil(len(source) / global_batch)
-  ds = grain.MapDataset.source(_Padded(source, steps * global_batch)).map(_KeepMask(prep))
-  ds = ds.batch(b, drop_remainder=True).slice(slice(process_index, None, process_count))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                              prefetch_buffer_size=prefetch)), steps
+  stream = grain.MapDataset.source(_Padded(source, steps * global_batch)).map(_KeepMask(prep))
+  return LocalBatches(stream, global_batch, process_index, process_count, read_threads,
+                      prefetch), steps
 
 
 def eval_batches(data, split, global_batch, process_index=0, process_count=1):
