@@ -54,6 +54,15 @@ running() {
   [[ -s $DIR/$1.pid ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null
 }
 
+# Whether anything the launcher runs here (training, smoke, an exec command) is running.
+busy() {
+  local name
+  for name in train smoke eval fid sample; do
+    if running "$name"; then return 0; fi
+  done
+  return 1
+}
+
 supervisor_running() {
   [[ -s $DIR/$1.sup ]] && kill -0 "$(cat "$DIR/$1.sup")" 2>/dev/null
 }
@@ -81,7 +90,7 @@ unpack() {
   [[ -f $tarball ]] || die "$tarball not found"
   mkdir -p "$DIR"
   cd "$DIR"
-  if running train || running smoke; then
+  if busy; then
     die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
   fi
   # Everything but the venv and the logs is the previous commit's code: replace it.
@@ -123,7 +132,7 @@ install() {
   local jax_req=$1
   cd "$DIR"
   [[ -f launch/constraints.txt ]] || die "$DIR/launch/constraints.txt not found; unpack first"
-  if running train || running smoke; then
+  if busy; then
     die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
   fi
   install_uv
