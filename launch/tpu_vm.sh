@@ -615,7 +615,9 @@ exec_on_slice() {
       if [[ $line == *" rc=0" ]]; then ok=$((ok + 1)); else failed+="${failed:+, }$line"; fi
     done
     if ((ok != PROCESSES)); then
-      failed+="${failed:+; }$((PROCESSES - ${#exits[@]})) did not answer (ssh exit status $rc)"
+      if ((${#exits[@]} < PROCESSES)); then
+        failed+="${failed:+; }$((PROCESSES - ${#exits[@]})) did not answer, ssh exit status $rc"
+      fi
       echo "$PROG: exec $task failed on the slice: $ok of $PROCESSES workers exited 0 ($failed);" \
         "each worker's log: $logdir/worker-I.log ($PROG logs $task, WORKER=I)" >&2
       exit 1
