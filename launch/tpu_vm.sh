@@ -463,12 +463,12 @@ smoke() {
   echo "smoke run done: $dir (summary.json, logs/)"
 }
 
-# The name of what runs on the workers: train (default) or an exec command.
+# The name of what runs on the workers: train (default), smoke (stop only) or an exec command.
 run_name() {
   local name=${1:-train}
-  [[ " train $EXEC_CMDS " == *" $name "* ]] ||
-    die "'$name' is not something the workers run; name train (the default) or one of:" \
-      "$EXEC_CMDS"
+  [[ " train $EXEC_CMDS " == *" $name "* || ($name == smoke && $action == stop) ]] ||
+    die "'$name' is neither train nor an exec command. Fix: name train (the default) or one" \
+      "of: $EXEC_CMDS"
   echo "$name"
 }
 
@@ -594,7 +594,7 @@ exec_on_slice() {
   remote+=' && echo "farmer_jax-staged $(hostname)"'
   out=$(ssh_to all "$remote") || true
   if [[ $DRY_RUN != 1 ]]; then
-    ok=$(grep -c '^farmer_jax-staged ' <<<"$out" || true)
+    ok=$(grep -o 'farmer_jax-staged [^ ]*' <<<"$out" | wc -l)
     ((ok == PROCESSES)) ||
       die "the inputs reached $ok of $PROCESSES workers (gcloud's errors above); nothing was run." \
         "Fix: check that each gs:// path exists and that the slice's service account can read" \

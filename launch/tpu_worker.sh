@@ -54,11 +54,11 @@ running() {
   [[ -s $DIR/$1.pid ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null
 }
 
-# Whether anything the launcher runs here (training, smoke, an exec command) is running.
+# BUSY: what the launcher runs here (training, smoke, an exec command) and is running, if any.
 busy() {
   local name
   for name in train smoke eval fid sample; do
-    if running "$name"; then return 0; fi
+    if running "$name"; then BUSY=$name; return 0; fi
   done
   return 1
 }
@@ -91,7 +91,7 @@ unpack() {
   mkdir -p "$DIR"
   cd "$DIR"
   if busy; then
-    die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
+    die "$BUSY runs here; let it finish, or stop it first (launch/tpu_vm.sh stop $BUSY)"
   fi
   # Everything but the venv and the logs is the previous commit's code: replace it.
   find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.log' -exec rm -rf -- {} +
@@ -133,7 +133,7 @@ install() {
   cd "$DIR"
   [[ -f launch/constraints.txt ]] || die "$DIR/launch/constraints.txt not found; unpack first"
   if busy; then
-    die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
+    die "$BUSY runs here; let it finish, or stop it first (launch/tpu_vm.sh stop $BUSY)"
   fi
   install_uv
   if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null

@@ -1246,7 +1246,7 @@ def test_tpu_logs_and_stop_name_an_exec_command():
   rc, _, err, cmds = run(TPU_VM, "stop", "eval", env=env)
   assert rc == 0 and remote_words(cmds[0])[-3:] == ["launch/tpu_worker.sh", "stop", "eval"]
   rc, _, err, cmds = run(TPU_VM, "stop", "export", env=env)
-  assert rc == 2 and not cmds and "'export' is not something the workers run" in err
+  assert rc == 2 and not cmds and "'export' is neither train nor an exec command" in err
 
 
 def _record(tmp_path, sha):
