@@ -2,14 +2,16 @@
 # Cloud TPU VM slices (v4, v5e, v5p): request the slice as a queued resource, ship this commit to
 # every worker, install, run the same `farmer_jax train` on every worker, read logs, resume after a
 # preemption (with the commit the run started with, WORKDIR/launch/commit), delete; or supervise
-# all of it unattended. Walkthrough, defaults and costs: docs/launch.md.
+# all of it unattended; run `farmer_jax eval|fid|sample` on every worker (inputs staged from the
+# bucket to each worker's disk). Walkthrough, defaults and costs: docs/launch.md.
 #
 #   PROJECT=my-proj TPU=farmer-v4 TYPE=v4-32 WORKDIR=gs://my-bucket/farmer_1.1b_p16 \
 #   CONFIG=configs/imagenet256.py:1.1B/16,data_dir=gs://my-bucket/tfds \
 #   launch/tpu_vm.sh up [--config.x=y ...]
 #
 # Nothing is created unless an action is named. DRY_RUN=1 prints every command (`+ ...`) instead
-# of running it. Arguments after the action are forwarded to `farmer_jax train`.
+# of running it. Arguments after the action are forwarded to `farmer_jax train` (exec: after
+# the command, to that command).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +25,9 @@ MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
 SMOKE_MESH="(('data', -1), ('fsdp', 1))"
 SMOKE_RECORDS=16                             # records of each split smoke reads on every worker
 STARTED=0                                    # 1 once this call has started training
+EXEC_CMDS="eval fid sample"                  # the farmer_jax commands `exec` runs on the slice
+STAGE=../farmer_jax_stage                    # exec's inputs and outputs on each worker, from
+                                             # ~/farmer_jax (tpu_worker.sh runs commands there)
 SCOPES=https://www.googleapis.com/auth/cloud-platform
 
 usage() {
@@ -36,9 +41,17 @@ actions ("\$" = creates or keeps paying for a TPU slice):
   install       ship the local commit (git archive HEAD) to every worker and install it
   train         start training in the background on every worker (alias: run)
   smoke         print the devices seen on every worker, then 50 quickstart steps on the slice
-  logs          tail of a worker's log: WORKER=0 TAIL=50; from the bucket if WORKDIR is set
+  exec CMD ARGS run farmer_jax CMD (eval, fid or sample) with ARGS in the foreground on every
+                worker, at the run's commit (installed where a worker lacks it); gs://
+                --model/--inception/--ref are copied to each worker's disk first; results go
+                to WORKDIR/eval/ (samples: WORKDIR/samples/), logs to WORKDIR/logs/CMD/, e.g.
+                exec fid --model=gs://B/exports/m --inception=gs://B/pt_inception.pth
+                --ref=gs://B/VIRTUAL_imagenet256_labeled.npz --num=50000
+  logs [NAME]   tail of a worker's log (NAME: train, or an exec CMD): WORKER=0 TAIL=50; from the
+                bucket if WORKDIR is set
   status        queued resource and TPU state; with WORKDIR, whether the run has finished
-  stop          SIGTERM the training on every worker (it checkpoints and exits 0)
+  stop [NAME]   SIGTERM the training (or an exec CMD) on every worker (training checkpoints
+                and exits 0)
   resume      \$ after a preemption: reset/recreate the slice if it is gone, reinstall, train
                 (on a READY slice: restart training on ALL workers unless it runs on all)
   supervise   \$ stays running here: create, install, smoke, train (first launch); then every
@@ -450,16 +463,201 @@ smoke() {
   echo "smoke run done: $dir (summary.json, logs/)"
 }
 
+# The name of what runs on the workers: train (default), smoke (stop only) or an exec command.
+run_name() {
+  local name=${1:-train}
+  [[ " train $EXEC_CMDS " == *" $name "* || ($name == smoke && $action == stop) ]] ||
+    die "'$name' is neither train nor an exec command. Fix: name train (the default) or one" \
+      "of: $EXEC_CMDS"
+  echo "$name"
+}
+
+# exec's output flag --FLAG=VALUE of CMD: VALUE is a file NAME (the result goes to
+# WORKDIR/eval/NAME, samples to WORKDIR/samples/NAME) or a gs:// URL. eval writes to a bucket
+# itself; fid and sample write on process 0's (worker 0's) disk, under STAGE/out, and COPIES gets
+# the pair (that local path, the destination) for the copy afterwards.
+exec_output() {
+  local task=$1 flag=$2 val=$3 name dest sub=eval
+  if [[ $task == sample ]]; then sub=samples; fi
+  name=${val##*/}
+  if [[ $val == gs://* ]]; then
+    dest=$val
+  else
+    dest=$WORKDIR/$sub/$val
+    [[ $val != */* ]] || name=""
+  fi
+  [[ -n $name && $name != . && $name != .. ]] ||
+    die "exec $task: --$flag=$val: on the slice --$flag names a file, NAME (written to" \
+      "$WORKDIR/$sub/NAME) or gs://BUCKET/PATH/NAME. Fix: --$flag=NAME"
+  RESULTS+=("$dest")
+  if [[ $task == eval ]]; then
+    EXEC_ARGS+=("--$flag=$dest")
+  else
+    EXEC_ARGS+=("--$flag=$STAGE/out/$name")
+    COPIES+=("$STAGE/out/$name" "$dest")
+  fi
+}
+
+# exec CMD ARGS, before any cloud call: EXEC_ARGS (ARGS for every worker, with each gs://
+# --model (an export directory), --inception and --ref (files) replaced by its copy on the
+# worker's disk, STAGE/in/BUCKET/PATH, and the outputs rewritten by exec_output), STAGE_CMDS (the
+# copies, run on every worker), COPIES and RESULTS. eval and fid without --out: CMD-TIMESTAMP.json.
+exec_args() {
+  local task=$1 a flag val path outs=0
+  shift
+  EXEC_ARGS=() STAGE_CMDS=() COPIES=() RESULTS=()
+  for a in "$@"; do
+    if [[ $a =~ ^--?(model|inception|ref|out|npz)$ ]]; then
+      die "exec $task: $a VALUE: the launcher reads only the one-word form. Fix: $a=VALUE"
+    elif [[ $a =~ ^--?(model|inception|ref)=gs://(.*[^/])/*$ ]]; then
+      flag=${BASH_REMATCH[1]} val=${BASH_REMATCH[2]}
+      [[ /$val/ != */../* && /$val/ != */./* && $val == */* ]] ||
+        die "exec $task: --$flag=gs://$val is not gs://BUCKET/PATH. Fix: name the object itself"
+      path=$STAGE/in/$val
+      if [[ $flag == model ]]; then          # a directory: mirrored, files gone from it removed
+        STAGE_CMDS+=("mkdir -p $(shell_join "$path") && $(shell_join gcloud storage rsync -r \
+          --delete-unmatched-destination-objects "gs://$val" "$path")")
+      else
+        STAGE_CMDS+=("mkdir -p $(shell_join "${path%/*}") && $(shell_join gcloud storage cp \
+          "gs://$val" "$path")")
+      fi
+      EXEC_ARGS+=("--$flag=$path")
+    elif [[ $a =~ ^--?(out|npz)=(.*)$ && ($task == sample || ${BASH_REMATCH[1]} == out) ]]; then
+      exec_output "$task" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"
+      outs=$((outs + 1))
+    else
+      EXEC_ARGS+=("$a")
+    fi
+  done
+  if ((outs == 0)); then
+    [[ $task != sample ]] ||
+      die "exec sample: no output named. Fix: --out=NAME.png and/or --npz=NAME.npz (written to" \
+        "$WORKDIR/samples/), or gs:// URLs"
+    exec_output "$task" out "$task-$(date -u +%Y%m%d-%H%M%S).json"
+  fi
+}
+
+# exec CMD ARGS: farmer_jax CMD (eval, fid, sample) on every worker in the foreground, as one
+# multi-host job (--distributed=auto, the compilation cache), on the run's commit (WORKDIR/
+# launch/commit; HEAD when there is none, or with FORCE_COMMIT=1), installed only on workers that
+# lack it; inputs staged first, outputs copied from worker 0 after. Fails unless every worker's
+# command exits 0.
+exec_on_slice() {
+  local task=${1:-} want line running=0 lacking=0 remote c out outf rc=0 ok=0 failed i logdir
+  local exits=()
+  if [[ $# -gt 0 ]]; then shift; fi
+  if [[ $task == export ]]; then
+    die "exec export: export runs on one machine and writes a local directory. Fix: run" \
+      "farmer_jax export --workdir=${WORKDIR:-WORKDIR} --out=EXPORT here, then gcloud storage" \
+      "cp -r EXPORT gs://BUCKET/exports/ and exec fid|sample|eval" \
+      "--model=gs://BUCKET/exports/EXPORT (docs/launch.md)"
+  fi
+  [[ -n $task && " $EXEC_CMDS " == *" $task "* ]] ||
+    die "exec: '$task' is not a command exec runs on the slice. Fix: exec one of: $EXEC_CMDS," \
+      "then its flags, e.g. exec fid --model=gs://BUCKET/exports/m --num=50000"
+  parse_type
+  parse_workdir
+  need PROJECT TPU
+  need_gcloud
+  exec_args "$task" "$@"
+  logdir=$WORKDIR/logs/$task
+
+  read_run_commit
+  want=$RUN_SHA
+  if [[ -z $want || ${FORCE_COMMIT:-0} == 1 ]]; then
+    want=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit"
+  fi
+  probe_workers
+  [[ $DRY_RUN != 1 ]] || echo "# dry run: assuming every worker holds commit $want, installed"
+  for line in "${PROBE[@]}"; do
+    echo "  $line"
+    if [[ $line == *" train=running"* ]]; then running=$((running + 1)); fi
+    if [[ $line != *" venv=ok commit=$want" ]]; then lacking=$((lacking + 1)); fi
+  done
+  ((running == 0)) ||
+    die "training runs on $running of $PROCESSES workers of $TPU and holds their chips; nothing" \
+      "was run. Fix: wait until it has finished, or '$PROG stop' it, then the same command"
+  if ((lacking > 0)); then
+    git_head
+    [[ $SHIP_SHA == "$want" ]] ||
+      die "$lacking of $PROCESSES workers lack the run's commit ${want:0:12}" \
+        "($WORKDIR/launch/commit) and this checkout is at ${SHIP_SHA:0:12}; nothing was changed." \
+        "Fix: git checkout $want, then the same command (or FORCE_COMMIT=1 to install and run" \
+        "${SHIP_SHA:0:12}; the record stays)"
+    echo "$lacking of $PROCESSES workers lack commit ${want:0:12} (or its install): installing it"
+    install
+  fi
+
+  remote="cd ~/farmer_jax && mkdir -p $STAGE/out"
+  for c in "${STAGE_CMDS[@]}"; do remote+=" && $c"; done
+  # shellcheck disable=SC2016  # expanded by the worker's shell
+  remote+=' && echo "farmer_jax-staged $(hostname)"'
+  out=$(ssh_to all "$remote") || true
+  if [[ $DRY_RUN != 1 ]]; then
+    ok=$(grep -o 'farmer_jax-staged [^ ]*' <<<"$out" | wc -l)
+    ((ok == PROCESSES)) ||
+      die "the inputs reached $ok of $PROCESSES workers (gcloud's errors above); nothing was run." \
+        "Fix: check that each gs:// path exists and that the slice's service account can read" \
+        "it, then the same command"
+  fi
+
+  remote="cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg "$task" "$logdir" \
+    .venv/bin/farmer_jax "$task" --distributed=auto --compilation_cache_dir="$CACHE" \
+    "${EXEC_ARGS[@]}"); rc=\$?; echo \"farmer_jax-exit \$(hostname) rc=\$rc\"; exit \$rc"
+  outf=$(mktemp)
+  ssh_to all "$remote" | tee "$outf" || rc=$?
+  mapfile -t exits < <(grep -o 'farmer_jax-exit [^ ]* rc=[0-9]*' "$outf" || true)
+  rm -f "$outf"
+  if [[ $DRY_RUN != 1 ]]; then
+    ok=0 failed=""
+    for line in "${exits[@]}"; do
+      line=${line#farmer_jax-exit }
+      if [[ $line == *" rc=0" ]]; then ok=$((ok + 1)); else failed+="${failed:+, }$line"; fi
+    done
+    if ((ok != PROCESSES)); then
+      if ((${#exits[@]} < PROCESSES)); then
+        failed+="${failed:+; }$((PROCESSES - ${#exits[@]})) did not answer, ssh exit status $rc"
+      fi
+      echo "$PROG: exec $task failed on the slice: $ok of $PROCESSES workers exited 0 ($failed);" \
+        "each worker's log: $logdir/worker-I.log ($PROG logs $task, WORKER=I)" >&2
+      exit 1
+    fi
+  fi
+
+  if ((${#COPIES[@]} > 0)); then           # process 0 wrote them on worker 0
+    remote="cd ~/farmer_jax"
+    for ((i = 0; i < ${#COPIES[@]}; i += 2)); do
+      remote+=" && $(shell_join gcloud storage cp "${COPIES[i]}" "${COPIES[i + 1]}")"
+    done
+    if ! ssh_to 0 "$remote"; then
+      echo "$PROG: exec $task ran, but copying its output from worker 0 failed (above); it is in" \
+        "farmer_jax_stage/out/ in worker 0's home until the slice is deleted: run the copy again" \
+        "(gcloud compute tpus tpu-vm ssh $TPU --worker=0 --command='$remote')" >&2
+      exit 1
+    fi
+  fi
+  echo "$task done on all $PROCESSES workers of $TPU"
+  for c in "${RESULTS[@]}"; do echo "  result: $c"; done
+  if [[ $task == fid ]]; then
+    c=${COPIES[0]#"$STAGE"/}
+    echo "  feature dump: ~/farmer_jax_stage/${c%.json}.features on worker 0 (unless --dump);" \
+      "the same --out resumes from it while the slice lives"
+  fi
+  echo "  logs:   $logdir/worker-I.log ($PROG logs $task, WORKER=I)"
+}
+
 logs() {
-  local k=${WORKER:-0} n=${TAIL:-50}
+  local k=${WORKER:-0} n=${TAIL:-50} name sub=""
+  name=$(run_name "$@")
+  [[ $name == train ]] || sub=$name/
   [[ $k =~ ^[0-9]+$ && $n =~ ^[0-9]+$ ]] || die "WORKER and TAIL must be numbers"
   if [[ -n ${WORKDIR:-} ]]; then
     parse_workdir
-    run_cmd gcloud storage cat "$WORKDIR/logs/worker-$k.log" | tail -n "$n"
+    run_cmd gcloud storage cat "$WORKDIR/logs/${sub}worker-$k.log" | tail -n "$n"
   else
     need_zone
     echo "# WORKDIR is not set: reading the live log on the worker (the bucket copy needs WORKDIR)"
-    ssh_to "$k" "tail -n $n ~/farmer_jax/train.log"
+    ssh_to "$k" "tail -n $n ~/farmer_jax/$name.log"
   fi
 }
 
@@ -498,24 +696,38 @@ preflight() {
   if [[ $ship == ship ]]; then check_run_commit; fi
 }
 
-# On a READY slice: nothing if training runs on every worker; otherwise a partial restart could not
-# join the multi-host jax.distributed job, so stop it on ALL workers (SIGTERM, wait for the exit),
-# install if a worker lacks ~/farmer_jax/.venv (a repaired host), and start it on all together.
-restart_training() {
-  local probe out lines line running=0 missing=0 halt
+# Asks every worker whether training runs, whether it has ~/farmer_jax/.venv and which commit
+# ~/farmer_jax holds: PROBE gets one line per worker, "HOST train=running|stopped venv=ok|missing
+# commit=SHA" (commit=none before an install). Stops unless every worker answered. DRY_RUN=1:
+# prints the ssh, PROBE stays empty.
+probe_workers() {
+  local probe out
   # shellcheck disable=SC2016  # expanded by the worker's shell
   probe='d=$HOME/farmer_jax; r=stopped; v=ok; p=$(cat "$d/train.pid" 2>/dev/null) &&'
   # shellcheck disable=SC2016
   probe+=' kill -0 "$p" 2>/dev/null && r=running; [ -x "$d/.venv/bin/farmer_jax" ] || v=missing;'
   # shellcheck disable=SC2016
-  probe+=' echo "farmer_jax-probe $(hostname) train=$r venv=$v"'
+  probe+=' c=$(cat "$d/COMMIT" 2>/dev/null) || c=none;'
+  # shellcheck disable=SC2016
+  probe+=' echo "farmer_jax-probe $(hostname) train=$r venv=$v commit=$c"'
+  PROBE=()
   out=$(ssh_to all "$probe") ||
-    die "could not ask every worker of $TPU whether training runs; nothing was changed"
-  mapfile -t lines < <(grep '^farmer_jax-probe ' <<<"$out" || true)
-  ((${#lines[@]} == PROCESSES)) ||
-    die "$TPU: ${#lines[@]} of $PROCESSES workers answered; nothing was changed. Run resume again"
-  for line in "${lines[@]}"; do
-    echo "  ${line#farmer_jax-probe }"
+    die "could not ask every worker of $TPU what runs there; nothing was changed"
+  [[ $DRY_RUN != 1 ]] || return 0
+  mapfile -t PROBE < <(grep '^farmer_jax-probe ' <<<"$out" | cut -d ' ' -f 2- || true)
+  ((${#PROBE[@]} == PROCESSES)) ||
+    die "$TPU: ${#PROBE[@]} of $PROCESSES workers answered; nothing was changed. Run the same" \
+      "command again"
+}
+
+# On a READY slice: nothing if training runs on every worker; otherwise a partial restart could not
+# join the multi-host jax.distributed job, so stop it on ALL workers (SIGTERM, wait for the exit),
+# install if a worker lacks ~/farmer_jax/.venv (a repaired host), and start it on all together.
+restart_training() {
+  local line running=0 missing=0 halt
+  probe_workers
+  for line in "${PROBE[@]}"; do
+    echo "  $line"
     if [[ $line == *" train=running"* ]]; then running=$((running + 1)); fi
     if [[ $line == *" venv=missing"* ]]; then missing=$((missing + 1)); fi
   done
@@ -669,9 +881,11 @@ case $action in
     install ;;
   train | run) need_zone; parse_workdir; need CONFIG; need_gcloud; train start "$@" ;;
   smoke) parse_type; parse_workdir; need PROJECT TPU CONFIG; need_gcloud; smoke "$@" ;;
-  logs) logs ;;
+  logs) logs "$@" ;;
+  exec) exec_on_slice "$@" ;;
   status) need_zone; status ;;
-  stop) need_zone; ssh_to all "cd ~/farmer_jax && bash launch/tpu_worker.sh stop train" ;;
+  stop) need_zone; name=$(run_name "$@")
+    ssh_to all "cd ~/farmer_jax && bash launch/tpu_worker.sh stop $name" ;;
   resume) resume "$@" ;;
   supervise) supervise "$@" ;;
   poll) poll "$@" ;;

@@ -54,6 +54,15 @@ running() {
   [[ -s $DIR/$1.pid ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null
 }
 
+# BUSY: what the launcher runs here (training, smoke, an exec command) and is running, if any.
+busy() {
+  local name
+  for name in train smoke eval fid sample; do
+    if running "$name"; then BUSY=$name; return 0; fi
+  done
+  return 1
+}
+
 supervisor_running() {
   [[ -s $DIR/$1.sup ]] && kill -0 "$(cat "$DIR/$1.sup")" 2>/dev/null
 }
@@ -81,8 +90,8 @@ unpack() {
   [[ -f $tarball ]] || die "$tarball not found"
   mkdir -p "$DIR"
   cd "$DIR"
-  if running train || running smoke; then
-    die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
+  if busy; then
+    die "$BUSY runs here; let it finish, or stop it first (launch/tpu_vm.sh stop $BUSY)"
   fi
   # Everything but the venv and the logs is the previous commit's code: replace it.
   find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name '*.log' -exec rm -rf -- {} +
@@ -123,8 +132,8 @@ install() {
   local jax_req=$1
   cd "$DIR"
   [[ -f launch/constraints.txt ]] || die "$DIR/launch/constraints.txt not found; unpack first"
-  if running train || running smoke; then
-    die "a run is in progress here; stop it first (launch/tpu_vm.sh stop)"
+  if busy; then
+    die "$BUSY runs here; let it finish, or stop it first (launch/tpu_vm.sh stop $BUSY)"
   fi
   install_uv
   if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null

@@ -335,7 +335,9 @@ _FAKE_GCLOUD = r"""#!/usr/bin/env bash
 echo "$*" >> @TMP@/calls
 for a in "$@"; do
   if [[ $a == --command=*farmer_jax-probe* ]]; then printf '%s' "${a#--command=}" > @TMP@/probe; fi
+  if [[ $a == --command=* ]]; then printf '%s\0' "${a#--command=}" >> @TMP@/commands; fi
 done
+workers() { cat @TMP@/workers 2>/dev/null || echo "$FAKE_WORKERS"; }
 notfound() { echo "ERROR: (gcloud.x) NOT_FOUND: Resource '$1' was not found" >&2; exit 1; }
 flaky() { echo "ERROR: (gcloud.x) UNAVAILABLE: try again later" >&2; exit 1; }
 case "$*" in
@@ -360,8 +362,22 @@ case "$*" in
     fi ;;
   *"tpu-vm ssh"*farmer_jax-probe*)
     i=0
-    for w in $(cat @TMP@/workers 2>/dev/null || echo "$FAKE_WORKERS"); do
-      echo "farmer_jax-probe tpu1-w-$i train=${w%:*} venv=${w#*:}"
+    for w in $(workers); do
+      IFS=: read -r t v c <<<"$w"
+      echo "farmer_jax-probe tpu1-w-$i train=$t venv=$v commit=${c:-none}"
+      i=$((i + 1))
+    done ;;
+  *"tpu-vm ssh"*farmer_jax-staged*)
+    i=0
+    for w in $(workers); do
+      [[ $i == "$FAKE_STAGE_FAILS" ]] || echo "farmer_jax-staged tpu1-w-$i"
+      i=$((i + 1))
+    done ;;
+  *"tpu-vm ssh"*farmer_jax-exit*)             # the exit status of gcloud itself stays 0
+    i=0
+    for rc in ${FAKE_EXEC_RC:-$(workers | sed 's/[^ ][^ ]*/0/g')}; do
+      echo "step 1 of the command on tpu1-w-$i"
+      echo "farmer_jax-exit tpu1-w-$i rc=$rc"
       i=$((i + 1))
     done ;;
   "storage ls "*)
@@ -393,8 +409,11 @@ def fake_gcloud(tmp_path, qr_state=None):
   says NOT_FOUND; FAIL: describe fails otherwise), and a bucket's objects under tmp_path/gcs
   (`storage ls`, `cat`, `cp -`). FAKE_TPU_STATE: the TPU's state ("": NOT_FOUND,
   FAIL: a failed query); FAKE_WORKERS (or the file tmp_path/workers): the workers' answers to
-  resume's probe, e.g. "running:ok stopped:missing"; a start sets the file's workers running
-  (FAKE_CRASH=1: not); FAKE_RESET_FAILS=1: `queued-resources reset` fails. tmp_path/events: lines
+  the probe, e.g. "running:ok stopped:missing:SHA" (train, venv, commit); a start sets the file's
+  workers running (FAKE_CRASH=1: not); FAKE_RESET_FAILS=1: `queued-resources reset` fails.
+  exec: FAKE_STAGE_FAILS=I: worker I's staging fails; FAKE_EXEC_RC: the workers' exit statuses
+  (default: one 0 per worker). Every ssh's remote command is appended to tmp_path/commands,
+  NUL-terminated. tmp_path/events: lines
   "N qr=STATE", "N workers=...", "N finish" (summary.json appears), applied at the N-th check of
   summary.json (one per supervise step)."""
   bin_dir = tmp_path / "bin"
@@ -413,14 +432,16 @@ def _verbs(calls):
 
 
 def _ssh_kinds(calls):
-  """What each `tpu-vm ssh` did: probe, stop, unpack (install), start (or ensure, fg, ...), and
-  smoke's devices (python) and data (check) probes."""
+  """What each `tpu-vm ssh` did: probe, stop, unpack (install), start (or ensure, fg, ...),
+  smoke's devices (python) and data (check) probes, exec's staging (stage) and output copy."""
   kinds = []
   for line in calls.read_text().splitlines():
     if line.startswith("compute tpus tpu-vm ssh"):
-      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)|farmer_jax check|bin/python", line)
+      m = re.search(r"farmer_jax-probe|tpu_worker\.sh (\w+)|farmer_jax check|bin/python|"
+                    r"mkdir -p \.\./farmer_jax_stage/out|storage cp", line)
       kinds.append({"farmer_jax-probe": "probe", "farmer_jax check": "check",
-                    "bin/python": "python"}.get(m[0], m[1]))
+                    "bin/python": "python", "storage cp": "copy"}.get(
+                        m[0], "stage" if m[0].startswith("mkdir") else m[1]))
   return kinds
 
 
@@ -546,13 +567,14 @@ def test_tpu_resume_probe_runs_on_a_worker(tmp_path):
                        capture_output=True, text=True, check=True)
     return r.stdout.split()[2:]
 
-  assert answer() == ["train=stopped", "venv=missing"]
+  assert answer() == ["train=stopped", "venv=missing", "commit=none"]
   (home / "farmer_jax" / "train.pid").write_text(f"{os.getpid()}\n")
   venv = home / "farmer_jax" / ".venv" / "bin"
   venv.mkdir(parents=True)
   (venv / "farmer_jax").write_text("#!/bin/sh\n")
   (venv / "farmer_jax").chmod(0o755)
-  assert answer() == ["train=running", "venv=ok"]
+  (home / "farmer_jax" / "COMMIT").write_text("abc123\n")
+  assert answer() == ["train=running", "venv=ok", "commit=abc123"]
 
 
 def test_tpu_status_reports_a_failed_query(tmp_path):
@@ -1107,6 +1129,273 @@ def test_tpu_worker_refuses_to_start_another_commit(tmp_path):
     assert rc == 2 and "holds commit abc123, not the run's def456" in err, err
     assert "nothing was started" in err and not (home / "train.pid").exists()
   assert not (home / "train.log").exists()
+
+
+HEAD_SHA = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+STAMPED = r"-\d{8}-\d{6}\.json"
+
+
+def _exec_line(ssh):
+  """The farmer_jax command line of exec's `tpu-vm ssh`, split into words (the exit marker after
+  it left out)."""
+  remote = flag(ssh, "--command")
+  line, marker = remote.split("; rc=$?; ", 1)
+  assert marker == 'echo "farmer_jax-exit $(hostname) rc=$rc"; exit $rc'
+  return shlex.split(line)
+
+
+@pytest.mark.parametrize("task", ["fid", "eval", "sample"])
+def test_tpu_exec_dry_run(task):
+  """What every worker runs: gs:// --model (a directory, mirrored) and --inception/--ref (files)
+  copied to its disk and the flags rewritten to those copies, --distributed=auto and the
+  compilation cache before the user's flags, the outputs process 0 writes on worker 0 copied to
+  the bucket afterwards (eval writes its result to the bucket itself)."""
+  args = {
+      "fid": ["--model=gs://bkt/exports/m/", "--inception=gs://bkt/fid/pt.pth",
+              "--ref=gs://bkt/fid/ref.npz", "--num=50000", "--cfg=2.0"],
+      "eval": ["--model=gs://bkt/exports/m", "--split=validation"],
+      "sample": ["--model=/data/m", "--out=grid.png", "--npz=gs://other/s/s.npz", "--num=4"],
+  }[task]
+  rc, out, err, cmds = run(TPU_VM, "exec", task, *args, env=tpu_env(TYPE="v4-32", CONFIG=None))
+  assert rc == 0, err
+  ssh = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  probe, stage, fg = ssh[:3]
+  assert all(flag(c, "--worker") == "all" for c in (probe, stage, fg))
+  assert "farmer_jax-probe" in flag(probe, "--command")
+  assert find(cmds, "gcloud", "storage", "cat", "gs://bkt/runs/r1/launch/commit")
+  script = flag(stage, "--command")
+  for shell in ("bash", "sh"):
+    for remote in (script, flag(fg, "--command")):
+      r = subprocess.run([shell, "-n", "-c", remote], capture_output=True, text=True)
+      assert r.returncode == 0, (shell, r.stderr)
+  steps = script.split(" && ")
+  assert steps[:2] == ["cd ~/farmer_jax", "mkdir -p ../farmer_jax_stage/out"]
+  assert steps[-1] == 'echo "farmer_jax-staged $(hostname)"'
+  model = "../farmer_jax_stage/in/bkt/exports/m"
+  if task != "sample":
+    assert (f"gcloud storage rsync -r --delete-unmatched-destination-objects gs://bkt/exports/m "
+            f"{model}") in steps
+  if task == "fid":
+    assert ("gcloud storage cp gs://bkt/fid/pt.pth ../farmer_jax_stage/in/bkt/fid/pt.pth"
+            in steps)
+    assert ("gcloud storage cp gs://bkt/fid/ref.npz ../farmer_jax_stage/in/bkt/fid/ref.npz"
+            in steps)
+  if task == "sample":
+    assert "gcloud storage" not in script                       # a local --model stays as it is
+
+  words = _exec_line(fg)
+  assert words[:12] == ["cd", "~/farmer_jax", "&&", "bash", "launch/tpu_worker.sh", "fg", task,
+                        f"gs://bkt/runs/r1/logs/{task}", ".venv/bin/farmer_jax", task,
+                        "--distributed=auto", "--compilation_cache_dir=gs://bkt/xla_cache"]
+  rest = words[12:]
+  copies = [remote_words(c) for c in ssh[3:]]
+  assert all(flag(c, "--worker") == "0" for c in ssh[3:])
+  if task == "fid":
+    assert rest[:5] == [f"--model={model}", "--inception=../farmer_jax_stage/in/bkt/fid/pt.pth",
+                        "--ref=../farmer_jax_stage/in/bkt/fid/ref.npz", "--num=50000",
+                        "--cfg=2.0"]
+    (out_flag,) = rest[5:]
+    assert re.fullmatch(r"--out=\.\./farmer_jax_stage/out/fid" + STAMPED, out_flag), out_flag
+    name = out_flag.rsplit("/", 1)[1]
+    assert copies == [["cd", "~/farmer_jax", "&&", "gcloud", "storage", "cp",
+                       f"../farmer_jax_stage/out/{name}", f"gs://bkt/runs/r1/eval/{name}"]]
+    assert f"result: gs://bkt/runs/r1/eval/{name}" in out
+    assert f"~/farmer_jax_stage/out/{name[:-5]}.features on worker 0" in out
+  elif task == "eval":
+    assert rest[:2] == [f"--model={model}", "--split=validation"]
+    assert re.fullmatch(r"--out=gs://bkt/runs/r1/eval/eval" + STAMPED, rest[2]), rest
+    assert len(rest) == 3 and not copies
+    assert f"result: {rest[2][6:]}" in out
+  else:
+    assert rest == ["--model=/data/m", "--out=../farmer_jax_stage/out/grid.png",
+                    "--npz=../farmer_jax_stage/out/s.npz", "--num=4"]
+    assert copies == [["cd", "~/farmer_jax", "&&", "gcloud", "storage", "cp",
+                       "../farmer_jax_stage/out/grid.png", "gs://bkt/runs/r1/samples/grid.png",
+                       "&&", "gcloud", "storage", "cp", "../farmer_jax_stage/out/s.npz",
+                       "gs://other/s/s.npz"]]
+    assert "result: gs://bkt/runs/r1/samples/grid.png" in out
+    assert "result: gs://other/s/s.npz" in out
+  assert f"logs:   gs://bkt/runs/r1/logs/{task}/worker-I.log" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--workdir=gs://bkt/runs/r1", "--out=m"], "export runs on one machine"),
+    (["train", "--config.x=1"], "'train' is not a command exec runs"),
+    ([], "'' is not a command exec runs"),
+    (["fid", "--model", "gs://bkt/m"], "--model VALUE: the launcher reads only the one-word form"),
+    (["fid", "--model=gs://bkt"], "--model=gs://bkt is not gs://BUCKET/PATH"),
+    (["fid", "--ref=gs://bkt/a/../ref.npz"], "is not gs://BUCKET/PATH"),
+    (["fid", "--model=gs://bkt/m", "--out=res/fid.json"], "--out=res/fid.json: on the slice"),
+    (["sample", "--model=gs://bkt/m", "--num=4"], "exec sample: no output named"),
+])
+def test_tpu_exec_refusals(args, message):
+  rc, out, err, cmds = run(TPU_VM, "exec", *args, env=tpu_env(TYPE="v4-32"))
+  assert rc == 2 and not cmds, out
+  (line,) = err.strip().splitlines()
+  assert message in line and "Fix: " in line, line
+
+
+def test_tpu_logs_and_stop_name_an_exec_command():
+  env = {"DRY_RUN": "1", "PROJECT": "proj", "ZONE": "us-east5-a", "TPU": "tpu1"}
+  rc, _, err, cmds = run(TPU_VM, "logs", "fid", env={"DRY_RUN": "1", "WORKDIR": "gs://bkt/r1",
+                                                     "WORKER": "3"})
+  assert rc == 0 and cmds == [["gcloud", "storage", "cat", "gs://bkt/r1/logs/fid/worker-3.log"]]
+  rc, _, err, cmds = run(TPU_VM, "logs", "sample", env=env)
+  assert rc == 0 and "~/farmer_jax/sample.log" in flag(cmds[0], "--command")
+  rc, _, err, cmds = run(TPU_VM, "stop", "eval", env=env)
+  assert rc == 0 and remote_words(cmds[0])[-3:] == ["launch/tpu_worker.sh", "stop", "eval"]
+  rc, _, err, cmds = run(TPU_VM, "stop", "export", env=env)
+  assert rc == 2 and not cmds and "'export' is neither train nor an exec command" in err
+
+
+def _record(tmp_path, sha):
+  (tmp_path / "gcs/bkt/runs/r1/launch").mkdir(parents=True, exist_ok=True)
+  (tmp_path / "gcs/bkt/runs/r1/launch/commit").write_text(sha + "\n")
+
+
+FID_ARGS = ("fid", "--model=gs://bkt/exports/m", "--inception=gs://bkt/fid/pt.pth",
+            "--ref=gs://bkt/fid/ref.npz", "--num=64")
+
+
+@pytest.mark.parametrize("workers, fake, expected, rc_expected, message", [
+    # every worker holds the run's commit: nothing installed
+    ("stopped:ok:{sha} " * 4, {}, ["probe", "stage", "fg", "copy"], 0, "fid done on all 4"),
+    # a repaired host without the venv, a worker at another commit: the run's commit installed
+    ("stopped:missing:{sha} stopped:ok:{sha} stopped:ok:abc stopped:ok:{sha}", {},
+     ["probe", "unpack", "stage", "fg", "copy"], 0, "2 of 4 workers lack commit"),
+    # one worker's command fails: the action fails, nothing copied
+    ("stopped:ok:{sha} " * 4, {"FAKE_EXEC_RC": "0 3 0 0"}, ["probe", "stage", "fg"], 1,
+     "3 of 4 workers exited 0 (tpu1-w-1 rc=3"),
+    # one worker never answers (its ssh died)
+    ("stopped:ok:{sha} " * 4, {"FAKE_EXEC_RC": "0 0 0"}, ["probe", "stage", "fg"], 1,
+     "3 of 4 workers exited 0 (1 did not answer"),
+    # staging fails on one worker: nothing runs
+    ("stopped:ok:{sha} " * 4, {"FAKE_STAGE_FAILS": "2"}, ["probe", "stage"], 2,
+     "the inputs reached 3 of 4 workers"),
+    # training holds the chips
+    ("stopped:ok:{sha} running:ok:{sha} stopped:ok:{sha} stopped:ok:{sha}", {}, ["probe"], 2,
+     "training runs on 1 of 4 workers"),
+])
+def test_tpu_exec_with_a_fake_gcloud(tmp_path, workers, fake, expected, rc_expected, message):
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  _record(tmp_path, HEAD_SHA)
+  env = tpu_env(TYPE="v4-32", DRY_RUN=None, CONFIG=None, FAKE_TPU_STATE="READY",
+                FAKE_WORKERS=workers.format(sha=HEAD_SHA), **fake)
+  rc, out, err, _ = run(TPU_VM, "exec", *FID_ARGS, env=env, bin_dir=bin_dir)
+  assert rc == rc_expected, err
+  assert message in out + err
+  assert _ssh_kinds(calls) == expected
+  if rc:
+    assert "storage cp ../farmer_jax_stage" not in calls.read_text()
+    assert "fid done" not in out
+  else:
+    assert "step 1 of the command on tpu1-w-3" in out          # the workers' output streams here
+  if rc == 1:
+    assert "gs://bkt/runs/r1/logs/fid/worker-I.log" in err
+  assert not re.search(r"queued-resources (create|delete|reset)", calls.read_text())
+  assert (tmp_path / "gcs/bkt/runs/r1/launch/commit").read_text() == HEAD_SHA + "\n"
+
+
+def test_tpu_exec_runs_the_runs_recorded_commit(tmp_path):
+  """Workers that hold the run's commit run it whatever this checkout is at; a worker that lacks
+  it is installed only from a checkout at that commit (FORCE_COMMIT=1: HEAD, the record kept)."""
+  repo, git, first, second = _two_commit_repo(tmp_path)
+  bin_dir, calls = fake_gcloud(tmp_path, "ACTIVE")
+  _record(tmp_path, first)
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, ALLOW_DIRTY=None, CONFIG=None,
+                FAKE_WORKERS=f"stopped:ok:{first}")
+  tpu_vm = repo / "launch" / "tpu_vm.sh"
+  rc, out, err, _ = run(tpu_vm, "exec", *FID_ARGS, env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and _ssh_kinds(calls) == ["probe", "stage", "fg", "copy"], err
+  calls.unlink()
+  env["FAKE_WORKERS"] = f"stopped:ok:{second}"
+  rc, out, err, _ = run(tpu_vm, "exec", *FID_ARGS, env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 2 and _ssh_kinds(calls) == ["probe"], err
+  assert f"lack the run's commit {first[:12]}" in err and f"git checkout {first}" in err
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "exec", *FID_ARGS, env={**env, "FORCE_COMMIT": "1"},
+                           bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and _ssh_kinds(calls) == ["probe", "stage", "fg", "copy"], err   # holds HEAD
+  env["FAKE_WORKERS"] = "stopped:ok:abc"
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "exec", *FID_ARGS, env={**env, "FORCE_COMMIT": "1"},
+                           bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and _ssh_kinds(calls) == ["probe", "unpack", "stage", "fg", "copy"], err
+  assert find(cmds, "git")[0][-1] == second
+  subprocess.run(git + ["checkout", "-q", first], check=True)
+  calls.unlink()
+  rc, out, err, cmds = run(tpu_vm, "exec", *FID_ARGS, env=env, bin_dir=bin_dir, cwd=repo)
+  assert rc == 0 and _ssh_kinds(calls) == ["probe", "unpack", "stage", "fg", "copy"], err
+  assert find(cmds, "git")[0][-1] == first
+  assert (tmp_path / "gcs/bkt/runs/r1/launch/commit").read_text() == first + "\n"
+
+
+def test_tpu_exec_remote_commands_run_on_a_worker(tmp_path):
+  """exec's staging, command and copy, as one worker's shell runs them (tpu_worker.sh fg with a
+  fake farmer_jax and a gcloud over a local bucket): the rewritten flags name the staged copies,
+  the result and the log reach the bucket."""
+  launcher = tmp_path / "launcher"
+  launcher.mkdir()
+  bin_dir, calls = fake_gcloud(launcher, "ACTIVE")
+  _record(launcher, HEAD_SHA)
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, CONFIG=None, FAKE_WORKERS=f"stopped:ok:{HEAD_SHA}")
+  rc, out, err, _ = run(TPU_VM, "exec", *FID_ARGS, "--out=fid50k.json", env=env,
+                        bin_dir=bin_dir)
+  assert rc == 0, err
+  probe, stage, fg, copy = (launcher / "commands").read_text().split("\0")[:-1]
+
+  gcs = tmp_path / "gcs"
+  for name, text in (("exports/m/config.json", "{}"), ("exports/m/params/0", "p"),
+                     ("fid/pt.pth", "w"), ("fid/ref.npz", "r")):
+    (gcs / "bkt" / name).parent.mkdir(parents=True, exist_ok=True)
+    (gcs / "bkt" / name).write_text(text)
+  worker_bin = tmp_path / "worker_bin"
+  worker_bin.mkdir()
+  (worker_bin / "gcloud").write_text(
+      "#!/usr/bin/env bash\n"
+      f"map() {{ if [[ $1 == gs://* ]]; then echo {gcs}/${{1#gs://}}; else echo $1; fi; }}\n"
+      "case $1-$2 in\n"
+      "  storage-cp) src=$(map \"$3\"); dst=$(map \"$4\"); [[ -f $src ]] || exit 1\n"
+      "    mkdir -p \"$(dirname \"$dst\")\" && cp \"$src\" \"$dst\" ;;\n"
+      "  storage-rsync) [[ $3 == -r && $4 == --delete-unmatched-destination-objects ]] || exit 1\n"
+      "    src=$(map \"$5\"); [[ -d $src ]] || exit 1\n"
+      "    rm -rf \"$6\" && cp -r \"$src\" \"$6\" ;;\n"
+      "  *) exit 1 ;;\n"
+      "esac\n")
+  (worker_bin / "gcloud").chmod(0o755)
+  home = tmp_path / "home"
+  code = home / "farmer_jax"
+  (code / "launch").mkdir(parents=True)
+  shutil.copy(WORKER, code / "launch" / "tpu_worker.sh")
+  (code / "COMMIT").write_text(HEAD_SHA + "\n")
+  (code / ".venv" / "bin").mkdir(parents=True)
+  (code / ".venv" / "bin" / "farmer_jax").write_text(
+      "#!/usr/bin/env bash\n"                    # the fid's inputs must be there, as given
+      "set -e\nfor a in \"$@\"; do case $a in\n"
+      "  --model=*) test -f \"${a#*=}/params/0\" ;;\n"
+      "  --inception=* | --ref=*) test -f \"${a#*=}\" ;;\n"
+      "  --out=*) out=${a#*=} ;;\n"
+      "esac; done\n"
+      "echo \"fid args: $*\"\n"
+      "echo '{\"fid\": 1.5}' > \"$out\"\n")
+  (code / ".venv" / "bin" / "farmer_jax").chmod(0o755)
+  wenv = {"HOME": str(home), "PATH": f"{worker_bin}{os.pathsep}/usr/bin:/bin",
+          "WORKER_INDEX": "0", "LOG_SYNC_S": "0.2"}
+  for remote in (stage, fg, copy):
+    r = subprocess.run(["sh", "-c", remote], env=wenv, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, (remote, r.stdout, r.stderr)
+  assert (home / "farmer_jax_stage/in/bkt/fid/pt.pth").read_text() == "w"
+  assert json.loads((gcs / "bkt/runs/r1/eval/fid50k.json").read_text()) == {"fid": 1.5}
+  log = (gcs / "bkt/runs/r1/logs/fid/worker-0.log").read_text()
+  assert "exit status 0" in log
+  (args,) = [ln.split()[2:] for ln in log.splitlines() if ln.startswith("fid args: ")]
+  assert args == ["fid", "--distributed=auto", "--compilation_cache_dir=gs://bkt/xla_cache",
+                  "--model=../farmer_jax_stage/in/bkt/exports/m",
+                  "--inception=../farmer_jax_stage/in/bkt/fid/pt.pth",
+                  "--ref=../farmer_jax_stage/in/bkt/fid/ref.npz", "--num=64",
+                  "--out=../farmer_jax_stage/out/fid50k.json"]
 
 
 class _GcsStub(http.server.BaseHTTPRequestHandler):
