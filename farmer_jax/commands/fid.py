@@ -94,6 +94,12 @@ def main(f):
   out = f.out or fid.default_out(
       f.model, fid.settings_tag(f.features, f.num, drawn.sampler, drawn.settings, f.seed))
   common.check_json_out(out)
+  from farmer_jax.artifacts import storage
+  for path, flag in ((out, "--out"), (f.dump, "--dump")):
+    if path and storage.is_url(path):
+      raise UserError(f"{flag}={path}: fid writes its result and resumable feature dump on this "
+                      "host's disk, not in a bucket. Fix: a local path (copy the result to the "
+                      "bucket afterwards, e.g. `gcloud storage cp`)")
   dump = f.dump or fid.default_dump(out)
 
   import jax
