@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 from PIL import Image
 
 from conftest import fake_devices_env
+from test_multiprocess import _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,8 @@ TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 4
 SIZES = ((500, 375), (375, 500), (256, 256), (200, 150), (640, 427), (333, 290))
 STEPS, CKPT_EVERY, PREEMPT_CHECK_EVERY, LOG_EVERY = 6, 2, 2, 2
 PER_CLASS = 2          # the end-of-run grid: len(SYNSETS) rows of PER_CLASS 256x256 tiles
-# a few hundred samples take ~4 s each here (256 AR steps + 2 x 256 AF inverse steps, sequential)
+# tens of samples, not hundreds: each takes ~4 s here (256 AR steps and 2 x 256 AF inverse steps,
+# sequential, plus its Inception features)
 FID_NUM, FID_BATCH = 32, 16
 FID_PROCESSES = 1      # the fid stage's process count (each process gets DEVICES / processes)
 TIMEOUT = 900
@@ -57,21 +58,15 @@ TIMEOUT = 900
 SAMPLER = ("--config.sample.redundant_candidates=1",)
 # Only sizes differ from the preset: widths, depths, heads, batch, steps, schedule, data, eval and
 # sample sizes; FSDP shards every param of the tiny model (the preset shards those >= 2^16).
-TINY = ("--config.data.num_classes=4",
-        "--config.model.flow_blocks=2", "--config.model.flow_layers=1",
-        "--config.model.flow_width=32", "--config.model.flow_heads=2",
-        "--config.model.ar_depth=1", "--config.model.ar_width=32", "--config.model.ar_heads=2",
+TINY_MODEL = dict(flow_blocks=2, flow_layers=1, flow_width=32, flow_heads=2, ar_depth=1,
+                  ar_width=32, ar_heads=2)
+TINY = (f"--config.data.num_classes={len(SYNSETS)}",
+        *(f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()),
         f"--config.train.steps={STEPS}", "--config.train.warmup_steps=2",
         f"--config.train.ckpt_every={CKPT_EVERY}", f"--config.train.log_every={LOG_EVERY}",
         f"--config.train.preempt_check_every={PREEMPT_CHECK_EVERY}",
         "--config.eval.batch_size=16", f"--config.sample.per_class={PER_CLASS}",
         "--config.fsdp.min_params=256", *SAMPLER)
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 class Chain:
@@ -201,12 +196,13 @@ def trained(chain, prepared):
   args = _train_args(prepared[0])
   procs = chain.launch("train", args, processes=2)
   deadline = time.time() + TIMEOUT
-  while not _checkpoint_steps(chain):
-    assert time.time() < deadline, "no checkpoint in time"
-    if any(p.poll() is not None for p in procs):
-      chain.wait("train", procs)   # reports the failure
-      pytest.fail("training ended before it was preempted: " + chain.log("train", 0, "out"))
+  while (not _checkpoint_steps(chain) and time.time() < deadline
+         and all(p.poll() is None for p in procs)):
     time.sleep(0.2)
+  if not _checkpoint_steps(chain):
+    chain.wait("train", procs, timeout=0)   # stops them; reports a failed one
+    pytest.fail(f"no checkpoint within {TIMEOUT} s or before training ended: "
+                + chain.log("train", 0, "out"))
   for p in procs:
     p.send_signal(signal.SIGTERM)
   first = chain.wait("train", procs)
@@ -254,6 +250,7 @@ def test_train_two_processes_sigterm_then_resume(chain, trained):
   assert summary["test_count"] == VAL_PER_CLASS * len(SYNSETS)
   assert 0 < summary["test_bpd"] < 16 and 0 < summary["test_bpd_uncond"] < 16, summary
   assert [r["step"] for r in rows if "eval/bpd" in r] == [STEPS], rows
+  assert os.listdir(chain.local(BUCKET + "/xla_cache")), "the compilation cache is in the bucket"
   chain.no_stray_local_bucket()
 
 
@@ -351,8 +348,7 @@ def test_preset_sampler_fits_in_memory():
   from farmer_jax.sampling.sampler import sample_latents
   c = configlib.load(f"imagenet256:{PRESET}")
   c.data.num_classes = len(SYNSETS)
-  c.model.update(flow_blocks=2, flow_layers=1, flow_width=32, flow_heads=2, ar_depth=1,
-                 ar_width=32, ar_heads=2)
+  c.model.update(**TINY_MODEL)
   mcfg, sampler = parse_model(c), SamplerConfig.from_config(c.sample)
   assert sampler.redundant_candidates == 16 and sampler.guidance == "resampling"
   samples = 2
