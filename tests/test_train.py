@@ -162,6 +162,31 @@ def test_nonfinite_loss_stops_before_saving(tmp_path):
       "a non-finite step must not be applied"
 
 
+@pytest.mark.slow  # a trainer's compile: > 10 s on 2 cores
+def test_sigterm_on_a_log_step_logs_that_row(tmp_path):
+  """A preemption at a log step writes that step's metrics row before stopping: the resumed run
+  starts there and logs only later steps, so the row would be missing for good."""
+  c = configlib.load("quickstart:tiny")
+  c.train.update(steps=100, log_every=2, warmup_steps=1)
+  tr = start(parse(c, str(tmp_path)), str(tmp_path), quiet=True)
+  step = tr.train_step
+
+  def step_then_sigterm_at_4(state, *args):
+    state, m = step(state, *args)
+    if int(state["step"]) == 4:
+      tr.preemption.stop.set()   # what the SIGTERM handler does
+    return state, m
+
+  tr.train_step = step_then_sigterm_at_4
+  try:
+    tr.fit()
+  finally:
+    tr.close()
+  assert tr.preempted and tr.preempt_saved and int(tr.state["step"]) == 4
+  with open(RunDir(str(tmp_path)).metrics) as f:
+    assert [r["step"] for r in map(json.loads, f) if "train/loss" in r] == [2, 4]
+
+
 @pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
 def test_step_with_nonfinite_updated_params_is_not_applied(tiny):
   """Loss and gradient finite, but the update makes the params non-finite (what lr=inf does): the

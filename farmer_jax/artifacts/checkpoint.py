@@ -228,8 +228,8 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state=None, shardings=None, say=print):
     """Restores the newest readable checkpoint. Returns (state, meta, step) or None if there is
-    none. ``abstract_state`` + ``shardings``: restored onto that mesh; None: as saved (host arrays
-    where the saving devices are gone).
+    none. ``abstract_state`` + ``shardings``: restored onto that mesh; None: as saved, or onto this
+    process's first device where the saving topology (devices, processes) is not this one.
 
     An unreadable (truncated/corrupt) newer checkpoint is reported through ``say`` and skipped in
     favour of the previous one (and moved aside unless read-only). If none can be read, raises
@@ -242,7 +242,11 @@ class Checkpointer:
     if abstract_state is not None:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract_state, shardings)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    # without a target, a checkpoint saved by another topology (a pod's run read on one host)
+    # restores onto this process's first device
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target, fallback_sharding=fallback),
+                              meta=ocp.args.JsonRestore())
     errors, bad = [], []
     for step in reversed(steps):
       try:

@@ -14,6 +14,7 @@ import posixpath
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from farmer_jax import sharding
@@ -43,7 +44,7 @@ def load_params(workdir=None, model_dir=None, say=print):
     mcfg, params, config, meta = load_model(model_dir)
     source = {"model": storage.absolute(model_dir), "step": meta.get("step"),
               "params": meta.get("params"), "dtype": meta.get("dtype")}
-  params = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), params)
+  params = jax.tree.map(_host_array, params)
   want = jax.tree.structure(abstract_params(mcfg))
   if jax.tree.structure(params) != want:
     where = workdir if workdir is not None else model_dir
@@ -51,6 +52,15 @@ def load_params(workdir=None, model_dir=None, say=print):
                     "run holds only the student). Fix: evaluate the teacher's training run or an "
                     "export (farmer_jax export)")
   return config, mcfg, params, source
+
+
+def _host_array(a):
+  """A param as a float32 numpy array on this host. A run's checkpoint restores as it was saved:
+  with several processes its arrays span other processes' devices, which only a gather of all
+  processes (every one calls it, in the same order) brings to each host."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    a = multihost_utils.process_allgather(a, tiled=True)
+  return np.asarray(jax.device_get(a), np.float32)
 
 
 def params_on_mesh(config, mcfg, params, say=print):

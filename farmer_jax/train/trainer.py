@@ -267,14 +267,15 @@ class Trainer:
           rows.add(m)
           self._trace_after(s)
           progress.update()
-          if self._preempted(s):
-            break
-          if t.ckpt_every and (s + 1) % t.ckpt_every == 0 and s + 1 < end:
-            self.save_checkpoint()
+          # the row of a preemption step is logged too: the resumed run logs only later steps
           if (s + 1) % t.log_every == 0 or s + 1 == end:
             self.check_finite()
             history.append(rows.log(s + 1, writer))
             progress.logged(history[-1])
+          if self._preempted(s):
+            break
+          if t.ckpt_every and (s + 1) % t.ckpt_every == 0 and s + 1 < end:
+            self.save_checkpoint()
           if self.task.eval_every and (s + 1) % self.task.eval_every == 0 and s + 1 < t.steps:
             self.task.evaluate(self, writer, s + 1)
       self._trace_after(int(self.state["step"]) - 1, force=True)
