@@ -59,10 +59,16 @@ def component_log_prob(g: GMM, x):
   return jnp.sum(-0.5 * u * u - jnp.log(g.scale) - 0.5 * _LOG_2PI, axis=-1)
 
 
-def log_prob(g: GMM, x):
-  """Mixture log-density in nats: x (..., D) -> (...)."""
-  return jax.scipy.special.logsumexp(
-      jax.nn.log_softmax(g.logits, -1) + component_log_prob(g, x), axis=-1)
+def log_prob(g: GMM, x, block=None):
+  """Mixture log-density in nats: x (..., D) -> (...). ``block``: the components are evaluated
+  ``block`` at a time (``lax.map``), so that the (..., K, D) terms are never held at once (many
+  components of many dims, e.g. the redundant token's resampling weights); the same values."""
+  if block is None:
+    comp = component_log_prob(g, x)
+  else:
+    one = lambda ls: component_log_prob(GMM(None, ls[0][None], ls[1][None]), x)[..., 0]
+    comp = jnp.moveaxis(jax.lax.map(one, (g.loc, g.scale), batch_size=block), 0, -1)
+  return jax.scipy.special.logsumexp(jax.nn.log_softmax(g.logits, -1) + comp, axis=-1)
 
 
 def with_temperature(g: GMM, t_pi: float = 1.0, t_sigma: float = 1.0) -> GMM:

@@ -53,11 +53,11 @@ def candidates(key, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u:
   return jnp.concatenate(parts, 0)
 
 
-def log_weights(z, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int):
+def log_weights(z, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int, s_u: int, block=None):
   """Tempered resampling log-weights T_s * m * r for candidates z (..., S, D) -> (..., S) (m = w or
-  w + 1)."""
-  r = (gmm.log_prob(gmm.with_temperature(g_c, p.t_pi_v, p.t_sigma_v), z)
-       - gmm.log_prob(gmm.with_temperature(g_u, p.t_pi_v, p.t_sigma_v), z))
+  w + 1); ``block``: see ``gmm.log_prob``."""
+  r = (gmm.log_prob(gmm.with_temperature(g_c, p.t_pi_v, p.t_sigma_v), z, block)
+       - gmm.log_prob(gmm.with_temperature(g_u, p.t_pi_v, p.t_sigma_v), z, block))
   mult = jnp.concatenate(
       [jnp.full((s_c,), p.w, jnp.float32),
        jnp.full((s_u,), p.w + 1.0, jnp.float32)])
@@ -76,24 +76,29 @@ def resample(keys,
              p: ResamplingCFG,
              s_c=None,
              s_u=None,
-             chunk: int = 64):
+             chunk: int = 64,
+             block=None):
   """R independent resampling-CFG draws from one pair of mixtures, each over its OWN fresh candidate
   set.
 
   keys (R,) -> (z (R, D), ess (R,)). ``s_c``/``s_u`` override the per-draw candidate counts (the
-  redundant token uses its own). The log-weights of the R x S candidates are evaluated ``chunk``
-  draws at a time (``lax.map``), so memory stays bounded for the redundant token (R = N draws,
-  K_R x d_R densities) while the op stays vectorised. The pick of draw r is
+  redundant token uses its own). The draws are made ``chunk`` at a time (``lax.map``: candidates,
+  log-weights and pick), and with ``block`` the mixtures' components are scored ``block`` at a time
+  (``gmm.log_prob``), so memory stays bounded for the redundant token (R = N draws of S candidates
+  against K_R x d_R densities) while the op stays vectorised. The pick of draw r is
   ``argmax(logw_r + gumbel(k_pick_r, (S,)))`` (Gumbel-max, i.e. a categorical draw).
   """
   s_c = p.s_c if s_c is None else int(s_c)
   s_u = p.s_u if s_u is None else int(s_u)
-  z = jax.vmap(lambda k: candidates(k, g_c, g_u, p, s_c, s_u))(keys)                   # (R, S, D)
-  logw = jax.lax.map(lambda zz: log_weights(zz, g_c, g_u, p, s_c, s_u), z,
-                     batch_size=min(chunk, z.shape[0]))                                   # (R, S)
-  k_pick = jax.vmap(lambda k: jax.random.split(k, 3)[2])(keys)
-  idx = jnp.argmax(logw + jax.vmap(lambda k: jax.random.gumbel(k, (s_c + s_u,)))(k_pick), axis=-1)
-  return jnp.take_along_axis(z, idx[:, None, None], 1)[:, 0], effective_sample_size(logw)
+
+  def draw(key):
+    z = candidates(key, g_c, g_u, p, s_c, s_u)                                          # (S, D)
+    logw = log_weights(z, g_c, g_u, p, s_c, s_u, block)                                  # (S,)
+    k_pick = jax.random.split(key, 3)[2]
+    idx = jnp.argmax(logw + jax.random.gumbel(k_pick, (s_c + s_u,)))
+    return z[idx], effective_sample_size(logw)
+
+  return jax.lax.map(draw, keys, batch_size=min(chunk, keys.shape[0]))
 
 
 def naive_cfg_draw(rng,
