@@ -35,12 +35,14 @@ usage() {
 usage: $PROG ACTION [--config.x=y ...]     (arguments after ACTION go to farmer_jax train)
 
 actions ("\$" = creates or keeps paying for a TPU slice):
-  up          \$ check, create, install, train: the first launch (alias: all)
+  up          \$ check, create, install, smoke, train: the first launch (alias: all); a failed
+                smoke stops it before training, the slice left up
   check         farmer_jax check locally for the slice's devices/processes (no cloud call)
   create      \$ request the slice as a queued resource and wait until it is ACTIVE
   install       ship the local commit (git archive HEAD) to every worker and install it
   train         start training in the background on every worker (alias: run)
-  smoke         print the devices seen on every worker, then 50 quickstart steps on the slice
+  smoke         on every worker: the devices it sees and a few records of the data it reads;
+                then 50 quickstart steps on the slice
   exec CMD ARGS run farmer_jax CMD (eval, fid or sample) with ARGS in the foreground on every
                 worker, at the run's commit (installed where a worker lacks it); gs://
                 --model/--inception/--ref are copied to each worker's disk first; results go
@@ -70,6 +72,7 @@ settings (environment):
   CACHE                    XLA compilation cache, default gs://BUCKET/xla_cache
   QR_ID                    queued resource name, default TPU-qr;  SERVICE_ACCOUNT (optional)
   SKIP_CHECK=1             skip the local farmer_jax check;  ALLOW_DIRTY=1: ship HEAD anyway
+  SKIP_SMOKE=1             up, supervise: no smoke before training
   FORCE_COMMIT=1           ship HEAD to a run recorded (WORKDIR/launch/commit) with another commit
   SUPERVISE_POLL_S, MAX_RESTARTS, MAX_FAILS, SUPERVISE_KEEP   supervise: 300, 20, 5, 0
   STOP_WAIT_S              resume: seconds a stopping run gets before SIGKILL (default 300)
@@ -284,6 +287,31 @@ ssh_to() {
     --worker="$worker" --command="$remote"
 }
 
+# ssh_to all REMOTE, after which each worker prints its own exit status (gcloud's, with
+# --worker=all, is not relied on). Returns 0 when all PROCESSES workers exited 0; else 1, with
+# WORKERS_FAILED saying which did not, e.g. "3 of 4 workers exited 0 (tpu1-w-1 rc=3)".
+# DRY_RUN=1: prints it, returns 0.
+on_all_workers() {
+  local outf rc=0 ok=0 failed="" line
+  local exits=()
+  outf=$(mktemp)
+  ssh_to all "$1; rc=\$?; echo \"farmer_jax-exit \$(hostname) rc=\$rc\"; exit \$rc" |
+    tee "$outf" || rc=$?
+  mapfile -t exits < <(grep -o 'farmer_jax-exit [^ ]* rc=[0-9]*' "$outf" || true)
+  rm -f "$outf"
+  [[ $DRY_RUN != 1 ]] || return 0
+  for line in "${exits[@]}"; do
+    line=${line#farmer_jax-exit }
+    if [[ $line == *" rc=0" ]]; then ok=$((ok + 1)); else failed+="${failed:+, }$line"; fi
+  done
+  ((ok != PROCESSES)) || return 0
+  if ((${#exits[@]} < PROCESSES)); then
+    failed+="${failed:+; }$((PROCESSES - ${#exits[@]})) did not answer, ssh exit status $rc"
+  fi
+  WORKERS_FAILED="$ok of $PROCESSES workers exited 0 ($failed)"
+  return 1
+}
+
 # describe qr|tpu ASSUMED: sets STATE to the state of the queued resource / the TPU, or to
 # NOT_FOUND when gcloud says it does not exist. Any other failure (network, auth, quota, an empty
 # answer) is retried, QUERY_TRIES (5) attempts POLL_S apart; then describe returns 1 with the error
@@ -440,27 +468,52 @@ finished() {
   run_cmd -q gcloud storage ls "$WORKDIR/summary.json" >/dev/null 2>&1
 }
 
-smoke() {
-  local dir batch probe
-  dir=$WORKDIR/smoke-$(date -u +%Y%m%d-%H%M%S)
-  batch=$(((32 + DEVICES - 1) / DEVICES * DEVICES))  # quickstart's 32, a multiple of DEVICES
-  local args=(--config=configs/quickstart.py --workdir="$dir" --config.train.steps=50
+# The smoke run: SMOKE_DIR (its workdir, WORKDIR/smoke-TIMESTAMP) and SMOKE_ARGS (quickstart,
+# 50 steps, a batch that fits this slice's devices, then $@), checked here (check_local) before
+# the slice runs anything.
+smoke_plan() {
+  local batch=$(((32 + DEVICES - 1) / DEVICES * DEVICES))  # quickstart's 32, a multiple of DEVICES
+  SMOKE_DIR=$WORKDIR/smoke-$(date -u +%Y%m%d-%H%M%S)
+  SMOKE_ARGS=(--config=configs/quickstart.py --workdir="$SMOKE_DIR" --config.train.steps=50
     --config.train.log_every=10 --config.train.batch_size="$batch" --config.mesh="$SMOKE_MESH"
     "$@")
-  check_local "${args[@]}"
+  check_local "${SMOKE_ARGS[@]}"
+}
+
+# On the slice (after smoke_plan): the devices every worker sees, a few records of each split of
+# the run's data as every worker reads it (e.g. from the bucket), then the smoke run. The first
+# step that fails on a worker stops here with one line: the slice stays up (and billed).
+smoke() {
+  local probe
   probe="import jax; jax.distributed.initialize(); d, p = jax.device_count(), jax.process_count()"
   probe+="; print('process', jax.process_index(), 'of', p, '-', d, 'devices',"
   probe+=" jax.devices()[0].device_kind)"
   probe+="; assert (d, p) == ($DEVICES, $PROCESSES), 'expected $DEVICES devices, $PROCESSES"
   probe+=" processes for $TYPE'"
-  ssh_to all "cd ~/farmer_jax && $(shell_join .venv/bin/python -c "$probe")"
-  # the run's data, as every worker reads it (e.g. from the bucket): a few records of each split
-  ssh_to all "cd ~/farmer_jax && $(shell_join .venv/bin/farmer_jax check --config="$CONFIG" \
+  on_all_workers "cd ~/farmer_jax && $(shell_join .venv/bin/python -c "$probe")" ||
+    smoke_failed "the device check"
+  on_all_workers "cd ~/farmer_jax && $(shell_join .venv/bin/farmer_jax check --config="$CONFIG" \
     --workdir="$WORKDIR" --config.mesh="$MESH" --devices="$DEVICES" --processes="$PROCESSES" \
-    --read_records="$SMOKE_RECORDS")"
-  ssh_to all "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg smoke "$dir/logs" \
-    .venv/bin/farmer_jax train "${args[@]:0:2}" --distributed=auto "${args[@]:2}")"
-  echo "smoke run done: $dir (summary.json, logs/)"
+    --read_records="$SMOKE_RECORDS")" || smoke_failed "reading $SMOKE_RECORDS records of the data"
+  on_all_workers "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg smoke \
+    "$SMOKE_DIR/logs" .venv/bin/farmer_jax train "${SMOKE_ARGS[@]:0:2}" --distributed=auto \
+    "${SMOKE_ARGS[@]:2}")" ||
+    smoke_failed "the 50 quickstart steps, logs in $SMOKE_DIR/logs/"
+  echo "smoke run done: $SMOKE_DIR (summary.json, logs/)"
+}
+
+# $1: the smoke step that failed. Says what runs and is billed, and how to go on; exit status 1.
+smoke_failed() {
+  local started="" next="'$PROG smoke' again"
+  case $action in
+    up | all) started="; training was not started"
+      next="'$PROG train' with the same settings and arguments ('$PROG smoke' checks again)" ;;
+    supervise) started="; training was not started"
+      next="'$PROG supervise' again (it keeps the ACTIVE slice)" ;;
+  esac
+  echo "$PROG: smoke failed on $TPU at $1: $WORKERS_FAILED, output above$started. The slice" \
+    "stays up and is billed: fix the cause, then $next; or '$PROG delete' to stop paying" >&2
+  exit 1
 }
 
 # The name of what runs on the workers: train (default), smoke (stop only) or an exec command.
@@ -543,8 +596,7 @@ exec_args() {
 # lack it; inputs staged first, outputs copied from worker 0 after. Fails unless every worker's
 # command exits 0.
 exec_on_slice() {
-  local task=${1:-} want line running=0 lacking=0 remote c out outf rc=0 ok=0 failed i logdir
-  local exits=()
+  local task=${1:-} want line running=0 lacking=0 remote c out ok=0 i logdir
   if [[ $# -gt 0 ]]; then shift; fi
   if [[ $task == export ]]; then
     die "exec export: export runs on one machine and writes a local directory. Fix: run" \
@@ -601,27 +653,12 @@ exec_on_slice() {
         "it, then the same command"
   fi
 
-  remote="cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg "$task" "$logdir" \
-    .venv/bin/farmer_jax "$task" --distributed=auto --compilation_cache_dir="$CACHE" \
-    "${EXEC_ARGS[@]}"); rc=\$?; echo \"farmer_jax-exit \$(hostname) rc=\$rc\"; exit \$rc"
-  outf=$(mktemp)
-  ssh_to all "$remote" | tee "$outf" || rc=$?
-  mapfile -t exits < <(grep -o 'farmer_jax-exit [^ ]* rc=[0-9]*' "$outf" || true)
-  rm -f "$outf"
-  if [[ $DRY_RUN != 1 ]]; then
-    ok=0 failed=""
-    for line in "${exits[@]}"; do
-      line=${line#farmer_jax-exit }
-      if [[ $line == *" rc=0" ]]; then ok=$((ok + 1)); else failed+="${failed:+, }$line"; fi
-    done
-    if ((ok != PROCESSES)); then
-      if ((${#exits[@]} < PROCESSES)); then
-        failed+="${failed:+; }$((PROCESSES - ${#exits[@]})) did not answer, ssh exit status $rc"
-      fi
-      echo "$PROG: exec $task failed on the slice: $ok of $PROCESSES workers exited 0 ($failed);" \
-        "each worker's log: $logdir/worker-I.log ($PROG logs $task, WORKER=I)" >&2
-      exit 1
-    fi
+  if ! on_all_workers "cd ~/farmer_jax && $(shell_join bash launch/tpu_worker.sh fg "$task" \
+    "$logdir" .venv/bin/farmer_jax "$task" --distributed=auto --compilation_cache_dir="$CACHE" \
+    "${EXEC_ARGS[@]}")"; then
+    echo "$PROG: exec $task failed on the slice: $WORKERS_FAILED; each worker's log:" \
+      "$logdir/worker-I.log ($PROG logs $task, WORKER=I)" >&2
+    exit 1
   fi
 
   if ((${#COPIES[@]} > 0)); then           # process 0 wrote them on worker 0
@@ -798,6 +835,16 @@ resume_slice() {
   train start "$@"
 }
 
+# up's and supervise's first launch (after preflight): create, install, smoke (checked locally
+# before create; SKIP_SMOKE=1: none), then training with $@.
+first_launch() {
+  if [[ ${SKIP_SMOKE:-0} != 1 ]]; then smoke_plan; fi
+  create
+  install
+  if [[ ${SKIP_SMOKE:-0} != 1 ]]; then smoke; else echo "SKIP_SMOKE=1: no smoke run"; fi
+  train start "$@"
+}
+
 # One step of `supervise`, run as a process of its own (a refusal or a failed command ends the
 # step, not the supervisor). Exit status: 0 training runs on every worker, 3 training was
 # (re)started, 4 the run has finished and the slice is deleted; anything else: the step failed.
@@ -826,12 +873,7 @@ supervise() {
   local rc restarts=0 fails=0 max_restarts=${MAX_RESTARTS:-20} max_fails=${MAX_FAILS:-5} why
   preflight ship "$@"
   export SHIP_SHA                              # every step ships this commit, wherever HEAD goes
-  if [[ -z $RUN_SHA ]] && ! finished; then     # a first launch
-    create
-    install
-    smoke
-    train start "$@"
-  fi
+  if [[ -z $RUN_SHA ]] && ! finished; then first_launch "$@"; fi
   while :; do
     pause "${SUPERVISE_POLL_S:-300}"
     echo "$(date -u +%H:%M:%SZ) supervise: checking $QR_ID and $WORKDIR"
@@ -868,11 +910,7 @@ supervise() {
 action=${1:-}
 if [[ $# -gt 0 ]]; then shift; fi
 case $action in
-  up | all)
-    preflight ship "$@"
-    create
-    install
-    train start "$@" ;;
+  up | all) preflight ship "$@"; first_launch "$@" ;;
   check) parse_type; parse_workdir; need CONFIG
     check_local --config="$CONFIG" --workdir="$WORKDIR" --config.mesh="$MESH" "$@" ;;
   create) preflight no "$@"; create ;;
@@ -880,7 +918,7 @@ case $action in
     if [[ -n ${WORKDIR:-} ]]; then parse_workdir; check_run_commit; fi
     install ;;
   train | run) need_zone; parse_workdir; need CONFIG; need_gcloud; train start "$@" ;;
-  smoke) parse_type; parse_workdir; need PROJECT TPU CONFIG; need_gcloud; smoke "$@" ;;
+  smoke) parse_type; parse_workdir; need PROJECT TPU CONFIG; need_gcloud; smoke_plan "$@"; smoke ;;
   logs) logs "$@" ;;
   exec) exec_on_slice "$@" ;;
   status) need_zone; status ;;

@@ -24,6 +24,7 @@ SBATCH = LAUNCH / "slurm_multinode.sbatch"
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 JAX_VERSION = re.search(r"^jax==(\S+)$", (LAUNCH / "constraints.txt").read_text(), re.M)[1]
 FSDP_MESH = "(('data', 1), ('fsdp', -1))"
+CONFIG = "configs/imagenet256.py:1.1B/16"
 
 
 def _path_without_farmer_jax():
@@ -60,7 +61,7 @@ def run(script, *args, env=None, bin_dir=None, cwd=ROOT):
 
 def tpu_env(**kw):
   env = {"DRY_RUN": "1", "SKIP_CHECK": "1", "ALLOW_DIRTY": "1", "PROJECT": "proj", "TPU": "tpu1",
-         "WORKDIR": "gs://bkt/runs/r1", "CONFIG": "configs/imagenet256.py:1.1B/16"}
+         "WORKDIR": "gs://bkt/runs/r1", "CONFIG": CONFIG}
   env.update(kw)
   return {k: v for k, v in env.items() if v is not None}
 
@@ -78,6 +79,15 @@ def flag(cmd, name):
 def remote_words(ssh_cmd):
   """The words of the remote shell command of a `gcloud compute tpus tpu-vm ssh` line."""
   return shlex.split(flag(ssh_cmd, "--command"))
+
+
+def _exec_line(ssh):
+  """The command line of a `tpu-vm ssh` whose workers report their exit status (exec, smoke),
+  split into words (the exit marker after it left out)."""
+  remote = flag(ssh, "--command")
+  line, marker = remote.split("; rc=$?; ", 1)
+  assert marker == 'echo "farmer_jax-exit $(hostname) rc=$rc"; exit $rc'
+  return shlex.split(line)
 
 
 def fake_farmer_jax(tmp_path, fail=False):
@@ -136,8 +146,13 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
   assert tarball in scp and "tpu1:/tmp/" in scp and flag(scp, "--worker") == "all"
   assert flag(scp, "--zone") == zone
 
-  install, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
-  for ssh in install, train:
+  install, *smoke_ssh, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  # smoke between install and train: the devices, the run's data read, the quickstart steps
+  smoke = [_exec_line(c) for c in smoke_ssh]
+  assert smoke[0][3:5] == [".venv/bin/python", "-c"]
+  assert smoke[1][3:5] == [".venv/bin/farmer_jax", "check"] and "--read_records=16" in smoke[1]
+  assert smoke[2][3:7] == ["bash", "launch/tpu_worker.sh", "fg", "smoke"]
+  for ssh in find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh"):
     assert ssh[5] == "tpu1" and flag(ssh, "--worker") == "all" and flag(ssh, "--zone") == zone
   script = flag(install, "--command")
   for shell in ("bash", "sh"):          # the worker's login shell parses it
@@ -161,8 +176,20 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
   # the run's commit: read before shipping (none: a first launch), recorded before the first start
   (read,) = find(cmds, "gcloud", "storage", "cat", "gs://bkt/runs/r1/launch/commit")
   (record,) = find(cmds, "gcloud", "storage", "cp", "-", "gs://bkt/runs/r1/launch/commit")
-  order = [cmds.index(c) for c in (read, create, scp, record, train)]
+  order = [cmds.index(c) for c in (read, create, scp, install, *smoke_ssh, record, train)]
   assert order == sorted(order)
+
+
+@pytest.mark.parametrize("action", ["up", "supervise"])
+def test_tpu_skip_smoke_leaves_it_out(action):
+  rc, out, err, cmds = run(TPU_VM, action, "--config.x=1",
+                           env=tpu_env(TYPE="v4-32", SKIP_SMOKE="1"))
+  assert rc == 0 and "SKIP_SMOKE=1" in out, err
+  install, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[:2]
+  assert "tpu_worker.sh install" in flag(install, "--command")
+  assert remote_words(train)[7:9] == ["start", "train"]
+  assert "smoke" not in "".join(flag(c, "--command") for c in find(cmds, "gcloud", "compute",
+                                                                   "tpus", "tpu-vm", "ssh"))
 
 
 def test_tpu_overrides_mesh_cache_version_zone():
@@ -220,8 +247,13 @@ def test_tpu_check_runs_locally_for_the_slice(tmp_path, tpu_type, devices, proce
                                                                      SKIP_CHECK=None),
                            bin_dir=bin_dir)
   assert rc == 0, err
-  assert cmds[0][:2] == ["farmer_jax", "check"]      # before any cloud command
-  (line,) = log.read_text().splitlines()
+  # the run's config (before any cloud command), then smoke's quickstart run (before any paid one)
+  checks = [i for i, c in enumerate(cmds) if c[:2] == ["farmer_jax", "check"]]
+  paid = [i for i, c in enumerate(cmds) if c[:2] == ["gcloud", "compute"]]
+  assert checks[0] == 0 and len(checks) == 2 and checks[1] < paid[0]
+  assert cmds[checks[1]][2] == "--config=configs/quickstart.py"
+  line, smoke = log.read_text().splitlines()
+  assert smoke.endswith(f"--devices={devices} --processes={processes}")
   assert line.startswith("check --config=configs/imagenet256.py:1.1B/16 "
                          "--workdir=gs://bkt/runs/r1 ")
   assert f"--config.mesh={FSDP_MESH} --config.x=1 " in line
@@ -374,8 +406,10 @@ case "$*" in
       i=$((i + 1))
     done ;;
   *"tpu-vm ssh"*farmer_jax-exit*)             # the exit status of gcloud itself stays 0
-    i=0
-    for rc in ${FAKE_EXEC_RC:-$(workers | sed 's/[^ ][^ ]*/0/g')}; do
+    i=0 rcs=${FAKE_EXEC_RC:-$(workers | sed 's/[^ ][^ ]*/0/g')}
+    rcs=${rcs:-0}
+    if [[ -n $FAKE_FAIL && $* == *"$FAKE_FAIL"* ]]; then rcs=${rcs/0/1}; fi
+    for rc in $rcs; do
       echo "step 1 of the command on tpu1-w-$i"
       echo "farmer_jax-exit tpu1-w-$i rc=$rc"
       i=$((i + 1))
@@ -412,8 +446,9 @@ def fake_gcloud(tmp_path, qr_state=None):
   the probe, e.g. "running:ok stopped:missing:SHA" (train, venv, commit); a start sets the file's
   workers running (FAKE_CRASH=1: not); FAKE_RESET_FAILS=1: `queued-resources reset` fails.
   exec: FAKE_STAGE_FAILS=I: worker I's staging fails; FAKE_EXEC_RC: the workers' exit statuses
-  (default: one 0 per worker). Every ssh's remote command is appended to tmp_path/commands,
-  NUL-terminated. tmp_path/events: lines
+  in a command that reports them (exec, smoke; default: one 0 per worker, one worker without
+  FAKE_WORKERS); FAKE_FAIL=TEXT: in such a command containing TEXT the first 0 becomes 1. Every
+  ssh's remote command is appended to tmp_path/commands, NUL-terminated. tmp_path/events: lines
   "N qr=STATE", "N workers=...", "N finish" (summary.json appears), applied at the N-th check of
   summary.json (one per supervise step)."""
   bin_dir = tmp_path / "bin"
@@ -445,6 +480,41 @@ def _ssh_kinds(calls):
   return kinds
 
 
+@pytest.mark.parametrize("action", ["up", "supervise"])
+@pytest.mark.parametrize("fails, step, kinds", [
+    ("bin/python", "the device check", ["python"]),
+    ("--read_records", "reading 16 records of the data", ["python", "check"]),
+    ("fg smoke", "the 50 quickstart steps, logs in gs://bkt/runs/r1/smoke-", ["python", "check",
+                                                                            "fg"]),
+])
+def test_tpu_failed_smoke_stops_before_training(tmp_path, action, fails, step, kinds):
+  """A smoke step that fails on a worker (gcloud itself exits 0) stops up/supervise before the
+  training starts, with one line: what failed, that the slice is up and billed, how to go on;
+  the slice is kept and no run commit recorded, so `train` (up) or the same command starts it."""
+  bin_dir, calls = fake_gcloud(tmp_path)
+  env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0", SUPERVISE_POLL_S="0", FAKE_FAIL=fails)
+  rc, out, err, _ = run(TPU_VM, action, env=env, bin_dir=bin_dir)
+  assert rc == 1, err
+  (line,) = [ln for ln in err.splitlines() if "smoke failed" in ln]
+  assert line.startswith(f"launch/tpu_vm.sh: smoke failed on tpu1 at {step}")
+  assert "0 of 1 workers exited 0 (tpu1-w-0 rc=1)" in line
+  assert "training was not started" in line and "stays up and is billed" in line
+  assert f"'launch/tpu_vm.sh {'train' if action == 'up' else action}'" in line
+  assert "'launch/tpu_vm.sh delete'" in line
+  assert _ssh_kinds(calls) == ["unpack", *kinds]
+  assert _qr_changes(calls) == ["create"]
+  assert not (tmp_path / "gcs/bkt/runs/r1/launch/commit").exists()
+  calls.unlink()
+  if action == "up":                                   # fixed: train starts it, no new slice
+    rc, out, err, _ = run(TPU_VM, "train", env={**env, "FAKE_FAIL": ""}, bin_dir=bin_dir)
+    assert rc == 0 and _ssh_kinds(calls) == ["start"], err
+  else:                                                # supervise again: keeps the slice
+    (tmp_path / "events").write_text("3 finish\n")  # its first poll step (the 3rd check)
+    rc, out, err, _ = run(TPU_VM, action, env={**env, "FAKE_FAIL": ""}, bin_dir=bin_dir)
+    assert rc == 0 and _ssh_kinds(calls) == ["unpack", "python", "check", "fg", "start"], err
+    assert _qr_changes(calls) == ["delete"]
+
+
 def test_tpu_up_and_resume_for_real_with_a_fake_gcloud(tmp_path):
   bin_dir, calls = fake_gcloud(tmp_path)
   env = tpu_env(TYPE="v4-8", DRY_RUN=None, POLL_S="0")
@@ -453,9 +523,11 @@ def test_tpu_up_and_resume_for_real_with_a_fake_gcloud(tmp_path):
   assert _verbs(calls) == [
       "storage cat gs://bkt/runs/r1/launch/commit", "compute tpus queued-resources describe",
       "compute tpus queued-resources create", "compute tpus queued-resources describe",
-      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
+      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh",
+      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh",
       "storage cp - gs://bkt/runs/r1/launch/commit", "compute tpus tpu-vm ssh"]
-  assert _ssh_kinds(calls) == ["unpack", "start"]
+  assert _ssh_kinds(calls) == ["unpack", "python", "check", "fg", "start"]
+  assert "smoke run done" in out
   tarball = find(cmds, "git")[0][-2]
   assert not os.path.exists(tarball)                   # made, copied, removed
   sha = find(cmds, "git")[0][-1]
@@ -593,16 +665,16 @@ def test_tpu_smoke(tpu_type, batch, devices, processes):
   assert rc == 0, err
   probe, data, smoke = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
   assert flag(data, "--worker") == "all"
-  assert remote_words(data)[3:] == [
+  assert _exec_line(data)[3:] == [
       ".venv/bin/farmer_jax", "check", "--config=configs/imagenet256.py:1.1B/16",
       "--workdir=gs://bkt/runs/r1", f"--config.mesh={FSDP_MESH}", f"--devices={devices}",
       f"--processes={processes}", "--read_records=16"]
-  probe = remote_words(probe)
+  probe = _exec_line(probe)
   assert probe[3:5] == [".venv/bin/python", "-c"]
   assert "jax.device_count()" in probe[5] and "jax.process_count()" in probe[5]
   assert "device_kind" in probe[5] and f"== ({devices}, {processes})" in probe[5]
   compile(probe[5], "probe", "exec")
-  words = remote_words(smoke)
+  words = _exec_line(smoke)
   assert words[5:7] == ["fg", "smoke"]
   assert re.fullmatch(r"gs://bkt/runs/r1/smoke-\d{8}-\d{6}/logs", words[7])
   assert words[8:] == [
@@ -1134,15 +1206,6 @@ def test_tpu_worker_refuses_to_start_another_commit(tmp_path):
 HEAD_SHA = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
 STAMPED = r"-\d{8}-\d{6}\.json"
-
-
-def _exec_line(ssh):
-  """The farmer_jax command line of exec's `tpu-vm ssh`, split into words (the exit marker after
-  it left out)."""
-  remote = flag(ssh, "--command")
-  line, marker = remote.split("; rc=$?; ", 1)
-  assert marker == 'echo "farmer_jax-exit $(hostname) rc=$rc"; exit $rc'
-  return shlex.split(line)
 
 
 @pytest.mark.parametrize("task", ["fid", "eval", "sample"])
