@@ -298,8 +298,8 @@ FLAGS_OF = {
     "prepare": "folder data_dir name image_size val_fraction val_folder channels encoding quality "
                "workers overwrite",
     "check": "devices processes compile topology num_slices programs distill mfu price out "
-             "read_records config workdir config_change_ok distributed coordinator_address num_processes "
-             "process_id compilation_cache_dir",
+             "read_records config workdir config_change_ok distributed coordinator_address "
+             "num_processes process_id compilation_cache_dir",
     "convert": "from to ckpt ckpt_key model out config pixels noise_std channels overwrite",
 }
 

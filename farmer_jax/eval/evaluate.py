@@ -90,8 +90,8 @@ def evaluate_split(config, mcfg, params, data, split, samples, batch_size, seed=
                    progress=True, say=print):
   """Bits/dim of host ``params`` over every example of ``split`` of ``data`` (``samples``
   dequantization draws each), sharded with the run ``config``'s mesh and rules
-  (``params_on_mesh``) at about ``batch_size`` globally. Returns (the result of ``evaluate_batches``, the global batch);
-  refuses (FloatingPointError) a non-finite bits/dim."""
+  (``params_on_mesh``) at about ``batch_size`` globally. Returns (the result of
+  ``evaluate_batches``, the global batch); refuses (FloatingPointError) a non-finite bits/dim."""
   from farmer_jax.data import pipeline
   mesh, rules, dev_params = params_on_mesh(config, mcfg, params, say)
   gb = sharding.padded_batch_size(batch_size, mesh, rules)

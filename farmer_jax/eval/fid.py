@@ -233,8 +233,9 @@ def sample_features(mcfg, params, sampler, num, net, seed=0, batch=64, dump=None
   the others).
 
   ``batch_sharding`` (a mesh's batch sharding, see ``make_sample_fn`` with ``gather_weights``;
-  ``batch`` then a multiple of its data-parallel slots and of the processes): each process draws its share of every batch and
-  computes its share's features on its own devices; the features, not the images, are gathered.
+  ``batch`` then a multiple of its data-parallel slots and of the processes): each process draws
+  its share of every batch and computes its share's features on its own devices; the features,
+  not the images, are gathered.
 
   With ``dump`` (a local directory of process 0) every batch's features are written there as it
   is done (``chunk_<start>.npz``, atomically) under a manifest holding ``signature``; a later call

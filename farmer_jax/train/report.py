@@ -40,8 +40,8 @@ def sample_grid(tr, path):
 
   The `farmer_jax sample` engine (``generate`` + ``write_outputs``) on the training mesh: batches
   of ``grid_batch_size`` samples split over the mesh's data-parallel slots, each process drawing
-  its share (every process gets the images, process 0 writes them). Non-finite samples raise (UserError from
-  ``generate``) before anything is written.
+  its share (every process gets the images, process 0 writes them). Non-finite samples raise
+  (UserError from ``generate``) before anything is written.
   """
   s = tr.run.sample
   classes = parse_classes("all", tr.mcfg.num_classes)
