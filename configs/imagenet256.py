@@ -22,7 +22,9 @@ preset  | AR layers x width | AF blocks x layers x width | patch | N    | d   | 
 1.9B/8  | 24 x 1024         | 32 x 6 x 768               | 8     | 1024 | 192 | 128 | 64  | 200 | 64
 
 Paper recipe: AdamW (0.9, 0.95), wd 0.03, lr 1e-4 -> 1e-6 cosine with 5000 warmup steps, 320 epochs,
-Gaussian dequantization sigma 0.1 -> 0.005 (cosine). Not stated by the paper and chosen here: batch
+Gaussian dequantization sigma 0.1 -> 0.005 (cosine; the paper does not state the units: here they
+are model units, the [-1, 1] scale of x, so 0.005 is 0.64 of 256 levels; docs/math.md). Not stated
+by the paper and chosen here: batch
 256 (override with batch=), head dim 64, MLP ratio 4, label drop 0.1, bf16 compute with fp32 params,
 remat on. The patch-8 split d_I = 128 of d = 192 follows the issue's instruction to keep Table 1's
 d_I (the paper does not give it). Expected results (paper Table 2, FID-50k with resampling CFG):
@@ -105,9 +107,9 @@ def get_config(arg=None):
   if a.distill:   # `farmer_jax distill` (Algorithm 2): the paper's 60 extra epochs on the AF only
     c.train.update(steps=60 * IMAGENET_TRAIN_IMAGES // a.batch, warmup_steps=1000, ema_decay=0.0)
   c.eval = configlib.base_eval(batch_size=256, split="validation")
-  # Each redundant token z^R_i is its own resampling draw over fresh candidates; the paper only says
-  # the pool is larger than s_c/s_u, so 16 per group (32 per token) is our choice. See
-  # docs/sampling.md (ESS).
+  # Each redundant token z^R_i is its own resampling draw over fresh candidates, 16 per group (32
+  # per token). Algorithm 1 as written draws ONE larger pool (its size not given) and picks every
+  # redundant token's index from it; see docs/sampling.md (Redundant token, ESS).
   c.sample = configlib.base_sample(
       per_class=4,
       seed=0,

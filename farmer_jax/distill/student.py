@@ -25,7 +25,7 @@ from farmer_jax.flow.autoregressive_flow import AFBlock, FlowShape, block_flips
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.model import flow_label, make_flow
 
-MAX_NOISE = 0.3     # s ~ U[0, 0.3] (paper Table 7)
+MAX_NOISE = 0.3     # s ~ U[0, 0.3] (paper Algorithm 2)
 
 
 class StudentBlock(AFBlock):

@@ -14,7 +14,8 @@ Temperature convention (docs/sampling.md, one rule for every temperature):
 Resampling CFG (paper Algorithm 1), per draw: s_c candidates from p_c and s_u from p_u, both under
 the proposal temperatures (T_pi, T_sigma); every candidate is scored with r = log p_c - log p_u
 under the evaluation temperatures (T_pi_v, T_sigma_v); conditional candidates get log-weight w r,
-unconditional ones (w + 1) r; one candidate is drawn from softmax(T_s * log-weights). As s_c,
+unconditional ones (w + 1) r (Algorithm 1's two weights; Appendix A.2 writes w r for every
+candidate); one candidate is drawn from softmax(T_s * log-weights). As s_c,
 s_u -> infinity the drawn value has density
 
     f(z)  proportional to  s_c q_c(z) exp(T_s w r(z)) + s_u q_u(z) exp(T_s (w + 1) r(z)),
