@@ -2,6 +2,8 @@
 integration on a grid), whole-token decode == a plain-loop numpy reference, per-sample determinism
 independent of the batch, and sampled latents re-encode through the AF."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from scipy import stats
 from scipy.special import logsumexp, log_softmax
 
 from conftest import init_farmer, variant
+from farmer_jax.config.rules import SettingError
 from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
 from farmer_jax.errors import UserError
 from farmer_jax.model import Farmer, decode_latents, null_labels
@@ -401,3 +404,24 @@ def test_bad_sampler_settings_raise():
                        (dict(t_s=float("inf")), "t_s=inf")]:
     with pytest.raises(UserError, match=pattern):
       SamplerConfig.from_config(dict(guidance="resampling", **bad))
+
+
+def test_a_bf16_model_decodes_in_decode_dtype(tiny):
+  """``decode_dtype``: the AF inverse of a bf16-compute model runs in float32 by default (the
+  images of the same latents decoded by the fp32 model), in bfloat16 when asked (the bf16 model's
+  own inverse, which differs); an unknown dtype is refused."""
+  cfg, _, params = tiny
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  y = jnp.array([0, 2])
+  keys = sample_keys(0, 0, 2)
+  s = SamplerConfig()
+  assert s.decode_dtype == "float32"
+  images = lambda c, ss: jax.jit(lambda p, k: sample_images(c, p, k, y, ss))(params, keys)
+  z = jax.jit(lambda p, k: sample_latents(bf16, p, k, y, s))(params, keys)
+  in_fp32 = decode_latents(cfg, params, z, y)[0]
+  in_bf16 = decode_latents(bf16, params, z, y)[0]
+  assert float(jnp.abs(in_bf16.astype(jnp.float32) - in_fp32).max()) > 0
+  np.testing.assert_array_equal(images(bf16, s), in_fp32)
+  np.testing.assert_array_equal(images(bf16, s._replace(decode_dtype="bfloat16")), in_bf16)
+  with pytest.raises(SettingError, match="decode_dtype='float16' is unknown"):
+    SamplerConfig.from_config({"decode_dtype": "float16"})

@@ -484,6 +484,9 @@ class SamplerConfig(NamedTuple):
   inverse: str = "exact"
   jacobi_tol: float = 1e-4
   jacobi_max_iters: int = 0
+  # what the exact and Jacobi AF inverses compute in, whatever model.dtype (DTYPE_NAMES): in bf16
+  # the rounding compounds over the blocks into visible pixel errors (docs/math.md, "bf16")
+  decode_dtype: str = "float32"
   # TARFlow's guided reverse, in the exact AF inverse (docs/sampling.md; the guidance of a
   # standard_normal-prior model): strength (0 = off), what it extrapolates (AF_GUIDE_WHAT), the
   # weak branch's attention temperature, and a guidance ramping up over the tokens (annealed)
@@ -593,6 +596,8 @@ def _finite_at_least(lo, text, lo_open=False):
 SAMPLER_RULES = {
     "guidance": rules.Rule(lambda v: v in GUIDANCE_MODES,
                            f"guidance={{v!r}} is unknown; use one of {GUIDANCE_MODES}"),
+    "decode_dtype": rules.Rule(lambda v: v in DTYPE_NAMES,
+                               f"decode_dtype={{v!r}} is unknown; use one of {DTYPE_NAMES}"),
     "cfg": rules.Rule(lambda v: v >= 0 and math.isfinite(v),
                       "cfg={v} must be a finite number >= 0 (0 = no guidance strength)"),
     **{t: rules.Rule(lambda v: v > 0 and math.isfinite(v),

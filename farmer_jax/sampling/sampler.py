@@ -15,6 +15,8 @@ Randomness is per sample: sample b uses ``keys[b]`` only (folded with the token 
 depends on its own key, not on the batch it was drawn in.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -153,7 +155,8 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
 def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
                   return_stats=False, student_params=None, latent_var=None):
   """Images (B, H, W, c) in model space [, stats of ``sample_latents``]. The AF inverse is
-  ``s.inverse``, guided when ``s.af_guidance`` > 0 (TARFlow's guided reverse)."""
+  ``s.inverse``, guided when ``s.af_guidance`` > 0 (TARFlow's guided reverse), computing in
+  ``s.decode_dtype`` (exact and Jacobi)."""
   z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True, latent_var=latent_var)
   if s.inverse == "student":
     if student_params is None:
@@ -162,12 +165,21 @@ def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerC
     from farmer_jax.distill.student import student_decode
     x = denoise(cfg, params, student_decode(cfg, student_params, z, y), y, s.denoise_sigma)
     return (x, stats) if return_stats else x
-  x, iters = decode_latents(cfg, params, z, y, s.inverse, s.jacobi_tol, s.jacobi_max_iters,
-                            s.af_guide)
+  x, iters = decode_latents(decode_config(cfg, s.decode_dtype), params, z, y, s.inverse,
+                            s.jacobi_tol, s.jacobi_max_iters, s.af_guide)
   if iters is not None:   # per block, shared by the batch: one row per sample
     stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
   x = denoise(cfg, params, x, y, s.denoise_sigma)
   return (x, stats) if return_stats else x
+
+
+def decode_config(cfg: ModelConfig, dtype: str):
+  """The model config the AF inverse runs with: ``cfg`` computing in ``dtype`` (the params are
+  fp32 either way; cuDNN's fused attention takes bf16 only, so in fp32 XLA's attention)."""
+  if cfg.dtype == dtype:
+    return cfg
+  attention = "xla" if dtype == "float32" and cfg.attention == "cudnn" else cfg.attention
+  return dataclasses.replace(cfg, dtype=dtype, attention=attention)
 
 
 def denoise(cfg: ModelConfig, params, x, y, sigma):
