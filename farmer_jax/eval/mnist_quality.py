@@ -19,8 +19,12 @@ def settings(sampler):
   return out
 
 
+# samples drawn per call (a run rounds it up to its mesh's data-parallel slots)
+QUALITY_BATCH = 500
+
+
 def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=False,
-                batch_sharding=None, batch=500):
+                batch_sharding=None, batch=QUALITY_BATCH):
   """{'classifier_test_accuracy', 'samples_per_class', '<setting>': {'mnist_fid',
   'class_consistency', 'class_consistency_per_class', 'inception_score' (of the classifier's
   logits), 'precision', 'recall'}} for each of ``settings(sampler)``, on process 0 (None on the
@@ -51,7 +55,7 @@ def score_run(tr, e, say=print):
     out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
                       say=say, progress=tr.bars,
                       batch_sharding=tr.batch_sh,
-                      batch=sharding.padded_batch_size(500, tr.mesh, tr.run.sharding_rules))
+                      batch=sharding.padded_batch_size(QUALITY_BATCH, tr.mesh, tr.run.sharding_rules))
   return out
 
 

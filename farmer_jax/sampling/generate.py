@@ -91,7 +91,7 @@ def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None, gather_w
   FSDP shards sums in another order) with no per-token collectives in the decode loop, at the cost
   of a full copy of the weights per device; else they stay sharded as given. The returned
   ``SampleFn`` also names the model's pixel mapping (``draw_batch`` reads it)."""
-  jit_kw = {}
+  jit_kw, rep = {}, None
   if isinstance(batch_sharding, NamedSharding):
     rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
     jit_kw = {"out_shardings": (batch_sharding, rep, rep)}
@@ -99,7 +99,7 @@ def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None, gather_w
     jit_kw = {"out_shardings": batch_sharding}
 
   def sample(params, key_data, labels, student_params):
-    if gather_weights and isinstance(batch_sharding, NamedSharding):
+    if gather_weights and rep is not None:
       params, student_params = jax.lax.with_sharding_constraint((params, student_params), rep)
     x, stats = sample_images(mcfg, params, jax.random.wrap_key_data(key_data), labels, sampler,
                              return_stats=True, student_params=student_params,
