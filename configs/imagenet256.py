@@ -107,14 +107,17 @@ def get_config(arg=None):
   if a.distill:   # `farmer_jax distill` (Algorithm 2): the paper's 60 extra epochs on the AF only
     c.train.update(steps=60 * IMAGENET_TRAIN_IMAGES // a.batch, warmup_steps=1000, ema_decay=0.0)
   c.eval = configlib.base_eval(batch_size=256, split="validation")
-  # Each redundant token z^R_i is its own resampling draw over fresh candidates, 16 per group (32
-  # per token). Algorithm 1 as written draws ONE larger pool (its size not given) and picks every
-  # redundant token's index from it; see docs/sampling.md (Redundant token, ESS).
+  # The redundant tokens as Algorithm 1 writes them: ONE candidate pool per image ("s, s' larger in
+  # here", the size not given), every z^R_i picked from it. Our size: as many candidates per group
+  # as the image has tokens (N = 256 at patch 16, 1024 at patch 8), so flat weights could give
+  # every token its own candidate. redundant_pool=per_token draws a fresh pool per token instead;
+  # docs/sampling.md (Redundant token) has both measured.
   c.sample = configlib.base_sample(
       per_class=4,
       seed=0,
       guidance="resampling",
-      redundant_candidates=16,
+      redundant_pool="shared",
+      redundant_candidates=(256 // int(patch)) ** 2,
       redundant_var_scale=1.0,
       **SAMPLING[a.model])
   configlib.base_mesh(c)

@@ -300,10 +300,10 @@ def test_fid_random_inception(chain, exported):
 
 
 def test_preset_sampler_fits_in_memory():
-  """The preset's own sampler (16 + 16 redundant candidates per token) at the rehearsal's model
-  must keep its temporaries within 0.5 GB per sample, so that the grid's 8 samples fit a 4 GB
-  host here (and a chip's sample batch fits its HBM on a pod: K_R and d_R are the full model's).
-  Compiled, not run."""
+  """The preset's own sampler (Algorithm 1's shared redundant pool of 256 + 256 candidates per
+  image), and its per-token pools (16 + 16 per token), at the rehearsal's model must keep their
+  temporaries within 0.5 GB per sample, so that the grid's 8 samples fit a 4 GB host here (and a
+  chip's sample batch fits its HBM on a pod: K_R and d_R are the full model's). Compiled, not run."""
   import jax
   import jax.numpy as jnp
 
@@ -315,11 +315,14 @@ def test_preset_sampler_fits_in_memory():
   c = configlib.load(f"imagenet256:{PRESET}")
   c.data.num_classes = len(SYNSETS)
   c.model.update(**TINY_MODEL)
-  mcfg, sampler = parse_model(c), SamplerConfig.from_config(c.sample)
-  assert sampler.redundant_candidates == 16 and sampler.guidance == "resampling"
+  mcfg, preset = parse_model(c), SamplerConfig.from_config(c.sample)
+  assert (preset.guidance, preset.redundant_pool, preset.redundant_candidates) == (
+      "resampling", "shared", mcfg.num_tokens)
   samples = 2
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), samples))
-  compiled = jax.jit(lambda p, k, y: sample_latents(mcfg, p, k, y, sampler)).lower(
-      abstract_params(mcfg), keys, jax.ShapeDtypeStruct((samples,), jnp.int32)).compile()
-  per_sample = compiled.memory_analysis().temp_size_in_bytes / samples
-  assert per_sample <= 0.5e9, f"{per_sample / 1e9:.2f} GB of temporaries per sample"
+  for sampler in (preset, preset._replace(redundant_pool="per_token", redundant_candidates=16)):
+    compiled = jax.jit(lambda p, k, y, s=sampler: sample_latents(mcfg, p, k, y, s)).lower(
+        abstract_params(mcfg), keys, jax.ShapeDtypeStruct((samples,), jnp.int32)).compile()
+    per_sample = compiled.memory_analysis().temp_size_in_bytes / samples
+    assert per_sample <= 0.5e9, (f"{sampler.redundant_pool}: {per_sample / 1e9:.2f} GB of "
+                                 "temporaries per sample")

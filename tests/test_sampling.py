@@ -17,7 +17,7 @@ from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
 from farmer_jax.errors import UserError
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
-from farmer_jax.sampling.guidance import naive_cfg_draw, resample
+from farmer_jax.sampling.guidance import candidates, naive_cfg_draw, resample
 from farmer_jax.sampling.sampler import (draw_informative, draw_redundant, sample_images,
                                          sample_keys, sample_latents)
 
@@ -162,18 +162,24 @@ def test_informative_resampling_matches_numerical_integration_1d():
   assert np.all((np.asarray(ess) >= 1) & (np.asarray(ess) <= 384))
 
 
-def test_redundant_resampling_with_var_scale_matches_numerical_integration_2d():
-  """The redundant path (draw_redundant: redundant_var_scale, then per-token resampling over fresh
-  candidates) on 2-D mixtures draws from the SIR limit of the variance-scaled mixtures
-  (std * sqrt(0.5))."""
-  b, n, vs = 4, 5000, 0.5
-  gc, gu = _mix(*_GC2), _mix(*_GU2)
-  g = jax.tree.map(lambda a, c: jnp.concatenate([jnp.broadcast_to(a, (b,) + a.shape),
-                                                 jnp.broadcast_to(c, (b,) + c.shape)]), gc, gu)
-  s = SamplerConfig(
-      guidance="resampling", cfg=_P2, redundant_candidates=128, redundant_var_scale=vs)
-  keys = jax.random.split(jax.random.key(1), b * n).reshape(b, n)
-  z, _ = jax.jit(lambda k, g: draw_redundant(k, g, s))(keys, g)
+def _both(gc, gu, b):
+  """Mixtures gc, gu as the sampler batches them for b samples: [cond; uncond] (2b,)."""
+  return jax.tree.map(lambda a, c: jnp.concatenate([jnp.broadcast_to(a, (b,) + a.shape),
+                                                    jnp.broadcast_to(c, (b,) + c.shape)]), gc, gu)
+
+
+@pytest.mark.parametrize("pool,b,n", [("per_token", 4, 5000), ("shared", 5000, 4)])
+def test_redundant_resampling_with_var_scale_matches_numerical_integration_2d(pool, b, n):
+  """The redundant path (draw_redundant: redundant_var_scale, then resampling) on 2-D mixtures draws
+  from the SIR limit of the variance-scaled mixtures (std * sqrt(0.5)): per-token pools, and one
+  shared pool per sample (Algorithm 1; every pick from a pool has that pool's SIR law, so 5000
+  samples x 4 tokens see 5000 pools)."""
+  vs = 0.5
+  g = _both(_mix(*_GC2), _mix(*_GU2), b)
+  s = SamplerConfig(guidance="resampling", cfg=_P2, redundant_pool=pool,
+                    redundant_candidates=128, redundant_var_scale=vs)
+  keys = jax.random.split(jax.random.key(1), b)
+  z, _ = jax.jit(lambda k, g: draw_redundant(k, n, g, s))(keys, g)
   scaled = lambda m: (m[0], m[1], np.sqrt(vs) * np.asarray(m[2]))
   axes = [np.linspace(-5, 5, 401)] * 2
   mean, cov = _sir_limit_moments(scaled(_GC2), scaled(_GU2), _P2, 128, 128, axes)
@@ -192,26 +198,53 @@ def _guided_640(delta, s_u_std, b):
                  jnp.concatenate([jnp.ones((b, 1, d)), jnp.full((b, 1, d), s_u_std)]))
 
 
-def _token_keys(b, n, seed=0):
-  return jax.vmap(lambda j: jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed + j), i))(
-      jnp.arange(n)))(jnp.arange(b))
+def _sample_keys(b, seed=0):
+  return jax.vmap(lambda j: jax.random.key(seed + j))(jnp.arange(b))
 
 
-def test_redundant_tokens_are_distinct_under_table6_cfg():
+_TABLE6 = ResamplingCFG(w=2.5, s_c=5, s_u=5, t_pi=1.0, t_sigma=0.9, t_pi_v=0.2, t_sigma_v=0.9,
+                        t_s=1.1)
+
+
+def test_per_token_redundant_pools_give_distinct_tokens_under_table6_cfg():
   """Paper preset (d_R = 640, Table 6 temperatures, w = 2.5), conditional and unconditional means
-  0.1 sigma apart per dimension: the old single shared pool gave 2-17 distinct z^R among an image's
-  256 tokens; with a fresh candidate set per token all 256 are distinct, and the weights' ESS is
-  reported."""
-  p = ResamplingCFG(w=2.5, s_c=5, s_u=5, t_pi=1.0, t_sigma=0.9, t_pi_v=0.2, t_sigma_v=0.9, t_s=1.1)
-  s = SamplerConfig(guidance="resampling", cfg=p, redundant_candidates=16)
+  0.1 sigma apart per dimension: with a fresh candidate set per token all 256 of an image's z^R are
+  distinct, and the weights' ESS is reported."""
+  s = SamplerConfig(guidance="resampling", cfg=_TABLE6, redundant_pool="per_token",
+                    redundant_candidates=16)
   b, n = 2, 256
-  z, ess = jax.jit(lambda k, g: draw_redundant(k, g, s))(_token_keys(b, n),
-                                                         _guided_640(np.full(640, 0.1), 1.0, b))
+  z, st = jax.jit(lambda k, g: draw_redundant(k, n, g, s))(_sample_keys(b),
+                                                           _guided_640(np.full(640, 0.1), 1.0, b))
   z = np.asarray(z)
-  assert z.shape == (b, n, 640)
+  assert z.shape == (b, n, 640) and set(st) == {"ess_redundant"}
   for i in range(b):
     assert len({row.tobytes() for row in z[i]}) == n
-  assert np.all((np.asarray(ess) >= 1) & (np.asarray(ess) <= 32))
+  assert np.all((np.asarray(st["ess_redundant"]) >= 1) & (np.asarray(st["ess_redundant"]) <= 32))
+
+
+def test_shared_redundant_pool_is_algorithm1():
+  """redundant_pool='shared' (Algorithm 1's else-branch): every z^R_i of a sample is a candidate of
+  ONE pool, the pool ``candidates`` draws with the sample's key (cond first, then uncond);
+  ``redundant_distinct`` counts the distinct candidates picked and ``ess_redundant`` is the pool's
+  ESS, recomputed here from the pool. With the Table 6 setting on the 640-d case the weights are
+  peaked, so far fewer than 256 distinct tokens are picked from the 512 candidates."""
+  m, b, n = 256, 2, 256
+  s = SamplerConfig(guidance="resampling", cfg=_TABLE6, redundant_pool="shared",
+                    redundant_candidates=m)
+  g = _guided_640(np.full(640, 0.1), 1.0, b)
+  keys = _sample_keys(b, seed=3)
+  z, st = jax.jit(lambda k, g: draw_redundant(k, n, g, s))(keys, g)
+  z = np.asarray(z)
+  from farmer_jax.sampling.guidance import effective_sample_size, log_weights
+  for i in range(b):
+    gc, gu = [jax.tree.map(lambda a, j=j: a[j], g) for j in (i, b + i)]
+    pool = candidates(keys[i], gc, gu, _TABLE6, m, m)
+    rows = {r.tobytes(): j for j, r in enumerate(np.asarray(pool))}
+    picked = [rows.get(r.tobytes()) for r in z[i]]
+    assert None not in picked
+    assert int(st["redundant_distinct"][i]) == len(set(picked)) < n
+    ess = effective_sample_size(log_weights(pool, gc, gu, _TABLE6, m, m))
+    np.testing.assert_allclose(float(st["ess_redundant"][i]), float(ess), rtol=1e-5)
 
 
 @pytest.mark.slow  # moved out of the default suite to keep it <= 10 min on 2 cores
@@ -226,9 +259,11 @@ def test_redundant_tokens_match_closed_form_guided_gaussian_640d():
   variance has SE 0.0012 and SIR bias ~0.006: |v_hat - v| < 0.012."""
   w, su, b, n, d = 2.5, 1.01, 8, 256, 640
   delta = np.where(np.arange(d) % 3 == 0, 0.02, -0.02)
-  s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=w), redundant_candidates=64)
-  z, ess = jax.jit(lambda k, g: draw_redundant(k, g, s))(_token_keys(b, n, seed=10),
-                                                         _guided_640(delta, su, b))
+  s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=w), redundant_pool="per_token",
+                    redundant_candidates=64)
+  z, st = jax.jit(lambda k, g: draw_redundant(k, n, g, s))(_sample_keys(b, seed=10),
+                                                           _guided_640(delta, su, b))
+  ess = st["ess_redundant"]
   z = np.asarray(z).reshape(-1, d)
   lam = (1 + w) - w / su ** 2
   m, v = (1 + w) * delta / lam, 1 / lam
@@ -330,6 +365,7 @@ def test_doubled_batch_decode_equals_slow_reference(tiny):
   cfg, _, params = tiny
   s = SamplerConfig(
       guidance="resampling",
+      redundant_pool="per_token",
       redundant_candidates=3,
       redundant_var_scale=0.7,
       cfg=ResamplingCFG(
@@ -401,6 +437,7 @@ def test_bad_sampler_settings_raise():
   for bad, pattern in [(dict(cfg=float("nan")), "cfg=nan"), (dict(cfg=float("inf")), "cfg=inf"),
                        (dict(s_c=2.5), "s_c=2.5 must be an integer"),
                        (dict(redundant_candidates=0), "redundant_candidates=0"),
+                       (dict(redundant_pool="global"), "redundant_pool='global' is unknown"),
                        (dict(t_s=float("inf")), "t_s=inf")]:
     with pytest.raises(UserError, match=pattern):
       SamplerConfig.from_config(dict(guidance="resampling", **bad))

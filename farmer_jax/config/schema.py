@@ -22,6 +22,9 @@ DTYPE_NAMES = ("float32", "bfloat16")
 NOISE_KINDS = ("gaussian", "uniform")
 AR_ORDERS = ("alternate", "same")
 GUIDANCE_MODES = ("none", "resampling", "naive")
+# sample.redundant_pool: the redundant tokens' resampling-CFG candidates, ONE pool per image every
+# z^R_i picks from (paper Algorithm 1) | a fresh pool per z^R_i (docs/sampling.md)
+REDUNDANT_POOLS = ("shared", "per_token")
 INVERSES = ("exact", "jacobi", "student")
 RESIZE_MODES = ("none", "center_crop")
 # model.prior: 'ar' = FARMER's AR transformer with GMM heads; 'standard_normal' = N(0, I) over the
@@ -474,7 +477,10 @@ class SamplerConfig(NamedTuple):
   guidance: str = "none"                 # GUIDANCE_MODES
   # w and temperatures; the proposal temperatures are also used by 'none' and 'naive'
   cfg: ResamplingCFG = ResamplingCFG()
-  # resampling CFG: candidates per group (cond, uncond) for EACH z^R_i
+  # resampling CFG of the redundant tokens (REDUNDANT_POOLS): 'shared' = Algorithm 1, one pool of
+  # redundant_candidates per group (cond, uncond) per image, every z^R_i picked from it;
+  # 'per_token' = redundant_candidates per group for EACH z^R_i
+  redundant_pool: str = "shared"
   redundant_candidates: int = 16
   redundant_var_scale: float = 1.0       # paper Fig. 7: multiplies the redundant group's variances
   naive_proposals: int = 1000
@@ -512,8 +518,9 @@ class SamplerConfig(NamedTuple):
     return self.cfg.s_c + self.cfg.s_u
 
   @property
-  def redundant_pool(self):
-    """Candidates per redundant resampling draw: redundant_candidates per group (cond, uncond)."""
+  def redundant_pool_size(self):
+    """Candidates per redundant pool (one per image, or per token: ``redundant_pool``):
+    redundant_candidates per group (cond, uncond)."""
     return 2 * self.redundant_candidates
 
   def check(self):
@@ -603,9 +610,11 @@ SAMPLER_RULES = {
     **{t: rules.Rule(lambda v: v > 0 and math.isfinite(v),
                      f"temperature {t}={{v}} must be a finite number > 0")
        for t in ("t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s")},
+    "redundant_pool": rules.Rule(lambda v: v in REDUNDANT_POOLS,
+                                 f"redundant_pool={{v!r}} is unknown; use one of {REDUNDANT_POOLS}"),
     "redundant_candidates": rules.Rule(
         lambda v: is_int(v) and v >= 1, "redundant_candidates={v} must be an integer >= 1 "
-        "(candidates per group for each redundant token)"),
+        "(candidates per group in each redundant pool)"),
     "redundant_var_scale": rules.Rule(lambda v: v >= 0 and math.isfinite(v),
                                       "redundant_var_scale={v} must be a finite number >= 0"),
     "naive_proposals": rules.Rule(lambda v: is_int(v) and v >= 1,

@@ -3,6 +3,8 @@ class consistency of samples at cfg 0 and at the run's own guidance, scored by t
 eval/mnist_classifier.py through the same code path as `farmer_jax fid --features=mnist`
 (eval/fid.py)."""
 
+from typing import NamedTuple
+
 from farmer_jax import sharding
 from farmer_jax.eval import fid
 
@@ -23,26 +25,40 @@ def settings(sampler):
 QUALITY_BATCH = 500
 
 
-def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=False,
-                batch_sharding=None, batch=QUALITY_BATCH):
-  """{'classifier_test_accuracy', 'samples_per_class', '<setting>': {'mnist_fid',
-  'class_consistency', 'class_consistency_per_class', 'inception_score' (of the classifier's
-  logits), 'precision', 'recall'}} for each of ``settings(sampler)``, on process 0 (None on the
-  others). ``batch_sharding``, ``batch``: see ``fid.sample_features``."""
+class Judge(NamedTuple):
+  """What scores MNIST samples: the digit CNN as a feature net, its classifier, and the reference
+  (the MNIST-5k test split's features)."""
+  net: object
+  clf: object
+  ref: object
+
+
+def make_judge(say=None):
+  """The ``Judge``: trains the digit CNN (seconds) and computes the test split's features."""
   net, clf = fid.mnist_net(seed=0, say=say)
   from farmer_jax.data.mnist import load_mnist5k
   images, _ = load_mnist5k("test")
-  ref = fid.reference_from_images(net, images, "mnist5k test (500 images)")
-  out = {"classifier_test_accuracy": float(clf.test_accuracy), "samples_per_class": per_class}
-  for name, s in settings(sampler):
-    feats = fid.sample_features(mcfg, params, s, per_class * mcfg.num_classes, net, seed=seed,
+  return Judge(net, clf, fid.reference_from_images(net, images, "mnist5k test (500 images)"))
+
+
+def score_model(mcfg, params, sampler, per_class, seed=0, say=None, progress=False,
+                batch_sharding=None, batch=QUALITY_BATCH, named=None, judge=None):
+  """{'classifier_test_accuracy', 'samples_per_class', '<setting>': {'mnist_fid',
+  'class_consistency', 'class_consistency_per_class', 'inception_score' (of the classifier's
+  logits), 'precision', 'recall'}} for each of ``settings(sampler)`` (or of ``named``, [(name,
+  SamplerConfig)]), on process 0 (None on the others). ``batch_sharding``, ``batch``: see
+  ``fid.sample_features``; ``judge``: a ``make_judge()`` to reuse."""
+  j = judge or make_judge(say)
+  out = {"classifier_test_accuracy": float(j.clf.test_accuracy), "samples_per_class": per_class}
+  for name, s in named or settings(sampler):
+    feats = fid.sample_features(mcfg, params, s, per_class * mcfg.num_classes, j.net, seed=seed,
                                 batch=batch, progress=progress, say=say or (lambda _: None),
                                 batch_sharding=batch_sharding)
     if feats is None:
       return None
-    r = fid.score(feats["pool"], feats["logits"], ref)
+    r = fid.score(feats["pool"], feats["logits"], j.ref)
     r["mnist_fid"] = r.pop("fid")
-    r.update(fid.class_consistency(clf, feats))
+    r.update(fid.class_consistency(j.clf, feats))
     out[name] = r
   return out
 

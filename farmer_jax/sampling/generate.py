@@ -248,10 +248,14 @@ def describe_stats(stats, sampler):
   iterations per block (empty if there are none)."""
   parts, lines = [], []
   for key, name, pool in (("ess_informative", "informative", sampler.informative_pool),
-                          ("ess_redundant", "redundant", sampler.redundant_pool)):
+                          ("ess_redundant", "redundant", sampler.redundant_pool_size)):
     if key in stats:
       v = stats[key]
       parts.append(f"{name} mean {v.mean():.2f} (min {v.min():.2f}) of {pool} candidates")
+  if "redundant_distinct" in stats:
+    v = stats["redundant_distinct"]
+    parts.append(f"distinct redundant tokens per image (one shared pool) mean {v.mean():.1f} "
+                 f"(min {v.min()})")
   if parts:
     lines.append("resampling-CFG effective sample size per draw: " + "; ".join(parts))
   if "jacobi_iters" in stats:

@@ -1,8 +1,8 @@
 """Classifier-free guidance for Gaussian-mixture tokens: FARMER's resampling CFG and JetFormer's
 naive CFG.
 
-Shape letters: R draws (each with its own candidate set), K components, D event dims, S = s_c + s_u
-candidates.
+Shape letters: R draws, K components, D event dims, S = s_c + s_u candidates (per draw, or one pool
+shared by the R draws: ``resample_shared``).
 
 Target (paper Eq. 15): log p'(z) = log p_c(z) + w (log p_c(z) - log p_u(z)) + const.
 
@@ -100,6 +100,21 @@ def resample(keys,
     return z[idx], effective_sample_size(logw)
 
   return jax.lax.map(draw, keys, batch_size=min(chunk, keys.shape[0]))
+
+
+def resample_shared(key, pick_keys, g_c: gmm.GMM, g_u: gmm.GMM, p: ResamplingCFG, s_c: int,
+                    s_u: int, block=None):
+  """Algorithm 1's redundant branch as written: ONE candidate pool (``candidates(key, ...)``, s_c
+  from p_c and s_u from p_u), scored once, and R picks from it, ``idx_r ~ Categorical(softmax(
+  log-weights))`` with replacement, pick r by Gumbel-max with ``pick_keys[r]``.
+
+  pick_keys (R,) -> (z (R, D), ess (): the pool's effective sample size, idx (R,) the picked
+  candidates). ``block``: see ``gmm.log_prob``.
+  """
+  z = candidates(key, g_c, g_u, p, s_c, s_u)                                            # (S, D)
+  logw = log_weights(z, g_c, g_u, p, s_c, s_u, block)                                    # (S,)
+  idx = jax.vmap(lambda k: jnp.argmax(logw + jax.random.gumbel(k, (s_c + s_u,))))(pick_keys)
+  return z[idx], effective_sample_size(logw), idx
 
 
 def naive_cfg_draw(rng,

@@ -24,7 +24,7 @@ from farmer_jax.config.schema import ModelConfig, SamplerConfig
 from farmer_jax.model import Farmer, decode_latents, null_labels
 from farmer_jax.prior import gmm
 from farmer_jax.reduction.split import merge_channels
-from farmer_jax.sampling.guidance import naive_cfg_draw, resample
+from farmer_jax.sampling.guidance import naive_cfg_draw, resample, resample_shared
 
 
 # The redundant token's resampling weights score its K_R components this many at a time: with the
@@ -61,29 +61,52 @@ def draw_informative(keys, g: gmm.GMM, b: int, s: SamplerConfig):
   return jax.vmap(_naive(s))(keys, g_c, g_u), None
 
 
-def draw_redundant(keys, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
-  """The N redundant tokens of each sample, i.i.d. given the shared GMM (the model's factorisation).
+def token_keys(keys, n):
+  """keys (B,) -> (B, n): token i of sample b draws with ``fold_in(keys[b], i)``."""
+  return jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(n)))(keys)
 
-  keys (B, N), one per token; g the shared redundant GMM batched (B,) [none] or (2B,) [cond; uncond]
-  [guided]. ``redundant_var_scale`` first multiplies the variances of both mixtures (std floored at
-  ``floor``). Under resampling CFG every token is drawn over its OWN fresh candidate set
-  (``redundant_candidates`` per group). Returns (z_r (B, N, d_R), ess (B,) mean over tokens, or
-  None).
+
+def draw_redundant(keys, n, g: gmm.GMM, s: SamplerConfig, floor: float = 1e-6):
+  """The n redundant tokens of each sample, i.i.d. given the shared GMM (the model's factorisation).
+
+  keys (B,), one per sample (token i draws with ``fold_in(keys[b], i)``); g the shared redundant
+  GMM batched (B,) [none] or (2B,) [cond; uncond] [guided]. ``redundant_var_scale`` first
+  multiplies the variances of both mixtures (std floored at ``floor``). Under resampling CFG
+  (``redundant_candidates`` per group):
+    * ``redundant_pool='shared'`` (Algorithm 1 as written): ONE pool per sample, drawn with
+      ``keys[b]`` itself, and every token picks its candidate from it (``resample_shared``);
+    * ``'per_token'``: every token is its own draw over its own fresh pool.
+  Returns (z_r (B, n, d_R), stats): {} unguided; under resampling CFG ``ess_redundant`` (B,), the
+  pool's effective sample size (shared) or its mean over the tokens (per_token), and
+  ``redundant_distinct`` (B,), the distinct candidates the n tokens picked (shared only; n per
+  token).
   """
   b = keys.shape[0]
   c = s.cfg
   g = gmm.scale_variance(g, s.redundant_var_scale, floor)
+  tkeys = token_keys(keys, n)                                                    # (B, n)
   if s.guidance == "none":
     gt = gmm.with_temperature(g, c.t_pi, c.t_sigma)
-    return jax.vmap(lambda kk, gl: jax.vmap(lambda k: gmm.sample(k, gl))(kk))(keys, gt), None
+    return jax.vmap(lambda kk, gl: jax.vmap(lambda k: gmm.sample(k, gl))(kk))(tkeys, gt), {}
   g_c, g_u = _split(g, b)
+  m = s.redundant_candidates
+  if s.guidance == "resampling" and s.redundant_pool == "shared":
+    z, ess, idx = jax.vmap(
+        lambda k, kk, gc, gu: resample_shared(k, kk, gc, gu, c, m, m, block=REDUNDANT_BLOCK))(
+            keys, tkeys, g_c, g_u)
+    return z, {"ess_redundant": ess, "redundant_distinct": distinct_count(idx, 2 * m)}
   if s.guidance == "resampling":
-    n = s.redundant_candidates
-    z, ess = jax.vmap(lambda kk, gc, gu: resample(kk, gc, gu, c, n, n, block=REDUNDANT_BLOCK))(
-        keys, g_c, g_u)
-    return z, jnp.mean(ess, axis=-1)
+    z, ess = jax.vmap(lambda kk, gc, gu: resample(kk, gc, gu, c, m, m, block=REDUNDANT_BLOCK))(
+        tkeys, g_c, g_u)
+    return z, {"ess_redundant": jnp.mean(ess, axis=-1)}
   draw = _naive(s)
-  return jax.vmap(lambda kk, gc, gu: jax.vmap(lambda k: draw(k, gc, gu))(kk))(keys, g_c, g_u), None
+  return jax.vmap(lambda kk, gc, gu: jax.vmap(lambda k: draw(k, gc, gu))(kk))(tkeys, g_c, g_u), {}
+
+
+def distinct_count(idx, size):
+  """Distinct values per row of integer indices idx (B, n) in [0, size) -> (B,) int32."""
+  hits = jax.vmap(lambda i: jnp.zeros((size,), jnp.int32).at[i].set(1))(idx)
+  return jnp.sum(hits, axis=-1)
 
 
 def standard_normal_latents(cfg: ModelConfig, keys, s: SamplerConfig, latent_var=None):
@@ -102,10 +125,10 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
   """keys (B,) PRNG keys, y (B,) labels -> z (B, N, d) in AR order [, stats].
 
   Keys: token i (0-based) of sample b draws with ``fold_in(keys[b], i)``; the redundant token i with
-  ``fold_in(fold_in(keys[b], N), i)``. ``stats`` (resampling CFG only; empty otherwise):
-  ``ess_informative`` (B,) = mean over the N informative draws of the weights' effective sample size
-  (out of s_c + s_u), and ``ess_redundant`` (B,) = the same over the N redundant draws (out of
-  2 * redundant_candidates).
+  ``fold_in(fold_in(keys[b], N), i)``, and a shared redundant pool with ``fold_in(keys[b], N)``.
+  ``stats`` (resampling CFG only; empty otherwise): ``ess_informative`` (B,) = mean over the N
+  informative draws of the weights' effective sample size (out of s_c + s_u), and those of
+  ``draw_redundant`` (``ess_redundant`` out of 2 * redundant_candidates).
   """
   s.check()
   s.check_model(cfg)
@@ -137,17 +160,15 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
   if cfg.dimred == "none":
     z = z_i
   else:
-    rkeys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(k, n), i))(
-        jnp.arange(n)))(keys)                                                     # (B, N)
+    rkeys = jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)                    # (B,)
     if cfg.dimred == "jetformer":
       # z^R ~ N(0, I) scaled like any other component: std * t_sigma * sqrt(redundant_var_scale)
       std = s.cfg.t_sigma * jnp.sqrt(jnp.float32(s.redundant_var_scale))
-      z_r = std * jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (cfg.d_r,))))(rkeys)
+      z_r = std * jax.vmap(jax.vmap(lambda k: jax.random.normal(k, (cfg.d_r,))))(
+          token_keys(rkeys, n))
     else:
-      g = run(Farmer.gmm_redundant, h)
-      z_r, ess_r = draw_redundant(rkeys, g, s, cfg.scale_floor)
-      if ess_r is not None:
-        stats["ess_redundant"] = ess_r
+      z_r, r_stats = draw_redundant(rkeys, n, run(Farmer.gmm_redundant, h), s, cfg.scale_floor)
+      stats.update(r_stats)
     z = merge_channels(z_i, z_r)
   return (z, stats) if return_stats else z
 
