@@ -10,8 +10,8 @@ VARIANTS, trained by ``farmer_jax train`` in its own workdir ``OUT/<variant>/see
 summary.json exists is read back, not retrained (so an interrupted benchmark continues where it
 stopped), and a workdir trained with other overrides is refused. Each run is then scored
 (``eval.mnist_quality``'s digit CNN; 100 samples per class) under the sampler settings of
-``settings()``: plain sampling (cfg 0), the quickstart's resampling CFG, and JetFormer's naive CFG
-at the same strength and temperatures (the FARMER run also with each redundant pool); a
+``settings()``: plain sampling (cfg 0) and the quickstart's resampling CFG; the FARMER run also
+with JetFormer's naive CFG at the same strength and temperatures and with each redundant pool. A
 standard_normal prior (TARFlow) has no GMM to guide and is scored with TARFlow's guided inverse
 instead. Scores are cached next to each run (``ablation_scores.json``).
 
@@ -108,15 +108,18 @@ def name_of(mcfg, s):
   return name
 
 
-def settings(mcfg, base):
-  """The sampler settings a run is scored under; ``base`` = the quickstart's own sampler. FARMER's
-  redundant GMM is resampled both ways: one shared pool of N candidates per group (the paper
-  presets' rule, Algorithm 1) and a fresh pool of 16 per group per token."""
+def settings(mcfg, base, guidance_ablation):
+  """The sampler settings a run is scored under; ``base`` = the quickstart's own sampler. With
+  ``guidance_ablation`` (the FARMER run) also JetFormer's naive CFG at the same strength and
+  temperatures, and the redundant GMM resampled both ways: one shared pool of N candidates per group
+  (the paper presets' rule, Algorithm 1) and a fresh pool of 16 per group per token."""
   from farmer_jax.config.schema import ResamplingCFG, SamplerConfig
   out = [SamplerConfig(guidance="none", cfg=ResamplingCFG())]
   if mcfg.prior == "standard_normal":   # TARFlow's guidance: the guided reverse of the AF
     return out + ([SamplerConfig(af_guidance=base.cfg.w)] if mcfg.flow_class_conditional else [])
   out.append(base)
+  if not guidance_ablation:
+    return out
   if mcfg.dimred == "farmer":
     out += [s for s in (base._replace(redundant_pool="shared",
                                       redundant_candidates=mcfg.num_tokens),
@@ -142,7 +145,7 @@ def redundant_stats(mcfg, params, s, per_class, seed):
           "redundant_distinct": float(np.mean(distinct)), "tokens": mcfg.num_tokens}
 
 
-def score(workdir, base, per_class, judge):
+def score(workdir, base, per_class, judge, guidance_ablation):
   """({setting: scores}, {table column: setting}) of one run; the scores are cached in its workdir
   (recomputed when a setting changed)."""
   from farmer_jax.eval.evaluate import load_params
@@ -151,7 +154,7 @@ def score(workdir, base, per_class, judge):
   cache = json.load(open(path)) if os.path.exists(path) else {}
   _, mcfg, params, _ = load_params(workdir=workdir, say=lambda _: None)
   out = {}
-  for s in settings(mcfg, base):
+  for s in settings(mcfg, base, guidance_ablation):
     name = name_of(mcfg, s)
     sig = {"sampler": s._asdict() | {"cfg": s.cfg._asdict()}, "per_class": per_class}
     if cache.get(name, {}).get("signature") != sig:
@@ -166,7 +169,7 @@ def score(workdir, base, per_class, judge):
     out[name] = cache[name]
   # the main table's columns: plain, the quickstart's own resampling CFG (TARFlow: its guided
   # inverse), naive CFG
-  guided = name_of(mcfg, settings(mcfg, base)[1]) if len(out) > 1 else None
+  guided = name_of(mcfg, settings(mcfg, base, False)[1]) if len(out) > 1 else None
   columns = {"cfg0": "cfg0", "resampling": guided, "naive": f"naive_cfg{base.cfg.w:g}"}
   return out, columns
 
@@ -245,7 +248,7 @@ def main():
     summary = train(workdir, config, overrides(name, seed, a.quick),
                     os.path.join(a.out, f"{name}.seed{seed}.log"))
     judge = judge or make_judge()
-    scores, columns = score(workdir, base, per_class, judge)
+    scores, columns = score(workdir, base, per_class, judge, guidance_ablation=name == "farmer")
     results.setdefault(name, []).append(
         {"seed": seed, "columns": columns, "test_bpd": summary["test_bpd"],
          "test_bpd_uncond": summary.get("test_bpd_uncond"),

@@ -38,8 +38,9 @@ def test_ablation_quick_produces_the_table(tmp_path):
     assert np.isfinite(rec["test_bpd"]) and rec["train_seconds"] > 0
     scores = rec["scores"]
     assert "cfg0" in scores and all(np.isfinite(v["mnist_fid"]) for v in scores.values())
-    if name != "tarflow":     # the AR prior's guidance, both ways
-      assert {"naive_cfg3", rec["columns"]["resampling"]} <= set(scores), scores.keys()
+    if name != "tarflow":     # the AR prior's resampling CFG (TARFlow: quick's AF is unconditional)
+      assert rec["columns"]["resampling"] in scores, scores.keys()
+  assert "naive_cfg3" in res["farmer"][0]["scores"]                # resampling vs naive CFG
   pools = {k: v for k, v in res["farmer"][0]["scores"].items() if "redundant_distinct" in v}
   assert set(pools) == {"resampling_cfg3_per_token16", "resampling_cfg3_shared64"}, pools
   # per-token pools: every z^R of an image is its own draw; one shared pool of 64 + 64: at most 64

@@ -503,7 +503,8 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   assert sorted(SAMPLER_KEYS) == sorted(flat)
   assert SamplerConfig.from_config({}) == SamplerConfig()
   s = SamplerConfig.from_config(configlib.load("imagenet256:1.9B/8").sample)
-  assert (s.cfg.w, s.informative_pool, s.redundant_pool_size) == (1.5, 10, 32)
+  assert (s.cfg.w, s.informative_pool, s.redundant_pool, s.redundant_pool_size) == (
+      1.5, 10, "shared", 2 * 1024)   # patch 8: N = 1024 candidates per group
   assert configlib.module("imagenet256").SAMPLING["1.9B/8"]["cfg"] == 1.5
   assert configlib.load("quickstart").train.steps == 3000
   # distillation presets: the paper's 60 epochs on ImageNet; the quickstart's short run
