@@ -17,9 +17,12 @@ import numpy as np
 
 from farmer_jax import conventions
 from farmer_jax.artifacts import runs, storage
+from farmer_jax.artifacts.export import load_model
 from farmer_jax.config.rules import SettingError, is_int, is_real
 from farmer_jax.config.schema import INVERSES, SAMPLE_BATCH, SAMPLER_KEYS, sampler_overrides
 from farmer_jax.errors import UserError
+from farmer_jax.eval.evaluate import load_params
+from farmer_jax.eval.likelihood import evaluate_bpd, per_image_nats
 from farmer_jax.model import Farmer
 from farmer_jax.sampling import generate
 from farmer_jax.sampling.sampler import invert
@@ -30,11 +33,10 @@ _STUDENT_FIX = (". Fix: load an export that carries its student (`farmer_jax exp
 
 
 def load(path, verbose=False):
-  """The model at ``path``: an export (`farmer_jax export` / `convert`; local, or ``gs://``
-  where the export reader supports it) or a training run's workdir (its newest readable
-  checkpoint, EMA params if kept). ``verbose``: print what is loaded and where it runs."""
-  from farmer_jax.artifacts.export import load_model
-  from farmer_jax.eval.evaluate import load_params
+  """The model at ``path``: an export directory (`farmer_jax export` / `convert`, read by
+  ``export.load_model``) or a training run's workdir, local or a bucket (its newest readable
+  checkpoint, EMA params if kept, read by ``evaluate.load_params`` as `farmer_jax eval` reads it).
+  ``verbose``: print what is loaded and where it computes."""
   say = print if verbose else (lambda _: None)
   path = str(path)
   if storage.exists(storage.join(path, runs.EXPORT_META)):
@@ -180,7 +182,6 @@ class Model:
     return -(nats - conventions.log_bin_width(self.model_config.pixels)) * d
 
   def _nats_per_dim(self, images, labels, seed, samples, batch):
-    from farmer_jax.eval.likelihood import evaluate_bpd, per_image_nats
     images = self._images(images, floats=False)
     labels = self._labels(labels, len(images))
     _check_int("seed", seed, None, "e.g. seed=0")
