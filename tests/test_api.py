@@ -1,7 +1,8 @@
-"""The Python API (farmer_jax/api.py): README's snippet runs; ``Model.sample`` draws what `farmer_jax
-sample` draws and ``Model.bits_per_dim`` is what `farmer_jax eval` computes (one code path each);
-encode/decode invert each other; a converted TARFlow VP model samples with its latent variance;
-bad arguments are refused with the value and the fix; ``import farmer_jax`` stays light."""
+"""The Python API (farmer_jax/api.py): README's snippet runs; ``Model.sample`` draws what
+`farmer_jax sample` draws and ``Model.bits_per_dim`` is what `farmer_jax eval` computes (one code
+path each); encode/decode invert each other; a converted TARFlow VP model samples with its latent
+variance; bad arguments are refused with the value and the fix; ``import farmer_jax`` stays
+light."""
 
 import json
 import os

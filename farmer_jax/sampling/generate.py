@@ -82,8 +82,9 @@ def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""
 
 
 def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None, gather_weights=False):
-  """The jitted sampler (kept for the next request of the same one: ``_sample_fn``): f(params, key_data (B, 2) uint32, labels (B,), student_params) -> (images
-  in model space (B, H, W, c), finite (B,) bool, per-sample stats); ``key_data``: the samples' keys
+  """The jitted sampler, kept for the next request of the same one (``_sample_fn``): f(params,
+  key_data (B, 2) uint32, labels (B,), student_params) -> (images in model space (B, H, W, c),
+  finite (B,) bool, per-sample stats); ``key_data``: the samples' keys
   (``sample_keys``) as ``jax.random.key_data``. ``batch_sharding``: a mesh's batch sharding (the
   keys, labels and images are split over its data-parallel slots, across processes; ``finite`` and
   the stats, small, are replicated so every process sees them), or None: one device.
