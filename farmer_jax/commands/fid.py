@@ -81,7 +81,7 @@ def main(f):
   from farmer_jax.config.schema import DataConfig
   from farmer_jax.eval import fid
   from farmer_jax.artifacts.export import load_model
-  from farmer_jax.sampling.generate import export_sampler
+  from farmer_jax.sampling.generate import export_sampler, on_mesh
   mcfg, params, config, meta = load_model(f.model)
   if f.features == "mnist" and (mcfg.image_size, mcfg.channels) != (32, 1):
     raise UserError(f"--features=mnist scores 32x32x1 digits; this model makes "
@@ -112,8 +112,7 @@ def main(f):
     reference = fid.reference_from_split(net, data, ref_split,
                                          fid.split_cache(out, net, data, ref_split), say=say,
                                          progress=not f.quiet)
-  placed = sampler_flags.on_mesh(config, mcfg, params, drawn.student, f.batch,
-                                 say if lead else lambda _: None)
+  placed = on_mesh(config, mcfg, params, drawn.student, f.batch, say if lead else lambda _: None)
   with placed.context():
     feats = fid.sample_features(
         mcfg, placed.params, drawn.sampler, f.num, net, seed=f.seed, batch=placed.batch,

@@ -57,7 +57,8 @@ def main(f):
   import jax
   from farmer_jax.artifacts.export import load_model
   from farmer_jax.sampling.generate import (
-      check_output_size, describe_stats, export_sampler, generate, parse_classes, write_outputs)
+      check_output_size, describe_stats, draw_samples, export_sampler, on_mesh, parse_classes,
+      write_outputs)
   mcfg, params, config, meta = load_model(f.model)
   classes = parse_classes(f.classes, mcfg.num_classes)
   check_output_size(mcfg, classes, f.num, bool(f.out))
@@ -67,14 +68,9 @@ def main(f):
     raise sampler_flags.sampler_error(e) from e
   sampler = drawn.sampler
   lead = jax.process_index() == 0
-  placed = sampler_flags.on_mesh(config, mcfg, params, drawn.student, f.batch,
-                                 say if lead else lambda _: None)
-  with placed.context():
-    images, labels, stats = generate(
-        mcfg, placed.params, classes, f.num, sampler, f.seed, placed.batch,
-        progress=not f.quiet and lead, return_stats=True, student_params=placed.student,
-        latent_var=drawn.latent_var, batch_sharding=placed.batch_sharding,
-        gather_weights=True)
+  placed = on_mesh(config, mcfg, params, drawn.student, f.batch, say if lead else lambda _: None)
+  images, labels, stats = draw_samples(mcfg, placed, drawn, classes, f.num, f.seed,
+                                       progress=not f.quiet)
   if not lead:   # every process holds the samples; process 0 writes them
     return
   write_outputs(images, labels, f.out, f.npz, stats)

@@ -594,6 +594,29 @@ SAMPLER_FIELDS = _sampler_fields()
 SAMPLER_KEYS = tuple(SAMPLER_FIELDS)
 
 
+def sampler_overrides(cfg=None, guidance=None, inverse=None, settings=None):
+  """The config.sample overrides of a sampling request (`sample`'s and `fid`'s flags, the Python
+  API's arguments): the guidance scale ``cfg``, ``guidance``, ``inverse`` when given, then
+  ``settings`` ({SAMPLER_KEYS key: value}). A ``cfg`` given without ``guidance`` also sets it:
+  resampling for cfg > 0, none for 0. Values are checked later (``SamplerConfig.from_config``); an
+  unknown key is a SettingError here."""
+  out = {}
+  if cfg is not None:
+    out["cfg"] = cfg
+    if guidance is None:
+      out["guidance"] = "resampling" if cfg > 0 else "none"
+  if guidance is not None:
+    out["guidance"] = guidance
+  if inverse is not None:
+    out["inverse"] = inverse
+  for k, v in (settings or {}).items():
+    if k not in SAMPLER_FIELDS:
+      raise SettingError(f"{k}={v!r}: unknown sampler setting; known: {', '.join(SAMPLER_KEYS)}",
+                         (k,), v)
+    out[k] = v
+  return out
+
+
 def _finite_at_least(lo, text, lo_open=False):
   """A finite number >= lo (> lo with lo_open); ``text`` is the SettingError template."""
   return rules.Rule(lambda v: is_real(v) and (v > lo if lo_open else v >= lo), text)

@@ -22,6 +22,7 @@ the tighter importance-weighted bound ``-log mean_k p(x + u_k)`` (K > 1 only).
 Shape letters: B batch (padded to a fixed size; a mask marks real examples), H W c image, K draws.
 """
 
+import functools
 import math
 
 import jax
@@ -45,6 +46,7 @@ def dequantize_examples(seed, index, k, images, pixels="farmer"):
       keys, images)
 
 
+@functools.lru_cache(maxsize=8)   # a model's next evaluation reuses its compilation
 def make_eval_step(model, out_sharding=None):
   """Returns jitted f(params, images uint8 (B,H,W,c), labels (B,), mask (B,), start, k, seed) ->
   dict of per-example (B,) arrays: for every name in TERMS, the value with the true label and (name
@@ -78,6 +80,12 @@ def make_eval_step(model, out_sharding=None):
   return jax.jit(step, static_argnums=(6,), **kw)
 
 
+def per_image_nats(log_prob, num_dims):
+  """Per-example log-densities (n, K) (nats, summed over dims, K dequantization draws) -> each
+  image's NLL in nats/dim, the mean over its draws (n,) float64."""
+  return (-np.asarray(log_prob, np.float64) / num_dims).mean(axis=1)
+
+
 def summarize(per_example, num_dims, conditional=True, pixels="farmer"):
   """Per-example log-densities {term: (n, K)} (nats, summed over dims; TERMS and their _uncond) ->
   the reported numbers (see ``evaluate_batches``); ``pixels``: the model's pixel mapping (its
@@ -87,8 +95,7 @@ def summarize(per_example, num_dims, conditional=True, pixels="farmer"):
   n, k = lp["log_prob"].shape
   out = {"count": int(n), "dequant_samples": int(k), "num_dims": int(num_dims)}
   for suffix in ("", "_uncond"):
-    nats = -lp["log_prob" + suffix] / num_dims                 # (n, K) nats/dim
-    per_image = nats.mean(axis=1)                              # (n,)
+    per_image = per_image_nats(lp["log_prob" + suffix], num_dims)      # (n,)
     mean = float(per_image.mean())
     se = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else None   # JSON null for n = 1
     out["nats_per_dim" + suffix] = mean

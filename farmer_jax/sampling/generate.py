@@ -1,5 +1,6 @@
-"""Batched, seeded, batch-size-independent generation from a model (what `farmer_jax sample` and
-`fid` draw with), and the sampler of an export (``export_sampler``).
+"""Batched, seeded, batch-size-independent generation from a model (what `farmer_jax sample`,
+`fid` and the Python API draw with), the sampler of an export (``export_sampler``), and a model
+placed for sampling on its run's mesh (``on_mesh``, ``draw_samples``).
 
 Shape letters: R requested classes, K samples per class, H W c image.
 Sample j of the flattened (class-major) grid always uses key fold_in(key(seed), j), so a sample does
@@ -8,6 +9,7 @@ not depend on the batch size or on which other samples are drawn with it.
 
 import contextlib
 import dataclasses
+import functools
 import os
 
 import jax
@@ -74,14 +76,15 @@ def export_sampler(model_dir, mcfg, config, meta, overrides=None, student_fix=""
   if sampler.inverse == "student":
     student = load_student(model_dir, mcfg, meta)
     if student is None:
-      raise ExportError(f"--inverse=student: {model_dir} carries no distilled student"
+      raise ExportError(f"inverse=student: {model_dir} carries no distilled student"
                         + student_fix)
   return ExportSampler(sampler, settings, student, load_latent_var(model_dir, mcfg, meta))
 
 
 def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None, gather_weights=False):
-  """The jitted sampler: f(params, key_data (B, 2) uint32, labels (B,), student_params) -> (images
-  in model space (B, H, W, c), finite (B,) bool, per-sample stats); ``key_data``: the samples' keys
+  """The jitted sampler, kept for the next request of the same one (``_sample_fn``): f(params,
+  key_data (B, 2) uint32, labels (B,), student_params) -> (images in model space (B, H, W, c),
+  finite (B,) bool, per-sample stats); ``key_data``: the samples' keys
   (``sample_keys``) as ``jax.random.key_data``. ``batch_sharding``: a mesh's batch sharding (the
   keys, labels and images are split over its data-parallel slots, across processes; ``finite`` and
   the stats, small, are replicated so every process sees them), or None: one device.
@@ -91,6 +94,18 @@ def make_sample_fn(mcfg, sampler, latent_var=None, batch_sharding=None, gather_w
   FSDP shards sums in another order) with no per-token collectives in the decode loop, at the cost
   of a full copy of the weights per device; else they stay sharded as given. The returned
   ``SampleFn`` also names the model's pixel mapping (``draw_batch`` reads it)."""
+  if latent_var is not None:   # hashable: by value
+    latent_var = np.asarray(latent_var, np.float32)
+    latent_var = (latent_var.shape, latent_var.tobytes())
+  return _sample_fn(mcfg, sampler, latent_var, batch_sharding, gather_weights)
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_fn(mcfg, sampler, latent_var, batch_sharding, gather_weights):
+  """``make_sample_fn``, remembered: a second request for the same sampler (a notebook's next
+  ``Model.sample``) reuses its compilation. ``latent_var``: (shape, float32 bytes) or None."""
+  if latent_var is not None:
+    latent_var = np.frombuffer(latent_var[1], np.float32).reshape(latent_var[0])
   jit_kw, rep = {}, None
   if isinstance(batch_sharding, NamedSharding):
     rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
@@ -241,6 +256,49 @@ def generate(mcfg, params, classes, num, sampler, seed=0, batch_size=SAMPLE_BATC
         k: np.concatenate(v) for k, v in stats.items()
     }
   return images, labels.reshape(len(classes), num)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+  """A model placed for sampling on the devices at hand: its ``params`` (and distilled
+  ``student``) on the run config's mesh, sharded as in training; the global ``batch``, the
+  ``batch_sharding`` that splits it, and ``context()``, the mesh and rules to sample under."""
+  params: object
+  student: object
+  batch: int
+  batch_sharding: object
+  context: object
+
+
+def on_mesh(config, mcfg, params, student, batch, say):
+  """Places a model (``export.load_model``'s config, ModelConfig and params; ``student``: its
+  distilled student's params or None) on the run config's mesh (``sharding.fitting_mesh``) with a
+  global ``batch`` (None: SAMPLE_BATCH per data-parallel slot)."""
+  from farmer_jax.eval.evaluate import params_on_mesh
+  host = lambda tree: jax.tree.map(np.asarray, tree)
+  mesh, rules, params = params_on_mesh(config, mcfg, host(params), say)
+  if student is not None:
+    rep = sharding.replicated(mesh)
+    student = sharding.host_to_global(host(student), jax.tree.map(lambda _: rep, student))
+  slots = sharding.batch_slots(mesh, rules)
+  batch = sharding.padded_batch_size(batch or SAMPLE_BATCH * slots, mesh, rules)
+  say(f"sampling on mesh {dict(mesh.shape)}, {jax.process_count()} process(es): batch {batch} "
+      f"({batch // slots} per data-parallel slot)")
+  return OnMesh(params, student, batch, sharding.batch_sharding(mesh, rules),
+                lambda: sharding.mesh_context(mesh, rules))
+
+
+def draw_samples(mcfg, placed, drawn, classes, num, seed=0, progress=True):
+  """The samples of `farmer_jax sample` and ``farmer_jax.load(...).sample``: ``num`` of each of
+  ``classes`` from a model placed by ``on_mesh`` (with ``drawn.student`` when the inverse is the
+  student), drawn with ``drawn`` (``export_sampler``: its sampler and latent variance), every
+  device computing its samples with the whole model (``make_sample_fn``'s gather_weights).
+  Returns uint8 images (R, K, H, W, c), labels (R, K) and the per-sample stats, on every process."""
+  with placed.context():
+    return generate(mcfg, placed.params, classes, num, drawn.sampler, seed, placed.batch,
+                    progress=progress and jax.process_index() == 0, return_stats=True,
+                    student_params=placed.student, latent_var=drawn.latent_var,
+                    batch_sharding=placed.batch_sharding, gather_weights=True)
 
 
 def describe_stats(stats, sampler):

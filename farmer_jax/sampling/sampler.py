@@ -175,23 +175,29 @@ def sample_latents(cfg: ModelConfig, params, keys, y, s: SamplerConfig = Sampler
 
 def sample_images(cfg: ModelConfig, params, keys, y, s: SamplerConfig = SamplerConfig(),
                   return_stats=False, student_params=None, latent_var=None):
-  """Images (B, H, W, c) in model space [, stats of ``sample_latents``]. The AF inverse is
-  ``s.inverse``, guided when ``s.af_guidance`` > 0 (TARFlow's guided reverse), computing in
-  ``s.decode_dtype`` (exact and Jacobi)."""
+  """Images (B, H, W, c) in model space [, stats of ``sample_latents``]: the latents through
+  ``invert`` (``s.inverse``), then ``denoise``."""
   z, stats = sample_latents(cfg, params, keys, y, s, return_stats=True, latent_var=latent_var)
+  x, iters = invert(cfg, params, z, y, s, student_params)
+  if iters is not None:   # per block, shared by the batch: one row per sample
+    stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
+  x = denoise(cfg, params, x, y, s.denoise_sigma)
+  return (x, stats) if return_stats else x
+
+
+def invert(cfg: ModelConfig, params, z, y, s: SamplerConfig = SamplerConfig(),
+           student_params=None):
+  """Latents z (B, N, d) in AR order -> (images (B, H, W, c) in model space, Jacobi iterations per
+  block or None) by the AF inverse ``s.inverse``: exact or Jacobi computing in ``s.decode_dtype``,
+  guided when ``s.af_guidance`` > 0 (TARFlow's guided reverse), or the distilled student's."""
   if s.inverse == "student":
     if student_params is None:
       raise ValueError("inverse='student' needs the distilled student's params (an export made "
                        "with `farmer_jax export --student=DISTILL_RUN`)")
     from farmer_jax.distill.student import student_decode
-    x = denoise(cfg, params, student_decode(cfg, student_params, z, y), y, s.denoise_sigma)
-    return (x, stats) if return_stats else x
-  x, iters = decode_latents(decode_config(cfg, s.decode_dtype), params, z, y, s.inverse,
-                            s.jacobi_tol, s.jacobi_max_iters, s.af_guide)
-  if iters is not None:   # per block, shared by the batch: one row per sample
-    stats = dict(stats, jacobi_iters=jnp.broadcast_to(iters, (x.shape[0],) + iters.shape))
-  x = denoise(cfg, params, x, y, s.denoise_sigma)
-  return (x, stats) if return_stats else x
+    return student_decode(cfg, student_params, z, y), None
+  return decode_latents(decode_config(cfg, s.decode_dtype), params, z, y, s.inverse,
+                        s.jacobi_tol, s.jacobi_max_iters, s.af_guide)
 
 
 def decode_config(cfg: ModelConfig, dtype: str):
