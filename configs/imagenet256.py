@@ -29,7 +29,9 @@ by the paper and chosen here: batch
 remat on. The patch-8 split d_I = 128 of d = 192 follows the issue's instruction to keep Table 1's
 d_I (the paper does not give it). Expected results (paper Table 2, FID-50k with resampling CFG):
 5.40 / 5.02 / 3.96 / 3.60 for the four presets. The AR prior runs opposite to the last AF block
-(model.ar_order='alternate', the paper's "final permute").
+(model.ar_order='alternate': the paper's "final permute" read as its stated purpose, the AR prior as
+one more block of the alternation; two literal readings give 'same', which the quickstart ablation
+measured worse on both seeds: docs/math.md, "AR order").
 
 Parameter counts (tests/test_config.py, exact closed form): AF 849M / 828M / 1.424B / 1.400B for the
 four presets, within 3% of Table 1 (828M, 1.4B). AR 296M for 1.1B/16 (Table 1: 295M). The other

@@ -303,7 +303,8 @@ def test_preset_sampler_fits_in_memory():
   """The preset's own sampler (Algorithm 1's shared redundant pool of 256 + 256 candidates per
   image), and its per-token pools (16 + 16 per token), at the rehearsal's model must keep their
   temporaries within 0.5 GB per sample, so that the grid's 8 samples fit a 4 GB host here (and a
-  chip's sample batch fits its HBM on a pod: K_R and d_R are the full model's). Compiled, not run."""
+  chip's sample batch fits its HBM on a pod: K_R and d_R are the full model's). Compiled, not
+  run."""
   import jax
   import jax.numpy as jnp
 

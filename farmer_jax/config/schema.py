@@ -633,8 +633,9 @@ SAMPLER_RULES = {
     **{t: rules.Rule(lambda v: v > 0 and math.isfinite(v),
                      f"temperature {t}={{v}} must be a finite number > 0")
        for t in ("t_pi", "t_sigma", "t_pi_v", "t_sigma_v", "t_s")},
-    "redundant_pool": rules.Rule(lambda v: v in REDUNDANT_POOLS,
-                                 f"redundant_pool={{v!r}} is unknown; use one of {REDUNDANT_POOLS}"),
+    "redundant_pool": rules.Rule(
+        lambda v: v in REDUNDANT_POOLS,
+        f"redundant_pool={{v!r}} is unknown; use one of {REDUNDANT_POOLS}"),
     "redundant_candidates": rules.Rule(
         lambda v: is_int(v) and v >= 1, "redundant_candidates={v} must be an integer >= 1 "
         "(candidates per group in each redundant pool)"),

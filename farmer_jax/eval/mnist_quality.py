@@ -67,11 +67,10 @@ def score_run(tr, e, say=print):
   """``score_model`` on a finished Trainer's eval params with its config.sample sampler, on its
   mesh (each process draws its share of every batch); None on processes other than 0."""
   s = tr.run.sample
+  batch = sharding.padded_batch_size(QUALITY_BATCH, tr.mesh, tr.run.sharding_rules)
   with tr.mesh_context():
     out = score_model(tr.mcfg, tr.eval_params(), s.sampler, e.quality_per_class, seed=s.seed,
-                      say=say, progress=tr.bars,
-                      batch_sharding=tr.batch_sh,
-                      batch=sharding.padded_batch_size(QUALITY_BATCH, tr.mesh, tr.run.sharding_rules))
+                      say=say, progress=tr.bars, batch_sharding=tr.batch_sh, batch=batch)
   return out
 
 
