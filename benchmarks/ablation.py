@@ -128,6 +128,11 @@ def settings(mcfg, base, guidance_ablation):
   return out + [base._replace(guidance="naive")]
 
 
+def sampler_dict(s):
+  """A SamplerConfig as plain JSON data."""
+  return s._asdict() | {"cfg": s.cfg._asdict()}
+
+
 def redundant_stats(mcfg, params, s, per_class, seed):
   """Mean ESS of the informative and redundant draws and distinct redundant tokens per image over
   ``per_class`` samples per class (resampling CFG with dimension reduction only)."""
@@ -151,12 +156,15 @@ def score(workdir, base, per_class, judge, guidance_ablation):
   from farmer_jax.eval.evaluate import load_params
   from farmer_jax.eval.mnist_quality import score_model
   path = os.path.join(workdir, SCORES)
-  cache = json.load(open(path)) if os.path.exists(path) else {}
+  cache = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      cache = json.load(f)
   _, mcfg, params, _ = load_params(workdir=workdir, say=lambda _: None)
-  out = {}
-  for s in settings(mcfg, base, guidance_ablation):
+  todo, out = settings(mcfg, base, guidance_ablation), {}
+  for s in todo:
     name = name_of(mcfg, s)
-    sig = {"sampler": s._asdict() | {"cfg": s.cfg._asdict()}, "per_class": per_class}
+    sig = {"sampler": sampler_dict(s), "per_class": per_class}
     if cache.get(name, {}).get("signature") != sig:
       t0 = time.time()
       r = score_model(mcfg, params, None, per_class, named=[(name, s)], judge=judge)[name]
@@ -169,7 +177,7 @@ def score(workdir, base, per_class, judge, guidance_ablation):
     out[name] = cache[name]
   # the main table's columns: plain, the quickstart's own resampling CFG (TARFlow: its guided
   # inverse), naive CFG
-  guided = name_of(mcfg, settings(mcfg, base, False)[1]) if len(out) > 1 else None
+  guided = name_of(mcfg, todo[1]) if len(todo) > 1 else None
   columns = {"cfg0": "cfg0", "resampling": guided, "naive": f"naive_cfg{base.cfg.w:g}"}
   return out, columns
 
@@ -261,7 +269,7 @@ def main():
     f.write(md + "\n")
   with open(os.path.join(a.out, "ablation.json"), "w") as f:
     json.dump({"config": config, "samples_per_class": per_class,
-               "sampler": base._asdict() | {"cfg": base.cfg._asdict()},
+               "sampler": sampler_dict(base),
                "variants": {k: v[:2] for k, v in VARIANTS.items()}, "results": results}, f,
               indent=1)
   print(md)

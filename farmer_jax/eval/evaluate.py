@@ -44,7 +44,7 @@ def load_params(workdir=None, model_dir=None, say=print):
     mcfg, params, config, meta = load_model(model_dir)
     source = {"model": storage.absolute(model_dir), "step": meta.get("step"),
               "params": meta.get("params"), "dtype": meta.get("dtype")}
-  params = host_params(params)
+  params = jax.tree.map(_host_array, params)
   want = jax.tree.structure(abstract_params(mcfg))
   if jax.tree.structure(params) != want:
     where = workdir if workdir is not None else model_dir
@@ -52,11 +52,6 @@ def load_params(workdir=None, model_dir=None, say=print):
                     "run holds only the student). Fix: evaluate the teacher's training run or an "
                     "export (farmer_jax export)")
   return config, mcfg, params, source
-
-
-def host_params(params):
-  """A model's params as float32 numpy arrays on this host (what eval computes with)."""
-  return jax.tree.map(_host_array, params)
 
 
 def _host_array(a):
