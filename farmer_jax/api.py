@@ -32,17 +32,23 @@ _STUDENT_FIX = (". Fix: load an export that carries its student (`farmer_jax exp
                 "'jacobi'")
 
 
-def load(path, verbose=False):
-  """The model at ``path``: an export directory (`farmer_jax export` / `convert`, read by
-  ``export.load_model``) or a training run's workdir, local or a bucket (its newest readable
-  checkpoint, EMA params if kept, read by ``evaluate.load_params`` as `farmer_jax eval` reads it).
-  ``verbose``: print what is loaded and where it computes."""
+def load(path, verbose=False, step=None):
+  """The model at ``path``, local or in a bucket (gs://...): an export directory (`farmer_jax
+  export` / `convert`, read by ``export.load_model``) or a training run's workdir (its newest
+  readable checkpoint, or checkpoint ``step``; EMA params if kept; read by ``evaluate.load_params``
+  as `farmer_jax eval` reads it). ``verbose``: print what is loaded and where it computes."""
   say = print if verbose else (lambda _: None)
   path = str(path)
+  if step is not None and (not is_int(step) or step < 0):
+    raise UserError(f"farmer_jax.load(step={step!r}): a checkpoint step is an int >= 0. Fix: pass "
+                    "a step the run keeps (its checkpoints/ folder lists them), or None")
   if storage.exists(storage.join(path, runs.EXPORT_META)):
+    if step is not None:
+      raise UserError(f"farmer_jax.load({path!r}, step={step}): {path} is an export, which holds "
+                      "one step. Fix: leave step out, or pass the training run's workdir")
     mcfg, params, config, meta = load_model(path)
   elif storage.exists(storage.join(path, runs.CONFIG)):
-    config, mcfg, params, source = load_params(workdir=path, say=say)
+    config, mcfg, params, source = load_params(workdir=path, say=say, step=step)
     meta = {"step": source["step"], "params": source["params"]}
   else:
     what = "does not exist" if not storage.exists(path) else (

@@ -4,7 +4,7 @@
 
   farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
   farmer_jax distill --config=configs/quickstart.py:distill=1 --teacher=/tmp/run --workdir=/tmp/s
-  farmer_jax export --workdir=/tmp/run --out=/tmp/model [--dtype=bfloat16] [--overwrite]
+  farmer_jax export --workdir=/tmp/run --out=/tmp/model [--step=N] [--dtype=bfloat16] [--overwrite]
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
       [--npz=s.npz]
   farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=test] [--dequant_samples=4]

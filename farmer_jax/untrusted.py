@@ -19,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from farmer_jax.artifacts import storage
 from farmer_jax.errors import UserError, brief
 
 class UnreadableFileError(UserError):
@@ -232,11 +233,13 @@ def load_npz(path):
 
 
 def load_npy(path):
-  """The array of an ``.npy`` file; its header must not declare more data than the file holds."""
+  """The array of an ``.npy`` file, local or in a bucket (``gs://...``); its header must not
+  declare more data than the file holds."""
   path = os.fspath(path)
-  with open(path, "rb") as f, reading(path, "an .npy array"):
+  with storage.P(path).open("rb") as f, reading(path, "an .npy array"):
     _, _, nbytes = _npy_header(f, path, os.path.basename(path))
-    left = os.fstat(f.fileno()).st_size - f.tell()
+    start = f.tell()
+    left = f.seek(0, os.SEEK_END) - start
     if nbytes > left:
       raise UnreadableFileError(f"{path}: declares {nbytes} bytes of data but holds {left}")
     f.seek(0)

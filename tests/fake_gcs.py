@@ -1,6 +1,7 @@
 """A local stand-in for a ``gs://`` bucket, for tests: every etils.epath operation on a
 ``gs://b/x`` path is redirected to ``ROOT/b/x``, and Orbax's CheckpointManager is handed the local
-directory while the URL it was given is recorded. The code under test sees, builds and passes
+directory while the URL it was given is recorded; so is StandardCheckpointer (exports), whose
+array data tensorstore would otherwise send to the real service. The code under test sees, builds and passes
 around only the URL; a path that was rewritten into a local one (``$PWD/gs:/b/x``) would bypass the
 redirect and land in the working directory instead, which the tests check is empty.
 
@@ -29,7 +30,8 @@ def local(root, path):
 
 @contextlib.contextmanager
 def fake_gcs(root):
-  """Context: gs:// -> ``root``; yields the list of directories handed to CheckpointManager."""
+  """Context: gs:// -> ``root``; yields the list of directories handed to CheckpointManager and
+  to StandardCheckpointer.save."""
   one = lambda orig, path, *a, **k: orig(local(root, path), *a, **k)  # noqa: E731
   two = lambda orig, src, dst, *a, **k: orig(local(root, src), local(root, dst), *a, **k)  # noqa
   real_manager = ocp.CheckpointManager
@@ -39,11 +41,25 @@ def fake_gcs(root):
     seen.append(os.fspath(directory))
     return real_manager(local(root, directory), *args, **kwargs)
 
+  class Checkpointer(ocp.StandardCheckpointer):
+    """Saves, restores and describes the local stand-in of the URL it is given."""
+
+    def save(self, directory, *args, **kwargs):
+      seen.append(os.fspath(directory))
+      return super().save(local(root, directory), *args, **kwargs)
+
+    def restore(self, directory, *args, **kwargs):
+      return super().restore(local(root, directory), *args, **kwargs)
+
+    def metadata(self, directory, *args, **kwargs):
+      return super().metadata(local(root, directory), *args, **kwargs)
+
   fns = {name: one for name in ("exists", "glob", "isdir", "listdir", "makedirs", "mkdir",
                                 "open", "remove", "rmtree", "stat", "walk")}
   fns.update(copy=two, rename=two, replace=two)
   client = FakeGcsClient(root)
   with epath_testing.mock_epath(**fns), mock.patch.object(ocp, "CheckpointManager", manager), \
+      mock.patch.object(ocp, "StandardCheckpointer", Checkpointer), \
       mock.patch("farmer_jax.artifacts.lock._gcs_client", lambda: client):
     yield seen
 

@@ -153,6 +153,9 @@ BAD_CASES = [
      ["--workdir={W}/a_file is invalid: it is an existing file"]),
     ("no_workdir", "train", ["train", "--config={Q}:tiny"], ["--workdir is required"]),
     ("export_no_run", "export", ["export", "--workdir={W}/norun", "--out={W}/exp"], ["{W}/norun"]),
+    ("export_negative_step", "export",
+     ["export", "--workdir={W}/norun", "--out={W}/exp", "--step=-1"],
+     ["--step=-1: a checkpoint step is >= 0", "Fix:"]),
     ("sample_gif", "sample", ["sample", "--model={M}", "--out={W}/x.gif"],
      ["--out={W}/x.gif: unsupported file type '.gif'", "*.png"]),
     ("sample_npz_no_dir", "sample", ["sample", "--model={M}", "--npz={W}/missing/s.npz"],
@@ -288,7 +291,7 @@ FLAGS_OF = {
              "process_id compilation_cache_dir",
     "distill": "config teacher workdir config_change_ok distributed coordinator_address "
                "num_processes process_id compilation_cache_dir",
-    "export": "workdir out dtype student overwrite",
+    "export": "workdir out step dtype student overwrite",
     "sample": "model classes num cfg inverse guidance sampler seed batch out npz distributed "
               "coordinator_address num_processes process_id compilation_cache_dir",
     "eval": "workdir model split dequant_samples batch data_dir seed out distributed "

@@ -331,3 +331,63 @@ def test_export_whose_params_cannot_be_written_is_one_line(trained_run, tmp_path
       "large; nothing was exported. Fix: raise the file size limit (ulimit -f), or choose another "
       "--out"], r.stderr[-3000:]
   assert not (tmp_path / "exports").exists()
+
+
+def test_export_step_picks_any_kept_checkpoint(trained_run, tmp_path):
+  """--step=N exports checkpoint N exactly (here the older of two whose params differ), the newest
+  without it; a step the run does not keep is refused with the kept ones named, and nothing is
+  written."""
+  def shift(state):
+    state["params"] = jax.tree.map(lambda a: a + 1.0, state["params"])
+    return state
+
+  wd, state = copy_run_with_new_step(trained_run, tmp_path / "run", 400, shift)
+  old = export_model(str(wd), str(tmp_path / "m200"), step=200)
+  new = export_model(str(wd), str(tmp_path / "m400"))
+  assert (old["step"], new["step"]) == (200, 400)
+  jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "m200"))[1],
+               jax.device_get(trained_run[2].state["params"]))
+  jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "m400"))[1],
+               jax.device_get(state["params"]))
+  with pytest.raises(ExportError, match=re.escape("keeps no checkpoint of step 300 (kept: 200, "
+                                                  "400). Fix: pass one of the kept steps")):
+    export_model(str(wd), str(tmp_path / "m300"), step=300)
+  assert sorted(os.listdir(tmp_path)) == ["m200", "m400", "run"]
+  from farmer_jax.api import load
+  assert "step 200" in repr(load(str(wd), step=200)) and "step 400" in repr(load(str(wd)))
+  with pytest.raises(UserError, match="is an export, which holds one step"):
+    load(str(tmp_path / "m200"), step=200)
+  with pytest.raises(UserError, match=r"step=-1\): a checkpoint step is an int >= 0"):
+    load(str(wd), step=-1)
+
+
+def test_export_to_a_bucket_and_load_from_it(exported, tmp_path, monkeypatch):
+  """An export written to gs:// (a local stand-in bucket) lands under the URL, never in a local
+  path built from it; it loads back exactly, is refused as a target without --overwrite and
+  replaced with it (export.json last), and a bucket folder holding anything else is never
+  replaced."""
+  from fake_gcs import fake_gcs
+
+  from farmer_jax.api import load
+  workdir, _, meta, tr = exported
+  bucket, url = tmp_path / "bucket", "gs://b/models/m"
+  monkeypatch.chdir(tmp_path)   # a URL mistaken for a local path would land here, as ./gs:/b/...
+  with fake_gcs(str(bucket)) as seen:
+    got = export_model(str(workdir), url)
+    assert got == meta and url + "/params" in seen
+    assert sorted(os.listdir(bucket / "b/models/m")) == ["config.json", "export.json", "params"]
+    mcfg, params, _, meta2 = load_model(url)
+    assert mcfg == tr.mcfg and meta2 == meta
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(tr.state["params"]))
+    assert load(url).latent_shape == (tr.mcfg.num_tokens, tr.mcfg.token_dim)
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+      export_model(str(workdir), url)
+    export_model(str(workdir), url + "/", dtype="bfloat16", overwrite=True)
+    _, params, _, meta3 = load_model(url)
+    assert meta3["dtype"] == "bfloat16"
+    assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
+    (bucket / "b/models/m/notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"also holds files export did not write \(notes.txt\)"):
+      export_model(str(workdir), url, overwrite=True)
+    assert (bucket / "b/models/m/notes.txt").exists() and load_model(url)[3] == meta3
+  assert sorted(os.listdir(tmp_path)) == ["bucket"]

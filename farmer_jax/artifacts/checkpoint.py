@@ -238,20 +238,10 @@ class Checkpointer:
     steps = self.steps()
     if not steps:
       return None
-    target = None
-    if abstract_state is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract_state, shardings)
-    # without a target, a checkpoint saved by another topology (a pod's run read on one host)
-    # restores onto this process's first device
-    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target, fallback_sharding=fallback),
-                              meta=ocp.args.JsonRestore())
     errors, bad = [], []
     for step in reversed(steps):
       try:
-        with _quiet_absl() if self.read_only else contextlib.nullcontext():
-          r = self._mngr.restore(step, args=args)
+        state, meta = self.restore(step, abstract_state, shardings)
       except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
         errors.append(f"step {step}: {brief(e)}")
         bad.append(step)
@@ -264,8 +254,25 @@ class Checkpointer:
         # nothing is touched).
         self._move_aside(bad, say)
         say(f"restored checkpoint step {step} after skipping {len(bad)} unreadable newer one(s)")
-      return r.state, dict(r.meta), step
+      return state, meta, step
     raise UnreadableCheckpoints(self.directory, errors)
+
+  def restore(self, step, abstract_state=None, shardings=None):
+    """(state, meta) of checkpoint ``step`` (one of ``steps()``), placed as ``restore_latest``
+    places it; raises what Orbax raises when it cannot be read."""
+    self._manager(create=False)
+    target = None
+    if abstract_state is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract_state, shardings)
+    # without a target, a checkpoint saved by another topology (a pod's run read on one host)
+    # restores onto this process's first device
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target, fallback_sharding=fallback),
+                              meta=ocp.args.JsonRestore())
+    with _quiet_absl() if self.read_only else contextlib.nullcontext():
+      r = self._mngr.restore(int(step), args=args)
+    return r.state, dict(r.meta)
 
   def _move_aside(self, steps, say):
     """Renames unreadable step directories out of orbax's view (process 0 only), then re-opens the

@@ -8,6 +8,7 @@ else) is replaced.
 """
 
 import errno
+import io
 import json
 import os
 
@@ -40,37 +41,55 @@ def load_run_config(workdir):
   return config
 
 
-def latest_run_params(workdir, say=print):
+def latest_run_params(workdir, say=print, step=None):
   """(params, step, used_ema) from the newest readable checkpoint of a training workdir (EMA params
-  if present).
+  if present), or from checkpoint ``step`` exactly.
 
   The run's checkpoints are opened read-only: an unreadable (truncated/corrupt) newer checkpoint
-  is reported through ``say`` and skipped, never moved or changed. If no checkpoint can be read,
-  raises ExportError.
+  is reported through ``say`` and skipped, never moved or changed. If no checkpoint can be read (or
+  ``step`` is not kept, or cannot be read), raises ExportError.
   """
   ckpt = Checkpointer(runs.RunDir(workdir).checkpoints, read_only=True)
   if not storage.isdir(ckpt.directory):
     raise ExportError(f"{workdir} has no {runs.CHECKPOINTS}/ directory; train first "
                       "(farmer_jax train ...)")
   try:
-    # No target: the params subtree is plain dicts, restored as saved; no optimizer code needed.
-    restored = ckpt.restore_latest(say=say)
     steps = ckpt.steps()
+    if step is not None:
+      state = _restore_step(ckpt, workdir, step, steps)
+    else:
+      # No target: the params subtree is plain dicts, restored as saved; no optimizer code needed.
+      restored = ckpt.restore_latest(say=say)
+      if restored is None:
+        raise ExportError(f"{ckpt.directory} holds no finished checkpoint; train first "
+                          "(farmer_jax train ...)")
+      state, _, step = restored
+      skipped = [s for s in steps if s > step]
+      if skipped:
+        say(f"exporting checkpoint step {step}, the newest readable one (skipped {len(skipped)} "
+            "unreadable newer one(s); the run was not modified)")
   except UnreadableCheckpoints as e:
     raise ExportError(f"no checkpoint in {e.directory} could be read (all {len(e.errors)} are "
                       "truncated or corrupt): " + " | ".join(e.errors)) from None
   finally:
     ckpt.close()
-  if restored is None:
-    raise ExportError(f"{ckpt.directory} holds no finished checkpoint; train first "
-                      "(farmer_jax train ...)")
-  state, _, step = restored
-  skipped = [s for s in steps if s > step]
-  if skipped:
-    say(f"exporting checkpoint step {step}, the newest readable one (skipped {len(skipped)} "
-        "unreadable newer one(s); the run was not modified)")
   key = "ema" if "ema" in state else "params"
   return state[key], step, key == "ema"
+
+
+def _restore_step(ckpt, workdir, step, steps):
+  """The state of checkpoint ``step`` of a run whose kept steps are ``steps``; ExportError if it is
+  not kept or cannot be read."""
+  if step not in steps:
+    kept = ", ".join(map(str, steps)) if steps else "none"
+    raise ExportError(f"{workdir} keeps no checkpoint of step {step} (kept: {kept}). Fix: pass "
+                      "one of the kept steps, or leave --step out for the newest")
+  try:
+    return ckpt.restore(step)[0]
+  except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
+    raise ExportError(f"checkpoint step {step} of {workdir} could not be read ({brief(e)}). Fix: "
+                      "pass another kept step, or leave --step out for the newest readable "
+                      "one") from None
 
 
 def _non_finite_report(params):
@@ -90,46 +109,46 @@ def _non_finite_report(params):
 
 
 def is_export_dir(path):
-  """True if ``path`` is a directory written by export_model: its export.json carries our marker,
-  or (format 1, before the marker existed) format_version 1 with config.json and params/ beside
-  it."""
+  """True if ``path`` (local or a bucket URL) is a directory written by export_model: its
+  export.json carries our marker, or (format 1, before the marker existed) format_version 1 with
+  config.json and params/ beside it."""
   d = runs.ExportDir(path)
   try:
-    with open(d.meta) as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(d.meta))
   except (OSError, ValueError):
     return False
   if not isinstance(meta, dict):
     return False
   if meta.get("kind") == EXPORT_KIND:
     return True
-  return (meta.get("format_version") == 1 and os.path.isfile(d.config)
-          and os.path.isdir(d.params))
+  return (meta.get("format_version") == 1 and storage.exists(d.config)
+          and storage.isdir(d.params))
 
 
 def check_export_target(workdir, out, overwrite):
   """Refuses an --out that export must not write or replace, before any checkpoint is read. Returns
-  abspath(out). ``workdir``: what the export is made from (a run, a checkpoint file; None: nothing
-  to protect), which --overwrite must never delete. The run may be in a bucket (gs://...); --out
-  is local (the export is assembled in a temporary directory and renamed into place, which object
-  stores cannot do)."""
+  ``out`` made absolute (a bucket URL is kept as given). ``workdir``: what the export is made from
+  (a run, a checkpoint file; None: nothing to protect), which --overwrite must never delete. Either
+  may be local or in a bucket (gs://...)."""
   if storage.is_url(out):
-    raise ExportError(f"--out={out}: export writes a local directory (it is assembled and renamed "
-                      "into place atomically). Fix: export to a local path, then copy it (e.g. "
-                      "gcloud storage cp -r OUT gs://...)")
-  out = os.path.abspath(out)
-  if os.path.lexists(out) and not os.path.isdir(out):
-    raise ExportError(
-        f"--out={out} exists and is not a directory; export writes a directory, so choose "
-        "another --out (--overwrite only replaces a previous export directory)")
-  if not os.path.exists(out):
-    if os.path.lexists(out):
-      raise ExportError(f"--out={out} is a broken symbolic link; remove it or choose another --out")
-    up = storage.nearest_existing(os.path.dirname(out))
-    if not os.path.isdir(up):
+    out = out.rstrip("/")
+    if not storage.exists(out):
+      return out
+  else:
+    out = os.path.abspath(out)
+    if os.path.lexists(out) and not os.path.isdir(out):
       raise ExportError(
-          f"--out={out} cannot be created: {up} is a file, not a directory; choose another --out")
-    return out
+          f"--out={out} exists and is not a directory; export writes a directory, so choose "
+          "another --out (--overwrite only replaces a previous export directory)")
+    if not os.path.exists(out):
+      if os.path.lexists(out):
+        raise ExportError(
+            f"--out={out} is a broken symbolic link; remove it or choose another --out")
+      up = storage.nearest_existing(os.path.dirname(out))
+      if not os.path.isdir(up):
+        raise ExportError(f"--out={out} cannot be created: {up} is a file, not a directory; "
+                          "choose another --out")
+      return out
   if not overwrite:
     raise ExportError(
         f"{out} already exists; pass --overwrite to replace it (only a previous export can be "
@@ -138,9 +157,8 @@ def check_export_target(workdir, out, overwrite):
     raise ExportError(
         f"--out={out} is a symbolic link; --overwrite does not replace links: pass the "
         f"directory it points to ({os.path.realpath(out)}) or choose another --out")
-  real_out = os.path.realpath(out)
-  real_run = None if workdir is None else (
-      workdir if storage.is_url(workdir) else os.path.realpath(workdir))
+  real_out = _real(out)
+  real_run = None if workdir is None else _real(workdir)
   if real_run is not None and storage.within(real_run, real_out):
     what = ("is the training run itself" if real_run == real_out
             else f"contains {real_run}, which it is exported from")
@@ -151,7 +169,7 @@ def check_export_target(workdir, out, overwrite):
     raise ExportError(f"--out={out} is not a farmer_jax export (no valid {runs.EXPORT_META} "
                       "marker), so --overwrite will not replace it; choose another --out, or move "
                       "that directory away yourself")
-  extra = sorted(set(os.listdir(out)) - runs.EXPORT_ENTRIES)
+  extra = sorted(set(storage.listdir(out)) - runs.EXPORT_ENTRIES)
   if extra:
     raise ExportError(
         f"--out={out} is an export but also holds files export did not write "
@@ -160,8 +178,17 @@ def check_export_target(workdir, out, overwrite):
   return out
 
 
-def export_model(workdir, out, dtype="float32", overwrite=False, say=print, student=None):
-  """Writes an export of the run in ``workdir`` to ``out``. Returns the metadata dict.
+def _real(path):
+  """A local path resolved (links followed); a URL without its trailing slashes."""
+  path = os.fspath(path)
+  return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
+
+
+def export_model(workdir, out, dtype="float32", overwrite=False, say=print, student=None,
+                 step=None):
+  """Writes an export of the run in ``workdir`` to ``out`` (local, or a bucket URL: see
+  ``write_export``). Returns the metadata dict. ``step``: the checkpoint to export (one the run
+  keeps); None: the newest readable one.
 
   ``student``: a ``farmer_jax distill`` run of this model; its newest readable student params
   are exported too (``OUT/student/``, for ``sample --inverse=student``).
@@ -177,12 +204,12 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print, stud
   out = check_export_target(workdir, out, overwrite)
   config = load_run_config(workdir)
   parse_model(config)
-  params, step, used_ema = latest_run_params(workdir, say=say)
+  params, step, used_ema = latest_run_params(workdir, say=say, step=step)
   report = _non_finite_report(params)
   if report:
     raise ExportError(
         f"checkpoint step {step} of {workdir} is not finite: {report}; nothing was exported. "
-        "Export an earlier checkpoint (move this step out of checkpoints/) or retrain with a "
+        "Fix: export an earlier checkpoint (--step=N, one the run keeps) or retrain with a "
         "lower lr")
   student_params, student_meta = None, None
   if student is not None:
@@ -211,14 +238,18 @@ def export_model(workdir, out, dtype="float32", overwrite=False, say=print, stud
 
 def write_export(out, params, config, meta, overwrite=False, source=None, student_params=None,
                  latent_var=None):
-  """Writes an export directory atomically: params (and the student's) with Orbax, config.json,
+  """Writes an export directory: params (and the student's) with Orbax, config.json,
   ``latent_var.npy`` if given (N, d) float32, then export.json (``meta``, written last: it marks
-  the export complete). The directory is built in a temporary sibling and renamed into place; with
-  ``overwrite`` a previous export at ``out`` is replaced only after the new one is complete (see
-  ``export_model``); ``source``: the path the export is made from (a run directory or checkpoint
-  file), which ``check_export_target`` never lets ``out`` delete."""
-  with storage.staged_dir(out, lambda o: check_export_target(source, o, overwrite)) as tmp:
-    new = runs.ExportDir(tmp)
+  the export complete). ``source``: the path the export is made from (a run directory or checkpoint
+  file), which ``check_export_target`` never lets ``out`` delete.
+
+  A local ``out`` is built in a temporary sibling and renamed into place; with ``overwrite`` a
+  previous export there is replaced only after the new one is complete (see ``export_model``). A
+  bucket has no rename: a previous export at a URL ``out`` loses its export.json first (from then
+  on nothing reads it as an export), is deleted, and the new one is written in place, export.json
+  last; an interruption leaves no export there, never an incomplete one that reads as complete."""
+  def fill(directory):
+    new = runs.ExportDir(directory)
     try:
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(new.params, params)
@@ -235,11 +266,22 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
       raise ExportError(f"--out={out}: writing the params failed: [Errno {err.errno}] "
                         f"{err.strerror}; nothing was exported. Fix: {fix}, or choose another "
                         "--out") from e
-    runs.write_saved_config(tmp, config)
+    runs.write_saved_config(directory, config)
     if latent_var is not None:
-      np.save(new.latent_var, np.asarray(latent_var, np.float32))
-    with open(new.meta, "w") as f:   # written last: marks the export complete
-      json.dump(meta, f, indent=2)
+      buf = io.BytesIO()
+      np.save(buf, np.asarray(latent_var, np.float32))
+      storage.write_bytes(new.latent_var, buf.getvalue())
+    storage.write_text(new.meta, json.dumps(meta, indent=2))   # last: marks the export complete
+
+  if not storage.is_url(out):
+    with storage.staged_dir(out, lambda o: check_export_target(source, o, overwrite)) as tmp:
+      fill(tmp)
+    return
+  out = check_export_target(source, out, overwrite)   # again: it may have changed meanwhile
+  if storage.exists(out):
+    storage.remove(runs.ExportDir(out).meta)
+    storage.rmtree(out)
+  fill(out)
 
 
 def _student_of(student_run, config, say):
@@ -268,7 +310,7 @@ def load_student(model_dir, mcfg, meta):
     return None
   dt = PARAM_DTYPES[meta["dtype"]]
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), abstract_params(mcfg))
-  return _restore_checked(runs.ExportDir(os.path.abspath(model_dir)).student, abstract["flow"],
+  return _restore_checked(runs.ExportDir(storage.absolute(model_dir)).student, abstract["flow"],
                           f"{model_dir}: the student's params",
                           "re-run `farmer_jax export --student=...`")
 
@@ -319,8 +361,7 @@ def _read_meta(model_dir):
   """export.json, checked: a JSON object of our format with a known dtype."""
   path = runs.ExportDir(model_dir).meta
   try:
-    with open(path) as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(path))
   except (OSError, ValueError) as e:
     raise ExportError(f"{path}: unreadable ({brief(e)}). Fix: re-run `farmer_jax export`") from None
   if not isinstance(meta, dict):
@@ -346,7 +387,7 @@ def load_latent_var(model_dir, mcfg, meta):
   sampler draws z * sqrt(var)), or None."""
   if not meta.get("latent_var"):
     return None
-  path = runs.ExportDir(os.path.abspath(model_dir)).latent_var
+  path = runs.ExportDir(storage.absolute(model_dir)).latent_var
   want = (mcfg.num_tokens, mcfg.token_dim)
   try:
     var = untrusted.load_npy(path)
@@ -363,16 +404,16 @@ def load_latent_var(model_dir, mcfg, meta):
 
 
 def load_model(model_dir):
-  """Loads an export: returns (ModelConfig, params, run config, metadata). Needs no optimizer
-  state."""
+  """Loads an export, local or in a bucket (gs://...): returns (ModelConfig, params, run config,
+  metadata). Needs no optimizer state."""
   from farmer_jax.model import abstract_params
-  model_dir = os.path.abspath(model_dir)
-  if not os.path.isdir(model_dir):
+  model_dir = storage.absolute(model_dir)
+  if not storage.isdir(model_dir):
     raise ExportError(
         f"model directory {model_dir} does not exist; create one with `farmer_jax export`")
   d = runs.ExportDir(model_dir)
   for name in (runs.EXPORT_META, runs.CONFIG, runs.EXPORT_PARAMS):
-    if not os.path.exists(os.path.join(model_dir, name)):
+    if not storage.exists(storage.join(model_dir, name)):
       raise ExportError(f"{model_dir} is not a complete export (missing {name}); re-run "
                         "`farmer_jax export`")
   meta = _read_meta(model_dir)

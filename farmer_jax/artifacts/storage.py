@@ -41,7 +41,7 @@ def parent(path) -> str:
 
 
 def within(path, parent) -> bool:
-  """True if ``path`` is ``parent`` or inside it (both real, absolute local paths)."""
+  """True if ``path`` is ``parent`` or inside it (both real, absolute local paths, or both URLs)."""
   return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
@@ -187,6 +187,13 @@ def remove(path):
     P(path).unlink()
   except FileNotFoundError:
     pass
+
+
+def rmtree(path):
+  """Removes a directory and everything under it (on an object store: every object under the
+  prefix); a missing one is not an error."""
+  if P(path).exists():
+    P(path).rmtree()
 
 
 def rename(src, dst):

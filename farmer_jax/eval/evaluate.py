@@ -28,16 +28,16 @@ from farmer_jax.model import Farmer, abstract_params
 EVAL_DIR = "eval"
 
 
-def load_params(workdir=None, model_dir=None, say=print):
+def load_params(workdir=None, model_dir=None, say=print, step=None):
   """(run config, ModelConfig, host params, source) of a training run (its newest readable
-  checkpoint, EMA params if kept) or of an export."""
+  checkpoint, or checkpoint ``step``; EMA params if kept) or of an export."""
   from farmer_jax.artifacts.export import latest_run_params, load_model, load_run_config
   if (workdir is None) == (model_dir is None):
     raise UserError("pass exactly one of --workdir (a training run) and --model (an export)")
   if workdir is not None:
     config = load_run_config(workdir)
     mcfg = parse_model(config)
-    params, step, ema = latest_run_params(workdir, say=say)
+    params, step, ema = latest_run_params(workdir, say=say, step=step)
     source = {"workdir": storage.absolute(workdir), "step": int(step),
               "params": "ema" if ema else "raw"}
   else:
