@@ -12,6 +12,8 @@ name the bad value and the fix (``UserError``, a ValueError); the library below 
 Shape letters: n images, H W c image, N tokens, d token dim.
 """
 
+import os
+
 import jax
 import numpy as np
 
@@ -20,6 +22,7 @@ from farmer_jax.artifacts import runs, storage
 from farmer_jax.artifacts.export import load_model
 from farmer_jax.config.rules import SettingError, is_int, is_real
 from farmer_jax.config.schema import INVERSES, SAMPLE_BATCH, SAMPLER_KEYS, sampler_overrides
+from farmer_jax.distributed import skip_absent_tpu
 from farmer_jax.errors import UserError
 from farmer_jax.eval.evaluate import load_params
 from farmer_jax.eval.likelihood import evaluate_bpd, per_image_nats
@@ -38,6 +41,7 @@ def load(path, verbose=False, step=None):
   readable checkpoint, or checkpoint ``step``; EMA params if kept; read by ``evaluate.load_params``
   as `farmer_jax eval` reads it). ``verbose``: print what is loaded and where it computes."""
   say = print if verbose else (lambda _: None)
+  skip_absent_tpu(dict(os.environ))   # no libtpu start-up warnings where no TPU is attached
   path = str(path)
   if step is not None and (not is_int(step) or step < 0):
     raise UserError(f"farmer_jax.load(step={step!r}): a checkpoint step is an int >= 0. Fix: pass "

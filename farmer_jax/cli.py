@@ -98,7 +98,8 @@ def run(argv=None):
   except ValueError as e:
     print(f"farmer_jax {cmd}: {e}", file=sys.stderr)
     sys.exit(2)
-  common.skip_absent_tpu()
+  from farmer_jax.distributed import skip_absent_tpu
+  skip_absent_tpu()
   if cmd in ("train", "distill"):
     exits.early_sigterm()
   prog_argv = [f"farmer_jax {cmd}"] + argv[2:]

@@ -223,22 +223,30 @@ def test_a_multislice_mesh_spans_the_slices_with_its_first_axis():
 
 
 def test_libtpu_without_a_tpu_leaves_jax_on_the_cpu():
-  """With the tpu-aot extra on a machine without a TPU, commands run jax on the CPU without
-  starting libtpu's TPU backend (whose warnings would break the one-line failure contract); a
-  JAX_PLATFORMS the user set is kept."""
-  from farmer_jax.commands import common
+  """With the tpu-aot extra on a machine without a TPU, commands and ``farmer_jax.load`` run jax
+  on the CPU without starting libtpu's TPU backend (whose warnings would break the one-line
+  failure contract and fill a notebook); a JAX_PLATFORMS the user set is kept, and the API leaves
+  the user's environment as it was."""
+  from farmer_jax.distributed import skip_absent_tpu
   if slices.libtpu_missing():
     pytest.skip("libtpu is not installed: nothing to leave out")
   env = {}
-  common.skip_absent_tpu(env)
+  skip_absent_tpu(env)
   assert env == {"JAX_PLATFORMS": "cpu"} and jax.default_backend() == "cpu"
   env = {"JAX_PLATFORMS": "cuda"}
-  common.skip_absent_tpu(env)
+  skip_absent_tpu(env)
   assert env == {"JAX_PLATFORMS": "cuda"}
+  plain = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   r = subprocess.run([sys.executable, "-m", "farmer_jax", "export", "--workdir=/nonexistent",
-                      "--out=/tmp/never"], capture_output=True, text=True, timeout=300,
-                     env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+                      "--out=/tmp/never"], capture_output=True, text=True, timeout=300, env=plain)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  api = ("import os, jax, farmer_jax\n"
+         "try:\n  farmer_jax.load('/nonexistent')\nexcept ValueError:\n  pass\n"
+         "print(jax.default_backend(), os.environ.get('JAX_PLATFORMS'))")
+  r = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, timeout=300,
+                     env=plain)
+  assert r.returncode == 0 and r.stdout.split() == ["cpu", "None"], r.stdout + r.stderr
+  assert r.stderr == "", r.stderr
 
 
 def test_compile_flags_without_compile_are_refused(capsys):

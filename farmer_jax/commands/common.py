@@ -103,27 +103,6 @@ def check_json_out(path):
     raise UserError(f"--out={path} is a directory. Fix: pass a file path ending in .json")
 
 
-def skip_absent_tpu(environ=os.environ):
-  """With libtpu installed where no accelerator is attached (the tpu-aot extra on a CPU machine, to
-  compile for a slice), jax would start libtpu's TPU backend at every start-up and print its
-  warnings on stderr before falling back to the CPU: jax is told to use the CPU, unless
-  JAX_PLATFORMS already chose. Compiling for a slice (aot/slices.py) loads libtpu by itself."""
-  import importlib.util
-  if environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
-    return
-  try:
-    from jax._src import hardware_utils
-    tpu_chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
-    gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists("/dev/kfd")
-  except (ImportError, AttributeError, OSError):   # another jax: leave the platforms to it
-    return
-  if tpu_chips or gpu:
-    return
-  import jax
-  environ["JAX_PLATFORMS"] = "cpu"   # and for the processes this one starts
-  jax.config.update("jax_platforms", "cpu")
-
-
 def start_jax(f):
   """Joins the multi-process job (commands with --distributed) and points XLA at the compilation
   cache (``check_compilation_cache``); before any other jax call."""
