@@ -28,8 +28,8 @@ import textwrap
 
 from absl import app, flags
 
-from farmer_jax.commands import (check, common, convert, distill, evaluate, exits, export, fid,
-                                 prepare, sample, train)
+from farmer_jax.commands import (check, convert, distill, evaluate, exits, export, fid, prepare,
+                                 sample, train)
 
 COMMANDS = {"train": train, "distill": distill, "export": export, "sample": sample,
             "eval": evaluate, "fid": fid, "prepare": prepare, "check": check,
