@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -81,7 +82,8 @@ def test_readme_python_api_snippet_runs(exports, tmp_path, monkeypatch):
   ns = {}
   exec(compile(code, README + " (Python API)", "exec"), ns)   # noqa: S102 - our own README
   images, labels = ns["images"], ns["labels"]
-  assert images.dtype == np.uint8 and images.shape == (8, 8, 8, 1)
+  chex.assert_shape(images, (8, 8, 8, 1))
+  chex.assert_type(images, np.uint8)
   assert labels.tolist() == [1] * 4 + [2] * 4
   assert np.all(np.isfinite(ns["bpd"])) and ns["bpd"].shape == (8,)
   assert np.array_equal(ns["frames"][0], images[0]) and np.array_equal(ns["frames"][-1], images[4])
@@ -94,7 +96,8 @@ def test_decode_inverts_encode(exports):
   x = rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
   y = rng.integers(0, 3, 8)
   z = model.encode(x, y)
-  assert z.shape == (8, 16, 4) and z.dtype == np.float32
+  chex.assert_shape(z, (8, 16, 4))
+  chex.assert_type(z, np.float32)
   mcfg, params, _, _ = export.load_model(exports["student"])      # the latents it scores
   forward = jax.jit(lambda p, x, y: Farmer(mcfg).apply({"params": p}, x, y))
   np.testing.assert_allclose(z, forward(params, x, y)["z"], atol=1e-5)
@@ -111,7 +114,8 @@ def test_interpolation_endpoints_are_the_images(exports):
   model = farmer_jax.load(exports["plain"])
   a, b = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 1), np.uint8)
   frames = model.interpolate(a, b, steps=8, label=2)
-  assert frames.shape == (8, 8, 8, 1) and frames.dtype == np.uint8
+  chex.assert_shape(frames, (8, 8, 8, 1))
+  chex.assert_type(frames, np.uint8)
   assert np.array_equal(frames[0], a) and np.array_equal(frames[-1], b)
   assert np.mean(frames[4] != a) > 0.5 and np.mean(frames[4] != b) > 0.5
 

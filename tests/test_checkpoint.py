@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,7 +127,7 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_rewritable(traine
   assert ck.steps() == [200, 400]
   state, meta, step = ck.restore_latest(tr.task.abstract_state, tr.task.state_sh, say=said.append)
   assert step == 400 and meta["step"] == 400
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(state400))
+  chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(state400), strict=True)
   ck.close()
   # a second corruption of the same step keeps the first one's remains too
   truncate_tree(ckdir / "400" / "state")

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -299,7 +300,7 @@ def test_init_flow_starts_farmer_from_a_tarflow_checkpoint(tmp_path):
   try:
     want = tarflow_to_params(sd, tr.mcfg)
     got = jax.tree.map(np.asarray, tr.state["params"])
-    jax.tree.map(np.testing.assert_array_equal, got["flow"], want)
+    chex.assert_trees_all_equal(got["flow"], want)
     assert "prior" in got
   finally:
     tr.close()

@@ -2,6 +2,7 @@
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,12 +35,12 @@ def test_student_starts_as_the_teacher_and_distillation_beats_the_copy():
   well below that of the copied-but-undistilled student, and student_decode inverts encode."""
   model, params = init_farmer(TINY, scale=0.05)
   sp = init_student(params)
-  assert jax.tree.structure(sp) == jax.tree.structure(params["flow"])
+  chex.assert_trees_all_equal_shapes_and_dtypes(sp, params["flow"])
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (64, 8, 8, 1)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 3, 64), jnp.int32)
   zs = teacher_path(TINY, params, x, y)
-  assert zs.shape == (TINY.flow_blocks + 1, 64, TINY.num_tokens, TINY.token_dim)
+  chex.assert_shape(zs, (TINY.flow_blocks + 1, 64, TINY.num_tokens, TINY.token_dim))
   z_enc, _ = model.apply({"params": params}, x, y, method=Farmer.encode)
 
   def rel_err(sp):
@@ -60,7 +61,7 @@ def test_student_starts_as_the_teacher_and_distillation_beats_the_copy():
   for i in range(150):
     sp, opt, loss, per_block = step(sp, opt, jax.random.key(i))
   after = rel_err(sp)
-  assert per_block.shape == (TINY.flow_blocks,)
+  chex.assert_shape(per_block, (TINY.flow_blocks,))
   assert after < 0.3 * before, (before, after)
   img = student_decode(TINY, sp, z_enc, y)             # AR-order latents -> images
   assert float(jnp.mean((img - x) ** 2)) < 0.3 * float(jnp.mean(
@@ -99,8 +100,7 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
     assert tr.restored_step == restored
     tr.fit(stop_at=stop_at)
     tr.close()
-  for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(tr.state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(straight.state, tr.state, strict=True)
   # the export carries the student; `sample --inverse=student` decodes with it
   from farmer_jax.config.schema import SamplerConfig
   from farmer_jax.artifacts.export import export_model, load_model, load_student
@@ -111,8 +111,7 @@ def test_distill_command_resumes_exactly(trained_run, tmp_path):
   assert meta["student"]["step"] == 8
   mcfg, params, _, meta = load_model(str(out))
   student = load_student(str(out), mcfg, meta)
-  for a, b in zip(jax.tree.leaves(student), jax.tree.leaves(tr.state["params"])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(student, tr.state["params"], strict=True)
   s = SamplerConfig()
   exact, _ = generate(mcfg, params, [1], 2, s, seed=0, batch_size=2, progress=False)
   fast, _ = generate(mcfg, params, [1], 2, s._replace(inverse="student"), seed=0, batch_size=2,

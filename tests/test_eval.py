@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_sharded_eval_equals_the_per_example_reference(sharded):
   labels = rng.integers(0, 3, 13).astype(np.int32)
   ref = reference_nats(model, params, images, labels, seed=3, samples=2)
   for term in ("log_prob", "log_prob_uncond"):
-    assert got[term].shape == (13, 2)
+    chex.assert_shape(got[term], (13, 2))
     np.testing.assert_allclose(got[term], ref[term], rtol=2e-5, atol=1e-3)
   for term, key in (("log_prob", "bpd"), ("log_prob_uncond", "bpd_uncond")):
     per_image = conventions.bits_per_dim(-ref[term] / TINY.num_dims).mean(axis=1)

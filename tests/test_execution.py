@@ -6,6 +6,7 @@ jax.nn.dot_product_attention without remat."""
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,10 +68,7 @@ def test_execution_choice_is_the_same_function(reference, name):
   m = dataclasses.replace(BASE, **VARIANTS[name])
   got = _outputs(m, params, x, y)
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
-  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got["grads"])[0],
-                          jax.tree.leaves(want["grads"])):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  chex.assert_trees_all_close(got["grads"], want["grads"], rtol=1e-4, atol=1e-6)
   for k in ("z", "logdet", "plain", "guided", "samples"):
     np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-5, err_msg=k)
   np.testing.assert_allclose(want["plain"], patchify(x, 2), atol=1e-4)   # the inverse is exact

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def test_export_roundtrip(exported):
   assert sorted(os.listdir(out)) == ["config.json", "export.json", "params"]
   mcfg, params, config, meta2 = load_model(str(out))
   assert mcfg == tr.mcfg and meta2 == meta
-  jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(tr.state["params"]))
+  chex.assert_trees_all_equal(params, jax.device_get(tr.state["params"]), strict=True)
 
 
 def test_export_refuses_overwrite_and_casts(exported, tmp_path):
@@ -39,7 +40,7 @@ def test_export_refuses_overwrite_and_casts(exported, tmp_path):
   export_model(str(workdir), str(bf), dtype="bfloat16")
   _, params, _, meta = load_model(str(bf))
   assert meta["dtype"] == "bfloat16"
-  assert all(a.dtype == np.dtype("bfloat16") for a in jax.tree.leaves(params))
+  chex.assert_type(jax.tree.leaves(params), "bfloat16")
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p
              ], "no temporary directory may be left behind"
   untrained = tmp_path / "untrained"
@@ -135,8 +136,8 @@ def test_export_skips_an_unreadable_newest_checkpoint_without_touching_the_run(
   assert any(f"{wd / CHECKPOINTS / '400'} is unreadable" in m for m in said), said
   assert any("exporting checkpoint step 200, the newest readable one" in m for m in said), said
   assert snapshot(wd) == before, "export must not modify the run"
-  jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "model"))[1],
-               jax.device_get(trained_run[2].state["params"]))
+  chex.assert_trees_all_equal(load_model(str(tmp_path / "model"))[1],
+                              jax.device_get(trained_run[2].state["params"]), strict=True)
   truncate_tree(wd / CHECKPOINTS / "200" / "state")
   with pytest.raises(ExportError, match=f"no checkpoint in {wd / CHECKPOINTS} could be read"):
     export_model(str(wd), str(tmp_path / "model2"), say=said.append)
@@ -216,11 +217,12 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   s = SamplerConfig(guidance="resampling", cfg=ResamplingCFG(w=1.0), redundant_candidates=16)
   a, la, st = generate(
       mcfg, params, [3, 7], 3, s, seed=5, batch_size=6, progress=False, return_stats=True)
-  assert st["ess_informative"].shape == (6,) and st["ess_redundant"].shape == (6,)
+  chex.assert_shape([st["ess_informative"], st["ess_redundant"]], (6,))
   assert np.all((st["ess_informative"] >= 1) & (st["ess_informative"] <= 10))  # s_c + s_u = 10
   assert np.all((st["ess_redundant"] >= 1) & (st["ess_redundant"] <= 32))           # 2 * 16
   b, lb = generate(mcfg, params, [3, 7], 3, s, seed=5, batch_size=4, progress=False)
-  assert a.shape == (2, 3, 32, 32, 1) and a.dtype == np.uint8
+  chex.assert_shape(a, (2, 3, 32, 32, 1))
+  chex.assert_type(a, np.uint8)
   np.testing.assert_array_equal(la, [[3, 3, 3], [7, 7, 7]])
   # uint8 images from different batch sizes: equal up to rare one-level rounding flips at bin edges
   assert np.mean(a == b) > 0.999
@@ -235,7 +237,7 @@ def test_generate_is_seeded_and_batch_size_independent(exported, tmp_path):
   j, _, stj = generate(mcfg, params, [3, 7], 3, sj, seed=5, batch_size=6, progress=False,
                        return_stats=True)
   assert np.mean(j == a) > 0.999
-  assert stj["jacobi_iters"].shape == (6, mcfg.flow_blocks)
+  chex.assert_shape(stj["jacobi_iters"], (6, mcfg.flow_blocks))
   assert stj["jacobi_iters"].max() <= mcfg.num_tokens - 1
   assert "Jacobi AF inverse (tol 0.0001): iterations per block" in describe_stats(stj, sj)
 
@@ -345,10 +347,10 @@ def test_export_step_picks_any_kept_checkpoint(trained_run, tmp_path):
   old = export_model(str(wd), str(tmp_path / "m200"), step=200)
   new = export_model(str(wd), str(tmp_path / "m400"))
   assert (old["step"], new["step"]) == (200, 400)
-  jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "m200"))[1],
-               jax.device_get(trained_run[2].state["params"]))
-  jax.tree.map(np.testing.assert_array_equal, load_model(str(tmp_path / "m400"))[1],
-               jax.device_get(state["params"]))
+  chex.assert_trees_all_equal(load_model(str(tmp_path / "m200"))[1],
+                              jax.device_get(trained_run[2].state["params"]), strict=True)
+  chex.assert_trees_all_equal(load_model(str(tmp_path / "m400"))[1],
+                              jax.device_get(state["params"]), strict=True)
   with pytest.raises(ExportError, match=re.escape("keeps no checkpoint of step 300 (kept: 200, "
                                                   "400). Fix: pass one of the kept steps")):
     export_model(str(wd), str(tmp_path / "m300"), step=300)
@@ -378,14 +380,14 @@ def test_export_to_a_bucket_and_load_from_it(exported, tmp_path, monkeypatch):
     assert sorted(os.listdir(bucket / "b/models/m")) == ["config.json", "export.json", "params"]
     mcfg, params, _, meta2 = load_model(url)
     assert mcfg == tr.mcfg and meta2 == meta
-    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(tr.state["params"]))
+    chex.assert_trees_all_equal(params, jax.device_get(tr.state["params"]), strict=True)
     assert load(url).latent_shape == (tr.mcfg.num_tokens, tr.mcfg.token_dim)
     with pytest.raises(ExportError, match="already exists; pass --overwrite"):
       export_model(str(workdir), url)
     export_model(str(workdir), url + "/", dtype="bfloat16", overwrite=True)
     _, params, _, meta3 = load_model(url)
     assert meta3["dtype"] == "bfloat16"
-    assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
+    chex.assert_type(jax.tree.leaves(params), "bfloat16")
     (bucket / "b/models/m/notes.txt").write_text("mine")
     with pytest.raises(ExportError, match=r"also holds files export did not write \(notes.txt\)"):
       export_model(str(workdir), url, overwrite=True)

@@ -1,6 +1,7 @@
 """Autoregressive flow: patchify, exact inverse, log-det vs brute-force Jacobian, per-block
 causality."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from farmer_jax.model import make_flow
 def test_patchify_roundtrip_and_feature_order():
   x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
   t = patchify(x, 4)
-  assert t.shape == (2, 4, 48)
+  chex.assert_shape(t, (2, 4, 48))
   # token 1 is the top-right patch; features ordered (ph, pw, c)
   np.testing.assert_array_equal(t[0, 1].reshape(4, 4, 3), x[0, :4, 4:8])
   np.testing.assert_array_equal(unpatchify(t, 4, 8, 3), x)
@@ -182,12 +183,10 @@ def test_block_remat_changes_memory_only():
                   remat=True)
   mb = dataclasses.replace(m, remat_blocks=True)
   p, pb = init_params(m, jax.random.key(0)), init_params(mb, jax.random.key(0))
-  assert jax.tree.structure(p) == jax.tree.structure(pb)
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(pb)))
+  chex.assert_trees_all_equal(p, pb, strict=True)
   x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)) * 2 - 1
   y = jnp.arange(4)
   grads = [jax.value_and_grad(lambda q, c=c: make_loss(Farmer(c), c)(q, x, y)[0])(p)
            for c in (m, mb)]
   assert float(grads[0][0]) == float(grads[1][0])
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(grads[0][1]),
-                                                  jax.tree.leaves(grads[1][1])))
+  chex.assert_trees_all_equal(grads[0][1], grads[1][1], strict=True)

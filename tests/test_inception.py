@@ -5,6 +5,7 @@ compile of the network (batch 2, 299x299) is shared by all tests."""
 
 import zipfile
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -252,8 +253,9 @@ def test_resize_matches_torch_interpolate(hw):
 def test_shapes_and_determinism(features):
   images = _images((2, 64, 48, 3))
   a, b = features(images), features(images)
-  assert a["pool"].shape == (2, 2048) and a["logits"].shape == (2, 1008)
-  assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in a.values())
+  chex.assert_shape([a["pool"], a["logits"]], [(2, 2048), (2, 1008)])
+  chex.assert_type(list(a.values()), np.float32)
+  chex.assert_tree_all_finite(a)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.allclose(a["pool"][0], a["pool"][1])  # the two images differ

@@ -3,6 +3,7 @@ cases with known answers, and the offline MNIST classifier metric (eval/mnist_cl
 
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -32,12 +33,12 @@ def _random_spd(rng, f):
 def test_feature_statistics_matches_numpy():
   x = np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32)
   mu, sigma = metrics.feature_statistics(x)
-  assert mu.dtype == np.float64 and sigma.dtype == np.float64
-  assert mu.shape == (7,) and sigma.shape == (7, 7)
+  chex.assert_type([mu, sigma], np.float64)
+  chex.assert_shape([mu, sigma], [(7,), (7, 7)])
   np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
   np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
   mu1, sigma1 = metrics.feature_statistics(x[:, :1])       # F = 1 still gives a (1, 1) sigma
-  assert mu1.shape == (1,) and sigma1.shape == (1, 1)
+  chex.assert_shape([mu1, sigma1], [(1,), (1, 1)])
 
 
 def test_feature_statistics_refuses_bad_input():
@@ -332,7 +333,8 @@ def test_classifier_accuracy_and_consistency(classifier, mnist):
   assert sorted(cons["per_class"]) == list(range(10))
   assert np.mean(list(cons["per_class"].values())) == pytest.approx(cons["overall"])  # 50 each
   pred = classifier.predict(test_x)
-  assert pred.shape == (500,) and pred.dtype == np.int32
+  chex.assert_shape(pred, (500,))
+  chex.assert_type(pred, np.int32)
   # consistency of a subset with one class only
   sub = classifier.class_consistency(test_x[test_y == 3], test_y[test_y == 3])
   assert list(sub["per_class"]) == [3] and sub["overall"] == cons["per_class"][3]
@@ -341,9 +343,10 @@ def test_classifier_accuracy_and_consistency(classifier, mnist):
 def test_classifier_features_batching(classifier, mnist):
   _, (test_x, _) = mnist
   feats = classifier.features(test_x)
-  assert feats.shape == (500, 128) and feats.dtype == np.float32
+  chex.assert_shape(feats, (500, 128))
+  chex.assert_type(feats, np.float32)
   np.testing.assert_allclose(classifier.features(test_x[7:10]), feats[7:10], rtol=1e-5, atol=1e-5)
-  assert classifier.features(test_x[:0]).shape == (0, 128)
+  chex.assert_shape(classifier.features(test_x[:0]), (0, 128))
 
 
 def test_mnist_fid(classifier, mnist):

@@ -5,6 +5,7 @@ token order relative to the last AF block (model.ar_order), found on spatial pos
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,15 +100,15 @@ def test_dtypes_bf16_compute_fp32_params_and_remat():
   ref, g_ref = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(params)
 
   bf_model, bf_params = init_farmer(variant(dtype="bfloat16"), seed=1, scale=0.05)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(bf_params))
+  chex.assert_type(jax.tree.leaves(bf_params), jnp.float32)
   out = jax.jit(bf_model.apply)({"params": params}, x, y)
-  assert out["log_prob"].dtype == jnp.float32 and out["logdet"].dtype == jnp.float32
+  chex.assert_type([out["log_prob"], out["logdet"]], jnp.float32)
   np.testing.assert_allclose(-jnp.mean(out["log_prob"]) / cfg.num_dims, ref, rtol=0.02)
 
   rm_model, _ = init_farmer(variant(remat=True), seed=1, scale=0.0)
   val, g = jax.jit(jax.value_and_grad(lambda p: loss(rm_model, p)))(params)
   np.testing.assert_allclose(val, ref, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)
+  chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def _flow_params(cfg, flow, random_blocks, seed):

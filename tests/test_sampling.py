@@ -4,6 +4,7 @@ independent of the batch, and sampled latents re-encode through the AF."""
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -373,7 +374,7 @@ def test_doubled_batch_decode_equals_slow_reference(tiny):
   y = jnp.array([0, 2])
   keys = sample_keys(7, 0, 2)
   z = jax.jit(lambda p, k, y: sample_latents(cfg, p, k, y, s))(params, keys, y)
-  assert z.shape == (2, cfg.num_tokens, cfg.token_dim)
+  chex.assert_shape(z, (2, cfg.num_tokens, cfg.token_dim))
   ref = _reference_guided_decode(cfg, params, keys, y, s)
   np.testing.assert_allclose(np.asarray(z), ref, atol=1e-4)
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -77,7 +78,8 @@ def test_samples_do_not_depend_on_devices_processes_or_batch(sharded_export, tmp
       got[name] = (z["arr_0"], z["labels"])
   first = next(iter(exact))
   images, labels = got[first]
-  assert images.dtype == np.uint8 and images.shape == (15, 32, 32, 1)
+  chex.assert_shape(images, (15, 32, 32, 1))
+  chex.assert_type(images, np.uint8)
   assert list(labels) == [0] * 5 + [3] * 5 + [7] * 5
   assert len({im.tobytes() for im in images}) == 15   # 15 different samples
   for name, (im, lab) in got.items():

@@ -13,6 +13,7 @@ import functools
 import os
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,14 +81,6 @@ def random_flow_params(mcfg, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32),
                       _param_shapes(mcfg))
-
-
-def assert_trees_equal(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ---------------------------------------------------------------- against the PyTorch reference
@@ -277,7 +270,7 @@ def test_torch_save_file(tmp_path):
   assert tarflow_hparams(sd, in_channels=3) == hp | dict(expansion=4)
   mcfg = mcfg_for(hp)
   direct = tarflow_to_params({k: v.numpy() for k, v in ref.state_dict().items()}, mcfg)
-  assert_trees_equal(tarflow_to_params(sd, mcfg), direct)
+  chex.assert_trees_all_equal(tarflow_to_params(sd, mcfg), direct)
   np.testing.assert_array_equal(tarflow_var(sd, mcfg), 1.0)
 
 
@@ -289,13 +282,13 @@ def test_jax_round_trip_and_hparams():
   params = random_flow_params(mcfg)
   sd = params_to_tarflow(params, mcfg)
   assert len(sd) == 1 + hp["num_blocks"] * (7 + 12 * hp["layers_per_block"])
-  assert_trees_equal(tarflow_to_params(sd, mcfg), params)
-  assert_trees_equal(tarflow_to_params(params_to_tarflow({"flow": params}, mcfg), mcfg), params)
+  chex.assert_trees_all_equal(tarflow_to_params(sd, mcfg), params)
+  chex.assert_trees_all_equal(tarflow_to_params(params_to_tarflow({"flow": params}, mcfg), mcfg), params)
   assert tarflow_hparams(sd, in_channels=3) == hp | dict(expansion=4)
   assert config_for_tarflow(**tarflow_hparams(sd, 3)) == config_for_tarflow(**hp)
   # buffers are optional on import
   slim = {k: v for k, v in sd.items() if not k.endswith(("attn_mask", "var"))}
-  assert_trees_equal(tarflow_to_params(slim, mcfg), params)
+  chex.assert_trees_all_equal(tarflow_to_params(slim, mcfg), params)
 
 
 def test_config_mapping():
@@ -332,7 +325,7 @@ def test_vp_export():
   vp = {"blocks": blocks}
   sd = params_to_tarflow(vp, mcfg, nvp=False)
   assert sd["blocks.0.proj_out.weight"].shape == (d, mcfg.flow_width)
-  assert_trees_equal(tarflow_to_params(sd, mcfg), vp)
+  chex.assert_trees_all_equal(tarflow_to_params(sd, mcfg), vp)
 
 
 def _sd(hp, **kw):

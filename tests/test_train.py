@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ from farmer_jax.train.trainer import start, train_and_report  # noqa: E402
 def test_mnist5k_split_is_fixed_and_disjoint():
   tr, ltr = load_mnist5k("train")
   te, lte = load_mnist5k("test")
-  assert tr.shape == (4500, 32, 32, 1) and te.shape == (500, 32, 32, 1) and tr.dtype == np.uint8
+  chex.assert_shape([tr, te], [(4500, 32, 32, 1), (500, 32, 32, 1)])
+  chex.assert_type([tr, te], np.uint8)
   np.testing.assert_array_equal(np.bincount(lte), 50)
   assert tr[:, :2].max() == 0 and tr[:, 2:30,
                                      2:30].max() == 255  # 2-pixel zero padding around 28x28
@@ -205,7 +207,7 @@ def test_step_with_nonfinite_updated_params_is_not_applied(tiny):
   new, m = step(new_state(params, tx), _tiny_batch(cfg), jax.random.key(0))
   assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
   assert int(new["bad_step"]) == 0 and int(new["step"]) == 1
-  jax.tree.map(np.testing.assert_array_equal, new["params"], params)
+  chex.assert_trees_all_equal(new["params"], params)
 
 
 def _tiny_batch(cfg):
@@ -238,8 +240,7 @@ def test_ema_follows_the_applied_params(tiny):
   assert max(jax.tree.leaves(moved)) > 1e-4                        # the params did move
   expect = jax.tree.map(lambda e, p: d * np.asarray(e) + (1 - d) * np.asarray(p), state["ema"],
                         new["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new["ema"],
-               expect)
+  chex.assert_trees_all_close(new["ema"], expect, rtol=1e-6, atol=1e-7)
 
 
 def test_workdir_lock(tmp_path):
