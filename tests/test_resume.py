@@ -26,7 +26,7 @@ KILL_SEED = 1234          # picks the kill points; fixed and printed so that a f
 
 def _cmd(workdir, steps=STEPS, extra=()):
   return [
-      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
+      sys.executable, "-m", "farmer_jax", "train", f"--config=quickstart:tiny",
       f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={EVERY}",
       "--config.train.log_every=10", "--config.train.warmup_steps=5", "--quiet", *extra
   ]
@@ -236,7 +236,7 @@ def test_sigterm_at_any_moment_exits_0(tmp_path, delay):
 
 def _distill_cmd(teacher, workdir):
   return [sys.executable, "-m", "farmer_jax", "distill",
-          f"--config={ROOT}/configs/quickstart.py:tiny,distill=1", f"--teacher={teacher}",
+          f"--config=quickstart:tiny,distill=1", f"--teacher={teacher}",
           f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.log_every=10",
           "--quiet"]
 
