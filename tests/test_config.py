@@ -16,8 +16,6 @@ from farmer_jax.config.parse import parse, parse_model
 from farmer_jax.errors import ConfigError
 from farmer_jax.model import abstract_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 DELETE = object()
 
@@ -283,7 +281,7 @@ def test_unknown_model_field():
 def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   r = subprocess.run([
-      sys.executable, "-m", "farmer_jax", "train", f"--config=quickstart:tiny",
+      sys.executable, "-m", "farmer_jax", "train", "--config=quickstart:tiny",
       f"--workdir={workdir}", "--config.model.patch_size=3"
   ],
                      capture_output=True,
