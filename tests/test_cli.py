@@ -27,7 +27,7 @@ from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.sampling import generate as gen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "farmer_jax", "configs", "quickstart.py")  # a path; ok_check: a name
+QUICKSTART = os.path.join(ROOT, "farmer_jax", "configs", "quickstart.py")  # by path; ok_check: name
 
 DRIVER = r'''
 import json, os, sys, traceback

@@ -1,4 +1,4 @@
-"""The paper run rehearsed at reduced width: the ImageNet preset (farmer_jax/configs/imagenet256.py, 1.1B/16)
+"""The paper run rehearsed at reduced width: the ImageNet preset (imagenet256:1.1B/16)
 with its structure -- 256x256 RGB, patch 16 (N = 256 tokens of d = 768), the AR GMM prior with
 dimension reduction (d_I = 128, K_I = 64, K_R = 200), the 64-token class prefix, FSDP over every
 device, resampling CFG -- and only widths, depths, heads, batch, steps and eval/sample sizes made

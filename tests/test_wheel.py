@@ -1,5 +1,5 @@
-"""The wheel `pip install .` builds: it carries the shipped configs and MNIST-5k, and an install of it
-(unpacked, outside the checkout) finds them by name. Built offline (--no-index --no-deps
+"""The wheel `pip install .` builds: it carries the shipped configs and MNIST-5k, and an install of
+it (unpacked, outside the checkout) finds them by name. Built offline (--no-index --no-deps
 --no-build-isolation) from a copy of the sources."""
 
 import hashlib

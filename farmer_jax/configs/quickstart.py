@@ -1,4 +1,4 @@
-"""Quickstart: FARMER on MNIST-5k (shipped, data/mnist.py), 32x32x1, patch 4 (N = 64 tokens of d = 16).
+"""Quickstart: FARMER on MNIST-5k (data/mnist.py), 32x32x1, patch 4 (N = 64 tokens of d = 16).
 
   farmer_jax train --config=quickstart --workdir=/tmp/farmer_quickstart
 

