@@ -5,7 +5,7 @@ consistency.
 
   python benchmarks/ablation.py [--out runs/ablation] [--runs farmer@0,1 tarflow ...] [--quick]
 
-Every variant is ``configs/quickstart.py`` (same data, steps, batch, AF) with the overrides in
+Every variant is ``quickstart`` (same data, steps, batch, AF) with the overrides in
 VARIANTS, trained by ``farmer_jax train`` in its own workdir ``OUT/<variant>/seed<S>``; a run whose
 summary.json exists is read back, not retrained (so an interrupted benchmark continues where it
 stopped), and a workdir trained with other overrides is refused. Each run is then scored
@@ -20,7 +20,7 @@ seeds, each seed's value in the JSON), then the redundant-pool comparison with t
 sizes and the distinct redundant tokens per image.
 
 ``--quick`` (the slow test tier, tests/test_ablation.py): every variant once, on
-``configs/quickstart.py:tiny`` for 30 steps, scored on 5 samples per class; the numbers mean
+``quickstart:tiny`` for 30 steps, scored on 5 samples per class; the numbers mean
 nothing, the table and every variant's code path are checked.
 """
 
@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-# name -> (what it is, the paper's row it stands for, config overrides of configs/quickstart.py)
+# name -> (what it is, the paper's row it stands for, config overrides of quickstart)
 VARIANTS = {
     "farmer": ("FARMER: AF + GMM AR + dimension reduction (d_I = 4 of 16)",
                "Table 3, last rows", {}),
@@ -243,7 +243,7 @@ def main():
   from farmer_jax.config.schema import SamplerConfig
   from farmer_jax.eval.mnist_quality import make_judge
 
-  config = "configs/quickstart.py" + (":tiny" if a.quick else "")
+  config = "quickstart" + (":tiny" if a.quick else "")
   per_class = 5 if a.quick else a.per_class
   base = SamplerConfig.from_config(configlib.load("quickstart").sample)
   runs = a.runs or (list(VARIANTS) if a.quick else list(DEFAULT_RUNS))

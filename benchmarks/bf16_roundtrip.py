@@ -3,7 +3,7 @@ computed in bfloat16 against float32.
 
   python benchmarks/bf16_roundtrip.py [--preset 1.1B/16] [--width 64] [--scale 0.05] [--batch 2]
 
-The AF of ``configs/imagenet256.py:<preset>`` keeps its structure (blocks x layers, patch, image
+The AF of ``imagenet256:<preset>`` keeps its structure (blocks x layers, patch, image
 size, tokens, token dim) at a reduced width; its params are a random init perturbed by N(0,
 scale^2) (a trained model's log-scales are not available here, so the numbers show the mechanism,
 not a trained model's error). Images: uniform random pixels dequantized to model space.

@@ -40,7 +40,7 @@ from PIL import Image
 HOST_VCPUS = {"v4": 240, "v5p": 208}   # per TPU VM host of 4 chips (v5p: Cloud TPU docs)
 SLICES = ("v4-32", "v5p-64", "v5p-128")
 PRESETS = ("1.1B/16", "1.1B/8", "1.9B/16", "1.9B/8")
-PRESET_READ = dict(read_threads=16, prefetch=4)   # configs/imagenet256.py
+PRESET_READ = dict(read_threads=16, prefetch=4)   # farmer_jax/configs/imagenet256.py
 SHAPES = [(500, 375)] * 5 + [(500, 333)] * 2 + [(375, 500), (333, 500), (500, 500)]
 
 

@@ -3,7 +3,7 @@
   python benchmarks/slice_fit.py [--presets 1.1B/16,1.9B/8] [--slices v5litepod-16,v5p-64]
       [--programs train,eval,grid] [--out DIR]
 
-For each preset (configs/imagenet256.py, its defaults: batch 256, FSDP over the slice) and slice,
+For each preset (imagenet256, its defaults: batch 256, FSDP over the slice) and slice,
 `farmer_jax check --topology`'s programs are compiled in this one process (aot/); each result is
 written to DIR/<preset>_<slice>.json as the command writes it, and the markdown table (per-device
 GiB and FITS / DOES NOT FIT per program, step time and cost at 40% MFU) is printed at the end.

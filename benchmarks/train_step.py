@@ -17,8 +17,8 @@ Then, per remat policy, the compiled step's per-device memory (``compiled.memory
 arguments + temporaries; the state is donated, so outputs alias the arguments). The policies are
 ``model.remat=False`` ('none') and ``model.remat=True`` with ``model.remat_policy``.
 
-Configs: ``quickstart`` (configs/quickstart.py, batch 32), ``mid256`` (256x256x3, patch 16, N = 256,
-d = 768, AF 4 blocks x 2 layers x 512, AR 4 x 512; batch 8), ``1.1B/16`` (configs/imagenet256.py,
+Configs: ``quickstart`` (the quickstart config, batch 32), ``mid256`` (256x256x3, patch 16, N = 256,
+d = 768, AF 4 blocks x 2 layers x 512, AR 4 x 512; batch 8), ``1.1B/16`` (imagenet256,
 the paper's FARMER-1.1B; batch 1 on CPU, 16 on an accelerator unless --batch). Prints a table;
 asserts nothing. The malloc mode (``farmer_jax/host_memory.py``, ``FARMER_JAX_MALLOC``) is set first
 and printed.

@@ -2,8 +2,8 @@
 ``python -m farmer_jax``. Each command (farmer_jax/commands/) owns its flags; ``farmer_jax
 <command> --help`` lists them, and a flag the command does not take is refused.
 
-  farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run [--config.train.steps=500]
-  farmer_jax distill --config=configs/quickstart.py:distill=1 --teacher=/tmp/run --workdir=/tmp/s
+  farmer_jax train --config=quickstart --workdir=/tmp/run [--config.train.steps=500]
+  farmer_jax distill --config=quickstart:distill=1 --teacher=/tmp/run --workdir=/tmp/s
   farmer_jax export --workdir=/tmp/run --out=/tmp/model [--step=N] [--dtype=bfloat16] [--overwrite]
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
       [--npz=s.npz]
@@ -11,10 +11,10 @@
   farmer_jax fid --model=/tmp/model --ref=ref.npz --inception=pt_inception.pth --num=50000 \\
       [--cfg=2.0] [--out=fid.json]
   farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos [--image_size=256]
-  farmer_jax check --config=configs/imagenet256.py:1.1B/16 --workdir=gs://b/run --devices=64 \\
+  farmer_jax check --config=imagenet256:1.1B/16 --workdir=gs://b/run --devices=64 \\
       --processes=16
   farmer_jax convert --from=tarflow --ckpt=afhq_model_8_768_8_8_0.07.pth --out=/tmp/afhq \\
-      [--config=configs/tarflow.py:afhq256 --config.data.name=tfds:afhq] [--pixels=tarflow]
+      [--config=tarflow:afhq256 --config.data.name=tfds:afhq] [--pixels=tarflow]
   farmer_jax convert --to=tarflow --model=/tmp/afhq --out=afhq.pth
 
 Errors: a bad value (config field, flag, path) is refused before any work or any file is
@@ -37,7 +37,7 @@ COMMANDS = {"train": train, "distill": distill, "export": export, "sample": samp
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"
     f"commands: {', '.join(COMMANDS)}\n"
-    "example: farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart\n"
+    "example: farmer_jax train --config=quickstart --workdir=/tmp/farmer_quickstart\n"
     "flags: farmer_jax <command> --help lists that command's flags\n"
     "errors: one line on stderr, exit 2 (--debug: with the traceback)")
 _HELP = ("-h", "-help", "--help", "-helpfull", "--helpfull", "-helpshort", "--helpshort")

@@ -1,5 +1,6 @@
-"""Helpers for configs/*.py (configs are code: each file has ``get_config(arg)`` returning a
-ConfigDict), and ``load('quickstart:tiny')``, a shipped config by name.
+"""Helpers for the run configs (configs are code: each file has ``get_config(arg)`` returning a
+ConfigDict). The shipped ones live in farmer_jax/configs/ and are named by file: ``--config=NAME
+[:arg]`` or ``load('quickstart:tiny')``; ``--config=path/to/file.py[:arg]`` loads any other.
 """
 
 import dataclasses
@@ -12,21 +13,29 @@ from farmer_jax.config.schema import (DATA_SHAPE_FIELDS, DataConfig, EvalConfig,
                                       SampleConfig, SamplerConfig, TrainConfig)
 from farmer_jax.errors import ConfigError
 
-# configs/ sits next to the package: the repository root is the parent of farmer_jax/.
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# the shipped configs: the package farmer_jax.configs (installed with farmer_jax)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _MODULES = {}
 
 
 def available():
-  """Names of the shipped configs (configs/<name>.py)."""
-  if not os.path.isdir(CONFIGS_DIR):
-    return []
+  """Names of the shipped configs (farmer_jax/configs/<name>.py)."""
   files = os.listdir(CONFIGS_DIR)
   return sorted(f[:-3] for f in files if f.endswith(".py") and not f.startswith("_"))
 
 
+def resolve(spec):
+  """A --config value -> the file config_flags loads: 'NAME[:arg]' with NAME a shipped config ->
+  '<CONFIGS_DIR>/NAME.py[:arg]'; anything else (a path) unchanged."""
+  name, sep, arg = spec.partition(":")
+  if name in available():
+    return os.path.join(CONFIGS_DIR, name + ".py") + sep + arg
+  return spec
+
+
 def module(name):
-  """The module of configs/<name>.py (loaded once), e.g. ``module('imagenet256').SAMPLING``."""
+  """The module of the shipped config <name> (loaded once), e.g.
+  ``module('imagenet256').SAMPLING``."""
   if name not in _MODULES:
     names = available()
     if name not in names:
@@ -42,8 +51,8 @@ def module(name):
 
 
 def load(spec):
-  """'name' or 'name:arg' -> the ConfigDict of configs/<name>.py's get_config() or get_config(arg),
-  as ``--config=configs/<name>.py[:arg]`` loads it, e.g. ``load('imagenet256:1.1B/16')``."""
+  """'name' or 'name:arg' -> the ConfigDict of the shipped config's get_config() or
+  get_config(arg), as ``--config=name[:arg]`` loads it, e.g. ``load('imagenet256:1.1B/16')``."""
   name, sep, arg = spec.partition(":")
   get_config = module(name).get_config
   return get_config(arg) if sep else get_config()
@@ -123,8 +132,8 @@ def base_sample(**updates):
 
 
 def gpu(config):
-  """The GPU choices on a run config (the ``gpu`` arg of configs/imagenet256.py, e.g.
-  ``--config=configs/imagenet256.py:1.1B/16,gpu``): cuDNN's fused attention, which needs bf16
+  """The GPU choices on a run config (the ``gpu`` arg of the imagenet256 config, e.g.
+  ``--config=imagenet256:1.1B/16,gpu``): cuDNN's fused attention, which needs bf16
   compute (params stay fp32). The ImageNet presets already compute in bf16, so there the overlay
   changes the attention kernel only, an execution field (config/resume.py): a run may be resumed
   with or without it. XLA's GPU flags and NCCL's environment are the launchers' (docs/launch.md,

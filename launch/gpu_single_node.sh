@@ -2,7 +2,7 @@
 # One node, all its GPUs, ONE process: JAX drives every visible GPU and the mesh spans them
 # (default MESH: FSDP over all local GPUs). Several nodes: launch/slurm_multinode.sbatch (one
 # process per GPU there).
-#   CONFIG=configs/imagenet256.py:1.1B/16 WORKDIR=/ckpt/farmer launch/gpu_single_node.sh \
+#   CONFIG=imagenet256:1.1B/16 WORKDIR=/ckpt/farmer launch/gpu_single_node.sh \
 #     [--config.x=y ...]
 # Install once, from the repository root (one constrained install):
 #   pip install -c launch/constraints.txt -e . "jax[cuda12]==0.10.2"
@@ -12,7 +12,7 @@
 # FSDP collectives with compute); NCCL and other GPU settings: docs/launch.md "GPUs".
 set -euo pipefail
 
-: "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:1.1B/16}"
+: "${CONFIG:?set CONFIG, e.g. CONFIG=imagenet256:1.1B/16}"
 : "${WORKDIR:?set WORKDIR, the run directory}"
 MESH=${MESH:-"(('data', 1), ('fsdp', -1))"}
 GPU_XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true   # the same in the SLURM script

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single-host launch (CPU, one GPU, or one TPU VM host): the same command runs everywhere.
-#   launch/local.sh configs/quickstart.py /tmp/farmer_quickstart [--config.train.steps=500 ...]
+#   launch/local.sh quickstart /tmp/farmer_quickstart [--config.train.steps=500 ...]
 # Several GPUs of one node: launch/gpu_single_node.sh; SLURM: launch/slurm_multinode.sbatch; Cloud
 # TPU slices: launch/tpu_vm.sh (docs/launch.md). DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail

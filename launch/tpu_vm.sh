@@ -6,7 +6,7 @@
 # bucket to each worker's disk). Walkthrough, defaults and costs: docs/launch.md.
 #
 #   PROJECT=my-proj TPU=farmer-v4 TYPE=v4-32 WORKDIR=gs://my-bucket/farmer_1.1b_p16 \
-#   CONFIG=configs/imagenet256.py:1.1B/16,data_dir=gs://my-bucket/tfds \
+#   CONFIG=imagenet256:1.1B/16,data_dir=gs://my-bucket/tfds \
 #   launch/tpu_vm.sh up [--config.x=y ...]
 #
 # Nothing is created unless an action is named. DRY_RUN=1 prints every command (`+ ...`) instead
@@ -66,7 +66,7 @@ settings (environment):
   PROJECT, TPU             always; ZONE defaults from TYPE
   TYPE                     v4-N, v5litepod-N (v5e) or v5p-N, e.g. v4-32, v5litepod-16, v5p-64
   WORKDIR                  gs://BUCKET/PATH (checkpoints, metrics, logs/worker-I.log)
-  CONFIG                   e.g. configs/imagenet256.py:1.1B/16,data_dir=gs://BUCKET/tfds
+  CONFIG                   e.g. imagenet256:1.1B/16,data_dir=gs://BUCKET/tfds
   VERSION                  TPU runtime (default from TYPE);  SPOT=1: Spot capacity
   MESH                     default "(('data', 1), ('fsdp', -1))" (FSDP over the whole slice)
   CACHE                    XLA compilation cache, default gs://BUCKET/xla_cache
@@ -199,13 +199,15 @@ read_run_commit() {
 }
 
 # SHIP_SHA = HEAD, the commit the workers get (git archive). Refuses a commit that is not what the
-# user is looking at, or that lacks the CONFIG file (the part of CONFIG before ':') as it is here.
+# user is looking at, or that lacks the CONFIG file (the part of CONFIG before ':', a shipped
+# config's name standing for farmer_jax/configs/NAME.py) as it is here.
 git_head() {
   local cfg
   if [[ -n ${SHIP_SHA:-} ]]; then return 0; fi
   SHIP_SHA=$(git -C "$ROOT" rev-parse --verify -q HEAD) || die "$ROOT has no commit to ship"
   if [[ -n ${CONFIG:-} ]]; then
     cfg=${CONFIG%%:*}
+    [[ $cfg == */* || $cfg == *.py ]] || cfg=farmer_jax/configs/$cfg.py
     if ! git -C "$ROOT" ls-files --error-unmatch -- "$cfg" >/dev/null 2>&1; then
       [[ ${ALLOW_DIRTY:-0} == 1 ]] ||
         die "the config file $cfg is not tracked by git (or does not exist), so the commit the" \
@@ -474,7 +476,7 @@ finished() {
 smoke_plan() {
   local batch=$(((32 + DEVICES - 1) / DEVICES * DEVICES))  # quickstart's 32, a multiple of DEVICES
   SMOKE_DIR=$WORKDIR/smoke-$(date -u +%Y%m%d-%H%M%S)
-  SMOKE_ARGS=(--config=configs/quickstart.py --workdir="$SMOKE_DIR" --config.train.steps=50
+  SMOKE_ARGS=(--config=quickstart --workdir="$SMOKE_DIR" --config.train.steps=50
     --config.train.log_every=10 --config.train.batch_size="$batch" --config.mesh="$SMOKE_MESH"
     "$@")
   check_local "${SMOKE_ARGS[@]}"

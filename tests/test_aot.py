@@ -253,7 +253,7 @@ def test_compile_flags_without_compile_are_refused(capsys):
   from farmer_jax import cli
   for flag in ("--num_slices=2", "--distill", "--out=x.json"):
     with pytest.raises(SystemExit) as e:
-      cli.run(["farmer_jax", "check", "--config=configs/quickstart.py:tiny", "--workdir=/tmp/x",
+      cli.run(["farmer_jax", "check", "--config=quickstart:tiny", "--workdir=/tmp/x",
                flag])
     assert e.value.code == 2
     err = capsys.readouterr().err
@@ -269,7 +269,7 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
     pytest.skip("libtpu is not installed (pip install 'farmer_jax[tpu-aot]'); it installs on "
                 "x86-64 and aarch64 Linux only")
   out = tmp_path / "fit.json"
-  r = _check("--config=configs/quickstart.py:tiny", "--topology=v5litepod-4",
+  r = _check("--config=quickstart:tiny", "--topology=v5litepod-4",
              "--programs=train,eval,grid,sampler", f"--out={out}")
   assert r.returncode == 0, r.stdout + r.stderr
   assert "every program fits v5litepod-4" in r.stdout
@@ -286,7 +286,7 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
   assert rep["projection"]["steps"] == 200 and rep["projection"]["cost"] > 0
 
   out2 = tmp_path / "over.json"
-  r = _check("--config=configs/quickstart.py:tiny", "--topology=v5litepod-4", "--programs=eval",
+  r = _check("--config=quickstart:tiny", "--topology=v5litepod-4", "--programs=eval",
              "--config.eval.batch_size=400000", f"--out={out2}")
   assert r.returncode == 2, r.stdout + r.stderr
   assert "eval bits/dim" in r.stdout and "DOES NOT FIT" in r.stdout
@@ -296,13 +296,13 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
   assert rep["fits"] is False and rep["programs"][0]["bytes_needed"] > int(15.75 * GIB)
 
   # a distillation: its step and the student's reconstruction error
-  r = _check("--config=configs/quickstart.py:tiny", "--topology=v5litepod-4", "--distill")
+  r = _check("--config=quickstart:tiny", "--topology=v5litepod-4", "--distill")
   assert r.returncode == 0, r.stdout + r.stderr
   assert "distill step (global batch 32" in r.stdout and "student reconstruction error" in r.stdout
   assert "distill step at 40% MFU" in r.stdout
 
   # two slices: the mesh's data axis spans them over DCN
-  r = _check("--config=configs/quickstart.py:tiny", "--topology=v5litepod-4", "--num_slices=2",
+  r = _check("--config=quickstart:tiny", "--topology=v5litepod-4", "--num_slices=2",
              "--programs=train")
   assert r.returncode == 0, r.stdout + r.stderr
   assert "every program fits v5litepod-4 x 2 slices" in r.stdout

@@ -239,9 +239,8 @@ def test_train_whose_checkpoint_cannot_be_written_is_one_line(tmp_path):
   tracebacks, no half-written ``*.orbax-checkpoint-tmp``."""
   from test_export import _file_size_limit
   wd = tmp_path / "run"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, "-m", "farmer_jax", "train",
-                      f"--config={root}/configs/quickstart.py:tiny", f"--workdir={wd}",
+                      "--config=quickstart:tiny", f"--workdir={wd}",
                       "--config.train.steps=2", "--quiet"], capture_output=True, text=True,
                      timeout=600, preexec_fn=_file_size_limit(64 << 10))
   assert r.returncode == 2, r.stderr[-3000:]

@@ -27,7 +27,7 @@ from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.sampling import generate as gen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+QUICKSTART = os.path.join(ROOT, "farmer_jax", "configs", "quickstart.py")  # by path; ok_check: name
 
 DRIVER = r'''
 import json, os, sys, traceback
@@ -117,7 +117,7 @@ def bad_cli(exported, tmp_path_factory):
   cases.append({   # check takes train's command line as is (launch/tpu_vm.sh passes it)
       "id": "ok_check",
       "watch": [str(work)],
-      "args": ["check", f"--config={QUICKSTART}:tiny", f"--workdir={work}/run", "--devices=1",
+      "args": ["check", "--config=quickstart:tiny", f"--workdir={work}/run", "--devices=1",
                "--config_change_ok", "--distributed=auto", "--config.train.steps=3"]
   })
   return run_cli_cases(cases, base), paths
@@ -133,6 +133,9 @@ BAD_CASES = [
     ("distill_missing_config", "distill",
      ["distill", "--config={W}/nope.py", "--workdir={W}/s", "--teacher={M}"],
      ["--config={W}/nope.py: cannot load the config file", "No such file", "Fix:"]),
+    ("unknown_config_name", "train", ["train", "--config=quickstrt:tiny", "--workdir={W}/run"],
+     ["--config=quickstrt:tiny: cannot load the config file", "No such file",
+      "Fix: pass a shipped config (imagenet256, quickstart, tarflow)", "--config=quickstart"]),
     ("config_raises", "train", ["train", "--config={W}/raises.py:big", "--workdir={W}/run"],
      ["--config={W}/raises.py:big", "RuntimeError: no preset called 'big'"]),
     ("bad_config_arg", "train", ["train", "--config={Q}:bogus=1", "--workdir={W}/run"],

@@ -16,8 +16,6 @@ from farmer_jax.config.parse import parse, parse_model
 from farmer_jax.errors import ConfigError
 from farmer_jax.model import abstract_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 DELETE = object()
 
@@ -283,7 +281,7 @@ def test_unknown_model_field():
 def test_cli_reports_bad_config_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   r = subprocess.run([
-      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
+      sys.executable, "-m", "farmer_jax", "train", "--config=quickstart:tiny",
       f"--workdir={workdir}", "--config.model.patch_size=3"
   ],
                      capture_output=True,
@@ -351,7 +349,7 @@ def test_paper_presets_parameter_count(preset):
   differs. At patch 8, d_R = 192 - 128 = 64 makes the head small (200 * 129 * (C + 1)), so the AR is
   119M (1.1B/8) and 348M (1.9B/8), while Table 1 gives one AR count per model size (295M / 498M),
   apparently the patch-16 model's. These three are asserted to stay off Table 1 so that a change
-  that makes them match must also update this test and configs/imagenet256.py's docstring.
+  that makes them match must also update this test and the imagenet256 config's docstring.
   """
   size, patch = preset.split("/")
   m = parse_model(configlib.load("imagenet256:" + preset))
@@ -457,11 +455,11 @@ def test_every_model_field_is_settable(spec):
 
 
 def test_an_override_of_a_field_a_config_file_does_not_write_is_taken(tmp_path):
-  """`farmer_jax check --config=configs/quickstart.py:tiny --config.model.prior=standard_normal`
+  """`farmer_jax check --config=quickstart:tiny --config.model.prior=standard_normal`
   (quickstart writes no 'prior') parses, and the parsed model has that prior."""
   import dataclasses
   out = subprocess.run(
-      [sys.executable, "-m", "farmer_jax", "check", "--config=configs/quickstart.py:tiny",
+      [sys.executable, "-m", "farmer_jax", "check", "--config=quickstart:tiny",
        "--config.model.prior=standard_normal", f"--workdir={tmp_path / 'run'}"],
       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0, out.stderr
@@ -515,8 +513,36 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
     configlib.load("quickstar:tiny")
 
 
+def test_config_flag_takes_a_shipped_name_from_anywhere_or_a_path(tmp_path, monkeypatch):
+  """--config=NAME[:arg] is the shipped farmer_jax/configs/NAME.py, whatever the working
+  directory; anything else is a path, as config_flags reads it (a user's own config)."""
+  from absl import flags
+  from farmer_jax.commands import common
+  shipped = os.path.join(configlib.CONFIGS_DIR, "quickstart.py")
+  assert configlib.resolve("quickstart") == shipped
+  assert configlib.resolve("quickstart:tiny,distill=1") == shipped + ":tiny,distill=1"
+  for spec in ("quickstart.py:tiny", "my/quickstart:tiny", "quickstrt:tiny", "/a/b.py"):
+    assert configlib.resolve(spec) == spec
+  (tmp_path / "mine.py").write_text(
+      "from farmer_jax import configlib\n"
+      "def get_config(arg):\n"
+      "  c = configlib.load('quickstart:' + arg)\n"
+      "  c.train.lr = 0.5\n"
+      "  return c\n")
+  monkeypatch.chdir(tmp_path)
+  for spec, lr in (("quickstart:tiny", 3e-3), ("mine.py:tiny", 0.5)):
+    argv = ["farmer_jax train", f"--config={spec}", "--config.train.steps=2"]
+    monkeypatch.setattr(sys, "argv", argv)   # config_flags reads the overrides from sys.argv
+    fv = flags.FlagValues()
+    common.define_config(fv)
+    fv(argv)
+    want = configlib.load("quickstart:tiny")
+    want.train.update(steps=2, lr=lr)
+    assert fv.config.to_dict() == want.to_dict(), spec
+
+
 def test_the_gpu_overlay_selects_cudnn_attention_in_bf16(tmp_path, capsys):
-  """``configs/imagenet256.py:PRESET,gpu`` (a bool arg alone means true) is the preset with cuDNN's
+  """``imagenet256:PRESET,gpu`` (a bool arg alone means true) is the preset with cuDNN's
   fused attention in bf16 and nothing else changed: an execution choice a run resumes across.
   configlib.gpu on the fp32 quickstart parses too, and `farmer_jax check` shows the choice."""
   from farmer_jax.commands import check

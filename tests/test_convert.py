@@ -324,7 +324,7 @@ def test_tarflow_presets_validate():
 
 @pytest.mark.slow
 def test_train_tarflow_here_then_convert_back(tmp_path):
-  """configs/tarflow.py:tiny trains TARFlow in farmer_jax (N(0, I) prior, TARFlow pixels) end to
+  """tarflow:tiny trains TARFlow in farmer_jax (N(0, I) prior, TARFlow pixels) end to
   end: bits/dim, the sample grid, export, and --to=tarflow."""
   from farmer_jax import configlib
   from farmer_jax.config.parse import parse

@@ -133,10 +133,9 @@ def test_distill_into_the_teachers_own_folder_is_named_as_such(tmp_path):
   (wd / "config.json").write_text("{}")
   os.symlink(wd, tmp_path / "link")
   before = sorted(os.listdir(wd))
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for workdir in (str(wd), str(tmp_path / "link")):
     flags = cli.flag_values("distill")
-    flags(["farmer_jax distill", f"--config={root}/configs/quickstart.py:tiny,distill=1",
+    flags(["farmer_jax distill", "--config=quickstart:tiny,distill=1",
            f"--teacher={wd}", f"--workdir={workdir}", "--quiet"])
     with pytest.raises(ConfigError, match=r"is the teacher's own folder.*Fix: pass a new --workdir"):
       distill.main(flags)

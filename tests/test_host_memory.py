@@ -82,7 +82,7 @@ def test_keep_reuses_freed_memory_without_page_faults():
 
 def test_cli_refuses_a_bad_mode_before_any_work(tmp_path):
   env = dict(os.environ, FARMER_JAX_MALLOC="fast")
-  r = subprocess.run([sys.executable, "-m", "farmer_jax", "train", "--config=configs/quickstart.py",
+  r = subprocess.run([sys.executable, "-m", "farmer_jax", "train", "--config=quickstart",
                       f"--workdir={tmp_path}/run"], capture_output=True, text=True, cwd=ROOT,
                      env=env, timeout=120)
   assert r.returncode == 2

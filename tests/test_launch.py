@@ -24,7 +24,7 @@ SBATCH = LAUNCH / "slurm_multinode.sbatch"
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 JAX_VERSION = re.search(r"^jax==(\S+)$", (LAUNCH / "constraints.txt").read_text(), re.M)[1]
 FSDP_MESH = "(('data', 1), ('fsdp', -1))"
-CONFIG = "configs/imagenet256.py:1.1B/16"
+CONFIG = "imagenet256:1.1B/16"
 
 
 def _path_without_farmer_jax():
@@ -170,7 +170,7 @@ def test_tpu_up_dry_run(tpu_type, zone, version, spot):
                         "gs://bkt/runs/r1/logs"]
   assert words[10:12] == [".venv/bin/farmer_jax", "train"]
   assert words[12:] == [
-      "--config=configs/imagenet256.py:1.1B/16", "--workdir=gs://bkt/runs/r1",
+      "--config=imagenet256:1.1B/16", "--workdir=gs://bkt/runs/r1",
       "--distributed=auto", "--compilation_cache_dir=gs://bkt/xla_cache",
       f"--config.mesh={FSDP_MESH}", "--config.train.steps=7", "--config.x=a b"]
   # the run's commit: read before shipping (none: a first launch), recorded before the first start
@@ -251,10 +251,10 @@ def test_tpu_check_runs_locally_for_the_slice(tmp_path, tpu_type, devices, proce
   checks = [i for i, c in enumerate(cmds) if c[:2] == ["farmer_jax", "check"]]
   paid = [i for i, c in enumerate(cmds) if c[:2] == ["gcloud", "compute"]]
   assert checks[0] == 0 and len(checks) == 2 and checks[1] < paid[0]
-  assert cmds[checks[1]][2] == "--config=configs/quickstart.py"
+  assert cmds[checks[1]][2] == "--config=quickstart"
   line, smoke = log.read_text().splitlines()
   assert smoke.endswith(f"--devices={devices} --processes={processes}")
-  assert line.startswith("check --config=configs/imagenet256.py:1.1B/16 "
+  assert line.startswith("check --config=imagenet256:1.1B/16 "
                          "--workdir=gs://bkt/runs/r1 ")
   assert f"--config.mesh={FSDP_MESH} --config.x=1 " in line
   assert line.endswith(f"--devices={devices} --processes={processes}")
@@ -275,11 +275,11 @@ def test_tpu_check_needs_farmer_jax_installed():
 
 
 def _temp_repo(tmp_path):
-  """A git repository with launch/ and configs/imagenet256.py committed."""
+  """A git repository with launch/ and farmer_jax/configs/imagenet256.py committed."""
   repo = tmp_path / "repo"
   shutil.copytree(LAUNCH, repo / "launch")
-  (repo / "configs").mkdir()
-  (repo / "configs" / "imagenet256.py").write_text("# config\n")
+  (repo / "farmer_jax" / "configs").mkdir(parents=True)
+  (repo / "farmer_jax" / "configs" / "imagenet256.py").write_text("# config\n")
   git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
   subprocess.run(git[:3] + ["init", "-q"], check=True)
   subprocess.run(git + ["add", "-A"], check=True)
@@ -300,15 +300,17 @@ def test_tpu_refuses_a_dirty_tree(tmp_path):
 
 @pytest.mark.parametrize("case", ["untracked", "staged", "modified", "missing"])
 def test_tpu_refuses_a_config_file_that_head_lacks(tmp_path, case):
-  """`git archive HEAD` ships only committed files: the CONFIG file must be in HEAD as it is."""
+  """`git archive HEAD` ships only committed files: the CONFIG file must be in HEAD as it is (a
+  shipped config's name stands for its file in farmer_jax/configs/)."""
   repo = _temp_repo(tmp_path)
-  config = {"untracked": "configs/mine.py", "staged": "configs/mine.py",
-            "modified": "configs/imagenet256.py", "missing": "configs/nope.py"}[case]
+  config, spec = {"untracked": ("mine.py",) * 2, "staged": ("mine.py",) * 2,
+                  "modified": ("farmer_jax/configs/imagenet256.py", "imagenet256"),
+                  "missing": ("configs/nope.py",) * 2}[case]
   if case != "missing":
     (repo / config).write_text("# edited\n")
   if case == "staged":
     subprocess.run(["git", "-C", str(repo), "add", config], check=True)
-  env = tpu_env(TYPE="v4-32", ALLOW_DIRTY=None, CONFIG=f"{config}:1.1B/16,data_dir=gs://b/tfds")
+  env = tpu_env(TYPE="v4-32", ALLOW_DIRTY=None, CONFIG=f"{spec}:1.1B/16,data_dir=gs://b/tfds")
   for action in ("up", "resume"):
     rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", action, env=env, cwd=repo)
     assert rc != 0 and not cmds, (action, out)
@@ -317,7 +319,7 @@ def test_tpu_refuses_a_config_file_that_head_lacks(tmp_path, case):
                            cwd=repo)
   assert rc == 0 and find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp"), err
   assert config in err                                  # warned
-  env["CONFIG"] = "configs/imagenet256.py:1.1B/16"      # committed and clean: no complaint
+  env["CONFIG"] = "imagenet256:1.1B/16"   # a name; committed and clean: no complaint
   if case != "modified":
     rc, out, err, cmds = run(repo / "launch" / "tpu_vm.sh", "up", env=env, cwd=repo)
     assert (rc == 0) == (case in ("untracked", "missing")), err
@@ -666,7 +668,7 @@ def test_tpu_smoke(tpu_type, batch, devices, processes):
   probe, data, smoke = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
   assert flag(data, "--worker") == "all"
   assert _exec_line(data)[3:] == [
-      ".venv/bin/farmer_jax", "check", "--config=configs/imagenet256.py:1.1B/16",
+      ".venv/bin/farmer_jax", "check", "--config=imagenet256:1.1B/16",
       "--workdir=gs://bkt/runs/r1", f"--config.mesh={FSDP_MESH}", f"--devices={devices}",
       f"--processes={processes}", "--read_records=16"]
   probe = _exec_line(probe)
@@ -678,7 +680,7 @@ def test_tpu_smoke(tpu_type, batch, devices, processes):
   assert words[5:7] == ["fg", "smoke"]
   assert re.fullmatch(r"gs://bkt/runs/r1/smoke-\d{8}-\d{6}/logs", words[7])
   assert words[8:] == [
-      ".venv/bin/farmer_jax", "train", "--config=configs/quickstart.py",
+      ".venv/bin/farmer_jax", "train", "--config=quickstart",
       f"--workdir={words[7][:-5]}", "--distributed=auto", "--config.train.steps=50",
       "--config.train.log_every=10", f"--config.train.batch_size={batch}",
       "--config.mesh=(('data', -1), ('fsdp', 1))"]
@@ -701,7 +703,7 @@ def test_slurm_header_one_process_per_gpu():
 
 
 def test_slurm_dry_run_requeues_only_without_summary(tmp_path):
-  env = {"DRY_RUN": "1", "CONFIG": "configs/imagenet256.py:1.9B/8", "WORKDIR": str(tmp_path),
+  env = {"DRY_RUN": "1", "CONFIG": "imagenet256:1.9B/8", "WORKDIR": str(tmp_path),
          "PYTHON": sys.executable, "SLURM_CPUS_PER_TASK": "12"}
   rc, out, err, cmds = run(SBATCH, "--config.x=1", env=env)
   assert rc == 0, err
@@ -822,16 +824,16 @@ def test_slurm_needs_a_job_outside_dry_run():
 
 
 def test_single_node_launchers_dry_run():
-  env = {"DRY_RUN": "1", "CONFIG": "configs/quickstart.py", "WORKDIR": "/tmp/w"}
+  env = {"DRY_RUN": "1", "CONFIG": "quickstart", "WORKDIR": "/tmp/w"}
   rc, out, err, cmds = run(LAUNCH / "gpu_single_node.sh", "--config.x=1", env=env)
   assert rc == 0, err
   assert f"XLA_FLAGS={GPU_XLA_FLAGS}\n" in out
-  assert cmds == [["python", "-m", "farmer_jax", "train", "--config=configs/quickstart.py",
+  assert cmds == [["python", "-m", "farmer_jax", "train", "--config=quickstart",
                    "--workdir=/tmp/w", f"--config.mesh={FSDP_MESH}", "--config.x=1"]]
-  rc, _, err, cmds = run(LAUNCH / "local.sh", "configs/quickstart.py", "/tmp/w", "--x=1",
+  rc, _, err, cmds = run(LAUNCH / "local.sh", "quickstart", "/tmp/w", "--x=1",
                          env={"DRY_RUN": "1"})
   assert rc == 0 and cmds == [["python", "-m", "farmer_jax", "train",
-                               "--config=configs/quickstart.py", "--workdir=/tmp/w", "--x=1"]]
+                               "--config=quickstart", "--workdir=/tmp/w", "--x=1"]]
 
 
 def _wait_for(pred, timeout=10.0):
@@ -1144,7 +1146,7 @@ def _two_commit_repo(tmp_path):
   head = lambda: subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,  # noqa
                                 check=True).stdout.strip()
   first = head()
-  (repo / "configs" / "other.py").write_text("# a fix\n")
+  (repo / "farmer_jax" / "configs" / "other.py").write_text("# a fix\n")
   subprocess.run(git + ["add", "-A"], check=True)
   subprocess.run(git + ["commit", "-q", "-m", "fix"], check=True)
   return repo, git, first, head()
@@ -1542,7 +1544,7 @@ def test_smoke_data_read_from_a_bucket(tmp_path, gcs_stub):
   root, env, paths = gcs_stub
   _prepare_pets(tmp_path, root / "bkt" / "tfds")
   r = subprocess.run(
-      [sys.executable, "-m", "farmer_jax", "check", "--config=configs/quickstart.py:tiny",
+      [sys.executable, "-m", "farmer_jax", "check", "--config=quickstart:tiny",
        f"--workdir={tmp_path / 'run'}", "--config.data.name=tfds:pets",
        "--config.data.data_dir=gs://bkt/tfds", "--config.data.channels=3",
        "--config.data.num_classes=2", "--config.eval.split=validation",
@@ -1565,6 +1567,6 @@ def test_smoke_data_read_from_a_bucket(tmp_path, gcs_stub):
 def test_check_read_records_refusals(flags, message, capsys):
   from farmer_jax import cli
   with pytest.raises(SystemExit) as e:
-    cli.run(["farmer_jax", "check", "--config=configs/quickstart.py:tiny", "--workdir=/tmp/x",
+    cli.run(["farmer_jax", "check", "--config=quickstart:tiny", "--workdir=/tmp/x",
              *flags])
   assert e.value.code == 2 and f"farmer_jax check: {message}" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The paper run rehearsed at reduced width: the ImageNet preset (configs/imagenet256.py, 1.1B/16)
+"""The paper run rehearsed at reduced width: the ImageNet preset (imagenet256:1.1B/16)
 with its structure -- 256x256 RGB, patch 16 (N = 256 tokens of d = 768), the AR GMM prior with
 dimension reduction (d_I = 128, K_I = 64, K_R = 200), the 64-token class prefix, FSDP over every
 device, resampling CFG -- and only widths, depths, heads, batch, steps and eval/sample sizes made
@@ -156,7 +156,7 @@ def _image_folders(base):
 
 def _train_args(data_dir):
   return [
-      "train", f"--config={ROOT}/configs/imagenet256.py:{PRESET},batch={DEVICES},"
+      "train", f"--config=imagenet256:{PRESET},batch={DEVICES},"
       f"data=tfds:rehearsal,data_dir={data_dir},resize=none", f"--workdir={WORKDIR}",
       f"--compilation_cache_dir={BUCKET}/xla_cache", *TINY]
 

@@ -15,10 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from farmer_jax import configlib
 from farmer_jax.artifacts.runs import RunDir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from farmer_jax import configlib  # noqa: E402
 
 STEPS, EVERY = 60, 10
 KILL_SEED = 1234          # picks the kill points; fixed and printed so that a failure reproduces
@@ -26,7 +24,7 @@ KILL_SEED = 1234          # picks the kill points; fixed and printed so that a f
 
 def _cmd(workdir, steps=STEPS, extra=()):
   return [
-      sys.executable, "-m", "farmer_jax", "train", f"--config={ROOT}/configs/quickstart.py:tiny",
+      sys.executable, "-m", "farmer_jax", "train", "--config=quickstart:tiny",
       f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.ckpt_every={EVERY}",
       "--config.train.log_every=10", "--config.train.warmup_steps=5", "--quiet", *extra
   ]
@@ -236,7 +234,7 @@ def test_sigterm_at_any_moment_exits_0(tmp_path, delay):
 
 def _distill_cmd(teacher, workdir):
   return [sys.executable, "-m", "farmer_jax", "distill",
-          f"--config={ROOT}/configs/quickstart.py:tiny,distill=1", f"--teacher={teacher}",
+          "--config=quickstart:tiny,distill=1", f"--teacher={teacher}",
           f"--workdir={workdir}", "--config.train.steps=100000", "--config.train.log_every=10",
           "--quiet"]
 

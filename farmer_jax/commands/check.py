@@ -17,7 +17,7 @@ from farmer_jax.errors import UserError
 
 PURPOSE = ("check a train command line for a target machine count, or compile every program of "
            "the run for a TPU slice, starting nothing")
-EXAMPLE = ("farmer_jax check --config=configs/imagenet256.py:1.9B/8 --topology=v5p-64 "
+EXAMPLE = ("farmer_jax check --config=imagenet256:1.9B/8 --topology=v5p-64 "
            "[--out=fit.json]   (or --workdir=gs://b/run --devices=64 --processes=16)")
 
 FLAGS = (

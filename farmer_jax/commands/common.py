@@ -10,6 +10,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
+from farmer_jax import configlib
 from farmer_jax.errors import UserError
 
 
@@ -50,10 +51,17 @@ def define_output(fv):
       "shown only for bugs).", flag_values=fv)
 
 
-def define_config(fv, help_text="Path to a configs/*.py file (optionally ':arg')."):
-  """--config=FILE[:arg] with --config.a.b=value overrides. config_flags reads the overrides from
-  sys.argv when --config is parsed (cli.run sets it to the command's arguments)."""
+def define_config(fv, help_text=None):
+  """--config=NAME[:arg] (farmer_jax/configs/NAME.py) or --config=FILE.py[:arg], with
+  --config.a.b=value overrides. config_flags reads the overrides from sys.argv when --config is
+  parsed (cli.run sets it to the command's arguments)."""
+  if help_text is None:
+    help_text = (f"A shipped config by name ({', '.join(configlib.available())}) or a path to a "
+                 "config .py file, optionally with ':arg' (e.g. quickstart:tiny).")
   config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, lock_config=True)
+  parser = fv["config"].parser   # config_flags' file loader, given a shipped name's file
+  load_file = parser.parse
+  parser.parse = lambda spec: load_file(configlib.resolve(spec))
 
 
 def define_run(fv, workdir_help, before_workdir=()):

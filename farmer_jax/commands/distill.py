@@ -10,7 +10,7 @@ from farmer_jax.commands import common, exits
 from farmer_jax.errors import ConfigError
 
 PURPOSE = "distill a pretrained model's AF inverse into a one-step student"
-EXAMPLE = ("farmer_jax distill --config=configs/quickstart.py:distill=1 --teacher=/tmp/run "
+EXAMPLE = ("farmer_jax distill --config=quickstart:distill=1 --teacher=/tmp/run "
            "--workdir=/tmp/s")
 
 
@@ -96,7 +96,7 @@ def teacher_config(config, teacher_run_config):
   if diff:
     raise ConfigError(f"--config describes another model than the teacher's: {'; '.join(diff)}. "
                       "Fix: distill with the config the teacher was trained with (e.g. "
-                      "configs/quickstart.py:distill=1 for a quickstart run)")
+                      "--config=quickstart:distill=1 for a quickstart run)")
   out = ml_collections.ConfigDict(config.to_dict())
   for k in ("image_size", "channels", "num_classes"):
     out.data[k] = teacher_run_config.data[k]

@@ -12,6 +12,7 @@ import traceback
 
 from absl import app, flags, logging
 
+from farmer_jax import configlib
 from farmer_jax.errors import UserError
 
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
@@ -146,8 +147,8 @@ def parse_flags(cmd, flag_values, argv, debug, owners):
       detail = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
       fail(cmd,
            f"--config={spec}: cannot load the config file ({detail}). "
-           "Fix: pass an existing configs/*.py "
-           "file, e.g. --config=configs/quickstart.py",
+           f"Fix: pass a shipped config ({', '.join(configlib.available())}) or an existing "
+           ".py config file, e.g. --config=quickstart",
            show_traceback=debug,
            keep_stderr=debug)
   return rest
@@ -193,7 +194,7 @@ def flag_error_message(e, argv, owners=lambda name: []):
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return (
         f"--config={spec}: the config file raised {lines[-1]}. Fix: check the file and its ':arg' "
-        "(e.g. configs/quickstart.py:tiny)")
+        "(e.g. quickstart:tiny)")
   if isinstance(e, flags.Error):
     if re.match(r"flag --config\.", text):
       return f"{text}. Fix: give the field a value of its type (see {spec})"

@@ -6,7 +6,7 @@ from absl import app
 from farmer_jax.commands import common, exits
 
 PURPOSE = "train a model from a config file into --workdir (resumes the run found there)"
-EXAMPLE = ("farmer_jax train --config=configs/quickstart.py --workdir=/tmp/run "
+EXAMPLE = ("farmer_jax train --config=quickstart --workdir=/tmp/run "
            "[--config.train.steps=500]")
 
 
@@ -16,7 +16,7 @@ def define_flags(fv):
 
 def main(f):
   if f.config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
+    raise app.UsageError("--config is required, e.g. --config=quickstart")
   if not f.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/farmer_quickstart")
   common.start_jax(f)

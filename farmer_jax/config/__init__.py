@@ -1,4 +1,4 @@
-"""The run config: a ``ml_collections.ConfigDict`` (configs/*.py) parsed once, at the entry point,
+"""The run config: a ``ml_collections.ConfigDict`` parsed once, at the entry point,
 into a typed, validated ``RunConfig``.
 
   rules.py   the one rule style: per-field rules (a predicate, why, fix) and a section's ``check()``

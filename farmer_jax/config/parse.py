@@ -1,4 +1,4 @@
-"""A run config (``ml_collections.ConfigDict``, configs/*.py) -> ``RunConfig``, parsed and checked
+"""A run config (``ml_collections.ConfigDict``) -> ``RunConfig``, parsed and checked
 once at the entry point, before anything touches the disk; every refusal names the field, its value
 and the fix. Library code takes the typed sections and trusts them.
 
@@ -46,8 +46,8 @@ def section(config, name):
   """``config.<name>``; ConfigError if the run config has no such section."""
   if name not in config or config[name] is None:
     raise ConfigError(
-        f"config has no '{name}' section; start from configs/quickstart.py (a run config needs "
-        "data, model, train, eval, sample, mesh and sharding_rules)")
+        f"config has no '{name}' section; start from the quickstart config (a run config "
+        "needs data, model, train, eval, sample, mesh and sharding_rules)")
   return config[name]
 
 
@@ -59,7 +59,8 @@ def parse_model(config) -> ModelConfig:
     section(config, name)
   for f in DATA_SHAPE_FIELDS:
     if f not in config.data:
-      raise ConfigError(f"config.data has no '{f}' field; start from configs/quickstart.py")
+      raise ConfigError(f"config.data has no '{f}' field; start from the quickstart "
+                        "config")
   return ModelConfig.from_section(config.model, **{f: config.data[f] for f in DATA_SHAPE_FIELDS})
 
 

@@ -277,7 +277,7 @@ class ModelConfig(Section):
             self.attention, "cuDNN's fused attention takes bf16/fp16 inputs only, and "
             "model.dtype='float32' computes in fp32",
             "set --config.model.dtype=bfloat16 (the GPU overlay sets both, e.g. "
-            "--config=configs/imagenet256.py:1.1B/16,gpu), or --config.model.attention=xla in "
+            "--config=imagenet256:1.1B/16,gpu), or --config.model.attention=xla in "
             "fp32")
 
 

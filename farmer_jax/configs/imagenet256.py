@@ -1,12 +1,12 @@
 """FARMER on ImageNet 256x256, class-conditional, presets exactly as the paper's Table 1.
 
-  farmer_jax train --config=configs/imagenet256.py:1.1B/16,data_dir=gs://bucket/tfds \
+  farmer_jax train --config=imagenet256:1.1B/16,data_dir=gs://bucket/tfds \
       --workdir=gs://bucket/farmer_1.1b_p16
-  farmer_jax train --config=configs/imagenet256.py:model=1.9B/8,batch=1024,data_dir=... ...
+  farmer_jax train --config=imagenet256:model=1.9B/8,batch=1024,data_dir=... ...
   # on GPUs: cuDNN's fused attention (bf16), configlib.gpu (docs/performance.md "GPUs")
-  farmer_jax train --config=configs/imagenet256.py:1.1B/16,gpu,data_dir=/data/tfds ...
+  farmer_jax train --config=imagenet256:1.1B/16,gpu,data_dir=/data/tfds ...
   # a dataset written by `farmer_jax prepare` (already 256x256): data=tfds:NAME,resize=none
-  farmer_jax distill --config=configs/imagenet256.py:1.1B/16,distill=1,data_dir=... \
+  farmer_jax distill --config=imagenet256:1.1B/16,distill=1,data_dir=... \
       --teacher=gs://bucket/farmer_1.1b_p16 --workdir=gs://bucket/farmer_1.1b_p16_student
   # the distillation preset: 60 epochs (paper), lr 1e-4 -> 1e-6 as pretraining (not stated)
 
