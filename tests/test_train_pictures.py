@@ -107,6 +107,7 @@ def test_curve_panels_from_rows_of_a_resumed_run():
   assert list(loss.xs) == [50, 100, 150] and loss.ys[:2] == [2.0, 1.4] and math.isnan(loss.ys[2])
   assert [list(s.xs) for s in ev.series] == [[100], [100]]
   assert [s.ys for s in ev.series] == [[3.0], [3.1]]
+  assert train.xlim == ev.xlim == (50, 150)    # one step axis for both panels
 
 
 # --------------------------------------------------------------------------- layout and settings

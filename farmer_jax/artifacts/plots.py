@@ -8,7 +8,7 @@ series of one point is drawn as its marker."""
 import dataclasses
 import io
 import math
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -18,7 +18,7 @@ from farmer_jax.artifacts import storage
 # the colours of a panel's series, in order (RGB)
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 _AXIS, _GRID, _TEXT, _WHITE = (0, 0, 0), (225, 225, 225), (0, 0, 0), (255, 255, 255)
-# pixels around each panel's plotting area: left (y tick labels), right, top (title), bottom (x ticks)
+# pixels around a panel's plotting area: left (y tick labels), right, top (title), bottom (x ticks)
 _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 24, 34
 
 
@@ -34,11 +34,12 @@ class Series:
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
-  """A plot: its ``title`` (above it), the x axis's label and its series (coloured by COLORS in
-  order)."""
+  """A plot: its ``title`` (above it), its series (coloured by COLORS in order), the x axis's label
+  and limits (None: those of the data; panels of one figure share them)."""
   title: str
   series: Sequence[Series]
   xlabel: str = "step"
+  xlim: Optional[Tuple[float, float]] = None
 
 
 def nice_ticks(lo, hi, target=5):
@@ -102,7 +103,7 @@ def panel_frame(panel, width, height, y_offset=0):
          if math.isfinite(x) and math.isfinite(y)]
   if not pts:
     return None
-  x0, x1 = _limits([p[0] for p in pts])
+  x0, x1 = panel.xlim or _limits([p[0] for p in pts])
   y0, y1 = _limits([p[1] for p in pts])
   pad = 0.05 * (y1 - y0)
   return Frame(_LEFT, y_offset + _TOP, width - _RIGHT, y_offset + height - _BOTTOM, x0, x1,
@@ -197,13 +198,15 @@ def curve_panels(rows):
                                                                     (int, float))]
     return Series(label, [p[0] for p in pts], [p[1] for p in pts], marker)
 
+  logged = [s for s in steps if any(k.startswith(("train/", "eval/")) for k in by_step[s])]
+  xlim = _limits(logged)
   evals = [series("eval/bpd", "eval bits/dim", True)]
   if any("eval/bpd_uncond" in by_step[s] and by_step[s]["eval/bpd_uncond"] != by_step[s].get(
       "eval/bpd") for s in steps):
     evals.append(series("eval/bpd_uncond", "eval bits/dim (null label)", True))
   return [Panel("train loss (nats/dim, noise-dequantized batch)",
-                [series("train/loss", "train loss")]),
-          Panel("eval bits/dim (uniform dequantization)", evals)]
+                [series("train/loss", "train loss")], xlim=xlim),
+          Panel("eval bits/dim (uniform dequantization)", evals, xlim=xlim)]
 
 
 def write_curves(rows, path):

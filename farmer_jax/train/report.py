@@ -54,6 +54,7 @@ def sample_grid(tr, path, classes=None):
                               batch_size=grid_batch_size(tr.run, tr.mesh, rows=len(classes)),
                               progress=tr.bars, batch_sharding=tr.batch_sh)
   if jax.process_index() == 0:
+    storage.makedirs(storage.parent(path))
     save_grid(images, path)
   return images
 

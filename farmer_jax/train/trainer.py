@@ -470,8 +470,8 @@ class _Rows:
 
 def train_and_report(run, workdir, quiet=False, config_change_ok=False, abandon=None):
   """The `farmer_jax train` command: train, then report (train/report.py: test bits/dim,
-  samples.png, curves.png, summary.json; a preempted run: curves.png); returns (summary dict, trainer). ``abandon``: what a SIGTERM during
-  start-up calls (train/preemption.py).
+  samples.png, curves.png, summary.json; a preempted run: curves.png); returns (summary dict,
+  trainer). ``abandon``: what a SIGTERM during start-up calls (train/preemption.py).
 
   The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd``
   with the true labels, -log p(x|y), and ``test_bpd_uncond`` with the null label, -log p(x|null)
