@@ -7,6 +7,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +230,31 @@ def test_periodic_grids_leave_the_trajectory_alone_and_survive_resume(tmp_path):
   assert Image.open(grids[40]).size == _grid_size(4, 2)
   assert os.path.exists(os.path.join(run.step_samples, "mine.png"))
   assert json.load(open(run.config))["sample"]["periodic_classes"] == 4
+
+
+@pytest.mark.slow   # two processes' compiles: ~1.5 min on 2 cores
+def test_periodic_grid_of_a_two_process_run_in_a_bucket(tmp_path):
+  """2 processes (4 fake devices each) into a gs:// workdir: each draws its share of the periodic
+  grid, process 0 writes samples/step_5.png (3 classes) and TensorBoard's image into the bucket,
+  and curves.png; nothing lands in the working directory."""
+  from conftest import fake_devices_env
+  from test_multiprocess import _free_port
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  env = dict(fake_devices_env(4), FAKE_GCS_ROOT=str(bucket))
+  addr = f"127.0.0.1:{_free_port()}"
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pictures_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, "gs://fake-bucket/run", addr, str(i)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path) for i in (0, 1)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  run = RunDir(str(bucket / "fake-bucket" / "run"))
+  assert sorted(run.step_grids()) == [5]
+  assert Image.open(run.step_grid(5)).size == _grid_size(3, 2)
+  assert Image.open(run.curves).format == "PNG"
+  tb = [(step, (v.image.width, v.image.height))
+        for tag, step, v in _values(_events(run.tensorboard)) if tag == "samples"]
+  assert tb == [(5, _grid_size(3, 2)), (10, _grid_size(10, 2))]
+  assert sorted(os.listdir(tmp_path)) == ["bucket"]

@@ -23,7 +23,7 @@ from farmer_jax.artifacts import runs, storage
 from farmer_jax.artifacts.metrics import flat_hparams
 from farmer_jax.config.parse import RunConfig, resolved_config
 from farmer_jax.data.pipeline import TrainInput, eval_batches
-from farmer_jax.errors import ConfigError
+from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.eval.likelihood import eval_scalars
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.optim import make_optimizer
@@ -134,8 +134,9 @@ def _init_flow(setup):
 def _periodic_eval(tr, writer, step):
   """Bits/dim of the eval split at ``step`` -> metrics.jsonl and TensorBoard as ``eval/bpd``,
   ``eval/bpd_uncond`` and the NLL terms; the grid of ``config.sample.periodic_classes`` classes
-  -> WORKDIR/samples/step_N.png and TensorBoard's ``samples``. Neither touches the train state or
-  its keys: the training trajectory is the same with or without them."""
+  -> WORKDIR/samples/step_N.png and TensorBoard's ``samples`` (a grid with non-finite samples is
+  reported and skipped, not fatal). Neither touches the train state or its keys: the training
+  trajectory is the same with or without them."""
   tr.check_finite()
   res = evaluate(tr, leave=False)
   writer.write(step, eval_scalars(res), prefix="eval")
@@ -143,8 +144,13 @@ def _periodic_eval(tr, writer, step):
   classes = periodic_classes(tr.run)
   if classes:
     path = tr.rundir.step_grid(step)
-    log_grid(writer, sample_grid(tr, path, classes), step)
-    said += f"; samples -> {path}"
+    try:
+      images = sample_grid(tr, path, classes)
+    except UserError as e:   # non-finite samples (every process sees them): training goes on
+      said += f"; no sample grid: {e}"
+    else:
+      log_grid(writer, images, step)
+      said += f"; samples -> {path}"
   tr.log(f"step {step}: {said}")
 
 
