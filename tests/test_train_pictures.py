@@ -232,7 +232,7 @@ def test_periodic_grids_leave_the_trajectory_alone_and_survive_resume(tmp_path):
   assert json.load(open(run.config))["sample"]["periodic_classes"] == 4
 
 
-@pytest.mark.slow   # two processes' compiles: ~1.5 min on 2 cores
+@pytest.mark.slow   # two processes' compiles: ~2 min on 2 busy cores
 def test_periodic_grid_of_a_two_process_run_in_a_bucket(tmp_path):
   """2 processes (4 fake devices each) into a gs:// workdir: each draws its share of the periodic
   grid, process 0 writes samples/step_5.png (3 classes) and TensorBoard's image into the bucket,
