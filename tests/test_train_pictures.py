@@ -187,7 +187,7 @@ def _tiny(steps, periodic, every=10):
   return c
 
 
-@pytest.mark.slow   # three short trainings with their compiles: ~1.5 min on 2 cores
+@pytest.mark.slow   # three short trainings with their compiles: ~1.5 min on 2 busy cores
 def test_periodic_grids_leave_the_trajectory_alone_and_survive_resume(tmp_path):
   """eval.every = 10 over 30 steps: grids at steps 10 and 20 (the last step's grid is samples.png),
   of 4 spread classes, in samples/ and in TensorBoard; the train rows of metrics.jsonl are the

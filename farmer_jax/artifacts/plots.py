@@ -1,8 +1,8 @@
 """Line plots as PNG, drawn with PIL alone: the run's training curves (``write_curves``:
 WORKDIR/curves.png, the train loss and the eval bits/dim per logged step from metrics.jsonl).
 
-A figure is a column of ``Panel`` s sharing nothing but their width; each has linear axes fitted to
-its finite points, ticks at round numbers, and a legend. A non-finite value breaks its line; a
+A figure is a column of ``Panel`` s of one width; each has linear axes fitted to its finite points
+(or the x limits it is given, e.g. one step axis for all), ticks at round numbers, and a legend. A non-finite value breaks its line; a
 series of one point is drawn as its marker."""
 
 import dataclasses
@@ -153,8 +153,8 @@ def _draw_panel(draw, font, panel, width, height, y_offset):
 
 
 def _draw_series(draw, f, s, color):
-  """The series' line, broken at non-finite points, and its markers (every point of a marked
-  series; a point with no finite neighbour in any series)."""
+  """The series' line, broken at non-finite points, and its markers (at every point of a marked
+  series, and at a point whose neighbours in the series are not finite: it has no line)."""
   points = [f.to_px(x, y) if math.isfinite(x) and math.isfinite(y) else None
             for x, y in zip(s.xs, s.ys)]
   for a, b in zip(points, points[1:]):
