@@ -482,7 +482,8 @@ def test_typed_sections_hold_the_defaults_and_configs_load_by_name():
   assert configlib.base_eval().to_dict() == dataclasses.asdict(EvalConfig())
   assert EvalConfig.from_section(configlib.base_eval()) == EvalConfig()
   base_sample = configlib.base_sample()
-  assert sorted(base_sample) == sorted(SAMPLER_KEYS + ("per_class", "seed", "batch_size"))
+  assert sorted(base_sample) == sorted(SAMPLER_KEYS + ("per_class", "seed", "batch_size",
+                                                       "periodic_classes"))
   assert SampleConfig.from_section(base_sample) == SampleConfig()
   assert SampleConfig.from_section(base_sample).sampler == SamplerConfig()
   grid = SampleConfig.from_section(configlib.load("imagenet256:1.1B/16").sample)

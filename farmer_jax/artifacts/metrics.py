@@ -1,4 +1,5 @@
-"""Metric sinks: JSONL file + TensorBoard events (tensorboardX). Only process 0 writes.
+"""Metric sinks: JSONL file + TensorBoard events (tensorboardX: scalars, images, the run's
+hyperparameters). Only process 0 writes.
 
 A workdir in a bucket (``gs://...``) cannot be appended to: the sinks then write to a local staging
 folder that is copied to the workdir every ``sync_every`` seconds and at close.
@@ -11,6 +12,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 
 from farmer_jax.artifacts import runs, storage
 from farmer_jax.artifacts.runs import RunDir
@@ -59,6 +61,28 @@ class MetricWriter:
     if self._stage is not None and time.time() - self._synced >= self.sync_every:
       self._sync()
 
+  def image(self, tag: str, image, step: int):
+    """A uint8 image (H, W) or (H, W, C) to TensorBoard as ``tag`` at ``step``."""
+    if not self.active:
+      return
+    image = np.asarray(image, np.uint8)
+    if image.ndim == 2:
+      image = image[..., None]
+    self._tb.add_image(tag, image, int(step), dataformats="HWC")
+    self._tb.flush()
+
+  def hparams(self, params: dict, metrics=()):
+    """The run's hyperparameters (``params``: name -> number, bool or string; ``flat_hparams``)
+    to TensorBoard's HPARAMS tab, in this run's own event file (tensorboardX's ``add_hparams``
+    would open a sub-run folder); ``metrics``: the scalar tags the tab shows beside them."""
+    if not self.active:
+      return
+    from tensorboardX.summary import hparams
+    experiment, start, _ = hparams(params, {tag: None for tag in metrics})
+    for summary in (experiment, start):
+      self._tb.file_writer.add_summary(summary)
+    self._tb.flush()
+
   def _sync(self):
     if self._jsonl_path is not None:
       with open(self._jsonl_path) as f:
@@ -79,6 +103,26 @@ class MetricWriter:
         if sync:
           self._sync()
         shutil.rmtree(self._stage, ignore_errors=True)
+
+
+def flat_hparams(config, prefix=""):
+  """A (nested) config as TensorBoard hyperparameters: {'model.ar_width': 64, ...}; numbers, bools
+  and strings kept, None left out, anything else (tuples, lists) as its repr."""
+  out = {}
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      out.update(flat_hparams(v, name + "."))
+    elif v is not None:
+      out[name] = v if isinstance(v, (bool, int, float, str)) else repr(v)
+  return out
+
+
+def read_rows(path):
+  """The usable rows of metrics.jsonl in file order (unusable lines skipped; none if no file)."""
+  if not storage.exists(path):
+    return []
+  return [row for _, row, _ in _rows(path) if row is not None]
 
 
 def _rows(path):

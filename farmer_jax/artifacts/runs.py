@@ -9,6 +9,8 @@ A run folder (``RunDir``)::
   WORKDIR/metrics.jsonl      one JSON row per logged step (artifacts/metrics.py)
   WORKDIR/tb/                TensorBoard events
   WORKDIR/samples.png        the class grid sampled after training
+  WORKDIR/samples/step_N.png the grid sampled at step N's periodic eval (config.eval.every)
+  WORKDIR/curves.png         the train loss and eval bits/dim per logged step (artifacts/plots.py)
   WORKDIR/summary.json       test bits/dim and timings (train/report.py)
   WORKDIR/.farmer_jax.lock   held while a run trains (artifacts/lock.py)
   WORKDIR/profile/           profiler traces (train.profile_steps > 0)
@@ -34,6 +36,9 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 SAMPLES = "samples.png"
+STEP_SAMPLES = "samples"
+STEP_GRID = "step_{}.png"
+CURVES = "curves.png"
 SUMMARY = "summary.json"
 LOCK = ".farmer_jax.lock"
 PROFILE = "profile"
@@ -63,10 +68,29 @@ class _Layout:
 
 class RunDir(_Layout):
   """Paths of a training run's folder: .config .checkpoints .metrics .tensorboard .samples
-  .summary .lock"""
+  .step_samples .curves .summary .lock; ``step_grid(step)`` and ``step_grids()``: the periodic
+  grids."""
   _FILES = {"config": (CONFIG, False), "checkpoints": (CHECKPOINTS, True),
             "metrics": (METRICS, False), "tensorboard": (TENSORBOARD, False),
-            "samples": (SAMPLES, False), "summary": (SUMMARY, False), "lock": (LOCK, True)}
+            "samples": (SAMPLES, False), "step_samples": (STEP_SAMPLES, False),
+            "curves": (CURVES, False), "summary": (SUMMARY, False), "lock": (LOCK, True)}
+
+  def step_grid(self, step):
+    """The path of the grid sampled at ``step``."""
+    return storage.join(self.step_samples, STEP_GRID.format(int(step)))
+
+  def step_grids(self):
+    """{step: path} of the periodic grids in the run folder (other files there are not theirs)."""
+    folder = self.step_samples
+    if not storage.isdir(folder):
+      return {}
+    prefix, suffix = STEP_GRID.split("{}")
+    out = {}
+    for name in storage.listdir(folder):
+      mid = name[len(prefix):len(name) - len(suffix)]
+      if name.startswith(prefix) and name.endswith(suffix) and mid.isdigit():
+        out[int(mid)] = storage.join(folder, name)
+    return out
 
 
 class ExportDir(_Layout):

@@ -682,7 +682,8 @@ def _sampler_value(key, v, typ):
 @dataclasses.dataclass(frozen=True)
 class SampleConfig(Section):
   """``config.sample``: the sample grid a training run writes (``per_class`` samples of every
-  class, ``seed``, ``batch_size`` at once) and how to sample it: the SAMPLER_KEYS, flat, parsed
+  class, ``seed``, ``batch_size`` at once; ``periodic_classes`` of them at every periodic eval)
+  and how to sample it: the SAMPLER_KEYS, flat, parsed
   into ``sampler``."""
   SECTION = "sample"
   per_class: int = _field(8, ("int", 1, None, "e.g. --config.sample.per_class=8"))
@@ -690,6 +691,12 @@ class SampleConfig(Section):
   # samples drawn at once (the global batch, split over the mesh's data-parallel slots): bounds
   # the grid's device memory however many classes the model has
   batch_size: int = _field(256, ("int", 1, None, "e.g. --config.sample.batch_size=256"))
+  # the grid drawn at every periodic eval (config.eval.every) into WORKDIR/samples/step_N.png and
+  # TensorBoard: this many classes (rows), spread evenly over the model's, per_class samples each,
+  # with this section's seed and sampler (0 = none). A model of at most this many classes draws
+  # the final grid's samples, sharing its compiled sampler.
+  periodic_classes: int = _field(10, ("int", 0, "an integer >= 0 (0 = no grid at the periodic "
+                                      "evals)", "e.g. --config.sample.periodic_classes=10"))
   sampler: SamplerConfig = dataclasses.field(default=SamplerConfig(), metadata={"derived": True})
 
   @classmethod

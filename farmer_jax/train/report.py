@@ -1,5 +1,6 @@
-"""What `farmer_jax train` reports once training is done: test bits/dim, the sample grid and
-summary.json, from a Trainer (train/trainer.py)."""
+"""What `farmer_jax train` reports once training is done: test bits/dim, the sample grid, the
+training curves and summary.json, from a Trainer (train/trainer.py); the sample grids it draws
+along the way."""
 
 import json
 import time
@@ -9,11 +10,11 @@ import numpy as np
 from tqdm import tqdm
 
 from farmer_jax import sharding
-from farmer_jax.artifacts import runs, storage
-from farmer_jax.artifacts.metrics import MetricWriter, has_row
+from farmer_jax.artifacts import plots, runs, storage
+from farmer_jax.artifacts.metrics import MetricWriter, has_row, read_rows
 from farmer_jax.eval.likelihood import eval_scalars, evaluate_batches
 from farmer_jax.sampling.generate import generate, parse_classes
-from farmer_jax.sampling.images import save_grid
+from farmer_jax.sampling.images import grid_image, save_grid
 
 
 def evaluate(tr, leave=True):
@@ -34,9 +35,10 @@ def evaluate(tr, leave=True):
   return res
 
 
-def sample_grid(tr, path):
+def sample_grid(tr, path, classes=None):
   """One row per class (``config.sample.per_class`` samples each; one row of the null class for an
   unconditional model) written as a PNG at ``path``; returns the uint8 images (R, K, H, W, c).
+  ``classes``: the rows' class ids (default: every class).
 
   The `farmer_jax sample` engine (``generate`` + ``write_outputs``) on the training mesh: batches
   of ``grid_batch_size`` samples split over the mesh's data-parallel slots, each process drawing
@@ -44,27 +46,59 @@ def sample_grid(tr, path):
   (UserError from ``generate``) before anything is written.
   """
   s = tr.run.sample
-  classes = parse_classes("all", tr.mcfg.num_classes)
+  if classes is None:
+    classes = parse_classes("all", tr.mcfg.num_classes)
   with tr.mesh_context():
     images, labels = generate(tr.mcfg, tr.eval_params(), classes, s.per_class,
                               s.sampler, seed=s.seed,
-                              batch_size=grid_batch_size(tr.run, tr.mesh),
+                              batch_size=grid_batch_size(tr.run, tr.mesh, rows=len(classes)),
                               progress=tr.bars, batch_sharding=tr.batch_sh)
   if jax.process_index() == 0:
+    storage.makedirs(storage.parent(path))
     save_grid(images, path)
   return images
 
 
-def grid_batch_size(run, mesh, processes=None):
-  """The sample grid's global batch on ``mesh``: ``config.sample.batch_size`` (at most the whole
-  grid), rounded up to a multiple of the data-parallel slots and of the processes."""
+def periodic_classes(run):
+  """The rows of the grid drawn at every periodic eval: ``config.sample.periodic_classes`` class
+  ids spread evenly over the model's (all of them when it has no more; the null class for an
+  unconditional model); [] for none."""
+  n = run.sample.periodic_classes
+  every = parse_classes("all", run.model.num_classes)
+  if n == 0:
+    return []
+  if n >= len(every):
+    return every
+  return [every[i * len(every) // n] for i in range(n)]
+
+
+def grid_batch_size(run, mesh, processes=None, rows=None):
+  """The global batch of a grid of ``rows`` classes (default: every class) on ``mesh``:
+  ``config.sample.batch_size`` (at most the whole grid), rounded up to a multiple of the
+  data-parallel slots and of the processes."""
   s = run.sample
-  grid = max(run.model.num_classes, 1) * s.per_class
-  return sharding.padded_batch_size(min(s.batch_size, grid), mesh, run.sharding_rules, processes)
+  rows = max(run.model.num_classes, 1) if rows is None else rows
+  return sharding.padded_batch_size(min(s.batch_size, rows * s.per_class), mesh,
+                                    run.sharding_rules, processes)
+
+
+def log_grid(writer, images, step):
+  """A grid's images (R, K, H, W, c; ``sample_grid``) to TensorBoard as ``samples`` at ``step``."""
+  writer.image("samples", np.asarray(grid_image(images)), step)
+
+
+def write_curves(tr):
+  """WORKDIR/curves.png from the run's metrics.jsonl (process 0; none while it has no row)."""
+  if jax.process_index() == 0:
+    run = runs.RunDir(tr.workdir)
+    rows = read_rows(run.metrics)
+    if rows:
+      plots.write_curves(rows, run.curves)
 
 
 def write_report(tr, history, train_s, t0):
-  """Evaluates, samples the grid and writes summary.json; returns the summary dict."""
+  """Evaluates, samples the grid (samples.png, TensorBoard), draws the curves (curves.png) and
+  writes summary.json; returns the summary dict."""
   res = evaluate(tr)
   if not (np.isfinite(res["bpd"]) and np.isfinite(res["bpd_uncond"])):
     raise FloatingPointError(f"test bits/dim is not finite ({res['bpd']}, unconditional "
@@ -72,7 +106,7 @@ def write_report(tr, history, train_s, t0):
                              "checkpoint is saved)")
   run = runs.RunDir(tr.workdir)
   grid = run.samples
-  sample_grid(tr, grid)
+  images = sample_grid(tr, grid)
   step = int(tr.state["step"])
   summary = {"steps": step, "train_seconds": train_s,
              "final_train_loss": history[-1]["loss"] if history else None,
@@ -91,8 +125,10 @@ def write_report(tr, history, train_s, t0):
     writer = MetricWriter(tr.workdir)
     try:
       writer.write(step, scalars, prefix="eval")
+      log_grid(writer, images, step)
     finally:
       writer.close()
+  write_curves(tr)
   summary["total_seconds"] = time.time() - t0
   if jax.process_index() == 0:
     storage.write_text(run.summary, json.dumps(summary, indent=2))

@@ -20,14 +20,16 @@ from tqdm import tqdm
 
 from farmer_jax import sharding
 from farmer_jax.artifacts import runs, storage
-from farmer_jax.config.parse import RunConfig
+from farmer_jax.artifacts.metrics import flat_hparams
+from farmer_jax.config.parse import RunConfig, resolved_config
 from farmer_jax.data.pipeline import TrainInput, eval_batches
-from farmer_jax.errors import ConfigError
+from farmer_jax.errors import ConfigError, UserError
 from farmer_jax.eval.likelihood import eval_scalars
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.optim import make_optimizer
 from farmer_jax.train.preemption import Preemption, preemptible
-from farmer_jax.train.report import evaluate, format_test_bpd, res_summary, write_report
+from farmer_jax.train.report import (evaluate, format_test_bpd, log_grid, periodic_classes,
+                                     res_summary, sample_grid, write_curves, write_report)
 from farmer_jax.train.session import TAKEN, UNREFRESHABLE, Session
 from farmer_jax.train.state import abstract_state, init_state, state_shardings
 from farmer_jax.train.step import make_train_step
@@ -71,7 +73,8 @@ class Task:
   """What a run trains: ``init()`` -> the fresh state (born sharded; called only when there is no
   checkpoint to resume), the state's shapes and shardings, the jitted ``step``
   (``Setup.jit_step``) and its extra arguments, what the progress shows of a logged row, and
-  ``evaluate(trainer, writer, step)`` every ``eval_every`` steps (0: never).
+  ``evaluate(trainer, writer, step)`` every ``eval_every`` steps (0: never), the metrics TensorBoard
+  shows beside the hyperparameters.
 
   Building a Task runs nothing on the devices, so the same Task also serves a program compiled
   for a slice this machine does not have (aot/programs.py: abstract step arguments)."""
@@ -83,6 +86,8 @@ class Task:
   postfix: Callable[[dict], dict] = lambda row: {}
   eval_every: int = 0
   evaluate: Optional[Callable] = None
+  # the scalar tags TensorBoard's HPARAMS tab shows beside the run's hyperparameters
+  hparam_metrics: tuple = ()
 
 
 # ------------------------------------------------------------------------------------- pretraining
@@ -105,7 +110,8 @@ def pretraining(setup):
   return Task(init, abstract, state_sh, setup.jit_step(step, state_sh),
               postfix=lambda row: {"loss(nats/dim)": f"{row['loss']:.3f}",
                                    "sigma": f"{row['noise_sigma']:.3f}"},
-              eval_every=run.eval.every, evaluate=_periodic_eval)
+              eval_every=run.eval.every, evaluate=_periodic_eval,
+              hparam_metrics=("eval/bpd", "eval/bpd_uncond"))
 
 
 def _init_flow(setup):
@@ -127,11 +133,25 @@ def _init_flow(setup):
 
 def _periodic_eval(tr, writer, step):
   """Bits/dim of the eval split at ``step`` -> metrics.jsonl and TensorBoard as ``eval/bpd``,
-  ``eval/bpd_uncond`` and the NLL terms."""
+  ``eval/bpd_uncond`` and the NLL terms; the grid of ``config.sample.periodic_classes`` classes
+  -> WORKDIR/samples/step_N.png and TensorBoard's ``samples`` (a grid with non-finite samples is
+  reported and skipped, not fatal). Neither touches the train state or its keys: the training
+  trajectory is the same with or without them."""
   tr.check_finite()
   res = evaluate(tr, leave=False)
   writer.write(step, eval_scalars(res), prefix="eval")
-  tr.log(f"step {step}: {format_test_bpd(res_summary(res))}")
+  said = format_test_bpd(res_summary(res))
+  classes = periodic_classes(tr.run)
+  if classes:
+    path = tr.rundir.step_grid(step)
+    try:
+      images = sample_grid(tr, path, classes)
+    except UserError as e:   # non-finite samples (every process sees them): training goes on
+      said += f"; no sample grid: {e}"
+    else:
+      log_grid(writer, images, step)
+      said += f"; samples -> {path}"
+  tr.log(f"step {step}: {said}")
 
 
 # ------------------------------------------------------------------------------------- start-up
@@ -288,10 +308,17 @@ class Trainer:
     return history
 
   def _begin(self, start):
-    """Before the first step: the workdir must still be ours; config.json, the metrics trimmed
-    to ``start``, the model's line on the console; returns the metric writer."""
+    """Before the first step: the workdir must still be ours; config.json, the metrics and the
+    periodic sample grids trimmed to ``start`` (this run draws the later ones again), the
+    hyperparameters to TensorBoard, the model's line on the console; returns the metric writer."""
     self._check_owned()
     writer = self.session.begin(start)
+    if jax.process_index() == 0:
+      for step, path in self.rundir.step_grids().items():
+        if step > start:
+          storage.remove(path)
+      writer.hparams(flat_hparams(resolved_config(self.run.source).to_dict()),
+                     self.task.hparam_metrics)
     m = self.mcfg
     prior = f"dimred={m.dimred}" if m.prior == "ar" else f"prior={m.prior}"
     self.log(f"{'FARMER' if m.prior == 'ar' else 'AF'}: {self.num_params / 1e6:.2f}M "
@@ -449,8 +476,8 @@ class _Rows:
 
 def train_and_report(run, workdir, quiet=False, config_change_ok=False, abandon=None):
   """The `farmer_jax train` command: train, then report (train/report.py: test bits/dim,
-  samples.png, summary.json); returns (summary dict, trainer). ``abandon``: what a SIGTERM during
-  start-up calls (train/preemption.py).
+  samples.png, curves.png, summary.json; a preempted run: curves.png); returns (summary dict,
+  trainer). ``abandon``: what a SIGTERM during start-up calls (train/preemption.py).
 
   The test bits/dim (uniform dequantization) is reported twice on the same noise: ``test_bpd``
   with the true labels, -log p(x|y), and ``test_bpd_uncond`` with the null label, -log p(x|null)
@@ -465,6 +492,7 @@ def train_and_report(run, workdir, quiet=False, config_change_ok=False, abandon=
       history = tr.fit()
       train_s = time.time() - t0
       if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, sampling
+        write_curves(tr)
         return preempted_summary(tr), tr
       summary = write_report(tr, history, train_s, t0)
   return summary, tr
