@@ -257,10 +257,13 @@ def choose_labels(model, spec, data_labels, n, images_spec):
   else:
     labels = np.full((n,), spec)
     text = f"class {spec} for every image (class-conditional -log p(x | {spec}))"
-  bad = np.flatnonzero((labels < 0) | (labels > null)) if labels.dtype.kind in "iu" else [0]
+  if labels.dtype.kind not in "iu":
+    raise UserError(f"--labels=data: the labels of {images_spec} are {labels.dtype}, not class "
+                    "ids. Fix: store integer labels")
+  bad = np.flatnonzero((labels < 0) | (labels > null))
   if len(bad):
-    raise UserError(f"--labels: label {labels[bad[0]]!r} (image {int(bad[0])}) is not a class of "
-                    f"this model (0..{model.num_classes - 1}, or the null class {null}). Fix: "
+    raise UserError(f"--labels: label {int(labels[bad[0]])} (image {int(bad[0])}) is not a class "
+                    f"of this model (0..{model.num_classes - 1}, or the null class {null}). Fix: "
                     "pass labels in that range")
   return labels.astype(np.int32), text
 
