@@ -41,6 +41,10 @@ FLAGS = (
     Flag("num", 0, "Score at most this many images, the first ones (0 = all)."),
     Flag("draw", 64, "Draw the first this many images into the PNG pages (0 = none)."),
     Flag("per_page", 16, "Images per PNG page (one colour scale per page)."),
+    Flag("vmin", None, "The colour scale's low end in bits/dim (default: each page's smallest "
+         "token bits/dim).", float),
+    Flag("vmax", None, "The colour scale's high end in bits/dim (default: each page's largest; "
+         "larger values take the top colour, e.g. --vmax=8 to compare pages).", float),
     Flag("dequant_samples", 1, "Uniform dequantization draws per image (averaged)."),
     Flag("seed", 0, "The dequantization seed (image i, draw k: fold_in(fold_in(key(seed), i), "
          "k), as `farmer_jax eval`)."),
@@ -68,6 +72,11 @@ def main(f):
       raise UserError(f"--{name}={getattr(f, name)} must be >= 1")
   if f.batch is not None and f.batch < 1:
     raise UserError(f"--batch={f.batch} must be >= 1")
+  for name in ("vmin", "vmax"):
+    if getattr(f, name) is not None and not np.isfinite(getattr(f, name)):
+      raise UserError(f"--{name}={getattr(f, name)} must be a finite number of bits/dim")
+  if f.vmin is not None and f.vmax is not None and not f.vmin < f.vmax:
+    raise UserError(f"--vmin={f.vmin} must be below --vmax={f.vmax}. Fix: e.g. --vmin=0 --vmax=8")
   label_spec = parse_labels(f.labels)
   out = check_out(f.out, f.overwrite)
   kind = images_kind(f.images)
@@ -95,7 +104,7 @@ def main(f):
              "bpd_mean": float(res["bpd"].mean()),
              "bpd_std": float(res["bpd"].std(ddof=1)) if len(images) > 1 else None}
   write_outputs(out, summary, names, images, labels, res, model.null_class, f.draw, f.per_page,
-                f.overwrite)
+                f.overwrite, (f.vmin, f.vmax))
   std = f" +- {summary['bpd_std']:.4f} (std over images)" if summary["bpd_std"] is not None else ""
   say(f"bits/dim {summary['bpd_mean']:.4f}{std}; -> {out}")
 
@@ -268,9 +277,11 @@ def choose_labels(model, spec, data_labels, n, images_spec):
   return labels.astype(np.int32), text
 
 
-def write_outputs(out, summary, names, images, labels, res, null, draw, per_page, overwrite):
+def write_outputs(out, summary, names, images, labels, res, null, draw, per_page, overwrite,
+                  scale=(None, None)):
   """Writes the folder ``out`` whole: built in a temporary folder beside it and renamed into
-  place (a previous score output, with --overwrite, is removed only then)."""
+  place (a previous score output, with --overwrite, is removed only then). ``scale``: the pages'
+  (vmin, vmax), None for each page's own."""
   from farmer_jax.eval import heatmap
   parent = os.path.dirname(out)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
@@ -293,7 +304,8 @@ def write_outputs(out, summary, names, images, labels, res, null, draw, per_page
     shown = min(draw, len(images))
     for p, start in enumerate(range(0, shown, per_page)):
       sl = slice(start, min(start + per_page, shown))
-      heatmap.page(images[sl], res["token_bpd"][sl], res["bpd"][sl], names[sl]).save(
+      heatmap.page(images[sl], res["token_bpd"][sl], res["bpd"][sl], names[sl],
+                   vmin=scale[0], vmax=scale[1]).save(
           os.path.join(tmp, PAGE.format(p)))
     os.chmod(tmp, 0o755)
     if overwrite and os.path.lexists(out):

@@ -52,13 +52,15 @@ def _rgb(image):
 def page(images, token_bpd, bpd, names, columns=4, vmin=None, vmax=None):
   """One page: images uint8 (m, H, W, c) each beside its map token_bpd (m, h, w), captioned
   with its name and bits/dim ``bpd`` (m,); the colour scale runs from ``vmin`` to ``vmax``
-  (default: the page's smallest and largest token bits/dim), shown in a bar on the right.
-  Returns an RGB PIL image."""
+  (default: the page's smallest and largest token bits/dim; values beyond take the end colours,
+  marked '+' / '-' at the bar's ends), shown in a bar on the right. Returns an RGB PIL image."""
   images, token_bpd = np.asarray(images), np.asarray(token_bpd, np.float64)
   m, hh, ww, _ = images.shape
   h, w = token_bpd.shape[1:]
-  vmin = float(token_bpd.min()) if vmin is None else vmin
-  vmax = float(token_bpd.max()) if vmax is None else vmax
+  if vmin is None:
+    vmin = float(token_bpd.min()) if vmax is None else min(float(token_bpd.min()), vmax - 1.0)
+  if vmax is None:
+    vmax = max(float(token_bpd.max()), vmin + 1e-6)
   s = max(1, -(-TARGET // max(hh, ww)))    # integer enlargement: pixels stay square blocks
   ch, cw = hh * s, ww * s
   font = _font()
@@ -67,7 +69,9 @@ def page(images, token_bpd, bpd, names, columns=4, vmin=None, vmax=None):
   cols = min(columns, m)
   rows = -(-m // cols)
   cell_w, cell_h = 2 * cw + PAD, ch + 2 * line
-  labels = [f"{vmax:.2f}", f"{(vmin + vmax) / 2:.2f}", f"{vmin:.2f}"]
+  over = "+" if token_bpd.max() > vmax else ""       # clipped values: the end colours
+  under = "-" if token_bpd.min() < vmin else ""
+  labels = [f"{vmax:.2f}{over}", f"{(vmin + vmax) / 2:.2f}", f"{vmin:.2f}{under}"]
   label_w = max(_text_size(probe, t, font)[0] for t in labels)
   bar_x = PAD + cols * (cell_w + 2 * PAD)
   title = "bits/dim per token"
