@@ -109,7 +109,8 @@ def test_bits_per_token_averages_to_bits_per_dim(tiny_export):
     np.testing.assert_allclose(t["af_logdet"] + t["informative"] + t["redundant"] + t["bin_width"],
                                res["token_bpd"], atol=1e-9)
   # the dequantization draws are the seed's: another seed gives other maps
-  assert np.all(model.bits_per_token(images, y, seed=2) != model.bits_per_token(images, y, seed=1))
+  assert np.all(model.bits_per_token(images, y, seed=2, batch=2)
+                != model.bits_per_token(images, y, seed=1, batch=2))
   with pytest.raises(UserError, match="images have shape"):
     model.bits_per_token(images[0])
 
@@ -121,7 +122,7 @@ def _read_outputs(out):
   return res, maps, rows
 
 
-def test_score_command_on_a_folder_and_an_npz(tiny_export, tmp_path):
+def test_score_command_on_a_folder(tiny_export, tmp_path):
   model = farmer_jax.load(tiny_export)
   images, y = _images(4)
   folder = tmp_path / "imgs"
@@ -148,6 +149,10 @@ def test_score_command_on_a_folder_and_an_npz(tiny_export, tmp_path):
   assert not any(r["conditional"] for r in res["per_image"]) and "null class" in res["labels"]
   assert Image.open(out / "maps_000.png").size[0] > 4 * 8
 
+
+def test_score_command_on_an_npz_with_labels(tiny_export, tmp_path):
+  model = farmer_jax.load(tiny_export)
+  images, y = _images(4)
   npz = tmp_path / "x.npz"
   np.savez(npz, images=images, labels=y)
   out2 = tmp_path / "out2"
