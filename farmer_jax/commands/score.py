@@ -167,6 +167,7 @@ def images_kind(spec):
       raise UserError(f"--images={spec} names no split. Fix: e.g. --images=split:test")
     return "split"
   if os.path.isdir(spec):
+    _image_files(spec)
     return "folder"
   if os.path.isfile(spec) and spec.lower().endswith(".npz"):
     return "npz"
@@ -187,11 +188,7 @@ def read_images(model, kind, spec, num, data_dir, say):
 def _read_folder(model, folder, num, say):
   from farmer_jax.data import preprocess
   size, c = model.model_config.image_size, model.model_config.channels
-  files = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)
-                 and os.path.isfile(os.path.join(folder, n)))
-  if not files:
-    raise UserError(f"--images={folder} holds no image files ({', '.join(IMAGE_EXTS)}). Fix: "
-                    "pass a folder of images, an .npz, or split:NAME")
+  files = _image_files(folder)
   skipped = len([n for n in os.listdir(folder) if not n.startswith(".")]) - len(files)
   if skipped:
     say(f"{skipped} file(s) of {folder} without an image extension are not scored")
@@ -208,6 +205,16 @@ def _read_folder(model, folder, num, say):
     arr = preprocess.center_crop(im, size) if im.size != (size, size) else np.asarray(im)
     images.append(arr[..., None] if arr.ndim == 2 else arr)
   return np.stack(images), None, files
+
+
+def _image_files(folder):
+  """The image files of ``folder`` (by extension), in name order; refuses a folder without any."""
+  files = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)
+                 and os.path.isfile(os.path.join(folder, n)))
+  if not files:
+    raise UserError(f"--images={folder} holds no image files ({', '.join(IMAGE_EXTS)}). Fix: "
+                    "pass a folder of images, an .npz, or split:NAME")
+  return files
 
 
 def _read_npz(model, path, num):
