@@ -5,11 +5,8 @@ and PNG pages of each image beside its heat map (eval/heatmap.py). docs/eval.md 
 out-of-distribution checks."""
 
 import csv
-import io
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from absl import app
@@ -80,13 +77,13 @@ def main(f):
   label_spec = parse_labels(f.labels)
   out = check_out(f.out, f.overwrite)
   kind = images_kind(f.images)
+  if not os.path.exists(f.model) and "://" not in f.model:
+    raise UserError(f"--model={f.model} does not exist. Fix: pass an export directory (farmer_jax "
+                    "export) or a training run's --workdir")
   common.start_jax(f)
   say = common.say(f)
 
   import farmer_jax
-  if not os.path.exists(f.model) and "://" not in f.model:
-    raise UserError(f"--model={f.model} does not exist. Fix: pass an export directory (farmer_jax "
-                    "export) or a training run's --workdir")
   model = farmer_jax.load(f.model)
   images, labels, names = read_images(model, kind, f.images, f.num, f.data_dir, say)
   labels, labels_text = choose_labels(model, label_spec, labels, len(images), f.images)
@@ -286,23 +283,20 @@ def choose_labels(model, spec, data_labels, n, images_spec):
 
 def write_outputs(out, summary, names, images, labels, res, null, draw, per_page, overwrite,
                   scale=(None, None)):
-  """Writes the folder ``out`` whole: built in a temporary folder beside it and renamed into
-  place (a previous score output, with --overwrite, is removed only then). ``scale``: the pages'
-  (vmin, vmax), None for each page's own."""
+  """Writes the folder ``out`` whole (``storage.staged_dir``: built aside, swapped in; a previous
+  score output, with --overwrite, re-checked and replaced only then). ``scale``: the pages' (vmin,
+  vmax), None for each page's own."""
+  from farmer_jax.artifacts import storage
   from farmer_jax.eval import heatmap
-  parent = os.path.dirname(out)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
-  try:
+  with storage.staged_dir(out, lambda o: check_out(o, overwrite)) as tmp:
     rows = [{"name": str(name), "label": int(y), "conditional": bool(y != null), "bpd": float(b)}
             for name, y, b in zip(names, labels, res["bpd"])]
     with open(os.path.join(tmp, SCORES), "w") as fh:
       json.dump(dict(summary, per_image=rows), fh, indent=1)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["name", "label", "conditional", "bpd"])
-    w.writeheader()
-    w.writerows(dict(r, bpd=repr(r["bpd"])) for r in rows)
-    with open(os.path.join(tmp, CSV), "w") as fh:
-      fh.write(buf.getvalue())
+    with open(os.path.join(tmp, CSV), "w", newline="") as fh:   # floats as repr: exact
+      w = csv.DictWriter(fh, fieldnames=["name", "label", "conditional", "bpd"])
+      w.writeheader()
+      w.writerows(rows)
     terms = res["token_terms"]
     np.savez(os.path.join(tmp, MAPS), token_bpd=res["token_bpd"], bpd=res["bpd"], images=images,
              labels=labels, token_af_logdet=terms["af_logdet"],
@@ -312,12 +306,5 @@ def write_outputs(out, summary, names, images, labels, res, null, draw, per_page
     for p, start in enumerate(range(0, shown, per_page)):
       sl = slice(start, min(start + per_page, shown))
       heatmap.page(images[sl], res["token_bpd"][sl], res["bpd"][sl], names[sl],
-                   vmin=scale[0], vmax=scale[1]).save(
-          os.path.join(tmp, PAGE.format(p)))
+                   vmin=scale[0], vmax=scale[1]).save(os.path.join(tmp, PAGE.format(p)))
     os.chmod(tmp, 0o755)
-    if overwrite and os.path.lexists(out):
-      shutil.rmtree(out)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
