@@ -4,10 +4,12 @@ images with, from a notebook or another codebase (docs/api.md).
 Everything here runs the code the commands run: ``Model.sample`` draws what `farmer_jax sample`
 draws (the export's config.sample settings with the arguments on top, checked by the same rules,
 its latent variance, self-denoising, student inverse and decode_dtype: ``generate.export_sampler``,
-``on_mesh``, ``draw_samples``), and ``Model.bits_per_dim`` computes what `farmer_jax eval` computes
+``on_mesh``, ``draw_samples``), ``Model.bits_per_dim`` computes what `farmer_jax eval` computes
 (``likelihood.evaluate_bpd``: image i's dequantization draw k uses fold_in(fold_in(key(seed), i),
-k), the bits/dim conventions of docs/math.md). Arguments are checked here, once, with errors that
-name the bad value and the fix (``UserError``, a ValueError); the library below trusts them.
+k), the bits/dim conventions of docs/math.md), and ``Model.bits_per_token`` what `farmer_jax
+score` computes (``likelihood.token_bits_per_dim``, the same draws). Arguments are checked here,
+once, with errors that name the bad value and the fix (``UserError``, a ValueError); the library
+below trusts them.
 
 Shape letters: n images, H W c image, N tokens, d token dim.
 """
@@ -25,7 +27,7 @@ from farmer_jax.config.schema import INVERSES, SAMPLE_BATCH, SAMPLER_KEYS, sampl
 from farmer_jax.distributed import skip_absent_tpu
 from farmer_jax.errors import UserError
 from farmer_jax.eval.evaluate import load_params
-from farmer_jax.eval.likelihood import evaluate_bpd, per_image_nats
+from farmer_jax.eval.likelihood import evaluate_bpd, per_image_nats, token_bits_per_dim
 from farmer_jax.model import Farmer
 from farmer_jax.sampling import generate
 from farmer_jax.sampling.sampler import invert
@@ -191,17 +193,42 @@ class Model:
     d = self.model_config.num_dims
     return -(nats - conventions.log_bin_width(self.model_config.pixels)) * d
 
+  def bits_per_token(self, images, labels=None, seed=0, samples=1, batch=None, progress=False,
+                     return_terms=False):
+    """Likelihood maps: the exact bits/dim of each token (n, H/p, W/p) float64, token (r, s) the
+    p x p patch at rows r p.., columns s p..: its -log p over its p^2 c dims (its AF log-det and
+    its prior terms; docs/eval.md), with the dequantization draws of ``bits_per_dim`` (same
+    arguments), so ``bits_per_token(x, y).mean(axis=(1, 2)) == bits_per_dim(x, y)`` up to fp32
+    rounding. ``progress``: print a progress bar. ``return_terms``: return instead the dict of
+    ``likelihood.token_bits_per_dim`` ('token_bpd', 'bpd', 'token_terms')."""
+    images, labels, batch = self._likelihood_args(images, labels, seed, samples, batch)
+    bar = None
+    if progress:
+      from tqdm import tqdm
+      bar = tqdm(total=len(images), desc="bits/token", dynamic_ncols=True)
+    res = token_bits_per_dim(Farmer(self.model_config), self._on_mesh().params, images, labels,
+                             batch, seed=seed, samples=samples,
+                             progress=bar and (lambda done: bar.update(done - bar.n)))
+    if bar is not None:
+      bar.close()
+    return res if return_terms else res["token_bpd"]
+
   def _nats_per_dim(self, images, labels, seed, samples, batch):
+    images, labels, batch = self._likelihood_args(images, labels, seed, samples, batch)
+    placed = self._on_mesh()
+    res = evaluate_bpd(Farmer(self.model_config), placed.params, images, labels, batch, seed=seed,
+                       samples=samples, per_example=True)
+    return per_image_nats(res["per_example"]["log_prob"], self.model_config.num_dims)
+
+  def _likelihood_args(self, images, labels, seed, samples, batch):
+    """The checked (images, labels, batch) of a likelihood call."""
     images = self._images(images, floats=False)
     labels = self._labels(labels, len(images))
     _check_int("seed", seed, None, "e.g. seed=0")
     _check_int("samples", samples, 1, "dequantization draws per image, e.g. samples=1")
     batch = self._batch(batch, len(images), int(self.config.get("eval", {}).get("batch_size", 0))
                         or SAMPLE_BATCH)
-    placed = self._on_mesh()
-    res = evaluate_bpd(Farmer(self.model_config), placed.params, images, labels, batch, seed=seed,
-                       samples=samples, per_example=True)
-    return per_image_nats(res["per_example"]["log_prob"], self.model_config.num_dims)
+    return images, labels, batch
 
   # -- the flow -----------------------------------------------------------------------------------
 

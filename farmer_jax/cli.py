@@ -8,6 +8,8 @@
   farmer_jax sample --model=/tmp/model --classes=0,1,2 --num=8 --cfg=2.0 --seed=0 --out=grid.png \\
       [--npz=s.npz]
   farmer_jax eval --workdir=/tmp/run | --model=/tmp/model [--split=test] [--dequant_samples=4]
+  farmer_jax score --model=/tmp/model --images=digits/ | x.npz | split:test --out=/tmp/scores \\
+      [--labels=data]
   farmer_jax fid --model=/tmp/model --ref=ref.npz --inception=pt_inception.pth --num=50000 \\
       [--cfg=2.0] [--out=fid.json]
   farmer_jax prepare --folder=/data/photos --data_dir=/data/tfds --name=photos [--image_size=256]
@@ -29,10 +31,10 @@ import textwrap
 from absl import app, flags
 
 from farmer_jax.commands import (check, convert, distill, evaluate, exits, export, fid, prepare,
-                                 sample, train)
+                                 sample, score, train)
 
 COMMANDS = {"train": train, "distill": distill, "export": export, "sample": sample,
-            "eval": evaluate, "fid": fid, "prepare": prepare, "check": check,
+            "eval": evaluate, "score": score, "fid": fid, "prepare": prepare, "check": check,
             "convert": convert}
 USAGE = (
     "usage: farmer_jax <command> [--flags]\n"

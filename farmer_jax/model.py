@@ -25,7 +25,7 @@ from farmer_jax.flow.autoregressive_flow import NO_LABEL, AutoregressiveFlow
 from farmer_jax.flow.patchify import patchify, unpatchify
 from farmer_jax.prior import gmm
 from farmer_jax.prior.ar import ARPrior
-from farmer_jax.reduction.split import redundant_log_prob, split_channels
+from farmer_jax.reduction.split import redundant_token_log_prob, split_channels
 
 
 def make_flow(c: ModelConfig, cls=AutoregressiveFlow):
@@ -64,7 +64,8 @@ class Farmer(nn.Module):
   """__call__(x (B, H, W, c), y (B,) int) -> dict of per-example terms, all (B,) fp32 nats:
 
   log_prob_i (informative AR NLL term), log_prob_r (redundant term), logdet (AF), log_prob (their
-  sum), and z (B, N, d), the latents in AR order.
+  sum), and z (B, N, d), the latents in AR order. ``token_log_probs`` gives the same terms per
+  token (B, N), in raster order.
 
   The reverse path (sampling), each a method for ``apply(..., method=...)``:
     ar_prefill(y (B,)) -> (h (B, C), cache)          class prefix into a fresh KV cache
@@ -79,9 +80,11 @@ class Farmer(nn.Module):
     if self.cfg.prior == "ar":
       self.prior = ARPrior(self.cfg)
 
-  def encode(self, x, y):
-    """Images -> (z in AR order (B, N, d), logdet (B,))."""
-    z, logdet = self.flow(patchify(x, self.cfg.patch_size), flow_label(self.cfg, y))
+  def encode(self, x, y, per_token=False):
+    """Images -> (z in AR order (B, N, d), logdet (B,)); with ``per_token`` logdet (B, N) per
+    token in raster order (``AutoregressiveFlow.token_logdet``)."""
+    flow = self.flow.token_logdet if per_token else self.flow
+    z, logdet = flow(patchify(x, self.cfg.patch_size), flow_label(self.cfg, y))
     if self.cfg.ar_flip:
       z = z[:, ::-1]
     return z, logdet
@@ -93,11 +96,31 @@ class Farmer(nn.Module):
       lp = standard_normal_log_prob(z)
       return dict(z=z, logdet=logdet, log_prob_i=lp, log_prob_r=jnp.zeros_like(lp),
                   log_prob=lp + logdet)
-    z_i, z_r = split_channels(z, c.d_i)
-    g_i, g_r = self.prior(z_i, y)
-    lp_i = jnp.sum(gmm.log_prob(g_i, z_i), axis=-1)
-    lp_r = redundant_log_prob(c.dimred, z_r, g_r)
+    lp_i, lp_r = self._prior_tokens(z, y)
+    lp_i, lp_r = jnp.sum(lp_i, axis=-1), jnp.sum(lp_r, axis=-1)
     return dict(z=z, logdet=logdet, log_prob_i=lp_i, log_prob_r=lp_r, log_prob=lp_i + lp_r + logdet)
+
+  def _prior_tokens(self, z, y):
+    """The AR prior's terms of each token, z (B, N, d) in AR order -> (log p(z^I_i | z^I_<i, y),
+    log p(z^R_i | z^I, y)) each (B, N) fp32 nats, in AR order."""
+    z_i, z_r = split_channels(z, self.cfg.d_i)
+    g_i, g_r = self.prior(z_i, y)
+    return gmm.log_prob(g_i, z_i), redundant_token_log_prob(self.cfg.dimred, z_r, g_r)
+
+  def token_log_probs(self, x, y):
+    """The terms of ``__call__`` per token: x (B, H, W, c), y (B,) -> dict of (B, N) fp32 nats
+    (logdet, log_prob_i, log_prob_r, log_prob), token i the patch at raster position i
+    (``patchify``'s order, whatever the AR order); summed over tokens they are ``__call__``'s."""
+    c = self.cfg
+    z, logdet = self.encode(x, y, per_token=True)
+    if c.prior == "standard_normal":
+      lp_i = gmm.standard_normal_log_prob(z)
+      lp_r = jnp.zeros_like(lp_i)
+    else:
+      lp_i, lp_r = self._prior_tokens(z, y)
+    if c.ar_flip:     # AR order -> raster order
+      lp_i, lp_r = lp_i[:, ::-1], lp_r[:, ::-1]
+    return dict(logdet=logdet, log_prob_i=lp_i, log_prob_r=lp_r, log_prob=lp_i + lp_r + logdet)
 
   def ar_prefill(self, y):
     """Labels (B,) -> (h (B, C) predicting z^I_1, KV cache with the class prefix written)."""

@@ -232,7 +232,7 @@ BAD_CASES = [
      ["export", "--workdir={W}/norun", "--out={W}/exp", "--cfg=3", "--teacher=x"],
      ["unknown flag --cfg (a flag of: sample, fid)", "Fix:", "farmer_jax export --help"]),
     ("sample_foreign_bool", "sample", ["sample", "--model={M}", "--out={W}/x.png", "--nooverwrite"],
-     ["unknown flag --nooverwrite (a flag of: export, prepare, convert)"]),
+     ["unknown flag --nooverwrite (a flag of: export, score, prepare, convert)"]),
     ("export_config_override", "export",
      ["export", "--workdir={W}/norun", "--out={W}/exp", "--config.train.steps=3"],
      ["unknown flag --config.train.steps (a flag of: train, distill, check, convert)"]),
@@ -339,7 +339,7 @@ def test_sample_help_shows_cfg_not_teacher(capsys):
 def test_foreign_flag_names_the_commands_that_take_it():
   assert cli.owners("cfg", "export") == ["sample", "fid"]
   assert cli.owners("teacher", "export") == ["distill"]
-  assert cli.owners("nooverwrite", "sample") == ["export", "prepare", "convert"]
+  assert cli.owners("nooverwrite", "sample") == ["export", "score", "prepare", "convert"]
   assert cli.owners("config.model.prior", "sample") == ["train", "distill", "check", "convert"]
   assert cli.owners("bogus", "sample") == []
   argv = ["farmer_jax export", "--cfg=3"]
@@ -357,13 +357,13 @@ def test_usage_and_unknown_command(capsys):
     assert e.value.code == code
     out = capsys.readouterr().out
     assert out.startswith("usage: farmer_jax <command> [--flags]\ncommands: train, distill, "
-                          "export, sample, eval, fid, prepare, check, convert\n")
+                          "export, sample, eval, score, fid, prepare, check, convert\n")
   with pytest.raises(SystemExit) as e:
     cli.run(["farmer_jax", "bogus", "--help"])
   assert e.value.code == 2
   assert capsys.readouterr().err == (
-      "farmer_jax: unknown command 'bogus'; commands: train, distill, export, sample, eval, fid, "
-      "prepare, check, convert (farmer_jax --help)\n")
+      "farmer_jax: unknown command 'bogus'; commands: train, distill, export, sample, eval, score, "
+      "fid, prepare, check, convert (farmer_jax --help)\n")
 
 
 

@@ -19,7 +19,14 @@ With K draws per image (``samples``) the reported bpd is the mean over images an
 standard error the spread over images of the per-image mean (``std / sqrt(n)``), and ``bpd_iw``
 the tighter importance-weighted bound ``-log mean_k p(x + u_k)`` (K > 1 only).
 
-Shape letters: B batch (padded to a fixed size; a mask marks real examples), H W c image, K draws.
+Likelihood maps (``token_bits_per_dim``): the same NLL split over the N = (H/p)(W/p) tokens
+(``Farmer.token_log_probs``: each token's AF log-det, summed over blocks at the token's own spatial
+position, plus its informative and redundant prior terms), each token's nats over its d = p^2 c dims
+converted with the same bin width: the mean of an image's token bits/dim is its bits/dim, with the
+same dequantization draws.
+
+Shape letters: B batch (padded to a fixed size; a mask marks real examples), H W c image, K draws,
+N tokens (h x w patches of p x p pixels), d token dim.
 """
 
 import functools
@@ -30,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from farmer_jax import conventions
+from farmer_jax.model import Farmer
 
 # per-example log-densities (nats, summed over dims) the eval step returns, for the true label and
 # (suffix _uncond) the null label
@@ -176,3 +184,66 @@ def evaluate_bpd(model, params, images, labels, batch_size, seed=0, samples=1, p
   batches, steps = padded_batches(ArraySource(images, labels), batch_size)
   return evaluate_batches(model, params, batches, steps, seed=seed, samples=samples,
                           progress=progress, per_example=per_example)
+
+
+# per-token log-densities (nats, summed over a token's dims) of ``Farmer.token_log_probs``
+TOKEN_TERMS = ("log_prob", "logdet", "log_prob_i", "log_prob_r")
+
+
+@functools.lru_cache(maxsize=8)
+def make_token_step(model):
+  """Returns jitted f(params, images uint8 (B,H,W,c), labels (B,), start, k, seed) -> {term:
+  (B, N) fp32 nats} for every name in TOKEN_TERMS, token i the patch at raster position i. Row r
+  is example ``start + r`` (its dequantization key, as ``make_eval_step``)."""
+  cfg = model.cfg
+
+  def step(params, images, labels, start, k, seed):
+    x = dequantize_examples(seed, start + jnp.arange(images.shape[0]), k, images, cfg.pixels)
+    out = model.apply({"params": params}, x, jnp.asarray(labels, jnp.int32),
+                      method=Farmer.token_log_probs)
+    return {t: out[t].astype(jnp.float32) for t in TOKEN_TERMS}
+
+  return jax.jit(step, static_argnums=(5,))
+
+
+def token_bits_per_dim(model, params, images, labels, batch_size, seed=0, samples=1,
+                       progress=None):
+  """Likelihood maps of images uint8 (n, H, W, c) under labels (n,) (the null class: the
+  unconditional model), in batches of ``batch_size`` (the last padded), ``samples`` dequantization
+  draws per image (draw k of image i from fold_in(fold_in(key(seed), i), k), as ``evaluate_bpd``).
+  ``progress``: called with the number of images done.
+
+  Returns {'token_bpd': (n, h, w) float64 bits/dim of each token (its -log p over its d dims, mean
+  over draws, with the bin width of every dim), 'bpd': (n,) float64 each image's bits/dim (the mean
+  of its token bits/dim; what ``evaluate_bpd`` gives per image), 'token_terms': {'af_logdet',
+  'informative', 'redundant': (n, h, w) bits/dim, which with 'bin_width' (a float) sum to
+  token_bpd}}."""
+  from farmer_jax.data.pipeline import padded_batches
+  from farmer_jax.data.sources import ArraySource
+  if samples < 1:
+    raise ValueError(f"dequantization samples={samples} must be >= 1")
+  cfg = model.cfg
+  step = make_token_step(model)
+  batches, steps = padded_batches(ArraySource(images, labels), batch_size)
+  rows = {t: [] for t in TOKEN_TERMS}
+  start = count = 0
+  for b in batches:
+    draws = jax.device_get([step(params, b["image"], b["label"], start, k, seed)
+                            for k in range(samples)])
+    mask = np.asarray(b["mask"], bool)
+    for t in TOKEN_TERMS:    # mean over the draws
+      rows[t].append(np.mean([np.asarray(d[t], np.float64) for d in draws], axis=0)[mask])
+    start += len(mask)
+    count += int(mask.sum())
+    if progress:
+      progress(count)
+  d = cfg.patch_size ** 2 * cfg.channels
+  h = cfg.image_size // cfg.patch_size
+  nats = {t: -np.concatenate(v).reshape(-1, h, h) / d for t, v in rows.items()}   # per dim
+  bits = lambda v: np.asarray(conventions.bits_per_dim(v, cfg.pixels), np.float64)
+  return {"token_bpd": bits(nats["log_prob"]),
+          "bpd": bits(nats["log_prob"].mean(axis=(1, 2))),
+          "token_terms": {"af_logdet": nats["logdet"] / conventions.LN2,
+                          "informative": nats["log_prob_i"] / conventions.LN2,
+                          "redundant": nats["log_prob_r"] / conventions.LN2,
+                          "bin_width": -conventions.log_bin_width(cfg.pixels) / conventions.LN2}}

@@ -121,13 +121,18 @@ class AFBlock(nn.Module):
 
   def __call__(self, carry, flip, y=None):
     x, logdet = carry
+    z, a = self.transform(x, flip, y)
+    logdet = logdet - jnp.sum(a, axis=(1, 2))
+    return (z, logdet), None
+
+  def transform(self, x, flip, y=None):
+    """The block's map: x (B, N, d) -> (z (B, N, d), a (B, N, d) the log-scales in the block's
+    (permuted) token order; log|det| = -sum a)."""
     x = x.astype(jnp.float32)
     xp = _flip(flip, x)
     a, b = self.shift_scale(xp, flip, y)
     zp = (xp - b) * jnp.exp(-a)
-    z = _flip(flip, zp)
-    logdet = logdet - jnp.sum(a, axis=(1, 2))
-    return (z, logdet), None
+    return _flip(flip, zp), a
 
   def decode_step(self, x_tok, i, flip, y, cache, attn_temp=1.0):
     """Feeds permuted-order token i (B, 1, d) at cache slot i; returns (a, b) for token i+1, each
@@ -208,6 +213,7 @@ class AutoregressiveFlow(FlowShape):
   """n AF blocks under ``nn.scan``.
 
   __call__(x (B, N, d), y (B,) | None) -> (z (B, N, d), logdet (B,) summed in nats)
+  token_logdet(x, y) -> (z, logdet (B, N) per token, in x's token order)
   inverse(z (B, N, d), y (B,) | None, guidance=0.0, guide_what='ab', attn_temp=1.0,
           annealed=False) -> x (B, N, d), the exact inverse (fp32), optionally guided
   """
@@ -247,6 +253,22 @@ class AutoregressiveFlow(FlowShape):
     stacked = nn.unbox(self.variables["params"]["blocks"])
     _, zs = jax.lax.scan(step, x, (stacked, block_flips(self.num_blocks)))
     return jnp.concatenate([x[None], zs])
+
+  def token_logdet(self, x, y=None):
+    """The forward pass with the log-det per token: x (B, N, d) -> (z (B, N, d), logdet (B, N)
+    fp32 nats), entry i = -sum over blocks and channels of the log-scales of the token at input
+    position i (each flipped block's undone), so its sum over tokens is ``__call__``'s logdet."""
+    block = AFBlock(**self.block_kwargs(), parent=None)
+
+    def step(z, xs):
+      bp, flip = xs
+      z, a = block.apply({"params": bp}, z, flip, y, method=AFBlock.transform)
+      return z, -_flip(flip, jnp.sum(a, axis=-1))
+
+    stacked = nn.unbox(self.variables["params"]["blocks"])
+    z, per_block = jax.lax.scan(step, x.astype(jnp.float32),
+                                (stacked, block_flips(self.num_blocks)))
+    return z, jnp.sum(per_block, axis=0)
 
   def inverse_jacobi(self, z, y=None, max_iters=None, tol=0.0):
     """The exact AF inverse by parallel fixed-point (Jacobi) iterations, no training:

@@ -26,15 +26,15 @@ def merge_channels(z_i, z_r):
   return jnp.concatenate([z_i, z_r], axis=-1)
 
 
-def redundant_log_prob(mode: str, z_r, shared: "gmm.GMM | None"):
-  """Sum over tokens of log p(z^R_i | ...): z_r (B, N, d_R), shared GMM with batch shape
-  (B,) -> (B,)."""
+def redundant_token_log_prob(mode: str, z_r, shared: "gmm.GMM | None"):
+  """log p(z^R_i | ...) of each token: z_r (B, N, d_R), shared GMM with batch shape (B,) ->
+  (B, N)."""
   if mode == "none":
-    return jnp.zeros(z_r.shape[:1], jnp.float32)
+    return jnp.zeros(z_r.shape[:2], jnp.float32)
   if mode == "jetformer":
-    return jnp.sum(gmm.standard_normal_log_prob(z_r), axis=-1)
+    return gmm.standard_normal_log_prob(z_r)
   if mode == "farmer":
     # Broadcast the (B,)-batched shared GMM over the N tokens.
     g = gmm.GMM(shared.logits[:, None], shared.loc[:, None], shared.scale[:, None])
-    return jnp.sum(gmm.log_prob(g, z_r), axis=-1)
+    return gmm.log_prob(g, z_r)
   raise ValueError(f"unknown dimred mode {mode!r}")
