@@ -14,10 +14,11 @@ def skip_absent_tpu(environ=os.environ):
   """With libtpu installed where no accelerator is attached (the tpu-aot extra on a CPU machine, to
   compile for a slice), jax would start libtpu's TPU backend at its first use and print its
   warnings on stderr before falling back to the CPU: jax is told to use the CPU, unless
-  ``environ`` sets JAX_PLATFORMS or jax already chose its backends. ``environ`` gets
-  JAX_PLATFORMS=cpu too (the commands pass os.environ: the processes they start inherit it).
-  Compiling for a slice (aot/slices.py) loads libtpu by itself."""
-  if environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+  ``environ`` sets JAX_PLATFORMS, jax's config names platforms, or jax already chose its
+  backends. ``environ`` gets JAX_PLATFORMS=cpu too (the commands pass os.environ: the processes
+  they start inherit it). Compiling for a slice (aot/slices.py) loads libtpu by itself."""
+  if (environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+      or importlib.util.find_spec("libtpu") is None):
     return
   try:
     from jax._src import hardware_utils, xla_bridge

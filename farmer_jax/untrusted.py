@@ -18,8 +18,8 @@ import zipfile
 import zlib
 
 import numpy as np
+from etils import epath
 
-from farmer_jax.artifacts import storage
 from farmer_jax.errors import UserError, brief
 
 class UnreadableFileError(UserError):
@@ -236,7 +236,7 @@ def load_npy(path):
   """The array of an ``.npy`` file, local or in a bucket (``gs://...``); its header must not
   declare more data than the file holds."""
   path = os.fspath(path)
-  with storage.P(path).open("rb") as f, reading(path, "an .npy array"):
+  with epath.Path(path).open("rb") as f, reading(path, "an .npy array"):
     _, _, nbytes = _npy_header(f, path, os.path.basename(path))
     start = f.tell()
     left = f.seek(0, os.SEEK_END) - start

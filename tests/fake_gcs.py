@@ -1,9 +1,10 @@
 """A local stand-in for a ``gs://`` bucket, for tests: every etils.epath operation on a
 ``gs://b/x`` path is redirected to ``ROOT/b/x``, and Orbax's CheckpointManager is handed the local
 directory while the URL it was given is recorded; so is StandardCheckpointer (exports), whose
-array data tensorstore would otherwise send to the real service. The code under test sees, builds and passes
-around only the URL; a path that was rewritten into a local one (``$PWD/gs:/b/x``) would bypass the
-redirect and land in the working directory instead, which the tests check is empty.
+array data tensorstore would otherwise send to the real service. The code under test sees,
+builds and passes around only the URL; a path that was rewritten into a local one
+(``$PWD/gs:/b/x``) would bypass the redirect and land in the working directory instead, which the
+tests check is empty.
 
 The workdir lock talks to the bucket through google-cloud-storage (conditional writes, which epath
 does not offer); ``FakeGcsClient`` stands in for its object API, with generations and

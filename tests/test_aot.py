@@ -230,13 +230,19 @@ def test_libtpu_without_a_tpu_leaves_jax_on_the_cpu():
   from farmer_jax.distributed import skip_absent_tpu
   if slices.libtpu_missing():
     pytest.skip("libtpu is not installed: nothing to leave out")
-  env = {}
-  skip_absent_tpu(env)
-  assert env == {"JAX_PLATFORMS": "cpu"} and jax.default_backend() == "cpu"
+  plain = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  fresh = ("import jax\nfrom farmer_jax.distributed import skip_absent_tpu\nenv = {}\n"
+           "skip_absent_tpu(env)\nprint(env, jax.default_backend())")
+  r = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, timeout=300,
+                     env=plain)
+  assert r.stdout.strip() == "{'JAX_PLATFORMS': 'cpu'} cpu" and r.stderr == "", r.stdout + r.stderr
   env = {"JAX_PLATFORMS": "cuda"}
   skip_absent_tpu(env)
   assert env == {"JAX_PLATFORMS": "cuda"}
-  plain = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  jax.devices()
+  env = {}
+  skip_absent_tpu(env)   # jax already chose its backends here: nothing to change any more
+  assert env == {}
   r = subprocess.run([sys.executable, "-m", "farmer_jax", "export", "--workdir=/nonexistent",
                       "--out=/tmp/never"], capture_output=True, text=True, timeout=300, env=plain)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

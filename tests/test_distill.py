@@ -137,6 +137,7 @@ def test_distill_into_the_teachers_own_folder_is_named_as_such(tmp_path):
     flags = cli.flag_values("distill")
     flags(["farmer_jax distill", "--config=quickstart:tiny,distill=1",
            f"--teacher={wd}", f"--workdir={workdir}", "--quiet"])
-    with pytest.raises(ConfigError, match=r"is the teacher's own folder.*Fix: pass a new --workdir"):
+    with pytest.raises(ConfigError,
+                       match=r"is the teacher's own folder.*Fix: pass a new --workdir"):
       distill.main(flags)
   assert sorted(os.listdir(wd)) == before

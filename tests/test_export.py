@@ -34,7 +34,7 @@ def test_export_roundtrip(exported):
 
 def test_export_refuses_overwrite_and_casts(exported, tmp_path):
   workdir, out, _, tr = exported
-  with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+  with pytest.raises(ExportError, match="already exists. Fix: pass --overwrite"):
     export_model(str(workdir), str(out))
   bf = tmp_path / "bf16"
   export_model(str(workdir), str(bf), dtype="bfloat16")
@@ -382,7 +382,7 @@ def test_export_to_a_bucket_and_load_from_it(exported, tmp_path, monkeypatch):
     assert mcfg == tr.mcfg and meta2 == meta
     chex.assert_trees_all_equal(params, jax.device_get(tr.state["params"]), strict=True)
     assert load(url).latent_shape == (tr.mcfg.num_tokens, tr.mcfg.token_dim)
-    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+    with pytest.raises(ExportError, match="already exists. Fix: pass --overwrite"):
       export_model(str(workdir), url)
     export_model(str(workdir), url + "/", dtype="bfloat16", overwrite=True)
     _, params, _, meta3 = load_model(url)
@@ -392,4 +392,21 @@ def test_export_to_a_bucket_and_load_from_it(exported, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"also holds files export did not write \(notes.txt\)"):
       export_model(str(workdir), url, overwrite=True)
     assert (bucket / "b/models/m/notes.txt").exists() and load_model(url)[3] == meta3
+    # a failed export deletes what it wrote; a killed one (no export.json) is replaced
+    monkeypatch.setattr(export_lib.runs, "write_saved_config", _fail)
+    with pytest.raises(OSError, match="disk full"):
+      export_model(str(workdir), url + "2")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert not (bucket / "b/models/m2").exists()
+    (bucket / "b/models/m2/params").mkdir(parents=True)
+    (bucket / "b/models/m2/config.json").write_text("{")
+    with pytest.raises(ExportError, match="already exists. Fix: pass --overwrite"):
+      export_model(str(workdir), url + "2")
+    assert export_model(str(workdir), url + "2", overwrite=True) == meta
+    assert load_model(url + "2")[3] == meta
   assert sorted(os.listdir(tmp_path)) == ["bucket"]
+
+
+def _fail(*_):
+  raise OSError("disk full")

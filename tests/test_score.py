@@ -226,3 +226,16 @@ def test_a_corrupted_patch_is_where_the_map_is_highest(exported):
     x[:, r * p:(r + 1) * p, s * p:(s + 1) * p] = rng.integers(0, 256, (len(x), p, p, 1))
     rise = (model.bits_per_token(x) - clean).mean(axis=0)
     assert np.unravel_index(np.argmax(rise), rise.shape) == (r, s)
+
+
+def test_scoring_more_images_than_fit_in_memory_is_refused_before_reading():
+  """A split or folder too large for this host's memory is refused with the --num that fits."""
+  import types
+
+  from farmer_jax.commands.score import check_memory
+  model = types.SimpleNamespace(image_shape=(256, 256, 3), latent_shape=(256, 768))
+  per = 2 * 256 * 256 * 3 + 16 * 256 + 256
+  check_memory(model, 1000, "--images=split:validation", available=2 * 1000 * per)
+  with pytest.raises(UserError, match=r"--images=split:validation: its 50000 images of 256x256x3 "
+                     r"need about 18\.5 GiB .* Fix: score at most --num=1600 at a time"):
+    check_memory(model, 50000, "--images=split:validation", available=2000 * per)

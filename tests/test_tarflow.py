@@ -283,7 +283,8 @@ def test_jax_round_trip_and_hparams():
   sd = params_to_tarflow(params, mcfg)
   assert len(sd) == 1 + hp["num_blocks"] * (7 + 12 * hp["layers_per_block"])
   chex.assert_trees_all_equal(tarflow_to_params(sd, mcfg), params)
-  chex.assert_trees_all_equal(tarflow_to_params(params_to_tarflow({"flow": params}, mcfg), mcfg), params)
+  chex.assert_trees_all_equal(
+      tarflow_to_params(params_to_tarflow({"flow": params}, mcfg), mcfg), params)
   assert tarflow_hparams(sd, in_channels=3) == hp | dict(expansion=4)
   assert config_for_tarflow(**tarflow_hparams(sd, 3)) == config_for_tarflow(**hp)
   # buffers are optional on import

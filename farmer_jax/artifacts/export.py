@@ -151,8 +151,8 @@ def check_export_target(workdir, out, overwrite):
       return out
   if not overwrite:
     raise ExportError(
-        f"{out} already exists; pass --overwrite to replace it (only a previous export can be "
-        "replaced) or choose another --out")
+        f"{out} already exists. Fix: pass --overwrite to replace it (only a previous export can "
+        "be replaced) or choose another --out")
   if os.path.islink(out):
     raise ExportError(
         f"--out={out} is a symbolic link; --overwrite does not replace links: pass the "
@@ -165,17 +165,25 @@ def check_export_target(workdir, out, overwrite):
     raise ExportError(
         f"--out={out} {what}; --overwrite would delete it. Leave it as it is and choose "
         "another --out outside the run (e.g. a sibling directory)")
-  if not is_export_dir(out):
+  entries = set(storage.listdir(out))
+  if not (is_export_dir(out) or _unfinished_in_bucket(out, entries)):
     raise ExportError(f"--out={out} is not a farmer_jax export (no valid {runs.EXPORT_META} "
-                      "marker), so --overwrite will not replace it; choose another --out, or move "
-                      "that directory away yourself")
-  extra = sorted(set(storage.listdir(out)) - runs.EXPORT_ENTRIES)
+                      "marker), so --overwrite will not replace it. Fix: choose another --out, or "
+                      "move that directory away yourself")
+  extra = sorted(entries - runs.EXPORT_ENTRIES)
   if extra:
     raise ExportError(
         f"--out={out} is an export but also holds files export did not write "
         f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}); --overwrite would delete "
-        "them. Move them out or choose another --out")
+        "them. Fix: move them out or choose another --out")
   return out
+
+
+def _unfinished_in_bucket(out, entries):
+  """True for a bucket folder an interrupted export left: no export.json, and nothing but what an
+  export writes (an object store has no rename, so an export there is written in place)."""
+  return (storage.is_url(out) and runs.EXPORT_META not in entries
+          and bool(entries) and entries <= runs.EXPORT_ENTRIES)
 
 
 def _real(path):
@@ -247,7 +255,8 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
   previous export there is replaced only after the new one is complete (see ``export_model``). A
   bucket has no rename: a previous export at a URL ``out`` loses its export.json first (from then
   on nothing reads it as an export), is deleted, and the new one is written in place, export.json
-  last; an interruption leaves no export there, never an incomplete one that reads as complete."""
+  last. A failure deletes what was written; a kill leaves an unfinished export without
+  export.json, which nothing reads as complete and which --overwrite replaces."""
   def fill(directory):
     new = runs.ExportDir(directory)
     try:
@@ -281,7 +290,14 @@ def write_export(out, params, config, meta, overwrite=False, source=None, studen
   if storage.exists(out):
     storage.remove(runs.ExportDir(out).meta)
     storage.rmtree(out)
-  fill(out)
+  try:
+    fill(out)
+  except BaseException:
+    try:
+      storage.rmtree(out)   # what was written, so that a failed export leaves nothing behind
+    except Exception:  # noqa: BLE001 - best effort; the failure that matters is re-raised
+      pass
+    raise
 
 
 def _student_of(student_run, config, say):

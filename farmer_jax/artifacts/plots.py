@@ -2,8 +2,8 @@
 WORKDIR/curves.png, the train loss and the eval bits/dim per logged step from metrics.jsonl).
 
 A figure is a column of ``Panel`` s of one width; each has linear axes fitted to its finite points
-(or the x limits it is given, e.g. one step axis for all), ticks at round numbers, and a legend. A non-finite value breaks its line; a
-series of one point is drawn as its marker."""
+(or the x limits it is given, e.g. one step axis for all), ticks at round numbers, and a legend.
+A non-finite value breaks its line; a series of one point is drawn as its marker."""
 
 import dataclasses
 import io

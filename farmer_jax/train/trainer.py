@@ -23,7 +23,7 @@ from farmer_jax.artifacts import runs, storage
 from farmer_jax.artifacts.metrics import flat_hparams
 from farmer_jax.config.parse import RunConfig, resolved_config
 from farmer_jax.data.pipeline import TrainInput, eval_batches
-from farmer_jax.errors import ConfigError, UserError
+from farmer_jax.errors import ConfigError, UserError, brief
 from farmer_jax.eval.likelihood import eval_scalars
 from farmer_jax.model import Farmer, abstract_params
 from farmer_jax.train.optim import make_optimizer
@@ -492,7 +492,10 @@ def train_and_report(run, workdir, quiet=False, config_change_ok=False, abandon=
       history = tr.fit()
       train_s = time.time() - t0
       if tr.preempted:   # SIGTERM: the checkpoint (if any step ran) is saved; no eval, sampling
-        write_curves(tr)
+        try:
+          write_curves(tr)
+        except Exception as e:  # noqa: BLE001 - a picture must not turn a clean stop into a failure
+          tr.log(f"curves.png was not written ({brief(e)})")
         return preempted_summary(tr), tr
       summary = write_report(tr, history, train_s, t0)
   return summary, tr
