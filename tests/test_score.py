@@ -239,3 +239,20 @@ def test_scoring_more_images_than_fit_in_memory_is_refused_before_reading():
   with pytest.raises(UserError, match=r"--images=split:validation: its 50000 images of 256x256x3 "
                      r"need about 18\.5 GiB .* Fix: score at most --num=1600 at a time"):
     check_memory(model, 50000, "--images=split:validation", available=2000 * per)
+
+
+def test_score_reads_an_npz_as_fid_reads_one(tmp_path):
+  """score's .npz reader takes the image keys fid takes, and refuses non-uint8 images with fid's
+  check (one reader's rules, not two)."""
+  import types
+
+  from farmer_jax.commands.score import _read_npz
+  from farmer_jax.eval.metrics import IMAGE_KEYS
+  model = types.SimpleNamespace(image_shape=(8, 8, 1))
+  for key in IMAGE_KEYS:
+    np.savez(tmp_path / f"{key}.npz", **{key: np.full((3, 8, 8), 7, np.uint8)})
+    images, labels, names = _read_npz(model, str(tmp_path / f"{key}.npz"), 2)
+    assert images.shape == (2, 8, 8, 1) and labels is None and names == [f"{key}[0]", f"{key}[1]"]
+  np.savez(tmp_path / "f.npz", images=np.zeros((3, 8, 8, 1), np.float32))
+  with pytest.raises(UserError, match=r"images under 'images' must be uint8 .* Fix: store"):
+    _read_npz(model, str(tmp_path / "f.npz"), 0)

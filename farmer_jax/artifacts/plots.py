@@ -42,6 +42,17 @@ class Panel:
   xlim: Optional[Tuple[float, float]] = None
 
 
+def default_font(size=None):
+  """PIL's default font (the one font of every picture farmer_jax draws), ``size`` px tall where
+  this PIL can scale it (FreeType, Pillow >= 10.1), else its fixed bitmap font."""
+  if size is None:
+    return ImageFont.load_default()
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError):
+    return ImageFont.load_default()
+
+
 def nice_ticks(lo, hi, target=5):
   """Round-number ticks within [lo, hi], 1, 2 or 5 times a power of ten apart, about ``target``
   intervals in the range: (ticks, step)."""
@@ -114,7 +125,7 @@ def render(panels, width=720, panel_height=260):
   """The ``panels`` stacked in one RGB PIL image, ``width`` wide, ``panel_height`` each."""
   img = Image.new("RGB", (width, panel_height * max(len(panels), 1)), _WHITE)
   draw = ImageDraw.Draw(img)
-  font = ImageFont.load_default()
+  font = default_font()
   for i, panel in enumerate(panels):
     _draw_panel(draw, font, panel, width, panel_height, i * panel_height)
   return img

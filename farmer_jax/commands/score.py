@@ -220,18 +220,20 @@ def _image_files(folder):
 
 def _read_npz(model, path, num):
   from farmer_jax import untrusted
+  from farmer_jax.eval.metrics import IMAGE_KEYS, check_images
   want = model.image_shape
   with untrusted.Npz(path) as data:
-    key = next((k for k in ("images", "arr_0") if k in data), None)
+    key = next((k for k in IMAGE_KEYS if k in data), None)
     if key is None:
-      raise UserError(f"--images={path} holds no 'images' or 'arr_0' array (it has "
-                      f"{sorted(data.files)}). Fix: save the uint8 images (n, H, W, c) as "
+      raise UserError(f"--images={path} holds no {' or '.join(map(repr, IMAGE_KEYS))} array (it "
+                      f"has {sorted(data.files)}). Fix: save the uint8 images (n, H, W, c) as "
                       "np.savez(path, images=..., labels=...)")
     images = np.asarray(data[key])
     labels = np.asarray(data["labels"]) if "labels" in data else None
   if images.ndim == 3 and want[2] == 1:
     images = images[..., None]     # (n, H, W) grayscale
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want or not len(images):
+  check_images(images, key, f"--images={path}")
+  if images.shape[1:] != want or not len(images):
     raise UserError(f"--images={path}: '{key}' is {images.dtype} {images.shape}; this model takes "
                     f"uint8 (n, {', '.join(map(str, want))}). Fix: resize/convert the images to "
                     f"{want[0]}x{want[1]} with {want[2]} channel(s), pixels 0..255 as uint8")

@@ -10,7 +10,9 @@ Shape letters: m images on a page, H W c image, h w token grid.
 """
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from farmer_jax.artifacts.plots import default_font
 
 # (position in [0, 1], RGB): lightness rises monotonically along the ramp
 ANCHORS = ((0.00, (12, 8, 38)), (0.25, (72, 26, 112)), (0.50, (168, 46, 96)),
@@ -29,13 +31,6 @@ def colorize(values, vmin, vmax):
   rgb = np.array([a[1] for a in ANCHORS], np.float64)
   out = np.stack([np.interp(t, pos, rgb[:, j]) for j in range(3)], axis=-1)
   return np.round(out).astype(np.uint8)
-
-
-def _font():
-  try:
-    return ImageFont.load_default(size=12)
-  except (TypeError, OSError):    # a PIL without FreeType: the fixed bitmap font
-    return ImageFont.load_default()
 
 
 def _text_size(draw, text, font):
@@ -63,7 +58,7 @@ def page(images, token_bpd, bpd, names, columns=4, vmin=None, vmax=None):
     vmax = max(float(token_bpd.max()), vmin + 1e-6)
   s = max(1, -(-TARGET // max(hh, ww)))    # integer enlargement: pixels stay square blocks
   ch, cw = hh * s, ww * s
-  font = _font()
+  font = default_font(12)
   probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   line = _text_size(probe, "Ag0.", font)[1] + 4
   cols = min(columns, m)

@@ -239,16 +239,21 @@ class ReferenceStatistics(NamedTuple):
   features: Optional[np.ndarray]
 
 
-_IMAGE_KEYS = ("images", "arr_0")
+# where an image .npz keeps its uint8 (N, H, W, c) images: ours, or the ADM batches' / `farmer_jax
+# sample --npz`'s 'arr_0'
+IMAGE_KEYS = ("images", "arr_0")
 
 
-def _check_images(images, key, path):
+def check_images(images, key, path):
+  """``images`` (the array under ``key`` of the .npz ``path``) if it is uint8 (N, H, W, c) with c
+  in (1, 3); else UserError naming the fix."""
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise UserError(f"{path}: images under {key!r} must be (N, H, W, c) with c in (1, 3), got "
-                    f"shape {images.shape}; add a channel axis to grayscale images (x[..., None])")
+                    f"shape {images.shape}. Fix: add a channel axis to grayscale images "
+                    "(x[..., None])")
   if images.dtype != np.uint8:
-    raise UserError(f"{path}: images under {key!r} must be uint8 in [0, 255], got {images.dtype}; "
-                    "store np.clip(np.round(x), 0, 255).astype(np.uint8)")
+    raise UserError(f"{path}: images under {key!r} must be uint8 in [0, 255], got {images.dtype}. "
+                    "Fix: store np.clip(np.round(x), 0, 255).astype(np.uint8)")
   return images
 
 
@@ -271,7 +276,7 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
     raise FileNotFoundError(f"reference statistics file {path} not found") from None
   with data:
     keys = sorted(data.files)
-    image_key = next((k for k in _IMAGE_KEYS if k in keys), None)
+    image_key = next((k for k in IMAGE_KEYS if k in keys), None)
     has_mu, has_sigma = "mu" in keys, "sigma" in keys
     if has_mu != has_sigma:
       raise UserError(f"{path} holds {'mu' if has_mu else 'sigma'} without "
@@ -298,7 +303,7 @@ def reference_statistics(path, load_images=False) -> ReferenceStatistics:
                       "'images' or 'arr_0'")
     images = None
     if image_key is not None and (mu is None or load_images):
-      images = _check_images(np.asarray(data[image_key]), image_key, path)
+      images = check_images(np.asarray(data[image_key]), image_key, path)
   return ReferenceStatistics(mu, sigma, images, features)
 
 
