@@ -5,12 +5,13 @@ compiles for a mesh of devices that need not exist here.
 A pretraining run (`farmer_jax train`) executes, on its mesh: the train step at the global batch,
 the bits/dim eval step at the padded eval batch, and the end-of-run sample grid at its batch
 (train/report.py ``grid_batch_size``). The grid drawn at every periodic eval
-(``config.sample.periodic_classes`` rows) runs the same sampler at a batch no larger, so it is
-not compiled separately: the end-of-run grid's program bounds its memory. A distillation
-(`farmer_jax distill`): its step and the student's reconstruction error. From an export,
-`farmer_jax sample` / `fid` draw on the run's mesh with the export's sampler, each device its
-share of the batch with the weights gathered (the program of one chip at the batch per device, their default --batch ``SAMPLE_BATCH`` per device),
-and `fid` runs the Inception-v3 feature network on each host's first chip.
+(``config.sample.periodic_classes`` rows) runs the same sampler at a batch no larger, so it is not
+compiled separately: the end-of-run grid's program bounds its memory. A distillation (`farmer_jax
+distill`): its step and the student's reconstruction error. From an export, `farmer_jax sample` /
+`fid` draw on the run's mesh with the export's sampler, each device its share of the batch with the
+weights gathered (the program of one chip at the batch per device, their default --batch
+``SAMPLE_BATCH`` per device), and `fid` runs the Inception-v3 feature network on each host's first
+chip.
 """
 
 import contextlib
