@@ -46,6 +46,18 @@ _HELP = ("-h", "-help", "--help", "-helpfull", "--helpfull", "-helpshort", "--he
 _DEBUG = ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1")
 
 
+def start_process():
+  """What every command does before anything else, in this order: where libtpu is installed
+  without a TPU attached, jax is told to use the CPU (``distributed.skip_absent_tpu``; importing
+  jax starts no thread); then the malloc mode is applied (``host_memory.configure``, whose 'auto'
+  reads that choice), before jax starts its threads. Returns the malloc mode applied; a bad
+  $FARMER_JAX_MALLOC raises UserError (a ValueError)."""
+  from farmer_jax import host_memory
+  from farmer_jax.distributed import skip_absent_tpu
+  skip_absent_tpu()
+  return host_memory.configure()
+
+
 def flag_values(cmd):
   """A new FlagValues holding the flags of ``cmd``."""
   fv = flags.FlagValues()
@@ -94,14 +106,11 @@ def run(argv=None):
   if any(a in _HELP for a in argv[2:]):
     print(command_help(cmd))
     sys.exit(0)
-  from farmer_jax import host_memory  # before jax makes threads: see host_memory
   try:
-    host_memory.configure()
+    start_process()
   except ValueError as e:
     print(f"farmer_jax {cmd}: {e}", file=sys.stderr)
     sys.exit(2)
-  from farmer_jax.distributed import skip_absent_tpu
-  skip_absent_tpu()
   if cmd in ("train", "distill"):
     exits.early_sigterm()
   prog_argv = [f"farmer_jax {cmd}"] + argv[2:]

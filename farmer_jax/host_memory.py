@@ -19,7 +19,9 @@ Modes (the ``FARMER_JAX_MALLOC`` environment variable; ``configure``):
   * ``keep``: always;
   * ``system``: leave glibc's defaults.
 Call it before jax starts its threads (an arena, once made, stays): the benchmarks call it before
-importing jax or torch; the ``farmer_jax`` command before jax loads, after numpy (whose OpenBLAS
+importing jax or torch; the ``farmer_jax`` command (``cli.start_process``) right after
+``distributed.skip_absent_tpu`` has chosen the CPU where libtpu is installed without a TPU (so that
+'auto' sees that choice; importing jax starts no thread, measured), after numpy (whose OpenBLAS
 thread exists by then; the 64x64 step still reaches 0 faults from its fourth step on, measured).
 On a system other than Linux with glibc it does nothing.
 """

@@ -90,3 +90,19 @@ def test_cli_refuses_a_bad_mode_before_any_work(tmp_path):
       "farmer_jax train: $FARMER_JAX_MALLOC='fast' is not one of auto, keep, system; unset it or "
       "use 'auto' (the default), 'keep' or 'system'")
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_command_keeps_freed_memory_where_jax_runs_on_the_cpu():
+  """The farmer_jax command's start-up: with libtpu installed and no TPU attached, jax is put on
+  the CPU first, so 'auto' applies keep (CPU work), not the accelerator install's 'system'."""
+  if not host_memory.accelerator_plugin_installed():
+    pytest.skip("no accelerator plugin installed: 'auto' is keep anyway")
+  if host_memory._libc() is None:
+    pytest.skip("needs Linux with glibc")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", host_memory.ENV)}
+  code = "import jax\nfrom farmer_jax import cli\nprint(cli.start_process(), jax.default_backend())"
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                     env=env, timeout=120)
+  assert r.returncode == 0, r.stderr
+  mode, backend = r.stdout.split()
+  assert (mode, backend) == ("keep", "cpu") or backend != "cpu", r.stdout
