@@ -4,6 +4,10 @@ its users get by default: same AF config, batch, data and initial weights.
 
   python benchmarks/vs_torch.py [--pairs 3] [--rounds 5] [--steps 3] [--quick]
       [--workloads train32,train64,reverse64,reverse256] [--execution cpu|default|both]
+      [--tarflow=DIR]
+
+``--tarflow=DIR``: the PyTorch side runs ``transformer_flow.Model`` from a checkout of
+apple/ml-tarflow instead of the reference module (same state_dict keys, same weights).
 
 Workloads: (train32, train64) the AF-only train step at 32x32x3 (batch 32) and 64x64x3 (batch 16):
 forward + N(0, I) NLL (TARFlow's get_loss: 0.5*mean(z^2) - log-det per dim) + backward + AdamW
@@ -109,22 +113,34 @@ def _load_init(path):
     return state, f["x"], (f["z"] if "z" in f.files else None)
 
 
+def _tarflow_model(checkout):
+  """``transformer_flow.Model`` from a checkout of apple/ml-tarflow, and its forward as
+  (z, logdets) (it also returns each block's output)."""
+  sys.path.insert(0, os.path.abspath(checkout))
+  from transformer_flow import Model
+  return Model, lambda model, x: (lambda out: (out[0], out[2]))(model(x))
+
+
 def worker_torch(a):
   import numpy as np
   import torch
-  TARFlowReference, _ = _reference()
   kind, size, batch = WORKLOADS[a.workload]
   state, x, z = _load_init(a.init)
-  ref = TARFlowReference(**hparams(size))
+  if a.tarflow:
+    Model, forward = _tarflow_model(a.tarflow)
+  else:
+    Model, forward = _reference()[0], lambda model, xb: model(xb)
+  ref = Model(**hparams(size))
   ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-  out = dict(side="torch", torch=torch.__version__, threads=torch.get_num_threads())
+  out = dict(side="torch", torch=torch.__version__, threads=torch.get_num_threads(),
+             module=Model.__module__)
   if kind == "train":
     x_t = torch.from_numpy(x)
     opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
 
     def step():
       opt.zero_grad(set_to_none=True)
-      zz, logdets = ref(x_t)
+      zz, logdets = forward(ref, x_t)
       loss = ref.get_loss(zz, logdets)
       loss.backward()
       opt.step()
@@ -142,13 +158,14 @@ def worker_torch(a):
   else:
     ref.eval()
     z_t = torch.from_numpy(z)
-    x_back = ref.reverse(z_t)                   # first call, untimed like the JAX side's compile
-    np.save(a.out, x_back.numpy().transpose(0, 2, 3, 1))
-    times = []
-    for _ in range(a.rounds):
-      t0 = time.perf_counter()
-      ref.reverse(z_t)
-      times.append(time.perf_counter() - t0)
+    with torch.no_grad():
+      x_back = ref.reverse(z_t)                 # first call, untimed like the JAX side's compile
+      np.save(a.out, x_back.numpy().transpose(0, 2, 3, 1))
+      times = []
+      for _ in range(a.rounds):
+        t0 = time.perf_counter()
+        ref.reverse(z_t)
+        times.append(time.perf_counter() - t0)
   out["times"] = times
   emit(out)
 
@@ -278,6 +295,8 @@ def measure(name, a, init, tmp, execution, pairs):
   kind, size, batch = WORKLOADS[name]
   common = [f"--workload={name}", f"--init={init}", f"--rounds={a.rounds}",
             f"--steps={a.steps}", f"--warmup={a.warmup}", f"--execution={execution}"]
+  if a.tarflow:
+    common.append(f"--tarflow={os.path.abspath(a.tarflow)}")
   res = {"jax": [], "torch": []}
   for i in range(pairs):
     for side in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
@@ -324,6 +343,9 @@ def main():
   ap.add_argument("--execution", default="cpu", choices=("cpu", "default", "both"),
                   help="JAX side: the CPU choices (EXECUTION), ModelConfig's defaults (scan, "
                   "dot_product_attention), or both (before/after in one run)")
+  ap.add_argument("--tarflow", metavar="DIR",
+                  help="PyTorch side: transformer_flow.Model from this checkout of "
+                  "apple/ml-tarflow instead of tests/tarflow_reference.py (same weights)")
   # worker mode (internal: the parent starts these)
   ap.add_argument("--worker", choices=("init", "jax", "torch"), help=argparse.SUPPRESS)
   ap.add_argument("--workload", choices=tuple(WORKLOADS), help=argparse.SUPPRESS)
@@ -337,6 +359,9 @@ def main():
   unknown = [w for w in names if w not in WORKLOADS]
   if unknown or not names:
     ap.error(f"--workloads: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+  if a.tarflow and not os.path.isfile(os.path.join(a.tarflow, "transformer_flow.py")):
+    ap.error(f"--tarflow={a.tarflow}: no transformer_flow.py there; point it at a checkout of "
+             "apple/ml-tarflow")
   pairs = a.pairs
   if a.quick:
     pairs, a.rounds, a.steps, a.warmup = 1, 2, 1, 0
@@ -353,6 +378,8 @@ def main():
     print(f"torch {info['torch']}: {info['torch_threads']} threads (its default), its own "
           f"OpenMP and malloc settings; OMP_WAIT_POLICY "
           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print("PyTorch module: " + (f"transformer_flow.Model of {os.path.abspath(a.tarflow)}"
+                                if a.tarflow else "tests/tarflow_reference.py TARFlowReference"))
     print("AF: 3 channels, patch 4, width 128 (2 heads), 4 blocks x 2 layers, unconditional, "
           "fp32, same weights and batch on both sides")
     print(f"each side in its own processes: {pairs} alternating pair(s) per workload; per "
