@@ -359,6 +359,8 @@ def main():
   unknown = [w for w in names if w not in WORKLOADS]
   if unknown or not names:
     ap.error(f"--workloads: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
+  if min(a.pairs, a.rounds, a.steps) < 1 or a.warmup < 0:
+    ap.error("--pairs, --rounds and --steps must be >= 1, --warmup >= 0")
   if a.tarflow and not os.path.isfile(os.path.join(a.tarflow, "transformer_flow.py")):
     ap.error(f"--tarflow={a.tarflow}: no transformer_flow.py there; point it at a checkout of "
              "apple/ml-tarflow")
