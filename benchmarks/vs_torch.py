@@ -35,9 +35,9 @@ What each side gets:
   * torch: nothing set by this script. PyTorch's own threading (its default intra-op thread
     count, printed; OpenMP's default wait policy unless the caller's environment sets one) and
     glibc's malloc defaults.
-  * JAX: what the ``farmer_jax`` command applies at start (farmer_jax/cli.py), in its order:
-    ``host_memory.configure()`` (``FARMER_JAX_MALLOC``: ``keep`` on a CPU-only install), then
-    ``distributed.skip_absent_tpu()``; XLA:CPU's default thread pool (all visible cores); and the
+  * JAX: what the ``farmer_jax`` command applies at start (``cli.start_process``): jax put on
+    the CPU where libtpu is installed without a TPU, then the malloc mode (``FARMER_JAX_MALLOC``:
+    ``keep`` where jax runs on the CPU); XLA:CPU's default thread pool (all visible cores); and the
     CPU execution choices (EXECUTION: unrolled, einsum attention; docs/performance.md) or with
     ``--execution=default`` ModelConfig's defaults (scan, jax.nn.dot_product_attention).
 The header prints the CPU model and its ISA flags that matter (avx2, avx512f, avx512_bf16, amx),
@@ -171,12 +171,9 @@ def worker_torch(a):
 
 
 def worker_jax(a):
-  # what the farmer_jax command applies at start (farmer_jax/cli.py), in its order, before jax
-  # makes threads
-  from farmer_jax import host_memory
-  malloc = host_memory.configure()
-  from farmer_jax.distributed import skip_absent_tpu
-  skip_absent_tpu()
+  # what the farmer_jax command applies at start, before jax makes threads
+  from farmer_jax.cli import start_process
+  malloc = start_process()
 
   import dataclasses
 
