@@ -173,7 +173,7 @@ def worker_torch(a):
 def worker_jax(a):
   # what the farmer_jax command applies at start, before jax makes threads
   from farmer_jax.cli import start_process
-  malloc = start_process()
+  malloc, cpu_spin = start_process()
 
   import dataclasses
 
@@ -196,6 +196,7 @@ def worker_jax(a):
   params = jax.tree.map(jnp.asarray, tarflow_to_params(state, mcfg))
   flow = make_flow(mcfg)
   out = dict(side="jax", jax=jax.__version__, platform=jax.devices()[0].platform, malloc=malloc,
+             cpu_spin=cpu_spin,
              cores=len(os.sched_getaffinity(0)))
   if kind == "train":
     tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
@@ -399,7 +400,7 @@ def main():
         all_ok &= ok
         print(line, flush=True)
       print(f"jax {jax_info['jax']} on {jax_info['platform']}: XLA:CPU's default thread pool "
-            f"({jax_info['cores']} cores), malloc {jax_info['malloc']} (farmer_jax's start-up)")
+            f"({jax_info['cores']} cores), malloc {jax_info['malloc']}, idle CPUs {jax_info.get('cpu_spin')} (farmer_jax's start-up)")
   print(f"\nload average at end: {loadavg()}; {time.perf_counter() - t_start:.0f} s in all")
   if not all_ok:
     print(f"the two sides disagree beyond the tolerances (first-step loss {LOSS_TOL}, second "

@@ -50,12 +50,14 @@ def start_process():
   """What every command does before anything else, in this order: where libtpu is installed
   without a TPU attached, jax is told to use the CPU (``distributed.skip_absent_tpu``; importing
   jax starts no thread); then the malloc mode is applied (``host_memory.configure``, whose 'auto'
-  reads that choice), before jax starts its threads. Returns the malloc mode applied; a bad
-  $FARMER_JAX_MALLOC raises UserError (a ValueError)."""
-  from farmer_jax import host_memory
+  reads that choice), before jax starts its threads; then, on a virtual machine's CPUs, their
+  idle time is kept spinning (``host_cpu.configure``). Returns the malloc mode and the CPU mode
+  applied; a bad $FARMER_JAX_MALLOC or $FARMER_JAX_CPU_SPIN raises UserError (a ValueError)."""
+  from farmer_jax import host_cpu, host_memory
   from farmer_jax.distributed import skip_absent_tpu
   skip_absent_tpu()
-  return host_memory.configure()
+  malloc = host_memory.configure()
+  return malloc, host_cpu.configure()
 
 
 def flag_values(cmd):

@@ -64,12 +64,19 @@ def resolve(mode=None, environ=None, accelerator=None) -> str:
                     f"'auto' (the default), 'keep' or 'system'")
   if value != "auto":
     return value
+  return "keep" if runs_on_cpu(environ, accelerator) else "system"
+
+
+def runs_on_cpu(environ=None, accelerator=None) -> bool:
+  """Whether JAX will run on the CPU: ``JAX_PLATFORMS`` starts with ``cpu``, or it is unset and
+  no accelerator plugin is installed (``accelerator``: that check's answer, if known)."""
+  environ = os.environ if environ is None else environ
   platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
   if platforms:
-    return "keep" if platforms.split(",")[0] == "cpu" else "system"
+    return platforms.split(",")[0] == "cpu"
   if accelerator is None:
     accelerator = accelerator_plugin_installed()
-  return "system" if accelerator else "keep"
+  return not accelerator
 
 
 def _libc():

@@ -100,7 +100,8 @@ def test_the_command_keeps_freed_memory_where_jax_runs_on_the_cpu():
   if host_memory._libc() is None:
     pytest.skip("needs Linux with glibc")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", host_memory.ENV)}
-  code = "import jax\nfrom farmer_jax import cli\nprint(cli.start_process(), jax.default_backend())"
+  code = ("import jax\nfrom farmer_jax import cli\n"
+          "print(cli.start_process()[0], jax.default_backend())")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                      env=env, timeout=120)
   assert r.returncode == 0, r.stderr
