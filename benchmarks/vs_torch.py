@@ -37,12 +37,16 @@ What each side gets:
     glibc's malloc defaults.
   * JAX: what the ``farmer_jax`` command applies at start (``cli.start_process``): jax put on
     the CPU where libtpu is installed without a TPU, then the malloc mode (``FARMER_JAX_MALLOC``:
-    ``keep`` where jax runs on the CPU); XLA:CPU's default thread pool (all visible cores); and the
+    ``keep`` where jax runs on the CPU), then the idle-CPU mode (``FARMER_JAX_CPU_SPIN``: on a
+    virtual machine, idle CPUs kept spinning at idle priority while the worker runs, as PyTorch's
+    OpenMP threads spin); XLA:CPU's default thread pool (all visible cores); and the
     CPU execution choices (EXECUTION: unrolled, einsum attention; docs/performance.md) or with
     ``--execution=default`` ModelConfig's defaults (scan, jax.nn.dot_product_attention).
 The header prints the CPU model and its ISA flags that matter (avx2, avx512f, avx512_bf16, amx),
-both versions, both thread counts, the JAX side's malloc mode and the load average (at the start
-and the end). Prints only, asserts nothing beyond the agreement checks.
+both versions, both thread counts, the JAX side's malloc and idle-CPU modes, the load average
+(at the start and the end) and, at the end, the share of the CPUs' time a hypervisor gave to other
+guests (steal) and left idle during the run. Prints only, asserts nothing beyond the agreement
+checks.
 """
 
 import argparse
@@ -272,6 +276,24 @@ def loadavg():
     return "unknown"
 
 
+def cpu_times():
+  """This machine's CPU time so far (/proc/stat's first line: user .. steal), or None."""
+  try:
+    with open("/proc/stat") as f:
+      return [int(v) for v in f.readline().split()[1:9]]
+  except (OSError, ValueError):
+    return None
+
+
+def stolen(start, end):
+  """The share of the CPUs' time between two ``cpu_times`` that a hypervisor gave to others
+  (steal; 0 outside virtual machines), and the share idle, as a phrase."""
+  if start is None or end is None or sum(end) <= sum(start):
+    return "unknown"
+  d = [b - a for a, b in zip(start, end)]
+  return f"{100 * d[7] / sum(d):.0f}% stolen by the hypervisor, {100 * d[3] / sum(d):.0f}% idle"
+
+
 def run_worker(args):
   cmd = [sys.executable, os.path.abspath(__file__)] + args
   proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -366,7 +388,7 @@ def main():
   if a.quick:
     pairs, a.rounds, a.steps, a.warmup = 1, 2, 1, 0
   executions = {"cpu": ["cpu"], "default": ["default"], "both": ["default", "cpu"]}[a.execution]
-  t_start = time.perf_counter()
+  t_start, cpu_start = time.perf_counter(), cpu_times()
   print(cpu_line())
   print(f"load average at start: {loadavg()}; python {sys.version.split()[0]}", flush=True)
   all_ok = True
@@ -400,8 +422,10 @@ def main():
         all_ok &= ok
         print(line, flush=True)
       print(f"jax {jax_info['jax']} on {jax_info['platform']}: XLA:CPU's default thread pool "
-            f"({jax_info['cores']} cores), malloc {jax_info['malloc']}, idle CPUs {jax_info.get('cpu_spin')} (farmer_jax's start-up)")
-  print(f"\nload average at end: {loadavg()}; {time.perf_counter() - t_start:.0f} s in all")
+            f"({jax_info['cores']} cores), malloc {jax_info['malloc']}, idle CPUs "
+            f"{jax_info['cpu_spin']} (farmer_jax's start-up)")
+  print(f"\nload average at end: {loadavg()}; CPU time during the run: "
+        f"{stolen(cpu_start, cpu_times())}; {time.perf_counter() - t_start:.0f} s in all")
   if not all_ok:
     print(f"the two sides disagree beyond the tolerances (first-step loss {LOSS_TOL}, second "
           f"{LOSS2_TOL}, reverse {REVERSE_TOL})", file=sys.stderr)
