@@ -26,6 +26,7 @@ stacked params (one program per layer: more compile time, no per-step slicing/st
 residuals and KV caches; faster on CPU, see benchmarks/vs_torch.py).
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -107,7 +108,9 @@ def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):
   fused kernel needs a GPU and bf16/fp16); 'einsum' = two einsums and an fp32 softmax here, the
   fastest on XLA:CPU (no transposes of the probabilities), where causal with 0 < ``chunk`` < T (T
   divisible by it) runs query chunk i (``chunk`` tokens) on the keys of chunks <= i only, so the
-  masked upper blocks cost nothing (2 chunks: 3/4 of the logits work, 4: 5/8)."""
+  masked upper blocks cost nothing (2 chunks: 3/4 of the logits work, 4: 5/8). Without ``mask``
+  (training, likelihood) its backward pass is written out (``_chunked_attention_bwd``) so that
+  every product of it runs on XLA:CPU's GEMM library."""
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise UserError(f"model.attention='cudnn' needs a GPU (this backend is "
                     f"{jax.default_backend()!r}); use 'xla', or 'einsum' on CPU")
@@ -118,26 +121,80 @@ def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):
         mask=None if mask is None else mask[None, None],
         implementation=None if impl == "xla" else impl)
     return sw(out)
-  t = q.shape[2]
-  chunks = 1
-  if mask is None and causal and 0 < chunk < t and t % chunk == 0:
-    chunks = t // chunk
-  tq = t // chunks
-  outs = []
-  for i in range(chunks):
-    s = (i + 1) * tq if (causal and mask is None) else k.shape[2]
-    qi = q[:, :, i * tq:(i + 1) * tq] if chunks > 1 else q
-    ki, vi = (k, v) if s == k.shape[2] else (k[:, :, :s], v[:, :, :s])
-    logits = jnp.einsum("bhtd,bhsd->bhts", qi, ki,
-                        preferred_element_type=jnp.float32) * jnp.float32(scale)
-    m = mask
-    if m is None and causal:
-      m = jnp.arange(s)[None, :] <= (i * tq + jnp.arange(tq))[:, None]
-    if m is not None:
-      logits = jnp.where(m, logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1).astype(vi.dtype)
-    outs.append(jnp.einsum("bhts,bhsd->bhtd", p, vi))
-  return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=2)
+  if mask is None:
+    t = q.shape[2]
+    tq = chunk if causal and 0 < chunk < t and t % chunk == 0 else t
+    return _chunked_attention(q, k, v, float(scale), causal, tq)
+  return _attention_chunk(q, k, v, scale, mask)[0]
+
+
+def _attention_chunk(q, k, v, scale, mask):
+  """Einsum attention of queries q (B, H, T, Dh) on keys/values k, v (B, H, S, Dh), ``mask`` (T,
+  S) or None: the output and the fp32 probabilities (B, H, T, S)."""
+  logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(scale)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  p = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("bhts,bhsd->bhtd", p.astype(v.dtype), v), p
+
+
+def _query_chunks(t, tq, causal, keys):
+  """(first query, end query, keys read) per chunk of ``tq`` of the ``t`` queries: chunk i reads
+  the keys of chunks <= i when causal, all ``keys`` otherwise."""
+  return [(a, a + tq, a + tq if causal else keys) for a in range(0, t, tq)]
+
+
+def _causal_mask(a, b):
+  """Queries a..b-1 against keys 0..b-1: each sees its own position and those before."""
+  return jnp.arange(b)[None, :] <= jnp.arange(a, b)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_attention(q, k, v, scale, causal, tq):
+  return _chunked_attention_fwd(q, k, v, scale, causal, tq)[0]
+
+
+def _chunked_attention_fwd(q, k, v, scale, causal, tq):
+  outs, probs = [], []
+  for a, b, s in _query_chunks(q.shape[2], tq, causal, k.shape[2]):
+    out, p = _attention_chunk(q[:, :, a:b], k[:, :, :s], v[:, :, :s], scale,
+                              _causal_mask(a, b) if causal else None)
+    outs.append(out)
+    probs.append(p)
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out, (q, k, v, tuple(probs))
+
+
+def _transposed_product(a, b):
+  """a (B, H, K, M), b (B, H, K, N) -> a^T b (B, H, M, N), with a transposed in memory first: a
+  batched dot contracting both operands' second-to-last dims runs on XLA:CPU as a generic loop
+  (Eigen), the plain product on its GEMM library; the barrier keeps XLA from folding the
+  transpose back into the dot."""
+  a_t = jax.lax.optimization_barrier(jnp.swapaxes(a, 2, 3))
+  return jnp.einsum("bhmk,bhkn->bhmn", a_t, b)
+
+
+def _chunked_attention_bwd(scale, causal, tq, res, d_out):
+  """The gradients of ``_chunked_attention``, with the products laid out for XLA:CPU's GEMM
+  library (``_transposed_product``); the same math as autodiff of the forward."""
+  q, k, v, probs = res
+  d_q = []
+  d_k = jnp.zeros(k.shape, jnp.float32)
+  d_v = jnp.zeros(v.shape, v.dtype)
+  for (a, b, s), p in zip(_query_chunks(q.shape[2], tq, causal, k.shape[2]), probs):
+    g = d_out[:, :, a:b]
+    d_p = jnp.einsum("bhtd,bhsd->bhts", g, v[:, :, :s]).astype(jnp.float32)
+    d_logits = p * (d_p - jnp.sum(p * d_p, axis=-1, keepdims=True)) * jnp.float32(scale)
+    d_q.append(jnp.einsum("bhts,bhsd->bhtd", d_logits, k[:, :, :s],
+                          preferred_element_type=jnp.float32).astype(q.dtype))
+    d_k = d_k.at[:, :, :s].add(_transposed_product(d_logits, q[:, :, a:b].astype(jnp.float32)))
+    d_v = d_v.at[:, :, :s].add(_transposed_product(p.astype(v.dtype), g))
+  d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=2)
+  return d_q, d_k.astype(k.dtype), d_v
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
 class Attention(nn.Module):
