@@ -65,14 +65,14 @@ def main():
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    a_ = anatomy.analyze(text)
+    prog = anatomy.analyze(text)
     analytic = flops.train_step_flops(run.model, run.train.batch_size) / len(devices)
-    r = anatomy.roofline(a_, chip.peak_flops, chip.hbm_bandwidth, chip.ici_bandwidth, analytic)
+    r = anatomy.roofline(prog, chip.peak_flops, chip.hbm_bandwidth, chip.ici_bandwidth, analytic)
     print(f"   compiled in {time.time() - t0:.0f} s; {aot_compile.size(memory.total)} per chip "
           f"of {aot_compile.size(chip.hbm_bytes)}", flush=True)
-    print(anatomy.describe(a_, cost.get("bytes accessed")), flush=True)
+    print(anatomy.describe(prog, cost.get("bytes accessed")), flush=True)
     print("  matmuls with the most FLOPs per step (op_name tail: TFLOPs, executions):")
-    for name, f, n in anatomy.top_matmuls(a_, 6):
+    for name, f, n in anatomy.top_matmuls(prog, 6):
       print(f"    {'/'.join(name.split('/')[-4:])}: {f / 1e12:.2f}, {n}")
     print("  " + r.describe(), flush=True)
     name = f"{preset.replace('/', '_')}_{s.name}_{variant}"
@@ -83,7 +83,7 @@ def main():
            "remat": run.model.remat, "remat_policy": run.model.remat_policy,
            "remat_blocks": run.model.remat_blocks, "bytes_per_chip": memory.total,
            "xla_bytes_accessed": cost.get("bytes accessed"),
-           "anatomy": anatomy.as_json(a_, r), "assumptions": list(anatomy.ASSUMPTIONS)}
+           "anatomy": anatomy.as_json(prog, r), "assumptions": list(anatomy.ASSUMPTIONS)}
     with open(os.path.join(a.out, name + ".json"), "w") as f:
       json.dump(rep, f, indent=1)
 

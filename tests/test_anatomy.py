@@ -76,19 +76,22 @@ def test_trip_counts_are_read_from_the_loop_condition_without_xla_s_note(scanned
 # convolution of (32, 128) x (128, 256)); a reduce-scatter wrapped in async-start/done; a fusion
 # that reads one layer of a stacked (6, 128, 256) buffer and updates one row of a (6, 32, 256)
 # buffer in place.
+_STATE = "(s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128])"
 _HANDWRITTEN = """HloModule m, is_scheduled=true
 
 %matmul (p0: bf16[32,128], p1: bf16[128,256]) -> bf16[32,256] {
   %p0 = bf16[32,128]{1,0} parameter(0)
   %p1 = bf16[128,256]{1,0} parameter(1)
-  ROOT %conv = bf16[32,256]{1,0} convolution(%p0, %p1), dim_labels=bf_io->bf, metadata={op_name="mlp/dot_general"}
+  ROOT %conv = bf16[32,256]{1,0} convolution(%p0, %p1), dim_labels=bf_io->bf,
+    metadata={op_name="mlp/dot_general"}
 }
 
 %take (s0: bf16[6,128,256], s1: s32[]) -> bf16[128,256] {
   %s0 = bf16[6,128,256]{2,1,0} parameter(0)
   %s1 = s32[] parameter(1)
   %zero = s32[] constant(0)
-  %ds = bf16[1,128,256]{2,1,0} dynamic-slice(%s0, %s1, %zero, %zero), dynamic_slice_sizes={1,128,256}
+  %ds = bf16[1,128,256]{2,1,0} dynamic-slice(%s0, %s1, %zero, %zero),
+    dynamic_slice_sizes={1,128,256}
   ROOT %bc = bf16[128,256]{1,0} bitcast(%ds)
 }
 
@@ -109,19 +112,22 @@ _HANDWRITTEN = """HloModule m, is_scheduled=true
 
 %rs (r0: f32[64,128]) -> f32[8,128] {
   %r0 = f32[64,128]{1,0} parameter(0)
-  ROOT %reduce-scatter = f32[8,128]{1,0} reduce-scatter(%r0), replica_groups=[1,8]<=[8], dimensions={0}, to_apply=%add
+  ROOT %reduce-scatter = f32[8,128]{1,0} reduce-scatter(%r0), replica_groups=[1,8]<=[8],
+    dimensions={0}, to_apply=%add
 }
 
-%body (param: (s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128])) -> (s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128]) {
-  %param = (s32[], bf16[4,128]{1,0}, bf16[6,128,256]{2,1,0}, bf16[6,32,256]{2,1,0}, f32[64,128]{1,0}) parameter(0)
+%body (param: STATE) -> STATE {
+  %param = STATE parameter(0)
   %i = s32[] get-tuple-element(%param), index=0
   %shard = bf16[4,128]{1,0} get-tuple-element(%param), index=1
   %stack = bf16[6,128,256]{2,1,0} get-tuple-element(%param), index=2
   %out = bf16[6,32,256]{2,1,0} get-tuple-element(%param), index=3
   %g = f32[64,128]{1,0} get-tuple-element(%param), index=4
-  %ag0 = (bf16[4,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%shard), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %ag0 = (bf16[4,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%shard),
+    replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
   %ag0d = bf16[32,128]{1,0} all-gather-done(%ag0)
-  %ag1 = (bf16[4,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%shard), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %ag1 = (bf16[4,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%shard),
+    replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
   %rs0 = ((f32[64,128]{1,0}), f32[8,128]{1,0}) async-start(%g), calls=%rs
   %w = bf16[128,256]{1,0} fusion(%stack, %i), kind=kLoop, calls=%take
   %y = bf16[32,256]{1,0} fusion(%ag0d, %w), kind=kOutput, calls=%matmul
@@ -130,25 +136,30 @@ _HANDWRITTEN = """HloModule m, is_scheduled=true
   %new = bf16[6,32,256]{2,1,0} fusion(%out, %y, %i), kind=kLoop, calls=%put
   %one = s32[] constant(1)
   %next = s32[] add(%i, %one)
-  ROOT %t = (s32[], bf16[4,128]{1,0}, bf16[6,128,256]{2,1,0}, bf16[6,32,256]{2,1,0}, f32[64,128]{1,0}) tuple(%next, %shard, %stack, %new, %g)
+  ROOT %t = STATE tuple(%next, %shard, %stack, %new, %g)
 }
 
-%cond (cp: (s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128])) -> pred[] {
-  %cp = (s32[], bf16[4,128]{1,0}, bf16[6,128,256]{2,1,0}, bf16[6,32,256]{2,1,0}, f32[64,128]{1,0}) parameter(0)
+%cond (cp: STATE) -> pred[] {
+  %cp = STATE parameter(0)
   %ci = s32[] get-tuple-element(%cp), index=0
   %n = s32[] constant(6)
   ROOT %lt = pred[] compare(%ci, %n), direction=LT
 }
 
-ENTRY %main (x: (s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128])) -> (s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128]) {
-  %x = (s32[], bf16[4,128]{1,0}, bf16[6,128,256]{2,1,0}, bf16[6,32,256]{2,1,0}, f32[64,128]{1,0}) parameter(0)
-  ROOT %loop = (s32[], bf16[4,128]{1,0}, bf16[6,128,256]{2,1,0}, bf16[6,32,256]{2,1,0}, f32[64,128]{1,0}) while(%x), condition=%cond, body=%body
+ENTRY %main (x: STATE) -> STATE {
+  %x = STATE parameter(0)
+  ROOT %loop = STATE while(%x), condition=%cond, body=%body
 }
 """
 
 
+def _handwritten():
+  """The module above, each instruction on one line as XLA prints it."""
+  return re.sub(r",\n    ", ", ", _HANDWRITTEN).replace("STATE", _STATE)
+
+
 def test_async_collectives_overlap_only_the_compute_between_start_and_done():
-  a = anatomy.analyze(_HANDWRITTEN)
+  a = anatomy.analyze(_handwritten())
   assert a.loops == {"loop": 6}
   by = {c.name: c for c in a.collectives}
   assert set(by) == {"ag0", "ag1", "rs0"}
@@ -167,7 +178,7 @@ def test_async_collectives_overlap_only_the_compute_between_start_and_done():
 
 
 def test_hbm_traffic_reads_slices_and_writes_in_place_updates():
-  a = anatomy.analyze(_HANDWRITTEN)
+  a = anatomy.analyze(_handwritten())
   ag = (4 + 32) * 128 * 2                # each all-gather reads its shard, writes the whole
   rs = (64 + 8) * 128 * 4                # the reduce-scatter reads its operand, writes a part
   take = 2 * 128 * 256 * 2 + 4           # one layer of the stack read (and the index), written
@@ -178,7 +189,7 @@ def test_hbm_traffic_reads_slices_and_writes_in_place_updates():
 
 
 def test_roofline_adds_only_the_collective_time_no_compute_hides():
-  a = anatomy.analyze(_HANDWRITTEN)
+  a = anatomy.analyze(_handwritten())
   peak, hbm_bw, ici = 1e12, 1e11, 1e9
   r = anatomy.roofline(a, peak, hbm_bw, ici, analytic_flops=a.matmul_flops / 2)
   ag = 32 * 128 * 2 * 7 / 8 / ici
@@ -198,7 +209,38 @@ def test_roofline_adds_only_the_collective_time_no_compute_hides():
     ("replica_groups=[4,2]<=[2,4]T(1,0)", 2),
     ("replica_groups=mesh['data'=2,'fsdp'=16] {'fsdp'}", 16),
     ("replica_groups=mesh['data'=2,'fsdp'=16] {'data','fsdp'}", 32),
+    ("replica_groups=mesh['axis_0'=8,'axis_1'=4], device_ids=([4,8]T(1,0)) {'axis_0'}", 8),
 ])
 def test_group_sizes_in_every_replica_group_syntax(attrs, size):
   ins = anatomy.Instr("x", "f32[8]", "all-reduce", (), "", attrs)
   assert anatomy.group_size(ins) == size
+
+
+@pytest.mark.slow
+def test_a_train_step_compiled_for_a_tpu_slice_reads_as_the_model():
+  """Through libtpu, with no TPU: the quickstart's train step (scanned AF blocks x layers and AR
+  layers of distinct lengths, bf16, remat, FSDP over a v5e 2x2 slice) read from its compiled HLO:
+  every loop's trip count is found (the model's among them), and the matmul FLOPs are the
+  analytic step's plus at most the rematerialised forward."""
+  import dataclasses
+
+  from farmer_jax import configlib, flops, sharding
+  from farmer_jax.aot import compile as aot_compile, programs, slices
+  from farmer_jax.config.parse import parse
+  if slices.libtpu_missing():
+    pytest.skip("libtpu is not installed (pip install 'farmer_jax[tpu-aot]')")
+  s = slices.parse_slice("v5litepod-4")
+  devices = slices.slice_devices(s)
+  c = configlib.load("quickstart:tiny")
+  c.model.update(unroll=False, attention="xla", flow_blocks=3, flow_layers=2, ar_depth=5,
+                 dtype="bfloat16", remat=True)
+  c.mesh = (("data", 1), ("fsdp", -1))
+  run = parse(c, num_devices=4, num_processes=1, read_data=False)
+  step = programs.train_programs(run, sharding.make_mesh(run.mesh, devices))[0]
+  a = anatomy.analyze(aot_compile.compiled_of(step).as_text())
+  assert not a.unknown_loops
+  assert {3, 2, 5} <= set(a.loops.values())
+  analytic = flops.train_step_flops(dataclasses.replace(run.model), run.train.batch_size) / 4
+  assert 1.0 <= a.matmul_flops / analytic <= 4 / 3 * 1.1
+  r = anatomy.roofline(a, s.chip.peak_flops, s.chip.hbm_bandwidth, s.chip.ici_bandwidth, analytic)
+  assert 0 < r.mfu <= 1 and r.step_s >= max(r.compute_s, r.hbm_s)

@@ -145,7 +145,8 @@ def group_size(ins):
   m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", a)   # iota form: [groups, size]<=[...]
   if m:
     return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", a)   # mesh form
+  # mesh form: mesh['a'=8,'b'=4] (device_ids=...) {'a'}
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(.*?\))?\s*\{([^}]*)\}", a)
   if m:
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
     return math.prod(int(sizes[n]) for n in re.findall(r"'([^']+)'", m.group(2)))
