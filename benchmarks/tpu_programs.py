@@ -70,10 +70,10 @@ def main():
     r = anatomy.roofline(prog, chip.peak_flops, chip.hbm_bandwidth, chip.ici_bandwidth, analytic)
     print(f"   compiled in {time.time() - t0:.0f} s; {aot_compile.size(memory.total)} per chip "
           f"of {aot_compile.size(chip.hbm_bytes)}", flush=True)
-    print(anatomy.describe(prog, cost.get("bytes accessed")), flush=True)
-    print("  matmuls with the most FLOPs per step (op_name tail: TFLOPs, executions):")
-    for name, f, n in anatomy.top_matmuls(prog, 6):
-      print(f"    {'/'.join(name.split('/')[-4:])}: {f / 1e12:.2f}, {n}")
+    print(anatomy.describe(prog, cost.get("bytes accessed"), chip), flush=True)
+    print("  matmuls with the most FLOPs per step (module, pass: TFLOPs per chip, fusions run):")
+    for tail, pas, f, n in anatomy.top_matmuls(prog, 10):
+      print(f"    {tail}, {pas}: {f / 1e12:.2f}, {n}")
     print("  " + r.describe(), flush=True)
     name = f"{preset.replace('/', '_')}_{s.name}_{variant}"
     with open(os.path.join(a.out, name + ".hlo.txt"), "w") as f:

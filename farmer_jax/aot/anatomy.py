@@ -5,8 +5,9 @@ fusions and which hold the matmuls (with their FLOPs), and the HBM bytes its top
 Everything is counted per execution of the program on one device and multiplied by the trip
 counts of the ``while`` loops it sits in (``scan`` over blocks and layers; nested loops multiply):
 XLA's ``cost_analysis()`` counts a loop body once. A trip count is the one XLA records in the
-loop's ``backend_config`` (``known_trip_count``), else the integer constant of the loop's
-condition (a ``scan`` compares its counter, from 0, to the length).
+loop's ``backend_config`` (``known_trip_count``), else it is read from the loop's induction
+variable: the condition's bound, the body's step and the initial constant (the TPU compiler
+records none, and its windowed-einsum loops step by 2).
 
 The HLO of a compiled TPU (or CPU) module is scheduled (``is_scheduled=true``): the order of the
 instructions in a computation is their execution order, so an async collective overlaps the
@@ -275,13 +276,10 @@ def _edges(ins, comps):
     if callee:
       out.append((callee, 1, "called"))
   elif ins.opcode == "conditional":
-    for c in re.findall(r"%([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}",
-                                                  ins.attrs).group(1)
-                        if "branch_computations" in ins.attrs else ""):
-      out.append((c, 1, "called"))
-    for key in ("true_computation", "false_computation"):
-      if _attr(ins, key):
-        out.append((_attr(ins, key), 1, "called"))
+    m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+    names = _REF.findall(m.group(1)) if m else []
+    names += [_attr(ins, k) for k in ("true_computation", "false_computation") if _attr(ins, k)]
+    out += [(c, 1, "called") for c in names]
   return out
 
 
@@ -296,7 +294,8 @@ def multipliers(comps, entry):
         if callee is None:
           continue
         if n is None:
-          unknown.append(ins.name)
+          if how == "body":
+            unknown.append(ins.name)
           n = 1
         callers[callee].append((c, n, how))
   memo = {entry: 1}
@@ -639,6 +638,19 @@ def collective_seconds(c: Collective, ici_bandwidth):
       "collective") else 0.0
 
 
+def collective_times(a: Anatomy, peak_flops, ici_bandwidth):
+  """{(kind, async, overlapped): (seconds, exposed seconds)} per step: each collective's ring
+  time, less the matmul time (at ``peak_flops``) scheduled while an async one is in flight."""
+  out = collections.defaultdict(lambda: [0.0, 0.0])
+  for c in a.collectives:
+    t = collective_seconds(c, ici_bandwidth)
+    hidden = min(t, c.flops_between / peak_flops) if c.asynchronous else 0.0
+    row = out[(c.kind, c.asynchronous, c.overlapped)]
+    row[0] += c.count * t
+    row[1] += c.count * (t - hidden)
+  return {k: tuple(v) for k, v in sorted(out.items())}
+
+
 def roofline(a: Anatomy, peak_flops, hbm_bandwidth, ici_bandwidth, analytic_flops):
   """The Roofline of Anatomy ``a`` on a chip of ``peak_flops`` (FLOP/s), ``hbm_bandwidth`` and
   ``ici_bandwidth`` (bytes/s, one way per chip), for ``analytic_flops`` per chip per step (the
@@ -646,26 +658,27 @@ def roofline(a: Anatomy, peak_flops, hbm_bandwidth, ici_bandwidth, analytic_flop
   takes and ignores."""
   compute = a.matmul_flops / peak_flops
   hbm = a.hbm_bytes / hbm_bandwidth
-  total = exposed = 0.0
-  for c in a.collectives:
-    t = collective_seconds(c, ici_bandwidth)
-    hidden = min(t, c.flops_between / peak_flops) if c.asynchronous else 0.0
-    total += c.count * t
-    exposed += c.count * (t - hidden)
+  times = collective_times(a, peak_flops, ici_bandwidth).values()
+  total, exposed = sum(t for t, _ in times), sum(e for _, e in times)
   step = max(compute, hbm) + exposed
   mfu = analytic_flops / (step * peak_flops) if step else 0.0
   return Roofline(compute, hbm, total, exposed, step, mfu, analytic_flops, a.matmul_flops)
 
 
-def describe(a: Anatomy, cost_bytes: Optional[float] = None):
-  """Lines: the collectives table, fusions, matmul FLOPs and HBM bytes (next to XLA's
-  ``bytes accessed``, which counts each loop body once, when given)."""
+def describe(a: Anatomy, cost_bytes: Optional[float] = None, chip=None):
+  """Lines: the collectives table (with ``chip``, an aot/slices.py Chip: their ring time and the
+  part of it no matmul hides), fusions, matmul FLOPs and HBM bytes (next to XLA's ``bytes
+  accessed``, which counts each loop body once, when given)."""
   gib = 2 ** 30
+  times = collective_times(a, chip.peak_flops, chip.ici_bandwidth) if chip else {}
   lines = ["  collectives per step (per device):",
-           "    kind                 async  overlapped   count    GiB"]
-  for (kind, is_async, over), (count, nbytes) in a.by_kind().items():
+           "    kind                 async  overlapped   count    GiB" +
+           ("     ms  exposed ms" if chip else "")]
+  for key, (count, nbytes) in a.by_kind().items():
+    kind, is_async, over = key
+    ms = (f" {times[key][0] * 1e3:6.2f} {times[key][1] * 1e3:11.2f}" if chip else "")
     lines.append(f"    {kind:20s} {'yes' if is_async else 'no':5s}  {'yes' if over else 'no':10s} "
-                 f"{count:7d} {nbytes / gib:8.2f}")
+                 f"{count:7d} {nbytes / gib:8.2f}" + ms)
   fus = ", ".join(f"{k} {v}" for k, v in sorted(a.fusions.items()))
   lines.append(f"  fusions per step: {fus}; {sum(m.count for m in a.matmuls)} matmul fusions, "
                f"{a.matmul_flops:.3g} matmul FLOPs")
@@ -679,14 +692,27 @@ def describe(a: Anatomy, cost_bytes: Optional[float] = None):
   return "\n".join(lines)
 
 
+def matmul_role(op_name):
+  """(the op's module path tail, its pass) of a matmul's op_name: e.g. ('mlp/fc1', 'backward');
+  the pass is 'forward', 'recomputed' (a rematerialised forward inside the backward) or
+  'backward'."""
+  parts = [p for p in op_name.split("/") if p and not p.startswith("dot_general")]
+  tail = "/".join(parts[-2:]) if parts else "?"
+  tail = tail.replace("vmap(BTNH,BSNH->BNTS)", "QK^T").replace("vmap(BNTS,BSNH->BTNH)", "PV")
+  if "rematted_computation" in op_name:
+    return tail, "recomputed"
+  return tail, "backward" if "transpose(" in op_name else "forward"
+
+
 def top_matmuls(a: Anatomy, k=8):
-  """The ``k`` op_names with the most matmul FLOPs per step: [(op_name, FLOPs, executions)]."""
+  """The ``k`` (module tail, pass) with the most matmul FLOPs per step:
+  [(tail, pass, FLOPs, executions)]."""
   by = collections.defaultdict(lambda: [0.0, 0])
   for m in a.matmuls:
-    key = re.sub(r"\.\d+", "", m.op_name) or m.name
-    by[key][0] += m.total_flops
-    by[key][1] += m.count
-  return sorted(((k_, v[0], v[1]) for k_, v in by.items()), key=lambda r: -r[1])[:k]
+    by[matmul_role(m.op_name)][0] += m.total_flops
+    by[matmul_role(m.op_name)][1] += m.count
+  rows = sorted(((t, p, v[0], v[1]) for (t, p), v in by.items()), key=lambda r: -r[2])
+  return rows[:k]
 
 
 def as_json(a: Anatomy, r: Optional[Roofline] = None):
