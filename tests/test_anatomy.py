@@ -74,8 +74,8 @@ def test_trip_counts_are_read_from_the_loop_condition_without_xla_s_note(scanned
 # A scheduled module by hand: a loop of 6 whose body starts two async all-gathers of a bf16
 # (4, 128) shard into (32, 128), one done right away, the other after a matmul fusion (a
 # convolution of (32, 128) x (128, 256)); a reduce-scatter wrapped in async-start/done; a fusion
-# that reads one layer of a stacked (6, 128, 256) buffer and updates one row of a (6, 32, 256)
-# buffer in place.
+# that reads one layer of a stacked (6, 128, 256) buffer (through a nested fusion), and one that
+# updates one row of a (6, 32, 256) buffer in place.
 _STATE = "(s32[], bf16[4,128], bf16[6,128,256], bf16[6,32,256], f32[64,128])"
 _HANDWRITTEN = """HloModule m, is_scheduled=true
 
@@ -86,13 +86,19 @@ _HANDWRITTEN = """HloModule m, is_scheduled=true
     metadata={op_name="mlp/dot_general"}
 }
 
+%slice (n0: bf16[6,128,256], n1: s32[]) -> bf16[1,128,256] {
+  %n0 = bf16[6,128,256]{2,1,0} parameter(0)
+  %n1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  ROOT %ds = bf16[1,128,256]{2,1,0} dynamic-slice(%n0, %n1, %zero, %zero),
+    dynamic_slice_sizes={1,128,256}
+}
+
 %take (s0: bf16[6,128,256], s1: s32[]) -> bf16[128,256] {
   %s0 = bf16[6,128,256]{2,1,0} parameter(0)
   %s1 = s32[] parameter(1)
-  %zero = s32[] constant(0)
-  %ds = bf16[1,128,256]{2,1,0} dynamic-slice(%s0, %s1, %zero, %zero),
-    dynamic_slice_sizes={1,128,256}
-  ROOT %bc = bf16[128,256]{1,0} bitcast(%ds)
+  %layer = bf16[1,128,256]{2,1,0} fusion(%s0, %s1), kind=kLoop, calls=%slice
+  ROOT %bc = bf16[128,256]{1,0} bitcast(%layer)
 }
 
 %put (u0: bf16[6,32,256], u1: bf16[32,256], u2: s32[]) -> bf16[6,32,256] {

@@ -466,29 +466,54 @@ def _fusion_traffic(ins, comps, types):
   """HBM bytes a fusion reads and writes: an operand only sliced inside (a scanned layer's
   weights or saved activations out of their stacked buffer) reads the slices; a buffer updated
   in place (dynamic-update-slice, the scan's stacked outputs) reads nothing and writes the
-  update; everything else reads its operand and writes its result whole."""
+  update; nested fusions are looked into; everything else reads its operand and writes its
+  result whole."""
   body = comps.get(_attr(ins, "calls"), [])
   params = {int(i.args): i for i in body if i.opcode == "parameter"}
   read = 0
   for k, op in enumerate(ins.operands):
-    p = params.get(k)
-    uses = _through_views(p.name, body) if p is not None else []
-    if uses and all(u.opcode in ("dynamic-slice", "slice", "gather") and j == 0
-                    or u.opcode == "dynamic-update-slice" and j == 0 for u, j in uses):
-      read += sum(_hbm(u.type) for u, j in uses if u.opcode != "dynamic-update-slice")
-    else:
-      read += _hbm(types.get(op, ""))
+    sliced = _param_reads(params[k].name, body, comps) if k in params else None
+    read += _hbm(types.get(op, "")) if sliced is None else sliced
   root = next((i for i in body if i.root), None)
-  if root is not None and root.opcode == "dynamic-update-slice":
-    written = _hbm(types.get(root.operands[1], ""))
-  elif root is not None and root.opcode == "tuple":
-    by = {i.name: i for i in body}
-    written = sum(_hbm(types.get(by[o].operands[1], "")) if o in by and
-                  by[o].opcode == "dynamic-update-slice" else _hbm(types.get(o, ""))
-                  for o in root.operands)
-  else:
-    written = _hbm(ins.type)
-  return read + written
+  return read + (_written(root, body, comps, types) if root is not None else _hbm(ins.type))
+
+
+def _param_reads(name, body, comps):
+  """Bytes read of parameter ``name`` of fused computation ``body`` when every use slices it or
+  updates it in place (nested fusions looked into); None when a use reads it whole."""
+  total = 0
+  for u, j in _through_views(name, body):
+    if u.opcode in ("dynamic-slice", "slice", "gather") and j == 0:
+      total += _hbm(u.type)
+    elif u.opcode == "dynamic-update-slice" and j == 0:
+      continue
+    elif u.opcode == "fusion":
+      inner = comps.get(_attr(u, "calls"), [])
+      p = next((i for i in inner if i.opcode == "parameter" and int(i.args) == j), None)
+      r = _param_reads(p.name, inner, comps) if p is not None else None
+      if r is None:
+        return None
+      total += r
+    else:
+      return None
+  return total
+
+
+def _written(root, body, comps, types):
+  """Bytes a fused computation's ``root`` writes: the update of an in-place dynamic-update-slice,
+  each element of a tuple, the root of a nested fusion; else the whole result."""
+  by = {i.name: i for i in body}
+  if root.opcode == "dynamic-update-slice":
+    return _hbm(types.get(root.operands[1], ""))
+  if root.opcode == "tuple":
+    return sum(_written(by[o], body, comps, types) if o in by else _hbm(types.get(o, ""))
+               for o in root.operands)
+  if root.opcode == "fusion":
+    inner = comps.get(_attr(root, "calls"), [])
+    nested = next((i for i in inner if i.root), None)
+    if nested is not None:
+      return _written(nested, inner, comps, types)
+  return _hbm(root.type)
 
 
 def _traffic(ins, comps, types):
