@@ -128,7 +128,7 @@ def get_config(arg=None):
   # FSDP over every device: the state of the larger presets replicated per chip does not fit
   # v5e's 15.75 GiB (docs/scaling.md); on one host (8 GPUs) this is fsdp=8. dp=N: N data-parallel
   # groups, FSDP inside each. On v5p-64 (32 chips) 1.1B/16's step read from its compiled form
-  # estimates 33% MFU with FSDP over all 32 chips (XLA splits every sharded matmul into a loop of
+  # estimates 35% MFU with FSDP over all 32 chips (XLA splits every sharded matmul into a loop of
   # 8 collective-permute windows whose partial results go through HBM) and 61% with dp=4
   # (docs/performance.md, "TPU programs, read from their compiled form")
   c.mesh = (("data", a.dp), ("fsdp", -1))
