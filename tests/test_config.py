@@ -567,3 +567,16 @@ def test_the_gpu_overlay_selects_cudnn_attention_in_bf16(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.startswith("config OK: 64 tokens of d=16 (compute bfloat16, attention cudnn), "), out
   assert not (tmp_path / "run").exists()
+
+
+def test_imagenet256_dp_splits_the_mesh_into_data_parallel_fsdp_groups():
+  """``imagenet256:PRESET,dp=N``: N data-parallel groups, FSDP inside each (what the compiled
+  train step on v5p-64 favours, docs/performance.md); the default stays FSDP over every device."""
+  from farmer_jax import sharding
+  assert sharding.mesh_shape(configlib.load("imagenet256:1.1B/16").mesh, 32) == (
+      ("data", "fsdp"), (1, 32))
+  c = configlib.load("imagenet256:1.1B/16,dp=4")
+  assert sharding.mesh_shape(c.mesh, 32) == (("data", "fsdp"), (4, 8))
+  a, b = configlib.load("imagenet256:1.1B/16").to_dict(), c.to_dict()
+  a.pop("mesh"), b.pop("mesh")
+  assert a == b

@@ -111,6 +111,13 @@ class Compiled:
     return self.error is None and self.verdict is not None and self.verdict.fits is not False
 
 
+def compiled_of(p):
+  """jax's Compiled of program ``p`` (aot/programs.py ``Program``): lowered under its mesh
+  context and compiled for its devices; raises as compiling does."""
+  with p.context():
+    return p.fn.lower(*p.args).compile()
+
+
 def compile_program(p, available):
   """Lowers and compiles program ``p`` (aot/programs.py ``Program``) and judges it against
   ``available`` bytes per device. An out-of-memory compile is a DOES NOT FIT verdict; any other
@@ -118,8 +125,7 @@ def compile_program(p, available):
   import jax
   t0 = time.perf_counter()
   try:
-    with p.context():
-      compiled = p.fn.lower(*p.args).compile()
+    compiled = compiled_of(p)
   except jax.errors.JaxRuntimeError as e:
     oom = parse_oom(e)
     if oom is None:

@@ -5,7 +5,12 @@ needs. No TPU, network or credentials are involved.
 
 Per chip: the HBM that libtpu's compiler lets a program use (probed here: the number its
 out-of-memory error states), the peak dense bf16 FLOP/s and the on-demand list price per
-chip-hour (Google Cloud's TPU pricing page, us-central regions; ``--price`` overrides it).
+chip-hour (Google Cloud's TPU pricing page, us-central regions; ``--price`` overrides it), and for
+the roofline estimate (aot/anatomy.py) the HBM bandwidth and the inter-chip (ICI) bandwidth, one
+way, over all of a chip's links: Cloud TPU's system architecture pages (v5e: 819 GB/s HBM, 1,600
+Gbps ICI = 400 GB/s bidirectional; v5p: 2,765 GB/s, 4,800 Gbps = 1,200 GB/s bidirectional; v6e:
+1,638 GB/s, 3,200 Gbps = 800 GB/s bidirectional; v4: 1,200 GB/s HBM, its page states no ICI
+figure per chip: 2,400 Gbps is assumed, unverified).
 """
 
 import dataclasses
@@ -36,6 +41,8 @@ class Chip:
   peak_flops: float        # dense bf16 FLOP/s per chip
   price_per_chip_hour: float
   shapes: dict
+  hbm_bandwidth: float = 0.0   # bytes/s per chip
+  ici_bandwidth: float = 0.0   # bytes/s per chip, one way, all links
 
 
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -43,10 +50,14 @@ _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x
 _2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 CHIPS = (
-    Chip("v4", ("v4",), "v4", "megacore", 2, int(30.75 * GIB), 275e12, 3.22, _3D),
-    Chip("v5e", ("v5litepod", "v5e"), "v5e", "default", 1, int(15.75 * GIB), 197e12, 1.20, _2D),
-    Chip("v5p", ("v5p",), "v5", "megacore", 2, int(95.74 * GIB), 459e12, 4.20, _3D),
-    Chip("v6e", ("v6e",), "v6e", "default", 1, int(31.25 * GIB), 918e12, 2.70, _2D),
+    Chip("v4", ("v4",), "v4", "megacore", 2, int(30.75 * GIB), 275e12, 3.22, _3D,
+         1200e9, 2400e9 / 8),
+    Chip("v5e", ("v5litepod", "v5e"), "v5e", "default", 1, int(15.75 * GIB), 197e12, 1.20, _2D,
+         819e9, 1600e9 / 8),
+    Chip("v5p", ("v5p",), "v5", "megacore", 2, int(95.74 * GIB), 459e12, 4.20, _3D,
+         2765e9, 4800e9 / 8),
+    Chip("v6e", ("v6e",), "v6e", "default", 1, int(31.25 * GIB), 918e12, 2.70, _2D,
+         1638e9, 3200e9 / 8),
 )
 
 

@@ -3,6 +3,8 @@
   farmer_jax train --config=imagenet256:1.1B/16,data_dir=gs://bucket/tfds \
       --workdir=gs://bucket/farmer_1.1b_p16
   farmer_jax train --config=imagenet256:model=1.9B/8,batch=1024,data_dir=... ...
+  # on v5p-64: 8 data-parallel groups of 4 chips, FSDP inside each (docs/performance.md)
+  farmer_jax train --config=imagenet256:1.1B/16,dp=8,data_dir=... ...
   # on GPUs: cuDNN's fused attention (bf16), configlib.gpu (docs/performance.md "GPUs")
   farmer_jax train --config=imagenet256:1.1B/16,gpu,data_dir=/data/tfds ...
   # a dataset written by `farmer_jax prepare` (already 256x256): data=tfds:NAME,resize=none
@@ -70,7 +72,7 @@ SAMPLING = {
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320, data="tfds:imagenet2012",
-                         data_dir="", resize="center_crop", distill=False, gpu=False)
+                         data_dir="", resize="center_crop", distill=False, gpu=False, dp=1)
   size, _, patch = a.model.partition("/")
   if size not in MODELS or patch not in ("8", "16"):
     raise ValueError(
@@ -124,6 +126,10 @@ def get_config(arg=None):
       **SAMPLING[a.model])
   configlib.base_mesh(c)
   # FSDP over every device: the state of the larger presets replicated per chip does not fit
-  # v5e's 15.75 GiB (docs/scaling.md); on one host (8 GPUs) this is fsdp=8
-  c.mesh = (("data", 1), ("fsdp", -1))
+  # v5e's 15.75 GiB (docs/scaling.md); on one host (8 GPUs) this is fsdp=8. dp=N: N data-parallel
+  # groups, FSDP inside each. On v5p-64 (32 chips) 1.1B/16's step read from its compiled form
+  # estimates 35% MFU with FSDP over all 32 chips (XLA splits every sharded matmul into a loop of
+  # 8 collective-permute windows whose partial results go through HBM), 61% with dp=4 and 64% with
+  # dp=8 (docs/performance.md, "TPU programs, read from their compiled form")
+  c.mesh = (("data", a.dp), ("fsdp", -1))
   return configlib.gpu(c) if a.gpu else c
