@@ -280,9 +280,10 @@ def cpu_times():
   """This machine's CPU time so far (/proc/stat's first line: user .. steal), or None."""
   try:
     with open("/proc/stat") as f:
-      return [int(v) for v in f.readline().split()[1:9]]
+      times = [int(v) for v in f.readline().split()[1:9]]
   except (OSError, ValueError):
     return None
+  return times if len(times) == 8 else None
 
 
 def stolen(start, end):

@@ -87,7 +87,10 @@ def parse_arg(arg, **defaults):
         raise ValueError(f"config arg {k}={v!r} must be a bool")
       v = v.lower() in ("true", "1")
     else:
-      v = type(d)(v)
+      try:
+        v = type(d)(v)
+      except ValueError:
+        raise ValueError(f"config arg {k}={v!r} must be of type {type(d).__name__}") from None
     out[k] = v
   return out
 

@@ -52,16 +52,25 @@ def accelerator_plugin_installed() -> bool:
   return False
 
 
+def read_mode(env, modes, mode=None, environ=None) -> str:
+  """A start-up setting's value: ``mode``, else ``$env``, else 'auto' (``modes[0]``), stripped
+  and lower-cased (empty = 'auto'). A value not in ``modes`` raises UserError."""
+  environ = os.environ if environ is None else environ
+  given = mode if mode is not None else environ.get(env, modes[0])
+  value = str(given).strip().lower() or modes[0]
+  if value not in modes:
+    source = "mode" if mode is not None else f"${env}"
+    others = " or ".join(modes[1:])
+    raise UserError(f"{source}={given!r} is not one of {', '.join(modes)}. Fix: unset it, or "
+                    f"set {modes[0]} (the default), {others}")
+  return value
+
+
 def resolve(mode=None, environ=None, accelerator=None) -> str:
   """The mode that applies: ``mode``, else ``$FARMER_JAX_MALLOC``, else 'auto'; 'auto' becomes
   'keep' or 'system' (see the module docstring). A value not in MODES raises UserError."""
   environ = os.environ if environ is None else environ
-  given = mode if mode is not None else environ.get(ENV, "auto")
-  value = str(given).strip().lower() or "auto"
-  if value not in MODES:
-    source = "mode" if mode is not None else f"${ENV}"
-    raise UserError(f"{source}={given!r} is not one of {', '.join(MODES)}; unset it or use "
-                    f"'auto' (the default), 'keep' or 'system'")
+  value = read_mode(ENV, MODES, mode, environ)
   if value != "auto":
     return value
   return "keep" if runs_on_cpu(environ, accelerator) else "system"

@@ -12,6 +12,11 @@ if os.environ.get("FARMER_TEST_XLA_OPT") != "1":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
 
+# No idle-CPU spinners (farmer_jax/host_cpu.py) in the test processes and the commands they start:
+# tests that call the CLI in-process would keep them for the whole session; test_host_cpu asks for
+# them explicitly.
+os.environ.setdefault("FARMER_JAX_CPU_SPIN", "off")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

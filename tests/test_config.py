@@ -3,6 +3,7 @@ presets."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -580,3 +581,12 @@ def test_imagenet256_dp_splits_the_mesh_into_data_parallel_fsdp_groups():
   a, b = configlib.load("imagenet256:1.1B/16").to_dict(), c.to_dict()
   a.pop("mesh"), b.pop("mesh")
   assert a == b
+
+
+@pytest.mark.parametrize("dp,message", [
+    ("0", "imagenet256: dp=0 is not a number of data-parallel groups"),
+    ("-2", "imagenet256: dp=-2 is not a number of data-parallel groups"),
+    ("two", "config arg dp='two' must be of type int")])
+def test_imagenet256_refuses_a_bad_dp(dp, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    configlib.load(f"imagenet256:1.1B/16,dp={dp}")

@@ -31,12 +31,29 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs L
     ("spin", {}, False, [3], False, "off"),                    # spin needs 2 CPUs
 ])
 def test_resolve(mode, environ, vm, cpus, accel, want):
-  assert host_cpu.resolve(mode, environ, vm, cpus, accel) == want
+  assert host_cpu.resolve(mode, environ, vm, cpus, accel, quota=False) == want
+
+
+@linux
+def test_auto_stays_off_under_a_cpu_quota(tmp_path):
+  assert host_cpu.resolve(None, {}, True, [0, 1], False, quota=True) == "off"
+  assert host_cpu.resolve("spin", {}, True, [0, 1], False, quota=True) == "spin"
+  (tmp_path / "cpu.max").write_text("200000 100000\n")           # cgroup v2: 2 CPUs' worth
+  assert host_cpu.cpu_quota(str(tmp_path))
+  (tmp_path / "cpu.max").write_text("max 100000\n")
+  assert not host_cpu.cpu_quota(str(tmp_path))
+  v1 = tmp_path / "v1"
+  (v1 / "cpu").mkdir(parents=True)
+  (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")            # cgroup v1: no quota
+  assert not host_cpu.cpu_quota(str(v1))
+  (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+  assert host_cpu.cpu_quota(str(v1))
+  assert not host_cpu.cpu_quota(str(tmp_path / "absent"))
 
 
 def test_resolve_refuses_a_bad_value():
   with pytest.raises(UserError, match=r"\$FARMER_JAX_CPU_SPIN='on' is not one of auto, spin, "
-                     r"off; unset it or use 'auto' \(the default\), 'spin' or 'off'"):
+                     r"off. Fix: unset it, or set auto \(the default\), spin or off"):
     host_cpu.resolve(None, {"FARMER_JAX_CPU_SPIN": "on"}, True, [0, 1], False)
 
 
@@ -68,7 +85,7 @@ def children(pid):
 
 
 @linux
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 usable CPUs")
+@pytest.mark.skipif(len(host_cpu.usable_cpus()) < 2, reason="needs 2 usable CPUs")
 def test_spinners_are_pinned_idle_and_end_with_their_process():
   code = ("from farmer_jax import host_cpu\n"
           "print(host_cpu.configure('spin'), host_cpu.configure('spin'), flush=True)\n"
@@ -112,5 +129,5 @@ def test_the_command_refuses_a_bad_value():
                      capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      "farmer_jax check: $FARMER_JAX_CPU_SPIN='fast' is not one of auto, spin, off; unset it or "
-      "use 'auto' (the default), 'spin' or 'off'"]
+      "farmer_jax check: $FARMER_JAX_CPU_SPIN='fast' is not one of auto, spin, off. Fix: unset "
+      "it, or set auto (the default), spin or off"]

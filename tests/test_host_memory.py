@@ -87,8 +87,8 @@ def test_cli_refuses_a_bad_mode_before_any_work(tmp_path):
                      env=env, timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1] == (
-      "farmer_jax train: $FARMER_JAX_MALLOC='fast' is not one of auto, keep, system; unset it or "
-      "use 'auto' (the default), 'keep' or 'system'")
+      "farmer_jax train: $FARMER_JAX_MALLOC='fast' is not one of auto, keep, system. Fix: unset "
+      "it, or set auto (the default), keep or system")
   assert not os.path.exists(tmp_path / "run")
 
 

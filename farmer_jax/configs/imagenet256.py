@@ -73,6 +73,9 @@ SAMPLING = {
 def get_config(arg=None):
   a = configlib.parse_arg(arg, model="1.1B/16", batch=256, epochs=320, data="tfds:imagenet2012",
                          data_dir="", resize="center_crop", distill=False, gpu=False, dp=1)
+  if not isinstance(a.dp, int) or a.dp < 1:
+    raise ValueError(f"imagenet256: dp={a.dp!r} is not a number of data-parallel groups (an "
+                     "integer >= 1 that divides the device count). Fix: e.g. dp=4")
   size, _, patch = a.model.partition("/")
   if size not in MODELS or patch not in ("8", "16"):
     raise ValueError(

@@ -110,7 +110,8 @@ def attend(q, k, v, scale, causal=True, chunk=0, mask=None, impl="xla"):
   divisible by it) runs query chunk i (``chunk`` tokens) on the keys of chunks <= i only, so the
   masked upper blocks cost nothing (2 chunks: 3/4 of the logits work, 4: 5/8). Without ``mask``
   (training, likelihood) its backward pass is written out (``_chunked_attention_bwd``) so that
-  every product of it runs on XLA:CPU's GEMM library."""
+  every product of it runs on XLA:CPU's GEMM library; being a custom VJP, it has no forward-mode
+  derivative (``jax.jvp``, ``jax.jacfwd``: use 'xla')."""
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise UserError(f"model.attention='cudnn' needs a GPU (this backend is "
                     f"{jax.default_backend()!r}); use 'xla', or 'einsum' on CPU")
