@@ -29,7 +29,8 @@ def main():
   ap.add_argument("--presets", default=",".join(PRESETS))
   ap.add_argument("--slice", default="v5p-64")
   ap.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
-  ap.add_argument("--data", type=int, default=1, help="size of the mesh's data axis")
+  ap.add_argument("--data", type=int, default=1,
+                  help="size of the mesh's data axis (the preset's dp=N)")
   ap.add_argument("--remat_policy", default=None)
   ap.add_argument("--out", default="/tmp/tpu_programs")
   a = ap.parse_args()
@@ -41,8 +42,8 @@ def main():
   devices = slices.slice_devices(s)
   chip = s.chip
   for preset in a.presets.split(","):
-    c = configlib.load(f"imagenet256:{preset}" + (f",batch={a.batch}" if a.batch else ""))
-    c.mesh = (("data", a.data), ("fsdp", -1))
+    c = configlib.load(f"imagenet256:{preset},dp={a.data}"
+                       + (f",batch={a.batch}" if a.batch else ""))
     if a.remat_policy:
       c.model.remat_policy = a.remat_policy
     run = parse(c, num_devices=len(devices), num_processes=slices.processes(devices),
