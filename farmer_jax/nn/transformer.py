@@ -27,6 +27,7 @@ residuals and KV caches; faster on CPU, see benchmarks/vs_torch.py).
 """
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -45,6 +46,30 @@ def dense_init(axes):
 
 def zeros_init(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """``nn.Dense``'s product, lhs (..., C) . rhs (C, F), computed on lhs flattened to (N, C): the
+  same numbers (the same products and sums), but autodiff's weight gradient becomes one 2-D
+  product contracting N, which XLA:CPU runs on its GEMM library, where the (B, T) contraction of
+  the 3-D form ran as a generic loop (8-16% of the CPU train step; docs/performance.md). A train
+  step compiled for TPU has the same collectives and matmuls either way."""
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+    raise ValueError(f"token_dot_general takes nn.Dense's product only, not {dimension_numbers}")
+  lead = lhs.shape[:-1]
+  y = jax.lax.dot_general(lhs.reshape(math.prod(lead), lhs.shape[-1]), rhs,
+                          (((1,), (0,)), ((), ())), precision=precision,
+                          preferred_element_type=preferred_element_type)
+  return y.reshape(lead + rhs.shape[1:])
+
+
+def Dense(features, axes, dtype, zero=False, name=None):
+  """The dense layer of the model's tokens, (..., C) -> (..., features): fp32 params, the kernel's
+  logical axes ``axes`` (in, out), xavier-uniform (``zero``: zeros) kernel, zero bias, the product
+  through ``token_dot_general``."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=(zeros_init if zero else dense_init)(axes),
+                  bias_init=zeros_init(axes[1:]), dot_general=token_dot_general, name=name)
 
 
 class LayerNormF32(nn.Module):
@@ -247,23 +272,9 @@ class Mlp(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     h = LayerNormF32(self.dtype, name="norm")(x)
-    h = nn.Dense(
-        self.mlp_ratio * c,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=dense_init(("embed", "mlp")),
-        bias_init=zeros_init(("mlp",)),
-        name="fc1")(
-            h)
+    h = Dense(self.mlp_ratio * c, ("embed", "mlp"), self.dtype, name="fc1")(h)
     h = gelu_exact(h)
-    return nn.Dense(
-        c,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=dense_init(("mlp", "embed")),
-        bias_init=zeros_init(("embed",)),
-        name="fc2")(
-            h)
+    return Dense(c, ("mlp", "embed"), self.dtype, name="fc2")(h)
 
 
 class Layer(nn.Module):
