@@ -231,7 +231,8 @@ def test_to_tarflow_refuses_an_af_tarflow_cannot_hold(tmp_path):
   from farmer_jax import configlib
   from farmer_jax.config.parse import parse_model
   cfg = configlib.load("quickstart:tiny")
-  params = init_params(parse_model(cfg), jax.random.key(0))
+  m = parse_model(cfg)
+  params = jax.jit(lambda r: init_params(m, r))(jax.random.key(0))
   model_dir = str(tmp_path / "farmer")
   meta = {"kind": export.EXPORT_KIND, "format_version": export.FORMAT_VERSION, "step": 0,
           "params": "raw", "dtype": "float32"}
@@ -250,7 +251,7 @@ def test_denoise_is_a_tweedie_step_and_names_are_read():
   from farmer_jax.config.schema import ModelConfig, SamplerConfig
   from farmer_jax.sampling.sampler import denoise
   m = dataclasses.replace(ModelConfig(), prior="standard_normal", flow_final_norm=False)
-  params = init_params(m, jax.random.key(0))
+  params = jax.jit(lambda r: init_params(m, r))(jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (3, 32, 32, 1))
   y = jnp.full((3,), m.null_class, jnp.int32)
   np.testing.assert_allclose(np.asarray(denoise(m, params, x, y, 0.3)), 0.91 * np.asarray(x),

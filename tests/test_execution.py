@@ -36,7 +36,7 @@ CASES = [pytest.param(n, marks=() if i == 0 else pytest.mark.slow)
 
 @pytest.fixture(scope="module")
 def reference():
-  params = init_params(BASE, jax.random.key(0))
+  params = jax.jit(lambda r: init_params(BASE, r))(jax.random.key(0))
   # non-trivial flow and heads: perturb every leaf (zero-initialised proj_out/heads included)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))

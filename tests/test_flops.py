@@ -22,7 +22,7 @@ ONE = ModelConfig(flow_blocks=1, flow_layers=1, ar_depth=1, flow_width=128, ar_w
 
 
 def _xla_train_flops(m, batch):
-  model, params = Farmer(m), init_params(m, jax.random.key(0))
+  model, params = Farmer(m), jax.jit(lambda r: init_params(m, r))(jax.random.key(0))
   loss = make_loss(model, m)
   x = jnp.zeros((batch, m.image_size, m.image_size, m.channels))
   y = jnp.zeros((batch,), jnp.int32)

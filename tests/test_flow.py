@@ -182,11 +182,11 @@ def test_block_remat_changes_memory_only():
   m = ModelConfig(flow_blocks=3, flow_layers=2, ar_depth=1, flow_width=64, ar_width=64,
                   remat=True)
   mb = dataclasses.replace(m, remat_blocks=True)
-  p, pb = init_params(m, jax.random.key(0)), init_params(mb, jax.random.key(0))
+  p, pb = (jax.jit(lambda r, c=c: init_params(c, r))(jax.random.key(0)) for c in (m, mb))
   chex.assert_trees_all_equal(p, pb, strict=True)
   x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1)) * 2 - 1
   y = jnp.arange(4)
-  grads = [jax.value_and_grad(lambda q, c=c: make_loss(Farmer(c), c)(q, x, y)[0])(p)
+  grads = [jax.jit(jax.value_and_grad(lambda q, c=c: make_loss(Farmer(c), c)(q, x, y)[0]))(p)
            for c in (m, mb)]
   assert float(grads[0][0]) == float(grads[1][0])
   chex.assert_trees_all_equal(grads[0][1], grads[1][1], strict=True)
