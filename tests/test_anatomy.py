@@ -194,6 +194,82 @@ def test_hbm_traffic_reads_slices_and_writes_in_place_updates():
   assert a.hbm_bytes == 6 * (2 * ag + rs + take + matmul + put + add)
 
 
+# TPU's async collective fusion (libtpu with farmer_jax.xla_options.TPU_ASYNC_COLLECTIVES), as
+# the compiled train step prints it, reduced: a fusion whose root is the custom-call
+# AsyncCollectiveStart starts an all-gather of a bf16 (8, 128) shard into (32, 128) over 4
+# devices; a compute fusion (a (16, 64) x (64, 128) matmul) runs a step of it, its in-flight
+# buffers passing through; a fusion rooted in AsyncCollectiveDone hands the gathered buffer over.
+_AC_STATE = "(bf16[8,128], bf16[32,128], u32[])"
+_ASYNC_FUSION = """HloModule m, is_scheduled=true
+
+%start_c (a0: bf16[8,128]) -> AC_STATE {
+  %a0 = bf16[8,128]{1,0} parameter(0)
+  %ag = bf16[32,128]{1,0} all-gather(%a0), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %cs = AC_STATE custom-call(%ag), custom_call_target="AsyncCollectiveStart"
+}
+
+%step_c (b0: bf16[16,64], b1: bf16[64,128], b2: bf16[8,128], b3: bf16[32,128], b4: u32[]) ->
+    (bf16[16,128], bf16[8,128], bf16[32,128], u32[]) {
+  %b0 = bf16[16,64]{1,0} parameter(0)
+  %b1 = bf16[64,128]{1,0} parameter(1)
+  %b2 = bf16[8,128]{1,0} parameter(2)
+  %b3 = bf16[32,128]{1,0} parameter(3)
+  %b4 = u32[] parameter(4)
+  %mm = bf16[16,128]{1,0} convolution(%b0, %b1), dim_labels=bf_io->bf,
+    metadata={op_name="attn/qkv/dot_general"}
+  %ag2 = bf16[32,128]{1,0} all-gather(%b2), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %tt = (bf16[16,128], bf16[8,128], bf16[32,128], u32[]) tuple(%mm, %b2, %ag2, %b4)
+}
+
+%done_c (d0: bf16[8,128], d1: bf16[32,128], d2: u32[]) -> bf16[32,128] {
+  %d0 = bf16[8,128]{1,0} parameter(0)
+  %d1 = bf16[32,128]{1,0} parameter(1)
+  %d2 = u32[] parameter(2)
+  %ag3 = bf16[32,128]{1,0} all-gather(%d0), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %cd = bf16[32,128]{1,0} custom-call(%d0, %d1, %ag3, %d2),
+    custom_call_target="AsyncCollectiveDone"
+}
+
+ENTRY %main (x: bf16[8,128], y: bf16[16,64], w: bf16[64,128]) -> (bf16[16,128], bf16[32,128]) {
+  %x = bf16[8,128]{1,0} parameter(0)
+  %y = bf16[16,64]{1,0} parameter(1)
+  %w = bf16[64,128]{1,0} parameter(2)
+  %async-collective-start = AC_STATE fusion(%x), kind=kCustom, calls=%start_c
+  %s0 = bf16[8,128]{1,0} get-tuple-element(%async-collective-start), index=0
+  %s1 = bf16[32,128]{1,0} get-tuple-element(%async-collective-start), index=1
+  %s2 = u32[] get-tuple-element(%async-collective-start), index=2
+  %f = (bf16[16,128], bf16[8,128], bf16[32,128], u32[]) fusion(%y, %w, %s0, %s1, %s2),
+    kind=kOutput, calls=%step_c
+  %m = bf16[16,128]{1,0} get-tuple-element(%f), index=0
+  %f1 = bf16[8,128]{1,0} get-tuple-element(%f), index=1
+  %f2 = bf16[32,128]{1,0} get-tuple-element(%f), index=2
+  %f3 = u32[] get-tuple-element(%f), index=3
+  %async-collective-done = bf16[32,128]{1,0} fusion(%f1, %f2, %f3), kind=kCustom,
+    calls=%done_c
+  ROOT %out = (bf16[16,128], bf16[32,128]) tuple(%m, %async-collective-done)
+}
+"""
+
+
+def test_tpu_async_collective_fusion_overlaps_the_compute_fusions_that_carry_it():
+  text = re.sub(r",\n    ", ", ", _ASYNC_FUSION).replace("AC_STATE", _AC_STATE)
+  text = text.replace(") ->\n    (", ") -> (")
+  a = anatomy.analyze(text)
+  (c,) = a.collectives   # the steps inside the compute and done fusions are the same collective
+  mm = 2 * 16 * 64 * 128
+  assert (c.kind, c.asynchronous, c.bytes, c.group) == ("all-gather", True, 32 * 128 * 2, 4)
+  assert c.overlapped and c.fusions_between == 1 and c.flops_between == mm
+  assert a.matmul_flops == mm
+  # the start reads the shard and writes its state; the step fusion reads its matmul's operands
+  # and writes its product (the in-flight buffers pass through it); the done moves nothing
+  start = 8 * 128 * 2 + (8 + 32) * 128 * 2 + 4
+  step = (16 * 64 + 64 * 128 + 16 * 128) * 2
+  assert a.hbm_bytes == start + step
+
+
 def test_roofline_adds_only_the_collective_time_no_compute_hides():
   a = anatomy.analyze(_handwritten())
   peak, hbm_bw, ici = 1e12, 1e11, 1e9
