@@ -518,8 +518,9 @@ def _in_flight(body):
   """In a compute fusion that also runs a step of an async collective (TPU's async collective
   fusion with multiple steps): the collective's results and the parameters only the collective
   uses or the fusion passes through (its in-flight buffers, written once by the collective and
-  counted at its start, or aliased). Empty for a fusion without a collective."""
-  colls = {i.name for i in body if i.opcode in KINDS}
+  counted at its start, or aliased). Empty for a fusion without such a collective (one in a
+  chain: ``chain_id``)."""
+  colls = {i.name for i in body if i.opcode in KINDS and 'chain_id="' in i.attrs}
   if not colls:
     return set()
   root = next((i for i in body if i.root), None)
@@ -597,6 +598,17 @@ def _collective_kind(ins, comps):
     inner = _inner_collective(ins, comps)
     if inner is not None:
       return inner.opcode, True
+  if op == "fusion" and _async_fusion(ins, comps) is None:
+    # a collective fused with its consumer (e.g. an all-reduce and the dynamic-slice of it a
+    # device keeps), not a step of an async collective fusion (whose collective has a chain)
+    inner = _inner_collective(ins, comps)
+    if inner is not None and 'chain_id="' not in inner.attrs:
+      root = next(i for i in comps[_attr(ins, "calls")] if i.root)
+      if (inner.opcode == "all-reduce" and root.opcode == "dynamic-slice"
+          and root.operands[0] == inner.name):
+        # TPU's all-reduce-scatter fusion: a reduce-scatter (each device keeps its part)
+        return "reduce-scatter", False
+      return inner.opcode, False
   return None
 
 
@@ -642,7 +654,7 @@ def _collective(ins, kind, k, instrs, comps, types, n, comp):
   inner = ins
   fused = ins.opcode == "fusion"
   if ins.opcode == "async-start" or fused:
-    inner = next(i for i in comps[_attr(ins, "calls")] if i.opcode == kind)
+    inner = _inner_collective(ins, comps)
   operand_bytes = sum(type_bytes(types.get(o, "")) for o in inner.operands)
   result_bytes = type_bytes(inner.type)
   fusions_between, flops_between = 0, 0.0
@@ -668,7 +680,7 @@ def _collective(ins, kind, k, instrs, comps, types, n, comp):
       elif mid.opcode in _MATMULS:
         flops_between += matmul_flops(mid, types)
   else:
-    result_bytes = type_bytes(ins.type)
+    result_bytes = type_bytes(inner.type)
   return Collective(ins.name, kind, is_async, max(operand_bytes, result_bytes), group_size(inner),
                     n, comp, fusions_between, flops_between, _op_name(inner))
 
