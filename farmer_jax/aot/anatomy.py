@@ -11,7 +11,12 @@ records none, and its windowed-einsum loops step by 2).
 
 The HLO of a compiled TPU (or CPU) module is scheduled (``is_scheduled=true``): the order of the
 instructions in a computation is their execution order, so an async collective overlaps the
-compute scheduled between its ``-start`` and its ``-done``.
+compute scheduled between its ``-start`` and its ``-done``. TPU's async collective fusion (with
+farmer_jax/xla_options.py's options) writes that pair as two fusions rooted in the custom-calls
+``AsyncCollectiveStart`` / ``AsyncCollectiveDone``, the compute fusions between them running the
+collective's steps (its ``chain_id`` ties them); a collective fused with its consumer is counted
+too, TPU's all-reduce-scatter fusion (an all-reduce and the slice each device keeps) as the
+reduce-scatter it is.
 
 A pure function of the text: ``tests/test_anatomy.py`` checks it on programs compiled on CPU and
 on handwritten HLO.
