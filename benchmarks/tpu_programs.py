@@ -2,7 +2,7 @@
 (docs/performance.md, "TPU programs, read from their compiled form").
 
   python benchmarks/tpu_programs.py [--presets 1.1B/16,1.9B/8] [--slice v5p-64] [--batch 256]
-      [--data 1] [--remat_policy nothing_saveable] [--out DIR]
+      [--data 1] [--remat_policy nothing_saveable] [--xla_options none|flag=value,...] [--out DIR]
 
 For each preset (imagenet256 with its defaults, or the batch / mesh / remat policy given), the
 train step `farmer_jax train` runs is compiled for the slice's devices (aot/programs.py, libtpu,
@@ -10,13 +10,16 @@ no TPU), and its optimized HLO is read (aot/anatomy.py): the collectives per ste
 GiB, async and overlapped or not), the fusions and their matmul FLOPs, the HBM bytes of the
 top-level ops next to XLA's ``bytes accessed`` (which counts each loop body once), and the
 roofline estimate of the step time and MFU with its parts. ``--data N`` makes the mesh
-(('data', N), ('fsdp', -1)): FSDP inside groups of chips, data parallel across them. Each result
+(('data', N), ('fsdp', -1)): FSDP inside groups of chips, data parallel across them. The step
+compiles with the XLA options `farmer_jax train` gives it on TPU (xla_options.TPU_OPTIONS: async
+collectives); ``--xla_options`` replaces them ('none': XLA's defaults). Each result
 is written to DIR/<preset>_<slice>_<variant>.json with the HLO text beside it.
 An estimate from the compiled program, not a measurement on a TPU.
 Needs libtpu (pip install 'farmer_jax[tpu-aot]'); no TPU.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -32,15 +35,22 @@ def main():
   ap.add_argument("--data", type=int, default=1,
                   help="size of the mesh's data axis (the preset's dp=N)")
   ap.add_argument("--remat_policy", default=None)
+  ap.add_argument("--xla_options", default=None,
+                  help="the train step's XLA compiler options on TPU instead of "
+                  "xla_options.TPU_OPTIONS (what `farmer_jax train` uses): 'flag=value,...', "
+                  "or 'none' (XLA's defaults)")
   ap.add_argument("--out", default="/tmp/tpu_programs")
   a = ap.parse_args()
-  from farmer_jax import configlib, flops, sharding
+  from farmer_jax import configlib, flops, sharding, xla_options
   from farmer_jax.aot import anatomy, compile as aot_compile, programs, slices
   from farmer_jax.config.parse import parse
   os.makedirs(a.out, exist_ok=True)
   s = slices.parse_slice(a.slice)
   devices = slices.slice_devices(s)
   chip = s.chip
+  if a.xla_options is not None:
+    xla_options.TPU_OPTIONS = xla_options.parse(a.xla_options)
+  options = xla_options.for_devices(devices) or {}
   for preset in a.presets.split(","):
     c = configlib.load(f"imagenet256:{preset},dp={a.data}"
                        + (f",batch={a.batch}" if a.batch else ""))
@@ -51,11 +61,14 @@ def main():
     mesh = sharding.make_mesh(run.mesh, devices)
     step = programs.train_programs(run, mesh, slices.processes(devices))[0]
     variant = (f"batch{run.train.batch_size}_data{a.data}_"
-               f"{run.model.remat_policy if run.model.remat else 'noremat'}")
+               f"{run.model.remat_policy if run.model.remat else 'noremat'}"
+               + ("" if a.xla_options is None else "_xla-" + (
+                   a.xla_options if a.xla_options in ("none", "tpu") else
+                   hashlib.sha1(a.xla_options.encode()).hexdigest()[:8])))
     print(f"== {preset} on {s.describe()}: global batch {run.train.batch_size} "
           f"({run.train.batch_size / len(devices):g} per chip), mesh {dict(mesh.shape)}, "
           f"remat {run.model.remat} ({run.model.remat_policy}), remat_blocks "
-          f"{run.model.remat_blocks}", flush=True)
+          f"{run.model.remat_blocks}; XLA options {options or 'defaults'}", flush=True)
     t0 = time.time()
     try:
       compiled = aot_compile.compiled_of(step)
@@ -64,6 +77,9 @@ def main():
       continue
     memory = aot_compile.Memory.of(compiled)
     text = compiled.as_text()
+    name = f"{preset.replace('/', '_')}_{s.name}_{variant}"
+    with open(os.path.join(a.out, name + ".hlo.txt"), "w") as f:   # before reading it
+      f.write(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     prog = anatomy.analyze(text)
@@ -76,13 +92,11 @@ def main():
     for tail, pas, f, n in anatomy.top_matmuls(prog, 10):
       print(f"    {tail}, {pas}: {f / 1e12:.2f}, {n}")
     print("  " + r.describe(), flush=True)
-    name = f"{preset.replace('/', '_')}_{s.name}_{variant}"
-    with open(os.path.join(a.out, name + ".hlo.txt"), "w") as f:
-      f.write(text)
     rep = {"preset": preset, "slice": s.name, "chips": len(devices),
            "batch": run.train.batch_size, "mesh": dict(mesh.shape),
            "remat": run.model.remat, "remat_policy": run.model.remat_policy,
-           "remat_blocks": run.model.remat_blocks, "bytes_per_chip": memory.total,
+           "remat_blocks": run.model.remat_blocks, "xla_options": options,
+           "bytes_per_chip": memory.total,
            "xla_bytes_accessed": cost.get("bytes accessed"),
            "anatomy": anatomy.as_json(prog, r), "assumptions": list(anatomy.ASSUMPTIONS)}
     with open(os.path.join(a.out, name + ".json"), "w") as f:

@@ -194,6 +194,107 @@ def test_hbm_traffic_reads_slices_and_writes_in_place_updates():
   assert a.hbm_bytes == 6 * (2 * ag + rs + take + matmul + put + add)
 
 
+# TPU's async collective fusion (libtpu with farmer_jax.xla_options.TPU_OPTIONS), as
+# the compiled train step prints it, reduced: a fusion whose root is the custom-call
+# AsyncCollectiveStart starts an all-gather of a bf16 (8, 128) shard into (32, 128) over 4
+# devices; a compute fusion (a (16, 64) x (64, 128) matmul) runs a step of it, its in-flight
+# buffers passing through; a fusion rooted in AsyncCollectiveDone hands the gathered buffer over.
+# And TPU's all-reduce-scatter fusion (synchronous): an f32 (64, 128) all-reduce over 4 devices
+# and the (16, 128) dynamic-slice of it each keeps, a reduce-scatter.
+_AC_STATE = "(bf16[8,128], bf16[32,128], u32[])"
+_ASYNC_FUSION = """HloModule m, is_scheduled=true
+
+%start_c (a0: bf16[8,128]) -> AC_STATE {
+  %a0 = bf16[8,128]{1,0} parameter(0)
+  %ag = bf16[32,128]{1,0} all-gather(%a0), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %cs = AC_STATE custom-call(%ag), custom_call_target="AsyncCollectiveStart"
+}
+
+%step_c (b0: bf16[16,64], b1: bf16[64,128], b2: bf16[8,128], b3: bf16[32,128], b4: u32[]) ->
+    (bf16[16,128], bf16[8,128], bf16[32,128], u32[]) {
+  %b0 = bf16[16,64]{1,0} parameter(0)
+  %b1 = bf16[64,128]{1,0} parameter(1)
+  %b2 = bf16[8,128]{1,0} parameter(2)
+  %b3 = bf16[32,128]{1,0} parameter(3)
+  %b4 = u32[] parameter(4)
+  %mm = bf16[16,128]{1,0} convolution(%b0, %b1), dim_labels=bf_io->bf,
+    metadata={op_name="attn/qkv/dot_general"}
+  %ag2 = bf16[32,128]{1,0} all-gather(%b2), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %tt = (bf16[16,128], bf16[8,128], bf16[32,128], u32[]) tuple(%mm, %b2, %ag2, %b4)
+}
+
+%done_c (d0: bf16[8,128], d1: bf16[32,128], d2: u32[]) -> bf16[32,128] {
+  %d0 = bf16[8,128]{1,0} parameter(0)
+  %d1 = bf16[32,128]{1,0} parameter(1)
+  %d2 = u32[] parameter(2)
+  %ag3 = bf16[32,128]{1,0} all-gather(%d0), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %cd = bf16[32,128]{1,0} custom-call(%d0, %d1, %ag3, %d2),
+    custom_call_target="AsyncCollectiveDone"
+}
+
+%sum (s0: f32[], s1: f32[]) -> f32[] {
+  %s0 = f32[] parameter(0)
+  %s1 = f32[] parameter(1)
+  ROOT %s = f32[] add(%s0, %s1)
+}
+
+%ars_c (r0: f32[64,128]) -> f32[16,128] {
+  %r0 = f32[64,128]{1,0} parameter(0)
+  %ar = f32[64,128]{1,0} all-reduce(%r0), channel_id=9, replica_groups=[1,4]<=[4],
+    to_apply=%sum
+  %pid = u32[] partition-id()
+  %c16 = u32[] constant(16)
+  %row = u32[] multiply(%pid, %c16)
+  %z = u32[] constant(0)
+  ROOT %mine = f32[16,128]{1,0} dynamic-slice(%ar, %row, %z), dynamic_slice_sizes={16,128}
+}
+
+ENTRY %main (x: bf16[8,128], y: bf16[16,64], w: bf16[64,128], g: f32[64,128]) ->
+    (bf16[16,128], bf16[32,128], f32[16,128]) {
+  %x = bf16[8,128]{1,0} parameter(0)
+  %y = bf16[16,64]{1,0} parameter(1)
+  %w = bf16[64,128]{1,0} parameter(2)
+  %g = f32[64,128]{1,0} parameter(3)
+  %async-collective-start = AC_STATE fusion(%x), kind=kCustom, calls=%start_c
+  %s0 = bf16[8,128]{1,0} get-tuple-element(%async-collective-start), index=0
+  %s1 = bf16[32,128]{1,0} get-tuple-element(%async-collective-start), index=1
+  %s2 = u32[] get-tuple-element(%async-collective-start), index=2
+  %f = (bf16[16,128], bf16[8,128], bf16[32,128], u32[]) fusion(%y, %w, %s0, %s1, %s2),
+    kind=kOutput, calls=%step_c
+  %m = bf16[16,128]{1,0} get-tuple-element(%f), index=0
+  %f1 = bf16[8,128]{1,0} get-tuple-element(%f), index=1
+  %f2 = bf16[32,128]{1,0} get-tuple-element(%f), index=2
+  %f3 = u32[] get-tuple-element(%f), index=3
+  %async-collective-done = bf16[32,128]{1,0} fusion(%f1, %f2, %f3), kind=kCustom,
+    calls=%done_c
+  %ars = f32[16,128]{1,0} fusion(%g), kind=kOutput, calls=%ars_c
+  ROOT %out = (bf16[16,128], bf16[32,128], f32[16,128]) tuple(%m, %async-collective-done, %ars)
+}
+"""
+
+
+def test_tpu_async_collective_fusion_overlaps_the_compute_fusions_that_carry_it():
+  text = re.sub(r",\n    ", ", ", _ASYNC_FUSION).replace("AC_STATE", _AC_STATE)
+  text = text.replace(") ->\n    (", ") -> (")
+  a = anatomy.analyze(text)
+  c, rs = a.collectives   # the steps inside the compute and done fusions are the same gather
+  assert (rs.kind, rs.asynchronous, rs.bytes, rs.group) == ("reduce-scatter", False, 64 * 128 * 4,
+                                                            4)
+  mm = 2 * 16 * 64 * 128
+  assert (c.kind, c.asynchronous, c.bytes, c.group) == ("all-gather", True, 32 * 128 * 2, 4)
+  assert c.overlapped and c.fusions_between == 1 and c.flops_between == mm
+  assert a.matmul_flops == mm
+  # the start reads the shard and writes its state; the step fusion reads its matmul's operands
+  # and writes its product (the in-flight buffers pass through it); the done moves nothing;
+  # the reduce-scatter reads its operand and writes its part
+  start = 8 * 128 * 2 + (8 + 32) * 128 * 2 + 4
+  step = (16 * 64 + 64 * 128 + 16 * 128) * 2
+  assert a.hbm_bytes == start + step + (64 + 16) * 128 * 4
+
+
 def test_roofline_adds_only_the_collective_time_no_compute_hides():
   a = anatomy.analyze(_handwritten())
   peak, hbm_bw, ici = 1e12, 1e11, 1e9
@@ -250,3 +351,31 @@ def test_a_train_step_compiled_for_a_tpu_slice_reads_as_the_model():
   assert 1.0 <= a.matmul_flops / analytic <= 1.6
   r = anatomy.roofline(a, s.chip.peak_flops, s.chip.hbm_bandwidth, s.chip.ici_bandwidth, analytic)
   assert 0 < r.mfu <= 1 and r.step_s >= max(r.compute_s, r.hbm_s)
+
+
+@pytest.mark.slow
+def test_the_train_step_for_a_tpu_slice_compiles_with_async_collectives_that_overlap():
+  """The trainer jits its step with xla_options.TPU_OPTIONS on a TPU mesh, so the program
+  compiled for a slice (and run on one) starts its FSDP all-gathers asynchronously (TPU's async
+  collective fusion) and runs matmuls while they are in flight: the quickstart at width 512,
+  FSDP over a v5p-8 slice's 4 chips."""
+  from farmer_jax import configlib, sharding
+  from farmer_jax.aot import compile as aot_compile, programs, slices
+  from farmer_jax.config.parse import parse
+  if slices.libtpu_missing():
+    pytest.skip("libtpu is not installed (pip install 'farmer_jax[tpu-aot]')")
+  s = slices.parse_slice("v5p-8")
+  devices = slices.slice_devices(s)
+  c = configlib.load("quickstart:tiny")
+  c.model.update(unroll=False, attention="xla", flow_blocks=3, flow_layers=2, ar_depth=5,
+                 dtype="bfloat16", remat=True, flow_width=512, ar_width=512, flow_heads=4,
+                 ar_heads=4)
+  c.mesh = (("data", 1), ("fsdp", -1))
+  run = parse(c, num_devices=4, num_processes=1, read_data=False)
+  step = programs.train_programs(run, sharding.make_mesh(run.mesh, devices))[0]
+  text = aot_compile.compiled_of(step).as_text()
+  assert 'custom_call_target="AsyncCollectiveStart"' in text
+  a = anatomy.analyze(text)
+  gathers = [g for g in a.collectives if g.kind == "all-gather" and g.asynchronous]
+  assert gathers and all(g.group == 4 for g in gathers)
+  assert any(g.overlapped for g in gathers)

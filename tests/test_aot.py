@@ -313,3 +313,18 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
   assert r.returncode == 0, r.stdout + r.stderr
   assert "every program fits v5litepod-4 x 2 slices" in r.stdout
   assert "8 devices, mesh {'data': 8, 'fsdp': 1}" in r.stdout
+
+
+def test_tpu_compiler_options_only_on_tpu_and_never_over_the_user_s_libtpu_args():
+  """The train step's XLA options (xla_options.py): the async-collective set on TPU devices,
+  less any flag LIBTPU_INIT_ARGS names; nothing on another platform."""
+  from farmer_jax import xla_options
+  tpu, cpu = type("D", (), {"platform": "tpu"})(), type("D", (), {"platform": "cpu"})()
+  assert xla_options.for_devices([tpu], {}) == xla_options.TPU_OPTIONS
+  assert xla_options.for_devices([cpu], {}) is None and xla_options.for_devices([], {}) is None
+  env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_async_collective_fusion=false --foo"}
+  got = xla_options.for_devices([tpu], env)
+  assert "xla_tpu_enable_async_collective_fusion" not in got
+  assert len(got) == len(xla_options.TPU_OPTIONS) - 1
+  assert xla_options.parse("none") == {} and xla_options.parse("tpu") == xla_options.TPU_OPTIONS
+  assert xla_options.parse("--a=1, b") == {"a": "1", "b": "true"}

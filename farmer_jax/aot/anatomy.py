@@ -11,7 +11,12 @@ records none, and its windowed-einsum loops step by 2).
 
 The HLO of a compiled TPU (or CPU) module is scheduled (``is_scheduled=true``): the order of the
 instructions in a computation is their execution order, so an async collective overlaps the
-compute scheduled between its ``-start`` and its ``-done``.
+compute scheduled between its ``-start`` and its ``-done``. TPU's async collective fusion (with
+farmer_jax/xla_options.py's options) writes that pair as two fusions rooted in the custom-calls
+``AsyncCollectiveStart`` / ``AsyncCollectiveDone``, the compute fusions between them running the
+collective's steps (its ``chain_id`` ties them); a collective fused with its consumer is counted
+too, TPU's all-reduce-scatter fusion (an all-reduce and the slice each device keeps) as the
+reduce-scatter it is.
 
 A pure function of the text: ``tests/test_anatomy.py`` checks it on programs compiled on CPU and
 on handwritten HLO.
@@ -137,6 +142,30 @@ def _dims(type_text):
 def _attr(ins, key):
   m = re.search(rf"\b{key}=%([\w.\-]+)", ins.attrs)
   return m.group(1) if m else None
+
+
+def _async_fusion(ins, comps):
+  """'start' / 'done' for a fusion of TPU's async collective fusion (its fused computation's
+  root is the custom-call AsyncCollectiveStart / AsyncCollectiveDone), else None."""
+  if ins.opcode != "fusion":
+    return None
+  root = next((i for i in comps.get(_attr(ins, "calls"), ()) if i.root), None)
+  if root is None or root.opcode != "custom-call":
+    return None
+  m = re.search(r'custom_call_target="AsyncCollective(Start|Done)"', root.attrs)
+  return m.group(1).lower() if m else None
+
+
+def _inner_collective(ins, comps):
+  """The collective instruction inside the computation ``ins`` calls, or None."""
+  return next((i for i in comps.get(_attr(ins, "calls"), ()) if i.opcode in KINDS), None)
+
+
+def _chain(ins):
+  """What ties the steps of one async collective fusion together: the collective's chain_id
+  (frontend attribute), else its channel_id."""
+  m = re.search(r'chain_id="(\w+)"', ins.attrs) or re.search(r"channel_id=(\d+)", ins.attrs)
+  return m.group(0) if m else None
 
 
 def group_size(ins):
@@ -469,13 +498,43 @@ def _fusion_traffic(ins, comps, types):
   update; nested fusions are looked into; everything else reads its operand and writes its
   result whole."""
   body = comps.get(_attr(ins, "calls"), [])
+  step = _async_fusion(ins, comps)
+  if step == "done":   # hands over the buffer the collective wrote
+    return 0
+  state = set() if step == "start" else _in_flight(body)
   params = {int(i.args): i for i in body if i.opcode == "parameter"}
   read = 0
   for k, op in enumerate(ins.operands):
+    if k in params and params[k].name in state:
+      continue
     sliced = _param_reads(params[k].name, body, comps) if k in params else None
     read += _hbm(types.get(op, "")) if sliced is None else sliced
   root = next((i for i in body if i.root), None)
-  return read + (_written(root, body, comps, types) if root is not None else _hbm(ins.type))
+  if root is None:
+    return read + _hbm(ins.type)
+  if root.opcode == "tuple" and state:
+    by = {i.name: i for i in body}
+    return read + sum(_written(by[o], body, comps, types) if o in by else _hbm(types.get(o, ""))
+                      for o in root.operands if o not in state)
+  return read + _written(root, body, comps, types)
+
+
+def _in_flight(body):
+  """In a compute fusion that also runs a step of an async collective (TPU's async collective
+  fusion with multiple steps): the collective's results and the parameters only the collective
+  uses or the fusion passes through (its in-flight buffers, written once by the collective and
+  counted at its start, or aliased). Empty for a fusion without such a collective (one in a
+  chain: ``chain_id``)."""
+  colls = {i.name for i in body if i.opcode in KINDS and 'chain_id="' in i.attrs}
+  if not colls:
+    return set()
+  root = next((i for i in body if i.root), None)
+
+  def carried(name):
+    uses = _through_views(name, body)
+    return bool(uses) and all(u.opcode in KINDS or u.opcode == "custom-call" or u is root
+                              for u, _ in uses)
+  return colls | {i.name for i in body if i.opcode == "parameter" and carried(i.name)}
 
 
 def _param_reads(name, body, comps):
@@ -540,10 +599,21 @@ def _collective_kind(ins, comps):
     return op, False
   if op.endswith("-start") and op[:-len("-start")] in KINDS:
     return op[:-len("-start")], True
-  if op == "async-start":
-    inner = next((i for i in comps.get(_attr(ins, "calls"), ()) if i.opcode in KINDS), None)
+  if op == "async-start" or _async_fusion(ins, comps) == "start":
+    inner = _inner_collective(ins, comps)
     if inner is not None:
       return inner.opcode, True
+  if op == "fusion" and _async_fusion(ins, comps) is None:
+    # a collective fused with its consumer (e.g. an all-reduce and the dynamic-slice of it a
+    # device keeps), not a step of an async collective fusion (whose collective has a chain)
+    inner = _inner_collective(ins, comps)
+    if inner is not None and 'chain_id="' not in inner.attrs:
+      root = next(i for i in comps[_attr(ins, "calls")] if i.root)
+      if (inner.opcode == "all-reduce" and root.opcode == "dynamic-slice"
+          and root.operands[0] == inner.name):
+        # TPU's all-reduce-scatter fusion: a reduce-scatter (each device keeps its part)
+        return "reduce-scatter", False
+      return inner.opcode, False
   return None
 
 
@@ -587,25 +657,35 @@ def _collective(ins, kind, k, instrs, comps, types, n, comp):
   """The Collective of instruction ``ins`` (position ``k`` of computation ``comp``)."""
   kind, is_async = kind
   inner = ins
-  if ins.opcode == "async-start":
-    inner = next(i for i in comps[_attr(ins, "calls")] if i.opcode == kind)
+  fused = ins.opcode == "fusion"
+  if ins.opcode == "async-start" or fused:
+    inner = _inner_collective(ins, comps)
   operand_bytes = sum(type_bytes(types.get(o, "")) for o in inner.operands)
   result_bytes = type_bytes(inner.type)
   fusions_between, flops_between = 0, 0.0
   if is_async:
-    # the done that takes this start (or the end of the computation: the value leaves it)
-    done = next((j for j in range(k + 1, len(instrs)) if ins.name in instrs[j].operands
-                 and instrs[j].opcode.endswith("-done")), len(instrs))
+    if fused:
+      # async collective fusion: the done fusion of the same chain (the collective's state
+      # passes through the compute fusions between, which run its steps)
+      chain = _chain(inner)
+      done = next((j for j in range(k + 1, len(instrs))
+                   if _async_fusion(instrs[j], comps) == "done"
+                   and _chain(_inner_collective(instrs[j], comps) or instrs[j]) == chain),
+                  len(instrs))
+    else:
+      # the done that takes this start (or the end of the computation: the value leaves it)
+      done = next((j for j in range(k + 1, len(instrs)) if ins.name in instrs[j].operands
+                   and instrs[j].opcode.endswith("-done")), len(instrs))
     if done < len(instrs):
       result_bytes = type_bytes(instrs[done].type)
     for mid in instrs[k + 1:done]:
-      if mid.opcode == "fusion":
+      if mid.opcode == "fusion" and _async_fusion(mid, comps) is None:
         fusions_between += 1
         flops_between += _fused_flops(_attr(mid, "calls"), comps, types)[0]
       elif mid.opcode in _MATMULS:
         flops_between += matmul_flops(mid, types)
   else:
-    result_bytes = type_bytes(ins.type)
+    result_bytes = type_bytes(inner.type)
   return Collective(ins.name, kind, is_async, max(operand_bytes, result_bytes), group_size(inner),
                     n, comp, fusions_between, flops_between, _op_name(inner))
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from farmer_jax import sharding
+from farmer_jax import sharding, xla_options
 from farmer_jax.artifacts import runs, storage
 from farmer_jax.artifacts.metrics import flat_hparams
 from farmer_jax.config.parse import RunConfig, resolved_config
@@ -62,10 +62,12 @@ class Setup:
 
   def jit_step(self, step, state_sh, arg_shardings=()):
     """``step(state, batch, rng, *args) -> (state, metrics)`` jitted on the mesh, the state
-    donated; ``arg_shardings``: those of the extra (never donated) arguments."""
+    donated; ``arg_shardings``: those of the extra (never donated) arguments. On a TPU mesh it
+    compiles with XLA's async-collective options (xla_options.py)."""
     rep = sharding.replicated(self.mesh)
     return jax.jit(step, in_shardings=(state_sh, self.batch_sh, rep) + tuple(arg_shardings),
-                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+                   out_shardings=(state_sh, rep), donate_argnums=(0,),
+                   compiler_options=xla_options.for_devices(self.mesh.devices.flat))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""XLA's TPU compiler options for overlapping collectives with compute, in one place.
+
+With its defaults the TPU compiler (libtpu 0.0.42.1) leaves the all-gathers of an FSDP train step
+synchronous: each waits for its link traffic while the TensorCore idles. ``TPU_OPTIONS`` turns on
+XLA's async collective fusion (a fusion starts the collective, the compute fusions that follow run
+its steps, a later fusion completes it) and async all-gathers and all-reduces, which the
+scheduler places around the matmuls: the set Google's MaxText recipes pass (as LIBTPU_INIT_ARGS)
+for v5p and v6e.
+
+The train (and distill) step is jitted with them on a TPU mesh (``for_devices``, from
+``train.trainer.Setup.jit_step``), so `farmer_jax train` on a TPU and the AOT check of that step
+for a slice (`farmer_jax check --topology`, benchmarks/tpu_programs.py) compile the same program.
+A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads when it loads) is left to that
+setting: ``LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=false`` turns the fusion off.
+The flags are libtpu's (0.0.42.1, the one jax[tpu]==0.10.2 pins, knows them all); a libtpu that
+does not would refuse the compile. docs/performance.md ("TPU programs") has what they do to the
+compiled 1.1B/16 step on v5p-64: an estimate from the compiled program, not a measurement on a TPU.
+"""
+
+import os
+import re
+
+TPU_OPTIONS = {
+    "xla_tpu_enable_async_collective_fusion": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_all_gather": "true",
+    "xla_tpu_enable_async_collective_fusion_fuse_all_reduce": "true",
+    "xla_tpu_enable_async_collective_fusion_multiple_steps": "true",
+    "xla_tpu_overlap_compute_collective_tc": "true",
+    "xla_enable_async_all_gather": "true",
+    "xla_enable_async_all_reduce": "true",
+    "xla_tpu_enable_data_parallel_all_reduce_opt": "true",
+    "xla_tpu_data_parallel_opt_different_sized_ops": "true",
+}
+
+
+def named_in_libtpu_args(environ=os.environ):
+  """The flags LIBTPU_INIT_ARGS names (``--flag=value`` or ``--flag``)."""
+  return set(re.findall(r"--([\w.]+)", environ.get("LIBTPU_INIT_ARGS", "")))
+
+
+def for_devices(devices, environ=os.environ):
+  """The compiler options for a program on ``devices``: TPU_OPTIONS on TPU devices (real, or
+  a slice's description for an AOT compile), less the flags LIBTPU_INIT_ARGS names; None
+  elsewhere (and when none is left)."""
+  devices = list(devices)
+  if not devices or devices[0].platform != "tpu":
+    return None
+  mine = named_in_libtpu_args(environ)
+  out = {k: v for k, v in TPU_OPTIONS.items() if k not in mine}
+  return out or None
+
+
+def parse(text):
+  """{flag: value} of ``'flag=value,...'`` (leading dashes dropped; a bare flag is 'true');
+  'tpu': TPU_OPTIONS; 'none' or '': {}."""
+  if text.strip() in ("", "none"):
+    return {}
+  if text.strip() == "tpu":
+    return dict(TPU_OPTIONS)
+  out = {}
+  for item in text.split(","):
+    item = item.strip().lstrip("-")
+    if item:
+      k, _, v = item.partition("=")
+      out[k] = v or "true"
+  return out
