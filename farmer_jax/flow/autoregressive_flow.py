@@ -67,7 +67,7 @@ class AFBlock(nn.Module):
   remat_policy: str = "nothing_saveable"
 
   def setup(self):
-    self.proj_in = tfm.Dense(self.width, ("token", "embed"), self.dtype)
+    self.proj_in = tfm.Projection((self.width,), ("token", "embed"), 1, self.dtype)
     self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), ("seq", "embed")), (self.num_tokens, self.width), jnp.float32)
     if self.num_classes:
@@ -81,7 +81,8 @@ class AFBlock(nn.Module):
                                        attention=self.attention, remat_policy=self.remat_policy)
     if self.final_norm:
       self.norm_out = tfm.LayerNormF32(jnp.float32)
-    self.proj_out = tfm.Dense(2 * self.token_dim, ("embed", "token"), jnp.float32, zero=True)
+    self.proj_out = tfm.Projection((2 * self.token_dim,), ("embed", "token"), 1, jnp.float32,
+                                   zero=True)
 
   def _class(self, y):
     """(B, 1, C) class embedding; y None or y < 0 (``NO_LABEL``) -> the mean embedding."""

@@ -40,36 +40,8 @@ Dtype = Any
 Cache = Optional[dict]
 
 
-def dense_init(axes):
-  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
-
-
 def zeros_init(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """``nn.Dense``'s product, lhs (..., C) . rhs (C, F), computed on lhs flattened to (N, C): the
-  same numbers (the same products and sums), but autodiff's weight gradient becomes one 2-D
-  product contracting N, which XLA:CPU runs on its GEMM library, where the (B, T) contraction of
-  the 3-D form ran as a generic loop (8-16% of the CPU train step; docs/performance.md). A train
-  step compiled for TPU has the same collectives and matmuls either way."""
-  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
-    raise ValueError(f"token_dot_general takes nn.Dense's product only, not {dimension_numbers}")
-  lead = lhs.shape[:-1]
-  y = jax.lax.dot_general(lhs.reshape(math.prod(lead), lhs.shape[-1]), rhs,
-                          (((1,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=preferred_element_type)
-  return y.reshape(lead + rhs.shape[1:])
-
-
-def Dense(features, axes, dtype, zero=False, name=None):
-  """The dense layer of the model's tokens, (..., C) -> (..., features): fp32 params, the kernel's
-  logical axes ``axes`` (in, out), xavier-uniform (``zero``: zeros) kernel, zero bias, the product
-  through ``token_dot_general``."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=(zeros_init if zero else dense_init)(axes),
-                  bias_init=zeros_init(axes[1:]), dot_general=token_dot_general, name=name)
 
 
 class LayerNormF32(nn.Module):
@@ -90,31 +62,41 @@ class LayerNormF32(nn.Module):
 
 
 class Projection(nn.Module):
-  """Multi-axis linear map contracting the last ``n_in`` input dims; output dims ``features``.
+  """The model's linear map of tokens (..., *in_dims) -> (..., *features), contracting the last
+  ``n_in`` dims: the MLP, the attention's q|k|v and output projections, the AF's and the AR prior's
+  token embeddings and heads. fp32 params; the kernel (*in_dims, *features) fan-average uniform
+  (xavier) or, with ``zero``, zeros; the bias zeros.
 
   Not ``nn.DenseGeneral``: that one initialises (and attaches logical-axis metadata to) a kernel
   flattened to 2-D, so per-dim logical names such as ("embed", None, "heads", "kv") fail under a
-  mesh. Here the kernel is created unflattened, (*in_dims, *features), and every dim is named.
+  mesh. Here the kernel is created unflattened and every dim is named. The product runs on the
+  tokens flattened to one leading axis, (N, *in_dims): the same function, and autodiff's weight
+  gradient contracts that one axis, a product XLA:CPU runs on its GEMM library (with batch and
+  tokens contracted it ran as a generic loop; docs/performance.md). The flattening keeps a batch
+  sharding as it is; a sharded token axis (a 'seq' sharding rule) would be resharded first.
   """
   features: tuple
   axes: tuple                     # logical names, len = n_in + len(features)
   n_in: int = 1
   dtype: Dtype = jnp.float32
+  zero: bool = False
 
   @nn.compact
   def __call__(self, x):
     shape = tuple(x.shape[-self.n_in:]) + tuple(self.features)
     in_axis = tuple(range(self.n_in))
     out_axis = tuple(range(self.n_in, len(shape)))
-    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis,
-                                            out_axis=out_axis)
+    init = nn.initializers.zeros_init() if self.zero else nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                         jnp.float32)
     bias = self.param("bias", zeros_init(self.axes[self.n_in:]), tuple(self.features),
                       jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
-                      axes=(tuple(range(x.ndim - self.n_in, x.ndim)), in_axis))
-    return y + bias.astype(self.dtype)
+    lead = x.shape[:x.ndim - self.n_in]
+    tokens = x.astype(self.dtype).reshape((math.prod(lead),) + x.shape[len(lead):])
+    y = jnp.tensordot(tokens, kernel.astype(self.dtype),
+                      axes=(tuple(range(1, 1 + self.n_in)), in_axis))
+    return y.reshape(lead + tuple(self.features)) + bias.astype(self.dtype)
 
 
 def gelu_exact(x):
@@ -240,8 +222,8 @@ class Attention(nn.Module):
     scale = dh ** -0.5 / attn_temp               # TARFlow's SDPA scale
     h = LayerNormF32(self.dtype, name="norm")(x)
     qkv = Projection((3, h_, dh), ("embed", None, "heads", "kv"), 1, self.dtype, name="qkv")(h)
-    # (B, H, T, Dh) each; split, whose backward pass is one concatenation, not qkv[i] (a pad and
-    # an add per slice, 5-7% of the CPU train step; the TPU program is unchanged)
+    # (B, H, T, Dh) each, by a split: its backward pass is one concatenation, where indexing
+    # pads and adds each slice (docs/performance.md)
     q, k, v = (jnp.swapaxes(a[:, :, 0], 1, 2) for a in jnp.split(qkv, 3, axis=2))
     if cache is None:
       out = attend(q, k, v, scale, self.causal, self.attn_chunk, impl=self.attention)
@@ -273,9 +255,9 @@ class Mlp(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     h = LayerNormF32(self.dtype, name="norm")(x)
-    h = Dense(self.mlp_ratio * c, ("embed", "mlp"), self.dtype, name="fc1")(h)
+    h = Projection((self.mlp_ratio * c,), ("embed", "mlp"), 1, self.dtype, name="fc1")(h)
     h = gelu_exact(h)
-    return Dense(c, ("mlp", "embed"), self.dtype, name="fc2")(h)
+    return Projection((c,), ("mlp", "embed"), 1, self.dtype, name="fc2")(h)
 
 
 class Layer(nn.Module):

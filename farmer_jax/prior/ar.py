@@ -35,16 +35,16 @@ class ARPrior(nn.Module):
                                    jnp.float32)
     self.pos_embed = self.param("pos_embed", emb(("seq", "embed")),
                                 (c.class_repeats + c.num_tokens, w), jnp.float32)
-    self.token_in = tfm.Dense(w, ("token", "embed"), c.jnp_dtype)
+    self.token_in = tfm.Projection((w,), ("token", "embed"), 1, c.jnp_dtype)
     self.transformer = tfm.Transformer(c.ar_depth, c.ar_heads, mlp_ratio=c.mlp_ratio,
                                        dtype=c.jnp_dtype, remat=c.remat, attention=c.attention,
                                        remat_policy=c.remat_policy, unroll=c.unroll)
     self.final_norm = tfm.LayerNormF32(jnp.float32)
-    self.head_i = tfm.Dense(gmm.num_outputs(c.mixtures_informative, c.d_i), ("embed", "head"),
-                            jnp.float32, zero=True)
+    self.head_i = tfm.Projection((gmm.num_outputs(c.mixtures_informative, c.d_i),),
+                                 ("embed", "head"), 1, jnp.float32, zero=True)
     if c.dimred == "farmer":
-      self.head_r = tfm.Dense(gmm.num_outputs(c.mixtures_redundant, c.d_r), ("embed", "head"),
-                              jnp.float32, zero=True)
+      self.head_r = tfm.Projection((gmm.num_outputs(c.mixtures_redundant, c.d_r),),
+                                   ("embed", "head"), 1, jnp.float32, zero=True)
 
   def prefix(self, y):
     """(B,) labels (``cfg.null_class`` = no class) -> (B, M, C)."""
