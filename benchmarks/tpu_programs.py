@@ -36,9 +36,8 @@ def main():
                   help="size of the mesh's data axis (the preset's dp=N)")
   ap.add_argument("--remat_policy", default=None)
   ap.add_argument("--xla_options", default=None,
-                  help="the train step's XLA compiler options on TPU instead of "
-                  "xla_options.TPU_OPTIONS (what `farmer_jax train` uses): 'flag=value,...', "
-                  "or 'none' (XLA's defaults)")
+                  help="config.train.xla_options: the train step's XLA compiler options on TPU "
+                  "(default: the config's, 'tpu'); 'flag=value,...', or 'none' (XLA's defaults)")
   ap.add_argument("--out", default="/tmp/tpu_programs")
   a = ap.parse_args()
   from farmer_jax import configlib, flops, sharding, xla_options
@@ -48,23 +47,23 @@ def main():
   s = slices.parse_slice(a.slice)
   devices = slices.slice_devices(s)
   chip = s.chip
-  if a.xla_options is not None:
-    xla_options.TPU_OPTIONS = xla_options.parse(a.xla_options)
-  options = xla_options.for_devices(devices) or {}
   for preset in a.presets.split(","):
     c = configlib.load(f"imagenet256:{preset},dp={a.data}"
                        + (f",batch={a.batch}" if a.batch else ""))
     if a.remat_policy:
       c.model.remat_policy = a.remat_policy
+    if a.xla_options is not None:
+      c.train.xla_options = a.xla_options
     run = parse(c, num_devices=len(devices), num_processes=slices.processes(devices),
                 read_data=False)
     mesh = sharding.make_mesh(run.mesh, devices)
+    options = xla_options.for_devices(devices, run.train.xla_options) or {}
     step = programs.train_programs(run, mesh, slices.processes(devices))[0]
     variant = (f"batch{run.train.batch_size}_data{a.data}_"
                f"{run.model.remat_policy if run.model.remat else 'noremat'}"
-               + ("" if a.xla_options is None else "_xla-" + (
-                   a.xla_options if a.xla_options in ("none", "tpu") else
-                   hashlib.sha1(a.xla_options.encode()).hexdigest()[:8])))
+               + ("" if run.train.xla_options == "tpu" else "_xla-" + (
+                   "none" if not options else
+                   hashlib.sha1(run.train.xla_options.encode()).hexdigest()[:8])))
     print(f"== {preset} on {s.describe()}: global batch {run.train.batch_size} "
           f"({run.train.batch_size / len(devices):g} per chip), mesh {dict(mesh.shape)}, "
           f"remat {run.model.remat} ({run.model.remat_policy}), remat_blocks "
@@ -78,7 +77,8 @@ def main():
     memory = aot_compile.Memory.of(compiled)
     text = compiled.as_text()
     name = f"{preset.replace('/', '_')}_{s.name}_{variant}"
-    with open(os.path.join(a.out, name + ".hlo.txt"), "w") as f:   # before reading it
+    # written first, so the HLO survives a failure to read it
+    with open(os.path.join(a.out, name + ".hlo.txt"), "w") as f:
       f.write(text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -10,11 +10,12 @@ for v5p and v6e.
 The train (and distill) step is jitted with them on a TPU mesh (``for_devices``, from
 ``train.trainer.Setup.jit_step``), so `farmer_jax train` on a TPU and the AOT check of that step
 for a slice (`farmer_jax check --topology`, benchmarks/tpu_programs.py) compile the same program.
-A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads when it loads) is left to that
-setting: ``LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=false`` turns the fusion off.
-The flags are libtpu's (0.0.42.1, the one jax[tpu]==0.10.2 pins, knows them all); a libtpu that
-does not would refuse the compile. docs/performance.md ("TPU programs") has what they do to the
-compiled 1.1B/16 step on v5p-64: an estimate from the compiled program, not a measurement on a TPU.
+``config.train.xla_options`` chooses them: 'tpu' (the default, this set), 'none' (XLA's defaults:
+the way out when a libtpu does not know one of these flags and refuses the compile) or
+'flag=value,...'. A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads when it loads) is
+left to that setting. libtpu 0.0.42.1 (what jax[tpu]==0.10.2 pins) knows them all.
+docs/performance.md ("TPU programs") has what they do to the compiled 1.1B/16 step on v5p-64: an
+estimate from the compiled program, not a measurement on a TPU.
 """
 
 import os
@@ -34,25 +35,23 @@ TPU_OPTIONS = {
 
 
 def named_in_libtpu_args(environ=os.environ):
-  """The flags LIBTPU_INIT_ARGS names (``--flag=value`` or ``--flag``)."""
-  return set(re.findall(r"--([\w.]+)", environ.get("LIBTPU_INIT_ARGS", "")))
+  """The flags LIBTPU_INIT_ARGS names (``--flag=value``, ``--flag``, or absl's ``--noflag``)."""
+  names = set(re.findall(r"--([\w.]+)", environ.get("LIBTPU_INIT_ARGS", "")))
+  return names | {n[2:] for n in names if n.startswith("no")}
 
 
-def for_devices(devices, environ=os.environ):
-  """The compiler options for a program on ``devices``: TPU_OPTIONS on TPU devices (real, or
-  a slice's description for an AOT compile), less the flags LIBTPU_INIT_ARGS names; None
-  elsewhere (and when none is left)."""
-  devices = list(devices)
-  if not devices or devices[0].platform != "tpu":
-    return None
-  mine = named_in_libtpu_args(environ)
-  out = {k: v for k, v in TPU_OPTIONS.items() if k not in mine}
-  return out or None
+def valid(text):
+  """Whether ``text`` is a ``config.train.xla_options`` value: 'tpu', 'none' (or ''), or
+  'flag=value,...' with XLA flag names."""
+  if not isinstance(text, str):
+    return False
+  return all(re.fullmatch(r"-{0,2}\w+(=[\w.+-]*)?", item.strip())
+             for item in text.split(",") if item.strip())
 
 
 def parse(text):
-  """{flag: value} of ``'flag=value,...'`` (leading dashes dropped; a bare flag is 'true');
-  'tpu': TPU_OPTIONS; 'none' or '': {}."""
+  """{flag: value} of a valid ``text`` (``valid``): 'tpu': TPU_OPTIONS; 'none' or '': {};
+  'flag=value,...' (leading dashes dropped; a bare flag is 'true')."""
   if text.strip() in ("", "none"):
     return {}
   if text.strip() == "tpu":
@@ -64,3 +63,15 @@ def parse(text):
       k, _, v = item.partition("=")
       out[k] = v or "true"
   return out
+
+
+def for_devices(devices, options="tpu", environ=os.environ):
+  """The compiler options for a program on ``devices``: ``parse(options)`` on TPU devices (real,
+  or a slice's description for an AOT compile), less the flags LIBTPU_INIT_ARGS names; None
+  elsewhere (and when none is left)."""
+  devices = list(devices)
+  if not devices or devices[0].platform != "tpu":
+    return None
+  mine = named_in_libtpu_args(environ)
+  out = {k: v for k, v in parse(options).items() if k not in mine}
+  return out or None

@@ -320,11 +320,31 @@ def test_tpu_compiler_options_only_on_tpu_and_never_over_the_user_s_libtpu_args(
   less any flag LIBTPU_INIT_ARGS names; nothing on another platform."""
   from farmer_jax import xla_options
   tpu, cpu = type("D", (), {"platform": "tpu"})(), type("D", (), {"platform": "cpu"})()
-  assert xla_options.for_devices([tpu], {}) == xla_options.TPU_OPTIONS
-  assert xla_options.for_devices([cpu], {}) is None and xla_options.for_devices([], {}) is None
+  assert xla_options.for_devices([tpu], environ={}) == xla_options.TPU_OPTIONS
+  assert xla_options.for_devices([cpu], environ={}) is None
+  assert xla_options.for_devices([], environ={}) is None
   env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_async_collective_fusion=false --foo"}
-  got = xla_options.for_devices([tpu], env)
+  got = xla_options.for_devices([tpu], environ=env)
   assert "xla_tpu_enable_async_collective_fusion" not in got
   assert len(got) == len(xla_options.TPU_OPTIONS) - 1
+  assert "xla_tpu_enable_async_collective_fusion" not in xla_options.for_devices(
+      [tpu], environ={"LIBTPU_INIT_ARGS": "--noxla_tpu_enable_async_collective_fusion"})
+  assert xla_options.for_devices([tpu], "none", {}) is None
+  assert xla_options.for_devices([tpu], "xla_a=1", {}) == {"xla_a": "1"}
   assert xla_options.parse("none") == {} and xla_options.parse("tpu") == xla_options.TPU_OPTIONS
   assert xla_options.parse("--a=1, b") == {"a": "1", "b": "true"}
+  assert all(map(xla_options.valid, ("tpu", "none", "", "--a=1, b", "xla_b=0.5")))
+  assert not any(map(xla_options.valid, ("a b", "a=1;b", "a=$(x)", None, 3)))
+
+
+def test_xla_options_are_a_train_field_refused_at_the_edge():
+  """config.train.xla_options is parsed with the config: a bad value is one line naming it."""
+  from farmer_jax import configlib
+  from farmer_jax.config.parse import parse
+  from farmer_jax.errors import ConfigError
+  c = configlib.load("quickstart:tiny")
+  assert parse(c, read_data=False).train.xla_options == "tpu"
+  c.train.xla_options = "a b"
+  with pytest.raises(ConfigError,
+                     match=r"config\.train\.xla_options=.a b. is invalid.*Fix: .*none"):
+    parse(c, read_data=False)

@@ -127,7 +127,8 @@ def test_library_modules_do_not_import_commands():
 FOUNDATION = ("farmer_jax.errors", "farmer_jax.config.schema", "farmer_jax.config.rules",
               "farmer_jax.conventions",
               "farmer_jax.untrusted", "farmer_jax.sharding", "farmer_jax.flops",
-              "farmer_jax.host_memory", "farmer_jax.host_cpu", "farmer_jax.distributed")
+              "farmer_jax.host_memory", "farmer_jax.host_cpu", "farmer_jax.distributed",
+              "farmer_jax.xla_options")
 NETWORK = ("farmer_jax.nn", "farmer_jax.flow", "farmer_jax.prior", "farmer_jax.reduction",
            "farmer_jax.model", "farmer_jax.distill.student")
 

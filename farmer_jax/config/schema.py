@@ -11,6 +11,7 @@ import os
 import typing
 from typing import NamedTuple
 
+from farmer_jax import xla_options
 from farmer_jax.config import rules
 from farmer_jax.config.rules import SettingError, is_int, is_real
 from farmer_jax.errors import ConfigError
@@ -328,6 +329,11 @@ class TrainConfig(Section):
   # global-norm clip; 0 = off
   grad_clip: float = _field(0.0, ("real", 0.0, None,
                                         "use e.g. --config.train.grad_clip=1.0 (0 = off)"))
+  # XLA's compiler options for the train step on TPU (xla_options.py): 'tpu' (async collectives),
+  # 'none' (XLA's defaults) or 'flag=value,...'
+  xla_options: str = rules.field("tpu", rules.Rule(
+      xla_options.valid, "must be 'tpu', 'none' or 'flag=value,...' with XLA flag names",
+      "use --config.train.xla_options=none for XLA's defaults"))
   # 0 = no EMA params
   ema_decay: float = _field(0.0, (
       "unit", None, "a number in [0, 1) (0 = no EMA; 1 would freeze the EMA at the init)",

@@ -132,7 +132,8 @@ def get_config(arg=None):
   # v5e's 15.75 GiB (docs/scaling.md); on one host (8 GPUs) this is fsdp=8. dp=N: N data-parallel
   # groups, FSDP inside each. On v5p-64 (32 chips) 1.1B/16's step read from its compiled form
   # estimates 35% MFU with FSDP over all 32 chips (XLA splits every sharded matmul into a loop of
-  # 8 collective-permute windows whose partial results go through HBM), 61% with dp=4 and 64% with
-  # dp=8 (docs/performance.md, "TPU programs, read from their compiled form")
+  # 8 collective-permute windows whose partial results go through HBM), 58% with dp=4 and 60% with
+  # dp=8 under XLA's defaults, 65% with dp=8 and train.xla_options='tpu' (async collectives; the
+  # default) (docs/performance.md, "TPU programs, read from their compiled form")
   c.mesh = (("data", a.dp), ("fsdp", -1))
   return configlib.gpu(c) if a.gpu else c

@@ -63,11 +63,12 @@ class Setup:
   def jit_step(self, step, state_sh, arg_shardings=()):
     """``step(state, batch, rng, *args) -> (state, metrics)`` jitted on the mesh, the state
     donated; ``arg_shardings``: those of the extra (never donated) arguments. On a TPU mesh it
-    compiles with XLA's async-collective options (xla_options.py)."""
+    compiles with ``config.train.xla_options`` (xla_options.py)."""
     rep = sharding.replicated(self.mesh)
     return jax.jit(step, in_shardings=(state_sh, self.batch_sh, rep) + tuple(arg_shardings),
                    out_shardings=(state_sh, rep), donate_argnums=(0,),
-                   compiler_options=xla_options.for_devices(self.mesh.devices.flat))
+                   compiler_options=xla_options.for_devices(self.mesh.devices.flat,
+                                                            self.run.train.xla_options))
 
 
 @dataclasses.dataclass(frozen=True)
