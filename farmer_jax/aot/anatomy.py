@@ -144,12 +144,17 @@ def _attr(ins, key):
   return m.group(1) if m else None
 
 
+def _root(body):
+  """The root instruction of a computation's instruction list, or None."""
+  return next((i for i in body if i.root), None)
+
+
 def _async_fusion(ins, comps):
   """'start' / 'done' for a fusion of TPU's async collective fusion (its fused computation's
   root is the custom-call AsyncCollectiveStart / AsyncCollectiveDone), else None."""
   if ins.opcode != "fusion":
     return None
-  root = next((i for i in comps.get(_attr(ins, "calls"), ()) if i.root), None)
+  root = _root(comps.get(_attr(ins, "calls"), ()))
   if root is None or root.opcode != "custom-call":
     return None
   m = re.search(r'custom_call_target="AsyncCollective(Start|Done)"', root.attrs)
@@ -242,7 +247,7 @@ def _binary(ins, comps, by, opcode):
     ops, attrs = ins.operands, ins.attrs
   elif ins.opcode == "fusion":
     body = comps.get(_attr(ins, "calls"), [])
-    root = next((i for i in body if i.root), None)
+    root = _root(body)
     params = {i.name: int(i.args) for i in body if i.opcode == "parameter"}
     if root is None or root.opcode != opcode or any(o not in params for o in root.operands):
       return None
@@ -258,7 +263,7 @@ def _binary(ins, comps, by, opcode):
 def _compare_bound(cond, comps):
   """(tuple index, N) of a loop condition ``element[index] < N``, or None."""
   by = {i.name: i for i in cond}
-  root = next((i for i in cond if i.root), None)
+  root = _root(cond)
   b = _binary(root, comps, by, "compare")
   if b is None:
     return None
@@ -274,7 +279,7 @@ def _compare_bound(cond, comps):
 def _step(body, index, comps):
   """The constant a loop body adds to its tuple element ``index``, or None."""
   by = {i.name: i for i in body}
-  root = next((i for i in body if i.root), None)
+  root = _root(body)
   if root is None or root.opcode != "tuple" or index >= len(root.operands):
     return None
   b = _binary(_through_copies(by.get(root.operands[index]), by), comps, by, "add")
@@ -509,7 +514,7 @@ def _fusion_traffic(ins, comps, types):
       continue
     sliced = _param_reads(params[k].name, body, comps) if k in params else None
     read += _hbm(types.get(op, "")) if sliced is None else sliced
-  root = next((i for i in body if i.root), None)
+  root = _root(body)
   if root is None:
     return read + _hbm(ins.type)
   if root.opcode == "tuple" and state:
@@ -528,7 +533,7 @@ def _in_flight(body):
   colls = {i.name for i in body if i.opcode in KINDS and 'chain_id="' in i.attrs}
   if not colls:
     return set()
-  root = next((i for i in body if i.root), None)
+  root = _root(body)
 
   def carried(name):
     uses = _through_views(name, body)
@@ -569,7 +574,7 @@ def _written(root, body, comps, types):
                for o in root.operands)
   if root.opcode == "fusion":
     inner = comps.get(_attr(root, "calls"), [])
-    nested = next((i for i in inner if i.root), None)
+    nested = _root(inner)
     if nested is not None:
       return _written(nested, inner, comps, types)
   return _hbm(root.type)
@@ -608,7 +613,7 @@ def _collective_kind(ins, comps):
     # device keeps), not a step of an async collective fusion (whose collective has a chain)
     inner = _inner_collective(ins, comps)
     if inner is not None and 'chain_id="' not in inner.attrs:
-      root = next(i for i in comps[_attr(ins, "calls")] if i.root)
+      root = _root(comps[_attr(ins, "calls")])
       if (inner.opcode == "all-reduce" and root.opcode == "dynamic-slice"
           and root.operands[0] == inner.name):
         # TPU's all-reduce-scatter fusion: a reduce-scatter (each device keeps its part)
