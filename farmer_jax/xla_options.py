@@ -12,7 +12,9 @@ The train (and distill) step is jitted with them on a TPU mesh (``for_devices``,
 for a slice (`farmer_jax check --topology`, benchmarks/tpu_programs.py) compile the same program.
 ``config.train.xla_options`` chooses them: 'tpu' (the default, this set), 'none' (XLA's defaults:
 the way out when a libtpu does not know one of these flags and refuses the compile) or
-'flag=value,...'. A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads when it loads) is
+'flag=value,...'. A compile that XLA refuses for one of them (a flag this libtpu does not know, a
+value it cannot parse) ends the command with one line naming the flag and that way out
+(``refusal``, commands/exits.py). A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads when it loads) is
 left to that setting. libtpu 0.0.42.1 (what jax[tpu]==0.10.2 pins) knows them all.
 docs/performance.md ("TPU programs") has what they do to the compiled 1.1B/16 step on v5p-64: an
 estimate from the compiled program, not a measurement on a TPU.
@@ -75,3 +77,29 @@ def for_devices(devices, options="tpu", environ=os.environ):
   mine = named_in_libtpu_args(environ)
   out = {k: v for k, v in parse(options).items() if k not in mine}
   return out or None
+
+
+# How XLA words its refusal of a compiler option: TPU (libtpu 0.0.42.1) and CPU
+_REFUSALS = (
+    (r"No such compile option: '(?P<flag>[\w.]+)'", "no such option"),
+    (r"Failed to parse '(?P<value>[^']*)' into flag (?P<flag>[\w.]+)", "a value it cannot parse"),
+    (r"While setting option (?P<flag>[\w.]+), '(?P<value>[^']*)' is not a valid",
+     "a value it cannot parse"),
+)
+
+
+def refusal(e):
+  """The one-line message for XLA's refusal of a compiler option, which only this module's
+  options can cause (``e``: the ``JaxRuntimeError`` of the compile); None for any other error."""
+  import jax
+  if not isinstance(e, jax.errors.JaxRuntimeError):
+    return None
+  for pattern, reason in _REFUSALS:
+    m = re.search(pattern, str(e))
+    if m:
+      named = m.group("flag") + (f"={m.group('value')}" if "value" in m.groupdict() else "")
+      return (f"the XLA compiler refused the compile option {named} ({reason}) that "
+              "config.train.xla_options asked for ('tpu': xla_options.TPU_OPTIONS). Fix: "
+              "--config.train.xla_options=none (XLA's defaults), or a 'flag=value,...' list "
+              "without it")
+  return None

@@ -301,6 +301,15 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
   rep = json.loads(out2.read_text())
   assert rep["fits"] is False and rep["programs"][0]["bytes_needed"] > int(15.75 * GIB)
 
+  # a compile option this libtpu refuses: the one line, before any program is reported
+  r = _check("--config=quickstart:tiny", "--topology=v5litepod-4", "--programs=train",
+             "--config.train.xla_options=xla_tpu_no_such_flag=true")
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "farmer_jax check: the XLA compiler refused the compile option xla_tpu_no_such_flag (no such "
+      "option)"), r.stderr
+  assert "Fix: --config.train.xla_options=none" in r.stderr
+
   # a distillation: its step and the student's reconstruction error
   r = _check("--config=quickstart:tiny", "--topology=v5litepod-4", "--distill")
   assert r.returncode == 0, r.stdout + r.stderr
@@ -348,3 +357,24 @@ def test_xla_options_are_a_train_field_refused_at_the_edge():
   with pytest.raises(ConfigError,
                      match=r"config\.train\.xla_options=.a b. is invalid.*Fix: .*none"):
     parse(c, read_data=False)
+
+
+def test_a_compile_option_xla_refuses_is_one_line_naming_it():
+  """XLA's refusal of a compiler option (an unknown flag, a value it cannot parse: real refusals of
+  the CPU compiler here, libtpu's wording in the slow TPU test) is the command's one line, exit 2,
+  naming the flag and config.train.xla_options=none; any other runtime error stays a bug."""
+  from farmer_jax import xla_options
+  from farmer_jax.commands import exits
+  for opts, named in [({"xla_no_such_flag": "true"}, "xla_no_such_flag (no such option)"),
+                      ({"xla_cpu_enable_fast_math": "maybe"},
+                       "xla_cpu_enable_fast_math=maybe (a value it cannot parse)")]:
+    with pytest.raises(jax.errors.JaxRuntimeError) as e:
+      jax.jit(lambda x: x + 1, compiler_options=opts).lower(1.0).compile()
+    code, line = exits.failure(e.value)
+    assert code == 2 and f"refused the compile option {named}" in line, line
+    assert "Fix: --config.train.xla_options=none" in line and "\n" not in line
+  tpu_words = "INVALID_ARGUMENT: Failed to parse 'maybe' into flag xla_tpu_enable_async_collective"
+  assert "option xla_tpu_enable_async_collective=maybe (a value" in xla_options.refusal(
+      jax.errors.JaxRuntimeError(tpu_words))
+  assert exits.failure(jax.errors.JaxRuntimeError("INTERNAL: Failed to allocate")) is None
+  assert xla_options.refusal(ValueError("No such compile option: 'a'")) is None

@@ -19,6 +19,7 @@ import re
 import time
 from typing import Optional
 
+from farmer_jax import xla_options
 from farmer_jax.aot.slices import GIB
 from farmer_jax.errors import brief
 
@@ -121,12 +122,15 @@ def compiled_of(p):
 def compile_program(p, available):
   """Lowers and compiles program ``p`` (aot/programs.py ``Program``) and judges it against
   ``available`` bytes per device. An out-of-memory compile is a DOES NOT FIT verdict; any other
-  compile failure is recorded as ``error`` (the run would fail the same way)."""
+  compile failure is recorded as ``error`` (the run would fail the same way), except XLA's refusal
+  of config.train.xla_options (``xla_options.refusal``), which is raised."""
   import jax
   t0 = time.perf_counter()
   try:
     compiled = compiled_of(p)
   except jax.errors.JaxRuntimeError as e:
+    if xla_options.refusal(e):   # the config's, not the program's: the command's one line
+      raise
     oom = parse_oom(e)
     if oom is None:
       return Compiled(p, None, None, None, time.perf_counter() - t0, brief(e, 400))

@@ -12,7 +12,7 @@ import traceback
 
 from absl import app, flags, logging
 
-from farmer_jax import configlib
+from farmer_jax import configlib, xla_options
 from farmer_jax.errors import UserError
 
 # OSErrors that describe the user's environment (missing path, permissions, disk full), not a bug
@@ -59,6 +59,9 @@ def failure(e, cmd="train"):
     return 2, f"{e} (farmer_jax --help lists the commands)"
   if isinstance(e, UserError):
     return 2, str(e)
+  refused = xla_options.refusal(e)
+  if refused:
+    return 2, refused
   if isinstance(e, OSError) and e.errno in _EXPECTED_ERRNOS:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       resume = "; training resumes from its last complete checkpoint" if cmd == "train" else ""
