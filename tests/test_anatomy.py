@@ -295,6 +295,140 @@ def test_tpu_async_collective_fusion_overlaps_the_compute_fusions_that_carry_it(
   assert a.hbm_bytes == start + step + (64 + 16) * 128 * 4
 
 
+
+# Two async collective fusions in flight at once, interleaved as the scheduler leaves them: chain
+# 3 gathers a bf16 (8, 128) shard into (32, 128), chain 5 a (4, 256) shard into (16, 256). Both
+# start; a compute fusion (matmul 1) runs a step of each; chain 5 completes; a second compute
+# fusion (matmul 2) runs another step of chain 3; chain 3 completes.
+_TWO_CHAINS = """HloModule m, is_scheduled=true
+
+%start_a (a0: bf16[8,128]) -> A_STATE {
+  %a0 = bf16[8,128]{1,0} parameter(0)
+  %ag = bf16[32,128]{1,0} all-gather(%a0), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %cs = A_STATE custom-call(%ag), custom_call_target="AsyncCollectiveStart"
+}
+
+%start_b (c0: bf16[4,256]) -> B_STATE {
+  %c0 = bf16[4,256]{1,0} parameter(0)
+  %agb = bf16[16,256]{1,0} all-gather(%c0), channel_id=8, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="5"}
+  ROOT %cs = B_STATE custom-call(%agb), custom_call_target="AsyncCollectiveStart"
+}
+
+%step_ab (b0: bf16[16,64], b1: bf16[64,128], b2: bf16[8,128], b3: bf16[32,128], b4: u32[],
+    b5: bf16[4,256], b6: bf16[16,256], b7: u32[]) -> (bf16[16,128], bf16[8,128], bf16[32,128],
+    u32[], bf16[4,256], bf16[16,256], u32[]) {
+  %b0 = bf16[16,64]{1,0} parameter(0)
+  %b1 = bf16[64,128]{1,0} parameter(1)
+  %b2 = bf16[8,128]{1,0} parameter(2)
+  %b3 = bf16[32,128]{1,0} parameter(3)
+  %b4 = u32[] parameter(4)
+  %b5 = bf16[4,256]{1,0} parameter(5)
+  %b6 = bf16[16,256]{1,0} parameter(6)
+  %b7 = u32[] parameter(7)
+  %mm = bf16[16,128]{1,0} convolution(%b0, %b1), dim_labels=bf_io->bf,
+    metadata={op_name="mlp/fc1/dot_general"}
+  %ag2 = bf16[32,128]{1,0} all-gather(%b2), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  %agb2 = bf16[16,256]{1,0} all-gather(%b5), channel_id=8, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="5"}
+  ROOT %tt = (bf16[16,128], bf16[8,128], bf16[32,128], u32[], bf16[4,256], bf16[16,256],
+    u32[]) tuple(%mm, %b2, %ag2, %b4, %b5, %agb2, %b7)
+}
+
+%step_a (e0: bf16[16,128], e1: bf16[128,32], e2: bf16[8,128], e3: bf16[32,128],
+    e4: u32[]) -> (bf16[16,32], bf16[8,128], bf16[32,128], u32[]) {
+  %e0 = bf16[16,128]{1,0} parameter(0)
+  %e1 = bf16[128,32]{1,0} parameter(1)
+  %e2 = bf16[8,128]{1,0} parameter(2)
+  %e3 = bf16[32,128]{1,0} parameter(3)
+  %e4 = u32[] parameter(4)
+  %mm2 = bf16[16,32]{1,0} convolution(%e0, %e1), dim_labels=bf_io->bf,
+    metadata={op_name="mlp/fc2/dot_general"}
+  %ag3 = bf16[32,128]{1,0} all-gather(%e2), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %tt = (bf16[16,32], bf16[8,128], bf16[32,128], u32[]) tuple(%mm2, %e2, %ag3, %e4)
+}
+
+%done_a (d0: bf16[8,128], d1: bf16[32,128], d2: u32[]) -> bf16[32,128] {
+  %d0 = bf16[8,128]{1,0} parameter(0)
+  %d1 = bf16[32,128]{1,0} parameter(1)
+  %d2 = u32[] parameter(2)
+  %ag4 = bf16[32,128]{1,0} all-gather(%d0), channel_id=7, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="3"}
+  ROOT %cd = bf16[32,128]{1,0} custom-call(%d0, %d1, %ag4, %d2),
+    custom_call_target="AsyncCollectiveDone"
+}
+
+%done_b (g0: bf16[4,256], g1: bf16[16,256], g2: u32[]) -> bf16[16,256] {
+  %g0 = bf16[4,256]{1,0} parameter(0)
+  %g1 = bf16[16,256]{1,0} parameter(1)
+  %g2 = u32[] parameter(2)
+  %agb4 = bf16[16,256]{1,0} all-gather(%g0), channel_id=8, replica_groups=[1,4]<=[4],
+    dimensions={0}, frontend_attributes={chain_id="5"}
+  ROOT %cd = bf16[16,256]{1,0} custom-call(%g0, %g1, %agb4, %g2),
+    custom_call_target="AsyncCollectiveDone"
+}
+
+ENTRY %main (x: bf16[8,128], xb: bf16[4,256], y: bf16[16,64], w: bf16[64,128],
+    w2: bf16[128,32]) -> (bf16[16,32], bf16[32,128], bf16[16,256]) {
+  %x = bf16[8,128]{1,0} parameter(0)
+  %xb = bf16[4,256]{1,0} parameter(1)
+  %y = bf16[16,64]{1,0} parameter(2)
+  %w = bf16[64,128]{1,0} parameter(3)
+  %w2 = bf16[128,32]{1,0} parameter(4)
+  %start-a = A_STATE fusion(%x), kind=kCustom, calls=%start_a
+  %s0 = bf16[8,128]{1,0} get-tuple-element(%start-a), index=0
+  %s1 = bf16[32,128]{1,0} get-tuple-element(%start-a), index=1
+  %s2 = u32[] get-tuple-element(%start-a), index=2
+  %start-b = B_STATE fusion(%xb), kind=kCustom, calls=%start_b
+  %t0 = bf16[4,256]{1,0} get-tuple-element(%start-b), index=0
+  %t1 = bf16[16,256]{1,0} get-tuple-element(%start-b), index=1
+  %t2 = u32[] get-tuple-element(%start-b), index=2
+  %f = (bf16[16,128], bf16[8,128], bf16[32,128], u32[], bf16[4,256], bf16[16,256],
+    u32[]) fusion(%y, %w, %s0, %s1, %s2, %t0, %t1, %t2), kind=kOutput, calls=%step_ab
+  %m = bf16[16,128]{1,0} get-tuple-element(%f), index=0
+  %f1 = bf16[8,128]{1,0} get-tuple-element(%f), index=1
+  %f2 = bf16[32,128]{1,0} get-tuple-element(%f), index=2
+  %f3 = u32[] get-tuple-element(%f), index=3
+  %f4 = bf16[4,256]{1,0} get-tuple-element(%f), index=4
+  %f5 = bf16[16,256]{1,0} get-tuple-element(%f), index=5
+  %f6 = u32[] get-tuple-element(%f), index=6
+  %done-b = bf16[16,256]{1,0} fusion(%f4, %f5, %f6), kind=kCustom, calls=%done_b
+  %h = (bf16[16,32], bf16[8,128], bf16[32,128], u32[]) fusion(%m, %w2, %f1, %f2, %f3),
+    kind=kOutput, calls=%step_a
+  %m2 = bf16[16,32]{1,0} get-tuple-element(%h), index=0
+  %h1 = bf16[8,128]{1,0} get-tuple-element(%h), index=1
+  %h2 = bf16[32,128]{1,0} get-tuple-element(%h), index=2
+  %h3 = u32[] get-tuple-element(%h), index=3
+  %done-a = bf16[32,128]{1,0} fusion(%h1, %h2, %h3), kind=kCustom, calls=%done_a
+  ROOT %out = (bf16[16,32], bf16[32,128], bf16[16,256]) tuple(%m2, %done-a, %done-b)
+}
+"""
+
+
+def test_two_async_collective_fusions_in_flight_each_overlap_up_to_their_own_done():
+  """Each chain's done is found by its chain_id: chain 3 overlaps both compute fusions, chain 5,
+  completed between them, only the first; the steps inside the fusions are not collectives of
+  their own, and the in-flight buffers passing through a fusion are not its HBM traffic."""
+  text = re.sub(r",\n    ", ", ", _TWO_CHAINS)
+  text = text.replace("A_STATE", "(bf16[8,128], bf16[32,128], u32[])")
+  text = text.replace("B_STATE", "(bf16[4,256], bf16[16,256], u32[])")
+  a = anatomy.analyze(text)
+  by = {c.name: c for c in a.collectives}
+  assert sorted(by) == ["start-a", "start-b"]
+  mm1, mm2 = 2 * 16 * 64 * 128, 2 * 16 * 128 * 32
+  ca, cb = by["start-a"], by["start-b"]
+  assert (ca.kind, ca.asynchronous, ca.bytes, ca.group) == ("all-gather", True, 32 * 128 * 2, 4)
+  assert (cb.kind, cb.asynchronous, cb.bytes, cb.group) == ("all-gather", True, 16 * 256 * 2, 4)
+  assert (ca.fusions_between, ca.flops_between) == (2, mm1 + mm2) and ca.overlapped
+  assert (cb.fusions_between, cb.flops_between) == (1, mm1) and cb.overlapped
+  assert a.matmul_flops == mm1 + mm2
+  starts = (8 * 128 + (8 + 32) * 128) * 2 + 4 + (4 * 256 + (4 + 16) * 256) * 2 + 4
+  steps = (16 * 64 + 64 * 128 + 16 * 128) * 2 + (16 * 128 + 128 * 32 + 16 * 32) * 2
+  assert a.hbm_bytes == starts + steps
+
 def test_roofline_adds_only_the_collective_time_no_compute_hides():
   a = anatomy.analyze(_handwritten())
   peak, hbm_bw, ici = 1e12, 1e11, 1e9
