@@ -14,14 +14,15 @@ for a slice (`farmer_jax check --topology`, benchmarks/tpu_programs.py) compile 
 the way out when a libtpu does not know one of these flags and refuses the compile) or
 'flag=value,...'. A compile that XLA refuses for one of them (a flag this libtpu does not know, a
 value it cannot parse) ends the command with one line naming the flag and that way out
-(``refusal``, commands/exits.py). A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads when it loads) is
-left to that setting. libtpu 0.0.42.1 (what jax[tpu]==0.10.2 pins) knows them all.
+(``refusal``, commands/exits.py). A flag the user names in LIBTPU_INIT_ARGS (which libtpu reads
+when it loads) is left to that setting. libtpu 0.0.42.1 (what jax[tpu]==0.10.2 pins) knows them all.
 docs/performance.md ("TPU programs") has what they do to the compiled 1.1B/16 step on v5p-64: an
 estimate from the compiled program, not a measurement on a TPU.
 """
 
 import os
 import re
+import sys
 
 TPU_OPTIONS = {
     "xla_tpu_enable_async_collective_fusion": "true",
@@ -79,27 +80,30 @@ def for_devices(devices, options="tpu", environ=os.environ):
   return out or None
 
 
-# How XLA words its refusal of a compiler option: TPU (libtpu 0.0.42.1) and CPU
+# How XLA words its refusal of a compiler option (TPU: libtpu 0.0.42.1; CPU), what to call it, and
+# how the rest of XLA's message (e.g. the values a flag accepts) joins that
 _REFUSALS = (
-    (r"No such compile option: '(?P<flag>[\w.]+)'", "no such option"),
-    (r"Failed to parse '(?P<value>[^']*)' into flag (?P<flag>[\w.]+)", "a value it cannot parse"),
-    (r"While setting option (?P<flag>[\w.]+), '(?P<value>[^']*)' is not a valid",
-     "a value it cannot parse"),
+    (r"No such compile option: '(?P<flag>[\w.]+)'", "no such option", ": "),
+    (r"Failed to parse '(?P<value>[^']*)' into flag (?P<flag>[\w.]+)", "a value it cannot parse",
+     ": "),
+    (r"While setting option (?P<flag>[\w.]+), '(?P<value>[^']*)' is not a valid", "not a valid",
+     " "),
 )
 
 
 def refusal(e):
   """The one-line message for XLA's refusal of a compiler option, which only this module's
   options can cause (``e``: the ``JaxRuntimeError`` of the compile); None for any other error."""
-  import jax
-  if not isinstance(e, jax.errors.JaxRuntimeError):
+  jax = sys.modules.get("jax")   # never imported: ``e`` cannot be jax's error
+  if jax is None or not isinstance(e, jax.errors.JaxRuntimeError):
     return None
-  for pattern, reason in _REFUSALS:
+  for pattern, reason, joint in _REFUSALS:
     m = re.search(pattern, str(e))
     if m:
       named = m.group("flag") + (f"={m.group('value')}" if "value" in m.groupdict() else "")
-      return (f"the XLA compiler refused the compile option {named} ({reason}) that "
-              "config.train.xla_options asked for ('tpu': xla_options.TPU_OPTIONS). Fix: "
-              "--config.train.xla_options=none (XLA's defaults), or a 'flag=value,...' list "
-              "without it")
+      detail = " ".join(str(e)[m.end():].split()).strip(" :.")   # e.g. the values it accepts
+      return (f"the XLA compiler refused the compile option {named} ({reason}"
+              f"{joint + detail if detail else ''}) that config.train.xla_options asked for (its "
+              "default 'tpu' is xla_options.TPU_OPTIONS). Fix: --config.train.xla_options=none "
+              "(XLA's defaults), or a 'flag=value,...' list without it")
   return None

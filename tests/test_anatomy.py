@@ -295,11 +295,11 @@ def test_tpu_async_collective_fusion_overlaps_the_compute_fusions_that_carry_it(
   assert a.hbm_bytes == start + step + (64 + 16) * 128 * 4
 
 
-
 # Two async collective fusions in flight at once, interleaved as the scheduler leaves them: chain
 # 3 gathers a bf16 (8, 128) shard into (32, 128), chain 5 a (4, 256) shard into (16, 256). Both
 # start; a compute fusion (matmul 1) runs a step of each; chain 5 completes; a second compute
-# fusion (matmul 2) runs another step of chain 3; chain 3 completes.
+# fusion (matmul 2) runs another step of chain 3; chain 3 completes. Both have channel_id 7: only
+# their chain_id tells them apart.
 _TWO_CHAINS = """HloModule m, is_scheduled=true
 
 %start_a (a0: bf16[8,128]) -> A_STATE {
@@ -311,7 +311,7 @@ _TWO_CHAINS = """HloModule m, is_scheduled=true
 
 %start_b (c0: bf16[4,256]) -> B_STATE {
   %c0 = bf16[4,256]{1,0} parameter(0)
-  %agb = bf16[16,256]{1,0} all-gather(%c0), channel_id=8, replica_groups=[1,4]<=[4],
+  %agb = bf16[16,256]{1,0} all-gather(%c0), channel_id=7, replica_groups=[1,4]<=[4],
     dimensions={0}, frontend_attributes={chain_id="5"}
   ROOT %cs = B_STATE custom-call(%agb), custom_call_target="AsyncCollectiveStart"
 }
@@ -331,7 +331,7 @@ _TWO_CHAINS = """HloModule m, is_scheduled=true
     metadata={op_name="mlp/fc1/dot_general"}
   %ag2 = bf16[32,128]{1,0} all-gather(%b2), channel_id=7, replica_groups=[1,4]<=[4],
     dimensions={0}, frontend_attributes={chain_id="3"}
-  %agb2 = bf16[16,256]{1,0} all-gather(%b5), channel_id=8, replica_groups=[1,4]<=[4],
+  %agb2 = bf16[16,256]{1,0} all-gather(%b5), channel_id=7, replica_groups=[1,4]<=[4],
     dimensions={0}, frontend_attributes={chain_id="5"}
   ROOT %tt = (bf16[16,128], bf16[8,128], bf16[32,128], u32[], bf16[4,256], bf16[16,256],
     u32[]) tuple(%mm, %b2, %ag2, %b4, %b5, %agb2, %b7)
@@ -365,7 +365,7 @@ _TWO_CHAINS = """HloModule m, is_scheduled=true
   %g0 = bf16[4,256]{1,0} parameter(0)
   %g1 = bf16[16,256]{1,0} parameter(1)
   %g2 = u32[] parameter(2)
-  %agb4 = bf16[16,256]{1,0} all-gather(%g0), channel_id=8, replica_groups=[1,4]<=[4],
+  %agb4 = bf16[16,256]{1,0} all-gather(%g0), channel_id=7, replica_groups=[1,4]<=[4],
     dimensions={0}, frontend_attributes={chain_id="5"}
   ROOT %cd = bf16[16,256]{1,0} custom-call(%g0, %g1, %agb4, %g2),
     custom_call_target="AsyncCollectiveDone"
@@ -428,6 +428,7 @@ def test_two_async_collective_fusions_in_flight_each_overlap_up_to_their_own_don
   starts = (8 * 128 + (8 + 32) * 128) * 2 + 4 + (4 * 256 + (4 + 16) * 256) * 2 + 4
   steps = (16 * 64 + 64 * 128 + 16 * 128) * 2 + (16 * 128 + 128 * 32 + 16 * 32) * 2
   assert a.hbm_bytes == starts + steps
+
 
 def test_roofline_adds_only_the_collective_time_no_compute_hides():
   a = anatomy.analyze(_handwritten())

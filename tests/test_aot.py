@@ -4,11 +4,13 @@ arithmetic, that the programs compiled are the run's own (the same HLO as the tr
 report's), and (slow) the quickstart compiled for a real TPU topology through libtpu, with a
 program that does not fit refused by exit status 2."""
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 
 from farmer_jax import configlib, sharding
 from farmer_jax.aot import programs, slices
-from farmer_jax.aot.compile import Compiled, Memory, parse_oom, project, verdict
+from farmer_jax.aot.compile import (Compiled, Memory, compile_program, parse_oom, project,
+                                     verdict)
 from farmer_jax.config.parse import parse
 from farmer_jax.errors import UserError
 
@@ -270,7 +273,8 @@ def test_compile_flags_without_compile_are_refused(capsys):
 def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path):
   """Through libtpu, with no TPU: every mesh program of the quickstart compiles for a v5e 2x2
   slice and fits; an eval batch whose activations exceed a chip's 15.75 GiB is DOES NOT FIT and
-  exit 2, with the JSON report written first."""
+  exit 2, with the JSON report written first; a compile option libtpu refuses is one line, exit 2,
+  before any program is reported."""
   if slices.libtpu_missing():
     pytest.skip("libtpu is not installed (pip install 'farmer_jax[tpu-aot]'); it installs on "
                 "x86-64 and aarch64 Linux only")
@@ -309,6 +313,7 @@ def test_quickstart_compiles_for_a_tpu_slice_and_an_overflow_is_refused(tmp_path
       "farmer_jax check: the XLA compiler refused the compile option xla_tpu_no_such_flag (no such "
       "option)"), r.stderr
   assert "Fix: --config.train.xla_options=none" in r.stderr
+  assert "train step" not in r.stdout
 
   # a distillation: its step and the student's reconstruction error
   r = _check("--config=quickstart:tiny", "--topology=v5litepod-4", "--distill")
@@ -367,14 +372,20 @@ def test_a_compile_option_xla_refuses_is_one_line_naming_it():
   from farmer_jax.commands import exits
   for opts, named in [({"xla_no_such_flag": "true"}, "xla_no_such_flag (no such option)"),
                       ({"xla_cpu_enable_fast_math": "maybe"},
-                       "xla_cpu_enable_fast_math=maybe (a value it cannot parse)")]:
+                       "xla_cpu_enable_fast_math=maybe (not a valid bool value)")]:
     with pytest.raises(jax.errors.JaxRuntimeError) as e:
       jax.jit(lambda x: x + 1, compiler_options=opts).lower(1.0).compile()
     code, line = exits.failure(e.value)
     assert code == 2 and f"refused the compile option {named}" in line, line
     assert "Fix: --config.train.xla_options=none" in line and "\n" not in line
-  tpu_words = "INVALID_ARGUMENT: Failed to parse 'maybe' into flag xla_tpu_enable_async_collective"
-  assert "option xla_tpu_enable_async_collective=maybe (a value" in xla_options.refusal(
-      jax.errors.JaxRuntimeError(tpu_words))
+  tpu_words = ("INVALID_ARGUMENT: Failed to parse 'maybe' into flag "
+               "xla_tpu_enable_async_collective_fusion: ")
+  assert ("option xla_tpu_enable_async_collective_fusion=maybe (a value it cannot parse) that"
+          in xla_options.refusal(jax.errors.JaxRuntimeError(tpu_words)))
+  # check --topology: the refusal is the command's, not one program's compile error
+  program = types.SimpleNamespace(context=contextlib.nullcontext, args=(1.0,), fn=jax.jit(
+      lambda x: x + 1, compiler_options={"xla_no_such_flag": "true"}))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option"):
+    compile_program(program, None)
   assert exits.failure(jax.errors.JaxRuntimeError("INTERNAL: Failed to allocate")) is None
   assert xla_options.refusal(ValueError("No such compile option: 'a'")) is None
