@@ -71,9 +71,10 @@ class Projection(nn.Module):
   flattened to 2-D, so per-dim logical names such as ("embed", None, "heads", "kv") fail under a
   mesh. Here the kernel is created unflattened and every dim is named. The product runs on the
   tokens flattened to one leading axis, (N, *in_dims): the same function, and autodiff's weight
-  gradient contracts that one axis, a product XLA:CPU runs on its GEMM library (with batch and
-  tokens contracted it ran as a generic loop; docs/performance.md). The flattening keeps a batch
-  sharding as it is; a sharded token axis (a 'seq' sharding rule) would be resharded first.
+  gradient contracts that one axis, a product XLA:CPU runs as Eigen's matrix product (with batch
+  and tokens contracted it ran as a slower generic contraction; docs/performance.md). The
+  flattening keeps a batch sharding as it is; a sharded token axis (a 'seq' sharding rule) would
+  be resharded first.
   """
   features: tuple
   axes: tuple                     # logical names, len = n_in + len(features)
