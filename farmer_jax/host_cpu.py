@@ -5,8 +5,9 @@ step at 32x32: about 1,000 per step). A thread with no work sleeps at once, and 
 of a CPU sleeps, a virtual machine's CPU halts and the hypervisor may hand the physical core to
 someone else; waking it for the next op then costs a round trip through the hypervisor. PyTorch
 does not pay this: its OpenMP threads spin for a while after each parallel region before they
-sleep. On the project's 2-core Intel Xeon VM the 32x32 step took 1,030 ms on 2 cores, 628 ms on 1
-(taskset), and 415 ms on 2 cores with every idle CPU kept running (docs/performance.md).
+sleep. On the project's 2-core Intel Xeon VM, timed by hand while the host was busy, the 32x32
+step took 1,030 ms on 2 cores, 628 ms on 1 (taskset), and 415 ms on 2 cores with every idle CPU
+kept running (docs/performance.md).
 
 ``spin`` keeps them running: one process per usable CPU, pinned to it, at Linux's ``SCHED_IDLE``
 priority, which runs only when nothing else in its control group wants that CPU (a waking thread
