@@ -133,6 +133,7 @@ def _quickstart():
   return parse(c, num_devices=1, num_processes=1, read_data=False)
 
 
+@pytest.mark.slow  # starts a run and lowers its programs twice (about 25 s)
 def test_compiled_programs_are_the_runs_own(tmp_path):
   """The train and eval steps and the sample grid that `check --compile` lowers from abstract
   arguments are the programs a started run executes: the same HLO as the trainer's step on its

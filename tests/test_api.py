@@ -251,6 +251,7 @@ def test_bad_arguments_name_the_value_and_the_fix(exports):
   refused(r"does not exist", farmer_jax.load, exports["root"] / "missing")
 
 
+@pytest.mark.slow  # exports the session's trained run (about 35 s), as the eval test above
 def test_load_reads_a_training_run_like_its_export(exported):
   workdir, out, _, _ = exported
   run, exp = farmer_jax.load(workdir), farmer_jax.load(out)

@@ -172,6 +172,7 @@ def test_class_conditional_af_uses_mean_for_unlabelled():
   assert float(jnp.abs(xr - x).max()) <= 1e-5
 
 
+@pytest.mark.slow  # compiles the remat and block-remat gradients of a 3-block model (about 15 s)
 def test_block_remat_changes_memory_only():
   """model.remat_blocks (each scanned AF block rematerialised whole) is execution only: the same
   params from the same key, the same loss and gradients to the last bit."""
