@@ -102,6 +102,7 @@ def refusal(e):
     if m:
       named = m.group("flag") + (f"={m.group('value')}" if "value" in m.groupdict() else "")
       detail = " ".join(str(e)[m.end():].split()).strip(" :.")   # e.g. the values it accepts
+      detail = detail if len(detail) <= 200 else detail[:200] + "..."
       return (f"the XLA compiler refused the compile option {named} ({reason}"
               f"{joint + detail if detail else ''}) that config.train.xla_options asked for (its "
               "default 'tpu' is xla_options.TPU_OPTIONS). Fix: --config.train.xla_options=none "
