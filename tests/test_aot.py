@@ -1,8 +1,8 @@
 """Compiling a run's programs ahead of time for a target (farmer_jax/aot, `farmer_jax check
 --compile / --topology`): slice names, the fit verdict on fake memory numbers, the projection
-arithmetic, that the programs compiled are the run's own (the same HLO as the trainer's and the
-report's), and (slow) the quickstart compiled for a real TPU topology through libtpu, with a
-program that does not fit refused by exit status 2."""
+arithmetic, XLA's refusal of a compile option as one line, and (slow) that the programs compiled
+are the run's own (the same HLO as the trainer's and the report's) and the quickstart compiled for
+a real TPU topology through libtpu, with a program that does not fit refused by exit status 2."""
 
 import contextlib
 import json
