@@ -125,6 +125,59 @@ def _tarflow_model(checkout):
   return Model, lambda model, x: (lambda out: (out[0], out[2]))(model(x))
 
 
+def torch_train_step(ref, forward, x):
+  """One AdamW train step of the torch module ``ref`` on the batch ``x`` (NCHW numpy) per call;
+  returns the loss as a float."""
+  import torch
+  x_t = torch.from_numpy(x)
+  opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    zz, logdets = forward(ref, x_t)
+    loss = ref.get_loss(zz, logdets)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+  return step
+
+
+def jax_train_step(mcfg, params, x):
+  """The JAX side's train step for ``mcfg`` from ``params`` on the batch ``x`` (NCHW numpy): a
+  function of no arguments that runs one jitted, donated step and returns its loss (a jax
+  array, not waited for)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from farmer_jax.flow.patchify import patchify
+  from farmer_jax.model import make_flow
+
+  flow = make_flow(mcfg)
+  tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+  dims = mcfg.num_tokens * mcfg.token_dim
+
+  def loss_fn(p, xb):
+    zz, logdet = flow.apply({"params": p}, patchify(xb, mcfg.patch_size))
+    return 0.5 * jnp.mean(zz ** 2) - jnp.mean(logdet) / dims
+
+  def train_step(p, o, xb):
+    loss, g = jax.value_and_grad(loss_fn)(p, xb)
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  jitted = jax.jit(train_step, donate_argnums=(0, 1))
+  x_j = jnp.asarray(x.transpose(0, 2, 3, 1))
+  state = [params, tx.init(params)]
+
+  def step():
+    state[0], state[1], loss = jitted(state[0], state[1], x_j)
+    return loss
+
+  return step
+
+
 def worker_torch(a):
   import numpy as np
   import torch
@@ -139,17 +192,7 @@ def worker_torch(a):
   out = dict(side="torch", torch=torch.__version__, threads=torch.get_num_threads(),
              module=Model.__module__)
   if kind == "train":
-    x_t = torch.from_numpy(x)
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-
-    def step():
-      opt.zero_grad(set_to_none=True)
-      zz, logdets = forward(ref, x_t)
-      loss = ref.get_loss(zz, logdets)
-      loss.backward()
-      opt.step()
-      return loss.item()
-
+    step = torch_train_step(ref, forward, x)
     out["losses"] = [step(), step()]
     for _ in range(a.warmup * a.steps):
       step()
@@ -184,11 +227,10 @@ def worker_jax(a):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
 
   from farmer_jax.config.schema import ModelConfig
   from farmer_jax.flow.autoregressive_flow import AutoregressiveFlow
-  from farmer_jax.flow.patchify import patchify, unpatchify
+  from farmer_jax.flow.patchify import unpatchify
   from farmer_jax.interop.tarflow import config_for_tarflow, patch_permutation, tarflow_to_params
   from farmer_jax.model import make_flow
 
@@ -203,34 +245,14 @@ def worker_jax(a):
              cpu_spin=cpu_spin,
              cores=len(os.sched_getaffinity(0)))
   if kind == "train":
-    tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
-    dims = mcfg.num_tokens * mcfg.token_dim
-
-    def loss_fn(p, xb):
-      zz, logdet = flow.apply({"params": p}, patchify(xb, mcfg.patch_size))
-      return 0.5 * jnp.mean(zz ** 2) - jnp.mean(logdet) / dims
-
-    def train_step(p, o, xb):
-      loss, g = jax.value_and_grad(loss_fn)(p, xb)
-      updates, o = tx.update(g, o, p)
-      return optax.apply_updates(p, updates), o, loss
-
-    step = jax.jit(train_step, donate_argnums=(0, 1))
-    x_j = jnp.asarray(x.transpose(0, 2, 3, 1))
-    opt_state = tx.init(params)
-    losses = []
-    for _ in range(2):                          # the first compiles
-      params, opt_state, loss = step(params, opt_state, x_j)
-      losses.append(float(loss))
-    out["losses"] = losses
-    for _ in range(a.warmup * a.steps):
-      params, opt_state, loss = step(params, opt_state, x_j)
-    jax.block_until_ready(loss)
+    step = jax_train_step(mcfg, params, x)
+    out["losses"] = [float(step()) for _ in range(2)]           # the first compiles
+    jax.block_until_ready([step() for _ in range(a.warmup * a.steps)])
     times = []
     for _ in range(a.rounds):
       t0 = time.perf_counter()
       for _ in range(a.steps):
-        params, opt_state, loss = step(params, opt_state, x_j)
+        loss = step()
       jax.block_until_ready(loss)
       times.append((time.perf_counter() - t0) / a.steps)
   else:

@@ -380,3 +380,18 @@ def test_missing_extra_and_wrong_shape_keys_are_listed():
     tarflow_to_params(sd, mcfg_for(hp, flow_class_conditional=False))
   with pytest.raises(ValueError, match=r"missing keys \[blocks\.2\..*model\.flow_blocks"):
     tarflow_to_params(sd, mcfg_for(hp, flow_blocks=3))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_kernel_floor_times_the_reference_modules_linear_layers(size):
+  """benchmarks/kernel_floor.py times the products of exactly the linear layers (in, out) of the
+  module vs_torch.py's PyTorch side trains, at its workloads' sizes."""
+  torch = pytest.importorskip("torch")
+  from tarflow_reference import TARFlowReference
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+  import kernel_floor
+  import vs_torch
+  hp = vs_torch.hparams(size)
+  layers = [(m.in_features, m.out_features) for m in TARFlowReference(**hp).modules()
+            if isinstance(m, torch.nn.Linear)]
+  assert sorted(kernel_floor.linear_shapes(hp)) == sorted(layers)
