@@ -91,19 +91,45 @@ def _reference():
   return TARFlowReference, randomize_
 
 
+def reference_and_batch(name):
+  """Workload ``name``'s torch module (seed SEED, every parameter non-trivial: the reference's
+  ``randomize_``) and its batch x (NCHW numpy, seeded uniform in [-1, 1])."""
+  import numpy as np
+  import torch
+  TARFlowReference, randomize_ = _reference()
+  _, size, batch = WORKLOADS[name]
+  torch.manual_seed(SEED)
+  ref = randomize_(TARFlowReference(**hparams(size)), seed=SEED, out_scale=0.01)
+  x = np.random.default_rng(SEED).uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
+  return ref, x
+
+
+def jax_model(size, state, execution="cpu"):
+  """The JAX side's ModelConfig for ``size`` (TARFlow's hyper-parameters; the CPU execution
+  choices, or ModelConfig's defaults with execution='default') and its params converted from
+  ``state``, a torch state_dict of numpy arrays."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from farmer_jax.config.schema import ModelConfig
+  from farmer_jax.interop.tarflow import config_for_tarflow, tarflow_to_params
+
+  mcfg = dataclasses.replace(ModelConfig(), **config_for_tarflow(**hparams(size)),
+                             **(EXECUTION if execution == "cpu" else {}))
+  return mcfg, jax.tree.map(jnp.asarray, tarflow_to_params(state, mcfg))
+
+
 def worker_init(a):
   """Saves the torch module's initial state_dict, the batch x (NCHW) and, for the reverse, the
   latents z = forward(x) (TARFlow's token layout) to ``a.init``."""
   import numpy as np
   import torch
-  TARFlowReference, randomize_ = _reference()
-  kind, size, batch = WORKLOADS[a.workload]
-  torch.manual_seed(SEED)
-  ref = randomize_(TARFlowReference(**hparams(size)), seed=SEED, out_scale=0.01)
-  x = np.random.default_rng(SEED).uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
+  ref, x = reference_and_batch(a.workload)
   arrays = {f"param/{k}": v.detach().numpy() for k, v in ref.state_dict().items()}
   arrays["x"] = x
-  if kind == "reverse":
+  if WORKLOADS[a.workload][0] == "reverse":
     with torch.no_grad():
       arrays["z"] = ref.eval()(torch.from_numpy(x))[0].numpy()
   np.savez(a.init, **arrays)
@@ -222,24 +248,18 @@ def worker_jax(a):
   from farmer_jax.cli import start_process
   malloc, cpu_spin = start_process()
 
-  import dataclasses
-
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from farmer_jax.config.schema import ModelConfig
   from farmer_jax.flow.autoregressive_flow import AutoregressiveFlow
   from farmer_jax.flow.patchify import unpatchify
-  from farmer_jax.interop.tarflow import config_for_tarflow, patch_permutation, tarflow_to_params
+  from farmer_jax.interop.tarflow import patch_permutation
   from farmer_jax.model import make_flow
 
   kind, size, batch = WORKLOADS[a.workload]
   state, x, z = _load_init(a.init)
-  hp = hparams(size)
-  mcfg = dataclasses.replace(ModelConfig(), **config_for_tarflow(**hp),
-                             **(EXECUTION if a.execution == "cpu" else {}))
-  params = jax.tree.map(jnp.asarray, tarflow_to_params(state, mcfg))
+  mcfg, params = jax_model(size, state, a.execution)
   flow = make_flow(mcfg)
   out = dict(side="jax", jax=jax.__version__, platform=jax.devices()[0].platform, malloc=malloc,
              cpu_spin=cpu_spin,
