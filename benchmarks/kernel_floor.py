@@ -145,7 +145,8 @@ def main():
     ap.error(f"--workloads: {bad or names} are not train workloads; choose from train32, train64")
   usable = sorted(os.sched_getaffinity(0))
   if not 1 <= a.threads <= len(usable) or min(a.rounds, a.calls) < 1 or a.target <= 0:
-    ap.error(f"--threads must be 1..{len(usable)} (this process may use {len(usable)} CPUs), "
+    ap.error(f"--threads={a.threads} --rounds={a.rounds} --calls={a.calls} --target={a.target}: "
+             f"--threads must be 1..{len(usable)} (this process may use {len(usable)} CPUs), "
              "--rounds and --calls >= 1, --target > 0")
   os.sched_setaffinity(0, usable[:a.threads])   # before either framework starts its threads
   from farmer_jax.cli import start_process
@@ -159,6 +160,7 @@ def main():
         f"({torch.get_num_threads()} threads); load average at start {vs_torch.loadavg()}")
   print(f"per round each function runs {a.calls}x in turn; the median of {a.rounds} rounds, "
         "ms per call")
+
   def timed(fn):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
